@@ -76,6 +76,7 @@ MOECOMM_API const char* moecommGetErrorString(moecommResult_t result);
 
 /* The text of the last error raised by a libmoecomm call on the calling thread, or "" when
  * the last call succeeded. comm may be NULL; the text is per thread either way. Never NULL. */
+struct moecommComm;
 MOECOMM_API const char* moecommGetLastError(struct moecommComm* comm);
 
 /* ------------------------------------------------------------------------------------ */
@@ -299,20 +300,8 @@ MOECOMM_API moecommResult_t moecommEpGetLayout(moecommEp_t ep, const moecommEpLa
 
 /* ---- Normal-mode dispatch and combine ---- */
 
-/* Exact sizing, step one (collective): exchanges the counts for one routing and blocks the
- * host until they are known.
- * [IN]  args->numTokens, topkIdx, topkIdxType, expertAlignment (other fields ignored)
- * [OUT] handle               the routing, to pass to moecommEpDispatch / moecommEpCombine
- * [OUT] numRecvTokens        host: rows this rank will receive (N)
- * [OUT] recvTokensPerExpert  host [E/R] or NULL: selections per local expert, each rounded
- *                            up to a multiple of expertAlignment */
-struct moecommEpDispatchArgs;
-MOECOMM_API moecommResult_t moecommEpNotifyDispatch(moecommEp_t ep, const struct moecommEpDispatchArgs* args,
-                                                    moecommEpHandle_t* handle, int* numRecvTokens,
-                                                    int* recvTokensPerExpert, moecommStream_t stream);
-
 #define MOECOMM_EP_DISPATCH_ARGS_MAGIC 0x6d634469u /* "mcDi" */
-typedef struct moecommEpDispatchArgs {
+typedef struct {
   size_t size;
   unsigned magic;
   unsigned version;
@@ -336,6 +325,17 @@ typedef struct moecommEpDispatchArgs {
 #define MOECOMM_EP_DISPATCH_ARGS_INIT                                                                          \
   { sizeof(moecommEpDispatchArgs_t), MOECOMM_EP_DISPATCH_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, moecommBfloat16, \
     NULL, NULL, NULL, moecommInt64, NULL, 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL }
+
+/* Exact sizing, step one (collective): exchanges the counts for one routing and blocks the
+ * host until they are known.
+ * [IN]  args->numTokens, topkIdx, topkIdxType, expertAlignment (other fields ignored)
+ * [OUT] handle               the routing, to pass to moecommEpDispatch / moecommEpCombine
+ * [OUT] numRecvTokens        host: rows this rank will receive (N)
+ * [OUT] recvTokensPerExpert  host [E/R] or NULL: selections per local expert, each rounded
+ *                            up to a multiple of expertAlignment */
+MOECOMM_API moecommResult_t moecommEpNotifyDispatch(moecommEp_t ep, const moecommEpDispatchArgs_t* args,
+                                                    moecommEpHandle_t* handle, int* numRecvTokens,
+                                                    int* recvTokensPerExpert, moecommStream_t stream);
 
 /* Collective. Sends each token once to every rank holding one of its experts. Received rows
  * are ordered by source rank, then source token index.
