@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/memory.h"
+#include "topo/topology.h"
 
 namespace moecomm {
 namespace {
@@ -156,6 +157,8 @@ moecommResult_t commCreate(std::unique_ptr<Bootstrap> bootstrap, const ResolvedC
   // A local failure still takes part in the exchange, so the peers fail fast instead of
   // waiting for a rank that has given up.
   moecommResult_t local = chooseBackend(config, &comm->backend, &comm->device);
+  // Discovery is per process (cached); a broken MOECOMM_TOPO_FILE fails the init here.
+  if (local == moecommSuccess) local = topoBuildForRank(comm->device, &comm->topologyJson);
   MC_CHECK(agreeOnCommunicator(comm.get(), local));
   MC_INFO(kLogInit, "rank %d/%d ready: backend %s, device %d, tag %s", comm->rank, comm->nranks,
           comm->backend == moecommBackendCuda ? "cuda" : "host", comm->device, comm->tag.c_str());
