@@ -31,4 +31,6 @@
   X(Rank, "MOECOMM_RANK", Int, "-1", "This process's rank, read by moecommCommInitFromEnv (set by moecomm-run).") \
   X(Nranks, "MOECOMM_NRANKS", Int, "0", "The rank count, read by moecommCommInitFromEnv (set by moecomm-run).")  \
   X(UniqueId, "MOECOMM_UNIQUE_ID", String, "",                                                                  \
-    "The communicator id as hex text, read by moecommCommInitFromEnv (set by moecomm-run).")
+    "The communicator id as hex text, read by moecommCommInitFromEnv (set by moecomm-run).")                   \
+  X(LocalRank, "MOECOMM_LOCAL_RANK", Int, "-1",                                                                 \
+    "The rank's index among the ranks of its host (set by moecomm-run); programs use it to pick a GPU.")
