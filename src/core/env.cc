@@ -25,16 +25,18 @@ ConfigFileCache& configCache() {
   return *cache;
 }
 
-std::map<std::string, std::string> parseConfigFile(const std::string& path) {
+// Parses the file into name -> text. Problems are returned as sentences rather than logged
+// here, because logging reads this very configuration (and its lock) to set itself up.
+std::map<std::string, std::string> parseConfigFile(const std::string& path, std::vector<std::string>* problems) {
   std::map<std::string, std::string> values;
   std::ifstream in(path);
   if (!in) {
-    MC_WARN(kLogEnv, "MOECOMM_CONFIG_FILE %s cannot be opened; ignoring it", path.c_str());
+    problems->push_back("MOECOMM_CONFIG_FILE " + path + " cannot be opened; ignoring it");
     return values;
   }
   nlohmann::json doc = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
   if (!doc.is_object()) {
-    MC_WARN(kLogEnv, "MOECOMM_CONFIG_FILE %s is not a JSON object; ignoring it", path.c_str());
+    problems->push_back("MOECOMM_CONFIG_FILE " + path + " is not a JSON object; ignoring it");
     return values;
   }
   for (auto& item : doc.items()) {
@@ -46,8 +48,8 @@ std::map<std::string, std::string> parseConfigFile(const std::string& path) {
     } else if (v.is_boolean()) {
       values[item.key()] = v.get<bool>() ? "1" : "0";
     } else {
-      MC_WARN(kLogEnv, "MOECOMM_CONFIG_FILE %s: key %s has an unsupported type; ignoring it", path.c_str(),
-              item.key().c_str());
+      problems->push_back("MOECOMM_CONFIG_FILE " + path + ": key " + item.key() +
+                          " has an unsupported type; ignoring it");
     }
   }
   return values;
@@ -57,15 +59,22 @@ bool configFileValue(const char* name, std::string* out) {
   const char* path = std::getenv("MOECOMM_CONFIG_FILE");
   if (path == nullptr || *path == '\0') return false;
   ConfigFileCache& cache = configCache();
-  std::lock_guard<std::mutex> lock(cache.mutex);
-  if (cache.path != path) {
-    cache.values = parseConfigFile(path);
-    cache.path = path;
+  std::vector<std::string> problems;
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    if (cache.path != path) {
+      cache.values = parseConfigFile(path, &problems);
+      cache.path = path;
+    }
+    auto it = cache.values.find(name);
+    if (it != cache.values.end()) {
+      *out = it->second;
+      found = true;
+    }
   }
-  auto it = cache.values.find(name);
-  if (it == cache.values.end()) return false;
-  *out = it->second;
-  return true;
+  for (const std::string& problem : problems) MC_WARN(kLogEnv, "%s", problem.c_str());
+  return found;
 }
 
 }  // namespace
