@@ -73,9 +73,7 @@ TEST(Env, MalformedConfigFileIsIgnored) {
 
 // docs/env.md must be exactly what the table generates.
 TEST(Env, DocsMatchTable) {
-  const char* source = std::getenv("MOECOMM_SOURCE_DIR");
-  ASSERT_NE(source, nullptr);
-  std::ifstream in(std::string(source) + "/docs/env.md");
+  std::ifstream in(std::string(MOECOMM_TEST_SOURCE_DIR) + "/docs/env.md");
   ASSERT_TRUE(in.good()) << "docs/env.md is missing; run `make docs`";
   std::stringstream text;
   text << in.rdbuf();

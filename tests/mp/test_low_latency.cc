@@ -1,0 +1,242 @@
+// Low-latency mode: expert-major receive layout, the FP8 cast inside the dispatch (plain,
+// power-of-two and UE8M0 scales), recvCount / recvSrcInfo / cumulativeRecvStats, the weighted
+// combine (bitwise), zero-copy combine, and send-only calls completed later, two in flight.
+#include "mp/ll_ops.h"
+
+namespace moecomm_mp {
+namespace {
+
+const std::vector<int>& NoneMasked() {
+  static const std::vector<int> kNone(1024, 0);
+  return kNone;
+}
+
+class LowLatency : public MpTest {
+ protected:
+  // Dispatch, check, combine through the same handle, check.
+  void DispatchAndCombine(moecommEp_t ep, const EpShape& shape, const std::vector<RankInputs>& all,
+                          const LowLatencyCase& dispatch_case, unsigned combine_flags, Random& random) {
+    LowLatencyDispatch dispatch(shape, dispatch_case, all[rank()]);
+    ScopedHandle handle;
+    MP_ASSERT_OK(dispatch.Send(ep, 0, handle.out()));
+    ASSERT_NE(handle.get(), nullptr) << "moecommEpLowLatencyDispatch returned no handle";
+    dispatch.Check(all, NoneMasked());
+    LowLatencyCombine combine(shape, all, NoneMasked(), dispatch_case.indexType, random);
+    MP_ASSERT_OK(combine.Send(ep, combine_flags, handle.get()));
+    combine.Check();
+  }
+
+  void RunCases(const EpShape& shape, const RoutingOptions& options, const std::vector<LowLatencyCase>& cases,
+                unsigned combine_flags = 0) {
+    ScopedEp ep;
+    MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
+    Random random = MakeRandom();
+    for (const LowLatencyCase& dispatch_case : cases) {
+      const std::vector<RankInputs> all = GenerateAllRanks(shape, options, random);
+      DispatchAndCombine(ep.get(), shape, all, dispatch_case, combine_flags, random);
+      if (HasFatalFailure()) return;
+    }
+  }
+};
+
+LowLatencyCase Case(moecommDataType_t recv_type, unsigned flags, moecommDataType_t index_type) {
+  LowLatencyCase dispatch_case;
+  dispatch_case.recvType = recv_type;
+  dispatch_case.flags = flags;
+  dispatch_case.indexType = index_type;
+  return dispatch_case;
+}
+
+TEST_F(LowLatency, Bf16DispatchAndWeightedCombine) {
+  RunCases(Shape(24, 256, 16, 4), RoutingOptions(),
+           {Case(moecommBfloat16, 0, moecommInt64), Case(moecommBfloat16, 0, moecommInt32)});
+}
+
+TEST_F(LowLatency, Fp8CastPlainRoundedAndUe8m0Scales) {
+  RunCases(Shape(24, 512, 16, 4), RoutingOptions(),
+           {Case(moecommFloat8E4M3, 0, moecommInt64), Case(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt32),
+            Case(moecommFloat8E4M3, MOECOMM_LL_UE8M0, moecommInt64),
+            Case(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0, moecommInt32)});
+}
+
+// Rows whose blocks are zero, tiny (amax below the 1e-4 clamp), huge, or of mixed magnitude.
+TEST_F(LowLatency, Fp8CastEdgeRows) {
+  const EpShape shape = Shape(16, 1024, 16, 3);
+  ScopedEp ep;
+  MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
+  Random random = MakeRandom();
+  RoutingOptions options;
+  options.fullBatches = true;
+  std::vector<RankInputs> all = GenerateAllRanks(shape, options, random);
+  for (RankInputs& inputs : all) {
+    for (int t = 0; t < inputs.numTokens; ++t) {
+      for (int h = 0; h < shape.hidden; ++h) {
+        uint16_t& value = inputs.xBf16[static_cast<size_t>(t) * shape.hidden + h];
+        const float original = Bf16ToFloat(value);
+        const int block = h / kFp8BlockChannels;
+        switch ((t + block) % 5) {
+          case 0:
+            value = FloatToBf16(0.0f);
+            break;
+          case 1:
+            value = FloatToBf16(original * 1e-7f);
+            break;
+          case 2:
+            value = FloatToBf16(original * 1e30f);
+            break;
+          case 3:
+            value = FloatToBf16(h % 2 ? original * 1e-3f : original * 1e3f);
+            break;
+          default:
+            break;
+        }
+      }
+    }
+  }
+  for (unsigned flags : {0u, unsigned{MOECOMM_LL_ROUND_SCALE}, unsigned{MOECOMM_LL_UE8M0}}) {
+    DispatchAndCombine(ep.get(), shape, all, Case(moecommFloat8E4M3, flags, moecommInt64), 0, random);
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST_F(LowLatency, ZeroTokenRanksAndEmptyEntries) {
+  RoutingOptions options;
+  options.zeroTokenRankChance = 0.4;
+  options.emptyTokenChance = 0.3;
+  options.emptyEntryChance = 0.3;
+  RunCases(Shape(16, 256, 16, 4), options,
+           {Case(moecommFloat8E4M3, 0, moecommInt64), Case(moecommBfloat16, 0, moecommInt32)});
+}
+
+TEST_F(LowLatency, SkewEveryTokenSelectsOneExpert) {
+  RoutingOptions options;
+  options.skewExpert = 2;
+  options.fullBatches = true;
+  RunCases(Shape(24, 128, 16, 4), options, {Case(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt64)});
+}
+
+// A token listing one expert twice is placed once in that expert's rows; both of its combine
+// entries read that row, so both weights apply.
+TEST_F(LowLatency, RepeatedExpertInOneToken) {
+  RoutingOptions options;
+  options.repeatEntryChance = 0.4;
+  RunCases(Shape(16, 256, 16, 4), options,
+           {Case(moecommBfloat16, 0, moecommInt64), Case(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt32)});
+}
+
+TEST_F(LowLatency, WithoutSrcInfoAndStats) {
+  LowLatencyCase dispatch_case = Case(moecommBfloat16, 0, moecommInt64);
+  dispatch_case.withSrcInfo = false;
+  dispatch_case.withStats = false;
+  RunCases(Shape(16, 128, 8, 2), RoutingOptions(), {dispatch_case});
+}
+
+TEST_F(LowLatency, ZeroCopyCombine) {
+  RunCases(Shape(24, 256, 16, 4), RoutingOptions(), {Case(moecommBfloat16, 0, moecommInt64)}, MOECOMM_LL_ZERO_COPY);
+}
+
+TEST_F(LowLatency, Hidden2048Experts128Top8Fp8) {
+  RunCases(Shape(128, 2048, 4, 8), RoutingOptions(), {Case(moecommFloat8E4M3, MOECOMM_LL_UE8M0, moecommInt32)});
+}
+
+TEST_F(LowLatency, Hidden2880Bf16) {
+  RunCases(Shape(128, 2880, 4, 4), RoutingOptions(), {Case(moecommBfloat16, 0, moecommInt64)});
+}
+
+TEST_F(LowLatency, Top32) {
+  RunCases(Shape(64, 128, 8, MOECOMM_MAX_TOPK), RoutingOptions(), {Case(moecommFloat8E4M3, 0, moecommInt64)});
+}
+
+// Two send-only dispatches in flight, a third refused, both completed and checked; then two
+// send-only combines in flight, completed and checked.
+TEST_F(LowLatency, SendOnlyTwoInFlightThenComplete) {
+  const EpShape shape = Shape(24, 256, 16, 4);
+  ScopedEp ep;
+  MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
+  Random random = MakeRandom();
+  const std::vector<RankInputs> first_inputs = GenerateAllRanks(shape, RoutingOptions(), random);
+  const std::vector<RankInputs> second_inputs = GenerateAllRanks(shape, RoutingOptions(), random);
+  const LowLatencyCase first_case = Case(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt64);
+  const LowLatencyCase second_case = Case(moecommBfloat16, 0, moecommInt32);
+  LowLatencyDispatch first(shape, first_case, first_inputs[rank()]);
+  LowLatencyDispatch second(shape, second_case, second_inputs[rank()]);
+  ScopedHandle first_handle;
+  ScopedHandle second_handle;
+  MP_ASSERT_OK(first.Send(ep.get(), MOECOMM_LL_SEND_ONLY, first_handle.out()));
+  MP_ASSERT_OK(second.Send(ep.get(), MOECOMM_LL_SEND_ONLY, second_handle.out()));
+
+  LowLatencyDispatch third(shape, first_case, first_inputs[rank()]);
+  ScopedHandle third_handle;
+  EXPECT_EQ(third.Send(ep.get(), MOECOMM_LL_SEND_ONLY, third_handle.out()), moecommInvalidUsage)
+      << "[rank " << rank() << "] a third low-latency operation in flight must be refused";
+  third_handle.Reset();
+  if (HasFailure()) return;
+
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), first_handle.get(), nullptr));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), second_handle.get(), nullptr));
+  first.Check(first_inputs, NoneMasked());
+  second.Check(second_inputs, NoneMasked());
+
+  LowLatencyCombine first_combine(shape, first_inputs, NoneMasked(), first_case.indexType, random);
+  LowLatencyCombine second_combine(shape, second_inputs, NoneMasked(), second_case.indexType, random);
+  MP_ASSERT_OK(first_combine.Send(ep.get(), MOECOMM_LL_SEND_ONLY, first_handle.get()));
+  MP_ASSERT_OK(second_combine.Send(ep.get(), MOECOMM_LL_SEND_ONLY, second_handle.get()));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), first_handle.get(), nullptr));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), second_handle.get(), nullptr));
+  first_combine.Check();
+  second_combine.Check();
+}
+
+// One EP serves many rounds, switching payload type, scale format and index type between them.
+TEST_F(LowLatency, RepeatedRoundsOnOneEp) {
+  RunCases(Shape(16, 512, 8, 2), RoutingOptions(),
+           {Case(moecommBfloat16, 0, moecommInt64), Case(moecommFloat8E4M3, 0, moecommInt64),
+            Case(moecommBfloat16, 0, moecommInt32), Case(moecommFloat8E4M3, MOECOMM_LL_UE8M0, moecommInt32),
+            Case(moecommBfloat16, 0, moecommInt64)});
+}
+
+}  // namespace
+}  // namespace moecomm_mp
+
+namespace moecomm_mp {
+namespace {
+
+// Random shapes, routings and formats, one EP each; everything from the shared generator.
+TEST_F(LowLatency, RandomShapesDispatchAndCombine) {
+  Random random = MakeRandom("shapes");
+  constexpr int kRounds = 10;
+  for (int round = 0; round < kRounds; ++round) {
+    const bool fp8 = random.Chance(0.6);
+    const bool ue8m0 = fp8 && random.Chance(0.4);
+    const int hidden = ue8m0 ? 512 * random.Between(1, 2)
+                       : fp8 ? 128 * random.Between(1, 4)
+                             : 8 * random.Between(1, 64);
+    const int experts_per_rank = random.Between(1, 6);
+    const int topk = random.Between(1, std::min(experts_per_rank * nranks(), MOECOMM_MAX_TOPK));
+    const EpShape shape = Shape(experts_per_rank * nranks(), hidden, random.Between(1, 16), topk);
+    LowLatencyCase dispatch_case;
+    dispatch_case.recvType = fp8 ? moecommFloat8E4M3 : moecommBfloat16;
+    dispatch_case.flags = ue8m0 ? MOECOMM_LL_UE8M0 : (fp8 && random.Chance(0.5) ? MOECOMM_LL_ROUND_SCALE : 0u);
+    dispatch_case.indexType = random.Chance(0.5) ? moecommInt32 : moecommInt64;
+    dispatch_case.withSrcInfo = random.Chance(0.8);
+    dispatch_case.withStats = random.Chance(0.8);
+    RoutingOptions options;
+    options.emptyEntryChance = 0.3 * random.Unit();
+    options.emptyTokenChance = 0.2 * random.Unit();
+    options.zeroTokenRankChance = 0.3 * random.Unit();
+    options.skewExpert = random.Chance(0.2) ? random.Below(shape.numExperts) : -1;
+    const unsigned combine_flags = random.Chance(0.3) ? MOECOMM_LL_ZERO_COPY : 0u;
+    SCOPED_TRACE("round " + std::to_string(round) + ": E=" + std::to_string(shape.numExperts) +
+                 " H=" + std::to_string(shape.hidden) + " maxT=" + std::to_string(shape.maxTokensPerRank) +
+                 " K=" + std::to_string(shape.topk));
+
+    ScopedEp ep;
+    MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
+    const std::vector<RankInputs> all = GenerateAllRanks(shape, options, random);
+    DispatchAndCombine(ep.get(), shape, all, dispatch_case, combine_flags, random);
+    if (HasFatalFailure()) return;
+  }
+}
+
+}  // namespace
+}  // namespace moecomm_mp
