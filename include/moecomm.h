@@ -224,8 +224,10 @@ MOECOMM_API moecommResult_t moecommCommGetTopology(moecommComm_t comm, const cha
 /* Memory                                                                               */
 /* ------------------------------------------------------------------------------------ */
 
-/* Collective: symmetric memory that every rank can reach (host backend: POSIX shared memory
- * or, for threads, the process heap). Every rank passes the same size.
+/* Collective: symmetric memory that every rank can reach. Host backend: POSIX shared memory.
+ * CUDA backend: device memory mapped by every peer over NVLink (cuMem POSIX-fd handles,
+ * legacy CUDA IPC, or peer access inside one process; see docs/nvlink-memory.md).
+ * Every rank passes the same size; the memory starts zeroed.
  * [OUT] ptr local address of this rank's buffer
  * [IN]  bytes > 0 */
 MOECOMM_API moecommResult_t moecommMemAlloc(moecommComm_t comm, void** ptr, size_t bytes);

@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/memory.h"
+#include "ep/ep.h"
 #include "topo/topology.h"
 
 namespace moecomm {
@@ -175,12 +176,23 @@ void commAbort(moecommComm* comm) {
 
 moecommResult_t commDestroy(moecommComm* comm) {
   liveComms().remove(comm);
+  // EPs the caller did not destroy are freed here, without communicating (epRelease takes
+  // comm->mutex itself, so work on a copy of the list).
+  std::vector<moecommEp*> leftover;
+  {
+    std::lock_guard<std::mutex> lock(comm->mutex);
+    leftover = comm->eps;
+  }
+  for (moecommEp* ep : leftover) epRelease(ep);
   moecommResult_t result = moecommSuccess;
-  // Peers may still read our shared memory until they pass this barrier. Every rank takes
-  // it (the decision must not depend on local state); an aborted comm skips it.
+  // Drop our mappings of the peers' memory first (legacy IPC requires closing before the
+  // owner frees), then wait until no peer still reads ours. Every rank takes the barrier
+  // (the decision must not depend on local state); an aborted comm skips it.
+  moecommResult_t detached = comm->memory->detachAllPeers();
   if (!comm->aborted.load() && comm->bootstrap) {
     result = comm->bootstrap->barrier();
   }
+  if (result == moecommSuccess) result = detached;
   delete comm;
   return result;
 }

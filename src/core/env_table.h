@@ -33,4 +33,7 @@
   X(UniqueId, "MOECOMM_UNIQUE_ID", String, "",                                                                  \
     "The communicator id as hex text, read by moecommCommInitFromEnv (set by moecomm-run).")                   \
   X(LocalRank, "MOECOMM_LOCAL_RANK", Int, "-1",                                                                 \
-    "The rank's index among the ranks of its host (set by moecomm-run); programs use it to pick a GPU.")
+    "The rank's index among the ranks of its host (set by moecomm-run); programs use it to pick a GPU.")      \
+  X(NvlinkShare, "MOECOMM_NVLINK_SHARE", String, "auto",                                                        \
+    "How GPU ranks share symmetric memory: auto, inprocess (threads of one process), cumem (cuMem POSIX-fd "   \
+    "handles) or ipc (legacy CUDA IPC); every rank must use the same value.")

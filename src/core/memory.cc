@@ -1,26 +1,59 @@
 #include "core/memory.h"
 
 #include "core/error.h"
-#include "transport/host_shm.h"
+#include "transport/symmetric.h"
 
 namespace moecomm {
 
 MemoryRegistry::MemoryRegistry() = default;
 MemoryRegistry::~MemoryRegistry() = default;
 
-void MemoryRegistry::addSymmetric(std::unique_ptr<ShmSymmetric> memory) {
+void MemoryRegistry::addSymmetric(std::unique_ptr<SymmetricMemory> memory) {
   std::lock_guard<std::mutex> lock(mutex_);
-  void* key = memory->local();
+  const uintptr_t key = reinterpret_cast<uintptr_t>(memory->local());
   symmetric_[key] = std::move(memory);
 }
 
-std::unique_ptr<ShmSymmetric> MemoryRegistry::takeSymmetric(void* ptr) {
+std::unique_ptr<SymmetricMemory> MemoryRegistry::takeSymmetric(void* ptr) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = symmetric_.find(ptr);
+  auto it = symmetric_.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == symmetric_.end()) return nullptr;
-  std::unique_ptr<ShmSymmetric> memory = std::move(it->second);
+  std::unique_ptr<SymmetricMemory> memory = std::move(it->second);
   symmetric_.erase(it);
   return memory;
+}
+
+SymmetricMemory* MemoryRegistry::findSymmetric(const void* ptr, size_t bytes, size_t* offset) const {
+  const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
+  std::lock_guard<std::mutex> lock(mutex_);
+  // The allocation with the greatest base not above ptr is the only candidate.
+  auto it = symmetric_.upper_bound(start);
+  if (it == symmetric_.begin()) return nullptr;
+  --it;
+  const size_t into = start - it->first;
+  const size_t size = it->second->bytes();
+  if (into >= size || bytes > size - into) return nullptr;
+  if (offset != nullptr) *offset = into;
+  return it->second.get();
+}
+
+void* MemoryRegistry::peerAddress(const void* localPtr, int peer) const {
+  size_t offset = 0;
+  SymmetricMemory* memory = findSymmetric(localPtr, 1, &offset);
+  // peer() of an out-of-range rank is not defined by the implementations: bound it here.
+  if (memory == nullptr || peer < 0 || peer >= memory->nranks()) return nullptr;
+  void* base = memory->peer(peer);
+  return base == nullptr ? nullptr : static_cast<char*>(base) + offset;
+}
+
+moecommResult_t MemoryRegistry::detachAllPeers() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  moecommResult_t first = moecommSuccess;
+  for (auto& entry : symmetric_) {
+    moecommResult_t result = entry.second->detachPeers();
+    if (first == moecommSuccess) first = result;
+  }
+  return first;
 }
 
 size_t MemoryRegistry::symmetricCount() const {

@@ -11,23 +11,25 @@
 
 #include "core/bootstrap.h"
 #include "moecomm.h"
+#include "transport/symmetric.h"
 
 namespace moecomm {
 
-class ShmSymmetric {
+class ShmSymmetric : public SymmetricMemory {
  public:
   // Collective over `bootstrap`. `name` must be identical on every rank and unique on the
   // machine while the segment exists (the comm tag plus a sequence number). The segments
   // are unlinked as soon as every rank has mapped them, so nothing outlives the processes.
   static moecommResult_t create(Bootstrap& bootstrap, const std::string& name, size_t bytes,
                                 std::unique_ptr<ShmSymmetric>* out);
-  ~ShmSymmetric();
-  ShmSymmetric(const ShmSymmetric&) = delete;
-  ShmSymmetric& operator=(const ShmSymmetric&) = delete;
+  ~ShmSymmetric() override;
 
-  void* local() const { return mappings_[rank_]; }
-  void* peer(int rank) const { return mappings_[rank]; }
-  size_t bytes() const { return bytes_; }
+  void* local() const override { return mappings_[rank_]; }
+  void* peer(int rank) const override { return mappings_[rank]; }
+  int nranks() const override { return static_cast<int>(mappings_.size()); }
+  size_t bytes() const override { return bytes_; }
+  const char* method() const override { return "posix-shm"; }
+  bool isDevice() const override { return false; }
 
  private:
   ShmSymmetric() = default;

@@ -1,0 +1,117 @@
+// main() of moecomm_gpu_tests: counts the GPUs, makes the moecomm-run communicator when
+// started by moecomm-run (see gpu_common.h), and under moecomm-run makes a failing rank exit
+// at once so the launcher stops the others instead of letting them wait in a collective.
+#include <cuda_runtime_api.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "gpu/gpu_common.h"
+
+namespace moecomm_gpu_test {
+namespace {
+
+GpuContext g_context;
+
+int EnvInt(const char* name, int fallback) {
+  const char* text = std::getenv(name);
+  return text != nullptr && *text != '\0' ? std::atoi(text) : fallback;
+}
+
+// Ranks other than 0 print only failures, prefixed by the rank.
+class FailureOnlyPrinter : public ::testing::EmptyTestEventListener {
+ public:
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::printf("[rank %d] %s:%d: Failure\n%s\n", g_context.rank, result.file_name() ? result.file_name() : "?",
+                result.line_number(), result.message());
+    std::fflush(stdout);
+  }
+};
+
+class ExitOnFailure : public ::testing::EmptyTestEventListener {
+ public:
+  void OnTestEnd(const ::testing::TestInfo& info) override {
+    if (!info.result()->Failed()) return;
+    std::printf("[rank %d] %s.%s FAILED; exiting so the other ranks stop too\n", g_context.rank, info.test_suite_name(),
+                info.name());
+    std::fflush(stdout);
+    std::fflush(stderr);
+    _exit(1);
+  }
+};
+
+}  // namespace
+
+const GpuContext& Gpu() { return g_context; }
+
+}  // namespace moecomm_gpu_test
+
+int main(int argc, char** argv) {
+  using moecomm_gpu_test::EnvInt;
+  using moecomm_gpu_test::g_context;
+  ::testing::InitGoogleTest(&argc, argv);
+
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    g_context.noDeviceReason = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(error);
+    (void)cudaGetLastError();
+    count = 0;
+  } else if (count == 0) {
+    g_context.noDeviceReason = "cudaGetDeviceCount reports 0 devices";
+  }
+  g_context.deviceCount = count;
+
+  std::string skip;
+  if (std::getenv("MOECOMM_RANK") != nullptr && std::getenv("MOECOMM_UNIQUE_ID") != nullptr) {
+    g_context.multiProcess = true;
+    g_context.rank = EnvInt("MOECOMM_RANK", 0);
+    g_context.nranks = EnvInt("MOECOMM_NRANKS", 1);
+    if (count == 0) {
+      g_context.multiProcessSkip = "no CUDA device: " + g_context.noDeviceReason;
+    } else if (g_context.nranks > count) {
+      g_context.multiProcessSkip = std::to_string(g_context.nranks) + " ranks but only " + std::to_string(count) +
+                                   " GPUs; one GPU per rank is needed";
+    } else {
+      g_context.device = EnvInt("MOECOMM_LOCAL_RANK", g_context.rank) % count;
+      moecommConfig_t config = MOECOMM_CONFIG_INIT;
+      config.backend = moecommBackendCuda;
+      config.device = g_context.device;
+      const moecommResult_t result = moecommCommInitFromEnv(&g_context.comm, &config);
+      if (result != moecommSuccess) {
+        std::printf("[rank %d] moecomm_gpu_tests: creating the CUDA communicator on GPU %d failed: %s: %s\n",
+                    g_context.rank, g_context.device, moecommGetErrorString(result), moecommGetLastError(nullptr));
+        return 1;
+      }
+    }
+    skip = g_context.multiProcessSkip;
+    ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    if (g_context.rank != 0) {
+      delete listeners.Release(listeners.default_result_printer());
+      listeners.Append(new moecomm_gpu_test::FailureOnlyPrinter);
+    }
+    listeners.Append(new moecomm_gpu_test::ExitOnFailure);
+  } else if (count == 0) {
+    skip = "no CUDA device: " + g_context.noDeviceReason;
+  }
+  if (!skip.empty() && g_context.rank == 0) {
+    std::printf("%s: %s\n", moecomm_gpu_test::kSkipMarker, skip.c_str());
+  } else if (g_context.rank == 0) {
+    std::printf("moecomm_gpu_tests: %d GPUs visible%s\n", count,
+                g_context.multiProcess ? (", " + std::to_string(g_context.nranks) + " processes").c_str() : "");
+  }
+  std::fflush(stdout);
+
+  const int status = RUN_ALL_TESTS();
+  if (g_context.comm != nullptr) {
+    const moecommResult_t destroyed = moecommCommDestroy(g_context.comm);
+    if (destroyed != moecommSuccess) {
+      std::printf("[rank %d] moecommCommDestroy: %s: %s\n", g_context.rank, moecommGetErrorString(destroyed),
+                  moecommGetLastError(nullptr));
+      return 1;
+    }
+  }
+  return status;
+}

@@ -1,0 +1,46 @@
+#include <cuda_runtime.h>
+
+#include "gpu/nvlink_kernels.h"
+
+namespace moecomm_gpu_test {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 1024;
+
+__global__ void StorePatternKernel(uint4* destination, size_t words, uint64_t seed, int writer) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    destination[i] = make_uint4(PatternLane(seed, writer, i, 0), PatternLane(seed, writer, i, 1),
+                                PatternLane(seed, writer, i, 2), PatternLane(seed, writer, i, 3));
+  }
+  // Make the remote stores visible system-wide before the kernel is seen as complete.
+  __threadfence_system();
+}
+
+__global__ void LoadCopyKernel(const uint4* source, uint4* destination, size_t words) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    destination[i] = source[i];
+  }
+}
+
+int BlocksFor(size_t words) {
+  const size_t blocks = (words + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < kMaxBlocks ? (blocks == 0 ? 1 : blocks) : kMaxBlocks);
+}
+
+}  // namespace
+
+int LaunchStorePattern(void* destination, size_t words, uint64_t seed, int writer) {
+  StorePatternKernel<<<BlocksFor(words), kThreads>>>(static_cast<uint4*>(destination), words, seed, writer);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchLoadCopy(const void* source, void* destination, size_t words) {
+  LoadCopyKernel<<<BlocksFor(words), kThreads>>>(static_cast<const uint4*>(source), static_cast<uint4*>(destination),
+                                                 words);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace moecomm_gpu_test
