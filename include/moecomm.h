@@ -386,7 +386,7 @@ MOECOMM_API moecommResult_t moecommEpHandleGetSourceInfo(moecommEpHandle_t handl
 /* flags for low-latency calls */
 #define MOECOMM_LL_SEND_ONLY 0x1u   /* only send; moecommEpComplete receives later */
 #define MOECOMM_LL_ROUND_SCALE 0x2u /* FP8 scales rounded up to a power of two */
-#define MOECOMM_LL_UE8M0 0x4u       /* FP8 scales packed as UE8M0 exponents (implies ROUND_SCALE) */
+#define MOECOMM_LL_UE8M0 0x4u       /* FP8 scales packed as UE8M0 exponents (implies ROUND_SCALE; H % 512 == 0) */
 #define MOECOMM_LL_ZERO_COPY 0x8u   /* combine: x was written into moecommEpLowLatencyCombineBuffer */
 
 #define MOECOMM_EP_LL_DISPATCH_ARGS_MAGIC 0x6d634c64u /* "mcLd" */
@@ -430,7 +430,8 @@ typedef struct {
   const void* topkIdx;           /* [IN] device [T,K], the dispatch's */
   moecommDataType_t topkIdxType; /* [IN] */
   const float* topkWeights;      /* [IN] device [T,K] */
-  void* out;                     /* [OUT] device [T,H] BF16: sum over k of weight * expert output */
+  void* out;                     /* [OUT] device [T,H] BF16: bf16(acc), acc = fmaf(weight[t][k], y_k, acc)
+                                            over k ascending from +0.0f (y_k the expert output row) */
   unsigned flags;                /* [IN] MOECOMM_LL_SEND_ONLY, MOECOMM_LL_ZERO_COPY */
   moecommEvent_t waitEvent;      /* [IN] optional */
 } moecommEpLowLatencyCombineArgs_t;
@@ -443,7 +444,9 @@ typedef struct {
 MOECOMM_API moecommResult_t moecommEpLowLatencyCombine(moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t* args,
                                                        moecommEpHandle_t handle, moecommStream_t stream);
 
-/* Receives what a MOECOMM_LL_SEND_ONLY dispatch or combine sent. Asynchronous on stream. */
+/* Receives what a MOECOMM_LL_SEND_ONLY dispatch or combine sent. Asynchronous on stream.
+ * Not collective: it involves only the calling rank (peers signal through shared flags).
+ * Operations may be completed in any order. */
 MOECOMM_API moecommResult_t moecommEpComplete(moecommEp_t ep, moecommEpHandle_t handle, moecommStream_t stream);
 
 /* Zero-copy combine: [OUT] buffer device [E/R, R*maxT, H] BF16 that the caller may write expert
