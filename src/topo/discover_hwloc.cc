@@ -274,7 +274,20 @@ class HwlocWalker {
   std::map<int, int> numa_nodes_;         // NUMA os index -> graph node
 };
 
+// hwloc unloads its plugins when the last topology is destroyed, and the memory that
+// libpciaccess (behind the pci plugin) never frees is then reported by LeakSanitizer from an
+// unknown module. One empty topology kept for the life of the process keeps them loaded.
+void keepHwlocPluginsLoaded() {
+  static hwloc_topology_t anchor = [] {
+    hwloc_topology_t topology = nullptr;
+    if (hwloc_topology_init(&topology) != 0) topology = nullptr;
+    return topology;
+  }();
+  (void)anchor;
+}
+
 moecommResult_t loadHwlocTopology(HwlocTopologyPtr* out) {
+  keepHwlocPluginsLoaded();
   hwloc_topology_t raw = nullptr;
   if (hwloc_topology_init(&raw) != 0) {
     return setError(moecommSystemError, "hwloc_topology_init failed: %s", std::strerror(errno));

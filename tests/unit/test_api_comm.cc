@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/cuda_probe.h"
 #include "moecomm.h"
 
 namespace {
@@ -166,6 +167,14 @@ TEST_F(HostBackend, BadBackendEnvironment) {
   moecommComm_t comm = nullptr;
   EXPECT_FAILS_WITH(moecommCommInitAll(&comm, 1, nullptr), moecommInvalidArgument);
   EXPECT_NE(std::string(moecommGetLastError(nullptr)).find("quantum"), std::string::npos);
+}
+
+TEST_F(HostBackend, CudaBackendWithoutGpuIsNotSupported) {
+  if (moecomm::cudaVisibleDeviceCount(nullptr) > 0) GTEST_SKIP() << "a GPU is present; this checks the no-GPU path";
+  setenv("MOECOMM_BACKEND", "cuda", 1);
+  moecommComm_t comm = nullptr;
+  EXPECT_FAILS_WITH(moecommCommInitAll(&comm, 1, nullptr), moecommNotSupported);
+  EXPECT_EQ(comm, nullptr);
 }
 
 TEST_F(HostBackend, InitRankSingleRank) {
