@@ -9,6 +9,7 @@
 #include <strings.h>
 
 #include "core/cuda_probe.h"
+#include "core/enum_value.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -126,8 +127,9 @@ moecommResult_t resolveConfig(const moecommConfig_t* config, ResolvedConfig* out
     MC_REQUIRE(config->magic == MOECOMM_CONFIG_MAGIC, moecommInvalidArgument,
                "config->magic is 0x%08x, expected 0x%08x; initialise it with MOECOMM_CONFIG_INIT", config->magic,
                MOECOMM_CONFIG_MAGIC);
-    MC_REQUIRE(config->backend >= moecommBackendAuto && config->backend <= moecommBackendCuda,
-               moecommInvalidArgument, "config->backend is %d, not a moecommBackend_t", config->backend);
+    const int backend = enumValue(config->backend);
+    MC_REQUIRE(backend >= moecommBackendAuto && backend <= moecommBackendCuda, moecommInvalidArgument,
+               "config->backend is %d, not a moecommBackend_t", backend);
     MC_REQUIRE(config->device >= -1, moecommInvalidArgument, "config->device is %d; use -1 for the current device",
                config->device);
     MC_REQUIRE(config->timeoutMs >= 0, moecommInvalidArgument, "config->timeoutMs is %d; use 0 for the default",
