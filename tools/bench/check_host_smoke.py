@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""ctest bench_host_smoke: runs moecomm-bench --host-smoke under moecomm-run -n 2 and checks
+that the -J file holds valid JSON lines with the expected fields and values (no time is
+asserted, only that the numbers are there and consistent).
+
+usage: check_host_smoke.py MOECOMM_RUN MOECOMM_BENCH JSON_PATH
+"""
+import json
+import os
+import subprocess
+import sys
+
+REQUIRED = ["date", "host", "gpu", "gpu_count", "nranks", "rank", "library_version", "commit", "backend", "workload",
+            "tokens_per_rank", "hidden", "topk", "experts", "dtype", "seed", "sm_budget", "iters", "warmup", "mode",
+            "impl", "op", "status", "message", "whole_median_us", "whole_p10_us", "whole_p90_us", "kernel_median_us",
+            "kernel_p10_us", "kernel_p90_us", "kernel_method", "bytes", "bytes_rule", "gbps", "roofline_gbps",
+            "ratio_vs_nccl", "check"]
+EXPECTED_OPS = {("libmoecomm", "dispatch"), ("libmoecomm", "dispatch_cached"), ("libmoecomm", "combine"),
+                ("libmoecomm", "ll_dispatch"), ("libmoecomm", "ll_combine"), ("nccl", "dispatch"), ("nccl", "combine")}
+
+
+def fail(message):
+    print("bench_host_smoke: FAIL: " + message)
+    sys.exit(1)
+
+
+def main():
+    run, bench, path = sys.argv[1:4]
+    if os.path.exists(path):
+        os.remove(path)
+    env = dict(os.environ, MOECOMM_BENCH_COMMIT="smoke-test", MOECOMM_BACKEND="host")
+    proc = subprocess.run([run, "-n", "2", "-t", "100", bench, "--host-smoke", "-n", "5", "-W", "1", "-J", path],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=110)
+    print(proc.stdout)
+    if proc.returncode != 0:
+        fail("moecomm-bench exited with %d" % proc.returncode)
+    if "bandwidth (GB/s" not in proc.stdout:
+        fail("the table does not state the bandwidth definition")
+    with open(path) as handle:
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    seen = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            fail("line %d is not JSON (%s): %s" % (number, error, line))
+        missing = [key for key in REQUIRED if key not in record]
+        if missing:
+            fail("line %d lacks %s" % (number, missing))
+        if record["commit"] != "smoke-test" or record["backend"] != "host" or record["nranks"] != 2:
+            fail("line %d: wrong commit/backend/nranks: %s" % (number, line))
+        seen.setdefault((record["impl"], record["op"]), set()).add(record["rank"])
+        if record["impl"] == "libmoecomm":
+            if record["status"] != "ok":
+                fail("line %d: the host backend should run every op: %s" % (number, line))
+            if not (record["whole_p10_us"] <= record["whole_median_us"] <= record["whole_p90_us"]):
+                fail("line %d: percentiles out of order" % number)
+            if record["bytes"] <= 0 or record["gbps"] is None or record["gbps"] <= 0:
+                fail("line %d: no bytes or bandwidth" % number)
+            expected_gbps = record["bytes"] / record["whole_median_us"] / 1e3
+            if abs(record["gbps"] - expected_gbps) > 1e-3 + 1e-3 * expected_gbps:
+                fail("line %d: gbps %s is not bytes / median" % (number, record["gbps"]))
+            if record["mode"] == "normal" and record["check"] != "passed":
+                fail("line %d: check did not pass: %s" % (number, line))
+        elif record["status"] != "skipped":
+            fail("line %d: the NCCL baseline cannot run on the host backend: %s" % (number, line))
+    for key in EXPECTED_OPS:
+        if seen.get(key) != {0, 1}:
+            fail("%s %s not reported by both ranks (got %s)" % (key[0], key[1], seen.get(key)))
+    print("bench_host_smoke: %d JSON lines OK" % len(lines))
+
+
+if __name__ == "__main__":
+    main()

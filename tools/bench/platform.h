@@ -1,0 +1,56 @@
+// Where the bench's buffers live and how it times: GPU memory with CUDA events on one stream,
+// or host memory with the host clock (--host-smoke, the host backend). The libmoecomm runner
+// and the checks are written once against this interface.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moecomm.h"
+#include "options.h"
+
+namespace moecomm_bench {
+
+class Platform {
+ public:
+  virtual ~Platform() = default;
+  virtual bool OnGpu() const = 0;
+  virtual moecommStream_t Stream() const = 0;
+
+  // Buffers freed with the platform. what names the buffer in error messages.
+  virtual void* Alloc(size_t bytes, const std::string& what) = 0;
+  virtual void Upload(void* dst, const void* src, size_t bytes) = 0;
+  virtual void Download(void* dst, const void* src, size_t bytes) = 0;
+  // Fills with a byte pattern (outputs are poisoned before checked runs).
+  virtual void Fill(void* dst, int byte, size_t bytes) = 0;
+  virtual void Synchronize() = 0;
+
+  // Before each timed sample: evict the L2 (GPU), then align the ranks (see SetBarrier).
+  virtual void PrepareSample() = 0;
+  // One timed sample around whatever is issued in between; EndSample returns microseconds.
+  virtual void BeginSample() = 0;
+  virtual double EndSample() = 0;
+
+  // The combine input the checks expect: rows packed rows -> BF16 expert outputs (workload.h).
+  virtual void ExpertOutputs(const void* packedRows, int64_t rows, DispatchType type, int hidden, int rank,
+                             void* out) = 0;
+
+  // A stream-ordered barrier across ranks used by PrepareSample (the NCCL allreduce when
+  // NCCL is built); without one, samples are not aligned across ranks.
+  void SetBarrier(std::function<void()> barrier) { barrier_ = std::move(barrier); }
+  bool HasBarrier() const { return static_cast<bool>(barrier_); }
+
+ protected:
+  std::function<void()> barrier_;
+};
+
+std::unique_ptr<Platform> MakeHostPlatform();
+#if BENCH_HAVE_CUDA
+std::unique_ptr<Platform> MakeGpuPlatform(int device);
+#endif
+
+}  // namespace moecomm_bench

@@ -1,0 +1,52 @@
+#include <cstdio>
+
+#include "moecomm_runner.h"
+
+namespace moecomm_bench {
+
+moecommEpConfig_t MakeEpConfig(const RunnerContext& context, moecommEpMode_t mode) {
+  const Options& options = *context.options;
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = options.experts;
+  config.hidden = options.hidden;
+  config.maxTokensPerRank = options.tokens;
+  config.topk = options.topk;
+  config.mode = mode;
+  config.numSms = options.smBudget;
+  return config;
+}
+
+Measurement NewMeasurement(const std::string& op, const std::string& mode) {
+  Measurement measurement;
+  measurement.impl = "libmoecomm";
+  measurement.op = op;
+  measurement.mode = mode;
+  measurement.status = "ok";
+  measurement.check = "off";
+  return measurement;
+}
+
+void ReportNotSupported(const RunnerContext& context, const std::string& op, const std::string& mode,
+                        const std::string& why) {
+  if (context.rank == 0)
+    std::printf("libmoecomm: %s not supported on this backend yet (%s)\n", op.c_str(), why.c_str());
+  Measurement measurement = NewMeasurement(op, mode);
+  measurement.status = "not_supported";
+  measurement.message = why;
+  context.reporter->Add(measurement);
+}
+
+void SetKernelTime(const RunnerContext& context, Measurement* measurement) {
+  measurement->hasKernel = true;
+  measurement->kernel = measurement->whole;
+  if (context.platform->OnGpu()) {
+    // Once the library runs its kernels on an internal stream (with event hand-off), the
+    // kernel-only time will come from events around those kernels, through a query the
+    // library will expose; until then it is the caller-stream time, and says so.
+    measurement->kernelMethod = "same as whole-call (caller-stream events); no kernel-time query in the library yet";
+  } else {
+    measurement->kernelMethod = "same as whole-call (host clock; the host backend runs synchronously)";
+  }
+}
+
+}  // namespace moecomm_bench
