@@ -46,7 +46,7 @@ extern "C" {
 #define MOECOMM_MINOR 1
 #define MOECOMM_PATCH 0
 /* MOECOMM_VERSION_CODE = major * 10000 + minor * 100 + patch. */
-#define MOECOMM_VERSION(major, minor, patch) ((major) * 10000 + (minor) * 100 + (patch))
+#define MOECOMM_VERSION(major, minor, patch) ((major)*10000 + (minor)*100 + (patch))
 #define MOECOMM_VERSION_CODE MOECOMM_VERSION(MOECOMM_MAJOR, MOECOMM_MINOR, MOECOMM_PATCH)
 
 /* ------------------------------------------------------------------------------------ */
@@ -98,7 +98,7 @@ typedef struct {
 } moecommUniqueId;
 
 typedef enum {
-  moecommBfloat16 = 0,  /* bf16, 2 bytes */
+  moecommBfloat16 = 0,   /* bf16, 2 bytes */
   moecommFloat8E4M3 = 1, /* fp8 e4m3fn, 1 byte */
   moecommFloat32 = 2,
   moecommInt32 = 3,
@@ -122,9 +122,9 @@ typedef void (*moecommFreeFn_t)(void* ctx, void* ptr, size_t bytes, int device);
 
 #define MOECOMM_CONFIG_MAGIC 0x6d63436fu /* "mcCo" */
 typedef struct {
-  size_t size;      /* sizeof(moecommConfig_t) */
-  unsigned magic;   /* MOECOMM_CONFIG_MAGIC */
-  unsigned version; /* MOECOMM_VERSION_CODE */
+  size_t size;              /* sizeof(moecommConfig_t) */
+  unsigned magic;           /* MOECOMM_CONFIG_MAGIC */
+  unsigned version;         /* MOECOMM_VERSION_CODE */
   moecommBackend_t backend; /* default moecommBackendAuto (env MOECOMM_BACKEND) */
   int device;               /* CUDA device of this rank; -1 = the calling thread's current device */
   int timeoutMs;            /* bound on every bootstrap wait; 0 = MOECOMM_BOOTSTRAP_TIMEOUT */
@@ -133,8 +133,11 @@ typedef struct {
   moecommFreeFn_t freeFn;   /* required when allocFn is set */
   void* allocCtx;           /* passed to allocFn / freeFn */
 } moecommConfig_t;
-#define MOECOMM_CONFIG_INIT \
-  { sizeof(moecommConfig_t), MOECOMM_CONFIG_MAGIC, MOECOMM_VERSION_CODE, moecommBackendAuto, -1, 0, 0, NULL, NULL, NULL }
+#define MOECOMM_CONFIG_INIT                                                                                        \
+  {                                                                                                                \
+    sizeof(moecommConfig_t), MOECOMM_CONFIG_MAGIC, MOECOMM_VERSION_CODE, moecommBackendAuto, -1, 0, 0, NULL, NULL, \
+        NULL                                                                                                       \
+  }
 
 /* [OUT] uniqueId: a fresh id. Call on one rank (usually rank 0), which must then call
  * moecommCommInitRank with rank 0; hand the id to the other ranks by any means. */
@@ -261,8 +264,8 @@ typedef struct {
   int maxTokensPerRank; /* upper bound on T in every call, > 0 */
   int topk;             /* K: 1..MOECOMM_MAX_TOPK */
   moecommEpMode_t mode;
-  int numSms;           /* SM budget of the GPU kernels; 0 = MOECOMM_EP_NUM_SMS */
-  size_t bufferBytes;   /* symmetric buffer per rank; 0 = moecommEpGetBufferSizeHint */
+  int numSms;         /* SM budget of the GPU kernels; 0 = MOECOMM_EP_NUM_SMS */
+  size_t bufferBytes; /* symmetric buffer per rank; 0 = moecommEpGetBufferSizeHint */
 } moecommEpConfig_t;
 #define MOECOMM_EP_CONFIG_INIT \
   { sizeof(moecommEpConfig_t), MOECOMM_EP_CONFIG_MAGIC, MOECOMM_VERSION_CODE, 0, 0, 0, 0, moecommEpModeNormal, 0, 0 }
@@ -291,8 +294,11 @@ typedef struct {
   int* tokensPerExpert;          /* [OUT] device [E]: (token, expert) selections per expert */
   uint8_t* isTokenInRank;        /* [OUT] device [T,R]: 1 if token t goes to rank r, else 0 */
 } moecommEpLayoutArgs_t;
-#define MOECOMM_EP_LAYOUT_ARGS_INIT \
-  { sizeof(moecommEpLayoutArgs_t), MOECOMM_EP_LAYOUT_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, NULL, moecommInt64, NULL, NULL, NULL }
+#define MOECOMM_EP_LAYOUT_ARGS_INIT                                                                                 \
+  {                                                                                                                 \
+    sizeof(moecommEpLayoutArgs_t), MOECOMM_EP_LAYOUT_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, NULL, moecommInt64, NULL, \
+        NULL, NULL                                                                                                  \
+  }
 
 /* Asynchronous on stream. Any output pointer may be NULL to skip it. An expert id outside
  * [-1, E) is moecommInvalidArgument (host backend: detected before any output is written;
@@ -324,9 +330,11 @@ typedef struct {
   int* recvTokensPerExpert;      /* [OUT] device [E/R] aligned counts; or NULL */
   moecommEvent_t waitEvent;      /* [IN] optional: the stream waits for it first */
 } moecommEpDispatchArgs_t;
-#define MOECOMM_EP_DISPATCH_ARGS_INIT                                                                          \
-  { sizeof(moecommEpDispatchArgs_t), MOECOMM_EP_DISPATCH_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, moecommBfloat16, \
-    NULL, NULL, NULL, moecommInt64, NULL, 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL }
+#define MOECOMM_EP_DISPATCH_ARGS_INIT                                                                                \
+  {                                                                                                                  \
+    sizeof(moecommEpDispatchArgs_t), MOECOMM_EP_DISPATCH_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, moecommBfloat16, NULL, \
+        NULL, NULL, moecommInt64, NULL, 1, 0, NULL, NULL, NULL, NULL, NULL, NULL, NULL                               \
+  }
 
 /* Exact sizing, step one (collective): exchanges the counts for one routing and blocks the
  * host until they are known.
@@ -355,15 +363,18 @@ typedef struct {
   size_t size;
   unsigned magic;
   unsigned version;
-  const void* x;                /* [IN] device [N,H] BF16, one row per received token */
-  const float* topkWeights;     /* [IN] device [N,K] or NULL: carried back and summed */
-  const void* bias;             /* [IN] device [T,H] BF16 or NULL: added to the sum */
-  void* combinedX;              /* [OUT] device [T,H] BF16 */
-  float* combinedTopkWeights;   /* [OUT] device [T,K] or NULL (required when topkWeights is set) */
-  moecommEvent_t waitEvent;     /* [IN] optional */
+  const void* x;              /* [IN] device [N,H] BF16, one row per received token */
+  const float* topkWeights;   /* [IN] device [N,K] or NULL: carried back and summed */
+  const void* bias;           /* [IN] device [T,H] BF16 or NULL: added to the sum */
+  void* combinedX;            /* [OUT] device [T,H] BF16 */
+  float* combinedTopkWeights; /* [OUT] device [T,K] or NULL (required when topkWeights is set) */
+  moecommEvent_t waitEvent;   /* [IN] optional */
 } moecommEpCombineArgs_t;
-#define MOECOMM_EP_COMBINE_ARGS_INIT \
-  { sizeof(moecommEpCombineArgs_t), MOECOMM_EP_COMBINE_ARGS_MAGIC, MOECOMM_VERSION_CODE, NULL, NULL, NULL, NULL, NULL, NULL }
+#define MOECOMM_EP_COMBINE_ARGS_INIT                                                                                   \
+  {                                                                                                                    \
+    sizeof(moecommEpCombineArgs_t), MOECOMM_EP_COMBINE_ARGS_MAGIC, MOECOMM_VERSION_CODE, NULL, NULL, NULL, NULL, NULL, \
+        NULL                                                                                                           \
+  }
 
 /* Collective. combinedX[t] = bf16( (sum over receiving ranks r, ascending, of float(x_r[row]))
  * + float(bias[t]) ), accumulated in FP32: bitwise reproducible. Tokens sent nowhere get the
@@ -409,9 +420,11 @@ typedef struct {
   int* cumulativeRecvStats;      /* [IN/OUT] device [E/R] or NULL: recvCount is added to it */
   moecommEvent_t waitEvent;      /* [IN] optional */
 } moecommEpLowLatencyDispatchArgs_t;
-#define MOECOMM_EP_LL_DISPATCH_ARGS_INIT                                                                            \
-  { sizeof(moecommEpLowLatencyDispatchArgs_t), MOECOMM_EP_LL_DISPATCH_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, NULL, \
-    NULL, moecommInt64, moecommFloat8E4M3, 0u, NULL, NULL, NULL, NULL, NULL, NULL }
+#define MOECOMM_EP_LL_DISPATCH_ARGS_INIT                                                                               \
+  {                                                                                                                    \
+    sizeof(moecommEpLowLatencyDispatchArgs_t), MOECOMM_EP_LL_DISPATCH_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, NULL, NULL, \
+        moecommInt64, moecommFloat8E4M3, 0u, NULL, NULL, NULL, NULL, NULL, NULL                                        \
+  }
 
 /* Collective. Rows of each local expert are packed from slot 0, ordered by source rank then
  * source token index. *handle receives a new handle, used by the combine and destroyed by the caller with
@@ -435,9 +448,11 @@ typedef struct {
   unsigned flags;                /* [IN] MOECOMM_LL_SEND_ONLY, MOECOMM_LL_ZERO_COPY */
   moecommEvent_t waitEvent;      /* [IN] optional */
 } moecommEpLowLatencyCombineArgs_t;
-#define MOECOMM_EP_LL_COMBINE_ARGS_INIT                                                                             \
-  { sizeof(moecommEpLowLatencyCombineArgs_t), MOECOMM_EP_LL_COMBINE_ARGS_MAGIC, MOECOMM_VERSION_CODE, NULL, NULL, \
-    moecommInt64, NULL, NULL, 0u, NULL }
+#define MOECOMM_EP_LL_COMBINE_ARGS_INIT                                                                           \
+  {                                                                                                               \
+    sizeof(moecommEpLowLatencyCombineArgs_t), MOECOMM_EP_LL_COMBINE_ARGS_MAGIC, MOECOMM_VERSION_CODE, NULL, NULL, \
+        moecommInt64, NULL, NULL, 0u, NULL                                                                        \
+  }
 
 /* Collective. handle is the dispatch's. Entries whose expert is -1 or on a masked rank add
  * nothing. The number of tokens is the dispatch's T. */

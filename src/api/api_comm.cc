@@ -52,8 +52,7 @@ MOECOMM_API moecommResult_t moecommGetUniqueId(moecommUniqueId* uniqueId) {
   });
 }
 
-MOECOMM_API moecommResult_t moecommUniqueIdToString(const moecommUniqueId* uniqueId, char* buffer,
-                                                    size_t bufferBytes) {
+MOECOMM_API moecommResult_t moecommUniqueIdToString(const moecommUniqueId* uniqueId, char* buffer, size_t bufferBytes) {
   return guarded(__func__, [&] {
     MC_REQUIRE(uniqueId != nullptr, moecommInvalidArgument, "uniqueId is NULL");
     MC_REQUIRE(buffer != nullptr, moecommInvalidArgument, "buffer is NULL");
@@ -77,15 +76,15 @@ MOECOMM_API moecommResult_t moecommUniqueIdFromString(const char* text, moecommU
     MC_REQUIRE(uniqueId != nullptr, moecommInvalidArgument, "uniqueId is NULL");
     const size_t length = std::strlen(text);
     MC_REQUIRE(length == 2 * MOECOMM_UNIQUE_ID_BYTES, moecommInvalidArgument,
-               "the id text has %zu characters; a unique id is %d hex characters", length,
-               2 * MOECOMM_UNIQUE_ID_BYTES);
+               "the id text has %zu characters; a unique id is %d hex characters", length, 2 * MOECOMM_UNIQUE_ID_BYTES);
     moecommUniqueId parsed;
     for (int i = 0; i < 2 * MOECOMM_UNIQUE_ID_BYTES; ++i) {
       char c = text[i];
-      int nibble = (c >= '0' && c <= '9') ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10
-                                                  : (c >= 'A' && c <= 'F') ? c - 'A' + 10 : -1;
-      MC_REQUIRE(nibble >= 0, moecommInvalidArgument, "the id text has a non-hex character '%c' at position %d", c,
-                 i);
+      int nibble = (c >= '0' && c <= '9')   ? c - '0'
+                   : (c >= 'a' && c <= 'f') ? c - 'a' + 10
+                   : (c >= 'A' && c <= 'F') ? c - 'A' + 10
+                                            : -1;
+      MC_REQUIRE(nibble >= 0, moecommInvalidArgument, "the id text has a non-hex character '%c' at position %d", c, i);
       if (i % 2 == 0) {
         parsed.internal[i / 2] = static_cast<char>(nibble << 4);
       } else {
@@ -113,7 +112,8 @@ MOECOMM_API moecommResult_t moecommCommInitFromEnv(moecommComm_t* comm, const mo
     MC_REQUIRE(parseEnvInt("MOECOMM_NRANKS", &nranks), moecommInvalidUsage,
                "MOECOMM_NRANKS is not set to an integer (start the program with moecomm-run)");
     const char* idText = std::getenv("MOECOMM_UNIQUE_ID");
-    MC_REQUIRE(idText != nullptr, moecommInvalidUsage, "MOECOMM_UNIQUE_ID is not set (start the program with moecomm-run)");
+    MC_REQUIRE(idText != nullptr, moecommInvalidUsage,
+               "MOECOMM_UNIQUE_ID is not set (start the program with moecomm-run)");
     moecommUniqueId id;
     if (moecommUniqueIdFromString(idText, &id) != moecommSuccess) {
       return setError(moecommInvalidUsage, "MOECOMM_UNIQUE_ID is malformed: %s", moecomm::lastErrorText());
@@ -145,9 +145,8 @@ MOECOMM_API moecommResult_t moecommCommInitAll(moecommComm_t* comms, int n, cons
         moecomm::ResolvedConfig mine = resolved;
         mine.device = devices ? devices[i] : (resolved.backend == moecommBackendHost ? -1 : i);
         // Without a GPU, Auto picks the host backend and the device is ignored.
-        results[i] = guarded("moecommCommInitAll", [&] {
-          return moecomm::commCreate(std::move(bootstraps[i]), mine, &comms[i]);
-        });
+        results[i] = guarded("moecommCommInitAll",
+                             [&] { return moecomm::commCreate(std::move(bootstraps[i]), mine, &comms[i]); });
         errors[i] = moecomm::lastErrorText();
       });
     }
@@ -178,8 +177,7 @@ MOECOMM_API moecommResult_t moecommCommInitExternal(moecommComm_t* comm, int nra
     MC_REQUIRE(bootstrap->allgather != nullptr, moecommInvalidArgument, "bootstrap->allgather is NULL");
     MC_REQUIRE(bootstrap->barrier != nullptr, moecommInvalidArgument, "bootstrap->barrier is NULL");
     MC_REQUIRE(nranks >= 1 && nranks <= 65536, moecommInvalidArgument, "nranks is %d; it must be in 1..65536", nranks);
-    MC_REQUIRE(rank >= 0 && rank < nranks, moecommInvalidArgument, "rank is %d; it must be in 0..%d", rank,
-               nranks - 1);
+    MC_REQUIRE(rank >= 0 && rank < nranks, moecommInvalidArgument, "rank is %d; it must be in 0..%d", rank, nranks - 1);
     moecomm::ResolvedConfig resolved;
     MC_CHECK(moecomm::resolveConfig(config, &resolved));
     std::unique_ptr<moecomm::Bootstrap> external;

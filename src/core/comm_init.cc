@@ -1,12 +1,12 @@
 #include "core/comm_init.h"
 
+#include <strings.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <random>
-#include <strings.h>
 
 #include "core/cuda_probe.h"
 #include "core/enum_value.h"
@@ -122,8 +122,8 @@ moecommResult_t resolveConfig(const moecommConfig_t* config, ResolvedConfig* out
   resolved.timeoutMs = static_cast<int>(envInt(Env::BootstrapTimeout));
   if (config != nullptr) {
     MC_REQUIRE(config->size == sizeof(moecommConfig_t), moecommInvalidArgument,
-               "config->size is %zu but this library expects %zu; initialise it with MOECOMM_CONFIG_INIT",
-               config->size, sizeof(moecommConfig_t));
+               "config->size is %zu but this library expects %zu; initialise it with MOECOMM_CONFIG_INIT", config->size,
+               sizeof(moecommConfig_t));
     MC_REQUIRE(config->magic == MOECOMM_CONFIG_MAGIC, moecommInvalidArgument,
                "config->magic is 0x%08x, expected 0x%08x; initialise it with MOECOMM_CONFIG_INIT", config->magic,
                MOECOMM_CONFIG_MAGIC);

@@ -5,35 +5,35 @@
 // X(id, NAME, type, default, doc)   type: Int, String
 #pragma once
 
-#define MOECOMM_ENV_TABLE(X)                                                                                     \
-  X(Backend, "MOECOMM_BACKEND", String, "auto",                                                                \
-    "Backend when the config says auto: auto (CUDA if the rank has a GPU, else host), host or cuda.")          \
-  X(BootstrapTimeout, "MOECOMM_BOOTSTRAP_TIMEOUT", Int, "60000",                                                \
-    "Milliseconds any bootstrap wait (connect, allgather, barrier, send, recv) may take before Timeout.")      \
-  X(SocketIfname, "MOECOMM_SOCKET_IFNAME", String, "",                                                         \
-    "Network interface for the bootstrap (e.g. eth0); empty = first non-loopback interface, else loopback.")   \
-  X(Debug, "MOECOMM_DEBUG", String, "NONE", "Log level: NONE, WARN, INFO or TRACE.")                           \
-  X(DebugSubsys, "MOECOMM_DEBUG_SUBSYS", String, "ALL",                                                        \
-    "Comma list of INIT, BOOTSTRAP, TOPO, EP, MEM, TRANSPORT, ENV or ALL; a leading ^ excludes them.")         \
-  X(DebugFile, "MOECOMM_DEBUG_FILE", String, "",                                                               \
-    "Write the log to this file instead of stderr; %h expands to the host name, %p to the pid.")               \
-  X(ConfigFile, "MOECOMM_CONFIG_FILE", String, "",                                                             \
-    "JSON file of defaults: an object whose keys are MOECOMM_* names; the environment wins over it.")          \
-  X(TopoFile, "MOECOMM_TOPO_FILE", String, "",                                                                 \
-    "Load the topology from this JSON file instead of discovering it (replay of a saved machine).")            \
-  X(TopoDumpFile, "MOECOMM_TOPO_DUMP_FILE", String, "",                                                        \
-    "Write the discovered topology as JSON to this file when a communicator is created.")                      \
-  X(EpNumSms, "MOECOMM_EP_NUM_SMS", Int, "24", "SM budget of the EP kernels when the EP config leaves it 0.") \
-  X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                             \
-    "Milliseconds a low-latency operation waits for a peer before masking it.")                                \
-  X(KernelTimeout, "MOECOMM_KERNEL_TIMEOUT", Int, "30000",                                                     \
-    "Milliseconds a GPU spin-wait may last before the kernel gives up and reports Timeout.")                   \
+#define MOECOMM_ENV_TABLE(X)                                                                                      \
+  X(Backend, "MOECOMM_BACKEND", String, "auto",                                                                   \
+    "Backend when the config says auto: auto (CUDA if the rank has a GPU, else host), host or cuda.")             \
+  X(BootstrapTimeout, "MOECOMM_BOOTSTRAP_TIMEOUT", Int, "60000",                                                  \
+    "Milliseconds any bootstrap wait (connect, allgather, barrier, send, recv) may take before Timeout.")         \
+  X(SocketIfname, "MOECOMM_SOCKET_IFNAME", String, "",                                                            \
+    "Network interface for the bootstrap (e.g. eth0); empty = first non-loopback interface, else loopback.")      \
+  X(Debug, "MOECOMM_DEBUG", String, "NONE", "Log level: NONE, WARN, INFO or TRACE.")                              \
+  X(DebugSubsys, "MOECOMM_DEBUG_SUBSYS", String, "ALL",                                                           \
+    "Comma list of INIT, BOOTSTRAP, TOPO, EP, MEM, TRANSPORT, ENV or ALL; a leading ^ excludes them.")            \
+  X(DebugFile, "MOECOMM_DEBUG_FILE", String, "",                                                                  \
+    "Write the log to this file instead of stderr; %h expands to the host name, %p to the pid.")                  \
+  X(ConfigFile, "MOECOMM_CONFIG_FILE", String, "",                                                                \
+    "JSON file of defaults: an object whose keys are MOECOMM_* names; the environment wins over it.")             \
+  X(TopoFile, "MOECOMM_TOPO_FILE", String, "",                                                                    \
+    "Load the topology from this JSON file instead of discovering it (replay of a saved machine).")               \
+  X(TopoDumpFile, "MOECOMM_TOPO_DUMP_FILE", String, "",                                                           \
+    "Write the discovered topology as JSON to this file when a communicator is created.")                         \
+  X(EpNumSms, "MOECOMM_EP_NUM_SMS", Int, "24", "SM budget of the EP kernels when the EP config leaves it 0.")     \
+  X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
+    "Milliseconds a low-latency operation waits for a peer before masking it.")                                   \
+  X(KernelTimeout, "MOECOMM_KERNEL_TIMEOUT", Int, "30000",                                                        \
+    "Milliseconds a GPU spin-wait may last before the kernel gives up and reports Timeout.")                      \
   X(Rank, "MOECOMM_RANK", Int, "-1", "This process's rank, read by moecommCommInitFromEnv (set by moecomm-run).") \
-  X(Nranks, "MOECOMM_NRANKS", Int, "0", "The rank count, read by moecommCommInitFromEnv (set by moecomm-run).")  \
-  X(UniqueId, "MOECOMM_UNIQUE_ID", String, "",                                                                  \
-    "The communicator id as hex text, read by moecommCommInitFromEnv (set by moecomm-run).")                   \
-  X(LocalRank, "MOECOMM_LOCAL_RANK", Int, "-1",                                                                 \
-    "The rank's index among the ranks of its host (set by moecomm-run); programs use it to pick a GPU.")      \
-  X(NvlinkShare, "MOECOMM_NVLINK_SHARE", String, "auto",                                                        \
-    "How GPU ranks share symmetric memory: auto, inprocess (threads of one process), cumem (cuMem POSIX-fd "   \
+  X(Nranks, "MOECOMM_NRANKS", Int, "0", "The rank count, read by moecommCommInitFromEnv (set by moecomm-run).")   \
+  X(UniqueId, "MOECOMM_UNIQUE_ID", String, "",                                                                    \
+    "The communicator id as hex text, read by moecommCommInitFromEnv (set by moecomm-run).")                      \
+  X(LocalRank, "MOECOMM_LOCAL_RANK", Int, "-1",                                                                   \
+    "The rank's index among the ranks of its host (set by moecomm-run); programs use it to pick a GPU.")          \
+  X(NvlinkShare, "MOECOMM_NVLINK_SHARE", String, "auto",                                                          \
+    "How GPU ranks share symmetric memory: auto, inprocess (threads of one process), cumem (cuMem POSIX-fd "      \
     "handles) or ipc (legacy CUDA IPC); every rank must use the same value.")

@@ -33,17 +33,28 @@ const char* lastErrorText() { return t_last_error.c_str(); }
 
 const char* resultName(moecommResult_t code) {
   switch (code) {
-    case moecommSuccess: return "success";
-    case moecommUnhandledCudaError: return "unhandled CUDA error";
-    case moecommSystemError: return "system error";
-    case moecommInternalError: return "internal error";
-    case moecommInvalidArgument: return "invalid argument";
-    case moecommInvalidUsage: return "invalid usage";
-    case moecommRemoteError: return "remote error";
-    case moecommInProgress: return "in progress";
-    case moecommTimeout: return "timeout";
-    case moecommNotSupported: return "not supported";
-    default: return "unknown result code";
+    case moecommSuccess:
+      return "success";
+    case moecommUnhandledCudaError:
+      return "unhandled CUDA error";
+    case moecommSystemError:
+      return "system error";
+    case moecommInternalError:
+      return "internal error";
+    case moecommInvalidArgument:
+      return "invalid argument";
+    case moecommInvalidUsage:
+      return "invalid usage";
+    case moecommRemoteError:
+      return "remote error";
+    case moecommInProgress:
+      return "in progress";
+    case moecommTimeout:
+      return "timeout";
+    case moecommNotSupported:
+      return "not supported";
+    default:
+      return "unknown result code";
   }
 }
 

@@ -36,8 +36,8 @@ uint32_t parseSubsys(const std::string& text) {
   static const struct {
     const char* name;
     uint32_t bit;
-  } kNames[] = {{"INIT", kLogInit}, {"BOOTSTRAP", kLogBootstrap}, {"TOPO", kLogTopo},   {"EP", kLogEp},
-                {"MEM", kLogMem},   {"TRANSPORT", kLogTransport}, {"ENV", kLogEnv},     {"ALL", kLogAll}};
+  } kNames[] = {{"INIT", kLogInit}, {"BOOTSTRAP", kLogBootstrap}, {"TOPO", kLogTopo}, {"EP", kLogEp},
+                {"MEM", kLogMem},   {"TRANSPORT", kLogTransport}, {"ENV", kLogEnv},   {"ALL", kLogAll}};
   bool invert = !text.empty() && text[0] == '^';
   uint32_t mask = 0;
   size_t pos = invert ? 1 : 0;

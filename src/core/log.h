@@ -27,10 +27,9 @@ void logReconfigure();
 
 }  // namespace moecomm
 
-#define MC_LOG_AT(level, subsys, ...)                                            \
-  do {                                                                           \
-    if (::moecomm::logEnabled(level, subsys))                                    \
-      ::moecomm::logMessage(level, subsys, __FILE__, __LINE__, __VA_ARGS__);     \
+#define MC_LOG_AT(level, subsys, ...)                                                                                \
+  do {                                                                                                               \
+    if (::moecomm::logEnabled(level, subsys)) ::moecomm::logMessage(level, subsys, __FILE__, __LINE__, __VA_ARGS__); \
   } while (0)
 #define MC_WARN(subsys, ...) MC_LOG_AT(::moecomm::LogLevel::kWarn, subsys, __VA_ARGS__)
 #define MC_INFO(subsys, ...) MC_LOG_AT(::moecomm::LogLevel::kInfo, subsys, __VA_ARGS__)
