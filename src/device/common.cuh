@@ -11,5 +11,22 @@ __device__ __forceinline__ int64_t loadExpertId(const void* topkIdx, int topkIdx
                      : static_cast<int64_t>(static_cast<const int32_t*>(topkIdx)[index]);
 }
 
+// System-scope acquire load / release store of a 64-bit flag (peer or host visible).
+__device__ __forceinline__ uint64_t loadAcquireSys(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void storeReleaseSys(uint64_t* address, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t globalTimerNs() {
+  uint64_t value;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(value));
+  return value;
+}
+
 }  // namespace device
 }  // namespace moecomm

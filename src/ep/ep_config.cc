@@ -9,6 +9,7 @@
 #include "core/log.h"
 #include "ep/ep.h"
 #include "ep/ep_args.h"
+#include "ep/ep_cuda.h"
 #include "ep/ep_host.h"
 #include "transport/host_shm.h"
 
@@ -122,6 +123,30 @@ void registerEp(moecommEp* ep) {
   ep->comm->eps.push_back(ep);
 }
 
+// The CUDA backend's create (ep_cuda.cc): the same config agreement, then the NVLink buffer.
+moecommResult_t epCreateCuda(moecommComm* comm, const moecommEpConfig_t* config, moecommEp** out) {
+#if MOECOMM_HAVE_CUDA
+  MC_CHECK(agreeOnConfig(*comm, checkCreateArgs(*comm, config, out), config));
+  std::unique_ptr<moecommEp> ep(new moecommEp());
+  ep->comm = comm;
+  ep->config = *config;
+  if (ep->config.numSms == 0) ep->config.numSms = static_cast<int>(envInt(Env::EpNumSms));
+  ep->shape = shapeOf(comm->nranks, *config);
+  ep->rank = comm->rank;
+  ep->bufferLayout = planHostEpBuffer(comm->nranks, *config);
+  ep->rankMask.assign(comm->nranks, 0);
+  ep->lowLatencyTimeoutMs = static_cast<int>(std::max<int64_t>(1, envInt(Env::LlTimeout)));
+  MC_CHECK(makeCudaEpBackend(ep.get(), &ep->backend));
+  MC_INFO(kLogEp, "rank %d: CUDA EP created (E %d, H %d, maxT %d, K %d, mode %d)", comm->rank, config->numExperts,
+          config->hidden, config->maxTokensPerRank, config->topk, static_cast<int>(config->mode));
+  *out = ep.release();
+  registerEp(*out);
+  return moecommSuccess;
+#else
+  return setError(moecommNotSupported, "this build of moecomm has no CUDA support (MOECOMM_CUDA=OFF)");
+#endif
+}
+
 }  // namespace
 
 moecommResult_t validateEpConfig(int nranks, const moecommEpConfig_t* config) {
@@ -174,9 +199,7 @@ EpBufferLayout planHostEpBuffer(int nranks, const moecommEpConfig_t& config) {
 moecommResult_t epCreate(moecommComm* comm, const moecommEpConfig_t* config, moecommEp** out) {
   // The same on every rank (the backend was agreed at comm creation), so returning early
   // here leaves nobody waiting.
-  MC_REQUIRE(comm->backend != moecommBackendCuda, moecommNotSupported,
-             "CUDA EP kernels are not built yet; create the communicator on the host backend "
-             "(moecommBackendHost or MOECOMM_BACKEND=host)");
+  if (comm->backend == moecommBackendCuda) return epCreateCuda(comm, config, out);
   MC_REQUIRE(comm->allOnOneHost(), moecommNotSupported,
              "the host EP backend shares memory between ranks, so every rank must be on one host");
   MC_CHECK(agreeOnConfig(*comm, checkCreateArgs(*comm, config, out), config));

@@ -1,0 +1,370 @@
+// CUDA EP backend, normal mode. See ep_cuda.h.
+#include "ep/ep_cuda.h"
+
+#if MOECOMM_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "core/env.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "device/api.h"
+#include "ep/ep_args.h"
+#include "transport/nvlink.h"
+
+namespace moecomm {
+namespace {
+
+#define MC_CUDA(call)                                                                                           \
+  do {                                                                                                          \
+    const cudaError_t mc_cuda_err_ = (call);                                                                    \
+    if (mc_cuda_err_ != cudaSuccess) {                                                                          \
+      return setError(moecommUnhandledCudaError, "%s failed: %s (%s)", #call, cudaGetErrorName(mc_cuda_err_), \
+                      cudaGetErrorString(mc_cuda_err_));                                                       \
+    }                                                                                                           \
+  } while (0)
+
+uint64_t align16(uint64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (cudaSetDevice(device) != cudaSuccess) (void)cudaGetLastError();
+  }
+  ~DeviceScope() {
+    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+// Device buffers of one handle's routing (one allocation).
+struct HandleDevice {
+  void* block = nullptr;
+  int* pos = nullptr;
+  int* sendCount = nullptr;
+  int* expertCount = nullptr;
+  int64_t* idx = nullptr;
+  int* srcRank = nullptr;
+  int* srcIndex = nullptr;
+  int* numRecv = nullptr;
+};
+
+class CudaEpBackend : public EpBackend {
+ public:
+  explicit CudaEpBackend(moecommEp* ep) : ep_(ep) {}
+  ~CudaEpBackend() override { release(); }
+
+  moecommResult_t init() {
+    const auto& shape = ep_->shape;
+    const int R = shape.numRanks;
+    const uint64_t L = static_cast<uint64_t>(shape.numExperts / R);
+    const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
+    const uint64_t H = static_cast<uint64_t>(shape.hidden);
+    const uint64_t K = static_cast<uint64_t>(shape.topk);
+    device::IntranodeParams& p = base_;
+    std::memset(&p, 0, sizeof(p));
+    p.rank = ep_->rank;
+    p.numRanks = R;
+    p.numExperts = shape.numExperts;
+    p.hidden = shape.hidden;
+    p.topk = shape.topk;
+    p.maxTokens = shape.maxTokensPerRank;
+    p.numBlocks = std::max(1, ep_->config.numSms);
+    p.rowScalesOffset = align16(2 * H);
+    p.rowIdxOffset = p.rowScalesOffset + align16(H / 128 * 4);
+    p.rowWeightsOffset = p.rowIdxOffset + 8 * K;
+    p.rowSrcOffset = p.rowWeightsOffset + 4 * K;
+    p.dispatchRowBytes = align16(p.rowSrcOffset + 4);
+    p.combineRowBytes = align16(2 * H + 4 * K);
+    p.flagsOffset = 0;
+    p.countsOffset = align16(3 * 2 * R * 8);
+    p.dispatchOffset = align16(p.countsOffset + 2 * R * (1 + L) * 4);
+    p.combineOffset = align16(p.dispatchOffset + R * maxT * p.dispatchRowBytes);
+    const uint64_t bytes = p.combineOffset + R * maxT * p.combineRowBytes;
+    p.timeoutNs = static_cast<uint64_t>(std::max<int64_t>(1, envInt(Env::KernelTimeout))) * 1000000ull;
+
+    DeviceScope scope(ep_->comm->device);
+    MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
+    for (int r = 0; r < R; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
+    hostWords_ = static_cast<int>(2 + 1 + L);
+    int* host = nullptr;
+    MC_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * hostWords_, cudaHostAllocMapped));
+    std::memset(host, 0, sizeof(int) * hostWords_);
+    host_ = host;
+    int* devicePointer = nullptr;
+    MC_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&devicePointer), const_cast<int*>(host_), 0));
+    p.error = devicePointer;
+    badEntry_ = devicePointer + 1;
+    p.notifyOut = devicePointer + 2;
+    MC_INFO(kLogEp, "rank %d: CUDA EP buffer %llu bytes (%s)", ep_->rank, static_cast<unsigned long long>(bytes),
+            buffer_->method());
+    return moecommSuccess;
+  }
+
+  moecommResult_t getLayout(const moecommEpLayoutArgs_t* args, moecommStream_t stream) override {
+    pollErrors();
+    MC_CHECK(checkLayoutArgs(*ep_, args));
+    DeviceScope scope(ep_->comm->device);
+    device::LayoutParams p{};
+    p.topkIdx = args->topkIdx;
+    p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
+    p.numTokens = args->numTokens;
+    p.topk = ep_->shape.topk;
+    p.numExperts = ep_->shape.numExperts;
+    p.numRanks = ep_->shape.numRanks;
+    p.tokensPerRank = args->tokensPerRank;
+    p.tokensPerExpert = args->tokensPerExpert;
+    p.isTokenInRank = args->isTokenInRank;
+    p.badEntry = badEntry_;
+    MC_CUDA(static_cast<cudaError_t>(device::launchLayout(p, stream)));
+    return moecommSuccess;
+  }
+
+  moecommResult_t notifyDispatch(const moecommEpDispatchArgs_t* args, moecommEpHandle_t* handle, int* numRecvTokens,
+                                 int* recvTokensPerExpert, moecommStream_t stream) override {
+    pollErrors();
+    MC_CHECK(agree(checkNotifyArgs(*ep_, args, handle, numRecvTokens)));
+    DeviceScope scope(ep_->comm->device);
+    moecommEpHandle* created = nullptr;
+    MC_CHECK(createHandle(args->numTokens, &created));
+    device::IntranodeParams p = base_;
+    bindHandle(created, &p);
+    p.sequence = ++notifySequence_;
+    p.numTokens = args->numTokens;
+    p.topkIdx = args->topkIdx;
+    p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
+    moecommResult_t status = launch(device::launchIntranodeNotify(p, stream), "launchIntranodeNotify");
+    if (status == moecommSuccess) status = sync(stream);
+    if (status != moecommSuccess) {
+      destroyHandle(created);
+      return status;
+    }
+    const volatile int* out = host_ + 2;
+    const int localExperts = ep_->shape.numExperts / ep_->shape.numRanks;
+    created->numRecvTokens = out[0];
+    *numRecvTokens = out[0];
+    for (int le = 0; le < localExperts && recvTokensPerExpert != nullptr; ++le) {
+      const int a = args->expertAlignment;
+      recvTokensPerExpert[le] = (out[1 + le] + a - 1) / a * a;
+    }
+    *handle = created;
+    return moecommSuccess;
+  }
+
+  moecommResult_t dispatch(const moecommEpDispatchArgs_t* args, moecommEpHandle_t* handle,
+                           moecommStream_t stream) override {
+    pollErrors();
+    MC_CHECK(agree(checkDispatchArgs(*ep_, args, handle)));
+    DeviceScope scope(ep_->comm->device);
+    if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+    moecommEpHandle* target = *handle;
+    const bool route = target == nullptr;
+    if (route) {
+      MC_CHECK(createHandle(args->numTokens, &target));
+      target->numRecvTokens = -1;
+    }
+    device::IntranodeParams p = base_;
+    bindHandle(target, &p);
+    p.sequence = ++dispatchSequence_;
+    p.route = route ? 1 : 0;
+    p.numTokens = target->numTokens;
+    p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
+    p.x = args->x;
+    p.xScales = args->xScales;
+    p.topkIdx = args->topkIdx;
+    p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
+    p.topkWeights = args->topkWeights;
+    p.alignment = args->expertAlignment;
+    p.recvCapacity = args->recvCapacity;
+    p.recvX = args->recvX;
+    p.recvXScales = args->recvXScales;
+    p.recvTopkIdx = args->recvTopkIdx;
+    p.recvTopkWeights = args->recvTopkWeights;
+    p.outNumRecv = args->numRecvTokens;
+    p.outPerExpert = args->recvTokensPerExpert;
+    const moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
+    if (status != moecommSuccess) {
+      if (route) destroyHandle(target);
+      return status;
+    }
+    if (route) *handle = target;
+    // Source info stays on the device in v0 (moecommEpHandleGetSourceInfo is not served).
+    return moecommSuccess;
+  }
+
+  moecommResult_t combine(const moecommEpCombineArgs_t* args, moecommEpHandle_t handle,
+                          moecommStream_t stream) override {
+    pollErrors();
+    MC_CHECK(agree(checkCombineArgs(*ep_, args, handle)));
+    DeviceScope scope(ep_->comm->device);
+    if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+    device::IntranodeParams p = base_;
+    bindHandle(handle, &p);
+    p.sequence = ++combineSequence_;
+    p.numTokens = handle->numTokens;
+    p.recvCapacity = ep_->shape.numRanks * ep_->shape.maxTokensPerRank;
+    p.combineX = args->x;
+    p.combineWeights = args->topkWeights;
+    p.bias = args->bias;
+    p.combinedX = args->combinedX;
+    p.combinedWeights = args->combinedTopkWeights;
+    return launch(device::launchIntranodeCombine(p, stream), "launchIntranodeCombine");
+  }
+
+  moecommResult_t lowLatencyDispatch(const moecommEpLowLatencyDispatchArgs_t*, moecommEpHandle_t*,
+                                     moecommStream_t) override {
+    return notSupported();
+  }
+  moecommResult_t lowLatencyCombine(const moecommEpLowLatencyCombineArgs_t*, moecommEpHandle_t,
+                                    moecommStream_t) override {
+    return notSupported();
+  }
+  moecommResult_t complete(moecommEpHandle_t, moecommStream_t) override { return notSupported(); }
+  moecommResult_t lowLatencyCombineBuffer(void**) override { return notSupported(); }
+
+  moecommResult_t destroy() override {
+    DeviceScope scope(ep_->comm->device);
+    moecommResult_t status = buffer_ != nullptr ? buffer_->detachPeers() : moecommSuccess;
+    const moecommResult_t barrier = ep_->comm->bootstrap->barrier();
+    if (status == moecommSuccess) status = barrier;
+    release();
+    return status;
+  }
+
+  void forgetHandle(moecommEpHandle* handle) override {
+    auto it = handles_.find(handle);
+    if (it == handles_.end()) return;
+    DeviceScope scope(ep_->comm->device);
+    if (cudaFree(it->second.block) != cudaSuccess) (void)cudaGetLastError();
+    handles_.erase(it);
+  }
+
+ private:
+  static moecommResult_t notSupported() {
+    return setError(moecommNotSupported,
+                    "low-latency mode is not implemented on the CUDA EP backend yet; use normal mode, or a "
+                    "communicator on the host backend");
+  }
+
+  void release() {
+    if (!handles_.empty()) {
+      DeviceScope scope(ep_->comm->device);
+      for (auto& entry : handles_) {
+        if (cudaFree(entry.second.block) != cudaSuccess) (void)cudaGetLastError();
+      }
+      handles_.clear();
+    }
+    if (host_ != nullptr) {
+      if (cudaFreeHost(const_cast<int*>(host_)) != cudaSuccess) (void)cudaGetLastError();
+      host_ = nullptr;
+    }
+    buffer_.reset();
+  }
+
+  // Reports kernel errors recorded since the last call through the comm's async error.
+  void pollErrors() {
+    if (host_ == nullptr) return;
+    if (host_[0] != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(host_[0]));
+    if (host_[1] != 0) ep_->comm->raiseAsyncError(moecommInvalidArgument);
+  }
+
+  // Exchanges every rank's local verdict: a failure anywhere fails every rank.
+  moecommResult_t agree(moecommResult_t local) {
+    const std::string text = local != moecommSuccess ? lastErrorText() : "";
+    std::vector<int32_t> all(ep_->comm->nranks);
+    const int32_t mine = local;
+    const moecommResult_t exchanged = ep_->comm->bootstrap->allgather(&mine, all.data(), sizeof(int32_t));
+    if (local != moecommSuccess) return setError(local, "%s", text.c_str());
+    MC_CHECK(exchanged);
+    for (int r = 0; r < ep_->comm->nranks; ++r) {
+      MC_REQUIRE(all[r] == moecommSuccess, moecommRemoteError,
+                 "rank %d rejected its arguments to this EP call (%s); its moecommGetLastError says why", r,
+                 resultName(static_cast<moecommResult_t>(all[r])));
+    }
+    return moecommSuccess;
+  }
+
+  moecommResult_t launch(int err, const char* what) {
+    MC_REQUIRE(err == 0, moecommUnhandledCudaError, "%s failed: %s (%s)", what,
+               cudaGetErrorName(static_cast<cudaError_t>(err)), cudaGetErrorString(static_cast<cudaError_t>(err)));
+    return moecommSuccess;
+  }
+
+  moecommResult_t sync(moecommStream_t stream) {
+    MC_CUDA(cudaStreamSynchronize(stream));
+    MC_REQUIRE(host_[0] == 0, static_cast<moecommResult_t>(host_[0]),
+               "a notify kernel failed (%s); see moecommCommGetAsyncError",
+               resultName(static_cast<moecommResult_t>(host_[0])));
+    return moecommSuccess;
+  }
+
+  moecommResult_t createHandle(int numTokens, moecommEpHandle** out) {
+    const auto& shape = ep_->shape;
+    const size_t R = shape.numRanks;
+    const size_t maxT = shape.maxTokensPerRank;
+    const size_t ints = maxT * R + R + shape.numExperts + 2 * R * maxT + 1;
+    const size_t bytes = align16(maxT * shape.topk * sizeof(int64_t)) + ints * sizeof(int);
+    HandleDevice d;
+    MC_CUDA(cudaMalloc(&d.block, bytes));
+    d.idx = static_cast<int64_t*>(d.block);
+    d.pos = reinterpret_cast<int*>(static_cast<uint8_t*>(d.block) + align16(maxT * shape.topk * sizeof(int64_t)));
+    d.sendCount = d.pos + maxT * R;
+    d.expertCount = d.sendCount + R;
+    d.srcRank = d.expertCount + shape.numExperts;
+    d.srcIndex = d.srcRank + R * maxT;
+    d.numRecv = d.srcIndex + R * maxT;
+    moecommEpHandle* handle = newHandle(ep_, EpHandleKind::kNormal);
+    handle->numTokens = numTokens;
+    handles_[handle] = d;
+    *out = handle;
+    return moecommSuccess;
+  }
+
+  void bindHandle(const moecommEpHandle* handle, device::IntranodeParams* p) const {
+    const HandleDevice& d = handles_.at(const_cast<moecommEpHandle*>(handle));
+    p->pos = d.pos;
+    p->sendCount = d.sendCount;
+    p->expertCount = d.expertCount;
+    p->handleIdx = d.idx;
+    p->srcRank = d.srcRank;
+    p->srcIndex = d.srcIndex;
+    p->numRecv = d.numRecv;
+  }
+
+  moecommEp* ep_;
+  device::IntranodeParams base_{};
+  std::unique_ptr<NvlinkSymmetric> buffer_;
+  volatile int* host_ = nullptr;  // mapped: [0] kernel error, [1] layout bad entry, [2..] notify counts
+  int* badEntry_ = nullptr;
+  int hostWords_ = 0;
+  uint64_t notifySequence_ = 0;
+  uint64_t dispatchSequence_ = 0;
+  uint64_t combineSequence_ = 0;
+  std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
+};
+
+}  // namespace
+
+moecommResult_t makeCudaEpBackend(moecommEp* ep, std::unique_ptr<EpBackend>* out) {
+  MC_REQUIRE(ep->shape.numRanks <= device::kIntranodeMaxRanks, moecommNotSupported,
+             "the CUDA EP backend supports at most %d ranks (NVLink within one node); this communicator has %d",
+             device::kIntranodeMaxRanks, ep->shape.numRanks);
+  std::unique_ptr<CudaEpBackend> backend(new CudaEpBackend(ep));
+  MC_CHECK(backend->init());
+  *out = std::move(backend);
+  return moecommSuccess;
+}
+
+}  // namespace moecomm
+
+#endif  // MOECOMM_HAVE_CUDA
