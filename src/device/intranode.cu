@@ -60,7 +60,18 @@ __device__ void warpCopy(void* dst, const void* src, uint64_t bytes) {
   if (bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16 == 0) {
     int4* d = static_cast<int4*>(dst);
     const int4* s = static_cast<const int4*>(src);
-    for (uint64_t i = lane; i < bytes / 16; i += 32) d[i] = s[i];
+    const uint64_t chunks = bytes / 16;
+    uint64_t i = lane;
+    // Four independent 16-byte loads in flight per lane before the stores: a single
+    // load-then-store chain leaves the links and HBM mostly idle.
+    for (; i + 96 < chunks; i += 128) {
+      const int4 a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
+      d[i] = a;
+      d[i + 32] = b;
+      d[i + 64] = c;
+      d[i + 96] = e;
+    }
+    for (; i < chunks; i += 32) d[i] = s[i];
   } else {
     uint2* d = static_cast<uint2*>(dst);
     const uint2* s = static_cast<const uint2*>(src);
@@ -270,6 +281,39 @@ __global__ void combineSendKernel(IntranodeParams p) {
   }
 }
 
+// Sums one token's rows 16 bytes (8 BF16 channels) at a time: a warp per token, each lane a
+// run of 16-byte chunks. The per-element arithmetic and its order (ranks ascending from
+// +0.0f, then bias) are exactly those of the scalar path, so results are bitwise equal.
+__device__ void combineTokenVectorized(const IntranodeParams& p, const uint8_t* staging, int64_t t, int lane) {
+  const int chunks = p.hidden / 8;
+  const uint4* bias = static_cast<const uint4*>(p.bias);
+  uint4* out = static_cast<uint4*>(p.combinedX);
+  for (int c = lane; c < chunks; c += 32) {
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int r = 0; r < p.numRanks; ++r) {
+      if (p.pos[t * p.numRanks + r] < 0) continue;
+      const uint4 packed = reinterpret_cast<const uint4*>(
+          staging + (static_cast<uint64_t>(r) * p.maxTokens + t) * p.combineRowBytes)[c];
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+    }
+    if (bias != nullptr) {
+      const uint4 packed = bias[t * chunks + c];
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+    }
+    uint4 result;
+    uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
+    out[t * chunks + c] = result;
+  }
+}
+
 __global__ void combineReceiveKernel(IntranodeParams p) {
   waitAll(p, kChannelCombine, 0, p.sequence);
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
@@ -277,7 +321,16 @@ __global__ void combineReceiveKernel(IntranodeParams p) {
   const int64_t elements = static_cast<int64_t>(p.numTokens) * p.hidden;
   const uint16_t* bias = static_cast<const uint16_t*>(p.bias);
   uint16_t* out = static_cast<uint16_t*>(p.combinedX);
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < elements;
+  const bool aligned = (reinterpret_cast<uintptr_t>(p.combinedX) % 16 == 0) &&
+                       (reinterpret_cast<uintptr_t>(p.bias) % 16 == 0) && (p.combineRowBytes % 16 == 0) &&
+                       (reinterpret_cast<uintptr_t>(staging) % 16 == 0) && (p.hidden % 8 == 0);
+  const int lane = threadIdx.x & 31;
+  const int64_t firstToken = blockIdx.x * static_cast<int64_t>(kWarps) + (threadIdx.x >> 5);
+  const int64_t tokenStride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t t = firstToken; aligned && t < p.numTokens; t += tokenStride) {
+    combineTokenVectorized(p, staging, t, lane);
+  }
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; !aligned && e < elements;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = e / p.hidden;
     const int64_t h = e % p.hidden;
