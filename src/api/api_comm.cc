@@ -41,6 +41,18 @@ bool parseEnvInt(const char* name, int* out) {
   return true;
 }
 
+// The shared shape of the read-only queries: a live comm (aborted or not) and a non-NULL
+// output, which receives read(comm).
+template <class T, class Read>
+moecommResult_t queryComm(const char* function, moecommComm_t comm, T* out, const char* outName, Read read) {
+  return guarded(function, [&] {
+    MC_CHECK(checkCommAlive(comm));
+    MC_REQUIRE(out != nullptr, moecommInvalidArgument, "%s is NULL", outName);
+    *out = read(*comm);
+    return moecommSuccess;
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -202,57 +214,28 @@ MOECOMM_API moecommResult_t moecommCommAbort(moecommComm_t comm) {
 }
 
 MOECOMM_API moecommResult_t moecommCommGetAsyncError(moecommComm_t comm, moecommResult_t* asyncError) {
-  return guarded(__func__, [&] {
-    MC_CHECK(checkCommAlive(comm));
-    MC_REQUIRE(asyncError != nullptr, moecommInvalidArgument, "asyncError is NULL");
-    *asyncError = static_cast<moecommResult_t>(comm->asyncError.load());
-    return moecommSuccess;
-  });
+  return queryComm(__func__, comm, asyncError, "asyncError",
+                   [](const moecommComm& c) { return static_cast<moecommResult_t>(c.asyncError.load()); });
 }
 
 MOECOMM_API moecommResult_t moecommCommCount(moecommComm_t comm, int* count) {
-  return guarded(__func__, [&] {
-    MC_CHECK(checkCommAlive(comm));
-    MC_REQUIRE(count != nullptr, moecommInvalidArgument, "count is NULL");
-    *count = comm->nranks;
-    return moecommSuccess;
-  });
+  return queryComm(__func__, comm, count, "count", [](const moecommComm& c) { return c.nranks; });
 }
 
 MOECOMM_API moecommResult_t moecommCommUserRank(moecommComm_t comm, int* rank) {
-  return guarded(__func__, [&] {
-    MC_CHECK(checkCommAlive(comm));
-    MC_REQUIRE(rank != nullptr, moecommInvalidArgument, "rank is NULL");
-    *rank = comm->rank;
-    return moecommSuccess;
-  });
+  return queryComm(__func__, comm, rank, "rank", [](const moecommComm& c) { return c.rank; });
 }
 
 MOECOMM_API moecommResult_t moecommCommDevice(moecommComm_t comm, int* device) {
-  return guarded(__func__, [&] {
-    MC_CHECK(checkCommAlive(comm));
-    MC_REQUIRE(device != nullptr, moecommInvalidArgument, "device is NULL");
-    *device = comm->device;
-    return moecommSuccess;
-  });
+  return queryComm(__func__, comm, device, "device", [](const moecommComm& c) { return c.device; });
 }
 
 MOECOMM_API moecommResult_t moecommCommBackend(moecommComm_t comm, moecommBackend_t* backend) {
-  return guarded(__func__, [&] {
-    MC_CHECK(checkCommAlive(comm));
-    MC_REQUIRE(backend != nullptr, moecommInvalidArgument, "backend is NULL");
-    *backend = comm->backend;
-    return moecommSuccess;
-  });
+  return queryComm(__func__, comm, backend, "backend", [](const moecommComm& c) { return c.backend; });
 }
 
 MOECOMM_API moecommResult_t moecommCommGetTopology(moecommComm_t comm, const char** json) {
-  return guarded(__func__, [&] {
-    MC_CHECK(checkCommAlive(comm));
-    MC_REQUIRE(json != nullptr, moecommInvalidArgument, "json is NULL");
-    *json = comm->topologyJson.c_str();
-    return moecommSuccess;
-  });
+  return queryComm(__func__, comm, json, "json", [](const moecommComm& c) { return c.topologyJson.c_str(); });
 }
 
 }  // extern "C"
