@@ -8,6 +8,7 @@
 #include <cstdlib>
 
 #include "gpu/gpu_common.h"
+#include "rank_listeners.h"
 
 namespace moecomm_gpu_test {
 namespace {
@@ -18,29 +19,6 @@ int EnvInt(const char* name, int fallback) {
   const char* text = std::getenv(name);
   return text != nullptr && *text != '\0' ? std::atoi(text) : fallback;
 }
-
-// Ranks other than 0 print only failures, prefixed by the rank.
-class FailureOnlyPrinter : public ::testing::EmptyTestEventListener {
- public:
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::printf("[rank %d] %s:%d: Failure\n%s\n", g_context.rank, result.file_name() ? result.file_name() : "?",
-                result.line_number(), result.message());
-    std::fflush(stdout);
-  }
-};
-
-class ExitOnFailure : public ::testing::EmptyTestEventListener {
- public:
-  void OnTestEnd(const ::testing::TestInfo& info) override {
-    if (!info.result()->Failed()) return;
-    std::printf("[rank %d] %s.%s FAILED; exiting so the other ranks stop too\n", g_context.rank, info.test_suite_name(),
-                info.name());
-    std::fflush(stdout);
-    std::fflush(stderr);
-    _exit(1);
-  }
-};
 
 }  // namespace
 
@@ -90,9 +68,9 @@ int main(int argc, char** argv) {
     ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
     if (g_context.rank != 0) {
       delete listeners.Release(listeners.default_result_printer());
-      listeners.Append(new moecomm_gpu_test::FailureOnlyPrinter);
+      listeners.Append(new moecomm_test::RankFailurePrinter(g_context.rank));
     }
-    listeners.Append(new moecomm_gpu_test::ExitOnFailure);
+    listeners.Append(new moecomm_test::ExitOnRankFailure(g_context.rank, ""));
   } else if (count == 0) {
     skip = "no CUDA device: " + g_context.noDeviceReason;
   }

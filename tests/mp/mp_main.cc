@@ -23,6 +23,7 @@
 #include <sstream>
 
 #include "mp/mp_common.h"
+#include "rank_listeners.h"
 
 namespace moecomm_mp {
 namespace {
@@ -81,30 +82,6 @@ size_t ElementBytes(ElementKind kind) {
   }
   return 1;
 }
-
-// Prints only failures, prefixed by the rank: ranks other than 0 use it instead of gtest's
-// usual output so that eight ranks do not print eight copies of every line.
-class FailureOnlyPrinter : public ::testing::EmptyTestEventListener {
- public:
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::printf("[rank %d] %s:%d: Failure\n%s\n", g_context.rank, result.file_name() ? result.file_name() : "?",
-                result.line_number(), result.message());
-    std::fflush(stdout);
-  }
-};
-
-class ExitOnFailure : public ::testing::EmptyTestEventListener {
- public:
-  void OnTestEnd(const ::testing::TestInfo& info) override {
-    if (!info.result()->Failed()) return;
-    std::printf("[rank %d] %s.%s FAILED (seed: MP_TEST_SEED=%" PRIx64 "); exiting so the other ranks stop too\n",
-                g_context.rank, info.test_suite_name(), info.name(), g_context.baseSeed);
-    std::fflush(stdout);
-    std::fflush(stderr);
-    _exit(1);
-  }
-};
 
 moecommResult_t CreateComm(moecommComm_t* comm, uint64_t* seed_source) {
   moecommConfig_t config = MOECOMM_CONFIG_INIT;
@@ -184,11 +161,13 @@ int main(int argc, char** argv) {
   ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
   if (g_context.rank != 0) {
     delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new moecomm_mp::FailureOnlyPrinter);
+    listeners.Append(new moecomm_test::RankFailurePrinter(g_context.rank));
   } else {
     std::printf("moecomm_mp_tests: %d ranks, MP_TEST_SEED=%" PRIx64 "\n", g_context.nranks, g_context.baseSeed);
   }
-  listeners.Append(new moecomm_mp::ExitOnFailure);
+  char seed[64];
+  std::snprintf(seed, sizeof(seed), " (seed: MP_TEST_SEED=%" PRIx64 ")", g_context.baseSeed);
+  listeners.Append(new moecomm_test::ExitOnRankFailure(g_context.rank, seed));
 
   const int status = RUN_ALL_TESTS();
   const moecommResult_t destroyed = moecommCommDestroy(g_context.comm);
