@@ -123,19 +123,25 @@ void registerEp(moecommEp* ep) {
   ep->comm->eps.push_back(ep);
 }
 
+// The backend-independent part of an EP, from a config every rank agreed on.
+std::unique_ptr<moecommEp> newEp(moecommComm* comm, const moecommEpConfig_t& config) {
+  std::unique_ptr<moecommEp> ep(new moecommEp());
+  ep->comm = comm;
+  ep->config = config;
+  if (ep->config.numSms == 0) ep->config.numSms = static_cast<int>(envInt(Env::EpNumSms));
+  ep->shape = shapeOf(comm->nranks, config);
+  ep->rank = comm->rank;
+  ep->bufferLayout = planHostEpBuffer(comm->nranks, config);
+  ep->rankMask.assign(comm->nranks, 0);
+  ep->lowLatencyTimeoutMs = static_cast<int>(std::max<int64_t>(1, envInt(Env::LlTimeout)));
+  return ep;
+}
+
 // The CUDA backend's create (ep_cuda.cc): the same config agreement, then the NVLink buffer.
 moecommResult_t epCreateCuda(moecommComm* comm, const moecommEpConfig_t* config, moecommEp** out) {
 #if MOECOMM_HAVE_CUDA
   MC_CHECK(agreeOnConfig(*comm, checkCreateArgs(*comm, config, out), config));
-  std::unique_ptr<moecommEp> ep(new moecommEp());
-  ep->comm = comm;
-  ep->config = *config;
-  if (ep->config.numSms == 0) ep->config.numSms = static_cast<int>(envInt(Env::EpNumSms));
-  ep->shape = shapeOf(comm->nranks, *config);
-  ep->rank = comm->rank;
-  ep->bufferLayout = planHostEpBuffer(comm->nranks, *config);
-  ep->rankMask.assign(comm->nranks, 0);
-  ep->lowLatencyTimeoutMs = static_cast<int>(std::max<int64_t>(1, envInt(Env::LlTimeout)));
+  std::unique_ptr<moecommEp> ep = newEp(comm, *config);
   MC_CHECK(makeCudaEpBackend(ep.get(), &ep->backend));
   MC_INFO(kLogEp, "rank %d: CUDA EP created (E %d, H %d, maxT %d, K %d, mode %d)", comm->rank, config->numExperts,
           config->hidden, config->maxTokensPerRank, config->topk, static_cast<int>(config->mode));
@@ -204,15 +210,7 @@ moecommResult_t epCreate(moecommComm* comm, const moecommEpConfig_t* config, moe
              "the host EP backend shares memory between ranks, so every rank must be on one host");
   MC_CHECK(agreeOnConfig(*comm, checkCreateArgs(*comm, config, out), config));
 
-  std::unique_ptr<moecommEp> ep(new moecommEp());
-  ep->comm = comm;
-  ep->config = *config;
-  if (ep->config.numSms == 0) ep->config.numSms = static_cast<int>(envInt(Env::EpNumSms));
-  ep->shape = shapeOf(comm->nranks, *config);
-  ep->rank = comm->rank;
-  ep->bufferLayout = planHostEpBuffer(comm->nranks, *config);
-  ep->rankMask.assign(comm->nranks, 0);
-  ep->lowLatencyTimeoutMs = static_cast<int>(std::max<int64_t>(1, envInt(Env::LlTimeout)));
+  std::unique_ptr<moecommEp> ep = newEp(comm, *config);
   const size_t bytes = config->bufferBytes != 0 ? config->bufferBytes : ep->bufferLayout.totalBytes;
   const std::string name = comm->tag + "-ep" + std::to_string(comm->collectiveSequence++);
   MC_CHECK(ShmSymmetric::create(*comm->bootstrap, name, bytes, &ep->buffer));
