@@ -23,48 +23,79 @@ struct LayoutParams {
 };
 
 // Intranode normal-mode EP (intranode.cu). One struct for every kernel of the family; the
-// fields a kernel does not use are ignored. Symmetric buffer regions (offsets from each
-// rank's base): flags uint64 [3 channels][2: data flag, ack][R]; counts int [2 channels:
-// notify, dispatch][R source][1 + E/R]; dispatch staging [R source][maxT] rows of
-// dispatchRowBytes; combine staging [R receiver][maxT] rows of combineRowBytes.
-constexpr int kIntranodeMaxRanks = 8;
-constexpr int kChannelNotify = 0;
-constexpr int kChannelDispatch = 1;
-constexpr int kChannelCombine = 2;
+// fields a kernel does not use are ignored.
+//
+// Channels: a call's tokens are split into numChannels contiguous ranges, one per block of
+// the grid (grid size = numChannels = the SM budget). In every block half the warps send and
+// half receive, so pushing rows over NVLink and copying them out of the staging area overlap.
+//
+// Symmetric buffer of every rank (offsets from its base, identical on every rank):
+//   ctrl     uint64 [3 kinds: count, tail, ack][3 ops: notify, dispatch, combine][C][R]
+//            count[op][c][s]: written by source s's channel c: (tag << 32) | rows it sends
+//            tail[op][c][s]:  written by source s's channel c: (tag << 32) | rows written so far
+//            ack[op][c][d]:   written by destination d's channel c: the last sequence it consumed
+//   experts  int [2 ops: notify, dispatch][R source][C][E/R]: per-local-expert counts
+//   dispatch staging [R source][C * chunkRows] rows of dispatchRowBytes
+//   combine staging  [R source][C * chunkRows] rows of combineRowBytes
+// where tag is the low 32 bits of the call's sequence number, kept on the device (EpState)
+// so that a CUDA graph replays correctly.
+constexpr int kOpNotify = 0;
+constexpr int kOpDispatch = 1;
+constexpr int kOpCombine = 2;
+constexpr int kOps = 3;
+
+// Device-resident per-EP state.
+struct EpDeviceState {
+  unsigned long long sequence[kOps];  // last completed call per op
+  unsigned int finishedBlocks[kOps];  // blocks of the running call that finished
+  unsigned int abort;                 // set on the first timeout: later waits give up at once
+};
+
+// Mapped host words of the EP (written by kernels, read by the host).
+struct EpHostWords {
+  int error;      // first error code (moecommResult_t) recorded by any kernel
+  int badEntry;   // layout: 1 + index of the first bad top-k entry
+  int errorPeer;  // the rank waited for when a wait timed out
+  int errorChannel;
+  int errorOp;
+  int notify[1];  // notify: [1 + E/R] total rows and raw per-local-expert sums
+};
 
 struct IntranodeParams {
-  uint8_t* peers[kIntranodeMaxRanks];  // every rank's symmetric buffer, as this rank maps it
+  uint8_t* const* peers;  // device array [R]: every rank's symmetric buffer, as this rank maps it
+  EpDeviceState* state;
+  EpHostWords* host;      // mapped
   int rank;
   int numRanks;
   int numExperts;
   int hidden;
   int topk;
   int maxTokens;
-  int numBlocks;  // grid size of the data kernels (the SM budget)
-  uint64_t flagsOffset;
-  uint64_t countsOffset;
+  int numChannels;  // grid size (the SM budget)
+  int chunkRows;    // staging rows per (source, channel): ceil(maxTokens / numChannels)
+  uint64_t ctrlOffset;
+  uint64_t expertsOffset;
   uint64_t dispatchOffset;
   uint64_t dispatchRowBytes;
   uint64_t combineOffset;
   uint64_t combineRowBytes;
-  // Offsets inside a dispatch row.
+  // Offsets inside a dispatch row: [x][scales][idx int64 K][weights f32 K][source token int].
   uint64_t rowScalesOffset;
   uint64_t rowIdxOffset;
   uint64_t rowWeightsOffset;
   uint64_t rowSrcOffset;
-  uint64_t sequence;   // this call's sequence number on its channel (from 1)
   uint64_t timeoutNs;  // bound of every spin-wait
-  int* error;          // mapped host int: first error code (moecommResult_t) of any kernel
 
   // The handle's device routing.
-  int* pos;            // [maxT, R]: row of token t in rank r's staging, -1 if not sent
-  int* sendCount;      // [R]
-  int* expertCount;    // [E]: this rank's selections per expert
   int64_t* handleIdx;  // [maxT, K] normalized expert ids (-1: none)
-  int* srcRank;        // [R * maxT]
+  int* pos;            // [maxT, R]: ordinal of token t among its channel's tokens for rank r, -1 if not sent
+  int* chanCount;      // [C, R]: tokens of channel c sent to rank r
+  int* chanExpert;     // [C, E]: selections of channel c's tokens per expert
+  int* recvOffset;     // [R, C]: first received row of (source, channel)
+  int* recvCount;      // [R, C]: rows received from (source, channel)
+  int* srcRank;        // [R * maxT] per received row
   int* srcIndex;       // [R * maxT]
   int* numRecv;        // [1]
-  int* notifyOut;      // notify: [1 + E/R] N and raw per-local-expert sums (mapped host)
 
   // Dispatch call.
   int numTokens;

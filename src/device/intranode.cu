@@ -1,14 +1,21 @@
-// Intranode normal-mode EP kernels: a first correct (not yet fast) version. Every collective
-// is a chain of launches on the caller's stream:
-//   [route]    per destination rank, each token's row in that rank's staging (block scan);
-//   send       wait until every destination acknowledged our previous op on this channel,
-//              then write counts and rows into the destinations' staging through peer pointers;
-//   signal     after the send kernel finished: fence, release-store flag[me] = sequence on
-//              every rank (kernel boundary = all blocks' writes done);
-//   receive    wait for flag[s] == sequence from every source, read the local staging;
-//   ack        release-store ack[me] = sequence on every rank: staging may be reused.
-// Waits are bounded by params.timeoutNs; on expiry the kernel records moecommTimeout in the
-// mapped error word and goes on (results are then garbage, never a hang or a trap).
+// Intranode normal-mode EP kernels (see device_host.h for the buffer layout).
+//
+// One launch per collective (plus none for the routing: the sending warps of each channel
+// compute their own). Grid = numChannels blocks = the SM budget; in every block:
+//   warps [0, kSendWarps)             send: channel c's tokens (dispatch) or received rows
+//                                     (combine), 16-byte vectors, each source row loaded once
+//                                     and stored to every destination that wants it;
+//   warps [kSendWarps, kWarps)        receive: wait for the tails the peers publish and copy
+//                                     (dispatch) or reduce (combine) rows as they arrive.
+// Progress words carry the call's tag (sequence number) in their high half, so a word left by
+// the previous call is never mistaken for this one's. Before writing into a destination's
+// staging a channel waits for that destination's ack of the previous call on the same
+// channel. Sequence numbers live in device memory (EpDeviceState): the last block of a call
+// to finish advances them, so a captured CUDA graph replays correctly.
+//
+// Waits are bounded by params.timeoutNs. On expiry the kernel records moecommTimeout with the
+// peer, channel and op in the mapped host words, sets state->abort so later waits give up at
+// once, and goes on: results are then garbage, never a hang or a trap.
 #include <cuda_runtime.h>
 
 #include "device/api.h"
@@ -19,69 +26,174 @@ namespace moecomm {
 namespace device {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kSendWarps = 8;
+constexpr int kRecvWarps = 8;
+constexpr int kWarps = kSendWarps + kRecvWarps;
+constexpr int kThreads = kWarps * 32;
+constexpr int kSendThreads = kSendWarps * 32;
+constexpr int kRecvThreads = kRecvWarps * 32;
+constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
+constexpr int kBarrierRecv = 2;
+constexpr int kUnroll = 16;      // 16-byte vectors in flight per lane in a row copy
+constexpr int kPublishRows = 16;  // a sending channel publishes its tail every this many items
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr int kErrorTimeout = 8;          // moecommTimeout
+constexpr int kCtrlCount = 0;
+constexpr int kCtrlTail = 1;
+constexpr int kCtrlAck = 2;
 
-__device__ void raiseError(const IntranodeParams& p, int code) { atomicCAS(p.error, 0, code); }
-
-__device__ uint64_t* flagAt(const IntranodeParams& p, int owner, int channel, int kind, int slot) {
-  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.flagsOffset) + (channel * 2 + kind) * p.numRanks + slot;
+__device__ __forceinline__ void groupBarrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-__device__ int* countsAt(const IntranodeParams& p, int owner, int channel, int source) {
-  const int stride = 1 + p.numExperts / p.numRanks;
-  return reinterpret_cast<int*>(p.peers[owner] + p.countsOffset) + (channel * p.numRanks + source) * stride;
+__device__ __forceinline__ uint64_t tagOf(uint64_t sequence) { return sequence & 0xffffffffull; }
+__device__ __forceinline__ uint64_t packWord(uint64_t sequence, int count) {
+  return (tagOf(sequence) << 32) | static_cast<uint32_t>(count);
 }
 
-// Bounded spin until *flag >= target. One thread.
-__device__ void waitFlag(const IntranodeParams& p, const uint64_t* flag, uint64_t target) {
+__device__ void raiseError(const IntranodeParams& p, int code, int peer, int channel, int op) {
+  if (atomicCAS(&p.host->error, 0, code) == 0) {
+    p.host->errorPeer = peer;
+    p.host->errorChannel = channel;
+    p.host->errorOp = op;
+  }
+  if (code == kErrorTimeout) atomicExch(&p.state->abort, 1u);
+}
+
+__device__ uint64_t* ctrlWord(const IntranodeParams& p, int owner, int kind, int op, int channel, int rank) {
+  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.ctrlOffset) +
+         ((static_cast<int64_t>(kind) * kOps + op) * p.numChannels + channel) * p.numRanks + rank;
+}
+
+__device__ int* expertCounts(const IntranodeParams& p, int owner, int op, int source, int channel) {
+  const int localExperts = p.numExperts / p.numRanks;
+  return reinterpret_cast<int*>(p.peers[owner] + p.expertsOffset) +
+         ((static_cast<int64_t>(op) * p.numRanks + source) * p.numChannels + channel) * localExperts;
+}
+
+__device__ uint8_t* stagingRow(const IntranodeParams& p, int owner, uint64_t offset, uint64_t rowBytes, int source,
+                               int channel, int ordinal) {
+  const uint64_t slot = (static_cast<uint64_t>(source) * p.numChannels + channel) * p.chunkRows + ordinal;
+  return p.peers[owner] + offset + slot * rowBytes;
+}
+
+// Bounded spin until done(word) holds; returns the last word read. One thread.
+template <typename Done>
+__device__ uint64_t waitWord(const IntranodeParams& p, const uint64_t* word, Done done, int peer, int channel, int op) {
+  uint64_t value = loadAcquireSys(word);
+  if (done(value)) return value;
   const uint64_t start = globalTimerNs();
-  while (loadAcquireSys(flag) < target) {
-    if (globalTimerNs() - start > p.timeoutNs) {
-      raiseError(p, kErrorTimeout);
-      return;
+  for (uint32_t spins = 0;; ++spins) {
+    value = loadAcquireSys(word);
+    if (done(value)) return value;
+    if ((spins & 63) == 0) {
+      if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) return value;
+      if (globalTimerNs() - start > p.timeoutNs) {
+        raiseError(p, kErrorTimeout, peer, channel, op);
+        return value;
+      }
     }
   }
 }
 
-// Every block: wait for flags[channel][kind][s] >= target for every s (threads 0..R-1).
-__device__ void waitAll(const IntranodeParams& p, int channel, int kind, uint64_t target) {
-  if (static_cast<int>(threadIdx.x) < p.numRanks) {
-    waitFlag(p, flagAt(p, p.rank, channel, kind, threadIdx.x), target);
-  }
+__device__ void waitAck(const IntranodeParams& p, int op, int channel, int dest, uint64_t sequence) {
+  waitWord(p, ctrlWord(p, p.rank, kCtrlAck, op, channel, dest), [&](uint64_t v) { return v + 1 >= sequence; }, dest,
+           channel, op);
+}
+
+// Rows (count) of a count or tail word of this call; 0 for a word of another call.
+__device__ __forceinline__ int rowsOf(uint64_t word, uint64_t sequence) {
+  return (word >> 32) == tagOf(sequence) ? static_cast<int>(word & 0xffffffffull) : 0;
+}
+
+__device__ uint64_t readSequence(const IntranodeParams& p, int op) {
+  return *reinterpret_cast<volatile unsigned long long*>(&p.state->sequence[op]) + 1;
+}
+
+// Called by every block at its very end: the last block advances the op's sequence.
+__device__ void finishCall(const IntranodeParams& p, int op, uint64_t sequence) {
   __syncthreads();
-}
-
-// Copies bytes (a multiple of 8) with one warp; 16-byte vectors when both ends allow.
-__device__ void warpCopy(void* dst, const void* src, uint64_t bytes) {
-  const int lane = threadIdx.x & 31;
-  if (bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16 == 0) {
-    int4* d = static_cast<int4*>(dst);
-    const int4* s = static_cast<const int4*>(src);
-    const uint64_t chunks = bytes / 16;
-    uint64_t i = lane;
-    // Four independent 16-byte loads in flight per lane before the stores: a single
-    // load-then-store chain leaves the links and HBM mostly idle.
-    for (; i + 96 < chunks; i += 128) {
-      const int4 a = s[i], b = s[i + 32], c = s[i + 64], e = s[i + 96];
-      d[i] = a;
-      d[i + 32] = b;
-      d[i + 64] = c;
-      d[i + 96] = e;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&p.state->finishedBlocks[op], 1u) == gridDim.x - 1) {
+      p.state->finishedBlocks[op] = 0;
+      p.state->sequence[op] = sequence;
+      __threadfence();
     }
-    for (; i < chunks; i += 32) d[i] = s[i];
-  } else {
-    uint2* d = static_cast<uint2*>(dst);
-    const uint2* s = static_cast<const uint2*>(src);
-    for (uint64_t i = lane; i < bytes / 8; i += 32) d[i] = s[i];
   }
 }
 
-// Block scan: exclusive prefix of `value` over the block's threads; *total gets the sum.
-__device__ int blockExclusiveScan(int value, int* total) {
-  __shared__ int warpSums[kWarps];
+// Token range of channel c: [first, last).
+__device__ __forceinline__ void channelTokens(int numTokens, int numChannels, int channel, int* first, int* last) {
+  const int chunk = (numTokens + numChannels - 1) / numChannels;
+  *first = min(numTokens, channel * chunk);
+  *last = min(numTokens, *first + chunk);
+}
+
+// ---- Row copies --------------------------------------------------------------------------
+
+__device__ __forceinline__ int4 loadStreaming(const int4* address) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(address));
+  return v;
+}
+
+// One warp copies `bytes` (a multiple of 16, both ends 16-byte aligned) from src to every
+// destination dst(d) for which dst returns non-null, d in [0, numDst). The source is read
+// once; kUnroll vectors per lane are in flight. `readOnlySrc`: src is not written during the
+// kernel (user input), so the non-coherent path may be used.
+template <bool kReadOnlySrc, typename Dst>
+__device__ void warpCopyVec(const uint8_t* src, uint64_t bytes, int numDst, Dst dst, int lane) {
+  const int4* s = reinterpret_cast<const int4*>(src);
+  const int64_t n = static_cast<int64_t>(bytes / 16);
+  for (int64_t base = 0; base < n; base += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int64_t i = base + lane + 32 * j;
+      if (i < n) v[j] = kReadOnlySrc ? loadStreaming(s + i) : s[i];
+    }
+    for (int d = 0; d < numDst; ++d) {
+      int4* o = reinterpret_cast<int4*>(dst(d));
+      if (o == nullptr) continue;
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int64_t i = base + lane + 32 * j;
+        if (i < n) o[i] = v[j];
+      }
+    }
+  }
+}
+
+// Byte-granular fallback for unaligned user buffers.
+template <typename Dst>
+__device__ void warpCopyBytes(const uint8_t* src, uint64_t bytes, int numDst, Dst dst, int lane) {
+  for (uint64_t i = lane; i < bytes; i += 32) {
+    const uint8_t value = src[i];
+    for (int d = 0; d < numDst; ++d) {
+      uint8_t* o = dst(d);
+      if (o != nullptr) o[i] = value;
+    }
+  }
+}
+
+template <bool kReadOnlySrc, typename Dst>
+__device__ void warpCopy(const uint8_t* src, uint64_t bytes, bool aligned, int numDst, Dst dst, int lane) {
+  if (aligned) {
+    warpCopyVec<kReadOnlySrc>(src, bytes, numDst, dst, lane);
+  } else {
+    warpCopyBytes(src, bytes, numDst, dst, lane);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* a) { return (reinterpret_cast<uintptr_t>(a) & 15) == 0; }
+
+// ---- Routing (sending warps of one channel) ----------------------------------------------
+
+// Exclusive prefix over the sending group's threads; *total gets the sum.
+__device__ int sendGroupScan(int value, int* total, int* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   int inclusive = value;
@@ -89,327 +201,531 @@ __device__ int blockExclusiveScan(int value, int* total) {
     const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
     if (lane >= offset) inclusive += other;
   }
-  if (lane == 31) warpSums[warp] = inclusive;
-  __syncthreads();
+  if (lane == 31) scratch[warp] = inclusive;
+  groupBarrier(kBarrierSend, kSendThreads);
   int before = 0;
   int sum = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) before += warpSums[w];
-    sum += warpSums[w];
+  for (int w = 0; w < kSendWarps; ++w) {
+    if (w < warp) before += scratch[w];
+    sum += scratch[w];
   }
-  __syncthreads();
+  groupBarrier(kBarrierSend, kSendThreads);
   *total = sum;
   return before + inclusive - value;
 }
 
-// ---- Routing: block r handles destination rank r ---------------------------------------
-
-__global__ void routeKernel(IntranodeParams p) {
-  const int dest = blockIdx.x;
+// Computes channel c's routing into the handle: normalized ids, per-rank ordinals (pos),
+// per-rank counts and per-expert counts. Sending threads only.
+__device__ void routeChannel(const IntranodeParams& p, int channel, int first, int last, int* scratch) {
   const int localExperts = p.numExperts / p.numRanks;
-  int running = 0;
-  for (int base = 0; base < p.numTokens; base += kThreads) {
-    const int t = base + threadIdx.x;
-    int goes = 0;
-    if (t < p.numTokens) {
-      for (int k = 0; k < p.topk; ++k) {
-        const int64_t e = loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k);
-        const bool valid = e >= 0 && e < p.numExperts;
-        if (e < -1 || e >= p.numExperts) raiseError(p, kErrorInvalidArgument);
-        if (dest == 0) p.handleIdx[static_cast<int64_t>(t) * p.topk + k] = valid ? e : -1;
-        if (valid && e / localExperts == dest) {
-          goes = 1;
-          atomicAdd(&p.expertCount[e], 1);
+  int* chanExpert = p.chanExpert + static_cast<int64_t>(channel) * p.numExperts;
+  for (int e = threadIdx.x; e < p.numExperts; e += kSendThreads) chanExpert[e] = 0;
+  groupBarrier(kBarrierSend, kSendThreads);
+  for (int t = first + threadIdx.x; t < last; t += kSendThreads) {
+    for (int k = 0; k < p.topk; ++k) {
+      const int64_t index = static_cast<int64_t>(t) * p.topk + k;
+      const int64_t e = loadExpertId(p.topkIdx, p.topkIdxIs64, index);
+      const bool valid = e >= 0 && e < p.numExperts;
+      if (e < -1 || e >= p.numExperts) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
+      p.handleIdx[index] = valid ? e : -1;
+      if (valid) atomicAdd(&chanExpert[e], 1);
+    }
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  for (int dest = 0; dest < p.numRanks; ++dest) {
+    int running = 0;
+    for (int base = first; base < last; base += kSendThreads) {
+      const int t = base + threadIdx.x;
+      int goes = 0;
+      if (t < last) {
+        for (int k = 0; k < p.topk; ++k) {
+          const int64_t e = p.handleIdx[static_cast<int64_t>(t) * p.topk + k];
+          goes |= (e >= 0 && e / localExperts == dest) ? 1 : 0;
+        }
+      }
+      int total = 0;
+      const int before = sendGroupScan(goes, &total, scratch);
+      if (t < last) p.pos[static_cast<int64_t>(t) * p.numRanks + dest] = goes ? running + before : -1;
+      running += total;
+    }
+    if (threadIdx.x == 0) p.chanCount[channel * p.numRanks + dest] = running;
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+}
+
+// Sending threads: publish channel c's counts (per-local-expert, then the row count with the
+// call's tag) into every destination.
+__device__ void publishCounts(const IntranodeParams& p, int op, int channel, uint64_t sequence) {
+  const int localExperts = p.numExperts / p.numRanks;
+  const int* chanExpert = p.chanExpert + static_cast<int64_t>(channel) * p.numExperts;
+  for (int i = threadIdx.x; i < p.numRanks * localExperts; i += kSendThreads) {
+    const int dest = i / localExperts;
+    const int j = i % localExperts;
+    expertCounts(p, dest, op, p.rank, channel)[j] = chanExpert[dest * localExperts + j];
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) {
+    __threadfence_system();
+    storeReleaseSys(ctrlWord(p, dest, kCtrlCount, op, channel, p.rank),
+                    packWord(sequence, p.chanCount[channel * p.numRanks + dest]));
+  }
+}
+
+// ---- Notify ------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
+  __shared__ int scratch[kWarps];
+  const int channel = blockIdx.x;
+  const uint64_t sequence = readSequence(p, kOpNotify);
+  if (threadIdx.x < kSendThreads) {
+    for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) waitAck(p, kOpNotify, 0, dest, sequence);
+    groupBarrier(kBarrierSend, kSendThreads);
+    int first = 0;
+    int last = 0;
+    channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+    routeChannel(p, channel, first, last, scratch);
+    publishCounts(p, kOpNotify, channel, sequence);
+  } else if (channel == 0) {
+    // Channel 0's receiving threads total every source's counts for this rank.
+    const int tid = threadIdx.x - kSendThreads;
+    const int words = p.numChannels * p.numRanks;
+    for (int i = tid; i < words; i += kRecvThreads) {
+      const int c = i / p.numRanks;
+      const int s = i % p.numRanks;
+      waitWord(p, ctrlWord(p, p.rank, kCtrlCount, kOpNotify, c, s),
+               [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, s, c, kOpNotify);
+    }
+    groupBarrier(kBarrierRecv, kRecvThreads);
+    const int localExperts = p.numExperts / p.numRanks;
+    for (int j = tid; j < 1 + localExperts; j += kRecvThreads) {
+      int sum = 0;
+      for (int s = 0; s < p.numRanks; ++s) {
+        for (int c = 0; c < p.numChannels; ++c) {
+          sum += j == 0 ? rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlCount, kOpNotify, c, s)), sequence)
+                        : expertCounts(p, p.rank, kOpNotify, s, c)[j - 1];
+        }
+      }
+      p.host->notify[j] = sum;
+      if (j == 0) *p.numRecv = sum;
+    }
+    groupBarrier(kBarrierRecv, kRecvThreads);
+    for (int s = tid; s < p.numRanks; s += kRecvThreads) {
+      storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpNotify, 0, p.rank), sequence);
+    }
+  }
+  finishCall(p, kOpNotify, sequence);
+}
+
+// ---- Dispatch ----------------------------------------------------------------------------
+
+__device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
+  groupBarrier(kBarrierSend, kSendThreads);
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  if (p.route) routeChannel(p, channel, first, last, scratch);
+  publishCounts(p, kOpDispatch, channel, sequence);
+  for (int d = threadIdx.x; d < p.numRanks; d += kSendThreads) sent[d] = 0;
+  groupBarrier(kBarrierSend, kSendThreads);
+
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const bool aligned = aligned16(p.x);
+  const int scalesPerRow = p.hidden / 128;
+  const int R = p.numRanks;
+  for (int base = first; base < last; base += kPublishRows) {
+    for (int t = base + warp; t < min(last, base + kPublishRows); t += kSendWarps) {
+      const int* pos = p.pos + static_cast<int64_t>(t) * R;
+      auto rowFor = [&](int d) -> uint8_t* {
+        const int ordinal = pos[d];
+        return ordinal < 0 ? nullptr
+                           : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
+      };
+      warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, aligned, R, rowFor, lane);
+      for (int d = 0; d < R; ++d) {
+        uint8_t* row = rowFor(d);
+        if (row == nullptr) continue;
+        if (p.xIsFp8) {
+          float* scales = reinterpret_cast<float*>(row + p.rowScalesOffset);
+          for (int i = lane; i < scalesPerRow; i += 32) scales[i] = p.xScales[static_cast<int64_t>(t) * scalesPerRow + i];
+        }
+        int64_t* idx = reinterpret_cast<int64_t*>(row + p.rowIdxOffset);
+        float* weights = reinterpret_cast<float*>(row + p.rowWeightsOffset);
+        for (int k = lane; k < p.topk; k += 32) {
+          idx[k] = p.handleIdx[static_cast<int64_t>(t) * p.topk + k];
+          weights[k] = p.topkWeights != nullptr ? p.topkWeights[static_cast<int64_t>(t) * p.topk + k] : 0.0f;
+        }
+        if (lane == 0) {
+          *reinterpret_cast<int*>(row + p.rowSrcOffset) = t;
+          atomicMax(&sent[d], pos[d] + 1);
         }
       }
     }
-    int total = 0;
-    const int before = blockExclusiveScan(goes, &total);
-    if (t < p.numTokens) p.pos[static_cast<int64_t>(t) * p.numRanks + dest] = goes ? running + before : -1;
-    running += total;
-  }
-  if (threadIdx.x == 0) p.sendCount[dest] = running;
-}
-
-// ---- Signals ---------------------------------------------------------------------------
-
-// Publishes flags[channel][kind][me] = sequence on every rank.
-__global__ void signalKernel(IntranodeParams p, int channel, int kind) {
-  const int r = threadIdx.x;
-  if (r >= p.numRanks) return;
-  __threadfence_system();
-  storeReleaseSys(flagAt(p, r, channel, kind, p.rank), p.sequence);
-}
-
-// Writes this rank's counts for every destination into the destination's counts block.
-__device__ void sendCounts(const IntranodeParams& p, int channel) {
-  const int localExperts = p.numExperts / p.numRanks;
-  for (int i = threadIdx.x; i < p.numRanks * (1 + localExperts); i += blockDim.x) {
-    const int dest = i / (1 + localExperts);
-    const int j = i % (1 + localExperts);
-    countsAt(p, dest, channel, p.rank)[j] = j == 0 ? p.sendCount[dest] : p.expertCount[dest * localExperts + j - 1];
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      __threadfence_system();
+      storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
+    }
   }
 }
 
-// ---- Notify ----------------------------------------------------------------------------
-
-__global__ void notifySendKernel(IntranodeParams p) {
-  waitAll(p, kChannelNotify, 1, p.sequence - 1);
-  sendCounts(p, kChannelNotify);
-}
-
-__global__ void notifyReceiveKernel(IntranodeParams p) {
-  waitAll(p, kChannelNotify, 0, p.sequence);
-  const int localExperts = p.numExperts / p.numRanks;
-  for (int j = threadIdx.x; j < 1 + localExperts; j += blockDim.x) {
-    int sum = 0;
-    for (int s = 0; s < p.numRanks; ++s) sum += countsAt(p, p.rank, kChannelNotify, s)[j];
-    p.notifyOut[j] = sum;
-    if (j == 0) *p.numRecv = sum;
-  }
-}
-
-// ---- Dispatch --------------------------------------------------------------------------
-
-__global__ void dispatchSendKernel(IntranodeParams p) {
-  waitAll(p, kChannelDispatch, 1, p.sequence - 1);
-  if (blockIdx.x == 0) sendCounts(p, kChannelDispatch);
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
-  const int scalesPerRow = p.hidden / 128;
+__device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
+                                int* done, int* avail, int* flag) {
+  const int tid = threadIdx.x - kSendThreads;
   const int lane = threadIdx.x & 31;
-  const int warps = gridDim.x * kWarps;
-  for (int t = blockIdx.x * kWarps + (threadIdx.x >> 5); t < p.numTokens; t += warps) {
-    for (int dest = 0; dest < p.numRanks; ++dest) {
-      const int pos = p.pos[static_cast<int64_t>(t) * p.numRanks + dest];
-      if (pos < 0) continue;
-      uint8_t* row = p.peers[dest] + p.dispatchOffset +
-                     (static_cast<uint64_t>(p.rank) * p.maxTokens + pos) * p.dispatchRowBytes;
-      warpCopy(row, static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes);
-      if (p.xIsFp8) {
-        float* scales = reinterpret_cast<float*>(row + p.rowScalesOffset);
-        for (int i = lane; i < scalesPerRow; i += 32) scales[i] = p.xScales[static_cast<int64_t>(t) * scalesPerRow + i];
+  const int warp = tid >> 5;
+  const int R = p.numRanks;
+  const int C = p.numChannels;
+  const int localExperts = p.numExperts / R;
+  // Every (channel, source) count word of this call: the row offsets need all of them.
+  for (int i = tid; i < C * R; i += kRecvThreads) {
+    const int c = i / R;
+    const int s = i % R;
+    waitWord(p, ctrlWord(p, p.rank, kCtrlCount, kOpDispatch, c, s),
+             [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, s, c, kOpDispatch);
+  }
+  groupBarrier(kBarrierRecv, kRecvThreads);
+  if (tid == 0) {
+    int running = 0;
+    for (int s = 0; s < R; ++s) {
+      for (int c = 0; c < C; ++c) {
+        const int n = rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlCount, kOpDispatch, c, s)), sequence);
+        if (c == channel) {
+          offsets[s] = running;
+          counts[s] = n;
+        }
+        running += n;
       }
-      int64_t* idx = reinterpret_cast<int64_t*>(row + p.rowIdxOffset);
-      float* weights = reinterpret_cast<float*>(row + p.rowWeightsOffset);
-      for (int k = lane; k < p.topk; k += 32) {
-        idx[k] = p.handleIdx[static_cast<int64_t>(t) * p.topk + k];
-        weights[k] = p.topkWeights != nullptr ? p.topkWeights[static_cast<int64_t>(t) * p.topk + k] : 0.0f;
-      }
-      if (lane == 0) *reinterpret_cast<int*>(row + p.rowSrcOffset) = t;
+    }
+    offsets[R] = running;
+    if (channel == 0) {
+      *p.numRecv = running;
+      if (p.outNumRecv != nullptr) *p.outNumRecv = running;
+      if (running > p.recvCapacity) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
     }
   }
-}
-
-__global__ void dispatchReceiveKernel(IntranodeParams p) {
-  __shared__ int prefix[kIntranodeMaxRanks + 1];
-  waitAll(p, kChannelDispatch, 0, p.sequence);
-  const int localExperts = p.numExperts / p.numRanks;
-  if (threadIdx.x == 0) {
-    prefix[0] = 0;
-    for (int s = 0; s < p.numRanks; ++s) prefix[s + 1] = prefix[s] + countsAt(p, p.rank, kChannelDispatch, s)[0];
+  groupBarrier(kBarrierRecv, kRecvThreads);
+  for (int s = tid; s < R; s += kRecvThreads) {
+    p.recvOffset[s * C + channel] = offsets[s];
+    p.recvCount[s * C + channel] = counts[s];
+    done[s] = 0;
   }
-  __syncthreads();
-  const int total = prefix[p.numRanks];
-  if (blockIdx.x == 0) {
-    if (threadIdx.x == 0) {
-      *p.numRecv = total;
-      if (p.outNumRecv != nullptr) *p.outNumRecv = total;
-      if (total > p.recvCapacity) raiseError(p, kErrorInvalidArgument);
-    }
-    for (int le = threadIdx.x; le < localExperts && p.outPerExpert != nullptr; le += blockDim.x) {
+  if (channel == 0 && p.outPerExpert != nullptr) {
+    for (int le = tid; le < localExperts; le += kRecvThreads) {
       int sum = 0;
-      for (int s = 0; s < p.numRanks; ++s) sum += countsAt(p, p.rank, kChannelDispatch, s)[1 + le];
+      for (int s = 0; s < R; ++s) {
+        for (int c = 0; c < C; ++c) sum += expertCounts(p, p.rank, kOpDispatch, s, c)[le];
+      }
       p.outPerExpert[le] = (sum + p.alignment - 1) / p.alignment * p.alignment;
     }
   }
-  const int rows = total < p.recvCapacity ? total : p.recvCapacity;
+  groupBarrier(kBarrierRecv, kRecvThreads);
+
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const bool aligned = aligned16(p.recvX);
   const int scalesPerRow = p.hidden / 128;
-  const int lane = threadIdx.x & 31;
   const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-  for (int i = blockIdx.x * kWarps + (threadIdx.x >> 5); i < rows; i += gridDim.x * kWarps) {
-    int s = 0;
-    while (i >= prefix[s + 1]) ++s;
-    const int pos = i - prefix[s];
-    const uint8_t* row =
-        p.peers[p.rank] + p.dispatchOffset + (static_cast<uint64_t>(s) * p.maxTokens + pos) * p.dispatchRowBytes;
-    warpCopy(static_cast<uint8_t*>(p.recvX) + i * xBytes, row, xBytes);
-    if (p.xIsFp8 && p.recvXScales != nullptr) {
-      const float* scales = reinterpret_cast<const float*>(row + p.rowScalesOffset);
-      for (int j = lane; j < scalesPerRow; j += 32) p.recvXScales[static_cast<int64_t>(i) * scalesPerRow + j] = scales[j];
-    }
-    const int64_t* idx = reinterpret_cast<const int64_t*>(row + p.rowIdxOffset);
-    const float* weights = reinterpret_cast<const float*>(row + p.rowWeightsOffset);
-    for (int k = lane; k < p.topk; k += 32) {
-      const int64_t e = idx[k];
-      const bool local = e >= firstLocal && e < firstLocal + localExperts;
-      const int64_t out = static_cast<int64_t>(i) * p.topk + k;
-      if (p.recvTopkIdx != nullptr) {
-        const int64_t id = local ? e - firstLocal : -1;
-        if (p.topkIdxIs64) {
-          static_cast<int64_t*>(p.recvTopkIdx)[out] = id;
-        } else {
-          static_cast<int32_t*>(p.recvTopkIdx)[out] = static_cast<int32_t>(id);
+  for (;;) {
+    // Warp 0 polls the tails until one moved or everything arrived.
+    if (warp == 0) {
+      const uint64_t start = globalTimerNs();
+      for (uint32_t spins = 0;; ++spins) {
+        bool progress = false;
+        bool complete = true;
+        for (int s = lane; s < R; s += 32) {
+          const int n = done[s] < counts[s]
+                            ? rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, channel, s)), sequence)
+                            : done[s];
+          avail[s] = min(n, counts[s]);
+          progress = progress || avail[s] > done[s];
+          complete = complete && avail[s] >= counts[s];
+        }
+        progress = __any_sync(0xffffffffu, progress);
+        complete = __all_sync(0xffffffffu, complete);
+        if (progress || complete) {
+          if (lane == 0) *flag = complete && !progress ? 1 : 0;
+          break;
+        }
+        if ((spins & 63) == 0) {
+          int give = 0;
+          if (lane == 0) {
+            give = *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 ? 1 : 0;
+            if (give == 0 && globalTimerNs() - start > p.timeoutNs) {
+              int peer = 0;
+              while (peer < R && done[peer] >= counts[peer]) ++peer;
+              raiseError(p, kErrorTimeout, peer, channel, kOpDispatch);
+              give = 1;
+            }
+          }
+          if (__shfl_sync(0xffffffffu, give, 0) != 0) {
+            for (int s = lane; s < R; s += 32) avail[s] = counts[s];  // give up: treat as arrived
+            if (lane == 0) *flag = 0;
+            break;
+          }
         }
       }
-      if (p.recvTopkWeights != nullptr) p.recvTopkWeights[out] = local ? weights[k] : 0.0f;
     }
-    if (lane == 0) {
-      p.srcRank[i] = s;
-      p.srcIndex[i] = *reinterpret_cast<const int*>(row + p.rowSrcOffset);
+    groupBarrier(kBarrierRecv, kRecvThreads);
+    if (*flag == 1) break;
+    // Rows [done[s], avail[s]) of every source, spread over the receiving warps.
+    int pending = 0;
+    for (int s = 0; s < R; ++s) pending += avail[s] - done[s];
+    for (int j = warp; j < pending; j += kRecvWarps) {
+      int s = 0;
+      int i = j;
+      while (i >= avail[s] - done[s]) {
+        i -= avail[s] - done[s];
+        ++s;
+      }
+      const int ordinal = done[s] + i;
+      const int row = offsets[s] + ordinal;
+      if (row >= p.recvCapacity) continue;
+      const uint8_t* src = stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal);
+      uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
+      warpCopy<false>(src, xBytes, aligned, 1, [&](int) { return out; }, lane);
+      if (p.xIsFp8 && p.recvXScales != nullptr) {
+        const float* scales = reinterpret_cast<const float*>(src + p.rowScalesOffset);
+        for (int k = lane; k < scalesPerRow; k += 32) p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
+      }
+      const int64_t* idx = reinterpret_cast<const int64_t*>(src + p.rowIdxOffset);
+      const float* weights = reinterpret_cast<const float*>(src + p.rowWeightsOffset);
+      for (int k = lane; k < p.topk; k += 32) {
+        const int64_t e = idx[k];
+        const bool local = e >= firstLocal && e < firstLocal + localExperts;
+        const int64_t o = static_cast<int64_t>(row) * p.topk + k;
+        if (p.recvTopkIdx != nullptr) {
+          const int64_t id = local ? e - firstLocal : -1;
+          if (p.topkIdxIs64) {
+            static_cast<int64_t*>(p.recvTopkIdx)[o] = id;
+          } else {
+            static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(id);
+          }
+        }
+        if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weights[k] : 0.0f;
+      }
+      if (lane == 0) {
+        p.srcRank[row] = s;
+        p.srcIndex[row] = *reinterpret_cast<const int*>(src + p.rowSrcOffset);
+      }
     }
+    groupBarrier(kBarrierRecv, kRecvThreads);
+    for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
+    groupBarrier(kBarrierRecv, kRecvThreads);
   }
+  // This channel's staging of this call is consumed: let every source reuse it.
+  for (int s = tid; s < R; s += kRecvThreads) storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
 }
 
-// ---- Combine ---------------------------------------------------------------------------
+// Dynamic shared memory for the receive side: offsets [R + 1], counts/done/avail [R] each.
+__global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
+  extern __shared__ int shared[];
+  __shared__ int scratch[kWarps];
+  __shared__ int flag;
+  const int R = p.numRanks;
+  int* sent = shared;
+  int* offsets = sent + R;
+  int* counts = offsets + R + 1;
+  int* done = counts + R;
+  int* avail = done + R;
+  const int channel = blockIdx.x;
+  const uint64_t sequence = readSequence(p, kOpDispatch);
+  if (threadIdx.x < kSendThreads) {
+    dispatchSend(p, channel, sequence, scratch, sent);
+  } else {
+    dispatchReceive(p, channel, sequence, offsets, counts, done, avail, &flag);
+  }
+  finishCall(p, kOpDispatch, sequence);
+}
 
-__global__ void combineSendKernel(IntranodeParams p) {
-  waitAll(p, kChannelCombine, 1, p.sequence - 1);
-  const int rows = *p.numRecv < p.recvCapacity ? *p.numRecv : p.recvCapacity;
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
+// ---- Combine -----------------------------------------------------------------------------
+
+// Sends back the rows this rank received on channel c, ordinal-major across sources so every
+// source's receiver progresses at the same pace.
+__device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts) {
   const int lane = threadIdx.x & 31;
-  for (int i = blockIdx.x * kWarps + (threadIdx.x >> 5); i < rows; i += gridDim.x * kWarps) {
-    const int s = p.srcRank[i];
-    const int j = p.srcIndex[i];
-    uint8_t* row =
-        p.peers[s] + p.combineOffset + (static_cast<uint64_t>(p.rank) * p.maxTokens + j) * p.combineRowBytes;
-    warpCopy(row, static_cast<const uint8_t*>(p.combineX) + i * xBytes, xBytes);
-    if (p.combineWeights != nullptr) {
-      float* weights = reinterpret_cast<float*>(row + xBytes);
-      for (int k = lane; k < p.topk; k += 32) weights[k] = p.combineWeights[static_cast<int64_t>(i) * p.topk + k];
+  const int warp = threadIdx.x >> 5;
+  const int R = p.numRanks;
+  const int C = p.numChannels;
+  for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpCombine, channel, dest, sequence);
+  for (int s = threadIdx.x; s < R; s += kSendThreads) {
+    offsets[s] = p.recvOffset[s * C + channel];
+    counts[s] = p.recvCount[s * C + channel];
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  int most = 0;
+  for (int s = 0; s < R; ++s) most = max(most, counts[s]);
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
+  const bool aligned = aligned16(p.combineX);
+  const int64_t items = static_cast<int64_t>(most) * R;
+  const int64_t step = static_cast<int64_t>(kPublishRows) * R;
+  for (int64_t base = 0; base < items; base += step) {
+    const int64_t end = min(items, base + step);
+    for (int64_t j = base + warp; j < end; j += kSendWarps) {
+      const int s = static_cast<int>(j % R);
+      const int ordinal = static_cast<int>(j / R);
+      if (ordinal >= counts[s]) continue;
+      const int row = offsets[s] + ordinal;
+      if (row >= p.recvCapacity) continue;
+      uint8_t* dst = stagingRow(p, s, p.combineOffset, p.combineRowBytes, p.rank, channel, ordinal);
+      warpCopy<true>(static_cast<const uint8_t*>(p.combineX) + row * xBytes, xBytes, aligned, 1,
+                     [&](int) { return dst; }, lane);
+      if (p.combineWeights != nullptr) {
+        float* weights = reinterpret_cast<float*>(dst + xBytes);
+        for (int k = lane; k < p.topk; k += 32) weights[k] = p.combineWeights[static_cast<int64_t>(row) * p.topk + k];
+      }
+    }
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int s = threadIdx.x; s < R; s += kSendThreads) {
+      const int64_t reach = (end - s + R - 1) / R;  // ordinals i with i * R + s < end
+      __threadfence_system();
+      storeReleaseSys(ctrlWord(p, s, kCtrlTail, kOpCombine, channel, p.rank),
+                      packWord(sequence, static_cast<int>(reach < counts[s] ? reach : counts[s])));
     }
   }
 }
 
-// Sums one token's rows 16 bytes (8 BF16 channels) at a time: a warp per token, each lane a
-// run of 16-byte chunks. The per-element arithmetic and its order (ranks ascending from
-// +0.0f, then bias) are exactly those of the scalar path, so results are bitwise equal.
-__device__ void combineTokenVectorized(const IntranodeParams& p, const uint8_t* staging, int64_t t, int lane) {
+// Sums one token's rows 16 bytes (8 BF16 channels) at a time. Order per element: ranks
+// ascending from +0.0f, then bias, exactly as the host reference.
+__device__ void combineToken(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
   const int chunks = p.hidden / 8;
+  const int R = p.numRanks;
   const uint4* bias = static_cast<const uint4*>(p.bias);
   uint4* out = static_cast<uint4*>(p.combinedX);
-  for (int c = lane; c < chunks; c += 32) {
-    float acc[8];
+  constexpr int kGroup = 8;  // chunks per lane per pass
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
+    float acc[kGroup][8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (int r = 0; r < p.numRanks; ++r) {
-      if (p.pos[t * p.numRanks + r] < 0) continue;
-      const uint4 packed = reinterpret_cast<const uint4*>(
-          staging + (static_cast<uint64_t>(r) * p.maxTokens + t) * p.combineRowBytes)[c];
-      const uint16_t* values = reinterpret_cast<const uint16_t*>(&packed);
+    for (int g = 0; g < kGroup; ++g) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+      for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
     }
-    if (bias != nullptr) {
-      const uint4 packed = bias[t * chunks + c];
-      const uint16_t* values = reinterpret_cast<const uint16_t*>(&packed);
+    for (int r = 0; r < R; ++r) {
+      const int ordinal = pos[r];
+      if (ordinal < 0) continue;
+      const uint4* row = reinterpret_cast<const uint4*>(
+          stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal));
+      uint4 v[kGroup];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+      for (int g = 0; g < kGroup; ++g) {
+        const int c = c0 + 32 * g;
+        if (c < chunks) v[g] = row[c];
+      }
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        const uint16_t* values = reinterpret_cast<const uint16_t*>(&v[g]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = __fadd_rn(acc[g][i], bf16ToFloat(values[i]));
+      }
     }
-    uint4 result;
-    uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
-    out[t * chunks + c] = result;
+    for (int g = 0; g < kGroup; ++g) {
+      const int c = c0 + 32 * g;
+      if (c >= chunks) continue;
+      if (bias != nullptr) {
+        const uint4 packed = bias[t * chunks + c];
+        const uint16_t* values = reinterpret_cast<const uint16_t*>(&packed);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = __fadd_rn(acc[g][i], bf16ToFloat(values[i]));
+      }
+      uint4 result;
+      uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[g][i]);
+      out[t * chunks + c] = result;
+    }
   }
 }
 
-__global__ void combineReceiveKernel(IntranodeParams p) {
-  waitAll(p, kChannelCombine, 0, p.sequence);
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
-  const uint8_t* staging = p.peers[p.rank] + p.combineOffset;
-  const int64_t elements = static_cast<int64_t>(p.numTokens) * p.hidden;
+// Scalar fallback for unaligned user buffers (same arithmetic order).
+__device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
   const uint16_t* bias = static_cast<const uint16_t*>(p.bias);
   uint16_t* out = static_cast<uint16_t*>(p.combinedX);
-  const bool aligned = (reinterpret_cast<uintptr_t>(p.combinedX) % 16 == 0) &&
-                       (reinterpret_cast<uintptr_t>(p.bias) % 16 == 0) && (p.combineRowBytes % 16 == 0) &&
-                       (reinterpret_cast<uintptr_t>(staging) % 16 == 0) && (p.hidden % 8 == 0);
-  const int lane = threadIdx.x & 31;
-  const int64_t firstToken = blockIdx.x * static_cast<int64_t>(kWarps) + (threadIdx.x >> 5);
-  const int64_t tokenStride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t t = firstToken; aligned && t < p.numTokens; t += tokenStride) {
-    combineTokenVectorized(p, staging, t, lane);
-  }
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; !aligned && e < elements;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = e / p.hidden;
-    const int64_t h = e % p.hidden;
+  for (int h = lane; h < p.hidden; h += 32) {
     float acc = 0.0f;
     for (int r = 0; r < p.numRanks; ++r) {
-      if (p.pos[t * p.numRanks + r] < 0) continue;
+      if (pos[r] < 0) continue;
       const uint16_t* row = reinterpret_cast<const uint16_t*>(
-          staging + (static_cast<uint64_t>(r) * p.maxTokens + t) * p.combineRowBytes);
+          stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, pos[r]));
       acc = __fadd_rn(acc, bf16ToFloat(row[h]));
     }
-    if (bias != nullptr) acc = __fadd_rn(acc, bf16ToFloat(bias[e]));
-    out[e] = floatToBf16(acc);
+    if (bias != nullptr) acc = __fadd_rn(acc, bf16ToFloat(bias[t * p.hidden + h]));
+    out[t * p.hidden + h] = floatToBf16(acc);
   }
-  if (p.combinedWeights == nullptr) return;
-  const int64_t entries = static_cast<int64_t>(p.numTokens) * p.topk;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < entries;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = e / p.topk;
-    const int64_t k = e % p.topk;
-    float acc = 0.0f;
-    for (int r = 0; r < p.numRanks; ++r) {
-      if (p.pos[t * p.numRanks + r] < 0) continue;
-      const float* weights = reinterpret_cast<const float*>(
-          staging + (static_cast<uint64_t>(r) * p.maxTokens + t) * p.combineRowBytes + xBytes);
-      acc = __fadd_rn(acc, weights[k]);
+}
+
+__device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t sequence) {
+  const int tid = threadIdx.x - kSendThreads;
+  const int lane = threadIdx.x & 31;
+  const int warp = tid >> 5;
+  const int R = p.numRanks;
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
+  const bool aligned = aligned16(p.combinedX) && aligned16(p.bias) && p.hidden % 8 == 0;
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  for (int64_t t = first + warp; t < last; t += kRecvWarps) {
+    const int* pos = p.pos + t * R;
+    // Wait until every rank holding this token has sent its row back (lane r checks rank r).
+    for (int r = lane; r < R; r += 32) {
+      const int ordinal = pos[r];
+      if (ordinal < 0) continue;
+      waitWord(p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
+               [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
     }
-    p.combinedWeights[e] = acc;
+    __syncwarp();
+    if (aligned) {
+      combineToken(p, channel, t, pos, lane);
+    } else {
+      combineTokenScalar(p, channel, t, pos, lane);
+    }
+    if (p.combinedWeights != nullptr) {
+      for (int k = lane; k < p.topk; k += 32) {
+        float acc = 0.0f;
+        for (int r = 0; r < R; ++r) {
+          if (pos[r] < 0) continue;
+          const float* weights = reinterpret_cast<const float*>(
+              stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, pos[r]) + xBytes);
+          acc = __fadd_rn(acc, weights[k]);
+        }
+        p.combinedWeights[t * p.topk + k] = acc;
+      }
+    }
   }
+  groupBarrier(kBarrierRecv, kRecvThreads);
+  for (int r = tid; r < R; r += kRecvThreads) storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
-int signal(const IntranodeParams& p, int channel, int kind, cudaStream_t s) {
-  signalKernel<<<1, 32, 0, s>>>(p, channel, kind);
-  return cudaGetLastError();
-}
-
-int gridOf(const IntranodeParams& p) { return p.numBlocks > 0 ? p.numBlocks : 1; }
-
-int route(const IntranodeParams& p, cudaStream_t s) {
-  cudaError_t err = cudaMemsetAsync(p.expertCount, 0, sizeof(int) * p.numExperts, s);
-  if (err != cudaSuccess) return err;
-  routeKernel<<<p.numRanks, kThreads, 0, s>>>(p);
-  return cudaGetLastError();
+__global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) {
+  extern __shared__ int shared[];
+  const int channel = blockIdx.x;
+  const uint64_t sequence = readSequence(p, kOpCombine);
+  if (threadIdx.x < kSendThreads) {
+    combineSend(p, channel, sequence, shared, shared + p.numRanks);
+  } else {
+    combineReceive(p, channel, sequence);
+  }
+  finishCall(p, kOpCombine, sequence);
 }
 
 }  // namespace
 
 int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
-  cudaStream_t s = stream;
-  int err = route(params, s);
-  if (err != 0) return err;
-  notifySendKernel<<<1, kThreads, 0, s>>>(params);
-  if ((err = cudaGetLastError()) != 0) return err;
-  if ((err = signal(params, kChannelNotify, 0, s)) != 0) return err;
-  notifyReceiveKernel<<<1, kThreads, 0, s>>>(params);
-  if ((err = cudaGetLastError()) != 0) return err;
-  return signal(params, kChannelNotify, 1, s);
+  notifyKernel<<<params.numChannels, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
 }
 
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) {
-  cudaStream_t s = stream;
-  int err = 0;
-  if (params.route && (err = route(params, s)) != 0) return err;
-  dispatchSendKernel<<<gridOf(params), kThreads, 0, s>>>(params);
-  if ((err = cudaGetLastError()) != 0) return err;
-  if ((err = signal(params, kChannelDispatch, 0, s)) != 0) return err;
-  dispatchReceiveKernel<<<gridOf(params), kThreads, 0, s>>>(params);
-  if ((err = cudaGetLastError()) != 0) return err;
-  return signal(params, kChannelDispatch, 1, s);
+  const size_t shared = sizeof(int) * (5 * static_cast<size_t>(params.numRanks) + 1);
+  dispatchKernel<<<params.numChannels, kThreads, shared, stream>>>(params);
+  return cudaGetLastError();
 }
 
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream) {
-  cudaStream_t s = stream;
-  int err = 0;
-  combineSendKernel<<<gridOf(params), kThreads, 0, s>>>(params);
-  if ((err = cudaGetLastError()) != 0) return err;
-  if ((err = signal(params, kChannelCombine, 0, s)) != 0) return err;
-  combineReceiveKernel<<<gridOf(params), kThreads, 0, s>>>(params);
-  if ((err = cudaGetLastError()) != 0) return err;
-  return signal(params, kChannelCombine, 1, s);
+  const size_t shared = sizeof(int) * 2 * static_cast<size_t>(params.numRanks);
+  combineKernel<<<params.numChannels, kThreads, shared, stream>>>(params);
+  return cudaGetLastError();
 }
 
 }  // namespace device

@@ -50,10 +50,12 @@ class DeviceScope {
 // Device buffers of one handle's routing (one allocation).
 struct HandleDevice {
   void* block = nullptr;
-  int* pos = nullptr;
-  int* sendCount = nullptr;
-  int* expertCount = nullptr;
   int64_t* idx = nullptr;
+  int* pos = nullptr;
+  int* chanCount = nullptr;
+  int* chanExpert = nullptr;
+  int* recvOffset = nullptr;
+  int* recvCount = nullptr;
   int* srcRank = nullptr;
   int* srcIndex = nullptr;
   int* numRecv = nullptr;
@@ -71,6 +73,16 @@ class CudaEpBackend : public EpBackend {
     const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
     const uint64_t H = static_cast<uint64_t>(shape.hidden);
     const uint64_t K = static_cast<uint64_t>(shape.topk);
+    DeviceScope scope(ep_->comm->device);
+    int deviceSms = 0;
+    MC_CUDA(cudaDeviceGetAttribute(&deviceSms, cudaDevAttrMultiProcessorCount, ep_->comm->device));
+    // Every block of a collective must be resident at once (they wait on each other), so the
+    // budget cannot exceed the SM count.
+    const int channels = std::max(1, std::min(ep_->config.numSms, deviceSms));
+    if (channels != ep_->config.numSms) {
+      MC_WARN(kLogEp, "rank %d: SM budget %d exceeds the %d SMs of device %d; using %d", ep_->rank,
+              ep_->config.numSms, deviceSms, ep_->comm->device, channels);
+    }
     device::IntranodeParams& p = base_;
     std::memset(&p, 0, sizeof(p));
     p.rank = ep_->rank;
@@ -79,35 +91,46 @@ class CudaEpBackend : public EpBackend {
     p.hidden = shape.hidden;
     p.topk = shape.topk;
     p.maxTokens = shape.maxTokensPerRank;
-    p.numBlocks = std::max(1, ep_->config.numSms);
+    p.numChannels = channels;
+    p.chunkRows = static_cast<int>((maxT + channels - 1) / channels);
     p.rowScalesOffset = align16(2 * H);
     p.rowIdxOffset = p.rowScalesOffset + align16(H / 128 * 4);
     p.rowWeightsOffset = p.rowIdxOffset + 8 * K;
     p.rowSrcOffset = p.rowWeightsOffset + 4 * K;
     p.dispatchRowBytes = align16(p.rowSrcOffset + 4);
     p.combineRowBytes = align16(2 * H + 4 * K);
-    p.flagsOffset = 0;
-    p.countsOffset = align16(3 * 2 * R * 8);
-    p.dispatchOffset = align16(p.countsOffset + 2 * R * (1 + L) * 4);
-    p.combineOffset = align16(p.dispatchOffset + R * maxT * p.dispatchRowBytes);
-    const uint64_t bytes = p.combineOffset + R * maxT * p.combineRowBytes;
+    const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
+    p.ctrlOffset = 0;
+    p.expertsOffset = align16(3ull * device::kOps * channels * R * 8);
+    p.dispatchOffset = align16(p.expertsOffset + 2ull * R * channels * L * 4);
+    p.combineOffset = align16(p.dispatchOffset + slots * p.dispatchRowBytes);
+    const uint64_t bytes = p.combineOffset + slots * p.combineRowBytes;
     p.timeoutNs = static_cast<uint64_t>(std::max<int64_t>(1, envInt(Env::KernelTimeout))) * 1000000ull;
 
-    DeviceScope scope(ep_->comm->device);
     MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
-    for (int r = 0; r < R; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
-    hostWords_ = static_cast<int>(2 + 1 + L);
-    int* host = nullptr;
-    MC_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * hostWords_, cudaHostAllocMapped));
-    std::memset(host, 0, sizeof(int) * hostWords_);
-    host_ = host;
-    int* devicePointer = nullptr;
-    MC_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&devicePointer), const_cast<int*>(host_), 0));
-    p.error = devicePointer;
-    badEntry_ = devicePointer + 1;
-    p.notifyOut = devicePointer + 2;
-    MC_INFO(kLogEp, "rank %d: CUDA EP buffer %llu bytes (%s)", ep_->rank, static_cast<unsigned long long>(bytes),
-            buffer_->method());
+    // Progress words start at zero on every rank before any peer may write them.
+    MC_CUDA(cudaMemset(buffer_->peer(ep_->rank), 0, p.dispatchOffset));
+    std::vector<uint8_t*> peers(R);
+    for (int r = 0; r < R; ++r) peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
+    MC_CUDA(cudaMalloc(&deviceBlock_, align16(sizeof(device::EpDeviceState)) + sizeof(uint8_t*) * R));
+    MC_CUDA(cudaMemset(deviceBlock_, 0, align16(sizeof(device::EpDeviceState))));
+    p.state = static_cast<device::EpDeviceState*>(deviceBlock_);
+    uint8_t** devicePeers =
+        reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + align16(sizeof(device::EpDeviceState)));
+    MC_CUDA(cudaMemcpy(devicePeers, peers.data(), sizeof(uint8_t*) * R, cudaMemcpyHostToDevice));
+    p.peers = devicePeers;
+    const size_t hostBytes = sizeof(device::EpHostWords) + sizeof(int) * L;
+    void* host = nullptr;
+    MC_CUDA(cudaHostAlloc(&host, hostBytes, cudaHostAllocMapped));
+    std::memset(host, 0, hostBytes);
+    host_ = static_cast<volatile device::EpHostWords*>(host);
+    void* devicePointer = nullptr;
+    MC_CUDA(cudaHostGetDevicePointer(&devicePointer, host, 0));
+    p.host = static_cast<device::EpHostWords*>(devicePointer);
+    MC_CUDA(cudaDeviceSynchronize());
+    MC_CHECK(ep_->comm->bootstrap->barrier());
+    MC_INFO(kLogEp, "rank %d: CUDA EP buffer %llu bytes (%s), %d channels", ep_->rank,
+            static_cast<unsigned long long>(bytes), buffer_->method(), channels);
     return moecommSuccess;
   }
 
@@ -125,7 +148,7 @@ class CudaEpBackend : public EpBackend {
     p.tokensPerRank = args->tokensPerRank;
     p.tokensPerExpert = args->tokensPerExpert;
     p.isTokenInRank = args->isTokenInRank;
-    p.badEntry = badEntry_;
+    p.badEntry = &base_.host->badEntry;
     MC_CUDA(static_cast<cudaError_t>(device::launchLayout(p, stream)));
     return moecommSuccess;
   }
@@ -139,7 +162,6 @@ class CudaEpBackend : public EpBackend {
     MC_CHECK(createHandle(args->numTokens, &created));
     device::IntranodeParams p = base_;
     bindHandle(created, &p);
-    p.sequence = ++notifySequence_;
     p.numTokens = args->numTokens;
     p.topkIdx = args->topkIdx;
     p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
@@ -149,7 +171,7 @@ class CudaEpBackend : public EpBackend {
       destroyHandle(created);
       return status;
     }
-    const volatile int* out = host_ + 2;
+    const volatile int* out = host_->notify;
     const int localExperts = ep_->shape.numExperts / ep_->shape.numRanks;
     created->numRecvTokens = out[0];
     *numRecvTokens = out[0];
@@ -175,7 +197,6 @@ class CudaEpBackend : public EpBackend {
     }
     device::IntranodeParams p = base_;
     bindHandle(target, &p);
-    p.sequence = ++dispatchSequence_;
     p.route = route ? 1 : 0;
     p.numTokens = target->numTokens;
     p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
@@ -210,7 +231,6 @@ class CudaEpBackend : public EpBackend {
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     device::IntranodeParams p = base_;
     bindHandle(handle, &p);
-    p.sequence = ++combineSequence_;
     p.numTokens = handle->numTokens;
     p.recvCapacity = ep_->shape.numRanks * ep_->shape.maxTokensPerRank;
     p.combineX = args->x;
@@ -265,8 +285,13 @@ class CudaEpBackend : public EpBackend {
       handles_.clear();
     }
     if (host_ != nullptr) {
-      if (cudaFreeHost(const_cast<int*>(host_)) != cudaSuccess) (void)cudaGetLastError();
+      if (cudaFreeHost(const_cast<device::EpHostWords*>(host_)) != cudaSuccess) (void)cudaGetLastError();
       host_ = nullptr;
+    }
+    if (deviceBlock_ != nullptr) {
+      DeviceScope scope(ep_->comm->device);
+      if (cudaFree(deviceBlock_) != cudaSuccess) (void)cudaGetLastError();
+      deviceBlock_ = nullptr;
     }
     buffer_.reset();
   }
@@ -274,8 +299,18 @@ class CudaEpBackend : public EpBackend {
   // Reports kernel errors recorded since the last call through the comm's async error.
   void pollErrors() {
     if (host_ == nullptr) return;
-    if (host_[0] != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(host_[0]));
-    if (host_[1] != 0) ep_->comm->raiseAsyncError(moecommInvalidArgument);
+    const int code = host_->error;
+    if (code != 0 && !errorLogged_) {
+      static const char* const kOps[device::kOps] = {"notify", "dispatch", "combine"};
+      const int op = host_->errorOp;
+      MC_WARN(kLogEp, "rank %d: a %s kernel failed (%s) waiting for rank %d on channel %d%s", ep_->rank,
+              op >= 0 && op < device::kOps ? kOps[op] : "?", resultName(static_cast<moecommResult_t>(code)),
+              host_->errorPeer, host_->errorChannel,
+              code == moecommTimeout ? "; this EP's later calls give up at once: destroy it" : "");
+      errorLogged_ = true;
+    }
+    if (code != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
+    if (host_->badEntry != 0) ep_->comm->raiseAsyncError(moecommInvalidArgument);
   }
 
   // Exchanges every rank's local verdict: a failure anywhere fails every rank.
@@ -302,25 +337,29 @@ class CudaEpBackend : public EpBackend {
 
   moecommResult_t sync(moecommStream_t stream) {
     MC_CUDA(cudaStreamSynchronize(stream));
-    MC_REQUIRE(host_[0] == 0, static_cast<moecommResult_t>(host_[0]),
-               "a notify kernel failed (%s); see moecommCommGetAsyncError",
-               resultName(static_cast<moecommResult_t>(host_[0])));
+    const int code = host_->error;
+    MC_REQUIRE(code == 0, static_cast<moecommResult_t>(code),
+               "a notify kernel failed (%s) waiting for rank %d on channel %d; see moecommCommGetAsyncError",
+               resultName(static_cast<moecommResult_t>(code)), host_->errorPeer, host_->errorChannel);
     return moecommSuccess;
   }
 
   moecommResult_t createHandle(int numTokens, moecommEpHandle** out) {
     const auto& shape = ep_->shape;
     const size_t R = shape.numRanks;
+    const size_t C = base_.numChannels;
     const size_t maxT = shape.maxTokensPerRank;
-    const size_t ints = maxT * R + R + shape.numExperts + 2 * R * maxT + 1;
-    const size_t bytes = align16(maxT * shape.topk * sizeof(int64_t)) + ints * sizeof(int);
+    const size_t idxBytes = align16(maxT * shape.topk * sizeof(int64_t));
+    const size_t ints = maxT * R + C * R + C * shape.numExperts + 2 * R * C + 2 * R * maxT + 1;
     HandleDevice d;
-    MC_CUDA(cudaMalloc(&d.block, bytes));
+    MC_CUDA(cudaMalloc(&d.block, idxBytes + ints * sizeof(int)));
     d.idx = static_cast<int64_t*>(d.block);
-    d.pos = reinterpret_cast<int*>(static_cast<uint8_t*>(d.block) + align16(maxT * shape.topk * sizeof(int64_t)));
-    d.sendCount = d.pos + maxT * R;
-    d.expertCount = d.sendCount + R;
-    d.srcRank = d.expertCount + shape.numExperts;
+    d.pos = reinterpret_cast<int*>(static_cast<uint8_t*>(d.block) + idxBytes);
+    d.chanCount = d.pos + maxT * R;
+    d.chanExpert = d.chanCount + C * R;
+    d.recvOffset = d.chanExpert + C * shape.numExperts;
+    d.recvCount = d.recvOffset + R * C;
+    d.srcRank = d.recvCount + R * C;
     d.srcIndex = d.srcRank + R * maxT;
     d.numRecv = d.srcIndex + R * maxT;
     moecommEpHandle* handle = newHandle(ep_, EpHandleKind::kNormal);
@@ -332,10 +371,12 @@ class CudaEpBackend : public EpBackend {
 
   void bindHandle(const moecommEpHandle* handle, device::IntranodeParams* p) const {
     const HandleDevice& d = handles_.at(const_cast<moecommEpHandle*>(handle));
-    p->pos = d.pos;
-    p->sendCount = d.sendCount;
-    p->expertCount = d.expertCount;
     p->handleIdx = d.idx;
+    p->pos = d.pos;
+    p->chanCount = d.chanCount;
+    p->chanExpert = d.chanExpert;
+    p->recvOffset = d.recvOffset;
+    p->recvCount = d.recvCount;
     p->srcRank = d.srcRank;
     p->srcIndex = d.srcIndex;
     p->numRecv = d.numRecv;
@@ -344,21 +385,15 @@ class CudaEpBackend : public EpBackend {
   moecommEp* ep_;
   device::IntranodeParams base_{};
   std::unique_ptr<NvlinkSymmetric> buffer_;
-  volatile int* host_ = nullptr;  // mapped: [0] kernel error, [1] layout bad entry, [2..] notify counts
-  int* badEntry_ = nullptr;
-  int hostWords_ = 0;
-  uint64_t notifySequence_ = 0;
-  uint64_t dispatchSequence_ = 0;
-  uint64_t combineSequence_ = 0;
+  volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
+  void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
+  bool errorLogged_ = false;
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
 };
 
 }  // namespace
 
 moecommResult_t makeCudaEpBackend(moecommEp* ep, std::unique_ptr<EpBackend>* out) {
-  MC_REQUIRE(ep->shape.numRanks <= device::kIntranodeMaxRanks, moecommNotSupported,
-             "the CUDA EP backend supports at most %d ranks (NVLink within one node); this communicator has %d",
-             device::kIntranodeMaxRanks, ep->shape.numRanks);
   std::unique_ptr<CudaEpBackend> backend(new CudaEpBackend(ep));
   MC_CHECK(backend->init());
   *out = std::move(backend);
