@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 
 #include "check.h"
 #include "common.h"
@@ -244,41 +245,45 @@ bool NormalRunner::Run() {
     if (combineSupported) combineChecked();
   }
   p_.Synchronize();
-  std::vector<double> dispatchUs, cachedUs, combineUs;
+  // Every iteration times each op twice: whole call (host issue time included), then gated
+  // (GPU time alone; Platform::BeginSample).
+  std::vector<double> dispatchUs, cachedUs, combineUs, dispatchGpuUs, cachedGpuUs, combineGpuUs;
+  auto sample = [&](bool gated, const std::function<moecommResult_t()>& call, std::vector<double>* out,
+                    const char* what) {
+    p_.PrepareSample();
+    p_.BeginSample(gated);
+    const moecommResult_t r = call();
+    out->push_back(p_.EndSample());
+    if (r != moecommSuccess) Fail(what, r);
+  };
   for (int i = 0; i < o_.iters; ++i) {
-    SetStep("libmoecomm: timed dispatch " + std::to_string(i));
-    BENCH_MOECOMM(moecommEpHandleDestroy(handle_));
-    handle_ = nullptr;
-    p_.PrepareSample();
-    p_.BeginSample();
-    result = Dispatch(&handle_, false);
-    dispatchUs.push_back(p_.EndSample());
-    if (result != moecommSuccess) Fail("moecommEpDispatch", result);
-    if (!combineSupported) continue;
-    SetStep("libmoecomm: timed combine " + std::to_string(i));
-    p_.PrepareSample();
-    p_.BeginSample();
-    result = Combine(handle_);
-    combineUs.push_back(p_.EndSample());
-    if (result != moecommSuccess) Fail("moecommEpCombine", result);
+    for (const bool gated : {false, true}) {
+      SetStep("libmoecomm: timed dispatch " + std::to_string(i) + (gated ? " (gated)" : ""));
+      BENCH_MOECOMM(moecommEpHandleDestroy(handle_));
+      handle_ = nullptr;
+      sample(gated, [&] { return Dispatch(&handle_, false); }, gated ? &dispatchGpuUs : &dispatchUs,
+             "moecommEpDispatch");
+      if (!combineSupported) continue;
+      SetStep("libmoecomm: timed combine " + std::to_string(i) + (gated ? " (gated)" : ""));
+      sample(gated, [&] { return Combine(handle_); }, gated ? &combineGpuUs : &combineUs, "moecommEpCombine");
+    }
   }
   for (int i = 0; i < o_.iters; ++i) {
-    SetStep("libmoecomm: timed dispatch with the handle reused " + std::to_string(i));
-    p_.PrepareSample();
-    p_.BeginSample();
-    result = Dispatch(&handle_, true);
-    cachedUs.push_back(p_.EndSample());
-    if (result != moecommSuccess) Fail("moecommEpDispatch (handle reused)", result);
+    for (const bool gated : {false, true}) {
+      SetStep("libmoecomm: timed dispatch with the handle reused " + std::to_string(i) + (gated ? " (gated)" : ""));
+      sample(gated, [&] { return Dispatch(&handle_, true); }, gated ? &cachedGpuUs : &cachedUs,
+             "moecommEpDispatch (handle reused)");
+    }
   }
   dispatch.whole = Summarize(dispatchUs);
   cached.whole = Summarize(cachedUs);
-  SetKernelTime(c_, &dispatch);
-  SetKernelTime(c_, &cached);
+  SetKernelTime(c_, &dispatch, &dispatchGpuUs);
+  SetKernelTime(c_, &cached, &cachedGpuUs);
   c_.reporter->Add(dispatch);
   c_.reporter->Add(cached);
   if (combineSupported) {
     combine.whole = Summarize(combineUs);
-    SetKernelTime(c_, &combine);
+    SetKernelTime(c_, &combine, &combineGpuUs);
     c_.reporter->Add(combine);
   } else {
     ReportNotSupported(c_, "combine", kMode, "moecommEpCombine: " + combineWhy);

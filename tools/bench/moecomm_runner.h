@@ -43,6 +43,9 @@ Measurement NewMeasurement(const std::string& op, const std::string& mode);
 void ReportNotSupported(const RunnerContext& context, const std::string& op, const std::string& mode,
                         const std::string& why);
 // Fills the kernel-only fields honestly: today the same events as the whole call.
-void SetKernelTime(const RunnerContext& context, Measurement* measurement);
+// Kernel-only time: from gated samples (Platform::BeginSample(true)) when given, else the
+// whole-call time, and kernelMethod says which.
+void SetKernelTime(const RunnerContext& context, Measurement* measurement,
+                   const std::vector<double>* gatedUs = nullptr);
 
 }  // namespace moecomm_bench

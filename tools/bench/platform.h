@@ -32,7 +32,9 @@ class Platform {
   // Before each timed sample: evict the L2 (GPU), then align the ranks (see SetBarrier).
   virtual void PrepareSample() = 0;
   // One timed sample around whatever is issued in between; EndSample returns microseconds.
-  virtual void BeginSample() = 0;
+  // gated (GPU): the stream is held by a gate kernel until EndSample, so the sample is the GPU
+  // time of the queued work alone, without the host time spent issuing it (kernel-only).
+  virtual void BeginSample(bool gated = false) = 0;
   virtual double EndSample() = 0;
 
   // The combine input the checks expect: rows packed rows -> BF16 expert outputs (workload.h).

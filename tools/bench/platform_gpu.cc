@@ -1,3 +1,4 @@
+#include <atomic>
 #include <exception>
 
 #include "cuda_check.h"
@@ -19,11 +20,19 @@ class GpuPlatform final : public Platform {
     // Writing twice the L2 evicts everything a previous sample left there.
     flushBytes_ = 2 * static_cast<size_t>(l2Bytes > 0 ? l2Bytes : (64 << 20));
     flush_ = Alloc(flushBytes_, "L2 flush buffer");
+    void* gate = nullptr;
+    BENCH_CUDA(cudaHostAlloc(&gate, sizeof(int), cudaHostAllocMapped));
+    gate_ = static_cast<volatile int*>(gate);
+    *gate_ = 1;
   }
   ~GpuPlatform() override {
     // No throwing here; and while an error unwinds, do not wait for work that may wait on peers.
     if (std::uncaught_exceptions() == 0) cudaStreamSynchronize(stream_);
     for (void* buffer : buffers_) cudaFree(buffer);
+    if (gate_ != nullptr) {
+      *gate_ = 1;
+      cudaFreeHost(const_cast<int*>(gate_));
+    }
     cudaEventDestroy(start_);
     cudaEventDestroy(stop_);
     cudaStreamDestroy(stream_);
@@ -52,9 +61,21 @@ class GpuPlatform final : public Platform {
     BENCH_CUDA(cudaMemsetAsync(flush_, ++flushByte_ & 0xff, flushBytes_, stream_));
     if (barrier_) barrier_();
   }
-  void BeginSample() override { BENCH_CUDA(cudaEventRecord(start_, stream_)); }
+  void BeginSample(bool gated) override {
+    gated_ = gated;
+    if (gated) {
+      *gate_ = 0;
+      LaunchGate(gate_, stream_);
+    }
+    BENCH_CUDA(cudaEventRecord(start_, stream_));
+  }
   double EndSample() override {
     BENCH_CUDA(cudaEventRecord(stop_, stream_));
+    if (gated_) {
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      *gate_ = 1;
+      gated_ = false;
+    }
     BENCH_CUDA(cudaEventSynchronize(stop_));
     float milliseconds = 0.0f;
     BENCH_CUDA(cudaEventElapsedTime(&milliseconds, start_, stop_));
@@ -73,6 +94,8 @@ class GpuPlatform final : public Platform {
   void* flush_ = nullptr;
   size_t flushBytes_ = 0;
   int flushByte_ = 0;
+  volatile int* gate_ = nullptr;  // mapped host word the gate kernel waits on
+  bool gated_ = false;
   std::vector<void*> buffers_;
 };
 

@@ -31,7 +31,7 @@ class HostPlatform final : public Platform {
   void PrepareSample() override {
     if (barrier_) barrier_();
   }
-  void BeginSample() override { start_ = std::chrono::steady_clock::now(); }
+  void BeginSample(bool /*gated*/) override { start_ = std::chrono::steady_clock::now(); }
   double EndSample() override {
     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start_).count();
   }

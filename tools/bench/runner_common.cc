@@ -36,9 +36,16 @@ void ReportNotSupported(const RunnerContext& context, const std::string& op, con
   context.reporter->Add(measurement);
 }
 
-void SetKernelTime(const RunnerContext& context, Measurement* measurement) {
+void SetKernelTime(const RunnerContext& context, Measurement* measurement, const std::vector<double>* gatedUs) {
   measurement->hasKernel = true;
   measurement->kernel = measurement->whole;
+  if (gatedUs != nullptr && !gatedUs->empty() && context.platform->OnGpu()) {
+    measurement->kernel = Summarize(*gatedUs);
+    measurement->kernelMethod =
+        "caller-stream events with the stream held by a gate kernel until the call returned: GPU time of the "
+        "call's work alone, host time to issue it excluded (separate samples from whole-call)";
+    return;
+  }
   if (context.platform->OnGpu()) {
     // Once the library runs its kernels on an internal stream (with event hand-off), the
     // kernel-only time will come from events around those kernels, through a query the
