@@ -112,12 +112,7 @@ MOECOMM_API moecommResult_t moecommEpHandleGetSourceInfo(moecommEpHandle_t handl
     MC_CHECK(moecomm::checkHandle(handle->ep, handle, moecomm::EpHandleKind::kNormal));
     MC_REQUIRE(handle->sourceInfoKnown, moecommInvalidUsage,
                "the source of each row is known once moecommEpDispatch has run with this handle");
-    const int rows = handle->numRecvTokens;
-    MC_REQUIRE(capacity >= rows, moecommInvalidArgument, "capacity = %d is smaller than the %d received rows", capacity,
-               rows);
-    if (srcRank != nullptr) std::copy(handle->srcRank.begin(), handle->srcRank.end(), srcRank);
-    if (srcIndex != nullptr) std::copy(handle->srcIndex.begin(), handle->srcIndex.end(), srcIndex);
-    return moecommSuccess;
+    return handle->ep->backend->sourceInfo(handle, srcRank, srcIndex, capacity);
   });
 }
 

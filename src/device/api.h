@@ -1,6 +1,8 @@
 // Host-side declarations of the kernel launchers (non-template, no CUDA headers needed).
 #pragma once
 
+#include <cstdint>
+
 #include "device/device_host.h"
 
 struct CUstream_st;
@@ -15,6 +17,12 @@ int launchLayout(const LayoutParams& params, CUstream_st* stream);
 int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream);
+// Dynamic shared memory of the normal-mode dispatch and combine kernels.
+uint64_t intranodeSharedIntsBytes(int numRanks);
+// Developer timeline of the last call of op (kOp*) for `blocks` blocks: fills out[blocks][N]
+// with global-timer stamps and returns N, or -1 when the library was built without
+// -DMOECOMM_KERNEL_PROFILE.
+int intranodeProfile(int op, int blocks, unsigned long long* out);
 
 }  // namespace device
 }  // namespace moecomm

@@ -79,15 +79,20 @@ struct IntranodeParams {
   uint64_t dispatchRowBytes;
   uint64_t combineOffset;
   uint64_t combineRowBytes;
-  // Offsets inside a dispatch row: [x][scales][idx int64 K][weights f32 K][source token int].
+  // Offsets inside a dispatch row of this call (they depend on the dtype):
+  // [x][scales (FP8)][idx int64, idxStride][weights f32 K, 16-byte padded][source token int];
+  // rowExtent = the bytes a row occupies (a multiple of 16).
   uint64_t rowScalesOffset;
   uint64_t rowIdxOffset;
   uint64_t rowWeightsOffset;
   uint64_t rowSrcOffset;
+  uint64_t rowExtent;
+  int idxStride;             // int64 per token in handleIdx: topk rounded up to even (16-byte rows)
+  uint64_t sharedIntsBytes;  // dynamic shared memory of the dispatch and combine kernels
   uint64_t timeoutNs;  // bound of every spin-wait
 
   // The handle's device routing.
-  int64_t* handleIdx;  // [maxT, K] normalized expert ids (-1: none)
+  int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)
   int* pos;            // [maxT, R]: ordinal of token t among its channel's tokens for rank r, -1 if not sent
   int* chanCount;      // [C, R]: tokens of channel c sent to rank r
   int* chanExpert;     // [C, E]: selections of channel c's tokens per expert

@@ -26,21 +26,49 @@ namespace moecomm {
 namespace device {
 namespace {
 
-constexpr int kSendWarps = 8;
-constexpr int kRecvWarps = 8;
-constexpr int kWarps = kSendWarps + kRecvWarps;
+constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
-constexpr int kSendThreads = kSendWarps * 32;
-constexpr int kRecvThreads = kRecvWarps * 32;
+// How a block's warps split into sending and receiving groups is chosen per kernel (dispatch
+// sends more than it copies out; combine reduces more than it sends back): every kernel sets
+// sSendWarps first thing.
+__shared__ int sSendWarps;
+#define kSendWarps sSendWarps
+#define kRecvWarps (kWarps - sSendWarps)
+#define kSendThreads (sSendWarps * 32)
+#define kRecvThreads ((kWarps - sSendWarps) * 32)
+constexpr int kDispatchSendWarps = 8;
+constexpr int kCombineSendWarps = 6;
+constexpr int kNotifySendWarps = 8;
+
+__device__ __forceinline__ void setSplit(int sendWarps) {
+  if (threadIdx.x == 0) sSendWarps = sendWarps;
+  __syncthreads();
+}
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
 constexpr int kUnroll = 16;      // 16-byte vectors in flight per lane in a row copy
-constexpr int kPublishRows = 16;  // a sending channel publishes its tail every this many items
+constexpr int kBatch = 32;  // a sending channel publishes its tail every this many tokens (dispatch) or ordinals (combine)
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr int kErrorTimeout = 8;          // moecommTimeout
 constexpr int kCtrlCount = 0;
 constexpr int kCtrlTail = 1;
 constexpr int kCtrlAck = 2;
+
+// Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
+// timer at fixed points of the last call (see intranodeProfile).
+#ifdef MOECOMM_KERNEL_PROFILE
+constexpr int kProfileBlocks = 256;
+constexpr int kProfileEvents = 10;
+__device__ unsigned long long gProfile[kOps][kProfileBlocks][kProfileEvents];
+#define MC_PROFILE(op, event, leader)                                                          \
+  do {                                                                                         \
+    if (threadIdx.x == (leader) && blockIdx.x < kProfileBlocks) gProfile[op][blockIdx.x][event] = globalTimerNs(); \
+  } while (0)
+#else
+#define MC_PROFILE(op, event, leader) \
+  do {                                \
+  } while (0)
+#endif
 
 __device__ __forceinline__ void groupBarrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
@@ -227,7 +255,7 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
       const int64_t e = loadExpertId(p.topkIdx, p.topkIdxIs64, index);
       const bool valid = e >= 0 && e < p.numExperts;
       if (e < -1 || e >= p.numExperts) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
-      p.handleIdx[index] = valid ? e : -1;
+      p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k] = valid ? e : -1;
       if (valid) atomicAdd(&chanExpert[e], 1);
     }
   }
@@ -239,7 +267,7 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
       int goes = 0;
       if (t < last) {
         for (int k = 0; k < p.topk; ++k) {
-          const int64_t e = p.handleIdx[static_cast<int64_t>(t) * p.topk + k];
+          const int64_t e = p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k];
           goes |= (e >= 0 && e / localExperts == dest) ? 1 : 0;
         }
       }
@@ -276,6 +304,7 @@ __device__ void publishCounts(const IntranodeParams& p, int op, int channel, uin
 __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
   __shared__ int scratch[kWarps];
   const int channel = blockIdx.x;
+  setSplit(kNotifySendWarps);
   const uint64_t sequence = readSequence(p, kOpNotify);
   if (threadIdx.x < kSendThreads) {
     for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) waitAck(p, kOpNotify, 0, dest, sequence);
@@ -318,56 +347,136 @@ __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
 
 // ---- Dispatch ----------------------------------------------------------------------------
 
-__device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent) {
-  const int lane = threadIdx.x & 31;
+// Scales of an FP8 row move as 16-byte vectors when every row start is 16-byte aligned.
+__device__ __forceinline__ bool scalesVectorOk(const IntranodeParams& p, const void* user) {
+  const int scalesPerRow = p.hidden / 128;
+  return scalesPerRow % 4 == 0 && scalesPerRow <= 128 && aligned16(user);
+}
+
+// One warp sends token t to every rank with posRow[d] >= 0: the x row, its scales, the
+// normalized top-k ids, weights and the token index. Every load is issued before any store,
+// so a token costs one round trip to memory per kUnroll vectors per lane.
+__device__ void sendToken(const IntranodeParams& p, int channel, int t, const int* posRow, bool xAligned,
+                          bool scalesVec, int lane) {
+  const int R = p.numRanks;
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int scalesPerRow = p.hidden / 128;
+  int64_t id = -1;
+  float weight = 0.0f;
+  if (lane < p.topk) {
+    id = p.handleIdx[static_cast<int64_t>(t) * p.idxStride + lane];
+    if (p.topkWeights != nullptr) weight = p.topkWeights[static_cast<int64_t>(t) * p.topk + lane];
+  }
+  int4 scales4 = make_int4(0, 0, 0, 0);
+  const bool scalesLane = p.xIsFp8 && scalesVec && lane < scalesPerRow / 4;
+  if (scalesLane) scales4 = loadStreaming(reinterpret_cast<const int4*>(p.xScales + static_cast<int64_t>(t) * scalesPerRow) + lane);
+  auto rowFor = [&](int d) -> uint8_t* {
+    const int ordinal = posRow[d];
+    return ordinal < 0 ? nullptr : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
+  };
+  warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, rowFor, lane);
+  for (int d = 0; d < R; ++d) {
+    uint8_t* row = rowFor(d);
+    if (row == nullptr) continue;
+    if (p.xIsFp8) {
+      if (scalesVec) {
+        if (scalesLane) reinterpret_cast<int4*>(row + p.rowScalesOffset)[lane] = scales4;
+      } else {
+        float* scales = reinterpret_cast<float*>(row + p.rowScalesOffset);
+        for (int i = lane; i < scalesPerRow; i += 32) scales[i] = p.xScales[static_cast<int64_t>(t) * scalesPerRow + i];
+      }
+    }
+    if (lane < p.topk) {
+      reinterpret_cast<int64_t*>(row + p.rowIdxOffset)[lane] = id;
+      reinterpret_cast<float*>(row + p.rowWeightsOffset)[lane] = weight;
+    }
+    if (lane == 0) *reinterpret_cast<int*>(row + p.rowSrcOffset) = t;
+  }
+}
+
+__device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
+                             int* posBatch) {
   const int warp = threadIdx.x >> 5;
-  for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
+  const int lane = threadIdx.x & 31;
+  const int R = p.numRanks;
+  for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
   groupBarrier(kBarrierSend, kSendThreads);
+  MC_PROFILE(kOpDispatch, 1, 0);
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
   if (p.route) routeChannel(p, channel, first, last, scratch);
+  MC_PROFILE(kOpDispatch, 2, 0);
   publishCounts(p, kOpDispatch, channel, sequence);
-  for (int d = threadIdx.x; d < p.numRanks; d += kSendThreads) sent[d] = 0;
-  groupBarrier(kBarrierSend, kSendThreads);
-
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
-  const bool aligned = aligned16(p.x);
-  const int scalesPerRow = p.hidden / 128;
-  const int R = p.numRanks;
-  for (int base = first; base < last; base += kPublishRows) {
-    for (int t = base + warp; t < min(last, base + kPublishRows); t += kSendWarps) {
-      const int* pos = p.pos + static_cast<int64_t>(t) * R;
-      auto rowFor = [&](int d) -> uint8_t* {
-        const int ordinal = pos[d];
-        return ordinal < 0 ? nullptr
-                           : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
-      };
-      warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, aligned, R, rowFor, lane);
-      for (int d = 0; d < R; ++d) {
-        uint8_t* row = rowFor(d);
-        if (row == nullptr) continue;
-        if (p.xIsFp8) {
-          float* scales = reinterpret_cast<float*>(row + p.rowScalesOffset);
-          for (int i = lane; i < scalesPerRow; i += 32) scales[i] = p.xScales[static_cast<int64_t>(t) * scalesPerRow + i];
-        }
-        int64_t* idx = reinterpret_cast<int64_t*>(row + p.rowIdxOffset);
-        float* weights = reinterpret_cast<float*>(row + p.rowWeightsOffset);
-        for (int k = lane; k < p.topk; k += 32) {
-          idx[k] = p.handleIdx[static_cast<int64_t>(t) * p.topk + k];
-          weights[k] = p.topkWeights != nullptr ? p.topkWeights[static_cast<int64_t>(t) * p.topk + k] : 0.0f;
-        }
-        if (lane == 0) {
-          *reinterpret_cast<int*>(row + p.rowSrcOffset) = t;
-          atomicMax(&sent[d], pos[d] + 1);
-        }
-      }
+  MC_PROFILE(kOpDispatch, 3, 0);
+  for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
+  const bool xAligned = aligned16(p.x);
+  const bool scalesVec = scalesVectorOk(p, p.xScales);
+  for (int base = first; base < last; base += kBatch) {
+    const int n = min(kBatch, last - base);
+    // The batch's positions, staged once; sent[d] = rows for d up to the end of the batch.
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
+      const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
+      posBatch[i] = ordinal;
+      if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
     }
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int j = warp; j < n; j += kSendWarps) sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
     groupBarrier(kBarrierSend, kSendThreads);
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
       __threadfence_system();
       storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
     }
+  }
+  MC_PROFILE(kOpDispatch, 4, 0);
+}
+
+// One warp copies a staged dispatch row out to the caller's buffers (received row `row` from
+// source rank `source`). Every load is issued before any store.
+__device__ void receiveRow(const IntranodeParams& p, const uint8_t* src, int row, int source, bool recvAligned,
+                           bool scalesVec, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int scalesPerRow = p.hidden / 128;
+  const int localExperts = p.numExperts / p.numRanks;
+  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  int64_t id = -1;
+  float weight = 0.0f;
+  if (lane < p.topk) {
+    id = reinterpret_cast<const int64_t*>(src + p.rowIdxOffset)[lane];
+    weight = reinterpret_cast<const float*>(src + p.rowWeightsOffset)[lane];
+  }
+  const int srcToken = lane == 0 ? *reinterpret_cast<const int*>(src + p.rowSrcOffset) : 0;
+  const bool wantScales = p.xIsFp8 && p.recvXScales != nullptr;
+  const bool scalesLane = wantScales && scalesVec && lane < scalesPerRow / 4;
+  int4 scales4 = make_int4(0, 0, 0, 0);
+  if (scalesLane) scales4 = reinterpret_cast<const int4*>(src + p.rowScalesOffset)[lane];
+  uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
+  warpCopy<false>(src, xBytes, recvAligned, 1, [&](int) { return out; }, lane);
+  if (wantScales) {
+    if (scalesVec) {
+      if (scalesLane) reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = scales4;
+    } else {
+      const float* scales = reinterpret_cast<const float*>(src + p.rowScalesOffset);
+      for (int k = lane; k < scalesPerRow; k += 32) p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
+    }
+  }
+  if (lane < p.topk) {
+    const bool local = id >= firstLocal && id < firstLocal + localExperts;
+    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
+    if (p.recvTopkIdx != nullptr) {
+      const int64_t localId = local ? id - firstLocal : -1;
+      if (p.topkIdxIs64) {
+        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+      } else {
+        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+      }
+    }
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
+  }
+  if (lane == 0) {
+    p.srcRank[row] = source;
+    p.srcIndex[row] = srcToken;
   }
 }
 
@@ -387,6 +496,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
              [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, s, c, kOpDispatch);
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
+  MC_PROFILE(kOpDispatch, 5, kSendThreads);
   if (tid == 0) {
     int running = 0;
     for (int s = 0; s < R; ++s) {
@@ -423,10 +533,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
 
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
-  const bool aligned = aligned16(p.recvX);
-  const int scalesPerRow = p.hidden / 128;
-  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  const bool recvAligned = aligned16(p.recvX);
+  const bool scalesVec = scalesVectorOk(p, p.recvXScales);
   for (;;) {
     // Warp 0 polls the tails until one moved or everything arrived.
     if (warp == 0) {
@@ -469,6 +577,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
     if (*flag == 1) break;
+    MC_PROFILE(kOpDispatch, 6, kSendThreads);
     // Rows [done[s], avail[s]) of every source, spread over the receiving warps.
     int pending = 0;
     for (int s = 0; s < R; ++s) pending += avail[s] - done[s];
@@ -482,43 +591,20 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
-      const uint8_t* src = stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal);
-      uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
-      warpCopy<false>(src, xBytes, aligned, 1, [&](int) { return out; }, lane);
-      if (p.xIsFp8 && p.recvXScales != nullptr) {
-        const float* scales = reinterpret_cast<const float*>(src + p.rowScalesOffset);
-        for (int k = lane; k < scalesPerRow; k += 32) p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
-      }
-      const int64_t* idx = reinterpret_cast<const int64_t*>(src + p.rowIdxOffset);
-      const float* weights = reinterpret_cast<const float*>(src + p.rowWeightsOffset);
-      for (int k = lane; k < p.topk; k += 32) {
-        const int64_t e = idx[k];
-        const bool local = e >= firstLocal && e < firstLocal + localExperts;
-        const int64_t o = static_cast<int64_t>(row) * p.topk + k;
-        if (p.recvTopkIdx != nullptr) {
-          const int64_t id = local ? e - firstLocal : -1;
-          if (p.topkIdxIs64) {
-            static_cast<int64_t*>(p.recvTopkIdx)[o] = id;
-          } else {
-            static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(id);
-          }
-        }
-        if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weights[k] : 0.0f;
-      }
-      if (lane == 0) {
-        p.srcRank[row] = s;
-        p.srcIndex[row] = *reinterpret_cast<const int*>(src + p.rowSrcOffset);
-      }
+      receiveRow(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal), row, s, recvAligned,
+                 scalesVec, lane);
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
     groupBarrier(kBarrierRecv, kRecvThreads);
   }
+  MC_PROFILE(kOpDispatch, 7, kSendThreads);
   // This channel's staging of this call is consumed: let every source reuse it.
   for (int s = tid; s < R; s += kRecvThreads) storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
 }
 
-// Dynamic shared memory for the receive side: offsets [R + 1], counts/done/avail [R] each.
+// Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
+// a batch [kBatch * R].
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ int shared[];
   __shared__ int scratch[kWarps];
@@ -529,14 +615,18 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* counts = offsets + R + 1;
   int* done = counts + R;
   int* avail = done + R;
+  int* posBatch = avail + R;
   const int channel = blockIdx.x;
+  setSplit(kDispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
+  MC_PROFILE(kOpDispatch, 0, 0);
   if (threadIdx.x < kSendThreads) {
-    dispatchSend(p, channel, sequence, scratch, sent);
+    dispatchSend(p, channel, sequence, scratch, sent, posBatch);
   } else {
     dispatchReceive(p, channel, sequence, offsets, counts, done, avail, &flag);
   }
   finishCall(p, kOpDispatch, sequence);
+  MC_PROFILE(kOpDispatch, 8, 0);
 }
 
 // ---- Combine -----------------------------------------------------------------------------
@@ -549,6 +639,7 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
   const int R = p.numRanks;
   const int C = p.numChannels;
   for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpCombine, channel, dest, sequence);
+  MC_PROFILE(kOpCombine, 1, 0);
   for (int s = threadIdx.x; s < R; s += kSendThreads) {
     offsets[s] = p.recvOffset[s * C + channel];
     counts[s] = p.recvCount[s * C + channel];
@@ -559,7 +650,7 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
   const bool aligned = aligned16(p.combineX);
   const int64_t items = static_cast<int64_t>(most) * R;
-  const int64_t step = static_cast<int64_t>(kPublishRows) * R;
+  const int64_t step = static_cast<int64_t>(kBatch) * R;
   for (int64_t base = 0; base < items; base += step) {
     const int64_t end = min(items, base + step);
     for (int64_t j = base + warp; j < end; j += kSendWarps) {
@@ -569,12 +660,12 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
       uint8_t* dst = stagingRow(p, s, p.combineOffset, p.combineRowBytes, p.rank, channel, ordinal);
+      float weight = 0.0f;
+      const bool weightLane = p.combineWeights != nullptr && lane < p.topk;
+      if (weightLane) weight = p.combineWeights[static_cast<int64_t>(row) * p.topk + lane];
       warpCopy<true>(static_cast<const uint8_t*>(p.combineX) + row * xBytes, xBytes, aligned, 1,
                      [&](int) { return dst; }, lane);
-      if (p.combineWeights != nullptr) {
-        float* weights = reinterpret_cast<float*>(dst + xBytes);
-        for (int k = lane; k < p.topk; k += 32) weights[k] = p.combineWeights[static_cast<int64_t>(row) * p.topk + k];
-      }
+      if (weightLane) reinterpret_cast<float*>(dst + xBytes)[lane] = weight;
     }
     groupBarrier(kBarrierSend, kSendThreads);
     for (int s = threadIdx.x; s < R; s += kSendThreads) {
@@ -584,16 +675,18 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
                       packWord(sequence, static_cast<int>(reach < counts[s] ? reach : counts[s])));
     }
   }
+  MC_PROFILE(kOpCombine, 4, 0);
 }
 
 // Sums one token's rows 16 bytes (8 BF16 channels) at a time. Order per element: ranks
-// ascending from +0.0f, then bias, exactly as the host reference.
+// ascending from +0.0f, then bias, exactly as the host reference. Rows of two ranks are
+// loaded together, so a pass over kGroup chunks costs one round trip per rank pair.
 __device__ void combineToken(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+  constexpr int kGroup = 4;  // chunks per lane per pass (registers: 2 ranks x kGroup vectors + bias)
   const int chunks = p.hidden / 8;
   const int R = p.numRanks;
   const uint4* bias = static_cast<const uint4*>(p.bias);
   uint4* out = static_cast<uint4*>(p.combinedX);
-  constexpr int kGroup = 8;  // chunks per lane per pass
   for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
     float acc[kGroup][8];
 #pragma unroll
@@ -601,22 +694,45 @@ __device__ void combineToken(const IntranodeParams& p, int channel, int64_t t, c
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
     }
-    for (int r = 0; r < R; ++r) {
-      const int ordinal = pos[r];
-      if (ordinal < 0) continue;
-      const uint4* row = reinterpret_cast<const uint4*>(
-          stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal));
-      uint4 v[kGroup];
+    uint4 biasV[kGroup];
+    if (bias != nullptr) {
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
         const int c = c0 + 32 * g;
-        if (c < chunks) v[g] = row[c];
+        if (c < chunks) biasV[g] = bias[t * chunks + c];
       }
+    }
+    for (int r0 = 0; r0 < R; r0 += 2) {
+      const int o0 = pos[r0];
+      const int o1 = r0 + 1 < R ? pos[r0 + 1] : -1;
+      const uint4* row0 =
+          o0 < 0 ? nullptr
+                 : reinterpret_cast<const uint4*>(stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r0, channel, o0));
+      const uint4* row1 = o1 < 0 ? nullptr
+                                 : reinterpret_cast<const uint4*>(
+                                       stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r0 + 1, channel, o1));
+      uint4 v0[kGroup], v1[kGroup];
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
-        const uint16_t* values = reinterpret_cast<const uint16_t*>(&v[g]);
+        const int c = c0 + 32 * g;
+        if (c < chunks && row0 != nullptr) v0[g] = row0[c];
+        if (c < chunks && row1 != nullptr) v1[g] = row1[c];
+      }
+      if (row0 != nullptr) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = __fadd_rn(acc[g][i], bf16ToFloat(values[i]));
+        for (int g = 0; g < kGroup; ++g) {
+          const uint16_t* values = reinterpret_cast<const uint16_t*>(&v0[g]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[g][i] = __fadd_rn(acc[g][i], bf16ToFloat(values[i]));
+        }
+      }
+      if (row1 != nullptr) {
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          const uint16_t* values = reinterpret_cast<const uint16_t*>(&v1[g]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[g][i] = __fadd_rn(acc[g][i], bf16ToFloat(values[i]));
+        }
       }
     }
 #pragma unroll
@@ -624,8 +740,7 @@ __device__ void combineToken(const IntranodeParams& p, int channel, int64_t t, c
       const int c = c0 + 32 * g;
       if (c >= chunks) continue;
       if (bias != nullptr) {
-        const uint4 packed = bias[t * chunks + c];
-        const uint16_t* values = reinterpret_cast<const uint16_t*>(&packed);
+        const uint16_t* values = reinterpret_cast<const uint16_t*>(&biasV[g]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] = __fadd_rn(acc[g][i], bf16ToFloat(values[i]));
       }
@@ -665,16 +780,21 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  // known[r / 32] in lane r % 32: rows of rank r known to have arrived (tails only grow).
+  constexpr int kKnownSlots = 4;
+  int known[kKnownSlots] = {0, 0, 0, 0};
   for (int64_t t = first + warp; t < last; t += kRecvWarps) {
     const int* pos = p.pos + t * R;
     // Wait until every rank holding this token has sent its row back (lane r checks rank r).
-    for (int r = lane; r < R; r += 32) {
+    for (int r = lane, slot = 0; r < R; r += 32, ++slot) {
       const int ordinal = pos[r];
-      if (ordinal < 0) continue;
-      waitWord(p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
-               [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
+      if (ordinal < 0 || (slot < kKnownSlots && known[slot] > ordinal)) continue;
+      const uint64_t word = waitWord(p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
+                                     [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
+      if (slot < kKnownSlots) known[slot] = rowsOf(word, sequence);
     }
     __syncwarp();
+    if (t == first) MC_PROFILE(kOpCombine, 6, kSendThreads);
     if (aligned) {
       combineToken(p, channel, t, pos, lane);
     } else {
@@ -694,37 +814,58 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     }
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
+  MC_PROFILE(kOpCombine, 7, kSendThreads);
   for (int r = tid; r < R; r += kRecvThreads) storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) {
   extern __shared__ int shared[];
   const int channel = blockIdx.x;
+  setSplit(kCombineSendWarps);
   const uint64_t sequence = readSequence(p, kOpCombine);
+  MC_PROFILE(kOpCombine, 0, 0);
   if (threadIdx.x < kSendThreads) {
     combineSend(p, channel, sequence, shared, shared + p.numRanks);
   } else {
     combineReceive(p, channel, sequence);
   }
   finishCall(p, kOpCombine, sequence);
+  MC_PROFILE(kOpCombine, 8, 0);
 }
 
 }  // namespace
+
+int intranodeProfile(int op, int blocks, unsigned long long* out) {
+#ifdef MOECOMM_KERNEL_PROFILE
+  if (op < 0 || op >= kOps || blocks > kProfileBlocks) return -1;
+  const cudaError_t err = cudaMemcpyFromSymbol(out, gProfile, sizeof(unsigned long long) * blocks * kProfileEvents,
+                                               sizeof(unsigned long long) * op * kProfileBlocks * kProfileEvents);
+  return err == cudaSuccess ? kProfileEvents : -1;
+#else
+  (void)op;
+  (void)blocks;
+  (void)out;
+  return -1;
+#endif
+}
 
 int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
   notifyKernel<<<params.numChannels, kThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 
+uint64_t intranodeSharedIntsBytes(int numRanks) {
+  const uint64_t ints = (5 + static_cast<uint64_t>(kBatch)) * numRanks + 1;
+  return (ints * sizeof(int) + 127) / 128 * 128;
+}
+
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) {
-  const size_t shared = sizeof(int) * (5 * static_cast<size_t>(params.numRanks) + 1);
-  dispatchKernel<<<params.numChannels, kThreads, shared, stream>>>(params);
+  dispatchKernel<<<params.numChannels, kThreads, params.sharedIntsBytes, stream>>>(params);
   return cudaGetLastError();
 }
 
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream) {
-  const size_t shared = sizeof(int) * 2 * static_cast<size_t>(params.numRanks);
-  combineKernel<<<params.numChannels, kThreads, shared, stream>>>(params);
+  combineKernel<<<params.numChannels, kThreads, params.sharedIntsBytes, stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -73,6 +73,7 @@ moecommResult_t checkHandle(const moecommEp* ep, const moecommEpHandle* handle, 
 
 moecommResult_t getRankMask(moecommEp* ep, int* mask) {
   MC_REQUIRE(mask != nullptr, moecommInvalidArgument, "mask is NULL");
+  if (ep->backend != nullptr) ep->backend->pullRankMask();
   std::copy(ep->rankMask.begin(), ep->rankMask.end(), mask);
   return moecommSuccess;
 }
@@ -80,6 +81,16 @@ moecommResult_t getRankMask(moecommEp* ep, int* mask) {
 moecommResult_t setRankMask(moecommEp* ep, const int* mask) {
   MC_REQUIRE(mask != nullptr, moecommInvalidArgument, "mask is NULL (use moecommEpClearRankMask to unmask all)");
   for (size_t r = 0; r < ep->rankMask.size(); ++r) ep->rankMask[r] = mask[r] != 0 ? 1 : 0;
+  if (ep->backend != nullptr) MC_CHECK(ep->backend->pushRankMask());
+  return moecommSuccess;
+}
+
+moecommResult_t EpBackend::sourceInfo(moecommEpHandle* handle, int* srcRank, int* srcIndex, int capacity) {
+  const int rows = handle->numRecvTokens;
+  MC_REQUIRE(capacity >= rows, moecommInvalidArgument, "capacity = %d is smaller than the %d received rows", capacity,
+             rows);
+  if (srcRank != nullptr) std::copy(handle->srcRank.begin(), handle->srcRank.end(), srcRank);
+  if (srcIndex != nullptr) std::copy(handle->srcIndex.begin(), handle->srcIndex.end(), srcIndex);
   return moecommSuccess;
 }
 

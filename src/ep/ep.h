@@ -142,6 +142,14 @@ class EpBackend {
   virtual moecommResult_t destroy() = 0;
   // A handle is being freed: give up any operation it still has in flight.
   virtual void forgetHandle(moecommEpHandle* handle) = 0;
+  // Backends that keep a copy of the low-latency rank mask (the CUDA backend's lives on the
+  // device): pullRankMask folds in ranks the backend masked by itself (timeouts) before
+  // ep->rankMask is read; pushRankMask hands over a mask the caller just set.
+  // moecommEpHandleGetSourceInfo once a dispatch ran with the handle: host copies of the source
+  // rank and source token of every received row (either output may be NULL).
+  virtual moecommResult_t sourceInfo(moecommEpHandle* handle, int* srcRank, int* srcIndex, int capacity);
+  virtual void pullRankMask() {}
+  virtual moecommResult_t pushRankMask() { return moecommSuccess; }
 };
 
 // ---- Engine entry points (the API layer checks that ep / comm are live first) ----

@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -15,6 +17,7 @@
 #include "core/log.h"
 #include "device/api.h"
 #include "ep/ep_args.h"
+#include "ep/ep_cuda_ll.h"
 #include "transport/nvlink.h"
 
 namespace moecomm {
@@ -93,12 +96,14 @@ class CudaEpBackend : public EpBackend {
     p.maxTokens = shape.maxTokensPerRank;
     p.numChannels = channels;
     p.chunkRows = static_cast<int>((maxT + channels - 1) / channels);
-    p.rowScalesOffset = align16(2 * H);
-    p.rowIdxOffset = p.rowScalesOffset + align16(H / 128 * 4);
-    p.rowWeightsOffset = p.rowIdxOffset + 8 * K;
-    p.rowSrcOffset = p.rowWeightsOffset + 4 * K;
-    p.dispatchRowBytes = align16(p.rowSrcOffset + 4);
+    p.idxStride = static_cast<int>((K + 1) / 2 * 2);
+    setRowLayout(&p, false);
+    const uint64_t bf16Extent = p.rowExtent;
+    setRowLayout(&p, true);
+    p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
     p.combineRowBytes = align16(2 * H + 4 * K);
+    p.sharedIntsBytes = device::intranodeSharedIntsBytes(R);
+
     const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
     p.ctrlOffset = 0;
     p.expertsOffset = align16(3ull * device::kOps * channels * R * 8);
@@ -131,6 +136,7 @@ class CudaEpBackend : public EpBackend {
     MC_CHECK(ep_->comm->bootstrap->barrier());
     MC_INFO(kLogEp, "rank %d: CUDA EP buffer %llu bytes (%s), %d channels", ep_->rank,
             static_cast<unsigned long long>(bytes), buffer_->method(), channels);
+    if (ep_->config.mode != moecommEpModeNormal) MC_CHECK(CudaLowLatency::create(ep_, &lowLatency_));
     return moecommSuccess;
   }
 
@@ -200,6 +206,7 @@ class CudaEpBackend : public EpBackend {
     p.route = route ? 1 : 0;
     p.numTokens = target->numTokens;
     p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
+    setRowLayout(&p, p.xIsFp8 != 0);
     p.x = args->x;
     p.xScales = args->xScales;
     p.topkIdx = args->topkIdx;
@@ -218,8 +225,8 @@ class CudaEpBackend : public EpBackend {
       if (route) destroyHandle(target);
       return status;
     }
+    target->sourceInfoKnown = true;
     if (route) *handle = target;
-    // Source info stays on the device in v0 (moecommEpHandleGetSourceInfo is not served).
     return moecommSuccess;
   }
 
@@ -241,27 +248,74 @@ class CudaEpBackend : public EpBackend {
     return launch(device::launchIntranodeCombine(p, stream), "launchIntranodeCombine");
   }
 
-  moecommResult_t lowLatencyDispatch(const moecommEpLowLatencyDispatchArgs_t*, moecommEpHandle_t*,
-                                     moecommStream_t) override {
+  // Low-latency mode lives in ep_cuda_ll.cc (CudaLowLatency, made when the mode has it);
+  // without it the shared checks report the mode error.
+  moecommResult_t lowLatencyDispatch(const moecommEpLowLatencyDispatchArgs_t* args, moecommEpHandle_t* handle,
+                                     moecommStream_t stream) override {
+    if (lowLatency_ != nullptr) return lowLatency_->dispatch(args, handle, stream);
+    MC_CHECK(checkLowLatencyDispatchArgs(*ep_, args, handle));
     return notSupported();
   }
-  moecommResult_t lowLatencyCombine(const moecommEpLowLatencyCombineArgs_t*, moecommEpHandle_t,
-                                    moecommStream_t) override {
+  moecommResult_t lowLatencyCombine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
+                                    moecommStream_t stream) override {
+    if (lowLatency_ != nullptr) return lowLatency_->combine(args, handle, stream);
+    MC_CHECK(checkLowLatencyCombineArgs(*ep_, args, handle));
     return notSupported();
   }
-  moecommResult_t complete(moecommEpHandle_t, moecommStream_t) override { return notSupported(); }
-  moecommResult_t lowLatencyCombineBuffer(void**) override { return notSupported(); }
+  moecommResult_t complete(moecommEpHandle_t handle, moecommStream_t stream) override {
+    if (lowLatency_ != nullptr) return lowLatency_->complete(handle, stream);
+    MC_CHECK(checkCompleteArgs(*ep_, handle));
+    return notSupported();
+  }
+  moecommResult_t lowLatencyCombineBuffer(void** buffer) override {
+    MC_REQUIRE(buffer != nullptr, moecommInvalidArgument, "buffer is NULL");
+    MC_REQUIRE(lowLatency_ != nullptr, moecommInvalidUsage,
+               "this EP was created with moecommEpModeNormal; the zero-copy buffer is a low-latency feature");
+    return lowLatency_->combineBuffer(buffer);
+  }
+  void pullRankMask() override {
+    if (lowLatency_ != nullptr) lowLatency_->pullRankMask();
+  }
+  moecommResult_t pushRankMask() override {
+    return lowLatency_ != nullptr ? lowLatency_->pushRankMask() : moecommSuccess;
+  }
 
   moecommResult_t destroy() override {
     DeviceScope scope(ep_->comm->device);
+    logProfile();
     moecommResult_t status = buffer_ != nullptr ? buffer_->detachPeers() : moecommSuccess;
+    if (lowLatency_ != nullptr) {
+      const moecommResult_t detached = lowLatency_->detachPeers();
+      if (status == moecommSuccess) status = detached;
+    }
     const moecommResult_t barrier = ep_->comm->bootstrap->barrier();
     if (status == moecommSuccess) status = barrier;
     release();
     return status;
   }
 
+  // The rows' sources stay on the device; this waits for the device to be idle, then copies.
+  moecommResult_t sourceInfo(moecommEpHandle* handle, int* srcRank, int* srcIndex, int capacity) override {
+    auto it = handles_.find(handle);
+    MC_REQUIRE(it != handles_.end(), moecommInvalidUsage, "handle %p has no device routing on this EP",
+               static_cast<void*>(handle));
+    DeviceScope scope(ep_->comm->device);
+    MC_CUDA(cudaDeviceSynchronize());
+    pollErrors();
+    int rows = 0;
+    MC_CUDA(cudaMemcpy(&rows, it->second.numRecv, sizeof(int), cudaMemcpyDeviceToHost));
+    rows = std::min(rows, ep_->shape.numRanks * ep_->shape.maxTokensPerRank);
+    MC_REQUIRE(capacity >= rows, moecommInvalidArgument, "capacity = %d is smaller than the %d received rows", capacity,
+               rows);
+    if (srcRank != nullptr) MC_CUDA(cudaMemcpy(srcRank, it->second.srcRank, sizeof(int) * rows, cudaMemcpyDeviceToHost));
+    if (srcIndex != nullptr) {
+      MC_CUDA(cudaMemcpy(srcIndex, it->second.srcIndex, sizeof(int) * rows, cudaMemcpyDeviceToHost));
+    }
+    return moecommSuccess;
+  }
+
   void forgetHandle(moecommEpHandle* handle) override {
+    if (lowLatency_ != nullptr) lowLatency_->forgetHandle(handle);
     auto it = handles_.find(handle);
     if (it == handles_.end()) return;
     DeviceScope scope(ep_->comm->device);
@@ -277,6 +331,7 @@ class CudaEpBackend : public EpBackend {
   }
 
   void release() {
+    lowLatency_.reset();
     if (!handles_.empty()) {
       DeviceScope scope(ep_->comm->device);
       for (auto& entry : handles_) {
@@ -294,6 +349,45 @@ class CudaEpBackend : public EpBackend {
       deviceBlock_ = nullptr;
     }
     buffer_.reset();
+  }
+
+  // Offsets inside a dispatch row for one dtype (see device::IntranodeParams).
+  static void setRowLayout(device::IntranodeParams* p, bool fp8) {
+    const uint64_t H = static_cast<uint64_t>(p->hidden);
+    const uint64_t K = static_cast<uint64_t>(p->topk);
+    p->rowScalesOffset = align16(fp8 ? H : 2 * H);
+    p->rowIdxOffset = p->rowScalesOffset + (fp8 ? align16(H / 128 * 4) : 0);
+    p->rowWeightsOffset = p->rowIdxOffset + 8 * static_cast<uint64_t>(p->idxStride);
+    p->rowSrcOffset = p->rowWeightsOffset + align16(4 * K);
+    p->rowExtent = p->rowSrcOffset + 16;
+  }
+
+  // Builds with -DMOECOMM_KERNEL_PROFILE only: the timeline of the last dispatch and combine,
+  // per event the earliest, median and latest block, in microseconds after the earliest start.
+  void logProfile() {
+    const int blocks = base_.numChannels;
+    for (int op : {device::kOpDispatch, device::kOpCombine}) {
+      std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * 16);
+      const int events = device::intranodeProfile(op, blocks, stamps.data());
+      if (events <= 0) return;
+      unsigned long long origin = ~0ull;
+      for (int b = 0; b < blocks; ++b) origin = std::min(origin, stamps[static_cast<size_t>(b) * events]);
+      std::string line;
+      for (int e = 0; e < events; ++e) {
+        std::vector<double> at;
+        for (int b = 0; b < blocks; ++b) {
+          const unsigned long long v = stamps[static_cast<size_t>(b) * events + e];
+          if (v >= origin && v - origin < 10000000000ull) at.push_back((v - origin) / 1000.0);
+        }
+        if (at.empty()) continue;
+        std::sort(at.begin(), at.end());
+        char text[96];
+        std::snprintf(text, sizeof(text), " e%d=%.1f/%.1f/%.1f", e, at.front(), at[at.size() / 2], at.back());
+        line += text;
+      }
+      MC_WARN(kLogEp, "rank %d profile %s (us min/median/max over %d blocks):%s", ep_->rank,
+              op == device::kOpDispatch ? "dispatch" : "combine", blocks, line.c_str());
+    }
   }
 
   // Reports kernel errors recorded since the last call through the comm's async error.
@@ -349,7 +443,7 @@ class CudaEpBackend : public EpBackend {
     const size_t R = shape.numRanks;
     const size_t C = base_.numChannels;
     const size_t maxT = shape.maxTokensPerRank;
-    const size_t idxBytes = align16(maxT * shape.topk * sizeof(int64_t));
+    const size_t idxBytes = align16(maxT * base_.idxStride * sizeof(int64_t));
     const size_t ints = maxT * R + C * R + C * shape.numExperts + 2 * R * C + 2 * R * maxT + 1;
     HandleDevice d;
     MC_CUDA(cudaMalloc(&d.block, idxBytes + ints * sizeof(int)));
@@ -389,6 +483,7 @@ class CudaEpBackend : public EpBackend {
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
+  std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode
 };
 
 }  // namespace

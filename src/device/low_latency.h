@@ -1,0 +1,122 @@
+// Low-latency (decode) EP over NVLink: the plain-data parameters the kernels of
+// device/low_latency.cu see, and their launchers. The host object that fills them is
+// ep/ep_cuda_ll.{h,cc}; docs/ep-low-latency-gpu.md explains the protocol.
+//
+// Symmetric buffer of every rank (offsets from its base, identical on every rank):
+//   sent      uint64 [2 slots][R source]: source s release-stores the sequence of the operation
+//             whose send half it finished into sent[slot][s] of every rank it sent to;
+//   released  uint64 [2 slots][R reader]: rank d release-stores the sequence whose receive half
+//             it finished into released[slot][d] of every rank: d's slot may be rewritten;
+//   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
+//             tokens  int [R source]: T of each source;
+//             topk    int32 [R source][maxT][K]: each source's expert ids (-1 for bad ones);
+//             rows    [R source][maxT] rows of rowPitch bytes: each token once per destination
+//                     rank (FP8 e4m3 bytes [H] then FP32 scales [H/128], or BF16 [H]);
+//           and a combine uses the same bytes as:
+//             rows    [maxT token][K] BF16 rows of 2H bytes: expert output of (t, k), where k
+//                     is the first entry of the token's row that names that expert;
+//             markers uint32 [maxT][K]: low 32 bits of the sequence that wrote the row.
+// Sequences are per slot and live on the device (LowLatencyState::slotSequence): the send
+// half of an operation uses slotSequence + 1 and stores it, the receive half reads it. A
+// graph replay therefore continues the count, and every rank computes the same number for
+// the same operation as long as all make the same calls.
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace moecomm {
+namespace device {
+
+constexpr int kLowLatencyMaxRanks = 32;  // ranks are bits of a uint32 in the kernels
+constexpr int kLowLatencyDeviceSlots = 2;
+constexpr int kLowLatencyThreads = 512;
+
+// Device memory private to one rank (not in the symmetric buffer).
+struct LowLatencyState {
+  uint64_t slotSequence[kLowLatencyDeviceSlots];
+  // Blocks of the running kernel that finished, per slot and half (0 send, 1 receive); the
+  // last one resets it and raises the flags.
+  unsigned int blocksDone[kLowLatencyDeviceSlots][2];
+  int rankMask[kLowLatencyMaxRanks];  // != 0: masked (the host's mask, plus timeouts)
+};
+
+// One dispatch's routing on its receiving rank, kept for the combine (device arrays of a
+// handle; S = R * maxT rows per local expert).
+struct LowLatencyRouting {
+  int* recvCount;   // [E_local]
+  int* srcInfo;     // [E_local, S]: source rank * maxT + source token
+  uint8_t* firstK;  // [E_local, S]: first k of the source token's row naming this expert
+  int* rowList;     // [E_local * S]: le * S + slot of every received row, in no order
+  int* numRows;     // [1]: entries of rowList
+};
+
+struct LowLatencyParams {
+  // Shape.
+  int rank;
+  int numRanks;
+  int numExperts;
+  int localExperts;
+  int hidden;
+  int topk;
+  int maxTokens;
+  int numBlocks;  // grid size of every kernel (the SM budget)
+  uint64_t timeoutNs;
+
+  // Symmetric buffer.
+  uint8_t* peers[kLowLatencyMaxRanks];  // every rank's buffer as mapped here
+  uint64_t sentOffset;
+  uint64_t releasedOffset;
+  uint64_t slotOffset;
+  uint64_t slotBytes;
+  uint64_t tokensOffset;  // inside a slot
+  uint64_t topkOffset;
+  uint64_t rowsOffset;
+  uint64_t rowPitch;  // dispatch staging row: 2H bytes (an FP8 row and its scales fit)
+  uint64_t combineRowsOffset;
+  uint64_t markersOffset;
+  int topkInShared;  // dispatch receive: the sources' ids fit in shared memory (R*maxT*K int32)
+
+  LowLatencyState* state;
+  volatile int* hostMasked;  // mapped host [R]: set to 1 when a kernel masks a rank
+  int* hostError;            // mapped host [1]: first error code (bad expert id)
+
+  // The call.
+  int slot;
+  int numTokens;  // this rank's T
+  const void* topkIdx;
+  int topkIdxIs64;
+  LowLatencyRouting routing;
+  // Dispatch.
+  const void* x;  // [T, H] BF16
+  int fp8;
+  int roundScale;
+  int ue8m0;
+  void* recvX;
+  void* recvScales;
+  int* recvCount;
+  int* recvSrcInfo;
+  int* cumulativeRecvStats;
+  // Combine.
+  const void* expertOutputs;  // [E_local, S, H] BF16
+  const float* topkWeights;   // [T, K]
+  void* out;                  // [T, H] BF16
+};
+
+// Dynamic shared memory of the dispatch kernels: send, a destination mask per token; receive,
+// every source's expert ids (only when params.topkInShared).
+uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params);
+uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params);
+
+// Each returns a cudaError_t value (0 = success) so callers need no CUDA header.
+int launchLowLatencyDispatchSend(const LowLatencyParams& params, CUstream_st* stream);
+int launchLowLatencyDispatchRecv(const LowLatencyParams& params, CUstream_st* stream);
+int launchLowLatencyCombineSend(const LowLatencyParams& params, CUstream_st* stream);
+int launchLowLatencyCombineRecv(const LowLatencyParams& params, CUstream_st* stream);
+// Raises the dispatch kernels' dynamic shared memory limit (needed beyond 48 KiB). Pass the
+// same value every time (the device's opt-in maximum less a margin for static shared memory).
+int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes);
+
+}  // namespace device
+}  // namespace moecomm

@@ -1,0 +1,446 @@
+// CUDA EP backend, low-latency mode. See ep_cuda_ll.h and docs/ep-low-latency-gpu.md.
+#include "ep/ep_cuda_ll.h"
+
+#if MOECOMM_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "ep/ep_args.h"
+#include "transport/nvlink.h"
+
+namespace moecomm {
+namespace {
+
+#define MC_LL_CUDA(call)                                                                                      \
+  do {                                                                                                        \
+    const cudaError_t mc_cuda_err_ = (call);                                                                  \
+    if (mc_cuda_err_ != cudaSuccess) {                                                                        \
+      return setError(moecommUnhandledCudaError, "%s failed: %s (%s)", #call, cudaGetErrorName(mc_cuda_err_), \
+                      cudaGetErrorString(mc_cuda_err_));                                                      \
+    }                                                                                                         \
+  } while (0)
+
+constexpr int kPreallocatedRoutings = 4;
+
+uint64_t alignUp(uint64_t bytes, uint64_t alignment) { return (bytes + alignment - 1) / alignment * alignment; }
+
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (cudaSetDevice(device) != cudaSuccess) (void)cudaGetLastError();
+  }
+  ~DeviceScope() {
+    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+moecommResult_t checkLaunch(int err, const char* what) {
+  MC_REQUIRE(err == 0, moecommUnhandledCudaError, "%s failed: %s (%s)", what,
+             cudaGetErrorName(static_cast<cudaError_t>(err)), cudaGetErrorString(static_cast<cudaError_t>(err)));
+  return moecommSuccess;
+}
+
+}  // namespace
+
+CudaLowLatency::CudaLowLatency(moecommEp* ep) : ep_(ep), device_(ep->comm->device) {}
+
+CudaLowLatency::~CudaLowLatency() { release(); }
+
+moecommResult_t CudaLowLatency::create(moecommEp* ep, std::unique_ptr<CudaLowLatency>* out) {
+  MC_REQUIRE(ep->shape.numRanks <= device::kLowLatencyMaxRanks, moecommNotSupported,
+             "low-latency mode on the CUDA backend supports at most %d ranks; this communicator has %d",
+             device::kLowLatencyMaxRanks, ep->shape.numRanks);
+  MC_REQUIRE(ep->shape.topk <= 32, moecommNotSupported, "low-latency mode on the CUDA backend supports topk <= 32");
+  // The kernels index rows and 16-byte chunks with 32-bit integers.
+  const uint64_t rows = static_cast<uint64_t>(ep->shape.numExperts) * ep->shape.maxTokensPerRank;
+  const uint64_t tokenChunks = static_cast<uint64_t>(ep->shape.maxTokensPerRank) * ep->shape.hidden / 8;
+  MC_REQUIRE(rows < (1ull << 31) && tokenChunks < (1ull << 31), moecommNotSupported,
+             "numExperts * maxTokensPerRank = %llu and maxTokensPerRank * hidden / 8 = %llu must stay below 2^31 for "
+             "the low-latency kernels",
+             static_cast<unsigned long long>(rows), static_cast<unsigned long long>(tokenChunks));
+  std::unique_ptr<CudaLowLatency> created(new CudaLowLatency(ep));
+  MC_CHECK(created->init());
+  *out = std::move(created);
+  return moecommSuccess;
+}
+
+moecommResult_t CudaLowLatency::init() {
+  const auto& shape = ep_->shape;
+  const uint64_t R = static_cast<uint64_t>(shape.numRanks);
+  const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
+  const uint64_t H = static_cast<uint64_t>(shape.hidden);
+  const uint64_t K = static_cast<uint64_t>(shape.topk);
+  device::LowLatencyParams& p = base_;
+  std::memset(&p, 0, sizeof(p));
+  p.rank = ep_->rank;
+  p.numRanks = shape.numRanks;
+  p.numExperts = shape.numExperts;
+  p.localExperts = shape.expertsPerRank();
+  p.hidden = shape.hidden;
+  p.topk = shape.topk;
+  p.maxTokens = shape.maxTokensPerRank;
+  p.numBlocks = std::max(1, ep_->config.numSms);
+  p.timeoutNs = static_cast<uint64_t>(std::max(1, ep_->lowLatencyTimeoutMs)) * 1000000ull;
+  // Flags, then the slots; inside a slot the combine markers, then the dispatch staging or
+  // the combine rows (one operation uses a slot at a time).
+  const uint64_t flagBytes = alignUp(device::kLowLatencyDeviceSlots * R * sizeof(uint64_t), 256);
+  p.sentOffset = 0;
+  p.releasedOffset = flagBytes;
+  p.slotOffset = 2 * flagBytes;
+  p.markersOffset = 0;
+  const uint64_t shared = alignUp(maxT * K * sizeof(uint32_t), 256);
+  p.tokensOffset = shared;
+  p.topkOffset = shared + alignUp(R * sizeof(int), 16);
+  p.rowPitch = 2 * H;  // FP8 bytes + FP32 scales (H + H/32) fit in a BF16 row
+  p.rowsOffset = alignUp(p.topkOffset + R * maxT * K * sizeof(int32_t), 256);
+  p.combineRowsOffset = shared;
+  const uint64_t dispatchEnd = p.rowsOffset + R * maxT * p.rowPitch;
+  const uint64_t combineEnd = p.combineRowsOffset + maxT * K * 2 * H;
+  p.slotBytes = alignUp(std::max(dispatchEnd, combineEnd), 256);
+  const uint64_t bytes = p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
+
+  DeviceScope scope(device_);
+  // Dynamic shared memory: the send kernel keeps a word per token; the receive kernel keeps
+  // every source's expert ids when they fit (else it reads them from the buffer).
+  int optIn = 0;
+  MC_LL_CUDA(cudaDeviceGetAttribute(&optIn, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
+  const uint64_t sharedLimit = static_cast<uint64_t>(std::max(0, optIn - 2048));
+  p.topkInShared = 1;
+  if (device::lowLatencyDispatchRecvSharedBytes(p) > sharedLimit) p.topkInShared = 0;
+  const uint64_t sendShared = device::lowLatencyDispatchSendSharedBytes(p);
+  MC_REQUIRE(sendShared <= sharedLimit, moecommNotSupported,
+             "maxTokensPerRank = %llu is too large for the low-latency dispatch kernels (%llu bytes of shared memory; "
+             "this GPU allows %llu)",
+             static_cast<unsigned long long>(maxT), static_cast<unsigned long long>(sendShared),
+             static_cast<unsigned long long>(sharedLimit));
+  if (std::max(sendShared, device::lowLatencyDispatchRecvSharedBytes(p)) > 48 * 1024) {
+    MC_CHECK(checkLaunch(device::allowLowLatencySharedMemory(sharedLimit), "cudaFuncSetAttribute"));
+  }
+
+  MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
+  for (int r = 0; r < shape.numRanks; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
+
+  void* state = nullptr;
+  MC_LL_CUDA(cudaMalloc(&state, sizeof(device::LowLatencyState)));
+  state_ = static_cast<device::LowLatencyState*>(state);
+  MC_LL_CUDA(cudaMemset(state_, 0, sizeof(device::LowLatencyState)));
+  p.state = state_;
+
+  int* host = nullptr;
+  const size_t hostWords = 1 + R;
+  MC_LL_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * hostWords, cudaHostAllocMapped));
+  std::memset(host, 0, sizeof(int) * hostWords);
+  host_ = host;
+  int* devicePointer = nullptr;
+  MC_LL_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&devicePointer), host, 0));
+  p.hostError = devicePointer;
+  p.hostMasked = devicePointer + 1;
+  MC_LL_CUDA(cudaMallocHost(reinterpret_cast<void**>(&hostMaskStaging_), sizeof(int) * R));
+  cudaStream_t control = nullptr;
+  MC_LL_CUDA(cudaStreamCreateWithFlags(&control, cudaStreamNonBlocking));
+  controlStream_ = control;
+  for (int i = 0; i < kPreallocatedRoutings; ++i) {
+    Routing routing;
+    MC_CHECK(allocateRouting(&routing));
+    freeRoutings_.push_back(routing);
+  }
+  MC_LL_CUDA(cudaDeviceSynchronize());
+  MC_INFO(kLogEp, "rank %d: CUDA low-latency buffer %llu bytes (2 slots of %llu, %s), %d blocks", ep_->rank,
+          static_cast<unsigned long long>(bytes), static_cast<unsigned long long>(p.slotBytes), buffer_->method(),
+          p.numBlocks);
+  return moecommSuccess;
+}
+
+void CudaLowLatency::release() {
+  DeviceScope scope(device_);
+  auto freeDevice = [](void* pointer) {
+    if (pointer != nullptr && cudaFree(pointer) != cudaSuccess) (void)cudaGetLastError();
+  };
+  for (auto& entry : routings_) freeDevice(entry.second.block);
+  routings_.clear();
+  for (auto& routing : freeRoutings_) freeDevice(routing.block);
+  freeRoutings_.clear();
+  freeDevice(zeroCopy_);
+  zeroCopy_ = nullptr;
+  freeDevice(state_);
+  state_ = nullptr;
+  if (host_ != nullptr && cudaFreeHost(const_cast<int*>(host_)) != cudaSuccess) (void)cudaGetLastError();
+  host_ = nullptr;
+  if (hostMaskStaging_ != nullptr && cudaFreeHost(hostMaskStaging_) != cudaSuccess) (void)cudaGetLastError();
+  hostMaskStaging_ = nullptr;
+  if (controlStream_ != nullptr && cudaStreamDestroy(static_cast<cudaStream_t>(controlStream_)) != cudaSuccess) {
+    (void)cudaGetLastError();
+  }
+  controlStream_ = nullptr;
+  buffer_.reset();
+}
+
+moecommResult_t CudaLowLatency::detachPeers() {
+  DeviceScope scope(device_);
+  return buffer_ != nullptr ? buffer_->detachPeers() : moecommSuccess;
+}
+
+moecommResult_t CudaLowLatency::allocateRouting(Routing* out) {
+  const auto& shape = ep_->shape;
+  const uint64_t localExperts = static_cast<uint64_t>(shape.expertsPerRank());
+  const uint64_t rows = localExperts * shape.lowLatencySlotsPerExpert();
+  const uint64_t countBytes = alignUp(localExperts * sizeof(int), 16);
+  const uint64_t arrayBytes = alignUp(rows * sizeof(int), 16);
+  const uint64_t bytes = countBytes + 2 * arrayBytes + 16 + alignUp(rows, 16);
+  void* block = nullptr;
+  MC_LL_CUDA(cudaMalloc(&block, bytes));
+  uint8_t* base = static_cast<uint8_t*>(block);
+  out->block = block;
+  out->arrays.recvCount = reinterpret_cast<int*>(base);
+  out->arrays.srcInfo = reinterpret_cast<int*>(base + countBytes);
+  out->arrays.rowList = reinterpret_cast<int*>(base + countBytes + arrayBytes);
+  out->arrays.numRows = reinterpret_cast<int*>(base + countBytes + 2 * arrayBytes);
+  out->arrays.firstK = base + countBytes + 2 * arrayBytes + 16;
+  return moecommSuccess;
+}
+
+moecommResult_t CudaLowLatency::takeRouting(moecommStream_t stream, Routing* out) {
+  if (freeRoutings_.empty()) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MC_LL_CUDA(cudaStreamIsCapturing(stream, &capture));
+    MC_REQUIRE(capture == cudaStreamCaptureStatusNone, moecommInvalidUsage,
+               "%zu low-latency handles are alive and the stream is being captured, so no device memory can be "
+               "allocated for another; destroy unused handles (moecommEpHandleDestroy) before capturing",
+               routings_.size());
+    Routing routing;
+    MC_CHECK(allocateRouting(&routing));
+    freeRoutings_.push_back(routing);
+  }
+  *out = freeRoutings_.back();
+  freeRoutings_.pop_back();
+  return moecommSuccess;
+}
+
+void CudaLowLatency::forgetHandle(moecommEpHandle* handle) {
+  auto it = routings_.find(handle);
+  if (it == routings_.end()) return;
+  if (handle->pending != EpPendingHalf::kNone) {
+    MC_WARN(kLogEp,
+            "rank %d: a low-latency handle was destroyed with its send-only half not completed; peers will time "
+            "out on buffer slot %d and mask this rank",
+            ep_->rank, handle->bufferSlot);
+  }
+  freeRoutings_.push_back(it->second);
+  routings_.erase(it);
+}
+
+// ---- Rank mask ------------------------------------------------------------------------------
+
+void CudaLowLatency::pullRankMask() {
+  if (host_ == nullptr) return;
+  for (int r = 0; r < ep_->shape.numRanks; ++r) {
+    if (host_[1 + r] == 0 || ep_->rankMask[r] != 0) continue;
+    ep_->rankMask[r] = 1;
+    MC_WARN(kLogEp,
+            "rank %d: rank %d did not answer a low-latency operation within MOECOMM_LL_TIMEOUT (or had moved on); "
+            "masked it (moecommEpGetRankMask shows it)",
+            ep_->rank, r);
+  }
+}
+
+moecommResult_t CudaLowLatency::pushRankMask() {
+  DeviceScope scope(device_);
+  const int R = ep_->shape.numRanks;
+  for (int r = 0; r < R; ++r) hostMaskStaging_[r] = ep_->rankMask[r] != 0 ? 1 : 0;
+  cudaStream_t control = static_cast<cudaStream_t>(controlStream_);
+  MC_LL_CUDA(cudaMemcpyAsync(state_->rankMask, hostMaskStaging_, sizeof(int) * R, cudaMemcpyHostToDevice, control));
+  MC_LL_CUDA(cudaStreamSynchronize(control));
+  // The caller's mask is now the truth; ranks the kernels mask from here on show up again.
+  for (int r = 0; r < R; ++r) host_[1 + r] = 0;
+  return moecommSuccess;
+}
+
+void CudaLowLatency::pollDevice() {
+  if (host_ == nullptr) return;
+  if (host_[0] != 0) {
+    ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(host_[0]));
+    host_[0] = 0;
+  }
+  pullRankMask();
+}
+
+// ---- Slots and the receive half -----------------------------------------------------------
+
+moecommResult_t CudaLowLatency::acquireSlot(int* slot) const {
+  for (int i = 0; i < kLowLatencySlots; ++i) {
+    if (ep_->slotOwners[i] == nullptr) {
+      *slot = i;
+      return moecommSuccess;
+    }
+  }
+  return setError(moecommInvalidUsage,
+                  "%d low-latency operations are already in flight (sent with MOECOMM_LL_SEND_ONLY, not completed); "
+                  "call moecommEpComplete on one of them first",
+                  kLowLatencySlots);
+}
+
+device::LowLatencyParams CudaLowLatency::callParams(int slot, const Routing& routing) const {
+  device::LowLatencyParams p = base_;
+  p.slot = slot;
+  p.routing = routing.arrays;
+  return p;
+}
+
+moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t stream) {
+  const bool isDispatch = handle->pending == EpPendingHalf::kLowLatencyDispatch;
+  const int slot = handle->bufferSlot;
+  device::LowLatencyParams p = callParams(slot, routings_.at(handle));
+  p.numTokens = handle->numTokens;
+  moecommResult_t status;
+  if (isDispatch) {
+    const moecommEpLowLatencyDispatchArgs_t& args = handle->pendingDispatch;
+    p.fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
+    p.ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
+    p.recvX = args.recvX;
+    p.recvScales = args.recvScales;
+    p.recvCount = args.recvCount;
+    p.recvSrcInfo = args.recvSrcInfo;
+    p.cumulativeRecvStats = args.cumulativeRecvStats;
+    status = checkLaunch(device::launchLowLatencyDispatchRecv(p, stream), "launchLowLatencyDispatchRecv");
+  } else {
+    const moecommEpLowLatencyCombineArgs_t& args = handle->pendingCombine;
+    p.topkIdx = args.topkIdx;
+    p.topkIdxIs64 = args.topkIdxType == moecommInt64 ? 1 : 0;
+    p.topkWeights = args.topkWeights;
+    p.out = args.out;
+    status = checkLaunch(device::launchLowLatencyCombineRecv(p, stream), "launchLowLatencyCombineRecv");
+  }
+  MC_TRACE(kLogEp, "rank %d low-latency %s #%llu receive half queued: %s", ep_->rank,
+           isDispatch ? "dispatch" : "combine", static_cast<unsigned long long>(handle->pendingSequence),
+           resultName(status));
+  if (ep_->slotOwners[slot] == handle) ep_->slotOwners[slot] = nullptr;
+  handle->bufferSlot = -1;
+  handle->pending = EpPendingHalf::kNone;
+  if (isDispatch) {
+    handle->dispatchDone = status == moecommSuccess;
+    handle->failed = status != moecommSuccess;
+  }
+  return status;
+}
+
+// ---- The operations -----------------------------------------------------------------------
+
+moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t* args, moecommEpHandle_t* handle,
+                                         moecommStream_t stream) {
+  pollDevice();
+  int slot = -1;
+  MC_CHECK(acquireSlot(&slot));
+  MC_CHECK(checkLowLatencyDispatchArgs(*ep_, args, handle));
+  DeviceScope scope(device_);
+  if (args->waitEvent != nullptr) MC_LL_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+  Routing routing;
+  MC_CHECK(takeRouting(stream, &routing));
+  moecommEpHandle* created = newHandle(ep_, EpHandleKind::kLowLatency);
+  created->numTokens = args->numTokens;
+  routings_[created] = routing;
+  device::LowLatencyParams p = callParams(slot, routing);
+  p.numTokens = args->numTokens;
+  p.x = args->x;
+  p.topkIdx = args->topkIdx;
+  p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
+  p.fp8 = args->recvType == moecommFloat8E4M3 ? 1 : 0;
+  p.roundScale = (args->flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0 ? 1 : 0;
+  const moecommResult_t launched =
+      checkLaunch(device::launchLowLatencyDispatchSend(p, stream), "launchLowLatencyDispatchSend");
+  if (launched != moecommSuccess) {
+    const std::string text = lastErrorText();
+    destroyHandle(created);
+    return setError(launched, "%s", text.c_str());
+  }
+  created->pending = EpPendingHalf::kLowLatencyDispatch;
+  created->pendingDispatch = *args;
+  created->bufferSlot = slot;
+  created->pendingSequence = ++ep_->lowLatencySequence;
+  ep_->slotOwners[slot] = created;
+  *handle = created;
+  if ((args->flags & MOECOMM_LL_SEND_ONLY) != 0) return moecommSuccess;
+  const moecommResult_t result = finish(created, stream);
+  if (result != moecommSuccess) {
+    const std::string text = lastErrorText();
+    destroyHandle(created);
+    *handle = nullptr;
+    return setError(result, "%s", text.c_str());
+  }
+  return moecommSuccess;
+}
+
+moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
+                                        moecommStream_t stream) {
+  pollDevice();
+  int slot = -1;
+  MC_CHECK(acquireSlot(&slot));
+  // The zero-copy buffer is device memory here, which the shared check (written for the host
+  // backend's buffer) cannot recognise: check it first, then run the shared checks on
+  // arguments that name the buffer as x.
+  moecommEpLowLatencyCombineArgs_t effective{};
+  const moecommEpLowLatencyCombineArgs_t* checked = args;
+  if (args != nullptr && args->size == sizeof(*args) && args->magic == MOECOMM_EP_LL_COMBINE_ARGS_MAGIC &&
+      (args->flags & MOECOMM_LL_ZERO_COPY) != 0) {
+    MC_REQUIRE(zeroCopy_ != nullptr, moecommInvalidUsage,
+               "MOECOMM_LL_ZERO_COPY is set but moecommEpLowLatencyCombineBuffer was never called on this EP");
+    MC_REQUIRE(args->x == nullptr || args->x == zeroCopy_, moecommInvalidArgument,
+               "low-latency combine args->x must be NULL or the moecommEpLowLatencyCombineBuffer buffer with "
+               "MOECOMM_LL_ZERO_COPY");
+    effective = *args;
+    effective.flags &= ~MOECOMM_LL_ZERO_COPY;
+    effective.x = zeroCopy_;
+    checked = &effective;
+  }
+  MC_CHECK(checkLowLatencyCombineArgs(*ep_, checked, handle));
+  auto routing = routings_.find(handle);
+  MC_REQUIRE(routing != routings_.end(), moecommInternalError, "the low-latency handle has no device routing");
+  DeviceScope scope(device_);
+  if (args->waitEvent != nullptr) MC_LL_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+  device::LowLatencyParams p = callParams(slot, routing->second);
+  p.numTokens = handle->numTokens;
+  p.expertOutputs = checked->x;
+  MC_CHECK(checkLaunch(device::launchLowLatencyCombineSend(p, stream), "launchLowLatencyCombineSend"));
+  handle->pending = EpPendingHalf::kLowLatencyCombine;
+  handle->pendingCombine = *checked;
+  handle->bufferSlot = slot;
+  handle->pendingSequence = ++ep_->lowLatencySequence;
+  ep_->slotOwners[slot] = handle;
+  if ((args->flags & MOECOMM_LL_SEND_ONLY) != 0) return moecommSuccess;
+  return finish(handle, stream);
+}
+
+moecommResult_t CudaLowLatency::complete(moecommEpHandle_t handle, moecommStream_t stream) {
+  pollDevice();
+  MC_CHECK(checkCompleteArgs(*ep_, handle));
+  MC_REQUIRE(routings_.count(handle) != 0, moecommInternalError, "the low-latency handle has no device routing");
+  DeviceScope scope(device_);
+  return finish(handle, stream);
+}
+
+moecommResult_t CudaLowLatency::combineBuffer(void** buffer) {
+  MC_REQUIRE(buffer != nullptr, moecommInvalidArgument, "buffer is NULL");
+  if (zeroCopy_ == nullptr) {
+    const auto& shape = ep_->shape;
+    const size_t bytes = static_cast<size_t>(shape.expertsPerRank()) * shape.lowLatencySlotsPerExpert() * shape.hidden *
+                         sizeof(uint16_t);
+    DeviceScope scope(device_);
+    MC_LL_CUDA(cudaMalloc(&zeroCopy_, bytes));
+  }
+  *buffer = zeroCopy_;
+  return moecommSuccess;
+}
+
+}  // namespace moecomm
+
+#endif  // MOECOMM_HAVE_CUDA

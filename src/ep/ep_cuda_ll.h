@@ -1,0 +1,88 @@
+// CUDA EP backend, low-latency (decode) mode over NVLink: what CudaEpBackend delegates its
+// moecommEpLowLatencyDispatch / Combine, moecommEpComplete and
+// moecommEpLowLatencyCombineBuffer to. docs/ep-low-latency-gpu.md describes the design.
+//
+// One object per EP (mode LowLatency or Both) owns:
+//   - its own NvlinkSymmetric buffer (flags and two slots; device/low_latency.h has the map);
+//   - a small device state (per-slot sequence numbers, block counters, the device rank mask);
+//   - mapped host words through which kernels report masked ranks and bad expert ids;
+//   - per-handle routing arrays on the device (what a dispatch received, for its combine),
+//     taken from a pool so that no allocation happens while a stream is being captured;
+//   - the zero-copy combine buffer, made on first request.
+// Host-side bookkeeping (slot owners, pending halves, the third-in-flight InvalidUsage) is
+// the same as the host backend's, on the same moecommEp fields. No call synchronises with
+// the GPU: sequence numbers live on the device, so CUDA graphs may capture and replay any
+// of the calls.
+#pragma once
+
+#if MOECOMM_HAVE_CUDA
+
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "device/low_latency.h"
+#include "ep/ep.h"
+
+namespace moecomm {
+
+class NvlinkSymmetric;
+
+class CudaLowLatency {
+ public:
+  // Collective over ep->comm (allocates the symmetric buffer).
+  static moecommResult_t create(moecommEp* ep, std::unique_ptr<CudaLowLatency>* out);
+  ~CudaLowLatency();
+  CudaLowLatency(const CudaLowLatency&) = delete;
+  CudaLowLatency& operator=(const CudaLowLatency&) = delete;
+
+  moecommResult_t dispatch(const moecommEpLowLatencyDispatchArgs_t* args, moecommEpHandle_t* handle,
+                           moecommStream_t stream);
+  moecommResult_t combine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
+                          moecommStream_t stream);
+  moecommResult_t complete(moecommEpHandle_t handle, moecommStream_t stream);
+  moecommResult_t combineBuffer(void** buffer);
+
+  // A handle is being freed: its routing arrays go back to the pool.
+  void forgetHandle(moecommEpHandle* handle);
+  // Ranks the kernels masked by themselves (timeouts) into ep->rankMask.
+  void pullRankMask();
+  // ep->rankMask (just set by the caller) onto the device.
+  moecommResult_t pushRankMask();
+  // Collective teardown, before the barrier of moecommEpDestroy: unmaps the peers' buffers.
+  moecommResult_t detachPeers();
+
+ private:
+  struct Routing {
+    void* block = nullptr;  // one cudaMalloc holding every array
+    device::LowLatencyRouting arrays{};
+  };
+
+  explicit CudaLowLatency(moecommEp* ep);
+  moecommResult_t init();
+  void release();
+  moecommResult_t acquireSlot(int* slot) const;
+  moecommResult_t takeRouting(moecommStream_t stream, Routing* out);
+  moecommResult_t allocateRouting(Routing* out);
+  device::LowLatencyParams callParams(int slot, const Routing& routing) const;
+  // Runs (enqueues) the receive half of handle's pending operation and frees its slot.
+  moecommResult_t finish(moecommEpHandle* handle, moecommStream_t stream);
+  // Kernel-reported errors and masks since the last call.
+  void pollDevice();
+
+  moecommEp* ep_;
+  int device_ = -1;
+  device::LowLatencyParams base_{};
+  std::unique_ptr<NvlinkSymmetric> buffer_;
+  device::LowLatencyState* state_ = nullptr;  // device
+  volatile int* host_ = nullptr;              // mapped: [0] error code, [1 + r] rank r masked by a kernel
+  int* hostMaskStaging_ = nullptr;            // pinned [R] for pushRankMask
+  void* controlStream_ = nullptr;             // cudaStream_t for pushRankMask
+  void* zeroCopy_ = nullptr;                  // device [E_local, R*maxT, H] BF16
+  std::vector<Routing> freeRoutings_;
+  std::unordered_map<moecommEpHandle*, Routing> routings_;
+};
+
+}  // namespace moecomm
+
+#endif  // MOECOMM_HAVE_CUDA
