@@ -1,16 +1,44 @@
 // The CUDA EP backend, normal mode, against the pure host reference (src/ep/host_reference.h),
 // element by element and bitwise. Runs under `moecomm-run -n N moecomm_gpu_tests
-// --gtest_filter=EpCudaNormal.*`. Every rank generates every rank's inputs from one seed
-// (hashed from MOECOMM_UNIQUE_ID), so each can compute its own expected outputs locally.
+// --gtest_filter=EpCudaNormal.*` (ctest: gpu_EpCudaNormal_n2, gpu_EpCudaNormal_n4).
+//
+// Every rank generates every rank's inputs from one seed (hashed from MOECOMM_UNIQUE_ID, or
+// MOECOMM_TEST_EP_SEED to replay a run), so each computes its own expected outputs locally.
+// Each round of a case uses fresh data; every output buffer is poisoned first (kPoison) and
+// read back whole afterwards: the first N rows must equal the reference, and everything after
+// them, up to a guard past the end of the allocation, must still hold the poison.
+//
+// Suites (one gtest test each, run in this order; a failing test makes its rank exit, so the
+// graph test, which needs device-side sequence numbers, runs last):
+//   DtypesAndWeights  BF16 / FP8 x dispatch weights / combine weights x bias
+//   Shapes            H in {2048, 2880 (BF16), 4096, 7168} x top-k in {1, 4, 8}, int32 and
+//                     int64 ids, exact and worst-case sizing, expert alignment, SM budgets
+//   Routing           every token to one expert, a hot expert, ranks with T = 0, tokens (or
+//                     whole ranks) whose top-k entries are all -1
+//   HandleReuse       several dispatch + combine rounds on one handle, fresh data each round
+//   GenericShapes     16-byte rows, H not a multiple of 128, top-k 3 and 32, odd alignment
+//   GraphReplay       dispatch (handle reuse) + combine captured in a CUDA graph, replayed
+//                     with fresh inputs copied into the same buffers, every replay checked
 // One line per case and rank: PASS, or FAIL with the first mismatch.
+//
+// Knobs (environment, the same on every rank):
+//   MOECOMM_TEST_EP_SEED=N            replay the data of an earlier run (its seed is printed)
+//   MOECOMM_TEST_EP_CASES=REGEX       run only the cases whose name matches (std::regex_search)
+//   MOECOMM_TEST_EP_MAX_TOKENS=N      cap maxTokensPerRank of every case (scripts/gpu-sanitize.sh)
+//   MOECOMM_TEST_EP_GRAPH_REPLAYS=N   replays per graph case (default 20)
+//   MOECOMM_TEST_EP_CAPTURE_MODE=M    thread (default), relaxed or global
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <random>
+#include <memory>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -25,138 +53,927 @@ namespace {
 
 namespace ref = moecomm::reference;
 
+// Every output byte starts as 0xA5. No expected element can equal the poison: generated BF16
+// and FP32 values (and every sum of them) have a high byte in 0x30..0x41 or 0xB0..0xC1 (or are
+// zero), expert ids are -1 or small, counts are small and non-negative, FP8 inputs never
+// contain the byte 0xA5. So an element the kernel did not write is always a mismatch. (0xFF
+// would not do: it reads as expert id -1.)
+constexpr uint8_t kPoison = 0xA5;
+// Allocated after every device buffer and checked to be still poisoned.
+constexpr size_t kGuardBytes = 256;
+
+// ---- Deterministic data -----------------------------------------------------------------
+
+uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// A key for one stream of random data: (seed, what, iteration, rank, row).
+uint64_t Key(uint64_t seed, uint64_t a, uint64_t b = 0, uint64_t c = 0, uint64_t d = 0) {
+  uint64_t h = Mix(seed);
+  for (uint64_t v : {a, b, c, d}) h = Mix(h ^ v);
+  return h;
+}
+
+struct Rng {
+  uint64_t state;
+  uint64_t Next() {
+    state += 0x9e3779b97f4a7c15ull;
+    return Mix(state);
+  }
+  int Below(int n) { return static_cast<int>(Next() % static_cast<uint64_t>(n)); }
+};
+
+enum Tag : uint64_t { kTagRoute = 1, kTagX, kTagScales, kTagWeights, kTagBias, kTagCombineX, kTagCombineW };
+
+// BF16 of magnitude in [2^-7, 2): sign, exponent 120..127, 7 mantissa bits.
+uint16_t Bf16Value(uint64_t bits) {
+  const uint16_t u = static_cast<uint16_t>(bits);
+  return static_cast<uint16_t>((u & 0x8000u) | ((120u + ((u >> 7) & 7u)) << 7) | (u & 0x7fu));
+}
+
+// FP32 of magnitude in [2^-7, 2) with a random 23-bit mantissa.
+float FloatValue(uint64_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits);
+  const uint32_t word = (u & 0x80000000u) | ((120u + ((u >> 23) & 7u)) << 23) | (u & 0x7fffffu);
+  float f;
+  std::memcpy(&f, &word, 4);
+  return f;
+}
+
+void FillBf16(uint64_t key, uint16_t* out, size_t n) {
+  Rng rng{key};
+  for (size_t i = 0; i < n; i += 4) {
+    const uint64_t bits = rng.Next();
+    for (size_t j = 0; j < 4 && i + j < n; ++j) out[i + j] = Bf16Value(bits >> (16 * j));
+  }
+}
+
+void FillFloats(uint64_t key, float* out, size_t n) {
+  Rng rng{key};
+  for (size_t i = 0; i < n; i += 2) {
+    const uint64_t bits = rng.Next();
+    out[i] = FloatValue(bits);
+    if (i + 1 < n) out[i + 1] = FloatValue(bits >> 32);
+  }
+}
+
+// Any e4m3 byte but NaN (0x7f, 0xff) and the poison.
+void FillFp8(uint64_t key, uint8_t* out, size_t n) {
+  Rng rng{key};
+  for (size_t i = 0; i < n; i += 8) {
+    const uint64_t bits = rng.Next();
+    for (size_t j = 0; j < 8 && i + j < n; ++j) {
+      uint8_t b = static_cast<uint8_t>(bits >> (8 * j));
+      if ((b & 0x7f) == 0x7f || b == kPoison) b ^= 1;
+      out[i + j] = b;
+    }
+  }
+}
+
+// ---- Cases -------------------------------------------------------------------------------
+
+enum class Route {
+  kRandom,     // distinct random experts, about 1 entry in 10 is -1
+  kHot,        // like kRandom, but every token also selects expert 1
+  kOneExpert,  // every token of every rank selects only expert E-1 (its other entries are -1)
+  kSomeNone,   // like kRandom, but about a quarter of the tokens have every entry -1
+  kAllNone,    // every entry of every token is -1
+};
+
+constexpr unsigned kLastRank = 1u << 31;  // in rank masks: the last rank, whatever R is
+constexpr unsigned kAllRanks = ~0u;
+
 struct Case {
-  int hidden;
-  int tokens;
-  int topk;
-  int experts;
-  bool fp8;
-  bool idx64;
-  int alignment;
-  bool exact;
-  bool reuse;
-  bool bias;
-  bool weights;
-  bool emptyRank1;  // rank 1 sends no tokens
+  int hidden = 2048;
+  int tokens = 256;  // maxTokensPerRank; rank 0 has this many tokens, the others a few fewer
+  int topk = 8;
+  int experts = 32;
+  bool fp8 = false;
+  bool idx64 = true;
+  int alignment = 1;
+  bool exact = false;  // moecommEpNotifyDispatch, then recvCapacity = N; else worst case R * maxT
+  bool bias = false;
+  bool dispatchWeights = false;  // dispatch topkWeights -> recvTopkWeights
+  bool combineWeights = false;   // combine topkWeights -> combinedTopkWeights
+  Route route = Route::kRandom;
+  unsigned emptyRanks = 0;   // ranks with T = 0
+  unsigned silentRanks = 0;  // ranks whose tokens have every entry -1
+  int iterations = 1;        // dispatch + combine rounds on one handle, fresh data each round
+  bool minimal = false;      // optional outputs NULL; reused-handle rounds pass topkIdx = NULL
+  int numSms = 0;            // EP config SM budget (0: MOECOMM_EP_NUM_SMS)
+
+  Case& Fp8() {
+    fp8 = true;
+    return *this;
+  }
+  Case& I32() {
+    idx64 = false;
+    return *this;
+  }
+  Case& Align(int a) {
+    alignment = a;
+    return *this;
+  }
+  Case& Exact() {
+    exact = true;
+    return *this;
+  }
+  Case& Bias() {
+    bias = true;
+    return *this;
+  }
+  Case& W(bool dispatch, bool combine) {
+    dispatchWeights = dispatch;
+    combineWeights = combine;
+    return *this;
+  }
+  Case& Routed(Route r) {
+    route = r;
+    return *this;
+  }
+  Case& Empty(unsigned mask) {
+    emptyRanks = mask;
+    return *this;
+  }
+  Case& Silent(unsigned mask) {
+    silentRanks = mask;
+    return *this;
+  }
+  Case& Rounds(int n) {
+    iterations = n;
+    return *this;
+  }
+  Case& Minimal() {
+    minimal = true;
+    return *this;
+  }
+  Case& Sms(int n) {
+    numSms = n;
+    return *this;
+  }
+
   std::string Name() const {
-    char text[200];
-    std::snprintf(text, sizeof(text), "H%d_T%d_K%d_E%d_%s_%s_a%d_%s%s%s%s%s", hidden, tokens, topk, experts,
-                  fp8 ? "fp8" : "bf16", idx64 ? "i64" : "i32", alignment, exact ? "exact" : "worst",
-                  reuse ? "_reuse" : "", bias ? "_bias" : "", weights ? "_w" : "", emptyRank1 ? "_empty1" : "");
-    return text;
+    static const char* const kRoutes[] = {"random", "hot", "one-expert", "some-none", "all-none"};
+    auto mask = [](unsigned m) {
+      if (m == kAllRanks) return std::string("all");
+      std::string text;
+      for (int r = 0; r < 31; ++r) {
+        if ((m >> r & 1u) != 0) text += (text.empty() ? "" : ",") + std::to_string(r);
+      }
+      if ((m & kLastRank) != 0) text += text.empty() ? "last" : ",last";
+      return text;
+    };
+    std::string name = "H" + std::to_string(hidden) + " T" + std::to_string(tokens) + " K" + std::to_string(topk) +
+                       " E" + std::to_string(experts) + (fp8 ? " fp8" : " bf16") + (idx64 ? " i64" : " i32") + " a" +
+                       std::to_string(alignment) + (exact ? " exact" : " worst");
+    name += std::string(" w=") + (dispatchWeights ? "d" : "") + (combineWeights ? "c" : "") +
+            (dispatchWeights || combineWeights ? "" : "none");
+    if (bias) name += " bias";
+    name += std::string(" route=") + kRoutes[static_cast<int>(route)];
+    if (emptyRanks != 0) name += " empty=" + mask(emptyRanks);
+    if (silentRanks != 0) name += " silent=" + mask(silentRanks);
+    if (iterations > 1) name += " rounds=" + std::to_string(iterations);
+    if (minimal) name += " minimal";
+    if (numSms != 0) name += " sms=" + std::to_string(numSms);
+    return name;
   }
 };
 
-// Everything one rank feeds in, generated identically on every rank.
-struct RankInput {
-  int numTokens = 0;
-  std::vector<int64_t> topkIdx;  // [T, K]
-  std::vector<uint8_t> x;        // [T, rowBytes]
-  std::vector<float> scales;     // [T, H/128]
-  std::vector<float> weights;    // [T, K]
-  std::vector<uint16_t> bias;    // [T, H]
-};
-
-uint64_t BaseSeed() {
-  const char* id = std::getenv("MOECOMM_UNIQUE_ID");
-  return std::hash<std::string>()(id != nullptr ? id : "moecomm");
+Case C(int hidden, int tokens, int topk, int experts) {
+  Case c;
+  c.hidden = hidden;
+  c.tokens = tokens;
+  c.topk = topk;
+  c.experts = experts;
+  return c;
 }
 
-RankInput MakeInput(const Case& c, int rank, int nranks, uint64_t seed) {
-  std::mt19937_64 rng(seed * 1315423911u + rank * 7919u + 17);
-  RankInput in;
-  in.numTokens = (c.emptyRank1 && rank == 1) ? 0 : c.tokens;
-  const size_t T = in.numTokens;
-  const size_t rowBytes = static_cast<size_t>(c.hidden) * (c.fp8 ? 1 : 2);
-  in.topkIdx.resize(T * c.topk);
-  for (size_t t = 0; t < T; ++t) {
-    for (int k = 0; k < c.topk; ++k) {
-      int64_t e = -1;
-      if (rng() % 10 != 0) {
+bool InMask(unsigned mask, int rank, int nranks) {
+  return (rank < 31 && (mask >> rank & 1u) != 0) || ((mask & kLastRank) != 0 && rank == nranks - 1);
+}
+
+int TokensOf(const Case& c, int rank, int nranks) {
+  if (InMask(c.emptyRanks, rank, nranks)) return 0;
+  return c.tokens - (rank * 37) % (c.tokens / 8 + 1);
+}
+
+// ---- The routing of a case: every rank's topkIdx and layout, known on every rank --------
+
+struct Routing {
+  std::vector<int> tokens;                   // [R]
+  std::vector<std::vector<int64_t>> idx;     // [R][T_r * K]
+  std::vector<std::vector<uint8_t>> inRank;  // [R][T_r * R]
+  std::vector<int> perRankAll;               // [R source][R destination]
+  std::vector<int> perExpertAll;             // [R source][E]
+  std::vector<int> recv;                     // [R]: N of each rank
+};
+
+Routing MakeRouting(const Case& c, const ref::EpShape& shape, uint64_t seed) {
+  const int R = shape.numRanks;
+  const int K = c.topk;
+  const int64_t hotExpert = 1 % c.experts;
+  const int64_t oneExpert = c.experts - 1;
+  Routing routing;
+  routing.tokens.resize(R);
+  routing.idx.resize(R);
+  routing.inRank.resize(R);
+  routing.perRankAll.resize(static_cast<size_t>(R) * R);
+  routing.perExpertAll.resize(static_cast<size_t>(R) * c.experts);
+  routing.recv.resize(R);
+  for (int r = 0; r < R; ++r) {
+    const int T = TokensOf(c, r, R);
+    routing.tokens[r] = T;
+    std::vector<int64_t>& idx = routing.idx[r];
+    idx.assign(static_cast<size_t>(T) * K, -1);
+    Rng rng{Key(seed, kTagRoute, r)};
+    for (int t = 0; t < T; ++t) {
+      int64_t* row = idx.data() + static_cast<size_t>(t) * K;
+      const bool none = InMask(c.silentRanks, r, R) || c.route == Route::kAllNone ||
+                        (c.route == Route::kSomeNone && rng.Below(4) == 0);
+      if (none) continue;
+      if (c.route == Route::kOneExpert) {
+        row[rng.Below(K)] = oneExpert;
+        continue;
+      }
+      if (c.route == Route::kHot) row[rng.Below(K)] = hotExpert;
+      for (int k = 0; k < K; ++k) {
+        if (row[k] != -1 || rng.Below(10) == 0) continue;
         for (int attempt = 0; attempt < 100; ++attempt) {
-          e = static_cast<int64_t>(rng() % c.experts);
-          bool repeated = false;
-          for (int j = 0; j < k; ++j) repeated = repeated || in.topkIdx[t * c.topk + j] == e;
-          if (!repeated) break;
-          e = -1;
+          const int64_t e = rng.Below(c.experts);
+          if (std::find(row, row + K, e) == row + K) {
+            row[k] = e;
+            break;
+          }
         }
       }
-      in.topkIdx[t * c.topk + k] = e;
+    }
+    routing.inRank[r].resize(static_cast<size_t>(T) * R);
+    ref::computeLayout(shape, idx.data(), T, routing.perRankAll.data() + static_cast<size_t>(r) * R,
+                       routing.perExpertAll.data() + static_cast<size_t>(r) * c.experts, routing.inRank[r].data());
+  }
+  for (int r = 0; r < R; ++r) routing.recv[r] = ref::numRecvTokens(shape, routing.perRankAll.data(), r);
+  return routing;
+}
+
+// ---- One round: this rank's inputs and expected outputs ----------------------------------
+
+struct RoundData {
+  // This rank's inputs.
+  std::vector<uint8_t> x;          // [T, rowBytes]
+  std::vector<float> scales;       // [T, H/128] (FP8)
+  std::vector<float> weights;      // [T, K] (dispatch weights)
+  std::vector<uint16_t> bias;      // [T, H]
+  std::vector<uint16_t> combineX;  // [N, H]
+  std::vector<float> combineW;     // [N, K] (combine weights)
+  // Expected outputs.
+  std::vector<int> perExpert;      // [E/R], aligned
+  std::vector<uint8_t> recvX;      // [N, rowBytes]
+  std::vector<float> recvScales;   // [N, H/128]
+  std::vector<uint8_t> recvIdx;    // [N, K] of the case's index type
+  std::vector<float> recvWeights;  // [N, K]
+  std::vector<uint16_t> combined;  // [T, H]
+  std::vector<float> combinedW;    // [T, K]
+};
+
+// Rows of the other ranks are generated only where this rank reads them (row content depends
+// only on (seed, round, owner rank, row), so every rank sees the same data).
+void MakeRound(const Case& c, const ref::EpShape& shape, const Routing& routing, int me, uint64_t seed, int round,
+               RoundData* d) {
+  const int R = shape.numRanks;
+  const int K = c.topk;
+  const int H = c.hidden;
+  const size_t rowBytes = static_cast<size_t>(H) * (c.fp8 ? 1 : 2);
+  const int spr = H / 128;
+  const int N = routing.recv[me];
+  const int T = routing.tokens[me];
+
+  // Dispatch: every source's rows bound for this rank (all of them for this rank itself).
+  std::vector<std::unique_ptr<uint8_t[]>> xs(R);
+  std::vector<std::vector<float>> scales(R), weights(R);
+  std::vector<ref::DispatchSource> sources(R);
+  for (int s = 0; s < R; ++s) {
+    const int Ts = routing.tokens[s];
+    xs[s].reset(new uint8_t[std::max<size_t>(1, Ts * rowBytes)]);
+    for (int t = 0; t < Ts; ++t) {
+      if (s != me && routing.inRank[s][static_cast<size_t>(t) * R + me] == 0) continue;
+      uint8_t* row = xs[s].get() + t * rowBytes;
+      const uint64_t key = Key(seed, kTagX, round, s, t);
+      if (c.fp8) {
+        FillFp8(key, row, rowBytes);
+      } else {
+        FillBf16(key, reinterpret_cast<uint16_t*>(row), H);
+      }
+    }
+    if (c.fp8) {
+      scales[s].resize(static_cast<size_t>(Ts) * spr);
+      FillFloats(Key(seed, kTagScales, round, s), scales[s].data(), scales[s].size());
+    }
+    if (c.dispatchWeights) {
+      weights[s].resize(static_cast<size_t>(Ts) * K);
+      FillFloats(Key(seed, kTagWeights, round, s), weights[s].data(), weights[s].size());
+    }
+    sources[s].numTokens = Ts;
+    sources[s].isTokenInRank = routing.inRank[s].data();
+    sources[s].x = xs[s].get();
+    sources[s].xScales = c.fp8 ? scales[s].data() : nullptr;
+    sources[s].topkIdx = routing.idx[s].data();
+    sources[s].topkWeights = c.dispatchWeights ? weights[s].data() : nullptr;
+  }
+  d->recvX.assign(N * rowBytes, 0);
+  d->recvScales.assign(c.fp8 ? static_cast<size_t>(N) * spr : 0, 0.0f);
+  std::vector<int64_t> recvIdx64(static_cast<size_t>(N) * K);
+  d->recvWeights.assign(c.dispatchWeights ? static_cast<size_t>(N) * K : 0, 0.0f);
+  ref::DispatchOutput out;
+  out.recvX = d->recvX.data();
+  out.recvXScales = c.fp8 ? d->recvScales.data() : nullptr;
+  out.recvTopkIdx = recvIdx64.data();
+  out.recvTopkWeights = c.dispatchWeights ? d->recvWeights.data() : nullptr;
+  ref::dispatchGather(shape, me, sources.data(), rowBytes, out);
+  d->recvIdx.resize(recvIdx64.size() * (c.idx64 ? 8 : 4));
+  ref::narrowTopkIdx(recvIdx64.data(), recvIdx64.size(), c.idx64 ? moecommInt64 : moecommInt32, d->recvIdx.data());
+  d->perExpert.resize(shape.expertsPerRank());
+  ref::recvTokensPerExpert(shape, routing.perExpertAll.data(), me, c.alignment, d->perExpert.data());
+
+  // This rank's dispatch inputs.
+  d->x.assign(xs[me].get(), xs[me].get() + T * rowBytes);
+  d->scales = scales[me];
+  d->weights = weights[me];
+  d->bias.resize(c.bias ? static_cast<size_t>(T) * H : 0);
+  FillBf16(Key(seed, kTagBias, round, me), d->bias.data(), d->bias.size());
+
+  // Combine: each receiver's rows that hold this rank's tokens (all rows for this rank).
+  std::vector<std::unique_ptr<uint16_t[]>> cx(R);
+  std::vector<std::vector<float>> cw(R);
+  std::vector<ref::CombineSource> receivers(R);
+  for (int r = 0; r < R; ++r) {
+    const int Nr = routing.recv[r];
+    cx[r].reset(new uint16_t[std::max<size_t>(1, static_cast<size_t>(Nr) * H)]);
+    const int first = r == me ? 0 : ref::recvRowBase(shape, routing.perRankAll.data(), r, me);
+    const int count = r == me ? Nr : routing.perRankAll[me * R + r];
+    for (int n = first; n < first + count; ++n) {
+      FillBf16(Key(seed, kTagCombineX, round, r, n), cx[r].get() + static_cast<size_t>(n) * H, H);
+    }
+    if (c.combineWeights) {
+      cw[r].resize(static_cast<size_t>(Nr) * K);
+      FillFloats(Key(seed, kTagCombineW, round, r), cw[r].data(), cw[r].size());
+    }
+    receivers[r].x = cx[r].get();
+    receivers[r].topkWeights = c.combineWeights ? cw[r].data() : nullptr;
+  }
+  d->combined.assign(static_cast<size_t>(T) * H, 0);
+  d->combinedW.assign(c.combineWeights ? static_cast<size_t>(T) * K : 0, 0.0f);
+  ref::combineReduce(shape, me, T, routing.inRank[me].data(), routing.perRankAll.data(), receivers.data(),
+                     c.bias ? d->bias.data() : nullptr, d->combined.data(),
+                     c.combineWeights ? d->combinedW.data() : nullptr);
+  d->combineX.assign(cx[me].get(), cx[me].get() + static_cast<size_t>(N) * H);
+  d->combineW = cw[me];
+}
+
+// ---- Device buffers ------------------------------------------------------------------------
+
+std::string CudaText(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + " (" + cudaGetErrorString(err) + ")";
+}
+
+// `bytes` usable bytes followed by kGuardBytes of guard; never a null pointer, even for 0 bytes.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr && cudaFree(ptr_) != cudaSuccess) (void)cudaGetLastError();
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  cudaError_t Allocate(size_t bytes) {
+    bytes_ = bytes;
+    return cudaMalloc(&ptr_, bytes + kGuardBytes);
+  }
+  cudaError_t Poison(cudaStream_t stream) const { return cudaMemsetAsync(ptr_, kPoison, bytes_ + kGuardBytes, stream); }
+  template <typename T>
+  cudaError_t Upload(const std::vector<T>& host, cudaStream_t stream) const {
+    const size_t bytes = host.size() * sizeof(T);
+    if (bytes > bytes_) return cudaErrorInvalidValue;
+    return bytes == 0 ? cudaSuccess : cudaMemcpyAsync(ptr_, host.data(), bytes, cudaMemcpyHostToDevice, stream);
+  }
+  void* get() const { return ptr_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+std::string Hex(const uint8_t* bytes, size_t n) {
+  uint64_t v = 0;
+  std::memcpy(&v, bytes, std::min<size_t>(n, 8));
+  char text[32];
+  std::snprintf(text, sizeof(text), "0x%0*llx", static_cast<int>(2 * std::min<size_t>(n, 8)),
+                static_cast<unsigned long long>(v));
+  return text;
+}
+
+// Reads back all of `buffer` (its bytes and the guard). The first wantBytes must equal `want`,
+// compared per element of elemBytes (rowElems per row, for the message); every byte after
+// them must still be the poison. Returns "" or the first difference.
+std::string CompareOutput(const std::string& what, const void* want, size_t wantBytes, size_t elemBytes,
+                          size_t rowElems, const DeviceBuffer& buffer) {
+  const size_t total = buffer.bytes() + kGuardBytes;
+  if (wantBytes > buffer.bytes()) return what + ": test error, buffer smaller than the expected output";
+  std::vector<uint8_t> got(total);
+  const cudaError_t err = cudaMemcpy(got.data(), buffer.get(), total, cudaMemcpyDeviceToHost);
+  if (err != cudaSuccess) return what + ": cudaMemcpy to the host failed: " + CudaText(err);
+  const uint8_t* expected = static_cast<const uint8_t*>(want);
+  size_t wrong = 0, first = 0;
+  for (size_t e = 0; e < wantBytes / elemBytes; ++e) {
+    if (std::memcmp(got.data() + e * elemBytes, expected + e * elemBytes, elemBytes) == 0) continue;
+    if (wrong++ == 0) first = e;
+  }
+  if (wrong > 0) {
+    const std::string at = rowElems > 1
+                               ? "[" + std::to_string(first / rowElems) + "][" + std::to_string(first % rowElems) + "]"
+                               : "[" + std::to_string(first) + "]";
+    const uint8_t* g = got.data() + first * elemBytes;
+    const bool poisoned = std::all_of(g, g + elemBytes, [](uint8_t b) { return b == kPoison; });
+    return what + at + ": got " + Hex(g, elemBytes) + (poisoned ? " (never written)" : "") + " expected " +
+           Hex(expected + first * elemBytes, elemBytes) + " (" + std::to_string(wrong) + " of " +
+           std::to_string(wantBytes / elemBytes) + " elements differ)";
+  }
+  for (size_t i = wantBytes; i < total; ++i) {
+    if (got[i] == kPoison) continue;
+    return what + ": byte " + std::to_string(i) + " is written (" + Hex(&got[i], 1) + ") but only the first " +
+           std::to_string(wantBytes) + " bytes may be" +
+           (i >= buffer.bytes() ? " (past the end of the buffer, in the guard)" : " (rows beyond N)");
+  }
+  return "";
+}
+
+// ---- Test-side agreement between ranks (through the communicator's bootstrap) -------------
+
+// True when every rank passes true; *firstBad gets the lowest rank that passed false.
+bool AllRanks(moecommComm_t comm, bool mine, int* firstBad) {
+  std::vector<int32_t> all(comm->nranks, 0);
+  const int32_t flag = mine ? 1 : 0;
+  *firstBad = -1;
+  if (comm->bootstrap->allgather(&flag, all.data(), sizeof(int32_t)) != moecommSuccess) return false;
+  for (int r = 0; r < comm->nranks; ++r) {
+    if (all[r] == 0) {
+      *firstBad = r;
+      return false;
     }
   }
-  in.x.resize(T * rowBytes);
-  std::uniform_real_distribution<float> value(-2.0f, 2.0f);
-  if (c.fp8) {
-    for (auto& b : in.x) {
-      b = static_cast<uint8_t>(rng());
-      if ((b & 0x7f) == 0x7f) b = 0;
-    }
-  } else {
-    for (size_t i = 0; i < T * c.hidden; ++i) {
-      const uint16_t v = moecomm::floatToBf16(value(rng));
-      std::memcpy(in.x.data() + 2 * i, &v, 2);
-    }
+  return true;
+}
+
+const char* EnvText(const char* name) {
+  const char* text = std::getenv(name);
+  return text != nullptr && *text != '\0' ? text : nullptr;
+}
+
+int EnvInt(const char* name, int fallback) {
+  const char* text = EnvText(name);
+  return text != nullptr ? std::atoi(text) : fallback;
+}
+
+// ---- One case ------------------------------------------------------------------------------
+
+class CaseRunner {
+ public:
+  CaseRunner(moecommComm_t comm, const Case& c, uint64_t seed)
+      : comm_(comm), c_(c), seed_(seed), R_(comm->nranks), me_(comm->rank) {
+    shape_.numRanks = R_;
+    shape_.numExperts = c.experts;
+    shape_.hidden = c.hidden;
+    shape_.topk = c.topk;
+    shape_.maxTokensPerRank = c.tokens;
+    L_ = c.experts / R_;
+    rowBytes_ = static_cast<size_t>(c.hidden) * (c.fp8 ? 1 : 2);
+    spr_ = c.hidden / 128;
+    idxBytes_ = c.idx64 ? 8 : 4;
   }
-  in.scales.resize(T * (c.hidden / 128));
-  for (auto& s : in.scales) s = value(rng);
-  in.weights.resize(T * c.topk);
-  for (auto& w : in.weights) w = value(rng);
-  in.bias.resize(T * c.hidden);
-  for (auto& b : in.bias) b = moecomm::floatToBf16(value(rng));
-  return in;
-}
-
-// What receiving rank r feeds into the combine: [N, H] BF16 and [N, K] weights.
-void MakeCombineInput(const Case& c, int rank, int rows, uint64_t seed, std::vector<uint16_t>* x,
-                      std::vector<float>* weights) {
-  std::mt19937_64 rng(seed * 2654435761u + rank * 104729u + 5);
-  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
-  x->resize(static_cast<size_t>(rows) * c.hidden);
-  for (auto& v : *x) v = moecomm::floatToBf16(value(rng));
-  weights->resize(static_cast<size_t>(rows) * c.topk);
-  for (auto& w : *weights) w = value(rng);
-}
-
-template <typename T>
-T* ToDevice(const std::vector<T>& host) {
-  void* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, host.size() * sizeof(T) + 16), cudaSuccess);
-  if (!host.empty()) {
-    EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  ~CaseRunner() {
+    if (graphExec_ != nullptr) cudaGraphExecDestroy(graphExec_);
+    if (graph_ != nullptr) cudaGraphDestroy(graph_);
+    if (handle_ != nullptr) moecommEpHandleDestroy(handle_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
-  return static_cast<T*>(p);
-}
+  CaseRunner(const CaseRunner&) = delete;
+  CaseRunner& operator=(const CaseRunner&) = delete;
 
-void* Poisoned(size_t bytes) {
-  void* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, bytes + 16), cudaSuccess);
-  EXPECT_EQ(cudaMemset(p, 0xFF, bytes + 16), cudaSuccess);
-  return p;
-}
+  // Dispatch + combine rounds (with the layout check and, for exact sizing, the notify).
+  std::string Run();
+  // Eager dispatch + combine, then a captured dispatch (reusing the handle) + combine
+  // replayed `replays` times with fresh inputs, then one more eager round.
+  std::string RunGraph(int replays, cudaStreamCaptureMode mode);
 
-// Compares bytes; on mismatch fills *why with the first differing element (elemBytes wide).
-bool SameBytes(const char* what, const void* expected, const void* device, size_t bytes, size_t elemBytes,
-               std::string* why) {
-  std::vector<uint8_t> got(bytes);
-  if (bytes > 0 && cudaMemcpy(got.data(), device, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
-    *why = std::string(what) + ": cudaMemcpy failed";
+ private:
+  bool Setup();
+  void Finish();
+  void Fail(const std::string& text) {
+    if (why_.empty()) why_ = text;
+  }
+  void Check(const std::string& text) {
+    if (!text.empty()) Fail(text);
+  }
+  void CudaCheck(cudaError_t err, const std::string& what) {
+    if (err != cudaSuccess) Fail(what + ": " + CudaText(err));
+  }
+  void CheckAsync(const std::string& tag);
+  void CheckLayout();
+  void Notify();
+  void Prepare(int round);  // fresh data uploaded, outputs poisoned (async on stream_)
+  moecommEpDispatchArgs_t DispatchArgs(bool passTopkIdx) const;
+  moecommEpCombineArgs_t CombineArgs() const;
+  bool Dispatch(const std::string& tag, bool passTopkIdx);
+  bool Combine(const std::string& tag);
+  void CheckDispatch(const std::string& tag);
+  void CheckCombine(const std::string& tag);
+  int Capacity() const { return c_.exact ? N_ : R_ * c_.tokens; }
+
+  moecommComm_t comm_;
+  Case c_;
+  uint64_t seed_;
+  int R_, me_;
+  ref::EpShape shape_;
+  int L_ = 1;
+  size_t rowBytes_ = 0;
+  int spr_ = 0;
+  size_t idxBytes_ = 8;
+  Routing routing_;
+  int T_ = 0, N_ = 0;
+  RoundData d_;
+  std::string why_;
+  moecommResult_t asyncBefore_ = moecommSuccess;
+
+  cudaStream_t stream_ = nullptr;
+  moecommEp_t ep_ = nullptr;
+  moecommEpHandle_t handle_ = nullptr;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t graphExec_ = nullptr;
+  // Inputs.
+  DeviceBuffer idx_, x_, scales_, weights_, bias_, combineX_, combineW_;
+  // Outputs.
+  DeviceBuffer recvX_, recvScales_, recvIdx_, recvW_, numRecv_, perExpert_, combined_, combinedW_;
+  DeviceBuffer layoutRank_, layoutExpert_, layoutInRank_;
+};
+
+bool CaseRunner::Setup() {
+  routing_ = MakeRouting(c_, shape_, seed_);
+  T_ = routing_.tokens[me_];
+  N_ = routing_.recv[me_];
+  moecommCommGetAsyncError(comm_, &asyncBefore_);
+  CudaCheck(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+
+  const size_t T = T_, K = c_.topk, H = c_.hidden, cap = Capacity();
+  struct Plan {
+    DeviceBuffer* buffer;
+    size_t bytes;
+  };
+  const Plan plans[] = {
+      {&idx_, T * K * idxBytes_},
+      {&x_, T * rowBytes_},
+      {&scales_, T * spr_ * 4},
+      {&weights_, T * K * 4},
+      {&bias_, T * H * 2},
+      {&combineX_, cap * H * 2},
+      {&combineW_, cap * K * 4},
+      {&recvX_, cap * rowBytes_},
+      {&recvScales_, cap * spr_ * 4},
+      {&recvIdx_, cap * K * idxBytes_},
+      {&recvW_, cap * K * 4},
+      {&numRecv_, 4},
+      {&perExpert_, 4 * static_cast<size_t>(L_)},
+      {&combined_, T * H * 2},
+      {&combinedW_, T * K * 4},
+      {&layoutRank_, 4 * static_cast<size_t>(R_)},
+      {&layoutExpert_, 4 * static_cast<size_t>(c_.experts)},
+      {&layoutInRank_, T * R_},
+  };
+  for (const Plan& plan : plans) CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
+  std::vector<int32_t> idx32(routing_.idx[me_].begin(), routing_.idx[me_].end());
+  CudaCheck(c_.idx64 ? idx_.Upload(routing_.idx[me_], stream_) : idx_.Upload(idx32, stream_), "upload topkIdx");
+  CudaCheck(cudaStreamSynchronize(stream_), "cudaStreamSynchronize after the uploads");
+  // Local trouble (an allocation) stops the case on every rank before the first collective.
+  int bad = -1;
+  if (!AllRanks(comm_, why_.empty(), &bad)) {
+    Fail("setup failed on rank " + std::to_string(bad));
     return false;
   }
-  const uint8_t* want = static_cast<const uint8_t*>(expected);
-  for (size_t i = 0; i < bytes; ++i) {
-    if (got[i] == want[i]) continue;
-    const size_t elem = i / elemBytes;
-    uint64_t g = 0, w = 0;
-    std::memcpy(&g, got.data() + elem * elemBytes, std::min<size_t>(elemBytes, 8));
-    std::memcpy(&w, want + elem * elemBytes, std::min<size_t>(elemBytes, 8));
-    char text[256];
-    std::snprintf(text, sizeof(text), "%s[%zu]: got 0x%llx expected 0x%llx", what, elem,
-                  static_cast<unsigned long long>(g), static_cast<unsigned long long>(w));
-    *why = text;
+
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = c_.experts;
+  config.hidden = c_.hidden;
+  config.maxTokensPerRank = c_.tokens;
+  config.topk = c_.topk;
+  config.numSms = c_.numSms;
+  if (moecommEpCreate(comm_, &config, &ep_) != moecommSuccess) {
+    Fail(std::string("moecommEpCreate: ") + moecommGetLastError(comm_));
+    ep_ = nullptr;
     return false;
   }
   return true;
 }
+
+void CaseRunner::Finish() {
+  if (handle_ != nullptr) {
+    if (moecommEpHandleDestroy(handle_) != moecommSuccess) {
+      Fail(std::string("moecommEpHandleDestroy: ") + moecommGetLastError(comm_));
+    }
+    handle_ = nullptr;
+  }
+  if (ep_ != nullptr && moecommEpDestroy(ep_) != moecommSuccess) {
+    Fail(std::string("moecommEpDestroy: ") + moecommGetLastError(comm_));
+  }
+  ep_ = nullptr;
+}
+
+void CaseRunner::CheckAsync(const std::string& tag) {
+  moecommResult_t now = moecommSuccess;
+  moecommCommGetAsyncError(comm_, &now);
+  if (now != moecommSuccess && now != asyncBefore_) {
+    Fail(tag + ": moecommCommGetAsyncError reports " + moecommGetErrorString(now));
+  }
+}
+
+void CaseRunner::CheckLayout() {
+  CudaCheck(layoutRank_.Poison(stream_), "poison");
+  CudaCheck(layoutExpert_.Poison(stream_), "poison");
+  CudaCheck(layoutInRank_.Poison(stream_), "poison");
+  moecommEpLayoutArgs_t args = MOECOMM_EP_LAYOUT_ARGS_INIT;
+  args.numTokens = T_;
+  args.topkIdx = idx_.get();
+  args.topkIdxType = c_.idx64 ? moecommInt64 : moecommInt32;
+  args.tokensPerRank = layoutRank_.as<int>();
+  args.tokensPerExpert = layoutExpert_.as<int>();
+  args.isTokenInRank = layoutInRank_.as<uint8_t>();
+  if (moecommEpGetLayout(ep_, &args, stream_) != moecommSuccess) {
+    Fail(std::string("moecommEpGetLayout: ") + moecommGetLastError(comm_));
+    return;
+  }
+  CudaCheck(cudaStreamSynchronize(stream_), "cudaStreamSynchronize after moecommEpGetLayout");
+  Check(CompareOutput("layout tokensPerRank", routing_.perRankAll.data() + static_cast<size_t>(me_) * R_,
+                      4 * static_cast<size_t>(R_), 4, 1, layoutRank_));
+  Check(CompareOutput("layout tokensPerExpert", routing_.perExpertAll.data() + static_cast<size_t>(me_) * c_.experts,
+                      4 * static_cast<size_t>(c_.experts), 4, 1, layoutExpert_));
+  Check(CompareOutput("layout isTokenInRank", routing_.inRank[me_].data(), routing_.inRank[me_].size(), 1, R_,
+                      layoutInRank_));
+}
+
+void CaseRunner::Notify() {
+  moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
+  args.numTokens = T_;
+  args.topkIdx = idx_.get();
+  args.topkIdxType = c_.idx64 ? moecommInt64 : moecommInt32;
+  args.expertAlignment = c_.alignment;
+  int n = -1;
+  std::vector<int> perExpert(L_, -7);
+  if (moecommEpNotifyDispatch(ep_, &args, &handle_, &n, perExpert.data(), stream_) != moecommSuccess) {
+    Fail(std::string("moecommEpNotifyDispatch: ") + moecommGetLastError(comm_));
+    handle_ = nullptr;
+    return;
+  }
+  std::vector<int> want(L_);
+  ref::recvTokensPerExpert(shape_, routing_.perExpertAll.data(), me_, c_.alignment, want.data());
+  if (n != N_) Fail("notify numRecvTokens " + std::to_string(n) + ", expected " + std::to_string(N_));
+  for (int le = 0; le < L_; ++le) {
+    if (perExpert[le] != want[le]) {
+      Fail("notify recvTokensPerExpert[" + std::to_string(le) + "] = " + std::to_string(perExpert[le]) + ", expected " +
+           std::to_string(want[le]));
+      break;
+    }
+  }
+  int handleN = -2;
+  if (moecommEpHandleGetNumRecvTokens(handle_, &handleN) != moecommSuccess || handleN != N_) {
+    Fail("moecommEpHandleGetNumRecvTokens after notify: " + std::to_string(handleN) + ", expected " +
+         std::to_string(N_));
+  }
+}
+
+void CaseRunner::Prepare(int round) {
+  MakeRound(c_, shape_, routing_, me_, seed_, round, &d_);
+  for (const DeviceBuffer* b : {&x_, &scales_, &weights_, &bias_, &combineX_, &combineW_, &recvX_, &recvScales_,
+                                &recvIdx_, &recvW_, &numRecv_, &perExpert_, &combined_, &combinedW_}) {
+    CudaCheck(b->Poison(stream_), "poison");
+  }
+  CudaCheck(x_.Upload(d_.x, stream_), "upload x");
+  CudaCheck(scales_.Upload(d_.scales, stream_), "upload xScales");
+  CudaCheck(weights_.Upload(d_.weights, stream_), "upload topkWeights");
+  CudaCheck(bias_.Upload(d_.bias, stream_), "upload bias");
+  CudaCheck(combineX_.Upload(d_.combineX, stream_), "upload combine x");
+  CudaCheck(combineW_.Upload(d_.combineW, stream_), "upload combine topkWeights");
+}
+
+moecommEpDispatchArgs_t CaseRunner::DispatchArgs(bool passTopkIdx) const {
+  const bool rows = Capacity() > 0;  // exact sizing with N = 0: every row output may be NULL
+  moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
+  args.numTokens = T_;
+  args.xType = c_.fp8 ? moecommFloat8E4M3 : moecommBfloat16;
+  args.x = x_.get();
+  args.xScales = c_.fp8 ? scales_.as<float>() : nullptr;
+  args.topkIdx = passTopkIdx ? idx_.get() : nullptr;
+  args.topkIdxType = c_.idx64 ? moecommInt64 : moecommInt32;
+  args.topkWeights = c_.dispatchWeights ? weights_.as<float>() : nullptr;
+  args.expertAlignment = c_.alignment;
+  args.recvCapacity = Capacity();
+  args.recvX = rows ? recvX_.get() : nullptr;
+  args.recvXScales = c_.fp8 && rows ? recvScales_.as<float>() : nullptr;
+  args.recvTopkIdx = !c_.minimal && rows ? recvIdx_.get() : nullptr;
+  args.recvTopkWeights = !c_.minimal && rows && c_.dispatchWeights ? recvW_.as<float>() : nullptr;
+  args.numRecvTokens = c_.minimal ? nullptr : numRecv_.as<int>();
+  args.recvTokensPerExpert = c_.minimal ? nullptr : perExpert_.as<int>();
+  return args;
+}
+
+moecommEpCombineArgs_t CaseRunner::CombineArgs() const {
+  moecommEpCombineArgs_t args = MOECOMM_EP_COMBINE_ARGS_INIT;
+  args.x = combineX_.get();
+  args.topkWeights = c_.combineWeights ? combineW_.as<float>() : nullptr;
+  args.bias = c_.bias ? bias_.get() : nullptr;
+  args.combinedX = combined_.get();
+  args.combinedTopkWeights = c_.combineWeights ? combinedW_.as<float>() : nullptr;
+  return args;
+}
+
+bool CaseRunner::Dispatch(const std::string& tag, bool passTopkIdx) {
+  const moecommEpDispatchArgs_t args = DispatchArgs(passTopkIdx);
+  moecommEpHandle_t before = handle_;
+  if (moecommEpDispatch(ep_, &args, &handle_, stream_) != moecommSuccess) {
+    Fail(tag + " moecommEpDispatch: " + moecommGetLastError(comm_));
+    handle_ = before;
+    return false;
+  }
+  if (before != nullptr && handle_ != before) Fail(tag + " moecommEpDispatch replaced the reused handle");
+  return true;
+}
+
+bool CaseRunner::Combine(const std::string& tag) {
+  const moecommEpCombineArgs_t args = CombineArgs();
+  if (moecommEpCombine(ep_, &args, handle_, stream_) != moecommSuccess) {
+    Fail(tag + " moecommEpCombine: " + moecommGetLastError(comm_));
+    return false;
+  }
+  return true;
+}
+
+void CaseRunner::CheckDispatch(const std::string& tag) {
+  const size_t N = N_, K = c_.topk;
+  if (!c_.minimal) {
+    Check(CompareOutput(tag + " numRecvTokens", &N_, 4, 4, 1, numRecv_));
+    Check(CompareOutput(tag + " recvTokensPerExpert", d_.perExpert.data(), 4 * d_.perExpert.size(), 4, 1, perExpert_));
+  }
+  if (Capacity() == 0) return;  // NULL row outputs; the buffers must be untouched
+  Check(CompareOutput(tag + " recvX", d_.recvX.data(), N * rowBytes_, c_.fp8 ? 1 : 2, static_cast<size_t>(c_.hidden),
+                      recvX_));
+  if (c_.fp8) {
+    Check(CompareOutput(tag + " recvXScales", d_.recvScales.data(), N * spr_ * 4, 4, spr_, recvScales_));
+  }
+  if (!c_.minimal) {
+    Check(CompareOutput(tag + " recvTopkIdx", d_.recvIdx.data(), N * K * idxBytes_, idxBytes_, K, recvIdx_));
+    if (c_.dispatchWeights) {
+      Check(CompareOutput(tag + " recvTopkWeights", d_.recvWeights.data(), N * K * 4, 4, K, recvW_));
+    }
+  }
+}
+
+void CaseRunner::CheckCombine(const std::string& tag) {
+  Check(CompareOutput(tag + " combinedX", d_.combined.data(), d_.combined.size() * 2, 2, static_cast<size_t>(c_.hidden),
+                      combined_));
+  if (c_.combineWeights) {
+    Check(CompareOutput(tag + " combinedTopkWeights", d_.combinedW.data(), d_.combinedW.size() * 4, 4,
+                        static_cast<size_t>(c_.topk), combinedW_));
+  }
+}
+
+std::string CaseRunner::Run() {
+  if (!Setup()) return why_;
+  CheckLayout();
+  if (c_.exact) Notify();
+  // Every rank makes the same calls whatever it found so far, so one rank's mismatch never
+  // leaves the others waiting in a collective.
+  for (int round = 0; round < c_.iterations; ++round) {
+    const std::string tag = c_.iterations > 1 ? "round " + std::to_string(round) : "dispatch";
+    const bool reused = handle_ != nullptr;
+    Prepare(round);
+    if (c_.exact && !reused) break;  // the notify failed on every rank
+    if (!Dispatch(tag, !(c_.minimal && reused))) break;
+    CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize after the dispatch");
+    CheckAsync(tag + " dispatch");
+    CheckDispatch(tag);
+    if (!Combine(c_.iterations > 1 ? tag : "combine")) break;
+    CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize after the combine");
+    CheckAsync(tag + " combine");
+    CheckCombine(c_.iterations > 1 ? tag : "combine");
+  }
+  Finish();
+  return why_;
+}
+
+std::string CaseRunner::RunGraph(int replays, cudaStreamCaptureMode mode) {
+  if (!Setup()) return why_;
+  // Round 0, eager: creates the handle (worst-case sizing, no host sync inside the calls).
+  Prepare(0);
+  if (Dispatch("eager", true)) {
+    CudaCheck(cudaStreamSynchronize(stream_), "eager cudaStreamSynchronize");
+    CheckAsync("eager dispatch");
+    CheckDispatch("eager");
+    if (Combine("eager")) {
+      CudaCheck(cudaStreamSynchronize(stream_), "eager cudaStreamSynchronize");
+      CheckAsync("eager combine");
+      CheckCombine("eager");
+    }
+  }
+  int bad = -1;
+  if (!AllRanks(comm_, why_.empty() && handle_ != nullptr, &bad)) {
+    Finish();
+    return why_.empty() ? "eager round failed on rank " + std::to_string(bad) : why_;
+  }
+
+  // Capture dispatch (reusing the handle) + combine. The calls still agree with the peers on
+  // the host during the capture; only their kernels go into the graph.
+  bool captured = false;
+  cudaError_t err = cudaStreamBeginCapture(stream_, mode);
+  if (err != cudaSuccess) {
+    Fail("cudaStreamBeginCapture: " + CudaText(err));
+  } else {
+    const moecommEpDispatchArgs_t dispatchArgs = DispatchArgs(true);
+    const moecommEpCombineArgs_t combineArgs = CombineArgs();
+    moecommEpHandle_t reused = handle_;
+    const moecommResult_t dispatched = moecommEpDispatch(ep_, &dispatchArgs, &handle_, stream_);
+    if (dispatched != moecommSuccess) Fail(std::string("captured moecommEpDispatch: ") + moecommGetLastError(comm_));
+    if (handle_ != reused) Fail("captured moecommEpDispatch replaced the reused handle");
+    handle_ = reused;
+    const moecommResult_t combined = moecommEpCombine(ep_, &combineArgs, handle_, stream_);
+    if (combined != moecommSuccess) Fail(std::string("captured moecommEpCombine: ") + moecommGetLastError(comm_));
+    err = cudaStreamEndCapture(stream_, &graph_);
+    if (err != cudaSuccess) {
+      Fail("cudaStreamEndCapture: " + CudaText(err));
+      (void)cudaGetLastError();
+      graph_ = nullptr;
+    } else if (dispatched == moecommSuccess && combined == moecommSuccess) {
+      err = cudaGraphInstantiate(&graphExec_, graph_, 0);
+      if (err != cudaSuccess) {
+        Fail("cudaGraphInstantiate: " + CudaText(err));
+        graphExec_ = nullptr;
+      } else {
+        captured = true;
+      }
+    }
+  }
+  if (!AllRanks(comm_, captured, &bad)) {
+    Finish();
+    return why_.empty() ? "capture failed on rank " + std::to_string(bad) : "capture: " + why_;
+  }
+
+  // Replays: fresh inputs into the same buffers, outputs poisoned, every output checked. One
+  // rank starts each replay 20 ms late, so a replay that does not wait for its peers (for
+  // instance one that reuses the sequence numbers baked in at capture) reads stale rows.
+  for (int replay = 1; replay <= replays; ++replay) {
+    const std::string tag = "replay " + std::to_string(replay) + "/" + std::to_string(replays);
+    Prepare(replay);
+    if (me_ == replay % R_) usleep(20000);
+    err = cudaGraphLaunch(graphExec_, stream_);
+    if (err != cudaSuccess) Fail(tag + " cudaGraphLaunch: " + CudaText(err));
+    CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize");
+    CheckAsync(tag);
+    CheckDispatch(tag);
+    CheckCombine(tag);
+    // Stop at the first failing replay on every rank: later replays would only repeat it, and
+    // a replay that waits on a peer that stopped would burn the kernel timeout.
+    if (!AllRanks(comm_, why_.empty(), &bad)) {
+      if (why_.empty()) Fail(tag + ": rank " + std::to_string(bad) + " failed; stopped");
+      break;
+    }
+  }
+
+  // One more eager round on the same handle: the host's view of the sequence must still
+  // match the device's after the replays.
+  if (why_.empty()) {
+    const std::string tag = "eager after the replays";
+    Prepare(replays + 1);
+    if (Dispatch(tag, true)) {
+      CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize");
+      CheckAsync(tag + " dispatch");
+      CheckDispatch(tag);
+      if (Combine(tag)) {
+        CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize");
+        CheckAsync(tag + " combine");
+        CheckCombine(tag);
+      }
+    }
+  }
+  Finish();
+  return why_;
+}
+
+// ---- The fixture ---------------------------------------------------------------------------
 
 class EpCudaNormal : public ::testing::Test {
  protected:
@@ -166,238 +983,164 @@ class EpCudaNormal : public ::testing::Test {
     comm_ = Gpu().comm;
     rank_ = comm_->rank;
     nranks_ = comm_->nranks;
+    if (nranks_ < 2) GTEST_SKIP() << "EpCudaNormal needs at least 2 ranks";
     ASSERT_EQ(cudaSetDevice(Gpu().device), cudaSuccess);
   }
 
-  // Runs one case; returns "" on success, else the first mismatch.
-  std::string Run(const Case& c, uint64_t seed);
+  static uint64_t BaseSeed() {
+    if (const char* text = EnvText("MOECOMM_TEST_EP_SEED")) return std::strtoull(text, nullptr, 0);
+    const char* id = std::getenv("MOECOMM_UNIQUE_ID");
+    return std::hash<std::string>()(id != nullptr ? id : "moecomm");
+  }
+
+  // Runs every case (whatever the others found) and prints one line per case; `graph` runs
+  // RunGraph instead of Run. Fails the test if any case failed.
+  void RunCases(const char* suite, std::vector<Case> cases, bool graph = false) {
+    const uint64_t base = BaseSeed();
+    const int maxTokens = EnvInt("MOECOMM_TEST_EP_MAX_TOKENS", 0);
+    const int replays = EnvInt("MOECOMM_TEST_EP_GRAPH_REPLAYS", 20);
+    const char* filterText = EnvText("MOECOMM_TEST_EP_CASES");
+    std::regex filter;
+    try {
+      filter.assign(filterText != nullptr ? filterText : "");
+    } catch (const std::regex_error& error) {
+      FAIL() << "MOECOMM_TEST_EP_CASES is not a valid regular expression: " << error.what();
+    }
+    const char* modeText = EnvText("MOECOMM_TEST_EP_CAPTURE_MODE");
+    const std::string modeName = modeText != nullptr ? modeText : "thread";
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeThreadLocal;
+    if (modeName == "relaxed") mode = cudaStreamCaptureModeRelaxed;
+    if (modeName == "global") mode = cudaStreamCaptureModeGlobal;
+    if (rank_ == 0) {
+      std::printf("[EpCudaNormal] %s: %zu cases on %d ranks, seed %llu (MOECOMM_TEST_EP_SEED=%llu replays it)%s\n",
+                  suite, cases.size(), nranks_, static_cast<unsigned long long>(base),
+                  static_cast<unsigned long long>(base), graph ? (", capture mode " + modeName).c_str() : "");
+      std::fflush(stdout);
+    }
+    int failures = 0, ran = 0;
+    for (size_t i = 0; i < cases.size(); ++i) {
+      Case c = cases[i];
+      if (maxTokens > 0) c.tokens = std::min(c.tokens, maxTokens);
+      const std::string name = (graph ? "graph " : "") + c.Name();
+      if (c.experts % nranks_ != 0) continue;
+      if (filterText != nullptr && !std::regex_search(name, filter)) continue;
+      const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
+      const auto start = std::chrono::steady_clock::now();
+      CaseRunner runner(comm_, c, seed);
+      const std::string why = graph ? runner.RunGraph(replays, mode) : runner.Run();
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      std::printf("[EpCudaNormal rank %d] %s%s: %s (%.2f s)%s%s\n", rank_, name.c_str(),
+                  graph ? (" replays=" + std::to_string(replays)).c_str() : "", why.empty() ? "PASS" : "FAIL", seconds,
+                  why.empty() ? "" : " ", why.c_str());
+      std::fflush(stdout);
+      ++ran;
+      if (!why.empty()) ++failures;
+    }
+    EXPECT_EQ(failures, 0) << failures << " of " << ran << " cases failed on rank " << rank_;
+    if (ran == 0 && filterText == nullptr) ADD_FAILURE() << suite << ": no case ran on " << nranks_ << " ranks";
+    if (ran == 0 && filterText != nullptr && rank_ == 0)
+      std::printf("[EpCudaNormal] %s: no case selected by MOECOMM_TEST_EP_CASES\n", suite);
+  }
 
   moecommComm_t comm_ = nullptr;
   int rank_ = 0;
   int nranks_ = 1;
 };
 
-#define CASE_REQUIRE(cond, text) \
-  do {                           \
-    if (!(cond)) {               \
-      return text;               \
-    }                            \
-  } while (0)
-
-std::string EpCudaNormal::Run(const Case& c, uint64_t seed) {
-  const int R = nranks_;
-  const int maxT = 128;
-  ref::EpShape shape;
-  shape.numRanks = R;
-  shape.numExperts = c.experts;
-  shape.hidden = c.hidden;
-  shape.topk = c.topk;
-  shape.maxTokensPerRank = maxT;
-  const int L = c.experts / R;
-  const size_t rowBytes = static_cast<size_t>(c.hidden) * (c.fp8 ? 1 : 2);
-  const int spr = c.hidden / 128;
-
-  std::vector<RankInput> inputs;
-  for (int r = 0; r < R; ++r) inputs.push_back(MakeInput(c, r, R, seed));
-  std::vector<int> perRankAll(R * R), perExpertAll(R * c.experts);
-  std::vector<std::vector<uint8_t>> inRank(R);
-  for (int r = 0; r < R; ++r) {
-    inRank[r].resize(static_cast<size_t>(inputs[r].numTokens) * R);
-    ref::computeLayout(shape, inputs[r].topkIdx.data(), inputs[r].numTokens, perRankAll.data() + r * R,
-                       perExpertAll.data() + r * c.experts, inRank[r].data());
-  }
-  const int N = ref::numRecvTokens(shape, perRankAll.data(), rank_);
-  std::vector<ref::DispatchSource> sources(R);
-  for (int r = 0; r < R; ++r) {
-    sources[r].numTokens = inputs[r].numTokens;
-    sources[r].isTokenInRank = inRank[r].data();
-    sources[r].x = inputs[r].x.data();
-    sources[r].xScales = inputs[r].scales.data();
-    sources[r].topkIdx = inputs[r].topkIdx.data();
-    sources[r].topkWeights = inputs[r].weights.data();
-  }
-  std::vector<uint8_t> wantX(N * rowBytes);
-  std::vector<float> wantScales(static_cast<size_t>(N) * spr), wantW(static_cast<size_t>(N) * c.topk);
-  std::vector<int64_t> wantIdx64(static_cast<size_t>(N) * c.topk);
-  std::vector<int> srcRank(N), srcIndex(N);
-  ref::DispatchOutput out;
-  out.recvX = wantX.data();
-  out.recvXScales = c.fp8 ? wantScales.data() : nullptr;
-  out.recvTopkIdx = wantIdx64.data();
-  out.recvTopkWeights = wantW.data();
-  out.srcRank = srcRank.data();
-  out.srcIndex = srcIndex.data();
-  ref::dispatchGather(shape, rank_, sources.data(), rowBytes, out);
-  std::vector<uint8_t> wantIdx(wantIdx64.size() * (c.idx64 ? 8 : 4));
-  ref::narrowTopkIdx(wantIdx64.data(), wantIdx64.size(), c.idx64 ? moecommInt64 : moecommInt32, wantIdx.data());
-  std::vector<int> wantPerExpert(L);
-  ref::recvTokensPerExpert(shape, perExpertAll.data(), rank_, c.alignment, wantPerExpert.data());
-
-  // Device inputs.
-  const RankInput& mine = inputs[rank_];
-  const int T = mine.numTokens;
-  std::vector<int32_t> idx32(mine.topkIdx.begin(), mine.topkIdx.end());
-  void* dIdx = c.idx64 ? static_cast<void*>(ToDevice(mine.topkIdx)) : static_cast<void*>(ToDevice(idx32));
-  uint8_t* dX = ToDevice(mine.x);
-  float* dScales = ToDevice(mine.scales);
-  float* dWeights = ToDevice(mine.weights);
-  uint16_t* dBias = ToDevice(mine.bias);
-  cudaStream_t stream;
-  CASE_REQUIRE(cudaStreamCreate(&stream) == cudaSuccess, "cudaStreamCreate failed");
-
-  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
-  config.numExperts = c.experts;
-  config.hidden = c.hidden;
-  config.maxTokensPerRank = maxT;
-  config.topk = c.topk;
-  moecommEp_t ep = nullptr;
-  CASE_REQUIRE(moecommEpCreate(comm_, &config, &ep) == moecommSuccess,
-               std::string("moecommEpCreate: ") + moecommGetLastError(comm_));
-
-  moecommEpHandle_t handle = nullptr;
-  std::string why;
-  const int capacity = c.exact ? N : R * maxT;
-  if (c.exact) {
-    moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
-    args.numTokens = T;
-    args.topkIdx = dIdx;
-    args.topkIdxType = c.idx64 ? moecommInt64 : moecommInt32;
-    args.expertAlignment = c.alignment;
-    int n = -1;
-    std::vector<int> perExpert(L, -7);
-    CASE_REQUIRE(moecommEpNotifyDispatch(ep, &args, &handle, &n, perExpert.data(), stream) == moecommSuccess,
-                 std::string("notify: ") + moecommGetLastError(comm_));
-    CASE_REQUIRE(n == N, "notify numRecvTokens " + std::to_string(n) + " expected " + std::to_string(N));
-    CASE_REQUIRE(perExpert == wantPerExpert, "notify recvTokensPerExpert differs");
-  }
-  const int passes = c.reuse ? 2 : 1;
-  for (int pass = 0; pass < passes && why.empty(); ++pass) {
-    void* rX = Poisoned(capacity * rowBytes);
-    float* rScales = static_cast<float*>(Poisoned(static_cast<size_t>(capacity) * spr * 4));
-    void* rIdx = Poisoned(static_cast<size_t>(capacity) * c.topk * 8);
-    float* rW = static_cast<float*>(Poisoned(static_cast<size_t>(capacity) * c.topk * 4));
-    int* rN = static_cast<int*>(Poisoned(4));
-    int* rPer = static_cast<int*>(Poisoned(4 * L));
-    moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
-    args.numTokens = T;
-    args.xType = c.fp8 ? moecommFloat8E4M3 : moecommBfloat16;
-    args.x = dX;
-    args.xScales = c.fp8 ? dScales : nullptr;
-    args.topkIdx = dIdx;
-    args.topkIdxType = c.idx64 ? moecommInt64 : moecommInt32;
-    args.topkWeights = c.weights ? dWeights : nullptr;
-    args.expertAlignment = c.alignment;
-    args.recvCapacity = capacity;
-    args.recvX = rX;
-    args.recvXScales = c.fp8 ? rScales : nullptr;
-    args.recvTopkIdx = rIdx;
-    args.recvTopkWeights = c.weights ? rW : nullptr;
-    args.numRecvTokens = rN;
-    args.recvTokensPerExpert = rPer;
-    if (moecommEpDispatch(ep, &args, &handle, stream) != moecommSuccess) {
-      why = std::string("dispatch: ") + moecommGetLastError(comm_);
-    } else if (cudaStreamSynchronize(stream) != cudaSuccess) {
-      why = "cudaStreamSynchronize after dispatch failed";
-    } else {
-      moecommResult_t async = moecommSuccess;
-      moecommCommGetAsyncError(comm_, &async);
-      const std::string tag = "pass" + std::to_string(pass) + " ";
-      if (async != moecommSuccess) why = tag + "async error " + std::to_string(async);
-      if (why.empty()) SameBytes((tag + "numRecvTokens").c_str(), &N, rN, 4, 4, &why);
-      if (why.empty()) SameBytes((tag + "recvTokensPerExpert").c_str(), wantPerExpert.data(), rPer, 4 * L, 4, &why);
-      if (why.empty()) SameBytes((tag + "recvX").c_str(), wantX.data(), rX, wantX.size(), c.fp8 ? 1 : 2, &why);
-      if (why.empty() && c.fp8) {
-        SameBytes((tag + "recvXScales").c_str(), wantScales.data(), rScales, wantScales.size() * 4, 4, &why);
-      }
-      if (why.empty()) {
-        SameBytes((tag + "recvTopkIdx").c_str(), wantIdx.data(), rIdx, wantIdx.size(), c.idx64 ? 8 : 4, &why);
-      }
-      if (why.empty() && c.weights) {
-        SameBytes((tag + "recvTopkWeights").c_str(), wantW.data(), rW, wantW.size() * 4, 4, &why);
-      }
-    }
-    for (void* p : {rX, static_cast<void*>(rScales), rIdx, static_cast<void*>(rW), static_cast<void*>(rN),
-                    static_cast<void*>(rPer)}) {
-      cudaFree(p);
-    }
-  }
-
-  // Combine: every receiving rank's input is known everywhere, so the expectation is local.
-  if (why.empty()) {
-    std::vector<std::vector<uint16_t>> cx(R);
-    std::vector<std::vector<float>> cw(R);
-    std::vector<ref::CombineSource> receivers(R);
-    for (int r = 0; r < R; ++r) {
-      MakeCombineInput(c, r, ref::numRecvTokens(shape, perRankAll.data(), r), seed, &cx[r], &cw[r]);
-      receivers[r].x = cx[r].data();
-      receivers[r].topkWeights = cw[r].data();
-    }
-    std::vector<uint16_t> wantOut(static_cast<size_t>(T) * c.hidden);
-    std::vector<float> wantOutW(static_cast<size_t>(T) * c.topk);
-    ref::combineReduce(shape, rank_, T, inRank[rank_].data(), perRankAll.data(), receivers.data(),
-                       c.bias ? mine.bias.data() : nullptr, wantOut.data(), c.weights ? wantOutW.data() : nullptr);
-    uint16_t* dcx = ToDevice(cx[rank_]);
-    float* dcw = ToDevice(cw[rank_]);
-    void* outX = Poisoned(wantOut.size() * 2);
-    float* outW = static_cast<float*>(Poisoned(wantOutW.size() * 4));
-    moecommEpCombineArgs_t args = MOECOMM_EP_COMBINE_ARGS_INIT;
-    args.x = dcx;
-    args.topkWeights = c.weights ? dcw : nullptr;
-    args.bias = c.bias ? dBias : nullptr;
-    args.combinedX = outX;
-    args.combinedTopkWeights = c.weights ? outW : nullptr;
-    if (moecommEpCombine(ep, &args, handle, stream) != moecommSuccess) {
-      why = std::string("combine: ") + moecommGetLastError(comm_);
-    } else if (cudaStreamSynchronize(stream) != cudaSuccess) {
-      why = "cudaStreamSynchronize after combine failed";
-    } else {
-      moecommResult_t async = moecommSuccess;
-      moecommCommGetAsyncError(comm_, &async);
-      if (async != moecommSuccess) why = "combine async error " + std::to_string(async);
-      if (why.empty()) SameBytes("combinedX", wantOut.data(), outX, wantOut.size() * 2, 2, &why);
-      if (why.empty() && c.weights) {
-        SameBytes("combinedTopkWeights", wantOutW.data(), outW, wantOutW.size() * 4, 4, &why);
-      }
-    }
-    cudaFree(dcx);
-    cudaFree(dcw);
-    cudaFree(outX);
-    cudaFree(outW);
-  }
-
-  if (handle != nullptr) moecommEpHandleDestroy(handle);
-  if (moecommEpDestroy(ep) != moecommSuccess && why.empty()) why = std::string("destroy: ") + moecommGetLastError(comm_);
-  cudaStreamDestroy(stream);
-  for (void* p : {dIdx, static_cast<void*>(dX), static_cast<void*>(dScales), static_cast<void*>(dWeights),
-                  static_cast<void*>(dBias)}) {
-    cudaFree(p);
-  }
-  return why;
+// BF16 and FP8, each with no weights, dispatch weights, combine weights and both, with and
+// without bias, both index types, both sizings.
+TEST_F(EpCudaNormal, DtypesAndWeights) {
+  RunCases("DtypesAndWeights", {
+                                   C(2048, 512, 8, 32),
+                                   C(2048, 512, 8, 32).I32().Bias().W(true, false),
+                                   C(2048, 512, 4, 32).Exact().Align(4).Bias().W(false, true),
+                                   C(2048, 512, 4, 32).I32().Exact().W(true, true),
+                                   C(2048, 512, 8, 32).Fp8(),
+                                   C(2048, 512, 8, 32).Fp8().I32().Align(8).Bias().W(true, true),
+                                   C(2048, 512, 4, 32).Fp8().Exact().W(true, false),
+                                   C(2048, 512, 4, 32).Fp8().I32().Exact().Bias().W(false, true),
+                               });
 }
 
-TEST_F(EpCudaNormal, MatchesHostReference) {
-  if (nranks_ < 2) GTEST_SKIP() << "needs 2 ranks";
-  std::vector<Case> cases = {
-      // H, T, K, E, fp8, idx64, align, exact, reuse, bias, weights, emptyRank1
-      {2048, 128, 8, 16, false, true, 1, false, false, false, true, false},
-      {2048, 128, 8, 16, false, false, 4, true, true, true, true, false},
-      {2048, 128, 1, 32, true, true, 4, false, true, false, true, false},
-      {2048, 128, 8, 32, true, false, 1, true, false, true, false, true},
-      {7168, 128, 8, 16, false, true, 4, true, false, true, true, false},
-      {7168, 128, 8, 32, true, true, 1, false, false, true, true, true},
-      {7168, 100, 1, 16, false, false, 1, false, true, false, false, false},
-  };
-  const uint64_t seed = BaseSeed();
-  int failures = 0;
-  for (size_t i = 0; i < cases.size(); ++i) {
-    if (cases[i].experts % nranks_ != 0) continue;
-    const std::string why = Run(cases[i], seed + i);
-    std::printf("[EpCudaNormal rank %d] %s: %s%s\n", rank_, cases[i].Name().c_str(), why.empty() ? "PASS" : "FAIL ",
-                why.c_str());
-    std::fflush(stdout);
-    if (!why.empty()) ++failures;
-  }
-  EXPECT_EQ(failures, 0);
+// Every H of the issue with both dtypes (2880 BF16 only: FP8 needs H % 128 == 0), every top-k
+// with both dtypes, the reference workloads' shapes (W-prefill with T = 4096, W-decode's
+// T = 128, H 2048 E 128 top-8, H 2880 E 128 top-4), alignments up to 128, SM budgets 1 and 3.
+TEST_F(EpCudaNormal, Shapes) {
+  RunCases("Shapes", {
+                         C(2880, 1024, 4, 128).Bias().W(true, true),
+                         C(2880, 256, 1, 16).I32().Exact().Align(4).W(true, false),
+                         C(2880, 256, 8, 64).I32().Sms(3).Bias(),
+                         C(4096, 1024, 1, 16).Exact().Bias().W(true, true),
+                         C(4096, 1024, 1, 16).Fp8().I32().Align(2).W(true, true),
+                         C(4096, 512, 4, 64).Fp8().Exact().Align(16).Bias().W(true, false),
+                         C(4096, 512, 8, 64).I32().Sms(1).W(false, true),
+                         C(7168, 4096, 8, 256).Fp8().Bias().W(true, true),
+                         C(7168, 4096, 8, 256).I32().Exact().Align(128).W(true, false),
+                         C(7168, 256, 4, 32),
+                         C(7168, 256, 1, 16).Fp8().I32().Exact().Sms(1).Bias().W(false, true),
+                         C(7168, 128, 8, 256).Fp8().W(true, true),
+                         C(2048, 4096, 8, 128).Fp8().I32().Align(4).W(true, true),
+                     });
+}
+
+// Skewed and degenerate routing.
+TEST_F(EpCudaNormal, Routing) {
+  RunCases("Routing",
+           {
+               // Every token to expert E-1: the last rank receives every token, the others none.
+               C(2048, 1024, 8, 64).Routed(Route::kOneExpert).Bias().W(true, true),
+               // The same with exact sizing: ranks with N = 0 pass NULL row outputs.
+               C(4096, 512, 4, 32).Fp8().I32().Exact().Align(4).Routed(Route::kOneExpert).W(true, false),
+               // Every token also selects expert 1 (rank 0 receives every token).
+               C(4096, 1024, 4, 32).Fp8().Routed(Route::kHot).Bias().W(true, true),
+               C(7168, 512, 8, 64).I32().Exact().Routed(Route::kHot).W(false, true),
+               // Ranks with T = 0.
+               C(2048, 512, 8, 32).Exact().Empty(1u << 1).Bias().W(true, true),
+               C(2048, 512, 8, 32).Fp8().I32().Empty(1u | kLastRank).Bias().W(true, true),
+               C(2048, 256, 4, 32).Empty(kAllRanks).Bias().W(true, true),
+               C(2048, 256, 4, 32).Fp8().Exact().Empty(kAllRanks).W(true, true),
+               // Tokens whose entries are all -1: a quarter of them, every token of rank 1, all.
+               C(2880, 1024, 8, 64).Routed(Route::kSomeNone).Bias().W(true, true),
+               C(4096, 512, 4, 32).Fp8().I32().Exact().Align(4).Routed(Route::kSomeNone).Bias().W(true, true),
+               C(2048, 512, 8, 32).Exact().Silent(1u << 1).Bias().W(true, true),
+               C(7168, 256, 8, 64).Routed(Route::kAllNone).Bias().W(true, true),
+           });
+}
+
+// Several dispatch + combine rounds on one handle (worst case: the first round makes it; exact:
+// the notify does), fresh data each round; `minimal` passes topkIdx = NULL on reuse.
+TEST_F(EpCudaNormal, HandleReuse) {
+  RunCases("HandleReuse",
+           {
+               C(2048, 512, 8, 32).Rounds(4).Bias().W(true, true),
+               C(7168, 512, 4, 64).Fp8().I32().Exact().Align(4).Rounds(3).W(true, false),
+               C(4096, 256, 8, 32).Fp8().Rounds(3).Minimal().Bias().W(true, true),
+               C(2048, 256, 1, 16).Routed(Route::kHot).Empty(1u << 1).Rounds(3).W(false, true),
+               C(2880, 512, 4, 32).I32().Exact().Routed(Route::kOneExpert).Rounds(3).Bias().W(true, true),
+           });
+}
+
+// The generic path: the smallest row (16 bytes), H not a multiple of 128, odd top-k, top-k
+// 32, an odd alignment, an odd expert count per rank.
+TEST_F(EpCudaNormal, GenericShapes) {
+  RunCases("GenericShapes", {
+                                C(8, 64, 2, 8).Bias().W(true, true),
+                                C(136, 300, 3, 12).I32().Exact().Bias().W(true, true),
+                                C(256, 200, 32, 64).Fp8().I32().Exact().Align(3).Bias().W(true, true),
+                                C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true),
+                            });
+}
+
+// Worst-case sizing, handle from an eager dispatch, then dispatch (handle reuse) + combine
+// captured into a CUDA graph and replayed MOECOMM_TEST_EP_GRAPH_REPLAYS (20) times with fresh
+// inputs in the same buffers; every output of every replay is checked.
+TEST_F(EpCudaNormal, GraphReplay) {
+  RunCases("GraphReplay",
+           {
+               C(7168, 512, 8, 64).Fp8().I32().Bias().W(true, true),
+               C(2880, 256, 4, 32).Align(4).W(true, false),
+           },
+           /*graph=*/true);
 }
 
 }  // namespace
