@@ -1,0 +1,909 @@
+// The CUDA EP backend, low-latency mode, against the pure host reference
+// (src/ep/host_reference.h): every element of every output, bitwise (the FP8 cast, its scales
+// and the combine's fmaf chain are exact by the spec, so there is no tolerance). Outputs are
+// poisoned first and compared whole, which also checks that slots beyond recvCount are not
+// written. Runs under `moecomm-run -n N moecomm_gpu_tests --gtest_filter=EpCudaLowLatency.*`.
+// Every rank generates every rank's inputs from one seed (hashed from MOECOMM_UNIQUE_ID and a
+// fresh per-run value agreed through the unique id), so each computes its expectations locally.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/comm.h"
+#include "ep/dtype.h"
+#include "ep/host_reference.h"
+#include "gpu/gpu_common.h"
+#include "moecomm.h"
+
+namespace moecomm_gpu_test {
+namespace {
+
+namespace ref = moecomm::reference;
+
+constexpr int kMaxTokens = 256;
+
+struct LlCase {
+  int hidden;
+  int tokens;
+  int topk;
+  int experts;
+  bool fp8;
+  bool roundScale;
+  bool ue8m0;
+  bool idx64;
+  bool sendOnly;
+  bool zeroCopy;
+  std::string Name() const {
+    char text[200];
+    std::snprintf(text, sizeof(text), "H%d_T%d_K%d_E%d_%s%s%s_%s%s%s", hidden, tokens, topk, experts,
+                  fp8 ? "fp8" : "bf16", roundScale ? "_round" : "", ue8m0 ? "_ue8m0" : "", idx64 ? "i64" : "i32",
+                  sendOnly ? "_sendonly" : "", zeroCopy ? "_zerocopy" : "");
+    return text;
+  }
+};
+
+uint64_t BaseSeed() {
+  const char* id = std::getenv("MOECOMM_UNIQUE_ID");
+  return std::hash<std::string>()(id != nullptr ? id : "moecomm-ll");
+}
+
+uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+ref::EpShape MakeShape(int nranks, int experts, int hidden, int topk, int maxTokens) {
+  ref::EpShape shape;
+  shape.numRanks = nranks;
+  shape.numExperts = experts;
+  shape.hidden = hidden;
+  shape.topk = topk;
+  shape.maxTokensPerRank = maxTokens;
+  return shape;
+}
+
+// One rank's inputs. T differs between ranks (odd ranks send half), some entries are -1, a
+// few tokens list an expert twice, and each 128-channel block has its own magnitude so the
+// FP8 scales vary (an all-zero block now and then exercises the amax floor).
+struct RankInput {
+  int numTokens = 0;
+  std::vector<int64_t> topkIdx;  // [T, K]
+  std::vector<uint16_t> x;       // [T, H] BF16
+  std::vector<float> weights;    // [T, K]
+};
+
+RankInput MakeRankInput(const ref::EpShape& shape, int tokens, int rank, uint64_t seed) {
+  std::mt19937_64 rng(Mix(seed * 1315423911u + rank * 7919u + 17));
+  RankInput in;
+  in.numTokens = rank % 2 == 0 ? tokens : std::max(1, tokens / 2);
+  const size_t T = in.numTokens;
+  const int K = shape.topk;
+  in.topkIdx.resize(T * K);
+  for (size_t t = 0; t < T; ++t) {
+    for (int k = 0; k < K; ++k) {
+      int64_t e = -1;
+      const uint64_t roll = rng() % 100;
+      if (roll < 3 && k > 0) {
+        e = in.topkIdx[t * K + rng() % k];  // a repeated expert (may be -1)
+      } else if (roll >= 10) {
+        for (int attempt = 0; attempt < 100; ++attempt) {
+          e = static_cast<int64_t>(rng() % shape.numExperts);
+          bool repeated = false;
+          for (int j = 0; j < k; ++j) repeated = repeated || in.topkIdx[t * K + j] == e;
+          if (!repeated) break;
+          e = -1;
+        }
+      }
+      in.topkIdx[t * K + k] = e;
+    }
+  }
+  in.x.resize(T * shape.hidden);
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  for (size_t t = 0; t < T; ++t) {
+    for (int block = 0; block < shape.hidden / 128; ++block) {
+      const uint64_t kind = rng() % 50;
+      const float magnitude = kind == 0 ? 0.0f : std::ldexp(1.0f, static_cast<int>(rng() % 24) - 12);
+      for (int c = block * 128; c < (block + 1) * 128; ++c) {
+        in.x[t * shape.hidden + c] = moecomm::floatToBf16(value(rng) * magnitude);
+      }
+    }
+  }
+  in.weights.resize(T * K);
+  for (auto& w : in.weights) w = value(rng);
+  return in;
+}
+
+struct AllInputs {
+  std::vector<RankInput> ranks;
+  std::vector<int> placementAll;  // [R][E]
+};
+
+AllInputs MakeAllInputs(const ref::EpShape& shape, int tokens, uint64_t seed) {
+  AllInputs all;
+  all.placementAll.resize(static_cast<size_t>(shape.numRanks) * shape.numExperts);
+  for (int r = 0; r < shape.numRanks; ++r) {
+    all.ranks.push_back(MakeRankInput(shape, tokens, r, seed));
+    ref::lowLatencyPlacementCounts(shape, all.ranks[r].topkIdx.data(), all.ranks[r].numTokens,
+                                   all.placementAll.data() + static_cast<size_t>(r) * shape.numExperts);
+  }
+  return all;
+}
+
+// The expert output a rank's "experts" produce for its row (le, slot): a pure function.
+uint16_t ExpertValue(uint64_t seed, int rank, int le, int slot, int h) {
+  const uint64_t bits = Mix(seed ^ (static_cast<uint64_t>(rank) << 56) ^ (static_cast<uint64_t>(le) << 40) ^
+                            (static_cast<uint64_t>(slot) << 20) ^ static_cast<uint64_t>(h));
+  // A BF16 in about [-4, 4] with a random mantissa.
+  const float v = static_cast<float>(static_cast<int>(bits & 0xffff) - 32768) / 8192.0f;
+  return moecomm::floatToBf16(v);
+}
+
+// Rows [le][slot] for slot < counts[le] filled with ExpertValue, the rest 0xffff (a NaN, so a
+// row read by mistake shows up in the combine).
+std::vector<uint16_t> ExpertOutputs(const ref::EpShape& shape, uint64_t seed, int rank, const int* counts,
+                                    bool fillAll) {
+  const int L = shape.expertsPerRank();
+  const int S = shape.lowLatencySlotsPerExpert();
+  std::vector<uint16_t> y(static_cast<size_t>(L) * S * shape.hidden, 0xffff);
+  for (int le = 0; le < L; ++le) {
+    const int rows = fillAll ? S : counts[le];
+    for (int slot = 0; slot < rows; ++slot) {
+      uint16_t* row = y.data() + (static_cast<size_t>(le) * S + slot) * shape.hidden;
+      for (int h = 0; h < shape.hidden; ++h) row[h] = ExpertValue(seed, rank, le, slot, h);
+    }
+  }
+  return y;
+}
+
+struct DispatchFlags {
+  bool fp8 = true;
+  bool roundScale = false;
+  bool ue8m0 = false;
+};
+
+// Host expectations of one rank's dispatch outputs, poison (0xff bytes) where nothing is written.
+struct ExpectedDispatch {
+  std::vector<uint8_t> x;
+  std::vector<uint8_t> scales;
+  std::vector<int> count;
+  std::vector<int> srcInfo;
+  std::vector<int> cumulative;
+};
+
+size_t RecvRowBytes(const ref::EpShape& shape, bool fp8) { return static_cast<size_t>(shape.hidden) * (fp8 ? 1 : 2); }
+size_t ScaleBytesPerRow(const ref::EpShape& shape, const DispatchFlags& f) {
+  return f.fp8 ? static_cast<size_t>(shape.hidden / 128) * (f.ue8m0 ? 1 : 4) : 0;
+}
+
+ExpectedDispatch ExpectDispatch(const ref::EpShape& shape, const AllInputs& in, int me, const int* myMask,
+                                const DispatchFlags& f, const std::vector<int>& cumulativeBefore) {
+  const size_t rows = static_cast<size_t>(shape.expertsPerRank()) * shape.lowLatencySlotsPerExpert();
+  ExpectedDispatch want;
+  want.x.assign(rows * RecvRowBytes(shape, f.fp8), 0xff);
+  want.scales.assign(rows * ScaleBytesPerRow(shape, f), 0xff);
+  want.count.assign(shape.expertsPerRank(), 0);
+  want.srcInfo.assign(rows, -1);
+  want.cumulative = cumulativeBefore;
+  std::vector<ref::LowLatencySource> sources(shape.numRanks);
+  for (int r = 0; r < shape.numRanks; ++r) {
+    sources[r].numTokens = in.ranks[r].numTokens;
+    sources[r].topkIdx = in.ranks[r].topkIdx.data();
+    sources[r].x = in.ranks[r].x.data();
+  }
+  ref::LowLatencyDispatchOutput out;
+  out.recvType = f.fp8 ? moecommFloat8E4M3 : moecommBfloat16;
+  out.roundScale = f.roundScale || f.ue8m0;
+  out.ue8m0 = f.ue8m0;
+  out.recvX = want.x.data();
+  out.recvScales = f.fp8 ? want.scales.data() : nullptr;
+  out.recvCount = want.count.data();
+  out.recvSrcInfo = want.srcInfo.data();
+  out.cumulativeRecvStats = want.cumulative.data();
+  ref::lowLatencyPack(shape, me, sources.data(), myMask, out);
+  return want;
+}
+
+// Expected combine output of rank me. masksAll: [R receiving][R source] or null; myMask: the
+// mask on rank me at combine time (or null).
+std::vector<uint16_t> ExpectCombine(const ref::EpShape& shape, const AllInputs& in, int me, const int* masksAll,
+                                    const int* myMask, uint64_t ySeed) {
+  const RankInput& mine = in.ranks[me];
+  const int K = shape.topk;
+  const size_t entries = static_cast<size_t>(mine.numTokens) * K;
+  std::vector<int> slots(entries);
+  ref::lowLatencySelectionSlots(shape, me, mine.topkIdx.data(), mine.numTokens, in.placementAll.data(), masksAll,
+                                slots.data());
+  std::vector<uint16_t> storage(entries * shape.hidden);
+  std::vector<const uint16_t*> rows(entries, nullptr);
+  for (size_t entry = 0; entry < entries; ++entry) {
+    const int64_t e = mine.topkIdx[entry];
+    if (e == -1 || slots[entry] == -1) continue;
+    const int rank = shape.rankOfExpert(e);
+    if (myMask != nullptr && myMask[rank] != 0) continue;
+    uint16_t* row = storage.data() + entry * shape.hidden;
+    const int le = static_cast<int>(e % shape.expertsPerRank());
+    for (int h = 0; h < shape.hidden; ++h) row[h] = ExpertValue(ySeed, rank, le, slots[entry], h);
+    rows[entry] = row;
+  }
+  std::vector<uint16_t> out(static_cast<size_t>(mine.numTokens) * shape.hidden);
+  ref::lowLatencyCombineRows(shape, mine.numTokens, mine.weights.data(), rows.data(), out.data());
+  return out;
+}
+
+// ---- Device buffers ---------------------------------------------------------------------------
+
+void* DeviceAlloc(size_t bytes) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, bytes + 16) != cudaSuccess) return nullptr;
+  return p;
+}
+
+template <typename T>
+void* ToDevice(const std::vector<T>& host) {
+  void* p = DeviceAlloc(host.size() * sizeof(T));
+  if (p != nullptr && !host.empty()) cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return p;
+}
+
+struct DeviceInputs {
+  void* x = nullptr;
+  void* topkIdx = nullptr;
+  void* weights = nullptr;
+  // Copies rank input `in` into the buffers (sized for maxTokens) on stream.
+  void Load(const RankInput& in, bool idx64, cudaStream_t stream) {
+    cudaMemcpyAsync(x, in.x.data(), in.x.size() * 2, cudaMemcpyHostToDevice, stream);
+    if (idx64) {
+      cudaMemcpyAsync(topkIdx, in.topkIdx.data(), in.topkIdx.size() * 8, cudaMemcpyHostToDevice, stream);
+    } else {
+      std::vector<int32_t> narrow(in.topkIdx.begin(), in.topkIdx.end());
+      cudaMemcpyAsync(topkIdx, narrow.data(), narrow.size() * 4, cudaMemcpyHostToDevice, stream);
+      cudaStreamSynchronize(stream);  // narrow dies here
+    }
+    cudaMemcpyAsync(weights, in.weights.data(), in.weights.size() * 4, cudaMemcpyHostToDevice, stream);
+  }
+  void Allocate(const ref::EpShape& shape) {
+    const size_t maxT = shape.maxTokensPerRank;
+    x = DeviceAlloc(maxT * shape.hidden * 2);
+    topkIdx = DeviceAlloc(maxT * shape.topk * 8);
+    weights = DeviceAlloc(maxT * shape.topk * 4);
+  }
+  void Free() {
+    for (void* p : {x, topkIdx, weights}) cudaFree(p);
+  }
+};
+
+struct DeviceDispatchOut {
+  void* x = nullptr;
+  void* scales = nullptr;
+  int* count = nullptr;
+  int* srcInfo = nullptr;
+  int* cumulative = nullptr;
+  size_t xBytes = 0;
+  size_t scaleBytes = 0;
+  int localExperts = 0;
+  size_t rows = 0;
+  void Allocate(const ref::EpShape& shape, const DispatchFlags& f) {
+    localExperts = shape.expertsPerRank();
+    rows = static_cast<size_t>(localExperts) * shape.lowLatencySlotsPerExpert();
+    xBytes = rows * RecvRowBytes(shape, f.fp8);
+    scaleBytes = rows * ScaleBytesPerRow(shape, f);
+    x = DeviceAlloc(xBytes);
+    scales = f.fp8 ? DeviceAlloc(scaleBytes) : nullptr;
+    count = static_cast<int*>(DeviceAlloc(localExperts * 4));
+    srcInfo = static_cast<int*>(DeviceAlloc(rows * 4));
+    cumulative = static_cast<int*>(DeviceAlloc(localExperts * 4));
+  }
+  void Poison(cudaStream_t stream) {
+    cudaMemsetAsync(x, 0xff, xBytes, stream);
+    if (scales != nullptr) cudaMemsetAsync(scales, 0xff, scaleBytes, stream);
+    cudaMemsetAsync(count, 0xff, localExperts * 4, stream);
+    cudaMemsetAsync(srcInfo, 0xff, rows * 4, stream);
+  }
+  void Free() {
+    for (void* p :
+         {x, scales, static_cast<void*>(count), static_cast<void*>(srcInfo), static_cast<void*>(cumulative)}) {
+      cudaFree(p);
+    }
+  }
+};
+
+// Compares bytes; on mismatch returns the first differing element (elemBytes wide).
+std::string CompareBytes(const std::string& what, const void* expected, const void* device, size_t bytes,
+                         size_t elemBytes) {
+  std::vector<uint8_t> got(bytes);
+  if (bytes > 0 && cudaMemcpy(got.data(), device, bytes, cudaMemcpyDeviceToHost) != cudaSuccess) {
+    return what + ": cudaMemcpy failed";
+  }
+  const uint8_t* want = static_cast<const uint8_t*>(expected);
+  if (bytes == 0 || std::memcmp(got.data(), want, bytes) == 0) return "";
+  size_t i = 0;
+  while (got[i] == want[i]) ++i;
+  const size_t elem = i / elemBytes;
+  uint64_t g = 0, w = 0;
+  std::memcpy(&g, got.data() + elem * elemBytes, std::min<size_t>(elemBytes, 8));
+  std::memcpy(&w, want + elem * elemBytes, std::min<size_t>(elemBytes, 8));
+  size_t differing = 0;
+  for (size_t j = 0; j < bytes; j += elemBytes) differing += std::memcmp(got.data() + j, want + j, elemBytes) != 0;
+  char text[300];
+  std::snprintf(text, sizeof(text), "%s[%zu]: got 0x%llx expected 0x%llx (%zu of %zu elements differ)", what.c_str(),
+                elem, static_cast<unsigned long long>(g), static_cast<unsigned long long>(w), differing,
+                bytes / elemBytes);
+  return text;
+}
+
+std::string CompareDispatch(const std::string& tag, const ExpectedDispatch& want, const DeviceDispatchOut& got,
+                            const DispatchFlags& f, bool srcInfo, bool cumulative) {
+  std::string why = CompareBytes(tag + "recvCount", want.count.data(), got.count, want.count.size() * 4, 4);
+  if (why.empty()) why = CompareBytes(tag + "recvX", want.x.data(), got.x, want.x.size(), f.fp8 ? 1 : 2);
+  if (why.empty() && f.fp8) {
+    why = CompareBytes(tag + "recvScales", want.scales.data(), got.scales, want.scales.size(), f.ue8m0 ? 1 : 4);
+  }
+  if (why.empty() && srcInfo) {
+    why = CompareBytes(tag + "recvSrcInfo", want.srcInfo.data(), got.srcInfo, want.srcInfo.size() * 4, 4);
+  }
+  if (why.empty() && cumulative) {
+    why = CompareBytes(tag + "cumulativeRecvStats", want.cumulative.data(), got.cumulative, want.cumulative.size() * 4,
+                       4);
+  }
+  return why;
+}
+
+std::string AsyncError(moecommComm_t comm) {
+  moecommResult_t async = moecommSuccess;
+  moecommCommGetAsyncError(comm, &async);
+  return async == moecommSuccess ? "" : std::string("async error ") + moecommGetErrorString(async);
+}
+
+#define LL_REQUIRE(cond, text) \
+  do {                         \
+    if (!(cond)) return text;  \
+  } while (0)
+
+#define LL_CALL(call) LL_REQUIRE((call) == moecommSuccess, std::string(#call ": ") + moecommGetLastError(comm_))
+
+class EpCudaLowLatency : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!Gpu().multiProcess) GTEST_SKIP() << "EpCudaLowLatency runs under moecomm-run";
+    if (!Gpu().multiProcessSkip.empty()) GTEST_SKIP() << Gpu().multiProcessSkip;
+    comm_ = Gpu().comm;
+    rank_ = comm_->rank;
+    nranks_ = comm_->nranks;
+    ASSERT_EQ(cudaSetDevice(Gpu().device), cudaSuccess);
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
+  }
+  void TearDown() override {
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  moecommResult_t CreateEp(const ref::EpShape& shape, moecommEp_t* ep) {
+    moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+    config.numExperts = shape.numExperts;
+    config.hidden = shape.hidden;
+    config.maxTokensPerRank = shape.maxTokensPerRank;
+    config.topk = shape.topk;
+    config.mode = moecommEpModeLowLatency;
+    return moecommEpCreate(comm_, &config, ep);
+  }
+
+  moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs& in, bool idx64,
+                                                 const DispatchFlags& f, const DeviceDispatchOut& out) {
+    moecommEpLowLatencyDispatchArgs_t args = MOECOMM_EP_LL_DISPATCH_ARGS_INIT;
+    args.numTokens = numTokens;
+    args.x = in.x;
+    args.topkIdx = in.topkIdx;
+    args.topkIdxType = idx64 ? moecommInt64 : moecommInt32;
+    args.recvType = f.fp8 ? moecommFloat8E4M3 : moecommBfloat16;
+    args.flags = (f.roundScale ? MOECOMM_LL_ROUND_SCALE : 0u) | (f.ue8m0 ? MOECOMM_LL_UE8M0 : 0u);
+    args.recvX = out.x;
+    args.recvScales = out.scales;
+    args.recvCount = out.count;
+    args.recvSrcInfo = out.srcInfo;
+    args.cumulativeRecvStats = out.cumulative;
+    return args;
+  }
+
+  moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& in, bool idx64, void* out) {
+    moecommEpLowLatencyCombineArgs_t args = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
+    args.x = x;
+    args.topkIdx = in.topkIdx;
+    args.topkIdxType = idx64 ? moecommInt64 : moecommInt32;
+    args.topkWeights = static_cast<const float*>(in.weights);
+    args.out = out;
+    return args;
+  }
+
+  std::string RunCase(const LlCase& c, uint64_t seed);
+  std::string RunDoubleBuffered(uint64_t seed);
+  std::string RunGraph(uint64_t seed, bool hook, int replays);
+  std::string RunMasked(uint64_t seed);
+  std::string RunSilentRank(uint64_t seed);
+
+  void Report(const char* test, const std::string& name, const std::string& why, int* failures) {
+    std::printf("[EpCudaLowLatency rank %d] %s %s: %s%s\n", rank_, test, name.c_str(), why.empty() ? "PASS" : "FAIL ",
+                why.c_str());
+    std::fflush(stdout);
+    if (!why.empty()) ++*failures;
+  }
+
+  moecommComm_t comm_ = nullptr;
+  int rank_ = 0;
+  int nranks_ = 1;
+  cudaStream_t stream_ = nullptr;
+};
+
+std::string EpCudaLowLatency::RunCase(const LlCase& c, uint64_t seed) {
+  const ref::EpShape shape = MakeShape(nranks_, c.experts, c.hidden, c.topk, kMaxTokens);
+  const int L = shape.expertsPerRank();
+  const DispatchFlags f{c.fp8, c.roundScale, c.ue8m0};
+  const AllInputs all = MakeAllInputs(shape, c.tokens, seed);
+  const RankInput& mine = all.ranks[rank_];
+  std::vector<int> cumulativeBefore(L);
+  for (int le = 0; le < L; ++le) cumulativeBefore[le] = 3 * le + 1;
+  const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, nullptr, f, cumulativeBefore);
+
+  moecommEp_t ep = nullptr;
+  LL_CALL(CreateEp(shape, &ep));
+  DeviceInputs in;
+  in.Allocate(shape);
+  in.Load(mine, c.idx64, stream_);
+  DeviceDispatchOut out;
+  out.Allocate(shape, f);
+  out.Poison(stream_);
+  cudaMemcpyAsync(out.cumulative, cumulativeBefore.data(), L * 4, cudaMemcpyHostToDevice, stream_);
+  std::string why;
+  moecommEpHandle_t handle = nullptr;
+  moecommEpLowLatencyDispatchArgs_t dargs = DispatchArgs(mine.numTokens, in, c.idx64, f, out);
+  if (c.sendOnly) dargs.flags |= MOECOMM_LL_SEND_ONLY;
+  if (moecommEpLowLatencyDispatch(ep, &dargs, &handle, stream_) != moecommSuccess) {
+    why = std::string("dispatch: ") + moecommGetLastError(comm_);
+  } else if (c.sendOnly && moecommEpComplete(ep, handle, stream_) != moecommSuccess) {
+    why = std::string("complete (dispatch): ") + moecommGetLastError(comm_);
+  } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+    why = "cudaStreamSynchronize after dispatch failed";
+  }
+  if (why.empty()) why = AsyncError(comm_);
+  if (why.empty()) why = CompareDispatch("", want, out, f, true, true);
+
+  void* y = nullptr;
+  void* combined = nullptr;
+  if (why.empty()) {
+    const uint64_t ySeed = seed * 31 + 7;
+    const std::vector<uint16_t> hostY = ExpertOutputs(shape, ySeed, rank_, want.count.data(), false);
+    const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed);
+    const void* x = nullptr;
+    if (c.zeroCopy) {
+      if (moecommEpLowLatencyCombineBuffer(ep, &y) != moecommSuccess || y == nullptr) {
+        why = std::string("moecommEpLowLatencyCombineBuffer: ") + moecommGetLastError(comm_);
+      } else {
+        cudaMemcpyAsync(y, hostY.data(), hostY.size() * 2, cudaMemcpyHostToDevice, stream_);
+      }
+    } else {
+      y = ToDevice(hostY);
+      x = y;
+    }
+    combined = DeviceAlloc(wantOut.size() * 2);
+    cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
+    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(x, in, c.idx64, combined);
+    cargs.flags = (c.sendOnly ? MOECOMM_LL_SEND_ONLY : 0u) | (c.zeroCopy ? MOECOMM_LL_ZERO_COPY : 0u);
+    if (!why.empty()) {
+    } else if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
+      why = std::string("combine: ") + moecommGetLastError(comm_);
+    } else if (c.sendOnly && moecommEpComplete(ep, handle, stream_) != moecommSuccess) {
+      why = std::string("complete (combine): ") + moecommGetLastError(comm_);
+    } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+      why = "cudaStreamSynchronize after combine failed";
+    }
+    if (why.empty()) why = AsyncError(comm_);
+    if (why.empty()) why = CompareBytes("combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+    if (!c.zeroCopy) cudaFree(y);
+    cudaFree(combined);
+  }
+  if (handle != nullptr) moecommEpHandleDestroy(handle);
+  if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
+    why = std::string("destroy: ") + moecommGetLastError(comm_);
+  in.Free();
+  out.Free();
+  return why;
+}
+
+// Two send-only dispatches in flight, a third refused, completed in reverse order; then two
+// send-only combines, completed in order.
+std::string EpCudaLowLatency::RunDoubleBuffered(uint64_t seed) {
+  const ref::EpShape shape = MakeShape(nranks_, 32, 2048, 8, 128);
+  const DispatchFlags f{true, false, false};
+  const int L = shape.expertsPerRank();
+  AllInputs all[2] = {MakeAllInputs(shape, 128, seed), MakeAllInputs(shape, 100, seed + 1)};
+  moecommEp_t ep = nullptr;
+  LL_CALL(CreateEp(shape, &ep));
+  DeviceInputs in[2];
+  DeviceDispatchOut out[2];
+  ExpectedDispatch want[2];
+  moecommEpHandle_t handles[2] = {nullptr, nullptr};
+  std::string why;
+  for (int i = 0; i < 2; ++i) {
+    in[i].Allocate(shape);
+    in[i].Load(all[i].ranks[rank_], true, stream_);
+    out[i].Allocate(shape, f);
+    out[i].Poison(stream_);
+    cudaMemsetAsync(out[i].cumulative, 0, L * 4, stream_);
+    want[i] = ExpectDispatch(shape, all[i], rank_, nullptr, f, std::vector<int>(L, 0));
+    moecommEpLowLatencyDispatchArgs_t args = DispatchArgs(all[i].ranks[rank_].numTokens, in[i], true, f, out[i]);
+    args.flags |= MOECOMM_LL_SEND_ONLY;
+    if (why.empty() && moecommEpLowLatencyDispatch(ep, &args, &handles[i], stream_) != moecommSuccess) {
+      why = "dispatch " + std::to_string(i) + ": " + moecommGetLastError(comm_);
+    }
+  }
+  if (why.empty()) {
+    moecommEpLowLatencyDispatchArgs_t args = DispatchArgs(all[0].ranks[rank_].numTokens, in[0], true, f, out[0]);
+    moecommEpHandle_t third = nullptr;
+    const moecommResult_t result = moecommEpLowLatencyDispatch(ep, &args, &third, stream_);
+    const std::string text = moecommGetLastError(comm_);
+    if (result != moecommInvalidUsage || text.find("already in flight") == std::string::npos) {
+      why = "third dispatch in flight: got " + std::string(moecommGetErrorString(result)) + " (" + text + ")";
+    }
+  }
+  for (int i = 1; i >= 0 && why.empty(); --i) {
+    if (moecommEpComplete(ep, handles[i], stream_) != moecommSuccess) {
+      why = "complete " + std::to_string(i) + ": " + moecommGetLastError(comm_);
+    }
+  }
+  if (why.empty() && cudaStreamSynchronize(stream_) != cudaSuccess) why = "cudaStreamSynchronize failed";
+  if (why.empty()) why = AsyncError(comm_);
+  for (int i = 0; i < 2 && why.empty(); ++i) {
+    why = CompareDispatch("op" + std::to_string(i) + " ", want[i], out[i], f, true, true);
+  }
+  void* ys[2] = {nullptr, nullptr};
+  void* outs[2] = {nullptr, nullptr};
+  std::vector<uint16_t> wantOut[2];
+  for (int i = 0; i < 2 && why.empty(); ++i) {
+    const uint64_t ySeed = seed * 17 + i;
+    ys[i] = ToDevice(ExpertOutputs(shape, ySeed, rank_, want[i].count.data(), false));
+    wantOut[i] = ExpectCombine(shape, all[i], rank_, nullptr, nullptr, ySeed);
+    outs[i] = DeviceAlloc(wantOut[i].size() * 2);
+    cudaMemsetAsync(outs[i], 0xff, wantOut[i].size() * 2, stream_);
+    moecommEpLowLatencyCombineArgs_t args = CombineArgs(ys[i], in[i], true, outs[i]);
+    args.flags = MOECOMM_LL_SEND_ONLY;
+    if (moecommEpLowLatencyCombine(ep, &args, handles[i], stream_) != moecommSuccess) {
+      why = "combine " + std::to_string(i) + ": " + moecommGetLastError(comm_);
+    }
+  }
+  for (int i = 0; i < 2 && why.empty(); ++i) {
+    if (moecommEpComplete(ep, handles[i], stream_) != moecommSuccess) {
+      why = "complete combine " + std::to_string(i) + ": " + moecommGetLastError(comm_);
+    }
+  }
+  if (why.empty() && cudaStreamSynchronize(stream_) != cudaSuccess) why = "cudaStreamSynchronize failed";
+  if (why.empty()) why = AsyncError(comm_);
+  for (int i = 0; i < 2 && why.empty(); ++i) {
+    why = CompareBytes("combine out op" + std::to_string(i), wantOut[i].data(), outs[i], wantOut[i].size() * 2, 2);
+  }
+  for (int i = 0; i < 2; ++i) {
+    if (handles[i] != nullptr) moecommEpHandleDestroy(handles[i]);
+    in[i].Free();
+    out[i].Free();
+    cudaFree(ys[i]);
+    cudaFree(outs[i]);
+  }
+  if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
+    why = std::string("destroy: ") + moecommGetLastError(comm_);
+  return why;
+}
+
+// Dispatch + combine captured once (with the hook: send-only + complete for both), replayed
+// `replays` times; before each replay the inputs change (cudaMemcpyAsync on the stream) and
+// after it every output is checked, cumulative statistics included.
+std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays) {
+  const ref::EpShape shape = MakeShape(nranks_, 32, 2048, 8, 64);
+  const DispatchFlags f{true, true, false};
+  const int L = shape.expertsPerRank();
+  const int T = 64;
+  moecommEp_t ep = nullptr;
+  LL_CALL(CreateEp(shape, &ep));
+  DeviceInputs in;
+  in.Allocate(shape);
+  DeviceDispatchOut out;
+  out.Allocate(shape, f);
+  const uint64_t ySeed = seed ^ 0x5a5a;
+  void* y = ToDevice(ExpertOutputs(shape, ySeed, rank_, nullptr, true));
+  void* combined = DeviceAlloc(static_cast<size_t>(shape.maxTokensPerRank) * shape.hidden * 2);
+  cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+  // The graph is captured with the first replay's inputs loaded (T fixed per rank).
+  AllInputs all = MakeAllInputs(shape, T, seed);
+  in.Load(all.ranks[rank_], true, stream_);
+  std::string why;
+  if (cudaStreamSynchronize(stream_) != cudaSuccess) why = "cudaStreamSynchronize before capture failed";
+  const int myTokens = all.ranks[rank_].numTokens;
+  moecommEpHandle_t handle = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (why.empty() && cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+    why = "cudaStreamBeginCapture failed";
+  }
+  if (why.empty()) {
+    moecommEpLowLatencyDispatchArgs_t dargs = DispatchArgs(myTokens, in, true, f, out);
+    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, true, combined);
+    if (hook) {
+      dargs.flags |= MOECOMM_LL_SEND_ONLY;
+      cargs.flags |= MOECOMM_LL_SEND_ONLY;
+    }
+    if (moecommEpLowLatencyDispatch(ep, &dargs, &handle, stream_) != moecommSuccess) {
+      why = std::string("captured dispatch: ") + moecommGetLastError(comm_);
+    } else if (hook && moecommEpComplete(ep, handle, stream_) != moecommSuccess) {
+      why = std::string("captured complete: ") + moecommGetLastError(comm_);
+    } else if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
+      why = std::string("captured combine: ") + moecommGetLastError(comm_);
+    } else if (hook && moecommEpComplete(ep, handle, stream_) != moecommSuccess) {
+      why = std::string("captured complete: ") + moecommGetLastError(comm_);
+    }
+    const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+    if (why.empty() && ended != cudaSuccess) why = std::string("cudaStreamEndCapture: ") + cudaGetErrorName(ended);
+  }
+  if (why.empty() && cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) why = "cudaGraphInstantiate failed";
+  std::vector<int> cumulative(L, 0);
+  int checked = 0;
+  std::string firstBad;
+  for (int replay = 0; replay < replays && why.empty(); ++replay) {
+    if (replay > 0) {
+      all = MakeAllInputs(shape, T, seed + 1000003ull * replay);
+      in.Load(all.ranks[rank_], true, stream_);
+    }
+    out.Poison(stream_);
+    cudaMemsetAsync(combined, 0xff, static_cast<size_t>(myTokens) * shape.hidden * 2, stream_);
+    if (cudaGraphLaunch(exec, stream_) != cudaSuccess) {
+      why = "cudaGraphLaunch failed at replay " + std::to_string(replay);
+      break;
+    }
+    const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, nullptr, f, cumulative);
+    cumulative = want.cumulative;
+    const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed);
+    if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+      why = "cudaStreamSynchronize failed at replay " + std::to_string(replay);
+      break;
+    }
+    // A mismatch is recorded but the replays go on, so the peers are not left waiting.
+    const std::string tag = "replay " + std::to_string(replay) + " ";
+    std::string bad = AsyncError(comm_);
+    if (bad.empty()) bad = CompareDispatch(tag, want, out, f, true, true);
+    if (bad.empty()) bad = CompareBytes(tag + "combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+    if (bad.empty()) {
+      ++checked;
+    } else if (firstBad.empty()) {
+      firstBad = bad;
+    }
+  }
+  if (why.empty() && !firstBad.empty()) why = firstBad + " (" + std::to_string(replays - checked) + " replays bad)";
+  if (why.empty() && checked != replays) why = "only " + std::to_string(checked) + " replays checked";
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  if (handle != nullptr) moecommEpHandleDestroy(handle);
+  cudaStreamSynchronize(stream_);
+  if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
+    why = std::string("destroy: ") + moecommGetLastError(comm_);
+  in.Free();
+  out.Free();
+  cudaFree(y);
+  cudaFree(combined);
+  return why;
+}
+
+// moecommEpSetRankMask: every rank masks the last one, which masks everybody. The others'
+// results then leave it out; after moecommEpClearRankMask everything is back.
+std::string EpCudaLowLatency::RunMasked(uint64_t seed) {
+  const ref::EpShape shape = MakeShape(nranks_, 32, 4096, 8, 128);
+  const DispatchFlags f{true, false, true};
+  const int R = nranks_;
+  const int L = shape.expertsPerRank();
+  const int last = R - 1;
+  std::vector<int> masksAll(R * R, 0);
+  for (int r = 0; r < R; ++r) {
+    for (int s = 0; s < R; ++s) masksAll[r * R + s] = (r == last) != (s == last) ? 1 : 0;
+  }
+  const int* myMask = masksAll.data() + rank_ * R;
+  moecommEp_t ep = nullptr;
+  LL_CALL(CreateEp(shape, &ep));
+  std::string why;
+  if (moecommEpSetRankMask(ep, myMask) != moecommSuccess)
+    why = std::string("SetRankMask: ") + moecommGetLastError(comm_);
+  std::vector<int> got(R, -1);
+  if (why.empty() &&
+      (moecommEpGetRankMask(ep, got.data()) != moecommSuccess || !std::equal(got.begin(), got.end(), myMask))) {
+    why = "GetRankMask does not return the mask just set";
+  }
+  DeviceInputs in;
+  in.Allocate(shape);
+  DeviceDispatchOut out;
+  out.Allocate(shape, f);
+  for (int pass = 0; pass < 2 && why.empty(); ++pass) {
+    const bool masked = pass == 0;
+    const AllInputs all = MakeAllInputs(shape, 128, seed + pass);
+    in.Load(all.ranks[rank_], false, stream_);
+    out.Poison(stream_);
+    cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+    const ExpectedDispatch want =
+        ExpectDispatch(shape, all, rank_, masked ? myMask : nullptr, f, std::vector<int>(L, 0));
+    moecommEpHandle_t handle = nullptr;
+    moecommEpLowLatencyDispatchArgs_t dargs = DispatchArgs(all.ranks[rank_].numTokens, in, false, f, out);
+    const std::string tag = masked ? "masked " : "cleared ";
+    if (moecommEpLowLatencyDispatch(ep, &dargs, &handle, stream_) != moecommSuccess) {
+      why = tag + "dispatch: " + moecommGetLastError(comm_);
+      break;
+    }
+    const uint64_t ySeed = seed * 5 + pass;
+    void* y = nullptr;
+    void* combined = nullptr;
+    std::vector<uint16_t> wantOut;
+    if (cudaStreamSynchronize(stream_) != cudaSuccess) why = tag + "cudaStreamSynchronize failed";
+    if (why.empty()) why = AsyncError(comm_);
+    if (why.empty()) why = CompareDispatch(tag, want, out, f, true, true);
+    if (why.empty()) {
+      y = ToDevice(ExpertOutputs(shape, ySeed, rank_, want.count.data(), false));
+      wantOut = ExpectCombine(shape, all, rank_, masked ? masksAll.data() : nullptr, masked ? myMask : nullptr, ySeed);
+      combined = DeviceAlloc(wantOut.size() * 2);
+      cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
+      moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, false, combined);
+      if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
+        why = tag + "combine: " + moecommGetLastError(comm_);
+      } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+        why = tag + "cudaStreamSynchronize failed";
+      }
+      if (why.empty()) why = AsyncError(comm_);
+      if (why.empty()) why = CompareBytes(tag + "combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+    }
+    cudaFree(y);
+    cudaFree(combined);
+    moecommEpHandleDestroy(handle);
+    if (why.empty() && masked) {
+      // Nobody timed out: the mask is still exactly what was set. Then clear it.
+      if (moecommEpGetRankMask(ep, got.data()) != moecommSuccess || !std::equal(got.begin(), got.end(), myMask)) {
+        why = "GetRankMask changed during masked operations";
+      } else if (moecommEpClearRankMask(ep) != moecommSuccess) {
+        why = std::string("ClearRankMask: ") + moecommGetLastError(comm_);
+      }
+    }
+  }
+  if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
+    why = std::string("destroy: ") + moecommGetLastError(comm_);
+  in.Free();
+  out.Free();
+  return why;
+}
+
+// The last rank stops making low-latency calls (as a hung or dead rank would): the others'
+// dispatch times out on it after MOECOMM_LL_TIMEOUT, masks it, and completes without it; the
+// combine skips its experts; moecommEpGetRankMask shows it.
+std::string EpCudaLowLatency::RunSilentRank(uint64_t seed) {
+  const ref::EpShape shape = MakeShape(nranks_, 32, 2048, 8, 64);
+  const DispatchFlags f{false, false, false};
+  const int R = nranks_;
+  const int L = shape.expertsPerRank();
+  const int silent = R - 1;
+  moecommEp_t ep = nullptr;
+  {
+    ScopedEnv timeout("MOECOMM_LL_TIMEOUT", "500");  // read by moecommEpCreate
+    LL_CALL(CreateEp(shape, &ep));
+  }
+  DeviceInputs in;
+  in.Allocate(shape);
+  DeviceDispatchOut out;
+  out.Allocate(shape, f);
+  std::string why;
+  for (int pass = 0; pass < 2 && why.empty(); ++pass) {
+    const bool withSilent = pass == 1;
+    if (withSilent && rank_ == silent) break;  // skips the operation entirely
+    std::vector<int> masksAll(R * R, 0);
+    if (withSilent) {
+      for (int r = 0; r < R; ++r) masksAll[r * R + silent] = r != silent ? 1 : 0;
+    }
+    const int* myMask = masksAll.data() + rank_ * R;
+    const AllInputs all = MakeAllInputs(shape, 64, seed + pass);
+    in.Load(all.ranks[rank_], true, stream_);
+    out.Poison(stream_);
+    cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+    const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, myMask, f, std::vector<int>(L, 0));
+    const std::string tag = withSilent ? "silent " : "warm-up ";
+    moecommEpHandle_t handle = nullptr;
+    moecommEpLowLatencyDispatchArgs_t dargs = DispatchArgs(all.ranks[rank_].numTokens, in, true, f, out);
+    if (moecommEpLowLatencyDispatch(ep, &dargs, &handle, stream_) != moecommSuccess) {
+      why = tag + "dispatch: " + moecommGetLastError(comm_);
+      break;
+    }
+    if (cudaStreamSynchronize(stream_) != cudaSuccess) why = tag + "cudaStreamSynchronize failed";
+    if (why.empty()) why = AsyncError(comm_);
+    if (why.empty()) why = CompareDispatch(tag, want, out, f, true, true);
+    std::vector<int> gotMask(R, -1);
+    if (why.empty() && (moecommEpGetRankMask(ep, gotMask.data()) != moecommSuccess ||
+                        !std::equal(gotMask.begin(), gotMask.end(), myMask))) {
+      why = tag + "GetRankMask does not show the expected mask (rank " + std::to_string(silent) +
+            " masked: " + std::to_string(gotMask[silent]) + ")";
+    }
+    void* y = nullptr;
+    void* combined = nullptr;
+    if (why.empty()) {
+      const uint64_t ySeed = seed * 3 + pass;
+      y = ToDevice(ExpertOutputs(shape, ySeed, rank_, want.count.data(), false));
+      const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, masksAll.data(), myMask, ySeed);
+      combined = DeviceAlloc(wantOut.size() * 2);
+      cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
+      moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, true, combined);
+      if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
+        why = tag + "combine: " + moecommGetLastError(comm_);
+      } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+        why = tag + "cudaStreamSynchronize failed";
+      }
+      if (why.empty()) why = AsyncError(comm_);
+      if (why.empty()) why = CompareBytes(tag + "combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+    }
+    cudaFree(y);
+    cudaFree(combined);
+    moecommEpHandleDestroy(handle);
+  }
+  if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
+    why = std::string("destroy: ") + moecommGetLastError(comm_);
+  in.Free();
+  out.Free();
+  return why;
+}
+
+TEST_F(EpCudaLowLatency, MatchesHostReference) {
+  const std::vector<LlCase> cases = {
+      // H, T, K, E, fp8, round, ue8m0, idx64, sendOnly, zeroCopy
+      {7168, 128, 8, 64, true, false, false, true, false, false},
+      {7168, 128, 8, 64, true, true, false, true, true, false},
+      {7168, 256, 16, 64, true, false, true, false, false, true},
+      {4096, 16, 8, 32, false, false, false, true, true, true},
+      {2048, 1, 1, 32, true, false, false, true, false, false},
+      {2048, 256, 16, 32, false, false, false, false, false, false},
+      {4096, 128, 1, 64, true, false, true, true, true, false},
+      {2048, 16, 16, 64, true, true, false, false, false, true},
+      {7168, 1, 16, 32, false, false, false, true, true, false},
+      {4096, 256, 8, 32, true, false, false, false, true, true},
+  };
+  const uint64_t seed = BaseSeed();
+  int failures = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    if (cases[i].experts % nranks_ != 0) continue;
+    Report("case", cases[i].Name(), RunCase(cases[i], seed + i), &failures);
+  }
+  EXPECT_EQ(failures, 0);
+}
+
+TEST_F(EpCudaLowLatency, DoubleBufferedSendOnly) {
+  int failures = 0;
+  Report("double-buffered", "send-only x2 + refused third", RunDoubleBuffered(BaseSeed() + 77), &failures);
+  EXPECT_EQ(failures, 0);
+}
+
+TEST_F(EpCudaLowLatency, GraphReplay) {
+  int failures = 0;
+  Report("graph", "send-only + complete, 1000 replays", RunGraph(BaseSeed() + 101, true, 1000), &failures);
+  Report("graph", "plain, 200 replays", RunGraph(BaseSeed() + 202, false, 200), &failures);
+  EXPECT_EQ(failures, 0);
+}
+
+TEST_F(EpCudaLowLatency, RankMask) {
+  if (nranks_ < 2) GTEST_SKIP() << "needs 2 ranks";
+  int failures = 0;
+  Report("mask", "set / clear", RunMasked(BaseSeed() + 303), &failures);
+  EXPECT_EQ(failures, 0);
+}
+
+TEST_F(EpCudaLowLatency, SilentRankIsMasked) {
+  if (nranks_ < 2) GTEST_SKIP() << "needs 2 ranks";
+  int failures = 0;
+  Report("timeout", "last rank stops calling", RunSilentRank(BaseSeed() + 404), &failures);
+  EXPECT_EQ(failures, 0);
+}
+
+}  // namespace
+}  // namespace moecomm_gpu_test
