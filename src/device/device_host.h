@@ -96,6 +96,7 @@ struct IntranodeParams {
   int* pos;            // [maxT, R]: ordinal of token t among its channel's tokens for rank r, -1 if not sent
   int* chanCount;      // [C, R]: tokens of channel c sent to rank r
   int* chanExpert;     // [C, E]: selections of channel c's tokens per expert
+  int* selfToken;      // [C, chunkRows]: token of each ordinal a channel sends to this rank itself
   int* recvOffset;     // [R, C]: first received row of (source, channel)
   int* recvCount;      // [R, C]: rows received from (source, channel)
   int* srcRank;        // [R * maxT] per received row

@@ -36,7 +36,7 @@ __shared__ int sSendWarps;
 #define kRecvWarps (kWarps - sSendWarps)
 #define kSendThreads (sSendWarps * 32)
 #define kRecvThreads ((kWarps - sSendWarps) * 32)
-constexpr int kDispatchSendWarps = 8;
+constexpr int kDispatchSendWarps = 6;
 constexpr int kCombineSendWarps = 6;
 constexpr int kNotifySendWarps = 8;
 
@@ -273,7 +273,10 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
       }
       int total = 0;
       const int before = sendGroupScan(goes, &total, scratch);
-      if (t < last) p.pos[static_cast<int64_t>(t) * p.numRanks + dest] = goes ? running + before : -1;
+      if (t < last) {
+        p.pos[static_cast<int64_t>(t) * p.numRanks + dest] = goes ? running + before : -1;
+        if (goes && dest == p.rank) p.selfToken[channel * p.chunkRows + running + before] = t;
+      }
       running += total;
     }
     if (threadIdx.x == 0) p.chanCount[channel * p.numRanks + dest] = running;
@@ -361,6 +364,9 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   const int R = p.numRanks;
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
   const int scalesPerRow = p.hidden / 128;
+  bool remote = false;
+  for (int d = 0; d < R; ++d) remote = remote || (d != p.rank && posRow[d] >= 0);
+  if (!remote) return;  // rows a rank sends itself are read by its receivers from x directly
   int64_t id = -1;
   float weight = 0.0f;
   if (lane < p.topk) {
@@ -372,7 +378,8 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   if (scalesLane) scales4 = loadStreaming(reinterpret_cast<const int4*>(p.xScales + static_cast<int64_t>(t) * scalesPerRow) + lane);
   auto rowFor = [&](int d) -> uint8_t* {
     const int ordinal = posRow[d];
-    return ordinal < 0 ? nullptr : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
+    return ordinal < 0 || d == p.rank ? nullptr
+                                      : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
   };
   warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, rowFor, lane);
   for (int d = 0; d < R; ++d) {
@@ -432,10 +439,47 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
-// One warp copies a staged dispatch row out to the caller's buffers (received row `row` from
-// source rank `source`). Every load is issued before any store.
-__device__ void receiveRow(const IntranodeParams& p, const uint8_t* src, int row, int source, bool recvAligned,
-                           bool scalesVec, int lane) {
+// Where one received row's parts are read from: a staged row, or (rows a rank sends itself)
+// the caller's own inputs, which never pass through the staging area.
+struct RowSource {
+  const uint8_t* x;
+  const float* scales;
+  const int64_t* idx;
+  const float* weights;  // nullptr: zeros
+  int token;             // source token index, or -1: read it from the staged row
+  const int* tokenAt;
+  bool vector;           // x and scales may move as 16-byte vectors (with the output)
+};
+
+__device__ RowSource stagedRowSource(const IntranodeParams& p, const uint8_t* row, bool recvAligned) {
+  RowSource src;
+  src.x = row;
+  src.scales = reinterpret_cast<const float*>(row + p.rowScalesOffset);
+  src.idx = reinterpret_cast<const int64_t*>(row + p.rowIdxOffset);
+  src.weights = reinterpret_cast<const float*>(row + p.rowWeightsOffset);
+  src.token = -1;
+  src.tokenAt = reinterpret_cast<const int*>(row + p.rowSrcOffset);
+  src.vector = recvAligned;
+  return src;
+}
+
+__device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAligned) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  RowSource src;
+  src.x = static_cast<const uint8_t*>(p.x) + t * xBytes;
+  src.scales = p.xIsFp8 ? p.xScales + static_cast<int64_t>(t) * (p.hidden / 128) : nullptr;
+  src.idx = p.handleIdx + static_cast<int64_t>(t) * p.idxStride;
+  src.weights = p.topkWeights != nullptr ? p.topkWeights + static_cast<int64_t>(t) * p.topk : nullptr;
+  src.token = t;
+  src.tokenAt = nullptr;
+  src.vector = recvAligned && aligned16(p.x) && aligned16(p.xScales);
+  return src;
+}
+
+// One warp copies a received row out to the caller's buffers (received row `row` from source
+// rank `source`). Every load is issued before any store.
+__device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int row, int source, bool scalesVec,
+                           int lane) {
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
   const int scalesPerRow = p.hidden / 128;
   const int localExperts = p.numExperts / p.numRanks;
@@ -443,22 +487,22 @@ __device__ void receiveRow(const IntranodeParams& p, const uint8_t* src, int row
   int64_t id = -1;
   float weight = 0.0f;
   if (lane < p.topk) {
-    id = reinterpret_cast<const int64_t*>(src + p.rowIdxOffset)[lane];
-    weight = reinterpret_cast<const float*>(src + p.rowWeightsOffset)[lane];
+    id = src.idx[lane];
+    weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
   }
-  const int srcToken = lane == 0 ? *reinterpret_cast<const int*>(src + p.rowSrcOffset) : 0;
+  const int srcToken = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
   const bool wantScales = p.xIsFp8 && p.recvXScales != nullptr;
-  const bool scalesLane = wantScales && scalesVec && lane < scalesPerRow / 4;
+  const bool vectorScales = scalesVec && src.vector;
+  const bool scalesLane = wantScales && vectorScales && lane < scalesPerRow / 4;
   int4 scales4 = make_int4(0, 0, 0, 0);
-  if (scalesLane) scales4 = reinterpret_cast<const int4*>(src + p.rowScalesOffset)[lane];
+  if (scalesLane) scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
   uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
-  warpCopy<false>(src, xBytes, recvAligned, 1, [&](int) { return out; }, lane);
+  warpCopy<false>(src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
   if (wantScales) {
-    if (scalesVec) {
+    if (vectorScales) {
       if (scalesLane) reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = scales4;
     } else {
-      const float* scales = reinterpret_cast<const float*>(src + p.rowScalesOffset);
-      for (int k = lane; k < scalesPerRow; k += 32) p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
+      for (int k = lane; k < scalesPerRow; k += 32) p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
     }
   }
   if (lane < p.topk) {
@@ -543,7 +587,9 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
         bool progress = false;
         bool complete = true;
         for (int s = lane; s < R; s += 32) {
-          const int n = done[s] < counts[s]
+          // A rank's rows to itself are read straight from its inputs: all available at once.
+          const int n = s == p.rank ? counts[s]
+                        : done[s] < counts[s]
                             ? rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, channel, s)), sequence)
                             : done[s];
           avail[s] = min(n, counts[s]);
@@ -591,8 +637,11 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
-      receiveRow(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal), row, s, recvAligned,
-                 scalesVec, lane);
+      const RowSource src =
+          s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
+                      : stagedRowSource(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal),
+                                        recvAligned);
+      receiveRow(p, src, row, s, scalesVec, lane);
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
@@ -656,7 +705,7 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
     for (int64_t j = base + warp; j < end; j += kSendWarps) {
       const int s = static_cast<int>(j % R);
       const int ordinal = static_cast<int>(j / R);
-      if (ordinal >= counts[s]) continue;
+      if (ordinal >= counts[s] || s == p.rank) continue;  // own rows: the receiver reads combineX
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
       uint8_t* dst = stagingRow(p, s, p.combineOffset, p.combineRowBytes, p.rank, channel, ordinal);
@@ -676,6 +725,26 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
     }
   }
   MC_PROFILE(kOpCombine, 4, 0);
+}
+
+// Rank r's row for this rank's token, ordinal-th of channel c: its staged row, or for r ==
+// this rank the caller's own combine input (never staged). nullptr: the row was never received.
+__device__ __forceinline__ const uint8_t* combineRowOf(const IntranodeParams& p, int channel, int r, int ordinal) {
+  if (r != p.rank) return stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal);
+  const int row = p.recvOffset[p.rank * p.numChannels + channel] + ordinal;
+  if (row >= p.recvCapacity) return nullptr;
+  return static_cast<const uint8_t*>(p.combineX) + static_cast<uint64_t>(row) * p.hidden * 2;
+}
+
+// The weights that came back with that row (nullptr: zeros).
+__device__ __forceinline__ const float* combineWeightsOf(const IntranodeParams& p, int channel, int r, int ordinal) {
+  if (r != p.rank) {
+    return reinterpret_cast<const float*>(stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal) +
+                                          static_cast<uint64_t>(p.hidden) * 2);
+  }
+  const int row = p.recvOffset[p.rank * p.numChannels + channel] + ordinal;
+  if (row >= p.recvCapacity || p.combineWeights == nullptr) return nullptr;
+  return p.combineWeights + static_cast<int64_t>(row) * p.topk;
 }
 
 // Sums one token's rows 16 bytes (8 BF16 channels) at a time. Order per element: ranks
@@ -705,12 +774,8 @@ __device__ void combineToken(const IntranodeParams& p, int channel, int64_t t, c
     for (int r0 = 0; r0 < R; r0 += 2) {
       const int o0 = pos[r0];
       const int o1 = r0 + 1 < R ? pos[r0 + 1] : -1;
-      const uint4* row0 =
-          o0 < 0 ? nullptr
-                 : reinterpret_cast<const uint4*>(stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r0, channel, o0));
-      const uint4* row1 = o1 < 0 ? nullptr
-                                 : reinterpret_cast<const uint4*>(
-                                       stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r0 + 1, channel, o1));
+      const uint4* row0 = o0 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, r0, o0));
+      const uint4* row1 = o1 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, r0 + 1, o1));
       uint4 v0[kGroup], v1[kGroup];
 #pragma unroll
       for (int g = 0; g < kGroup; ++g) {
@@ -761,9 +826,8 @@ __device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_
     float acc = 0.0f;
     for (int r = 0; r < p.numRanks; ++r) {
       if (pos[r] < 0) continue;
-      const uint16_t* row = reinterpret_cast<const uint16_t*>(
-          stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, pos[r]));
-      acc = __fadd_rn(acc, bf16ToFloat(row[h]));
+      const uint16_t* row = reinterpret_cast<const uint16_t*>(combineRowOf(p, channel, r, pos[r]));
+      if (row != nullptr) acc = __fadd_rn(acc, bf16ToFloat(row[h]));
     }
     if (bias != nullptr) acc = __fadd_rn(acc, bf16ToFloat(bias[t * p.hidden + h]));
     out[t * p.hidden + h] = floatToBf16(acc);
@@ -775,8 +839,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   const int lane = threadIdx.x & 31;
   const int warp = tid >> 5;
   const int R = p.numRanks;
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
-  const bool aligned = aligned16(p.combinedX) && aligned16(p.bias) && p.hidden % 8 == 0;
+  const bool aligned = aligned16(p.combinedX) && aligned16(p.bias) && aligned16(p.combineX) && p.hidden % 8 == 0;
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
@@ -788,7 +851,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     // Wait until every rank holding this token has sent its row back (lane r checks rank r).
     for (int r = lane, slot = 0; r < R; r += 32, ++slot) {
       const int ordinal = pos[r];
-      if (ordinal < 0 || (slot < kKnownSlots && known[slot] > ordinal)) continue;
+      if (ordinal < 0 || r == p.rank || (slot < kKnownSlots && known[slot] > ordinal)) continue;
       const uint64_t word = waitWord(p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
                                      [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
       if (slot < kKnownSlots) known[slot] = rowsOf(word, sequence);
@@ -805,9 +868,8 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
         float acc = 0.0f;
         for (int r = 0; r < R; ++r) {
           if (pos[r] < 0) continue;
-          const float* weights = reinterpret_cast<const float*>(
-              stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, pos[r]) + xBytes);
-          acc = __fadd_rn(acc, weights[k]);
+          const float* weights = combineWeightsOf(p, channel, r, pos[r]);
+          acc = __fadd_rn(acc, weights != nullptr ? weights[k] : 0.0f);
         }
         p.combinedWeights[t * p.topk + k] = acc;
       }

@@ -57,6 +57,7 @@ struct HandleDevice {
   int* pos = nullptr;
   int* chanCount = nullptr;
   int* chanExpert = nullptr;
+  int* selfToken = nullptr;
   int* recvOffset = nullptr;
   int* recvCount = nullptr;
   int* srcRank = nullptr;
@@ -444,14 +445,16 @@ class CudaEpBackend : public EpBackend {
     const size_t C = base_.numChannels;
     const size_t maxT = shape.maxTokensPerRank;
     const size_t idxBytes = align16(maxT * base_.idxStride * sizeof(int64_t));
-    const size_t ints = maxT * R + C * R + C * shape.numExperts + 2 * R * C + 2 * R * maxT + 1;
+    const size_t chunkRows = base_.chunkRows;
+    const size_t ints = maxT * R + C * R + C * shape.numExperts + C * chunkRows + 2 * R * C + 2 * R * maxT + 1;
     HandleDevice d;
     MC_CUDA(cudaMalloc(&d.block, idxBytes + ints * sizeof(int)));
     d.idx = static_cast<int64_t*>(d.block);
     d.pos = reinterpret_cast<int*>(static_cast<uint8_t*>(d.block) + idxBytes);
     d.chanCount = d.pos + maxT * R;
     d.chanExpert = d.chanCount + C * R;
-    d.recvOffset = d.chanExpert + C * shape.numExperts;
+    d.selfToken = d.chanExpert + C * shape.numExperts;
+    d.recvOffset = d.selfToken + C * chunkRows;
     d.recvCount = d.recvOffset + R * C;
     d.srcRank = d.recvCount + R * C;
     d.srcIndex = d.srcRank + R * maxT;
@@ -469,6 +472,7 @@ class CudaEpBackend : public EpBackend {
     p->pos = d.pos;
     p->chanCount = d.chanCount;
     p->chanExpert = d.chanExpert;
+    p->selfToken = d.selfToken;
     p->recvOffset = d.recvOffset;
     p->recvCount = d.recvCount;
     p->srcRank = d.srcRank;
