@@ -8,6 +8,7 @@ cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release > "$out/configure
 cmake --build build-device -j "$(nproc)" --target moecomm_gpu_tests moecomm-run moecomm-bench > "$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head; exit 1; }
 nvidia-smi -L
 cd build-device || exit 1
+[ -f ../.bench-commit ] && export MOECOMM_BENCH_COMMIT=$(cat ../.bench-commit)
 if [ -z "${SKIP_TEST:-}" ]; then
   MOECOMM_KERNEL_TIMEOUT=5000 timeout 200 tools/moecomm-run -n 2 -t 190 tests/moecomm_gpu_tests --gtest_filter="${TEST_FILTER:-EpCudaNormal.*}" > "$out/test.log" 2>&1; echo "test rc=$?"
   grep -cE ": PASS" "$out/test.log" | sed 's/^/PASS lines: /'; grep -E "FAIL|Timeout|rror" "$out/test.log" | head -20
