@@ -64,7 +64,7 @@ struct EpHostWords {
 struct IntranodeParams {
   uint8_t* const* peers;  // device array [R]: every rank's symmetric buffer, as this rank maps it
   EpDeviceState* state;
-  EpHostWords* host;      // mapped
+  EpHostWords* host;  // mapped
   int rank;
   int numRanks;
   int numExperts;
@@ -89,7 +89,7 @@ struct IntranodeParams {
   uint64_t rowExtent;
   int idxStride;             // int64 per token in handleIdx: topk rounded up to even (16-byte rows)
   uint64_t sharedIntsBytes;  // dynamic shared memory of the dispatch and combine kernels
-  uint64_t timeoutNs;  // bound of every spin-wait
+  uint64_t timeoutNs;        // bound of every spin-wait
 
   // The handle's device routing.
   int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)

@@ -46,8 +46,9 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 }
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
-constexpr int kUnroll = 16;      // 16-byte vectors in flight per lane in a row copy
-constexpr int kBatch = 32;  // a sending channel publishes its tail every this many tokens (dispatch) or ordinals (combine)
+constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
+// A sending channel publishes its tail every this many tokens (dispatch) or ordinals (combine).
+constexpr int kBatch = 32;
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr int kErrorTimeout = 8;          // moecommTimeout
 constexpr int kCtrlCount = 0;
@@ -60,8 +61,8 @@ constexpr int kCtrlAck = 2;
 constexpr int kProfileBlocks = 256;
 constexpr int kProfileEvents = 10;
 __device__ unsigned long long gProfile[kOps][kProfileBlocks][kProfileEvents];
-#define MC_PROFILE(op, event, leader)                                                          \
-  do {                                                                                         \
+#define MC_PROFILE(op, event, leader)                                                                              \
+  do {                                                                                                             \
     if (threadIdx.x == (leader) && blockIdx.x < kProfileBlocks) gProfile[op][blockIdx.x][event] = globalTimerNs(); \
   } while (0)
 #else
@@ -125,8 +126,9 @@ __device__ uint64_t waitWord(const IntranodeParams& p, const uint64_t* word, Don
 }
 
 __device__ void waitAck(const IntranodeParams& p, int op, int channel, int dest, uint64_t sequence) {
-  waitWord(p, ctrlWord(p, p.rank, kCtrlAck, op, channel, dest), [&](uint64_t v) { return v + 1 >= sequence; }, dest,
-           channel, op);
+  waitWord(
+      p, ctrlWord(p, p.rank, kCtrlAck, op, channel, dest), [&](uint64_t v) { return v + 1 >= sequence; }, dest, channel,
+      op);
 }
 
 // Rows (count) of a count or tail word of this call; 0 for a word of another call.
@@ -324,8 +326,9 @@ __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
     for (int i = tid; i < words; i += kRecvThreads) {
       const int c = i / p.numRanks;
       const int s = i % p.numRanks;
-      waitWord(p, ctrlWord(p, p.rank, kCtrlCount, kOpNotify, c, s),
-               [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, s, c, kOpNotify);
+      waitWord(
+          p, ctrlWord(p, p.rank, kCtrlCount, kOpNotify, c, s), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
+          s, c, kOpNotify);
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
     const int localExperts = p.numExperts / p.numRanks;
@@ -375,11 +378,13 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   }
   int4 scales4 = make_int4(0, 0, 0, 0);
   const bool scalesLane = p.xIsFp8 && scalesVec && lane < scalesPerRow / 4;
-  if (scalesLane) scales4 = loadStreaming(reinterpret_cast<const int4*>(p.xScales + static_cast<int64_t>(t) * scalesPerRow) + lane);
+  if (scalesLane)
+    scales4 = loadStreaming(reinterpret_cast<const int4*>(p.xScales + static_cast<int64_t>(t) * scalesPerRow) + lane);
   auto rowFor = [&](int d) -> uint8_t* {
     const int ordinal = posRow[d];
-    return ordinal < 0 || d == p.rank ? nullptr
-                                      : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
+    return ordinal < 0 || d == p.rank
+               ? nullptr
+               : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
   };
   warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, rowFor, lane);
   for (int d = 0; d < R; ++d) {
@@ -429,7 +434,8 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int j = warp; j < n; j += kSendWarps) sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
+    for (int j = warp; j < n; j += kSendWarps)
+      sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
     groupBarrier(kBarrierSend, kSendThreads);
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
       __threadfence_system();
@@ -448,7 +454,7 @@ struct RowSource {
   const float* weights;  // nullptr: zeros
   int token;             // source token index, or -1: read it from the staged row
   const int* tokenAt;
-  bool vector;           // x and scales may move as 16-byte vectors (with the output)
+  bool vector;  // x and scales may move as 16-byte vectors (with the output)
 };
 
 __device__ RowSource stagedRowSource(const IntranodeParams& p, const uint8_t* row, bool recvAligned) {
@@ -497,12 +503,14 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
   int4 scales4 = make_int4(0, 0, 0, 0);
   if (scalesLane) scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
   uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
-  warpCopy<false>(src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
+  warpCopy<false>(
+      src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
   if (wantScales) {
     if (vectorScales) {
       if (scalesLane) reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = scales4;
     } else {
-      for (int k = lane; k < scalesPerRow; k += 32) p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
+      for (int k = lane; k < scalesPerRow; k += 32)
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
     }
   }
   if (lane < p.topk) {
@@ -536,8 +544,9 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   for (int i = tid; i < C * R; i += kRecvThreads) {
     const int c = i / R;
     const int s = i % R;
-    waitWord(p, ctrlWord(p, p.rank, kCtrlCount, kOpDispatch, c, s),
-             [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, s, c, kOpDispatch);
+    waitWord(
+        p, ctrlWord(p, p.rank, kCtrlCount, kOpDispatch, c, s), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
+        s, c, kOpDispatch);
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
   MC_PROFILE(kOpDispatch, 5, kSendThreads);
@@ -638,9 +647,10 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
       const RowSource src =
-          s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                      : stagedRowSource(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal),
-                                        recvAligned);
+          s == p.rank
+              ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
+              : stagedRowSource(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal),
+                                recvAligned);
       receiveRow(p, src, row, s, scalesVec, lane);
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
@@ -649,7 +659,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   }
   MC_PROFILE(kOpDispatch, 7, kSendThreads);
   // This channel's staging of this call is consumed: let every source reuse it.
-  for (int s = tid; s < R; s += kRecvThreads) storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
+  for (int s = tid; s < R; s += kRecvThreads)
+    storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
@@ -712,8 +723,8 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
       float weight = 0.0f;
       const bool weightLane = p.combineWeights != nullptr && lane < p.topk;
       if (weightLane) weight = p.combineWeights[static_cast<int64_t>(row) * p.topk + lane];
-      warpCopy<true>(static_cast<const uint8_t*>(p.combineX) + row * xBytes, xBytes, aligned, 1,
-                     [&](int) { return dst; }, lane);
+      warpCopy<true>(
+          static_cast<const uint8_t*>(p.combineX) + row * xBytes, xBytes, aligned, 1, [&](int) { return dst; }, lane);
       if (weightLane) reinterpret_cast<float*>(dst + xBytes)[lane] = weight;
     }
     groupBarrier(kBarrierSend, kSendThreads);
@@ -739,8 +750,9 @@ __device__ __forceinline__ const uint8_t* combineRowOf(const IntranodeParams& p,
 // The weights that came back with that row (nullptr: zeros).
 __device__ __forceinline__ const float* combineWeightsOf(const IntranodeParams& p, int channel, int r, int ordinal) {
   if (r != p.rank) {
-    return reinterpret_cast<const float*>(stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal) +
-                                          static_cast<uint64_t>(p.hidden) * 2);
+    return reinterpret_cast<const float*>(
+        stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal) +
+        static_cast<uint64_t>(p.hidden) * 2);
   }
   const int row = p.recvOffset[p.rank * p.numChannels + channel] + ordinal;
   if (row >= p.recvCapacity || p.combineWeights == nullptr) return nullptr;
@@ -852,8 +864,9 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     for (int r = lane, slot = 0; r < R; r += 32, ++slot) {
       const int ordinal = pos[r];
       if (ordinal < 0 || r == p.rank || (slot < kKnownSlots && known[slot] > ordinal)) continue;
-      const uint64_t word = waitWord(p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
-                                     [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
+      const uint64_t word = waitWord(
+          p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
+          [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
       if (slot < kKnownSlots) known[slot] = rowsOf(word, sequence);
     }
     __syncwarp();
@@ -877,7 +890,8 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
   MC_PROFILE(kOpCombine, 7, kSendThreads);
-  for (int r = tid; r < R; r += kRecvThreads) storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+  for (int r = tid; r < R; r += kRecvThreads)
+    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) {

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "device/api.h"
+#include "ep/cuda_scope.h"
 #include "ep/ep_args.h"
 #include "ep/ep_cuda_ll.h"
 #include "transport/nvlink.h"
@@ -23,32 +24,7 @@
 namespace moecomm {
 namespace {
 
-#define MC_CUDA(call)                                                                                           \
-  do {                                                                                                          \
-    const cudaError_t mc_cuda_err_ = (call);                                                                    \
-    if (mc_cuda_err_ != cudaSuccess) {                                                                          \
-      return setError(moecommUnhandledCudaError, "%s failed: %s (%s)", #call, cudaGetErrorName(mc_cuda_err_), \
-                      cudaGetErrorString(mc_cuda_err_));                                                       \
-    }                                                                                                           \
-  } while (0)
-
 uint64_t align16(uint64_t bytes) { return (bytes + 15) / 16 * 16; }
-
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    if (cudaSetDevice(device) != cudaSuccess) (void)cudaGetLastError();
-  }
-  ~DeviceScope() {
-    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 // Device buffers of one handle's routing (one allocation).
 struct HandleDevice {
@@ -84,8 +60,8 @@ class CudaEpBackend : public EpBackend {
     // budget cannot exceed the SM count.
     const int channels = std::max(1, std::min(ep_->config.numSms, deviceSms));
     if (channels != ep_->config.numSms) {
-      MC_WARN(kLogEp, "rank %d: SM budget %d exceeds the %d SMs of device %d; using %d", ep_->rank,
-              ep_->config.numSms, deviceSms, ep_->comm->device, channels);
+      MC_WARN(kLogEp, "rank %d: SM budget %d exceeds the %d SMs of device %d; using %d", ep_->rank, ep_->config.numSms,
+              deviceSms, ep_->comm->device, channels);
     }
     device::IntranodeParams& p = base_;
     std::memset(&p, 0, sizeof(p));
@@ -308,7 +284,8 @@ class CudaEpBackend : public EpBackend {
     rows = std::min(rows, ep_->shape.numRanks * ep_->shape.maxTokensPerRank);
     MC_REQUIRE(capacity >= rows, moecommInvalidArgument, "capacity = %d is smaller than the %d received rows", capacity,
                rows);
-    if (srcRank != nullptr) MC_CUDA(cudaMemcpy(srcRank, it->second.srcRank, sizeof(int) * rows, cudaMemcpyDeviceToHost));
+    if (srcRank != nullptr)
+      MC_CUDA(cudaMemcpy(srcRank, it->second.srcRank, sizeof(int) * rows, cudaMemcpyDeviceToHost));
     if (srcIndex != nullptr) {
       MC_CUDA(cudaMemcpy(srcIndex, it->second.srcIndex, sizeof(int) * rows, cudaMemcpyDeviceToHost));
     }

@@ -10,40 +10,16 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "ep/cuda_scope.h"
 #include "ep/ep_args.h"
 #include "transport/nvlink.h"
 
 namespace moecomm {
 namespace {
 
-#define MC_LL_CUDA(call)                                                                                      \
-  do {                                                                                                        \
-    const cudaError_t mc_cuda_err_ = (call);                                                                  \
-    if (mc_cuda_err_ != cudaSuccess) {                                                                        \
-      return setError(moecommUnhandledCudaError, "%s failed: %s (%s)", #call, cudaGetErrorName(mc_cuda_err_), \
-                      cudaGetErrorString(mc_cuda_err_));                                                      \
-    }                                                                                                         \
-  } while (0)
-
 constexpr int kPreallocatedRoutings = 4;
 
 uint64_t alignUp(uint64_t bytes, uint64_t alignment) { return (bytes + alignment - 1) / alignment * alignment; }
-
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    if (cudaSetDevice(device) != cudaSuccess) (void)cudaGetLastError();
-  }
-  ~DeviceScope() {
-    if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) (void)cudaGetLastError();
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 moecommResult_t checkLaunch(int err, const char* what) {
   MC_REQUIRE(err == 0, moecommUnhandledCudaError, "%s failed: %s (%s)", what,
@@ -114,7 +90,7 @@ moecommResult_t CudaLowLatency::init() {
   // Dynamic shared memory: the send kernel keeps a word per token; the receive kernel keeps
   // every source's expert ids when they fit (else it reads them from the buffer).
   int optIn = 0;
-  MC_LL_CUDA(cudaDeviceGetAttribute(&optIn, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
+  MC_CUDA(cudaDeviceGetAttribute(&optIn, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   const uint64_t sharedLimit = static_cast<uint64_t>(std::max(0, optIn - 2048));
   p.topkInShared = 1;
   if (device::lowLatencyDispatchRecvSharedBytes(p) > sharedLimit) p.topkInShared = 0;
@@ -132,30 +108,30 @@ moecommResult_t CudaLowLatency::init() {
   for (int r = 0; r < shape.numRanks; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
 
   void* state = nullptr;
-  MC_LL_CUDA(cudaMalloc(&state, sizeof(device::LowLatencyState)));
+  MC_CUDA(cudaMalloc(&state, sizeof(device::LowLatencyState)));
   state_ = static_cast<device::LowLatencyState*>(state);
-  MC_LL_CUDA(cudaMemset(state_, 0, sizeof(device::LowLatencyState)));
+  MC_CUDA(cudaMemset(state_, 0, sizeof(device::LowLatencyState)));
   p.state = state_;
 
   int* host = nullptr;
   const size_t hostWords = 1 + R;
-  MC_LL_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * hostWords, cudaHostAllocMapped));
+  MC_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * hostWords, cudaHostAllocMapped));
   std::memset(host, 0, sizeof(int) * hostWords);
   host_ = host;
   int* devicePointer = nullptr;
-  MC_LL_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&devicePointer), host, 0));
+  MC_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&devicePointer), host, 0));
   p.hostError = devicePointer;
   p.hostMasked = devicePointer + 1;
-  MC_LL_CUDA(cudaMallocHost(reinterpret_cast<void**>(&hostMaskStaging_), sizeof(int) * R));
+  MC_CUDA(cudaMallocHost(reinterpret_cast<void**>(&hostMaskStaging_), sizeof(int) * R));
   cudaStream_t control = nullptr;
-  MC_LL_CUDA(cudaStreamCreateWithFlags(&control, cudaStreamNonBlocking));
+  MC_CUDA(cudaStreamCreateWithFlags(&control, cudaStreamNonBlocking));
   controlStream_ = control;
   for (int i = 0; i < kPreallocatedRoutings; ++i) {
     Routing routing;
     MC_CHECK(allocateRouting(&routing));
     freeRoutings_.push_back(routing);
   }
-  MC_LL_CUDA(cudaDeviceSynchronize());
+  MC_CUDA(cudaDeviceSynchronize());
   MC_INFO(kLogEp, "rank %d: CUDA low-latency buffer %llu bytes (2 slots of %llu, %s), %d blocks", ep_->rank,
           static_cast<unsigned long long>(bytes), static_cast<unsigned long long>(p.slotBytes), buffer_->method(),
           p.numBlocks);
@@ -199,7 +175,7 @@ moecommResult_t CudaLowLatency::allocateRouting(Routing* out) {
   const uint64_t arrayBytes = alignUp(rows * sizeof(int), 16);
   const uint64_t bytes = countBytes + 2 * arrayBytes + 16 + alignUp(rows, 16);
   void* block = nullptr;
-  MC_LL_CUDA(cudaMalloc(&block, bytes));
+  MC_CUDA(cudaMalloc(&block, bytes));
   uint8_t* base = static_cast<uint8_t*>(block);
   out->block = block;
   out->arrays.recvCount = reinterpret_cast<int*>(base);
@@ -213,7 +189,7 @@ moecommResult_t CudaLowLatency::allocateRouting(Routing* out) {
 moecommResult_t CudaLowLatency::takeRouting(moecommStream_t stream, Routing* out) {
   if (freeRoutings_.empty()) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    MC_LL_CUDA(cudaStreamIsCapturing(stream, &capture));
+    MC_CUDA(cudaStreamIsCapturing(stream, &capture));
     MC_REQUIRE(capture == cudaStreamCaptureStatusNone, moecommInvalidUsage,
                "%zu low-latency handles are alive and the stream is being captured, so no device memory can be "
                "allocated for another; destroy unused handles (moecommEpHandleDestroy) before capturing",
@@ -259,8 +235,8 @@ moecommResult_t CudaLowLatency::pushRankMask() {
   const int R = ep_->shape.numRanks;
   for (int r = 0; r < R; ++r) hostMaskStaging_[r] = ep_->rankMask[r] != 0 ? 1 : 0;
   cudaStream_t control = static_cast<cudaStream_t>(controlStream_);
-  MC_LL_CUDA(cudaMemcpyAsync(state_->rankMask, hostMaskStaging_, sizeof(int) * R, cudaMemcpyHostToDevice, control));
-  MC_LL_CUDA(cudaStreamSynchronize(control));
+  MC_CUDA(cudaMemcpyAsync(state_->rankMask, hostMaskStaging_, sizeof(int) * R, cudaMemcpyHostToDevice, control));
+  MC_CUDA(cudaStreamSynchronize(control));
   // The caller's mask is now the truth; ranks the kernels mask from here on show up again.
   for (int r = 0; r < R; ++r) host_[1 + r] = 0;
   return moecommSuccess;
@@ -343,7 +319,7 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
   MC_CHECK(acquireSlot(&slot));
   MC_CHECK(checkLowLatencyDispatchArgs(*ep_, args, handle));
   DeviceScope scope(device_);
-  if (args->waitEvent != nullptr) MC_LL_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+  if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
   Routing routing;
   MC_CHECK(takeRouting(stream, &routing));
   moecommEpHandle* created = newHandle(ep_, EpHandleKind::kLowLatency);
@@ -406,7 +382,7 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
   auto routing = routings_.find(handle);
   MC_REQUIRE(routing != routings_.end(), moecommInternalError, "the low-latency handle has no device routing");
   DeviceScope scope(device_);
-  if (args->waitEvent != nullptr) MC_LL_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+  if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
   device::LowLatencyParams p = callParams(slot, routing->second);
   p.numTokens = handle->numTokens;
   p.expertOutputs = checked->x;
@@ -435,7 +411,7 @@ moecommResult_t CudaLowLatency::combineBuffer(void** buffer) {
     const size_t bytes = static_cast<size_t>(shape.expertsPerRank()) * shape.lowLatencySlotsPerExpert() * shape.hidden *
                          sizeof(uint16_t);
     DeviceScope scope(device_);
-    MC_LL_CUDA(cudaMalloc(&zeroCopy_, bytes));
+    MC_CUDA(cudaMalloc(&zeroCopy_, bytes));
   }
   *buffer = zeroCopy_;
   return moecommSuccess;

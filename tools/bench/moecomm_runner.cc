@@ -261,18 +261,20 @@ bool NormalRunner::Run() {
       SetStep("libmoecomm: timed dispatch " + std::to_string(i) + (gated ? " (gated)" : ""));
       BENCH_MOECOMM(moecommEpHandleDestroy(handle_));
       handle_ = nullptr;
-      sample(gated, [&] { return Dispatch(&handle_, false); }, gated ? &dispatchGpuUs : &dispatchUs,
-             "moecommEpDispatch");
+      sample(
+          gated, [&] { return Dispatch(&handle_, false); }, gated ? &dispatchGpuUs : &dispatchUs, "moecommEpDispatch");
       if (!combineSupported) continue;
       SetStep("libmoecomm: timed combine " + std::to_string(i) + (gated ? " (gated)" : ""));
-      sample(gated, [&] { return Combine(handle_); }, gated ? &combineGpuUs : &combineUs, "moecommEpCombine");
+      sample(
+          gated, [&] { return Combine(handle_); }, gated ? &combineGpuUs : &combineUs, "moecommEpCombine");
     }
   }
   for (int i = 0; i < o_.iters; ++i) {
     for (const bool gated : {false, true}) {
       SetStep("libmoecomm: timed dispatch with the handle reused " + std::to_string(i) + (gated ? " (gated)" : ""));
-      sample(gated, [&] { return Dispatch(&handle_, true); }, gated ? &cachedGpuUs : &cachedUs,
-             "moecommEpDispatch (handle reused)");
+      sample(
+          gated, [&] { return Dispatch(&handle_, true); }, gated ? &cachedGpuUs : &cachedUs,
+          "moecommEpDispatch (handle reused)");
     }
   }
   dispatch.whole = Summarize(dispatchUs);
