@@ -142,30 +142,34 @@ void LowLatencyRunner::Run() {
     DestroyHandle();
   }
   p_.Synchronize();
-  std::vector<double> dispatchUs, combineUs;
+  // Every iteration times each op twice: whole call, then gated (GPU time alone;
+  // Platform::BeginSample).
+  std::vector<double> dispatchUs, combineUs, dispatchGpuUs, combineGpuUs;
   for (int i = 0; i < o_.iters; ++i) {
-    SetStep("libmoecomm LL: timed dispatch " + std::to_string(i));
-    p_.PrepareSample();
-    p_.BeginSample();
-    result = Dispatch();
-    dispatchUs.push_back(p_.EndSample());
-    if (result != moecommSuccess) Fail("moecommEpLowLatencyDispatch", result);
-    if (combineSupported) {
-      SetStep("libmoecomm LL: timed combine " + std::to_string(i));
+    for (const bool gated : {false, true}) {
+      SetStep("libmoecomm LL: timed dispatch " + std::to_string(i) + (gated ? " (gated)" : ""));
       p_.PrepareSample();
-      p_.BeginSample();
-      result = Combine();
-      combineUs.push_back(p_.EndSample());
-      if (result != moecommSuccess) Fail("moecommEpLowLatencyCombine", result);
+      p_.BeginSample(gated);
+      result = Dispatch();
+      (gated ? dispatchGpuUs : dispatchUs).push_back(p_.EndSample());
+      if (result != moecommSuccess) Fail("moecommEpLowLatencyDispatch", result);
+      if (combineSupported) {
+        SetStep("libmoecomm LL: timed combine " + std::to_string(i) + (gated ? " (gated)" : ""));
+        p_.PrepareSample();
+        p_.BeginSample(gated);
+        result = Combine();
+        (gated ? combineGpuUs : combineUs).push_back(p_.EndSample());
+        if (result != moecommSuccess) Fail("moecommEpLowLatencyCombine", result);
+      }
+      DestroyHandle();
     }
-    DestroyHandle();
   }
   dispatch.whole = Summarize(dispatchUs);
-  SetKernelTime(c_, &dispatch);
+  SetKernelTime(c_, &dispatch, &dispatchGpuUs);
   c_.reporter->Add(dispatch);
   if (combineSupported) {
     combine.whole = Summarize(combineUs);
-    SetKernelTime(c_, &combine);
+    SetKernelTime(c_, &combine, &combineGpuUs);
     c_.reporter->Add(combine);
   } else {
     ReportNotSupported(c_, "ll_combine", kMode, combineWhy);
