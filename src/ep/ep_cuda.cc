@@ -169,7 +169,8 @@ class CudaEpBackend : public EpBackend {
   moecommResult_t dispatch(const moecommEpDispatchArgs_t* args, moecommEpHandle_t* handle,
                            moecommStream_t stream) override {
     pollErrors();
-    MC_CHECK(agree(checkDispatchArgs(*ep_, args, handle)));
+    const moecommResult_t checked = checkDispatchArgs(*ep_, args, handle);
+    MC_CHECK(agree(checked, checked == moecommSuccess ? static_cast<int32_t>(args->xType) : -1));
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     moecommEpHandle* target = *handle;
@@ -385,18 +386,25 @@ class CudaEpBackend : public EpBackend {
     if (host_->badEntry != 0) ep_->comm->raiseAsyncError(moecommInvalidArgument);
   }
 
-  // Exchanges every rank's local verdict: a failure anywhere fails every rank.
-  moecommResult_t agree(moecommResult_t local) {
+  // Exchanges every rank's local verdict: a failure anywhere fails every rank. xType >= 0
+  // (dispatch): every rank must dispatch the same type, since receivers read rows by their own.
+  moecommResult_t agree(moecommResult_t local, int32_t xType = -1) {
     const std::string text = local != moecommSuccess ? lastErrorText() : "";
-    std::vector<int32_t> all(ep_->comm->nranks);
-    const int32_t mine = local;
-    const moecommResult_t exchanged = ep_->comm->bootstrap->allgather(&mine, all.data(), sizeof(int32_t));
+    const int nranks = ep_->comm->nranks;
+    std::vector<int32_t> all(2 * static_cast<size_t>(nranks));
+    const int32_t mine[2] = {local, local == moecommSuccess ? xType : -1};
+    const moecommResult_t exchanged = ep_->comm->bootstrap->allgather(mine, all.data(), sizeof(mine));
     if (local != moecommSuccess) return setError(local, "%s", text.c_str());
     MC_CHECK(exchanged);
-    for (int r = 0; r < ep_->comm->nranks; ++r) {
-      MC_REQUIRE(all[r] == moecommSuccess, moecommRemoteError,
+    for (int r = 0; r < nranks; ++r) {
+      MC_REQUIRE(all[2 * r] == moecommSuccess, moecommRemoteError,
                  "rank %d rejected its arguments to this EP call (%s); its moecommGetLastError says why", r,
-                 resultName(static_cast<moecommResult_t>(all[r])));
+                 resultName(static_cast<moecommResult_t>(all[2 * r])));
+    }
+    for (int r = 0; r < nranks && xType >= 0; ++r) {
+      MC_REQUIRE(all[2 * r + 1] == xType, moecommInvalidArgument,
+                 "rank %d dispatches x of type %d but this rank passed type %d: every rank must pass the same xType", r,
+                 all[2 * r + 1], xType);
     }
     return moecommSuccess;
   }
