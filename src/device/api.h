@@ -18,7 +18,7 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream);
 // Dynamic shared memory of the normal-mode dispatch and combine kernels.
-uint64_t intranodeSharedIntsBytes(int numRanks);
+uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels);
 // Developer timeline of the last call of op (kOp*) for `blocks` blocks: fills out[blocks][N]
 // with global-timer stamps and returns N, or -1 when the library was built without
 // -DMOECOMM_KERNEL_PROFILE.

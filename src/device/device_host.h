@@ -30,11 +30,13 @@ struct LayoutParams {
 // half receive, so pushing rows over NVLink and copying them out of the staging area overlap.
 //
 // Symmetric buffer of every rank (offsets from its base, identical on every rank):
-//   ctrl     uint64 [3 kinds: count, tail, ack][3 ops: notify, dispatch, combine][C][R]
-//            count[op][c][s]: written by source s's channel c: (tag << 32) | rows it sends
+//   ctrl     uint64 [4 kinds: count (even sequence), tail, ack, count (odd sequence)]
+//                   [3 ops: notify, dispatch, combine][C][R]
+//            count[op][c][s]: written by source s's channel c: (tag << 32) | rows it sends;
+//                             double-buffered by the sequence's parity (see countWord)
 //            tail[op][c][s]:  written by source s's channel c: (tag << 32) | rows written so far
 //            ack[op][c][d]:   written by destination d's channel c: the last sequence it consumed
-//   experts  int [2 ops: notify, dispatch][R source][C][E/R]: per-local-expert counts
+//   experts  int [2 ops: notify, dispatch][2 parities][R source][C][E/R]: per-local-expert counts
 //   dispatch staging [R source][C * chunkRows] rows of dispatchRowBytes
 //   combine staging  [R source][C * chunkRows] rows of combineRowBytes
 // where tag is the low 32 bits of the call's sequence number, kept on the device (EpState)

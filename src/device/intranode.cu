@@ -54,6 +54,7 @@ constexpr int kErrorTimeout = 8;          // moecommTimeout
 constexpr int kCtrlCount = 0;
 constexpr int kCtrlTail = 1;
 constexpr int kCtrlAck = 2;
+constexpr int kCtrlCountOdd = 3;  // count words of odd sequence numbers (see countWord)
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
 // timer at fixed points of the last call (see intranodeProfile).
@@ -94,10 +95,20 @@ __device__ uint64_t* ctrlWord(const IntranodeParams& p, int owner, int kind, int
          ((static_cast<int64_t>(kind) * kOps + op) * p.numChannels + channel) * p.numRanks + rank;
 }
 
-__device__ int* expertCounts(const IntranodeParams& p, int owner, int op, int source, int channel) {
+// Count words and per-expert counts are double-buffered by the parity of the sequence: every
+// channel of a receiver reads every channel's counts, but a source's channel only waits for
+// the ack of the same channel before its next call, so call n+1 must not overwrite what a
+// slower channel of the receiver may still read for call n. Call n+2 may: the source can only
+// start it after the receiver's whole kernel of call n+1 ran, hence after all of call n.
+__device__ uint64_t* countWord(const IntranodeParams& p, int owner, int op, uint64_t sequence, int channel, int rank) {
+  return ctrlWord(p, owner, (sequence & 1) != 0 ? kCtrlCountOdd : kCtrlCount, op, channel, rank);
+}
+
+__device__ int* expertCounts(const IntranodeParams& p, int owner, int op, uint64_t sequence, int source, int channel) {
   const int localExperts = p.numExperts / p.numRanks;
+  const int64_t parity = static_cast<int64_t>(sequence & 1);
   return reinterpret_cast<int*>(p.peers[owner] + p.expertsOffset) +
-         ((static_cast<int64_t>(op) * p.numRanks + source) * p.numChannels + channel) * localExperts;
+         (((static_cast<int64_t>(op) * 2 + parity) * p.numRanks + source) * p.numChannels + channel) * localExperts;
 }
 
 __device__ uint8_t* stagingRow(const IntranodeParams& p, int owner, uint64_t offset, uint64_t rowBytes, int source,
@@ -116,7 +127,11 @@ __device__ uint64_t waitWord(const IntranodeParams& p, const uint64_t* word, Don
     value = loadAcquireSys(word);
     if (done(value)) return value;
     if ((spins & 63) == 0) {
-      if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) return value;
+      if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) {
+        // An earlier call timed out: give up, and say so again (the host clears reported errors).
+        raiseError(p, kErrorTimeout, peer, channel, op);
+        return value;
+      }
       if (globalTimerNs() - start > p.timeoutNs) {
         raiseError(p, kErrorTimeout, peer, channel, op);
         return value;
@@ -294,12 +309,12 @@ __device__ void publishCounts(const IntranodeParams& p, int op, int channel, uin
   for (int i = threadIdx.x; i < p.numRanks * localExperts; i += kSendThreads) {
     const int dest = i / localExperts;
     const int j = i % localExperts;
-    expertCounts(p, dest, op, p.rank, channel)[j] = chanExpert[dest * localExperts + j];
+    expertCounts(p, dest, op, sequence, p.rank, channel)[j] = chanExpert[dest * localExperts + j];
   }
   groupBarrier(kBarrierSend, kSendThreads);
   for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) {
     __threadfence_system();
-    storeReleaseSys(ctrlWord(p, dest, kCtrlCount, op, channel, p.rank),
+    storeReleaseSys(countWord(p, dest, op, sequence, channel, p.rank),
                     packWord(sequence, p.chanCount[channel * p.numRanks + dest]));
   }
 }
@@ -308,6 +323,8 @@ __device__ void publishCounts(const IntranodeParams& p, int op, int channel, uin
 
 __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
   __shared__ int scratch[kWarps];
+  __shared__ int totalRows;
+  int* total = &totalRows;
   const int channel = blockIdx.x;
   setSplit(kNotifySendWarps);
   const uint64_t sequence = readSequence(p, kOpNotify);
@@ -323,21 +340,28 @@ __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
     // Channel 0's receiving threads total every source's counts for this rank.
     const int tid = threadIdx.x - kSendThreads;
     const int words = p.numChannels * p.numRanks;
+    if (tid == 0) *total = 0;
+    groupBarrier(kBarrierRecv, kRecvThreads);
+    // Each thread adds up the rows of the words it waited for.
+    int rows = 0;
     for (int i = tid; i < words; i += kRecvThreads) {
       const int c = i / p.numRanks;
       const int s = i % p.numRanks;
-      waitWord(
-          p, ctrlWord(p, p.rank, kCtrlCount, kOpNotify, c, s), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
+      const uint64_t word = waitWord(
+          p, countWord(p, p.rank, kOpNotify, sequence, c, s), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
           s, c, kOpNotify);
+      rows += rowsOf(word, sequence);
     }
+    if (rows != 0) atomicAdd(total, rows);
     groupBarrier(kBarrierRecv, kRecvThreads);
     const int localExperts = p.numExperts / p.numRanks;
     for (int j = tid; j < 1 + localExperts; j += kRecvThreads) {
       int sum = 0;
-      for (int s = 0; s < p.numRanks; ++s) {
-        for (int c = 0; c < p.numChannels; ++c) {
-          sum += j == 0 ? rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlCount, kOpNotify, c, s)), sequence)
-                        : expertCounts(p, p.rank, kOpNotify, s, c)[j - 1];
+      if (j == 0) {
+        sum = *total;
+      } else {
+        for (int s = 0; s < p.numRanks; ++s) {
+          for (int c = 0; c < p.numChannels; ++c) sum += expertCounts(p, p.rank, kOpNotify, sequence, s, c)[j - 1];
         }
       }
       p.host->notify[j] = sum;
@@ -533,20 +557,22 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
 }
 
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
-                                int* done, int* avail, int* flag) {
+                                int* done, int* avail, int* flag, int* rowsTable) {
   const int tid = threadIdx.x - kSendThreads;
   const int lane = threadIdx.x & 31;
   const int warp = tid >> 5;
   const int R = p.numRanks;
   const int C = p.numChannels;
   const int localExperts = p.numExperts / R;
-  // Every (channel, source) count word of this call: the row offsets need all of them.
+  // Every (channel, source) count word of this call: the row offsets need all of them. The
+  // rows of each go to rowsTable[c * R + s], so the offsets below read shared memory only.
   for (int i = tid; i < C * R; i += kRecvThreads) {
     const int c = i / R;
     const int s = i % R;
-    waitWord(
-        p, ctrlWord(p, p.rank, kCtrlCount, kOpDispatch, c, s), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
+    const uint64_t word = waitWord(
+        p, countWord(p, p.rank, kOpDispatch, sequence, c, s), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
         s, c, kOpDispatch);
+    rowsTable[i] = rowsOf(word, sequence);
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
   MC_PROFILE(kOpDispatch, 5, kSendThreads);
@@ -554,7 +580,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     int running = 0;
     for (int s = 0; s < R; ++s) {
       for (int c = 0; c < C; ++c) {
-        const int n = rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlCount, kOpDispatch, c, s)), sequence);
+        const int n = rowsTable[c * R + s];
         if (c == channel) {
           offsets[s] = running;
           counts[s] = n;
@@ -579,7 +605,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     for (int le = tid; le < localExperts; le += kRecvThreads) {
       int sum = 0;
       for (int s = 0; s < R; ++s) {
-        for (int c = 0; c < C; ++c) sum += expertCounts(p, p.rank, kOpDispatch, s, c)[le];
+        for (int c = 0; c < C; ++c) sum += expertCounts(p, p.rank, kOpDispatch, sequence, s, c)[le];
       }
       p.outPerExpert[le] = (sum + p.alignment - 1) / p.alignment * p.alignment;
     }
@@ -615,7 +641,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
           int give = 0;
           if (lane == 0) {
             give = *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 ? 1 : 0;
-            if (give == 0 && globalTimerNs() - start > p.timeoutNs) {
+            if (give != 0 || globalTimerNs() - start > p.timeoutNs) {
               int peer = 0;
               while (peer < R && done[peer] >= counts[peer]) ++peer;
               raiseError(p, kErrorTimeout, peer, channel, kOpDispatch);
@@ -664,7 +690,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [kBatch * R].
+// a batch [kBatch * R], rows of every (channel, source) count word [C * R].
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ int shared[];
   __shared__ int scratch[kWarps];
@@ -676,6 +702,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* done = counts + R;
   int* avail = done + R;
   int* posBatch = avail + R;
+  int* rowsTable = posBatch + kBatch * R;
   const int channel = blockIdx.x;
   setSplit(kDispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
@@ -683,7 +710,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   if (threadIdx.x < kSendThreads) {
     dispatchSend(p, channel, sequence, scratch, sent, posBatch);
   } else {
-    dispatchReceive(p, channel, sequence, offsets, counts, done, avail, &flag);
+    dispatchReceive(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable);
   }
   finishCall(p, kOpDispatch, sequence);
   MC_PROFILE(kOpDispatch, 8, 0);
@@ -721,8 +748,10 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
       if (row >= p.recvCapacity) continue;
       uint8_t* dst = stagingRow(p, s, p.combineOffset, p.combineRowBytes, p.rank, channel, ordinal);
       float weight = 0.0f;
-      const bool weightLane = p.combineWeights != nullptr && lane < p.topk;
-      if (weightLane) weight = p.combineWeights[static_cast<int64_t>(row) * p.topk + lane];
+      // Without weights from this rank, zeros go back (the receiver may sum weights of others).
+      const bool weightLane = lane < p.topk;
+      if (weightLane && p.combineWeights != nullptr)
+        weight = p.combineWeights[static_cast<int64_t>(row) * p.topk + lane];
       warpCopy<true>(
           static_cast<const uint8_t*>(p.combineX) + row * xBytes, xBytes, aligned, 1, [&](int) { return dst; }, lane);
       if (weightLane) reinterpret_cast<float*>(dst + xBytes)[lane] = weight;
@@ -930,19 +959,32 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
   return cudaGetLastError();
 }
 
-uint64_t intranodeSharedIntsBytes(int numRanks) {
-  const uint64_t ints = (5 + static_cast<uint64_t>(kBatch)) * numRanks + 1;
+uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels) {
+  const uint64_t ints =
+      (5 + static_cast<uint64_t>(kBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
 }
 
-int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) {
-  dispatchKernel<<<params.numChannels, kThreads, params.sharedIntsBytes, stream>>>(params);
+namespace {
+// Dynamic shared memory beyond the 48 KiB default must be allowed per kernel first.
+template <typename Kernel>
+int launchIntranode(Kernel kernel, const IntranodeParams& params, cudaStream_t stream) {
+  if (params.sharedIntsBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(params.sharedIntsBytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<params.numChannels, kThreads, params.sharedIntsBytes, stream>>>(params);
   return cudaGetLastError();
+}
+}  // namespace
+
+int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) {
+  return launchIntranode(dispatchKernel, params, stream);
 }
 
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream) {
-  combineKernel<<<params.numChannels, kThreads, params.sharedIntsBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launchIntranode(combineKernel, params, stream);
 }
 
 }  // namespace device

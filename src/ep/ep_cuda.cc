@@ -39,6 +39,7 @@ struct HandleDevice {
   int* srcRank = nullptr;
   int* srcIndex = nullptr;
   int* numRecv = nullptr;
+  int recvCapacity = 0;  // rows the last dispatch with this handle could store
 };
 
 class CudaEpBackend : public EpBackend {
@@ -58,10 +59,17 @@ class CudaEpBackend : public EpBackend {
     MC_CUDA(cudaDeviceGetAttribute(&deviceSms, cudaDevAttrMultiProcessorCount, ep_->comm->device));
     // Every block of a collective must be resident at once (they wait on each other), so the
     // budget cannot exceed the SM count.
-    const int channels = std::max(1, std::min(ep_->config.numSms, deviceSms));
+    const int mine = std::max(1, std::min(ep_->config.numSms, deviceSms));
+    // Every rank must use the same channel count (the buffer layout depends on it), and each
+    // may have resolved the budget from its own environment or have fewer SMs: the smallest wins.
+    std::vector<int32_t> allChannels(R);
+    const int32_t mineChannels = mine;
+    MC_CHECK(ep_->comm->bootstrap->allgather(&mineChannels, allChannels.data(), sizeof(int32_t)));
+    const int channels = *std::min_element(allChannels.begin(), allChannels.end());
     if (channels != ep_->config.numSms) {
-      MC_WARN(kLogEp, "rank %d: SM budget %d exceeds the %d SMs of device %d; using %d", ep_->rank, ep_->config.numSms,
-              deviceSms, ep_->comm->device, channels);
+      MC_WARN(kLogEp,
+              "rank %d: SM budget %d; device %d has %d SMs and the smallest budget over the ranks is %d; using %d",
+              ep_->rank, ep_->config.numSms, ep_->comm->device, deviceSms, channels, channels);
     }
     device::IntranodeParams& p = base_;
     std::memset(&p, 0, sizeof(p));
@@ -79,12 +87,12 @@ class CudaEpBackend : public EpBackend {
     setRowLayout(&p, true);
     p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
     p.combineRowBytes = align16(2 * H + 4 * K);
-    p.sharedIntsBytes = device::intranodeSharedIntsBytes(R);
+    p.sharedIntsBytes = device::intranodeSharedIntsBytes(R, channels);
 
     const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
     p.ctrlOffset = 0;
-    p.expertsOffset = align16(3ull * device::kOps * channels * R * 8);
-    p.dispatchOffset = align16(p.expertsOffset + 2ull * R * channels * L * 4);
+    p.expertsOffset = align16(4ull * device::kOps * channels * R * 8);  // 4 kinds: count (two parities), tail, ack
+    p.dispatchOffset = align16(p.expertsOffset + 2ull * 2 * R * channels * L * 4);  // 2 ops x 2 parities
     p.combineOffset = align16(p.dispatchOffset + slots * p.dispatchRowBytes);
     const uint64_t bytes = p.combineOffset + slots * p.combineRowBytes;
     p.timeoutNs = static_cast<uint64_t>(std::max<int64_t>(1, envInt(Env::KernelTimeout))) * 1000000ull;
@@ -142,7 +150,7 @@ class CudaEpBackend : public EpBackend {
     MC_CHECK(agree(checkNotifyArgs(*ep_, args, handle, numRecvTokens)));
     DeviceScope scope(ep_->comm->device);
     moecommEpHandle* created = nullptr;
-    MC_CHECK(createHandle(args->numTokens, &created));
+    MC_CHECK(createHandle(args->numTokens, stream, &created));
     device::IntranodeParams p = base_;
     bindHandle(created, &p);
     p.numTokens = args->numTokens;
@@ -176,7 +184,7 @@ class CudaEpBackend : public EpBackend {
     moecommEpHandle* target = *handle;
     const bool route = target == nullptr;
     if (route) {
-      MC_CHECK(createHandle(args->numTokens, &target));
+      MC_CHECK(createHandle(args->numTokens, stream, &target));
       target->numRecvTokens = -1;
     }
     device::IntranodeParams p = base_;
@@ -204,6 +212,7 @@ class CudaEpBackend : public EpBackend {
       return status;
     }
     target->sourceInfoKnown = true;
+    handles_.at(target).recvCapacity = args->recvCapacity;
     if (route) *handle = target;
     return moecommSuccess;
   }
@@ -211,13 +220,19 @@ class CudaEpBackend : public EpBackend {
   moecommResult_t combine(const moecommEpCombineArgs_t* args, moecommEpHandle_t handle,
                           moecommStream_t stream) override {
     pollErrors();
-    MC_CHECK(agree(checkCombineArgs(*ep_, args, handle)));
+    moecommResult_t checked = checkCombineArgs(*ep_, args, handle);
+    if (checked == moecommSuccess && !handle->sourceInfoKnown) {
+      checked = setError(moecommInvalidUsage,
+                         "this handle has not been used by moecommEpDispatch yet; combine sends back the rows a "
+                         "dispatch delivered");
+    }
+    MC_CHECK(agree(checked));
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     device::IntranodeParams p = base_;
     bindHandle(handle, &p);
     p.numTokens = handle->numTokens;
-    p.recvCapacity = ep_->shape.numRanks * ep_->shape.maxTokensPerRank;
+    p.recvCapacity = std::min(ep_->shape.numRanks * ep_->shape.maxTokensPerRank, handles_.at(handle).recvCapacity);
     p.combineX = args->x;
     p.combineWeights = args->topkWeights;
     p.bias = args->bias;
@@ -282,7 +297,7 @@ class CudaEpBackend : public EpBackend {
     pollErrors();
     int rows = 0;
     MC_CUDA(cudaMemcpy(&rows, it->second.numRecv, sizeof(int), cudaMemcpyDeviceToHost));
-    rows = std::min(rows, ep_->shape.numRanks * ep_->shape.maxTokensPerRank);
+    rows = std::max(0, std::min(rows, it->second.recvCapacity));
     MC_REQUIRE(capacity >= rows, moecommInvalidArgument, "capacity = %d is smaller than the %d received rows", capacity,
                rows);
     if (srcRank != nullptr)
@@ -370,20 +385,33 @@ class CudaEpBackend : public EpBackend {
   }
 
   // Reports kernel errors recorded since the last call through the comm's async error.
+  // Reports errors the kernels recorded since the last call (through the comm's async error),
+  // then clears the words so that a later call's own failure is seen (sync() of notify reads
+  // them). A timeout sets the device's abort flag, and every later wait that gives up because
+  // of it records the timeout again, so clearing never hides a broken EP.
   void pollErrors() {
     if (host_ == nullptr) return;
     const int code = host_->error;
+    const int badEntry = host_->badEntry;
     if (code != 0 && !errorLogged_) {
       static const char* const kOps[device::kOps] = {"notify", "dispatch", "combine"};
       const int op = host_->errorOp;
-      MC_WARN(kLogEp, "rank %d: a %s kernel failed (%s) waiting for rank %d on channel %d%s", ep_->rank,
+      MC_WARN(kLogEp, "rank %d: a %s kernel reported %s (rank %d, channel %d)%s", ep_->rank,
               op >= 0 && op < device::kOps ? kOps[op] : "?", resultName(static_cast<moecommResult_t>(code)),
               host_->errorPeer, host_->errorChannel,
-              code == moecommTimeout ? "; this EP's later calls give up at once: destroy it" : "");
+              code == moecommTimeout ? ": it waited for that rank in vain; this EP's later calls give up at once, "
+                                       "destroy it"
+                                     : "");
       errorLogged_ = true;
     }
-    if (code != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
-    if (host_->badEntry != 0) ep_->comm->raiseAsyncError(moecommInvalidArgument);
+    if (code != 0) {
+      ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
+      host_->error = 0;
+    }
+    if (badEntry != 0) {
+      ep_->comm->raiseAsyncError(moecommInvalidArgument);
+      host_->badEntry = 0;
+    }
   }
 
   // Exchanges every rank's local verdict: a failure anywhere fails every rank. xType >= 0
@@ -424,7 +452,9 @@ class CudaEpBackend : public EpBackend {
     return moecommSuccess;
   }
 
-  moecommResult_t createHandle(int numTokens, moecommEpHandle** out) {
+  // A new handle's device routing starts zeroed (on the call's stream), so a combine after a
+  // captured but never replayed dispatch reads zero counts, not garbage.
+  moecommResult_t createHandle(int numTokens, moecommStream_t stream, moecommEpHandle** out) {
     const auto& shape = ep_->shape;
     const size_t R = shape.numRanks;
     const size_t C = base_.numChannels;
@@ -434,6 +464,12 @@ class CudaEpBackend : public EpBackend {
     const size_t ints = maxT * R + C * R + C * shape.numExperts + C * chunkRows + 2 * R * C + 2 * R * maxT + 1;
     HandleDevice d;
     MC_CUDA(cudaMalloc(&d.block, idxBytes + ints * sizeof(int)));
+    if (cudaMemsetAsync(d.block, 0, idxBytes + ints * sizeof(int), stream) != cudaSuccess) {
+      const cudaError_t err = cudaGetLastError();
+      if (cudaFree(d.block) != cudaSuccess) (void)cudaGetLastError();
+      return setError(moecommUnhandledCudaError, "cudaMemsetAsync of a new handle's routing failed: %s",
+                      cudaGetErrorString(err));
+    }
     d.idx = static_cast<int64_t*>(d.block);
     d.pos = reinterpret_cast<int*>(static_cast<uint8_t*>(d.block) + idxBytes);
     d.chanCount = d.pos + maxT * R;
