@@ -52,6 +52,19 @@ void destroyHandle(moecommEpHandle* handle) {
   delete handle;
 }
 
+moecommResult_t acquireLowLatencySlot(const moecommEp& ep, int* slot) {
+  for (int i = 0; i < kLowLatencySlots; ++i) {
+    if (ep.slotOwners[i] == nullptr) {
+      *slot = i;
+      return moecommSuccess;
+    }
+  }
+  return setError(moecommInvalidUsage,
+                  "%d low-latency operations are already in flight (sent with MOECOMM_LL_SEND_ONLY, not completed); "
+                  "call moecommEpComplete on one of them first",
+                  kLowLatencySlots);
+}
+
 moecommResult_t checkHandle(const moecommEp* ep, const moecommEpHandle* handle, EpHandleKind kind) {
   MC_REQUIRE(handle != nullptr, moecommInvalidArgument, "handle is NULL");
   MC_REQUIRE(liveHandles().contains(handle), moecommInvalidUsage,

@@ -169,6 +169,10 @@ void destroyHandle(moecommEpHandle* handle);
 // A live handle made on `ep` of the given kind.
 moecommResult_t checkHandle(const moecommEp* ep, const moecommEpHandle* handle, EpHandleKind kind);
 
+// The first low-latency buffer slot no in-flight operation holds, or moecommInvalidUsage when
+// kLowLatencySlots operations are in flight (every backend's rule).
+moecommResult_t acquireLowLatencySlot(const moecommEp& ep, int* slot);
+
 moecommResult_t getRankMask(moecommEp* ep, int* mask);
 moecommResult_t setRankMask(moecommEp* ep, const int* mask);
 

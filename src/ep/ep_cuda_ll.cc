@@ -253,19 +253,6 @@ void CudaLowLatency::pollDevice() {
 
 // ---- Slots and the receive half -----------------------------------------------------------
 
-moecommResult_t CudaLowLatency::acquireSlot(int* slot) const {
-  for (int i = 0; i < kLowLatencySlots; ++i) {
-    if (ep_->slotOwners[i] == nullptr) {
-      *slot = i;
-      return moecommSuccess;
-    }
-  }
-  return setError(moecommInvalidUsage,
-                  "%d low-latency operations are already in flight (sent with MOECOMM_LL_SEND_ONLY, not completed); "
-                  "call moecommEpComplete on one of them first",
-                  kLowLatencySlots);
-}
-
 device::LowLatencyParams CudaLowLatency::callParams(int slot, const Routing& routing) const {
   device::LowLatencyParams p = base_;
   p.slot = slot;
@@ -316,7 +303,7 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
                                          moecommStream_t stream) {
   pollDevice();
   int slot = -1;
-  MC_CHECK(acquireSlot(&slot));
+  MC_CHECK(acquireLowLatencySlot(*ep_, &slot));
   MC_CHECK(checkLowLatencyDispatchArgs(*ep_, args, handle));
   DeviceScope scope(device_);
   if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
@@ -360,7 +347,7 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
                                         moecommStream_t stream) {
   pollDevice();
   int slot = -1;
-  MC_CHECK(acquireSlot(&slot));
+  MC_CHECK(acquireLowLatencySlot(*ep_, &slot));
   // The zero-copy buffer is device memory here, which the shared check (written for the host
   // backend's buffer) cannot recognise: check it first, then run the shared checks on
   // arguments that name the buffer as x.

@@ -61,7 +61,6 @@ class CudaLowLatency {
   explicit CudaLowLatency(moecommEp* ep);
   moecommResult_t init();
   void release();
-  moecommResult_t acquireSlot(int* slot) const;
   moecommResult_t takeRouting(moecommStream_t stream, Routing* out);
   moecommResult_t allocateRouting(Routing* out);
   device::LowLatencyParams callParams(int slot, const Routing& routing) const;

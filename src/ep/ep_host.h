@@ -145,7 +145,6 @@ class HostEpBackend final : public EpBackend {
   moecommResult_t receiveCombine(const moecommEpCombineArgs_t& args, const moecommEpHandle& handle);
 
   // ---- low-latency mode (ep_host_low_latency.cc) ----
-  moecommResult_t acquireSlot(int* slot) const;
   // Waits until the unmasked peers stopped reading what this rank last put in `slot`.
   moecommResult_t waitSlotReusable(int slot);
   // Waits until every unmasked peer sent operation `sequence` in `slot`; masks the silent.

@@ -83,19 +83,6 @@ moecommResult_t waitForPeers(moecommEp& ep, uint64_t sequence, const char* what,
 
 // ---- Slots and flags ----------------------------------------------------------------------
 
-moecommResult_t HostEpBackend::acquireSlot(int* slot) const {
-  for (int i = 0; i < kLowLatencySlots; ++i) {
-    if (ep_->slotOwners[i] == nullptr) {
-      *slot = i;
-      return moecommSuccess;
-    }
-  }
-  return setError(moecommInvalidUsage,
-                  "%d low-latency operations are already in flight (sent with MOECOMM_LL_SEND_ONLY, not completed); "
-                  "call moecommEpComplete on one of them first",
-                  kLowLatencySlots);
-}
-
 moecommResult_t HostEpBackend::waitSlotReusable(int slot) {
   const uint64_t previous = ep_->slotLastSequence[slot];
   if (previous == 0) return moecommSuccess;
@@ -220,7 +207,7 @@ moecommResult_t HostEpBackend::receiveLowLatencyDispatch(moecommEpHandle* handle
 moecommResult_t HostEpBackend::lowLatencyDispatch(const moecommEpLowLatencyDispatchArgs_t* args,
                                                   moecommEpHandle_t* handle, moecommStream_t) {
   int slot = -1;
-  MC_CHECK(acquireSlot(&slot));
+  MC_CHECK(acquireLowLatencySlot(*ep_, &slot));
   const uint64_t sequence = ++ep_->lowLatencySequence;
   moecommResult_t status = checkLowLatencyDispatchArgs(*ep_, args, handle);
   if (status == moecommSuccess) status = checkNoWaitEvent(args->waitEvent);
@@ -323,7 +310,7 @@ moecommResult_t checkSameTopkIdx(const reference::EpShape& shape, const moecommE
 moecommResult_t HostEpBackend::lowLatencyCombine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
                                                  moecommStream_t) {
   int slot = -1;
-  MC_CHECK(acquireSlot(&slot));
+  MC_CHECK(acquireLowLatencySlot(*ep_, &slot));
   const uint64_t sequence = ++ep_->lowLatencySequence;
   moecommResult_t status = checkLowLatencyCombineArgs(*ep_, args, handle);
   if (status == moecommSuccess) status = checkNoWaitEvent(args->waitEvent);

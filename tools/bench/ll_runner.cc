@@ -148,17 +148,11 @@ void LowLatencyRunner::Run() {
   for (int i = 0; i < o_.iters; ++i) {
     for (const bool gated : {false, true}) {
       SetStep("libmoecomm LL: timed dispatch " + std::to_string(i) + (gated ? " (gated)" : ""));
-      p_.PrepareSample();
-      p_.BeginSample(gated);
-      result = Dispatch();
-      (gated ? dispatchGpuUs : dispatchUs).push_back(p_.EndSample());
+      result = TimeSample(p_, gated, gated ? &dispatchGpuUs : &dispatchUs, [&] { return Dispatch(); });
       if (result != moecommSuccess) Fail("moecommEpLowLatencyDispatch", result);
       if (combineSupported) {
         SetStep("libmoecomm LL: timed combine " + std::to_string(i) + (gated ? " (gated)" : ""));
-        p_.PrepareSample();
-        p_.BeginSample(gated);
-        result = Combine();
-        (gated ? combineGpuUs : combineUs).push_back(p_.EndSample());
+        result = TimeSample(p_, gated, gated ? &combineGpuUs : &combineUs, [&] { return Combine(); });
         if (result != moecommSuccess) Fail("moecommEpLowLatencyCombine", result);
       }
       DestroyHandle();

@@ -250,10 +250,7 @@ bool NormalRunner::Run() {
   std::vector<double> dispatchUs, cachedUs, combineUs, dispatchGpuUs, cachedGpuUs, combineGpuUs;
   auto sample = [&](bool gated, const std::function<moecommResult_t()>& call, std::vector<double>* out,
                     const char* what) {
-    p_.PrepareSample();
-    p_.BeginSample(gated);
-    const moecommResult_t r = call();
-    out->push_back(p_.EndSample());
+    const moecommResult_t r = TimeSample(p_, gated, out, call);
     if (r != moecommSuccess) Fail(what, r);
   };
   for (int i = 0; i < o_.iters; ++i) {

@@ -3,7 +3,9 @@
 // never with a number.
 #pragma once
 
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "moecomm.h"
 #include "platform.h"
@@ -42,10 +44,13 @@ Measurement NewMeasurement(const std::string& op, const std::string& mode);
 // "<call>: <moecommGetLastError text>", captured right after the call.
 void ReportNotSupported(const RunnerContext& context, const std::string& op, const std::string& mode,
                         const std::string& why);
-// Fills the kernel-only fields honestly: today the same events as the whole call.
 // Kernel-only time: from gated samples (Platform::BeginSample(true)) when given, else the
 // whole-call time, and kernelMethod says which.
 void SetKernelTime(const RunnerContext& context, Measurement* measurement,
                    const std::vector<double>* gatedUs = nullptr);
+// One timed sample: PrepareSample, BeginSample(gated), call, EndSample; the microseconds go
+// to *out and the call's result is returned.
+moecommResult_t TimeSample(Platform& platform, bool gated, std::vector<double>* out,
+                           const std::function<moecommResult_t()>& call);
 
 }  // namespace moecomm_bench

@@ -56,4 +56,13 @@ void SetKernelTime(const RunnerContext& context, Measurement* measurement, const
   }
 }
 
+moecommResult_t TimeSample(Platform& platform, bool gated, std::vector<double>* out,
+                           const std::function<moecommResult_t()>& call) {
+  platform.PrepareSample();
+  platform.BeginSample(gated);
+  const moecommResult_t result = call();
+  out->push_back(platform.EndSample());
+  return result;
+}
+
 }  // namespace moecomm_bench
