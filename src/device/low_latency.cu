@@ -34,6 +34,22 @@ constexpr int kThreads = kLowLatencyThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 
+// Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per kernel (kLlKernel*) and block,
+// the global timer at fixed points of the last call (see lowLatencyProfile).
+#ifdef MOECOMM_KERNEL_PROFILE
+constexpr int kProfileBlocks = 256;
+__device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlocks][kLowLatencyProfileEvents];
+#define MC_LL_PROFILE(kernel, event)                                   \
+  do {                                                                 \
+    if (threadIdx.x == 0 && blockIdx.x < kProfileBlocks)               \
+      gLowLatencyProfile[kernel][blockIdx.x][event] = globalTimerNs(); \
+  } while (0)
+#else
+#define MC_LL_PROFILE(kernel, event) \
+  do {                               \
+  } while (0)
+#endif
+
 __device__ __forceinline__ uint64_t* sentFlag(const LowLatencyParams& p, int owner, int source) {
   return reinterpret_cast<uint64_t*>(p.peers[owner] + p.sentOffset) + p.slot * p.numRanks + source;
 }
@@ -230,8 +246,10 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 __global__ void __launch_bounds__(kThreads) dispatchSendKernel(const LowLatencyParams p) {
   extern __shared__ int4 sendShared[];
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(sendShared);  // [T]: ranks holding its experts
+  MC_LL_PROFILE(kLlKernelDispatchSend, 0);
   const uint64_t sequence = currentSequence(p) + 1;
   const uint32_t targets = sendTargets(p, sequence);
+  MC_LL_PROFILE(kLlKernelDispatchSend, 1);
   const int K = p.topk;
   const int T = p.numTokens;
   if (blockIdx.x == 0) {
@@ -264,14 +282,19 @@ __global__ void __launch_bounds__(kThreads) dispatchSendKernel(const LowLatencyP
     }
   }
   __syncthreads();
+  MC_LL_PROFILE(kLlKernelDispatchSend, 2);
   if (p.fp8) {
     sendFp8Rows(p, tokenRanks, targets);
   } else {
     sendBf16Rows(p, tokenRanks, targets);
   }
-  if (lastBlock(p, 0)) {
+  MC_LL_PROFILE(kLlKernelDispatchSend, 3);
+  const bool last = lastBlock(p, 0);
+  MC_LL_PROFILE(kLlKernelDispatchSend, 4);
+  if (last) {
     if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;
     raiseFlags(p, targets, sequence, [&](int r) { return sentFlag(p, r, p.rank); });
+    MC_LL_PROFILE(kLlKernelDispatchSend, 5);
   }
 }
 
@@ -396,8 +419,10 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
   const int R = p.numRanks;
   const int K = p.topk;
   const int slotsPerExpert = R * p.maxTokens;
+  MC_LL_PROFILE(kLlKernelDispatchRecv, 0);
   const uint64_t sequence = currentSequence(p);
   const uint32_t sources = arrivedSources(p, sequence);
+  MC_LL_PROFILE(kLlKernelDispatchRecv, 1);
   const uint8_t* mine = slotBase(p, p.rank);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   if (static_cast<int>(threadIdx.x) < R) {
@@ -417,6 +442,7 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
     ids = sharedIds;
     __syncthreads();
   }
+  MC_LL_PROFILE(kLlKernelDispatchRecv, 2);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   for (int round = 0; round * kWarps * static_cast<int>(gridDim.x) < p.localExperts; ++round) {
@@ -438,9 +464,13 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
     copyRows(p, mine, rows, blockRows);
     __syncthreads();
   }
-  if (lastBlock(p, 1)) {
+  MC_LL_PROFILE(kLlKernelDispatchRecv, 3);
+  const bool last = lastBlock(p, 1);
+  MC_LL_PROFILE(kLlKernelDispatchRecv, 4);
+  if (last) {
     raiseFlags(p, (R == 32 ? 0xffffffffu : (1u << R) - 1u), sequence,
                [&](int r) { return releasedFlag(p, r, p.rank); });
+    MC_LL_PROFILE(kLlKernelDispatchRecv, 5);
   }
 }
 
@@ -450,8 +480,10 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
 __global__ void __launch_bounds__(kThreads) combineSendKernel(const LowLatencyParams p) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
+  MC_LL_PROFILE(kLlKernelCombineSend, 0);
   const uint64_t sequence = currentSequence(p) + 1;
   const uint32_t targets = sendTargets(p, sequence);
+  MC_LL_PROFILE(kLlKernelCombineSend, 1);
   const int K = p.topk;
   const int numRows = *p.routing.numRows;
   const uint64_t rowBytes = 2ull * p.hidden;
@@ -462,6 +494,7 @@ __global__ void __launch_bounds__(kThreads) combineSendKernel(const LowLatencyPa
   const int begin = min(numRows, static_cast<int>(blockIdx.x) * perBlock);
   const int end = min(numRows, begin + perBlock);
   const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
+  MC_LL_PROFILE(kLlKernelCombineSend, 2);
   for (int first = begin; first < end; first += kBatchRows) {
     const int batch = min(kBatchRows, end - first);
     if (static_cast<int>(threadIdx.x) < batch) {
@@ -498,9 +531,13 @@ __global__ void __launch_bounds__(kThreads) combineSendKernel(const LowLatencyPa
     }
     __syncthreads();
   }
-  if (lastBlock(p, 0)) {
+  MC_LL_PROFILE(kLlKernelCombineSend, 3);
+  const bool last = lastBlock(p, 0);
+  MC_LL_PROFILE(kLlKernelCombineSend, 4);
+  if (last) {
     if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;
     raiseFlags(p, targets, sequence, [&](int r) { return sentFlag(p, r, p.rank); });
+    MC_LL_PROFILE(kLlKernelCombineSend, 5);
   }
 }
 
@@ -513,8 +550,10 @@ __global__ void __launch_bounds__(kThreads) combineRecvKernel(const LowLatencyPa
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int ids[kThreads];
+  MC_LL_PROFILE(kLlKernelCombineRecv, 0);
   const uint64_t sequence = currentSequence(p);
   const uint32_t sources = arrivedSources(p, sequence);
+  MC_LL_PROFILE(kLlKernelCombineRecv, 1);
   const int K = p.topk;
   const int T = p.numTokens;
   const uint8_t* mine = slotBase(p, p.rank);
@@ -595,14 +634,33 @@ __global__ void __launch_bounds__(kThreads) combineRecvKernel(const LowLatencyPa
     }
     __syncthreads();
   }
-  if (lastBlock(p, 1)) {
+  MC_LL_PROFILE(kLlKernelCombineRecv, 3);
+  const bool last = lastBlock(p, 1);
+  MC_LL_PROFILE(kLlKernelCombineRecv, 4);
+  if (last) {
     const int R = p.numRanks;
     raiseFlags(p, (R == 32 ? 0xffffffffu : (1u << R) - 1u), sequence,
                [&](int r) { return releasedFlag(p, r, p.rank); });
+    MC_LL_PROFILE(kLlKernelCombineRecv, 5);
   }
 }
 
 }  // namespace
+
+int lowLatencyProfile(int kernel, int blocks, unsigned long long* out) {
+#ifdef MOECOMM_KERNEL_PROFILE
+  if (kernel < 0 || kernel >= kLowLatencyKernels || blocks > kProfileBlocks) return -1;
+  const size_t row = sizeof(unsigned long long) * kLowLatencyProfileEvents;
+  const cudaError_t err =
+      cudaMemcpyFromSymbol(out, gLowLatencyProfile, row * blocks, row * kProfileBlocks * static_cast<size_t>(kernel));
+  return err == cudaSuccess ? kLowLatencyProfileEvents : -1;
+#else
+  (void)kernel;
+  (void)blocks;
+  (void)out;
+  return -1;
+#endif
+}
 
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params) {
   return (static_cast<uint64_t>(params.maxTokens) * sizeof(uint32_t) + 15) / 16 * 16;

@@ -33,6 +33,16 @@ constexpr int kLowLatencyMaxRanks = 32;  // ranks are bits of a uint32 in the ke
 constexpr int kLowLatencyDeviceSlots = 2;
 constexpr int kLowLatencyThreads = 512;
 
+// Kernels, for the developer timeline (lowLatencyProfile).
+constexpr int kLlKernelDispatchSend = 0;
+constexpr int kLlKernelDispatchRecv = 1;
+constexpr int kLlKernelCombineSend = 2;
+constexpr int kLlKernelCombineRecv = 3;
+constexpr int kLowLatencyKernels = 4;
+// Events: 0 entry, 1 peers waited for, 2 preamble done (routing / ids), 3 data moved,
+// 4 past the block counter, 5 flags raised (the last block only).
+constexpr int kLowLatencyProfileEvents = 6;
+
 // Device memory private to one rank (not in the symmetric buffer).
 struct LowLatencyState {
   uint64_t slotSequence[kLowLatencyDeviceSlots];
@@ -117,6 +127,10 @@ int launchLowLatencyCombineRecv(const LowLatencyParams& params, CUstream_st* str
 // Raises the dispatch kernels' dynamic shared memory limit (needed beyond 48 KiB). Pass the
 // same value every time (the device's opt-in maximum less a margin for static shared memory).
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes);
+// Developer timeline of the last call of `kernel` for `blocks` blocks: fills
+// out[blocks][kLowLatencyProfileEvents] with global-timer stamps and returns the event count, or
+// -1 when the library was built without -DMOECOMM_KERNEL_PROFILE.
+int lowLatencyProfile(int kernel, int blocks, unsigned long long* out);
 
 }  // namespace device
 }  // namespace moecomm

@@ -19,6 +19,7 @@
 #include "ep/cuda_scope.h"
 #include "ep/ep_args.h"
 #include "ep/ep_cuda_ll.h"
+#include "ep/kernel_profile.h"
 #include "transport/nvlink.h"
 
 namespace moecomm {
@@ -276,6 +277,7 @@ class CudaEpBackend : public EpBackend {
   moecommResult_t destroy() override {
     DeviceScope scope(ep_->comm->device);
     logProfile();
+    if (lowLatency_ != nullptr) lowLatency_->logProfile();
     moecommResult_t status = buffer_ != nullptr ? buffer_->detachPeers() : moecommSuccess;
     if (lowLatency_ != nullptr) {
       const moecommResult_t detached = lowLatency_->detachPeers();
@@ -364,27 +366,12 @@ class CudaEpBackend : public EpBackend {
       std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * 16);
       const int events = device::intranodeProfile(op, blocks, stamps.data());
       if (events <= 0) return;
-      unsigned long long origin = ~0ull;
-      for (int b = 0; b < blocks; ++b) origin = std::min(origin, stamps[static_cast<size_t>(b) * events]);
-      std::string line;
-      for (int e = 0; e < events; ++e) {
-        std::vector<double> at;
-        for (int b = 0; b < blocks; ++b) {
-          const unsigned long long v = stamps[static_cast<size_t>(b) * events + e];
-          if (v >= origin && v - origin < 10000000000ull) at.push_back((v - origin) / 1000.0);
-        }
-        if (at.empty()) continue;
-        std::sort(at.begin(), at.end());
-        char text[96];
-        std::snprintf(text, sizeof(text), " e%d=%.1f/%.1f/%.1f", e, at.front(), at[at.size() / 2], at.back());
-        line += text;
-      }
+      const std::string line = profileLine(stamps.data(), blocks, events, profileOrigin(stamps.data(), blocks, events));
       MC_WARN(kLogEp, "rank %d profile %s (us min/median/max over %d blocks):%s", ep_->rank,
               op == device::kOpDispatch ? "dispatch" : "combine", blocks, line.c_str());
     }
   }
 
-  // Reports kernel errors recorded since the last call through the comm's async error.
   // Reports errors the kernels recorded since the last call (through the comm's async error),
   // then clears the words so that a later call's own failure is seen (sync() of notify reads
   // them). A timeout sets the device's abort flag, and every later wait that gives up because

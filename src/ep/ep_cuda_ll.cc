@@ -7,11 +7,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "core/log.h"
 #include "ep/cuda_scope.h"
 #include "ep/ep_args.h"
+#include "ep/kernel_profile.h"
 #include "transport/nvlink.h"
 
 namespace moecomm {
@@ -160,6 +163,25 @@ void CudaLowLatency::release() {
   }
   controlStream_ = nullptr;
   buffer_.reset();
+}
+
+void CudaLowLatency::logProfile() {
+  const int blocks = base_.numBlocks;
+  static const char* const kNames[device::kLowLatencyKernels] = {"dispatch send", "dispatch receive", "combine send",
+                                                                 "combine receive"};
+  unsigned long long origin = 0;
+  for (int kernel = 0; kernel < device::kLowLatencyKernels; ++kernel) {
+    std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * device::kLowLatencyProfileEvents);
+    const int events = device::lowLatencyProfile(kernel, blocks, stamps.data());
+    if (events <= 0) return;
+    // Each operation's two halves share the origin of its send half.
+    if (kernel == device::kLlKernelDispatchSend || kernel == device::kLlKernelCombineSend) {
+      origin = profileOrigin(stamps.data(), blocks, events);
+    }
+    const std::string line = profileLine(stamps.data(), blocks, events, origin);
+    MC_WARN(kLogEp, "rank %d profile LL %s (us after the send half's start, min/median/max over %d blocks):%s",
+            ep_->rank, kNames[kernel], blocks, line.c_str());
+  }
 }
 
 moecommResult_t CudaLowLatency::detachPeers() {

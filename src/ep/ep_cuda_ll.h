@@ -51,6 +51,8 @@ class CudaLowLatency {
   moecommResult_t pushRankMask();
   // Collective teardown, before the barrier of moecommEpDestroy: unmaps the peers' buffers.
   moecommResult_t detachPeers();
+  // Builds with -DMOECOMM_KERNEL_PROFILE only: logs the timeline of the last call of each kernel.
+  void logProfile();
 
  private:
   struct Routing {

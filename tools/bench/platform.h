@@ -29,11 +29,12 @@ class Platform {
   virtual void Fill(void* dst, int byte, size_t bytes) = 0;
   virtual void Synchronize() = 0;
 
-  // Before each timed sample: evict the L2 (GPU), then align the ranks (see SetBarrier).
+  // Before each timed sample: evict the L2 (GPU); the host platform also aligns the ranks here.
   virtual void PrepareSample() = 0;
   // One timed sample around whatever is issued in between; EndSample returns microseconds.
   // gated (GPU): the stream is held by a gate kernel until EndSample, so the sample is the GPU
-  // time of the queued work alone, without the host time spent issuing it (kernel-only).
+  // time of the queued work alone, without the host time spent issuing it (kernel-only). The
+  // GPU platform aligns the ranks (SetBarrier) after the gate, just before the sample starts.
   virtual void BeginSample(bool gated = false) = 0;
   virtual double EndSample() = 0;
 
