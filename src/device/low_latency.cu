@@ -1,25 +1,31 @@
-// Low-latency (decode) EP kernels over NVLink. Each operation is two kernels on the caller's
-// stream, its send half and its receive half (with MOECOMM_LL_SEND_ONLY the receive half is
-// launched later by moecommEpComplete, so nothing occupies SMs in between):
+// Low-latency (decode) EP kernels over NVLink: one kernel per operation (dispatch, combine),
+// which runs the operation's send half, its receive half, or both (LowLatencyParams::phases;
+// with MOECOMM_LL_SEND_ONLY the receive half is launched later by moecommEpComplete, so
+// nothing occupies SMs in between):
 //
 //   dispatch send     cast each token once (FP8 with its scales, or BF16) and store it with
 //                     16-byte stores into the staging of every rank that holds one of its
 //                     experts ([source][token] rows: once per rank, not once per expert), plus
-//                     this rank's expert ids and T into every rank; then raise sent[slot][me].
-//   dispatch receive  wait for sent[slot][s] of every unmasked source; per local expert, find
-//                     the tokens that select it (source ascending, token ascending, a block
-//                     scan per source) and copy their rows into the caller's expert-major
-//                     output; keep the routing for the combine; raise released[slot][me].
+//                     this rank's expert ids and T into every rank.
+//   dispatch receive  per local expert, find the tokens that select it (source ascending,
+//                     token ascending, a warp ballot scan) and copy their rows into the
+//                     caller's expert-major output; keep the routing for the combine.
 //   combine send      every received row goes back to its token's rank, into [t][k] of its
 //                     staging (k = the first entry naming the expert), with a sequence marker.
 //   combine receive   per token, acc = fmaf(w_k, y_k, acc) over k ascending from the marked
 //                     rows; out = bf16(acc).
 //
-// Every kernel is one grid of LowLatencyParams::numBlocks blocks; the last block to finish
-// (a counter in LowLatencyState) raises the flags, after a system-scope fence. Waits are
-// bounded by timeoutNs (MOECOMM_LL_TIMEOUT): a peer that does not answer, or that has already
-// moved on to a later operation, is masked in the device mask (and the mapped host copy the
-// host reads for moecommEpGetRankMask) and treated as absent. Nothing traps, nothing hangs.
+// Signalling has no grid-wide step: every block of a send half release-stores the operation's
+// sequence into its own flag on every target once its stores are issued, and every block of a
+// receive half into its own released flag on every rank once it has read the slot. A receive
+// waits for all B flags of each source (exactly the sequence), a send for all B released flags
+// of each target (exactly the previous sequence on the slot: a rank that already moved on must
+// not be written to). The blocks of a receive agree on which sources are present through one
+// atomicCAS per source (LowLatencyState::decision), so a source that arrives just as another
+// block times out is used by all blocks or by none. Waits are bounded by timeoutNs
+// (MOECOMM_LL_TIMEOUT): a peer that does not answer, or that has moved on, is masked in the
+// device mask (and the mapped host copy moecommEpGetRankMask reads) and treated as absent.
+// Nothing traps, nothing hangs.
 #include <cuda_runtime.h>
 
 #include "device/common.cuh"
@@ -33,6 +39,8 @@ namespace {
 constexpr int kThreads = kLowLatencyThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
+constexpr uint32_t kDecidedPresent = 1;
+constexpr uint32_t kDecidedAbsent = 2;
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per kernel (kLlKernel*) and block,
 // the global timer at fixed points of the last call (see lowLatencyProfile).
@@ -50,12 +58,16 @@ __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlo
   } while (0)
 #endif
 
-__device__ __forceinline__ uint64_t* sentFlag(const LowLatencyParams& p, int owner, int source) {
-  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.sentOffset) + p.slot * p.numRanks + source;
+// sent[slot][source][0..B) in owner's buffer.
+__device__ __forceinline__ uint64_t* sentFlags(const LowLatencyParams& p, int owner, int source) {
+  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.sentOffset) +
+         (static_cast<uint64_t>(p.slot) * p.numRanks + source) * p.numBlocks;
 }
 
-__device__ __forceinline__ uint64_t* releasedFlag(const LowLatencyParams& p, int owner, int reader) {
-  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.releasedOffset) + p.slot * p.numRanks + reader;
+// released[slot][reader][0..B) in owner's buffer.
+__device__ __forceinline__ uint64_t* releasedFlags(const LowLatencyParams& p, int owner, int reader) {
+  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.releasedOffset) +
+         (static_cast<uint64_t>(p.slot) * p.numRanks + reader) * p.numBlocks;
 }
 
 __device__ __forceinline__ uint8_t* slotBase(const LowLatencyParams& p, int owner) {
@@ -70,87 +82,120 @@ __device__ __forceinline__ uint64_t currentSequence(const LowLatencyParams& p) {
   return *reinterpret_cast<const volatile uint64_t*>(&p.state->slotSequence[p.slot]);
 }
 
+__device__ __forceinline__ uint32_t allRanks(int numRanks) {
+  return numRanks == 32 ? 0xffffffffu : (1u << numRanks) - 1u;
+}
+
 __device__ void maskRank(const LowLatencyParams& p, int rank) {
   atomicExch(&p.state->rankMask[rank], 1);
   p.hostMasked[rank] = 1;
   __threadfence_system();
 }
 
-// One thread: spins until *flag == target (exact) or >= target. A flag beyond an exact target
-// means the peer moved on; that, a timeout, or the peer being masked meanwhile (by another
-// block) masks it and returns false.
-__device__ bool waitPeer(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, bool exact, int peer) {
+// One thread: spins until *flag == target. A larger value (the peer moved on), a timeout, or
+// the peer being masked meanwhile (by another block) returns false; the caller masks.
+__device__ bool waitExact(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, int peer) {
   const uint64_t start = globalTimerNs();
   for (uint32_t polls = 0;; ++polls) {
     const uint64_t value = loadAcquireSys(flag);
-    if (value == target || (!exact && value > target)) return true;
-    if (value > target) {
-      maskRank(p, peer);
-      return false;
-    }
+    if (value == target) return true;
+    if (value > target) return false;
     if ((polls & 63u) == 63u) {
       if (loadVolatile(&p.state->rankMask[peer]) != 0) return false;
-      if (globalTimerNs() - start > p.timeoutNs) {
-        maskRank(p, peer);
-        return false;
-      }
+      // One last look after the budget, so a flag that arrived meanwhile still counts.
+      if (globalTimerNs() - start > p.timeoutNs) return loadAcquireSys(flag) == target;
     }
   }
 }
 
-// Every block, on entry to a send half: the ranks it may write to, i.e. the unmasked ones
-// that finished reading what the previous operation on this slot put there.
+// The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` that is not
+// masked (flagsOf(r) gives the array). Returns the ranks whose B flags all arrived.
+template <typename FlagsOf>
+__device__ uint32_t waitAll(const LowLatencyParams& p, uint32_t ranks, uint64_t target, FlagsOf flagsOf) {
+  __shared__ uint32_t failed;
+  if (threadIdx.x == 0) failed = 0;
+  __syncthreads();
+  const int B = p.numBlocks;
+  for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x) {
+    const int r = i / B;
+    if (((ranks >> r) & 1u) == 0) continue;
+    if (loadVolatile(&p.state->rankMask[r]) != 0 || !waitExact(p, flagsOf(r) + i % B, target, r)) {
+      atomicOr(&failed, 1u << r);
+    }
+  }
+  __syncthreads();
+  return ranks & ~failed;
+}
+
+// Every block, on entry to a send half: the ranks it may write to, i.e. the unmasked ones all
+// of whose blocks finished reading what the previous operation on this slot put there. Ranks
+// that fail are masked; the others will see this block's flag missing and mask this rank.
 __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
-  __shared__ uint32_t targets;
-  if (threadIdx.x == 0) targets = 0;
-  __syncthreads();
+  const uint32_t all = allRanks(p.numRanks);
+  const uint32_t ready = waitAll(p, all, sequence - 1, [&](int r) { return releasedFlags(p, p.rank, r); });
   const int r = threadIdx.x;
-  if (r < p.numRanks && loadVolatile(&p.state->rankMask[r]) == 0) {
-    if (sequence <= 1 || waitPeer(p, releasedFlag(p, p.rank, r), sequence - 1, false, r)) atomicOr(&targets, 1u << r);
-  }
-  __syncthreads();
-  return targets;
+  if (r < p.numRanks && ((ready >> r) & 1u) == 0 && loadVolatile(&p.state->rankMask[r]) == 0) maskRank(p, r);
+  return ready;
 }
 
-// Every block, on entry to a receive half: the unmasked sources whose send half arrived.
-__device__ uint32_t arrivedSources(const LowLatencyParams& p, uint64_t sequence) {
-  __shared__ uint32_t sources;
-  if (threadIdx.x == 0) sources = 0;
+// Every block, on entry to a receive half: the sources whose send half arrived, the same set
+// in every block of the grid (the first block to decide on a source wins).
+__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
+  __shared__ uint32_t present;
+  const uint32_t all = allRanks(p.numRanks);
+  const uint32_t arrived = waitAll(p, all, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  if (threadIdx.x == 0) present = 0;
   __syncthreads();
-  const int r = threadIdx.x;
-  if (r < p.numRanks && loadVolatile(&p.state->rankMask[r]) == 0) {
-    if (waitPeer(p, sentFlag(p, p.rank, r), sequence, true, r)) atomicOr(&sources, 1u << r);
+  const int s = threadIdx.x;
+  if (s < p.numRanks) {
+    bool mine = ((arrived >> s) & 1u) != 0;
+    unsigned long long* word = &p.state->decision[p.slot][s];
+    const unsigned long long proposal = (sequence << 2) | (mine ? kDecidedPresent : kDecidedAbsent);
+    unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word);
+    while ((seen >> 2) != sequence) {
+      const unsigned long long before = atomicCAS(word, seen, proposal);
+      if (before == seen) {
+        seen = proposal;
+        break;
+      }
+      seen = before;
+    }
+    const bool decided = (seen & 3u) == kDecidedPresent;
+    if (decided && !mine) {
+      // Another block saw all of s's flags; they stay until this operation is released, so
+      // they are there for this block too (a late look, bounded like every wait).
+      mine = true;
+      for (int j = 0; j < p.numBlocks && mine; ++j) mine = waitExact(p, sentFlags(p, p.rank, s) + j, sequence, s);
+    }
+    if (decided && mine) atomicOr(&present, 1u << s);
+    if (!decided && loadVolatile(&p.state->rankMask[s]) == 0) maskRank(p, s);
   }
   __syncthreads();
-  return sources;
+  return present;
 }
 
-// Every block when done: true in the last block to finish (the counter is reset for the next
-// kernel on this slot). Its threads may then raise flags: every block's stores came before.
-__device__ bool lastBlock(const LowLatencyParams& p, int half) {
-  __shared__ bool last;
+// Every block at the end of its send half: its flag on every target (after all of the block's
+// stores), and the slot's sequence from the last block (every block read it on entry).
+__device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
   __syncthreads();
+  const int r = threadIdx.x;
+  if (r < p.numRanks && ((targets >> r) & 1u) != 0) {
+    storeReleaseSys(sentFlags(p, r, p.rank) + blockIdx.x, sequence);
+  }
   if (threadIdx.x == 0) {
-    __threadfence_system();
-    unsigned int* counter = &p.state->blocksDone[p.slot][half];
-    last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    if (last) {
+    unsigned int* counter = &p.state->blocksDone[p.slot];
+    if (atomicAdd(counter, 1u) == gridDim.x - 1) {
       *counter = 0;
-      __threadfence_system();
+      p.state->slotSequence[p.slot] = sequence;
     }
   }
-  __syncthreads();
-  return last;
 }
 
-// Raises flag(owner) = sequence on every rank in `ranks` (threads 0..R-1 of the last block).
-template <typename FlagOf>
-__device__ void raiseFlags(const LowLatencyParams& p, uint32_t ranks, uint64_t sequence, FlagOf flagOf) {
+// Every block at the end of its receive half: it has read all it needed from its slot.
+__device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence) {
+  __syncthreads();
   const int r = threadIdx.x;
-  if (r < p.numRanks && ((ranks >> r) & 1u) != 0) {
-    __threadfence_system();
-    storeReleaseSys(flagOf(r), sequence);
-  }
+  if (r < p.numRanks) storeReleaseSys(releasedFlags(p, r, p.rank) + blockIdx.x, sequence);
 }
 
 __device__ __forceinline__ void unpackBf16(const int4& v, uint16_t* out) {
@@ -165,62 +210,76 @@ __device__ __forceinline__ void unpackBf16(const int4& v, uint16_t* out) {
 
 // ---- Dispatch send ------------------------------------------------------------------------
 // Work is flat over (token, 16-byte chunk) across the whole grid, so every SM of the budget
-// sends from the first microsecond whatever T is.
+// sends from the first microsecond whatever T is; each thread loads kSendUnroll chunks before
+// it converts and stores any.
+
+constexpr int kSendUnroll = 4;
 
 // Casts BF16 rows to FP8 (dtype.h arithmetic, as reference::castRowToFp8) and stores the bytes
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
-// lanes of a 128-channel scale block (never split between tokens, since H % 128 == 0) reduce
-// their amax with shuffles.
+// lanes of a 128-channel scale block (never split between tokens, since H % 128 == 0, and in
+// one warp, since chunks per row are a multiple of 8) reduce their amax with shuffles.
 __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 16;
   const int total = p.numTokens * chunksPerRow;  // < 2^31: checked when the EP is made
   const int stride = gridDim.x * blockDim.x;
-  for (int base = blockIdx.x * blockDim.x; base < total; base += stride) {
-    const int g = base + threadIdx.x;
-    int t = 0;
-    int c = 0;
-    uint32_t destinations = 0;
-    if (g < total) {
-      t = g / chunksPerRow;
-      c = g % chunksPerRow;
-      destinations = tokenRanks[t] & targets;
+  const uint64_t rowBase = p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch;
+  for (int base = blockIdx.x * blockDim.x; base < total; base += stride * kSendUnroll) {
+    int4 raw[kSendUnroll][2];
+    uint32_t destinations[kSendUnroll];
+    int token[kSendUnroll];
+    int chunk[kSendUnroll];
+#pragma unroll
+    for (int u = 0; u < kSendUnroll; ++u) {
+      const int g = base + u * stride + threadIdx.x;
+      token[u] = g < total ? g / chunksPerRow : 0;
+      chunk[u] = g < total ? g % chunksPerRow : 0;
+      destinations[u] = g < total ? tokenRanks[token[u]] & targets : 0;
+      raw[u][0] = make_int4(0, 0, 0, 0);
+      raw[u][1] = make_int4(0, 0, 0, 0);
+      if (destinations[u] != 0) {
+        const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
+                                                           static_cast<uint64_t>(token[u]) * p.hidden * 2) +
+                             2 * chunk[u];
+        raw[u][0] = source[0];
+        raw[u][1] = source[1];
+      }
     }
-    uint16_t values[16];
-    float amax = 0.0f;
-    if (destinations != 0) {
-      const int4* source =
-          reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(t) * p.hidden * 2) +
-          2 * c;
-      unpackBf16(source[0], values);
-      unpackBf16(source[1], values + 8);
+#pragma unroll
+    for (int u = 0; u < kSendUnroll; ++u) {
+      if (base + u * stride >= total) break;  // the same for the whole block
+      uint16_t values[16];
+      unpackBf16(raw[u][0], values);
+      unpackBf16(raw[u][1], values + 8);
+      float amax = 0.0f;
 #pragma unroll
       for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(bf16ToFloat(values[i])));
-    }
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-    if (destinations == 0) continue;
-    amax = fmaxf(amax, kFp8MinAmax);
-    float scale = amax / kFp8E4m3Max;
-    if (p.roundScale) scale = roundScaleUpToPowerOfTwo(scale);
-    const float inverse = 1.0f / scale;
-    uint32_t words[4];
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+      if (destinations[u] == 0) continue;
+      amax = fmaxf(amax, kFp8MinAmax);
+      float scale = amax / kFp8E4m3Max;
+      if (p.roundScale) scale = roundScaleUpToPowerOfTwo(scale);
+      const float inverse = 1.0f / scale;
+      uint32_t words[4];
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      uint32_t word = 0;
+      for (int w = 0; w < 4; ++w) {
+        uint32_t word = 0;
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        word |= static_cast<uint32_t>(floatToE4m3(bf16ToFloat(values[4 * w + b]) * inverse)) << (8 * b);
+        for (int b = 0; b < 4; ++b) {
+          word |= static_cast<uint32_t>(floatToE4m3(bf16ToFloat(values[4 * w + b]) * inverse)) << (8 * b);
+        }
+        words[w] = word;
       }
-      words[w] = word;
-    }
-    const int4 q = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
-                             static_cast<int>(words[3]));
-    const uint64_t stagingRow = p.rowsOffset + (static_cast<uint64_t>(p.rank) * p.maxTokens + t) * p.rowPitch;
-    for (uint32_t left = destinations; left != 0; left &= left - 1) {
-      uint8_t* staged = slotBase(p, __ffs(left) - 1) + stagingRow;
-      reinterpret_cast<int4*>(staged)[c] = q;
-      if ((c & 7) == 0) reinterpret_cast<float*>(staged + p.hidden)[c / 8] = scale;
+      const int4 q = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
+                               static_cast<int>(words[3]));
+      const uint64_t stagingRow = rowBase + static_cast<uint64_t>(token[u]) * p.rowPitch;
+      for (uint32_t left = destinations[u]; left != 0; left &= left - 1) {
+        uint8_t* staged = slotBase(p, __ffs(left) - 1) + stagingRow;
+        reinterpret_cast<int4*>(staged)[chunk[u]] = q;
+        if ((chunk[u] & 7) == 0) reinterpret_cast<float*>(staged + p.hidden)[chunk[u] / 8] = scale;
+      }
     }
   }
 }
@@ -229,27 +288,35 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
   const int chunksPerRow = p.hidden / 8;
   const int total = p.numTokens * chunksPerRow;
   const int stride = gridDim.x * blockDim.x;
-  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
-    const int t = g / chunksPerRow;
-    const int c = g % chunksPerRow;
-    const uint32_t destinations = tokenRanks[t] & targets;
-    if (destinations == 0) continue;
-    const int4 v =
-        reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(t) * p.hidden * 2)[c];
-    const uint64_t stagingRow = p.rowsOffset + (static_cast<uint64_t>(p.rank) * p.maxTokens + t) * p.rowPitch;
-    for (uint32_t left = destinations; left != 0; left &= left - 1) {
-      reinterpret_cast<int4*>(slotBase(p, __ffs(left) - 1) + stagingRow)[c] = v;
+  const uint64_t rowBase = p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch;
+  for (int base = blockIdx.x * blockDim.x + threadIdx.x; base < total; base += stride * kSendUnroll) {
+    int4 values[kSendUnroll];
+    uint32_t destinations[kSendUnroll];
+#pragma unroll
+    for (int u = 0; u < kSendUnroll; ++u) {
+      const int g = base + u * stride;
+      destinations[u] = g < total ? tokenRanks[g / chunksPerRow] & targets : 0;
+      if (destinations[u] != 0) {
+        values[u] =
+            reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
+                                          static_cast<uint64_t>(g / chunksPerRow) * p.hidden * 2)[g % chunksPerRow];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSendUnroll; ++u) {
+      const int g = base + u * stride;
+      const uint64_t stagingRow = rowBase + static_cast<uint64_t>(g / chunksPerRow) * p.rowPitch;
+      for (uint32_t left = destinations[u]; left != 0; left &= left - 1) {
+        reinterpret_cast<int4*>(slotBase(p, __ffs(left) - 1) + stagingRow)[g % chunksPerRow] = values[u];
+      }
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads) dispatchSendKernel(const LowLatencyParams p) {
-  extern __shared__ int4 sendShared[];
-  uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(sendShared);  // [T]: ranks holding its experts
-  MC_LL_PROFILE(kLlKernelDispatchSend, 0);
-  const uint64_t sequence = currentSequence(p) + 1;
+__device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
+  uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const uint32_t targets = sendTargets(p, sequence);
-  MC_LL_PROFILE(kLlKernelDispatchSend, 1);
+  MC_LL_PROFILE(kLlKernelDispatch, 1);
   const int K = p.topk;
   const int T = p.numTokens;
   if (blockIdx.x == 0) {
@@ -282,29 +349,25 @@ __global__ void __launch_bounds__(kThreads) dispatchSendKernel(const LowLatencyP
     }
   }
   __syncthreads();
-  MC_LL_PROFILE(kLlKernelDispatchSend, 2);
+  MC_LL_PROFILE(kLlKernelDispatch, 2);
   if (p.fp8) {
     sendFp8Rows(p, tokenRanks, targets);
   } else {
     sendBf16Rows(p, tokenRanks, targets);
   }
-  MC_LL_PROFILE(kLlKernelDispatchSend, 3);
-  const bool last = lastBlock(p, 0);
-  MC_LL_PROFILE(kLlKernelDispatchSend, 4);
-  if (last) {
-    if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;
-    raiseFlags(p, targets, sequence, [&](int r) { return sentFlag(p, r, p.rank); });
-    MC_LL_PROFILE(kLlKernelDispatchSend, 5);
-  }
+  MC_LL_PROFILE(kLlKernelDispatch, 3);
+  finishSend(p, targets, sequence);
+  MC_LL_PROFILE(kLlKernelDispatch, 4);
 }
 
 // ---- Dispatch receive ---------------------------------------------------------------------
 // A warp per local expert lists its rows (sources ascending, tokens ascending: a ballot scan
 // over the ids, from shared memory when they fit); then the block copies the rows of all its
-// experts at once, flat over (row, 16-byte chunk) with several loads in flight per thread.
+// experts at once, flat over (row, 16-byte chunk, then scale) with several loads in flight
+// per thread.
 
 constexpr int kCopyUnroll = 8;
-constexpr int kBatchRows = 128;  // rows whose addresses a block stages in shared memory at once
+constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
 
 // One warp: the rows of local expert le, written to the routing (and the caller's srcInfo).
 // Returns the count (in every lane).
@@ -347,82 +410,58 @@ __device__ int listExpertRows(const LowLatencyParams& p, const int* ids, const i
   return count;
 }
 
-// The whole block: copies rows rows[0..numRows) (ids le * S + slot) from the staging into the
-// caller's recvX (and scales). The addresses of a batch of rows go to shared memory first, so
-// each 16-byte chunk costs one load, with kCopyUnroll of them in flight per thread.
-__device__ void copyRows(const LowLatencyParams& p, const uint8_t* mine, const int* rows, int numRows) {
-  __shared__ const uint8_t* batchFrom[kBatchRows];
-  __shared__ int batchId[kBatchRows];
+// The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
+// recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
+__device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId) {
   const int rowBytes = p.fp8 ? p.hidden : 2 * p.hidden;
   const int chunksPerRow = rowBytes / 16;
-  const int scales = p.hidden / kFp8ScaleBlock;
+  const int scales = p.fp8 ? p.hidden / kFp8ScaleBlock : 0;
+  const int dataItems = batch * chunksPerRow;
+  const int items = dataItems + batch * scales;
   uint8_t* recvX = static_cast<uint8_t*>(p.recvX);
-  for (int first = 0; first < numRows; first += kBatchRows) {
-    const int batch = min(kBatchRows, numRows - first);
-    if (static_cast<int>(threadIdx.x) < batch) {
-      const int id = rows[first + threadIdx.x];
-      batchId[threadIdx.x] = id;
-      batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(p.routing.srcInfo[id]) * p.rowPitch;
-    }
-    __syncthreads();
-    const int total = batch * chunksPerRow;
-    for (int base = threadIdx.x; base < total; base += blockDim.x * kCopyUnroll) {
-      int4 values[kCopyUnroll];
+  for (int base = threadIdx.x; base < items; base += blockDim.x * kCopyUnroll) {
+    int4 values[kCopyUnroll];
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int f = base + u * blockDim.x;
-        if (f < total)
-          values[u] = __ldcg(reinterpret_cast<const int4*>(batchFrom[f / chunksPerRow]) + f % chunksPerRow);
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int f = base + u * blockDim.x;
+      if (f < dataItems) {
+        values[u] = __ldcg(reinterpret_cast<const int4*>(batchFrom[f / chunksPerRow]) + f % chunksPerRow);
+      } else if (f < items) {
+        const int g = f - dataItems;
+        values[u].x = __ldcg(reinterpret_cast<const int*>(batchFrom[g / scales] + p.hidden) + g % scales);
       }
+    }
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int f = base + u * blockDim.x;
-        if (f < total) {
-          reinterpret_cast<int4*>(recvX + static_cast<uint64_t>(batchId[f / chunksPerRow]) *
-                                              rowBytes)[f % chunksPerRow] = values[u];
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int f = base + u * blockDim.x;
+      if (f < dataItems) {
+        reinterpret_cast<int4*>(recvX + static_cast<uint64_t>(batchId[f / chunksPerRow]) * rowBytes)[f % chunksPerRow] =
+            values[u];
+      } else if (f < items) {
+        const int g = f - dataItems;
+        const uint64_t at = static_cast<uint64_t>(batchId[g / scales]) * scales + g % scales;
+        const float scale = __int_as_float(values[u].x);
+        if (p.ue8m0) {
+          static_cast<uint8_t*>(p.recvScales)[at] = ue8m0FromPowerOfTwo(scale);
+        } else {
+          static_cast<float*>(p.recvScales)[at] = scale;
         }
       }
     }
-    if (p.fp8) {
-      const int scaleTotal = batch * scales;
-      for (int base = threadIdx.x; base < scaleTotal; base += blockDim.x * kCopyUnroll) {
-        float values[kCopyUnroll];
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int f = base + u * blockDim.x;
-          if (f < scaleTotal) {
-            values[u] = __ldcg(reinterpret_cast<const float*>(batchFrom[f / scales] + p.hidden) + f % scales);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int f = base + u * blockDim.x;
-          if (f >= scaleTotal) continue;
-          const uint64_t at = static_cast<uint64_t>(batchId[f / scales]) * scales + f % scales;
-          if (p.ue8m0) {
-            static_cast<uint8_t*>(p.recvScales)[at] = ue8m0FromPowerOfTwo(values[u]);
-          } else {
-            static_cast<float*>(p.recvScales)[at] = values[u];
-          }
-        }
-      }
-    }
-    __syncthreads();
   }
 }
 
-__global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyParams p) {
-  extern __shared__ int4 recvShared[];
+__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
   __shared__ int warpCounts[kWarps];
   __shared__ int blockRowBase;
+  __shared__ const uint8_t* batchFrom[kBatchRows];
+  __shared__ int batchId[kBatchRows];
   const int R = p.numRanks;
   const int K = p.topk;
   const int slotsPerExpert = R * p.maxTokens;
-  MC_LL_PROFILE(kLlKernelDispatchRecv, 0);
-  const uint64_t sequence = currentSequence(p);
-  const uint32_t sources = arrivedSources(p, sequence);
-  MC_LL_PROFILE(kLlKernelDispatchRecv, 1);
+  const uint32_t sources = agreeSources(p, sequence);
+  MC_LL_PROFILE(kLlKernelDispatch, 5);
   const uint8_t* mine = slotBase(p, p.rank);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   if (static_cast<int>(threadIdx.x) < R) {
@@ -433,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
   __syncthreads();
   const int* ids = globalIds;
   if (p.topkInShared) {
-    int* sharedIds = reinterpret_cast<int*>(recvShared);
+    int* sharedIds = reinterpret_cast<int*>(dynamicShared);
     for (int s = 0; s < R; ++s) {
       const uint64_t first = static_cast<uint64_t>(s) * p.maxTokens * K;
       const int count = sourceTokens[s] * K;
@@ -442,12 +481,13 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
     ids = sharedIds;
     __syncthreads();
   }
-  MC_LL_PROFILE(kLlKernelDispatchRecv, 2);
+  MC_LL_PROFILE(kLlKernelDispatch, 6);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   for (int round = 0; round * kWarps * static_cast<int>(gridDim.x) < p.localExperts; ++round) {
     const int le = (round * kWarps + warp) * gridDim.x + blockIdx.x;
     const int count = le < p.localExperts ? listExpertRows(p, ids, sourceTokens, le) : 0;
+    __syncwarp();  // the warp's srcInfo entries are read back below
     if (lane == 0) warpCounts[warp] = count;
     __syncthreads();
     int before = 0;
@@ -457,33 +497,59 @@ __global__ void __launch_bounds__(kThreads) dispatchRecvKernel(const LowLatencyP
       blockRows += warpCounts[w];
     }
     if (threadIdx.x == 0) blockRowBase = blockRows > 0 ? atomicAdd(p.routing.numRows, blockRows) : 0;
+    // The first rows of the round go straight to the copy's shared arrays (this warp's own
+    // srcInfo entries, just written, read back).
+    for (int i = lane; i < count; i += 32) {
+      const int at = before + i;
+      if (at >= kBatchRows) break;
+      const int id = le * slotsPerExpert + i;
+      batchId[at] = id;
+      batchFrom[at] = mine + p.rowsOffset + static_cast<uint64_t>(p.routing.srcInfo[id]) * p.rowPitch;
+    }
     __syncthreads();
+    if (round == 0) MC_LL_PROFILE(kLlKernelDispatch, 7);
     int* rows = p.routing.rowList + blockRowBase;
     for (int i = lane; i < count; i += 32) rows[before + i] = le * slotsPerExpert + i;
-    __syncthreads();
-    copyRows(p, mine, rows, blockRows);
+    copyBatch(p, min(blockRows, kBatchRows), batchFrom, batchId);
+    // Rounds with more rows than the shared arrays hold continue from the row list.
+    for (int first = kBatchRows; first < blockRows; first += kBatchRows) {
+      const int batch = min(kBatchRows, blockRows - first);
+      __syncthreads();
+      if (static_cast<int>(threadIdx.x) < batch) {
+        const int id = rows[first + threadIdx.x];
+        batchId[threadIdx.x] = id;
+        batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(p.routing.srcInfo[id]) * p.rowPitch;
+      }
+      __syncthreads();
+      copyBatch(p, batch, batchFrom, batchId);
+    }
     __syncthreads();
   }
-  MC_LL_PROFILE(kLlKernelDispatchRecv, 3);
-  const bool last = lastBlock(p, 1);
-  MC_LL_PROFILE(kLlKernelDispatchRecv, 4);
-  if (last) {
-    raiseFlags(p, (R == 32 ? 0xffffffffu : (1u << R) - 1u), sequence,
-               [&](int r) { return releasedFlag(p, r, p.rank); });
-    MC_LL_PROFILE(kLlKernelDispatchRecv, 5);
+  MC_LL_PROFILE(kLlKernelDispatch, 8);
+  finishReceive(p, sequence);
+  MC_LL_PROFILE(kLlKernelDispatch, 9);
+}
+
+__global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParams p) {
+  extern __shared__ int4 dispatchShared[];
+  MC_LL_PROFILE(kLlKernelDispatch, 0);
+  const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
+  const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
+  if (send) dispatchSend(p, sequence, dispatchShared);
+  if ((p.phases & kLowLatencyPhaseReceive) != 0) {
+    __syncthreads();  // the send half's shared memory is reused
+    dispatchReceive(p, sequence, dispatchShared);
   }
 }
 
 // ---- Combine send -------------------------------------------------------------------------
 // Every received row goes to [t][k] of its token's rank, with a marker holding the sequence.
 
-__global__ void __launch_bounds__(kThreads) combineSendKernel(const LowLatencyParams p) {
+__device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
-  MC_LL_PROFILE(kLlKernelCombineSend, 0);
-  const uint64_t sequence = currentSequence(p) + 1;
   const uint32_t targets = sendTargets(p, sequence);
-  MC_LL_PROFILE(kLlKernelCombineSend, 1);
+  MC_LL_PROFILE(kLlKernelCombine, 1);
   const int K = p.topk;
   const int numRows = *p.routing.numRows;
   const uint64_t rowBytes = 2ull * p.hidden;
@@ -494,7 +560,7 @@ __global__ void __launch_bounds__(kThreads) combineSendKernel(const LowLatencyPa
   const int begin = min(numRows, static_cast<int>(blockIdx.x) * perBlock);
   const int end = min(numRows, begin + perBlock);
   const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
-  MC_LL_PROFILE(kLlKernelCombineSend, 2);
+  MC_LL_PROFILE(kLlKernelCombine, 2);
   for (int first = begin; first < end; first += kBatchRows) {
     const int batch = min(kBatchRows, end - first);
     if (static_cast<int>(threadIdx.x) < batch) {
@@ -531,53 +597,58 @@ __global__ void __launch_bounds__(kThreads) combineSendKernel(const LowLatencyPa
     }
     __syncthreads();
   }
-  MC_LL_PROFILE(kLlKernelCombineSend, 3);
-  const bool last = lastBlock(p, 0);
-  MC_LL_PROFILE(kLlKernelCombineSend, 4);
-  if (last) {
-    if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;
-    raiseFlags(p, targets, sequence, [&](int r) { return sentFlag(p, r, p.rank); });
-    MC_LL_PROFILE(kLlKernelCombineSend, 5);
-  }
+  MC_LL_PROFILE(kLlKernelCombine, 3);
+  finishSend(p, targets, sequence);
+  MC_LL_PROFILE(kLlKernelCombine, 4);
 }
 
 // ---- Combine receive ----------------------------------------------------------------------
 // Block b reduces tokens b, b + grid, ...: first the row and weight of every (token, k) of a
-// round of tokens, then flat over (token, 8-channel chunk) with the K rows' loads in flight
-// together and the fmaf chain in k order.
+// round of tokens (the first round's ids and weights are loaded before the sources are waited
+// for: they are the caller's), then flat over (token, 8-channel chunk), two chunks per thread
+// at a time with all their rows' loads in flight, and the fmaf chain in k order.
 
-__global__ void __launch_bounds__(kThreads) combineRecvKernel(const LowLatencyParams p) {
+constexpr int kReduceK = 8;  // rows loaded together per chunk
+
+__device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int ids[kThreads];
-  MC_LL_PROFILE(kLlKernelCombineRecv, 0);
-  const uint64_t sequence = currentSequence(p);
-  const uint32_t sources = arrivedSources(p, sequence);
-  MC_LL_PROFILE(kLlKernelCombineRecv, 1);
   const int K = p.topk;
   const int T = p.numTokens;
-  const uint8_t* mine = slotBase(p, p.rank);
-  const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
   const int chunks = p.hidden / 8;
   const int tokensPerRound = kThreads / K;
   const int myTokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  for (int round = 0; round < myTokens; round += tokensPerRound) {
-    const int slotInRound = threadIdx.x / K;
-    const int k = threadIdx.x % K;
+  const int slotInRound = threadIdx.x / K;
+  const int k = threadIdx.x % K;
+  // ids[] and weights[] of the round starting at token `round` (thread = (token, k)).
+  auto loadRound = [&](int round) {
+    if (slotInRound >= tokensPerRound) return;
     const int j = round + slotInRound;
-    const bool mapped = slotInRound < tokensPerRound && j < myTokens;
+    const bool mapped = j < myTokens;
     const int64_t base = static_cast<int64_t>(blockIdx.x + j * gridDim.x) * K;
-    if (slotInRound < tokensPerRound) {
-      int64_t expert = mapped ? loadExpertId(p.topkIdx, p.topkIdxIs64, base + k) : -1;
-      if (expert < -1 || expert >= p.numExperts) expert = -1;
-      ids[threadIdx.x] = static_cast<int>(expert);
+    int64_t expert = mapped ? loadExpertId(p.topkIdx, p.topkIdxIs64, base + k) : -1;
+    if (expert < -1 || expert >= p.numExperts) expert = -1;
+    ids[threadIdx.x] = static_cast<int>(expert);
+    weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
+  };
+  if (myTokens > 0) loadRound(0);
+  const uint32_t sources = agreeSources(p, sequence);
+  MC_LL_PROFILE(kLlKernelCombine, 5);
+  const uint8_t* mine = slotBase(p, p.rank);
+  const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
+  for (int round = 0; round < myTokens; round += tokensPerRound) {
+    if (round > 0) {
+      __syncthreads();
+      loadRound(round);
     }
     __syncthreads();
     if (slotInRound < tokensPerRound) {
+      const int j = round + slotInRound;
+      const int64_t base = static_cast<int64_t>(blockIdx.x + j * gridDim.x) * K;
       const int4* row = nullptr;
-      float weight = 0.0f;
       const int expert = ids[threadIdx.x];
-      if (mapped && expert >= 0 && ((sources >> (expert / p.localExperts)) & 1u) != 0) {
+      if (j < myTokens && expert >= 0 && ((sources >> (expert / p.localExperts)) & 1u) != 0) {
         int first = k;
         for (int i = 0; i < k; ++i) {
           if (ids[threadIdx.x - k + i] == expert) {
@@ -588,60 +659,86 @@ __global__ void __launch_bounds__(kThreads) combineRecvKernel(const LowLatencyPa
         // Unmarked: the expert's rank did not receive the token (it had masked this rank).
         if (__ldcg(markers + base + first) == static_cast<uint32_t>(sequence)) {
           row = reinterpret_cast<const int4*>(mine + p.combineRowsOffset + (base + first) * 2ull * p.hidden);
-          weight = p.topkWeights[base + k];
         }
       }
       rows[threadIdx.x] = row;
-      weights[threadIdx.x] = weight;
     }
     __syncthreads();
+    if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    for (int f = threadIdx.x; f < roundTokens * chunks; f += blockDim.x) {
-      const int slotInRoundF = f / chunks;
-      const int c = f % chunks;
-      const int4* const* tokenRows = rows + slotInRoundF * K;
-      const float* tokenWeights = weights + slotInRoundF * K;
-      float acc[8];
+    const int total = roundTokens * chunks;
+    for (int f0 = threadIdx.x; f0 < total; f0 += 2 * blockDim.x) {
+      float acc[2][8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-      for (int k0 = 0; k0 < K; k0 += kCopyUnroll) {
-        int4 loaded[kCopyUnroll];
+      for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          const int4* row = k0 + u < K ? tokenRows[k0 + u] : nullptr;
-          loaded[u] = row != nullptr ? __ldcg(row + c) : make_int4(0, 0, 0, 0);
+        for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+      }
+      const int f1 = f0 + blockDim.x;
+      const int4* const* tokenRows[2] = {rows + (f0 / chunks) * K, rows + (min(f1, total - 1) / chunks) * K};
+      const float* tokenWeights[2] = {weights + (f0 / chunks) * K, weights + (min(f1, total - 1) / chunks) * K};
+      const int c[2] = {f0 % chunks, f1 % chunks};
+      const bool active[2] = {true, f1 < total};
+      for (int k0 = 0; k0 < K; k0 += kReduceK) {
+        int4 loaded[2][kReduceK];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int u = 0; u < kReduceK; ++u) {
+            const int4* row = active[h] && k0 + u < K ? tokenRows[h][k0 + u] : nullptr;
+            loaded[h][u] = row != nullptr ? __ldcg(row + c[h]) : make_int4(0, 0, 0, 0);
+          }
         }
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
-          if (k0 + u >= K || tokenRows[k0 + u] == nullptr) continue;
-          uint16_t values[8];
-          unpackBf16(loaded[u], values);
-          const float weight = tokenWeights[k0 + u];
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[i] = __fmaf_rn(weight, bf16ToFloat(values[i]), acc[i]);
+          for (int u = 0; u < kReduceK; ++u) {
+            if (!active[h] || k0 + u >= K || tokenRows[h][k0 + u] == nullptr) continue;
+            uint16_t values[8];
+            unpackBf16(loaded[h][u], values);
+            const float weight = tokenWeights[h][k0 + u];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[h][i] = __fmaf_rn(weight, bf16ToFloat(values[i]), acc[h][i]);
+          }
         }
       }
-      uint32_t words[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        words[i] =
-            static_cast<uint32_t>(floatToBf16(acc[2 * i])) | (static_cast<uint32_t>(floatToBf16(acc[2 * i + 1])) << 16);
+      for (int h = 0; h < 2; ++h) {
+        if (!active[h]) continue;
+        uint32_t words[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          words[i] = static_cast<uint32_t>(floatToBf16(acc[h][2 * i])) |
+                     (static_cast<uint32_t>(floatToBf16(acc[h][2 * i + 1])) << 16);
+        }
+        const int f = h == 0 ? f0 : f1;
+        const int t = blockIdx.x + (round + f / chunks) * gridDim.x;
+        reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2)[c[h]] =
+            make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
+                      static_cast<int>(words[3]));
       }
-      const int t = blockIdx.x + (round + slotInRoundF) * gridDim.x;
-      reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2)[c] =
-          make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
-                    static_cast<int>(words[3]));
     }
-    __syncthreads();
   }
-  MC_LL_PROFILE(kLlKernelCombineRecv, 3);
-  const bool last = lastBlock(p, 1);
-  MC_LL_PROFILE(kLlKernelCombineRecv, 4);
-  if (last) {
-    const int R = p.numRanks;
-    raiseFlags(p, (R == 32 ? 0xffffffffu : (1u << R) - 1u), sequence,
-               [&](int r) { return releasedFlag(p, r, p.rank); });
-    MC_LL_PROFILE(kLlKernelCombineRecv, 5);
+  MC_LL_PROFILE(kLlKernelCombine, 8);
+  finishReceive(p, sequence);
+  MC_LL_PROFILE(kLlKernelCombine, 9);
+}
+
+__global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
+  MC_LL_PROFILE(kLlKernelCombine, 0);
+  const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
+  const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
+  if (send) combineSend(p, sequence);
+  if ((p.phases & kLowLatencyPhaseReceive) != 0) {
+    __syncthreads();
+    combineReceive(p, sequence);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) releaseKernel(const LowLatencyParams p) {
+  const uint64_t sequence = currentSequence(p);
+  for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {
+    storeReleaseSys(releasedFlags(p, i / p.numBlocks, p.rank) + i % p.numBlocks, sequence);
   }
 }
 
@@ -674,33 +771,29 @@ uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   // The attribute is per kernel and process-wide: always the same (largest) value, so EPs of
   // different shapes never lower it under one another.
-  cudaError_t err = cudaFuncSetAttribute(dispatchSendKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(maxDynamicSharedBytes));
-  if (err != cudaSuccess) return static_cast<int>(err);
-  err = cudaFuncSetAttribute(dispatchRecvKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(maxDynamicSharedBytes));
+  const cudaError_t err = cudaFuncSetAttribute(dispatchKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(maxDynamicSharedBytes));
   return static_cast<int>(err);
 }
 
-int launchLowLatencyDispatchSend(const LowLatencyParams& params, CUstream_st* stream) {
-  const size_t shared = lowLatencyDispatchSendSharedBytes(params);
-  dispatchSendKernel<<<params.numBlocks, kThreads, shared, stream>>>(params);
+int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream) {
+  uint64_t shared = 0;
+  if ((params.phases & kLowLatencyPhaseSend) != 0) shared = lowLatencyDispatchSendSharedBytes(params);
+  if ((params.phases & kLowLatencyPhaseReceive) != 0) {
+    const uint64_t receive = lowLatencyDispatchRecvSharedBytes(params);
+    if (receive > shared) shared = receive;
+  }
+  dispatchKernel<<<params.numBlocks, kThreads, shared, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }
 
-int launchLowLatencyDispatchRecv(const LowLatencyParams& params, CUstream_st* stream) {
-  const size_t shared = lowLatencyDispatchRecvSharedBytes(params);
-  dispatchRecvKernel<<<params.numBlocks, kThreads, shared, stream>>>(params);
+int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream) {
+  combineKernel<<<params.numBlocks, kThreads, 0, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }
 
-int launchLowLatencyCombineSend(const LowLatencyParams& params, CUstream_st* stream) {
-  combineSendKernel<<<params.numBlocks, kThreads, 0, stream>>>(params);
-  return static_cast<int>(cudaGetLastError());
-}
-
-int launchLowLatencyCombineRecv(const LowLatencyParams& params, CUstream_st* stream) {
-  combineRecvKernel<<<params.numBlocks, kThreads, 0, stream>>>(params);
+int launchLowLatencyRelease(const LowLatencyParams& params, CUstream_st* stream) {
+  releaseKernel<<<1, kThreads, 0, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }
 

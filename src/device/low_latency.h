@@ -3,10 +3,12 @@
 // ep/ep_cuda_ll.{h,cc}; docs/ep-low-latency-gpu.md explains the protocol.
 //
 // Symmetric buffer of every rank (offsets from its base, identical on every rank):
-//   sent      uint64 [2 slots][R source]: source s release-stores the sequence of the operation
-//             whose send half it finished into sent[slot][s] of every rank it sent to;
-//   released  uint64 [2 slots][R reader]: rank d release-stores the sequence whose receive half
-//             it finished into released[slot][d] of every rank: d's slot may be rewritten;
+//   sent      uint64 [2 slots][R source][B blocks]: block b of source s release-stores the
+//             sequence of the operation whose send half it finished into sent[slot][s][b] of
+//             every rank it sent to (B = numBlocks, the same on every rank);
+//   released  uint64 [2 slots][R reader][B]: block b of rank d release-stores the sequence
+//             whose receive half it finished into released[slot][d][b] of every rank: once all
+//             B flags of d hold it, d's slot may be rewritten;
 //   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
 //             tokens  int [R source]: T of each source;
 //             topk    int32 [R source][maxT][K]: each source's expert ids (-1 for bad ones);
@@ -33,22 +35,28 @@ constexpr int kLowLatencyMaxRanks = 32;  // ranks are bits of a uint32 in the ke
 constexpr int kLowLatencyDeviceSlots = 2;
 constexpr int kLowLatencyThreads = 512;
 
+// What one launch runs (LowLatencyParams::phases): the send half, the receive half, or both
+// (one kernel when the call is not send-only).
+constexpr int kLowLatencyPhaseSend = 1;
+constexpr int kLowLatencyPhaseReceive = 2;
+
 // Kernels, for the developer timeline (lowLatencyProfile).
-constexpr int kLlKernelDispatchSend = 0;
-constexpr int kLlKernelDispatchRecv = 1;
-constexpr int kLlKernelCombineSend = 2;
-constexpr int kLlKernelCombineRecv = 3;
-constexpr int kLowLatencyKernels = 4;
-// Events: 0 entry, 1 peers waited for, 2 preamble done (routing / ids), 3 data moved,
-// 4 past the block counter, 5 flags raised (the last block only).
-constexpr int kLowLatencyProfileEvents = 6;
+constexpr int kLlKernelDispatch = 0;
+constexpr int kLlKernelCombine = 1;
+constexpr int kLowLatencyKernels = 2;
+// Events: 0 entry, 1 targets known, 2 send preamble done, 3 send data stored, 4 sent flags
+// stored, 5 sources agreed, 6 receive preamble done, 7 rows listed (dispatch), 8 data
+// consumed, 9 released flags stored.
+constexpr int kLowLatencyProfileEvents = 10;
 
 // Device memory private to one rank (not in the symmetric buffer).
 struct LowLatencyState {
   uint64_t slotSequence[kLowLatencyDeviceSlots];
-  // Blocks of the running kernel that finished, per slot and half (0 send, 1 receive); the
-  // last one resets it and raises the flags.
-  unsigned int blocksDone[kLowLatencyDeviceSlots][2];
+  // Blocks whose send half finished, per slot; the last one stores slotSequence and resets it.
+  unsigned int blocksDone[kLowLatencyDeviceSlots];
+  // The receive halves' agreement on each source, per slot: (sequence << 2) | 1 present or 2
+  // absent. The first block to decide wins (atomicCAS); the others follow it.
+  unsigned long long decision[kLowLatencyDeviceSlots][kLowLatencyMaxRanks];
   int rankMask[kLowLatencyMaxRanks];  // != 0: masked (the host's mask, plus timeouts)
 };
 
@@ -71,7 +79,7 @@ struct LowLatencyParams {
   int hidden;
   int topk;
   int maxTokens;
-  int numBlocks;  // grid size of every kernel (the SM budget)
+  int numBlocks;  // grid size of every kernel (the SM budget, agreed by every rank)
   uint64_t timeoutNs;
 
   // Symmetric buffer.
@@ -93,6 +101,7 @@ struct LowLatencyParams {
   int* hostError;            // mapped host [1]: first error code (bad expert id)
 
   // The call.
+  int phases;  // kLowLatencyPhase* bits
   int slot;
   int numTokens;  // this rank's T
   const void* topkIdx;
@@ -114,17 +123,21 @@ struct LowLatencyParams {
   void* out;                  // [T, H] BF16
 };
 
-// Dynamic shared memory of the dispatch kernels: send, a destination mask per token; receive,
-// every source's expert ids (only when params.topkInShared).
+// Dynamic shared memory of the dispatch kernel: the send half keeps a destination mask per
+// token; the receive half every source's expert ids (only when params.topkInShared). The
+// kernel takes the larger of the two.
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params);
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params);
 
-// Each returns a cudaError_t value (0 = success) so callers need no CUDA header.
-int launchLowLatencyDispatchSend(const LowLatencyParams& params, CUstream_st* stream);
-int launchLowLatencyDispatchRecv(const LowLatencyParams& params, CUstream_st* stream);
-int launchLowLatencyCombineSend(const LowLatencyParams& params, CUstream_st* stream);
-int launchLowLatencyCombineRecv(const LowLatencyParams& params, CUstream_st* stream);
-// Raises the dispatch kernels' dynamic shared memory limit (needed beyond 48 KiB). Pass the
+// Each runs the halves params.phases names and returns a cudaError_t value (0 = success) so
+// callers need no CUDA header.
+int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream);
+int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream);
+// For a send half whose receive half will never run (its handle was destroyed): stores this
+// rank's released flags of params.slot (at the slot's current sequence) on every rank, as the
+// receive half would have, so that neither this rank nor its peers time out on the slot.
+int launchLowLatencyRelease(const LowLatencyParams& params, CUstream_st* stream);
+// Raises the dispatch kernel's dynamic shared memory limit (needed beyond 48 KiB). Pass the
 // same value every time (the device's opt-in maximum less a margin for static shared memory).
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes);
 // Developer timeline of the last call of `kernel` for `blocks` blocks: fills

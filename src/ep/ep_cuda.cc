@@ -122,7 +122,7 @@ class CudaEpBackend : public EpBackend {
     MC_CHECK(ep_->comm->bootstrap->barrier());
     MC_INFO(kLogEp, "rank %d: CUDA EP buffer %llu bytes (%s), %d channels", ep_->rank,
             static_cast<unsigned long long>(bytes), buffer_->method(), channels);
-    if (ep_->config.mode != moecommEpModeNormal) MC_CHECK(CudaLowLatency::create(ep_, &lowLatency_));
+    if (ep_->config.mode != moecommEpModeNormal) MC_CHECK(CudaLowLatency::create(ep_, channels, &lowLatency_));
     return moecommSuccess;
   }
 

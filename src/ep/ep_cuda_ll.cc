@@ -36,7 +36,7 @@ CudaLowLatency::CudaLowLatency(moecommEp* ep) : ep_(ep), device_(ep->comm->devic
 
 CudaLowLatency::~CudaLowLatency() { release(); }
 
-moecommResult_t CudaLowLatency::create(moecommEp* ep, std::unique_ptr<CudaLowLatency>* out) {
+moecommResult_t CudaLowLatency::create(moecommEp* ep, int numBlocks, std::unique_ptr<CudaLowLatency>* out) {
   MC_REQUIRE(ep->shape.numRanks <= device::kLowLatencyMaxRanks, moecommNotSupported,
              "low-latency mode on the CUDA backend supports at most %d ranks; this communicator has %d",
              device::kLowLatencyMaxRanks, ep->shape.numRanks);
@@ -49,12 +49,12 @@ moecommResult_t CudaLowLatency::create(moecommEp* ep, std::unique_ptr<CudaLowLat
              "the low-latency kernels",
              static_cast<unsigned long long>(rows), static_cast<unsigned long long>(tokenChunks));
   std::unique_ptr<CudaLowLatency> created(new CudaLowLatency(ep));
-  MC_CHECK(created->init());
+  MC_CHECK(created->init(numBlocks));
   *out = std::move(created);
   return moecommSuccess;
 }
 
-moecommResult_t CudaLowLatency::init() {
+moecommResult_t CudaLowLatency::init(int numBlocks) {
   const auto& shape = ep_->shape;
   const uint64_t R = static_cast<uint64_t>(shape.numRanks);
   const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
@@ -69,11 +69,12 @@ moecommResult_t CudaLowLatency::init() {
   p.hidden = shape.hidden;
   p.topk = shape.topk;
   p.maxTokens = shape.maxTokensPerRank;
-  p.numBlocks = std::max(1, ep_->config.numSms);
+  p.numBlocks = std::max(1, numBlocks);
   p.timeoutNs = static_cast<uint64_t>(std::max(1, ep_->lowLatencyTimeoutMs)) * 1000000ull;
-  // Flags, then the slots; inside a slot the combine markers, then the dispatch staging or
-  // the combine rows (one operation uses a slot at a time).
-  const uint64_t flagBytes = alignUp(device::kLowLatencyDeviceSlots * R * sizeof(uint64_t), 256);
+  // Flags (one per slot, rank and block), then the slots; inside a slot the combine markers,
+  // then the dispatch staging or the combine rows (one operation uses a slot at a time).
+  const uint64_t flagBytes =
+      alignUp(device::kLowLatencyDeviceSlots * R * static_cast<uint64_t>(p.numBlocks) * sizeof(uint64_t), 256);
   p.sentOffset = 0;
   p.releasedOffset = flagBytes;
   p.slotOffset = 2 * flagBytes;
@@ -129,6 +130,9 @@ moecommResult_t CudaLowLatency::init() {
   cudaStream_t control = nullptr;
   MC_CUDA(cudaStreamCreateWithFlags(&control, cudaStreamNonBlocking));
   controlStream_ = control;
+  cudaEvent_t releaseEvent = nullptr;
+  MC_CUDA(cudaEventCreateWithFlags(&releaseEvent, cudaEventDisableTiming));
+  releaseEvent_ = releaseEvent;
   for (int i = 0; i < kPreallocatedRoutings; ++i) {
     Routing routing;
     MC_CHECK(allocateRouting(&routing));
@@ -146,10 +150,20 @@ void CudaLowLatency::release() {
   auto freeDevice = [](void* pointer) {
     if (pointer != nullptr && cudaFree(pointer) != cudaSuccess) (void)cudaGetLastError();
   };
-  for (auto& entry : routings_) freeDevice(entry.second.block);
+  auto freeRouting = [&](Routing& routing) {
+    freeDevice(routing.block);
+    if (routing.sentEvent != nullptr && cudaEventDestroy(static_cast<cudaEvent_t>(routing.sentEvent)) != cudaSuccess) {
+      (void)cudaGetLastError();
+    }
+  };
+  for (auto& entry : routings_) freeRouting(entry.second);
   routings_.clear();
-  for (auto& routing : freeRoutings_) freeDevice(routing.block);
+  for (auto& routing : freeRoutings_) freeRouting(routing);
   freeRoutings_.clear();
+  if (releaseEvent_ != nullptr && cudaEventDestroy(static_cast<cudaEvent_t>(releaseEvent_)) != cudaSuccess) {
+    (void)cudaGetLastError();
+  }
+  releaseEvent_ = nullptr;
   freeDevice(zeroCopy_);
   zeroCopy_ = nullptr;
   freeDevice(state_);
@@ -167,20 +181,13 @@ void CudaLowLatency::release() {
 
 void CudaLowLatency::logProfile() {
   const int blocks = base_.numBlocks;
-  static const char* const kNames[device::kLowLatencyKernels] = {"dispatch send", "dispatch receive", "combine send",
-                                                                 "combine receive"};
-  unsigned long long origin = 0;
   for (int kernel = 0; kernel < device::kLowLatencyKernels; ++kernel) {
     std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * device::kLowLatencyProfileEvents);
     const int events = device::lowLatencyProfile(kernel, blocks, stamps.data());
     if (events <= 0) return;
-    // Each operation's two halves share the origin of its send half.
-    if (kernel == device::kLlKernelDispatchSend || kernel == device::kLlKernelCombineSend) {
-      origin = profileOrigin(stamps.data(), blocks, events);
-    }
-    const std::string line = profileLine(stamps.data(), blocks, events, origin);
-    MC_WARN(kLogEp, "rank %d profile LL %s (us after the send half's start, min/median/max over %d blocks):%s",
-            ep_->rank, kNames[kernel], blocks, line.c_str());
+    const std::string line = profileLine(stamps.data(), blocks, events, profileOrigin(stamps.data(), blocks, events));
+    MC_WARN(kLogEp, "rank %d profile LL %s (us after the kernel's start, min/median/max over %d blocks):%s", ep_->rank,
+            kernel == device::kLlKernelDispatch ? "dispatch" : "combine", blocks, line.c_str());
   }
 }
 
@@ -228,14 +235,57 @@ moecommResult_t CudaLowLatency::takeRouting(moecommStream_t stream, Routing* out
 void CudaLowLatency::forgetHandle(moecommEpHandle* handle) {
   auto it = routings_.find(handle);
   if (it == routings_.end()) return;
-  if (handle->pending != EpPendingHalf::kNone) {
-    MC_WARN(kLogEp,
-            "rank %d: a low-latency handle was destroyed with its send-only half not completed; peers will time "
-            "out on buffer slot %d and mask this rank",
-            ep_->rank, handle->bufferSlot);
-  }
+  if (handle->pending != EpPendingHalf::kNone) releaseAbandoned(handle, &it->second);
+  it->second.sentRecorded = false;
   freeRoutings_.push_back(it->second);
   routings_.erase(it);
+}
+
+moecommResult_t CudaLowLatency::markSendOnly(Routing* routing, moecommStream_t stream) {
+  routing->sentRecorded = false;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  MC_CUDA(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return moecommSuccess;
+  if (routing->sentEvent == nullptr) {
+    cudaEvent_t event = nullptr;
+    MC_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    routing->sentEvent = event;
+  }
+  MC_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(routing->sentEvent), stream));
+  routing->sentRecorded = true;
+  return moecommSuccess;
+}
+
+void CudaLowLatency::releaseAbandoned(const moecommEpHandle* handle, Routing* routing) {
+  DeviceScope scope(device_);
+  cudaStream_t control = static_cast<cudaStream_t>(controlStream_);
+  bool released = false;
+  if (routing->sentRecorded && releaseEvent_ != nullptr) {
+    device::LowLatencyParams p = callParams(handle->bufferSlot, *routing);
+    released = cudaStreamWaitEvent(control, static_cast<cudaEvent_t>(routing->sentEvent), 0) == cudaSuccess &&
+               device::launchLowLatencyRelease(p, control) == 0 &&
+               cudaEventRecord(static_cast<cudaEvent_t>(releaseEvent_), control) == cudaSuccess;
+    if (!released) (void)cudaGetLastError();
+  }
+  if (released) {
+    releasePending_ = true;
+    MC_INFO(kLogEp,
+            "rank %d: a low-latency handle was destroyed with its send-only half not completed; slot %d "
+            "released without receiving",
+            ep_->rank, handle->bufferSlot);
+  } else {
+    MC_WARN(kLogEp,
+            "rank %d: a low-latency handle was destroyed with its send-only half not completed (queued under stream "
+            "capture, or the release failed); peers will time out on buffer slot %d and mask this rank",
+            ep_->rank, handle->bufferSlot);
+  }
+}
+
+moecommResult_t CudaLowLatency::waitForRelease(moecommStream_t stream) {
+  if (!releasePending_) return moecommSuccess;
+  MC_CUDA(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(releaseEvent_), 0));
+  releasePending_ = false;
+  return moecommSuccess;
 }
 
 // ---- Rank mask ------------------------------------------------------------------------------
@@ -282,29 +332,36 @@ device::LowLatencyParams CudaLowLatency::callParams(int slot, const Routing& rou
   return p;
 }
 
-moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t stream) {
-  const bool isDispatch = handle->pending == EpPendingHalf::kLowLatencyDispatch;
-  const int slot = handle->bufferSlot;
-  device::LowLatencyParams p = callParams(slot, routings_.at(handle));
-  p.numTokens = handle->numTokens;
-  moecommResult_t status;
+void CudaLowLatency::setReceive(const moecommEpHandle* handle, bool isDispatch, device::LowLatencyParams* p) const {
   if (isDispatch) {
     const moecommEpLowLatencyDispatchArgs_t& args = handle->pendingDispatch;
-    p.fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
-    p.ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
-    p.recvX = args.recvX;
-    p.recvScales = args.recvScales;
-    p.recvCount = args.recvCount;
-    p.recvSrcInfo = args.recvSrcInfo;
-    p.cumulativeRecvStats = args.cumulativeRecvStats;
-    status = checkLaunch(device::launchLowLatencyDispatchRecv(p, stream), "launchLowLatencyDispatchRecv");
+    p->fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
+    p->ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
+    p->recvX = args.recvX;
+    p->recvScales = args.recvScales;
+    p->recvCount = args.recvCount;
+    p->recvSrcInfo = args.recvSrcInfo;
+    p->cumulativeRecvStats = args.cumulativeRecvStats;
   } else {
     const moecommEpLowLatencyCombineArgs_t& args = handle->pendingCombine;
-    p.topkIdx = args.topkIdx;
-    p.topkIdxIs64 = args.topkIdxType == moecommInt64 ? 1 : 0;
-    p.topkWeights = args.topkWeights;
-    p.out = args.out;
-    status = checkLaunch(device::launchLowLatencyCombineRecv(p, stream), "launchLowLatencyCombineRecv");
+    p->topkIdx = args.topkIdx;
+    p->topkIdxIs64 = args.topkIdxType == moecommInt64 ? 1 : 0;
+    p->topkWeights = args.topkWeights;
+    p->out = args.out;
+  }
+}
+
+moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t stream, bool launch) {
+  const bool isDispatch = handle->pending == EpPendingHalf::kLowLatencyDispatch;
+  const int slot = handle->bufferSlot;
+  moecommResult_t status = moecommSuccess;
+  if (launch) {
+    device::LowLatencyParams p = callParams(slot, routings_.at(handle));
+    p.numTokens = handle->numTokens;
+    p.phases = device::kLowLatencyPhaseReceive;
+    setReceive(handle, isDispatch, &p);
+    status = isDispatch ? checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch")
+                        : checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine");
   }
   MC_TRACE(kLogEp, "rank %d low-latency %s #%llu receive half queued: %s", ep_->rank,
            isDispatch ? "dispatch" : "combine", static_cast<unsigned long long>(handle->pendingSequence),
@@ -329,6 +386,7 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
   MC_CHECK(checkLowLatencyDispatchArgs(*ep_, args, handle));
   DeviceScope scope(device_);
   if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+  MC_CHECK(waitForRelease(stream));
   Routing routing;
   MC_CHECK(takeRouting(stream, &routing));
   moecommEpHandle* created = newHandle(ep_, EpHandleKind::kLowLatency);
@@ -339,30 +397,25 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
   p.x = args->x;
   p.topkIdx = args->topkIdx;
   p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
-  p.fp8 = args->recvType == moecommFloat8E4M3 ? 1 : 0;
   p.roundScale = (args->flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0 ? 1 : 0;
-  const moecommResult_t launched =
-      checkLaunch(device::launchLowLatencyDispatchSend(p, stream), "launchLowLatencyDispatchSend");
+  created->pendingDispatch = *args;
+  // Not send-only: one kernel runs both halves.
+  const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
+  p.phases = device::kLowLatencyPhaseSend | (sendOnly ? 0 : device::kLowLatencyPhaseReceive);
+  setReceive(created, true, &p);
+  const moecommResult_t launched = checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch");
   if (launched != moecommSuccess) {
     const std::string text = lastErrorText();
     destroyHandle(created);
     return setError(launched, "%s", text.c_str());
   }
   created->pending = EpPendingHalf::kLowLatencyDispatch;
-  created->pendingDispatch = *args;
   created->bufferSlot = slot;
   created->pendingSequence = ++ep_->lowLatencySequence;
   ep_->slotOwners[slot] = created;
   *handle = created;
-  if ((args->flags & MOECOMM_LL_SEND_ONLY) != 0) return moecommSuccess;
-  const moecommResult_t result = finish(created, stream);
-  if (result != moecommSuccess) {
-    const std::string text = lastErrorText();
-    destroyHandle(created);
-    *handle = nullptr;
-    return setError(result, "%s", text.c_str());
-  }
-  return moecommSuccess;
+  if (sendOnly) return markSendOnly(&routings_.at(created), stream);
+  return finish(created, stream, false);
 }
 
 moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
@@ -392,17 +445,26 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
   MC_REQUIRE(routing != routings_.end(), moecommInternalError, "the low-latency handle has no device routing");
   DeviceScope scope(device_);
   if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
+  MC_CHECK(waitForRelease(stream));
   device::LowLatencyParams p = callParams(slot, routing->second);
   p.numTokens = handle->numTokens;
   p.expertOutputs = checked->x;
-  MC_CHECK(checkLaunch(device::launchLowLatencyCombineSend(p, stream), "launchLowLatencyCombineSend"));
-  handle->pending = EpPendingHalf::kLowLatencyCombine;
+  const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
+  p.phases = device::kLowLatencyPhaseSend | (sendOnly ? 0 : device::kLowLatencyPhaseReceive);
+  const moecommEpLowLatencyCombineArgs_t pendingBefore = handle->pendingCombine;
   handle->pendingCombine = *checked;
+  setReceive(handle, false, &p);
+  const moecommResult_t launched = checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine");
+  if (launched != moecommSuccess) {
+    handle->pendingCombine = pendingBefore;
+    return launched;
+  }
+  handle->pending = EpPendingHalf::kLowLatencyCombine;
   handle->bufferSlot = slot;
   handle->pendingSequence = ++ep_->lowLatencySequence;
   ep_->slotOwners[slot] = handle;
-  if ((args->flags & MOECOMM_LL_SEND_ONLY) != 0) return moecommSuccess;
-  return finish(handle, stream);
+  if (sendOnly) return markSendOnly(&routing->second, stream);
+  return finish(handle, stream, false);
 }
 
 moecommResult_t CudaLowLatency::complete(moecommEpHandle_t handle, moecommStream_t stream) {
@@ -410,7 +472,8 @@ moecommResult_t CudaLowLatency::complete(moecommEpHandle_t handle, moecommStream
   MC_CHECK(checkCompleteArgs(*ep_, handle));
   MC_REQUIRE(routings_.count(handle) != 0, moecommInternalError, "the low-latency handle has no device routing");
   DeviceScope scope(device_);
-  return finish(handle, stream);
+  MC_CHECK(waitForRelease(stream));
+  return finish(handle, stream, true);
 }
 
 moecommResult_t CudaLowLatency::combineBuffer(void** buffer) {

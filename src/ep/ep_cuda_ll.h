@@ -31,7 +31,8 @@ class NvlinkSymmetric;
 class CudaLowLatency {
  public:
   // Collective over ep->comm (allocates the symmetric buffer).
-  static moecommResult_t create(moecommEp* ep, std::unique_ptr<CudaLowLatency>* out);
+  // numBlocks: the grid of every kernel, the same on every rank (the normal mode's channel count).
+  static moecommResult_t create(moecommEp* ep, int numBlocks, std::unique_ptr<CudaLowLatency>* out);
   ~CudaLowLatency();
   CudaLowLatency(const CudaLowLatency&) = delete;
   CudaLowLatency& operator=(const CudaLowLatency&) = delete;
@@ -58,18 +59,29 @@ class CudaLowLatency {
   struct Routing {
     void* block = nullptr;  // one cudaMalloc holding every array
     device::LowLatencyRouting arrays{};
+    void* sentEvent = nullptr;  // cudaEvent_t recorded after a send-only half (not under capture)
+    bool sentRecorded = false;
   };
 
   explicit CudaLowLatency(moecommEp* ep);
-  moecommResult_t init();
+  moecommResult_t init(int numBlocks);
   void release();
   moecommResult_t takeRouting(moecommStream_t stream, Routing* out);
   moecommResult_t allocateRouting(Routing* out);
   device::LowLatencyParams callParams(int slot, const Routing& routing) const;
-  // Runs (enqueues) the receive half of handle's pending operation and frees its slot.
-  moecommResult_t finish(moecommEpHandle* handle, moecommStream_t stream);
+  // The receive half's arguments of handle's pending operation into p.
+  void setReceive(const moecommEpHandle* handle, bool isDispatch, device::LowLatencyParams* p) const;
+  // Frees the slot of handle's pending operation, after enqueueing its receive half when
+  // `launch` (send-only calls; otherwise the operation's one kernel ran both halves).
+  moecommResult_t finish(moecommEpHandle* handle, moecommStream_t stream, bool launch);
   // Kernel-reported errors and masks since the last call.
   void pollDevice();
+  // After a send-only half: remembers where it ends on the stream, for releaseAbandoned.
+  moecommResult_t markSendOnly(Routing* routing, moecommStream_t stream);
+  // A handle with a send-only half is being destroyed: releases its slot on the device.
+  void releaseAbandoned(const moecommEpHandle* handle, Routing* routing);
+  // Every low-latency call first orders its stream after a pending releaseAbandoned.
+  moecommResult_t waitForRelease(moecommStream_t stream);
 
   moecommEp* ep_;
   int device_ = -1;
@@ -78,8 +90,10 @@ class CudaLowLatency {
   device::LowLatencyState* state_ = nullptr;  // device
   volatile int* host_ = nullptr;              // mapped: [0] error code, [1 + r] rank r masked by a kernel
   int* hostMaskStaging_ = nullptr;            // pinned [R] for pushRankMask
-  void* controlStream_ = nullptr;             // cudaStream_t for pushRankMask
-  void* zeroCopy_ = nullptr;                  // device [E_local, R*maxT, H] BF16
+  void* controlStream_ = nullptr;             // cudaStream_t for pushRankMask and releaseAbandoned
+  void* releaseEvent_ = nullptr;              // cudaEvent_t after the last releaseAbandoned
+  bool releasePending_ = false;
+  void* zeroCopy_ = nullptr;  // device [E_local, R*maxT, H] BF16
   std::vector<Routing> freeRoutings_;
   std::unordered_map<moecommEpHandle*, Routing> routings_;
 };

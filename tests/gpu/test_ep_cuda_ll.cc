@@ -428,6 +428,7 @@ class EpCudaLowLatency : public ::testing::Test {
   std::string RunGraph(uint64_t seed, bool hook, int replays);
   std::string RunMasked(uint64_t seed);
   std::string RunSilentRank(uint64_t seed);
+  std::string RunAbandoned(uint64_t seed);
 
   void Report(const char* test, const std::string& name, const std::string& why, int* failures) {
     std::printf("[EpCudaLowLatency rank %d] %s %s: %s%s\n", rank_, test, name.c_str(), why.empty() ? "PASS" : "FAIL ",
@@ -855,6 +856,83 @@ std::string EpCudaLowLatency::RunSilentRank(uint64_t seed) {
   return why;
 }
 
+// A send-only dispatch whose handle is destroyed without moecommEpComplete on every rank, then
+// two full rounds on the same EP: the abandoned slot must be released on the device (no rank
+// times out on it or masks anyone), and both rounds match the reference.
+std::string EpCudaLowLatency::RunAbandoned(uint64_t seed) {
+  const ref::EpShape shape = MakeShape(nranks_, 32, 2048, 8, 128);
+  const DispatchFlags f{true, false, false};
+  const int L = shape.expertsPerRank();
+  moecommEp_t ep = nullptr;
+  {
+    ScopedEnv timeout("MOECOMM_LL_TIMEOUT", "2000");  // a failure shows in 2 s, not 10
+    LL_CALL(CreateEp(shape, &ep));
+  }
+  std::string why;
+  for (int round = 0; round < 3 && why.empty(); ++round) {
+    const AllInputs all = MakeAllInputs(shape, 96 + round, seed + round);
+    DeviceInputs in;
+    in.Allocate(shape);
+    in.Load(all.ranks[rank_], false, stream_);
+    DeviceDispatchOut out;
+    out.Allocate(shape, f);
+    out.Poison(stream_);
+    cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+    moecommEpLowLatencyDispatchArgs_t args = DispatchArgs(all.ranks[rank_].numTokens, in, false, f, out);
+    moecommEpHandle_t handle = nullptr;
+    if (round == 0) {
+      // Abandoned: sent, never received.
+      args.flags |= MOECOMM_LL_SEND_ONLY;
+      if (moecommEpLowLatencyDispatch(ep, &args, &handle, stream_) != moecommSuccess) {
+        why = std::string("send-only dispatch: ") + moecommGetLastError(comm_);
+      } else if (moecommEpHandleDestroy(handle) != moecommSuccess) {
+        why = std::string("destroying the send-only handle: ") + moecommGetLastError(comm_);
+      }
+      handle = nullptr;
+      if (why.empty() && cudaStreamSynchronize(stream_) != cudaSuccess) why = "cudaStreamSynchronize failed";
+    } else {
+      const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, nullptr, f, std::vector<int>(L, 0));
+      if (moecommEpLowLatencyDispatch(ep, &args, &handle, stream_) != moecommSuccess) {
+        why = std::string("dispatch: ") + moecommGetLastError(comm_);
+      } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+        why = "cudaStreamSynchronize after dispatch failed";
+      }
+      if (why.empty()) why = AsyncError(comm_);
+      if (why.empty()) why = CompareDispatch("round " + std::to_string(round) + " ", want, out, f, true, true);
+      if (why.empty()) {
+        const uint64_t ySeed = seed * 13 + round;
+        void* y = ToDevice(ExpertOutputs(shape, ySeed, rank_, want.count.data(), false));
+        const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed);
+        void* combined = DeviceAlloc(wantOut.size() * 2);
+        cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
+        moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, false, combined);
+        if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
+          why = std::string("combine: ") + moecommGetLastError(comm_);
+        } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
+          why = "cudaStreamSynchronize after combine failed";
+        }
+        if (why.empty()) why = AsyncError(comm_);
+        if (why.empty()) why = CompareBytes("combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+        cudaFree(y);
+        cudaFree(combined);
+      }
+    }
+    if (handle != nullptr) moecommEpHandleDestroy(handle);
+    in.Free();
+    out.Free();
+  }
+  std::vector<int> mask(nranks_, -1);
+  if (why.empty() && moecommEpGetRankMask(ep, mask.data()) != moecommSuccess) {
+    why = std::string("GetRankMask: ") + moecommGetLastError(comm_);
+  }
+  for (int r = 0; r < nranks_ && why.empty(); ++r) {
+    if (mask[r] != 0) why = "rank " + std::to_string(r) + " was masked after an abandoned send-only half";
+  }
+  if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
+    why = std::string("destroy: ") + moecommGetLastError(comm_);
+  return why;
+}
+
 TEST_F(EpCudaLowLatency, MatchesHostReference) {
   const std::vector<LlCase> cases = {
       // H, T, K, E, fp8, round, ue8m0, idx64, sendOnly, zeroCopy
@@ -881,6 +959,12 @@ TEST_F(EpCudaLowLatency, MatchesHostReference) {
 TEST_F(EpCudaLowLatency, DoubleBufferedSendOnly) {
   int failures = 0;
   Report("double-buffered", "send-only x2 + refused third", RunDoubleBuffered(BaseSeed() + 77), &failures);
+  EXPECT_EQ(failures, 0);
+}
+
+TEST_F(EpCudaLowLatency, AbandonedSendOnlyIsReleased) {
+  int failures = 0;
+  Report("abandoned", "send-only handle destroyed, then two rounds", RunAbandoned(BaseSeed() + 55), &failures);
   EXPECT_EQ(failures, 0);
 }
 
