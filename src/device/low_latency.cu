@@ -735,8 +735,16 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
   }
 }
 
+// Receives nothing but waits like a receive half (every unmasked source's flags of this
+// operation), since a released flag that came before a peer's send half would read as "moved
+// on" there; then releases every block's flag.
 __global__ void __launch_bounds__(kThreads) releaseKernel(const LowLatencyParams p) {
   const uint64_t sequence = currentSequence(p);
+  const uint32_t all = allRanks(p.numRanks);
+  const uint32_t arrived = waitAll(p, all, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  const int s = threadIdx.x;
+  if (s < p.numRanks && ((arrived >> s) & 1u) == 0 && loadVolatile(&p.state->rankMask[s]) == 0) maskRank(p, s);
+  __syncthreads();
   for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {
     storeReleaseSys(releasedFlags(p, i / p.numBlocks, p.rank) + i % p.numBlocks, sequence);
   }

@@ -133,9 +133,10 @@ uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params);
 // callers need no CUDA header.
 int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream);
 int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream);
-// For a send half whose receive half will never run (its handle was destroyed): stores this
-// rank's released flags of params.slot (at the slot's current sequence) on every rank, as the
-// receive half would have, so that neither this rank nor its peers time out on the slot.
+// For a send half whose receive half will never run (its handle was destroyed): waits for the
+// operation's sent flags like a receive half, then stores this rank's released flags of
+// params.slot on every rank without reading anything, so that neither this rank nor its peers
+// time out on the slot.
 int launchLowLatencyRelease(const LowLatencyParams& params, CUstream_st* stream);
 // Raises the dispatch kernel's dynamic shared memory limit (needed beyond 48 KiB). Pass the
 // same value every time (the device's opt-in maximum less a margin for static shared memory).

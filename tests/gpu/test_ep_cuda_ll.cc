@@ -922,11 +922,11 @@ std::string EpCudaLowLatency::RunAbandoned(uint64_t seed) {
     out.Free();
   }
   std::vector<int> mask(nranks_, -1);
-  if (why.empty() && moecommEpGetRankMask(ep, mask.data()) != moecommSuccess) {
+  if (moecommEpGetRankMask(ep, mask.data()) != moecommSuccess && why.empty()) {
     why = std::string("GetRankMask: ") + moecommGetLastError(comm_);
   }
-  for (int r = 0; r < nranks_ && why.empty(); ++r) {
-    if (mask[r] != 0) why = "rank " + std::to_string(r) + " was masked after an abandoned send-only half";
+  for (int r = 0; r < nranks_; ++r) {
+    if (mask[r] != 0) why += (why.empty() ? "" : "; ") + ("rank " + std::to_string(r) + " is masked");
   }
   if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
     why = std::string("destroy: ") + moecommGetLastError(comm_);

@@ -115,6 +115,7 @@ int Run(const Options& parsed) {
   if (onGpu) platform = MakeGpuPlatform(localRank);
 #endif
   if (!platform) platform = MakeHostPlatform();
+  platform->SetFlushL2(options.flushL2);
 
   RunnerContext context;
   context.comm = comm;

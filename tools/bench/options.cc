@@ -30,6 +30,7 @@ void PrintUsage(FILE* out) {
                "  --graph            with --ll: also capture dispatch+combine in a CUDA graph, time replays\n"
                "  --no-baseline      skip the NCCL baseline\n"
                "  --no-roofline      skip the peer-copy roofline\n"
+               "  --no-flush         do not evict the L2 before each sample (warm-cache timings)\n"
                "  --host-smoke       host backend, tiny workload, normal and low-latency (CI; no GPU)\n");
 }
 
@@ -65,6 +66,10 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
     }
     if (flag == "--graph") {
       options->graph = true;
+      continue;
+    }
+    if (flag == "--no-flush") {
+      options->flushL2 = false;
       continue;
     }
     if (flag == "--host-smoke") {

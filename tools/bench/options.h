@@ -28,6 +28,7 @@ struct Options {
   bool hostSmoke = false;   // --host-smoke
   bool baseline = true;     // --no-baseline turns the NCCL baseline off
   bool roofline = true;     // --no-roofline
+  bool flushL2 = true;      // --no-flush keeps the L2 (and its translations) warm between samples
 };
 
 // Parses argv; prints usage and returns false on -h or a bad flag (exitCode says which).

@@ -45,10 +45,13 @@ class Platform {
   // A stream-ordered barrier across ranks used by PrepareSample (the NCCL allreduce when
   // NCCL is built); without one, samples are not aligned across ranks.
   void SetBarrier(std::function<void()> barrier) { barrier_ = std::move(barrier); }
+  // false: PrepareSample leaves the L2 as the previous sample left it (--no-flush).
+  void SetFlushL2(bool flush) { flushL2_ = flush; }
   bool HasBarrier() const { return static_cast<bool>(barrier_); }
 
  protected:
   std::function<void()> barrier_;
+  bool flushL2_ = true;
 };
 
 std::unique_ptr<Platform> MakeHostPlatform();

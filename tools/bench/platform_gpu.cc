@@ -57,7 +57,9 @@ class GpuPlatform final : public Platform {
   }
   void Fill(void* dst, int byte, size_t bytes) override { BENCH_CUDA(cudaMemsetAsync(dst, byte, bytes, stream_)); }
   void Synchronize() override { BENCH_CUDA(cudaStreamSynchronize(stream_)); }
-  void PrepareSample() override { BENCH_CUDA(cudaMemsetAsync(flush_, ++flushByte_ & 0xff, flushBytes_, stream_)); }
+  void PrepareSample() override {
+    if (flushL2_) BENCH_CUDA(cudaMemsetAsync(flush_, ++flushByte_ & 0xff, flushBytes_, stream_));
+  }
   // The ranks are aligned after the gate: a gate is opened by each rank's host at its own
   // time, and an alignment before it would let that skew into the sample.
   void BeginSample(bool gated) override {

@@ -139,6 +139,7 @@ std::string Reporter::JsonLine(const Measurement& m) const {
   field("dtype", Quote(DtypeName(o.dtype)));
   field("seed", std::to_string(o.seed));
   field("sm_budget", std::to_string(o.smBudget));
+  field("l2_flush", o.flushL2 ? "true" : "false");
   field("iters", std::to_string(o.iters));
   field("warmup", std::to_string(o.warmup));
   field("mode", Quote(m.mode));
