@@ -47,10 +47,14 @@ constexpr uint32_t kDecidedAbsent = 2;
 #ifdef MOECOMM_KERNEL_PROFILE
 constexpr int kProfileBlocks = 256;
 __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlocks][kLowLatencyProfileEvents];
-#define MC_LL_PROFILE(kernel, event)                                   \
-  do {                                                                 \
-    if (threadIdx.x == 0 && blockIdx.x < kProfileBlocks)               \
-      gLowLatencyProfile[kernel][blockIdx.x][event] = globalTimerNs(); \
+// Slots 10 and 11 hold the SM clock (clock64) at events 0 and 9, for the clock rate.
+#define MC_LL_PROFILE(kernel, event)                                                                                 \
+  do {                                                                                                               \
+    if (threadIdx.x == 0 && blockIdx.x < kProfileBlocks) {                                                           \
+      gLowLatencyProfile[kernel][blockIdx.x][event] = globalTimerNs();                                               \
+      if ((event) == 0 || (event) == 9)                                                                              \
+        gLowLatencyProfile[kernel][blockIdx.x][(event) == 0 ? 10 : 11] = static_cast<unsigned long long>(clock64()); \
+    }                                                                                                                \
   } while (0)
 #else
 #define MC_LL_PROFILE(kernel, event) \
@@ -324,7 +328,6 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
     if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
       reinterpret_cast<int*>(slotBase(p, d) + p.tokensOffset)[p.rank] = T;
     }
-    if (threadIdx.x == 0) *p.routing.numRows = 0;  // the receive half appends to it
   }
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
@@ -369,47 +372,6 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
 constexpr int kCopyUnroll = 8;
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
 
-// One warp: the rows of local expert le, written to the routing (and the caller's srcInfo).
-// Returns the count (in every lane).
-__device__ int listExpertRows(const LowLatencyParams& p, const int* ids, const int* sourceTokens, int le) {
-  const int lane = threadIdx.x & 31;
-  const int K = p.topk;
-  const int expert = p.rank * p.localExperts + le;
-  const uint64_t firstRow = static_cast<uint64_t>(le) * p.numRanks * p.maxTokens;
-  int count = 0;
-  for (int s = 0; s < p.numRanks; ++s) {
-    const int tokens = sourceTokens[s];
-    for (int first = 0; first < tokens; first += 32) {
-      const int t = first + lane;
-      int firstK = -1;
-      if (t < tokens) {
-        const int* row = ids + (static_cast<uint64_t>(s) * p.maxTokens + t) * K;
-        for (int k = 0; k < K; ++k) {
-          if (row[k] == expert) {
-            firstK = k;
-            break;
-          }
-        }
-      }
-      const uint32_t ballot = __ballot_sync(0xffffffffu, firstK >= 0);
-      if (firstK >= 0) {
-        const uint64_t at = firstRow + count + __popc(ballot & ((1u << lane) - 1u));
-        const int info = s * p.maxTokens + t;
-        p.routing.srcInfo[at] = info;
-        p.routing.firstK[at] = static_cast<uint8_t>(firstK);
-        if (p.recvSrcInfo != nullptr) p.recvSrcInfo[at] = info;
-      }
-      count += __popc(ballot);
-    }
-  }
-  if (lane == 0) {
-    p.recvCount[le] = count;
-    p.routing.recvCount[le] = count;
-    if (p.cumulativeRecvStats != nullptr) p.cumulativeRecvStats[le] += count;
-  }
-  return count;
-}
-
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
 __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId) {
@@ -451,10 +413,60 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
   }
 }
 
+// Block-wide exclusive scan of one int per thread (threadIdx.x < kThreads); returns the
+// prefix of this thread and sets *total. Every thread of the block must call it.
+__device__ int blockExclusiveScan(int value, int* total) {
+  __shared__ int warpSums[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warpSums[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  int sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += warpSums[w];
+    sum += warpSums[w];
+  }
+  __syncthreads();  // warpSums may be reused by the next call
+  *total = sum;
+  return before + inclusive - value;
+}
+
+constexpr int kItems = kThreads;  // (expert, source, 32-token chunk) items a block scans at once
+
+// One warp, one item: the lanes of tokens of `source` chunk `chunk` that select `expert`
+// (firstK set to the first k naming it, else -1); returns the ballot.
+__device__ uint32_t scanItem(const LowLatencyParams& p, const int* ids, int source, int tokens, int chunk, int expert,
+                             int* firstK) {
+  const int lane = threadIdx.x & 31;
+  const int t = chunk * 32 + lane;
+  *firstK = -1;
+  if (t < tokens) {
+    const int* row = ids + (static_cast<uint64_t>(source) * p.maxTokens + t) * p.topk;
+    for (int k = p.topk - 1; k >= 0; --k) {
+      if (row[k] == expert) *firstK = k;
+    }
+  }
+  return __ballot_sync(0xffffffffu, *firstK >= 0);
+}
+
+// The receive half of a dispatch, for the experts of this block (le = block, block + grid, ...):
+// the rows of each expert are the tokens that select it, sources ascending, tokens ascending.
+// The block lists them in windows of (expert, source, 32-token chunk) items, all warps at once
+// (a ballot per item, a block scan of the counts, the ballot again to place each row), writes
+// the routing, and copies the rows of a window into the caller's recvX in batches.
 __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
-  __shared__ int warpCounts[kWarps];
-  __shared__ int blockRowBase;
+  __shared__ int chunkStart[kLowLatencyMaxRanks + 1];
+  __shared__ int itemCount[kItems];
+  __shared__ int itemBase[kItems];        // rows of the block before the item (global over windows)
+  __shared__ int expertBase[kItems + 1];  // rows of the block before expert jFirst + i
   __shared__ const uint8_t* batchFrom[kBatchRows];
   __shared__ int batchId[kBatchRows];
   const int R = p.numRanks;
@@ -470,59 +482,129 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     sourceTokens[s] = ((sources >> s) & 1u) != 0 ? min(max(__ldcg(tokens + s), 0), p.maxTokens) : 0;
   }
   __syncthreads();
+  if (threadIdx.x == 0) {
+    int chunks = 0;
+    for (int s = 0; s < R; ++s) {
+      chunkStart[s] = chunks;
+      chunks += (sourceTokens[s] + 31) / 32;
+    }
+    chunkStart[R] = chunks;
+  }
   const int* ids = globalIds;
   if (p.topkInShared) {
+    // Every source's ids in one flat loop (entry g of source s lives at s * maxT * K + g).
     int* sharedIds = reinterpret_cast<int*>(dynamicShared);
-    for (int s = 0; s < R; ++s) {
-      const uint64_t first = static_cast<uint64_t>(s) * p.maxTokens * K;
-      const int count = sourceTokens[s] * K;
-      for (int i = threadIdx.x; i < count; i += blockDim.x) sharedIds[first + i] = __ldcg(globalIds + first + i);
+    const int perSource = p.maxTokens * K;
+    for (int i = threadIdx.x; i < R * perSource; i += blockDim.x) {
+      const int s = i / perSource;
+      if (i - s * perSource < sourceTokens[s] * K) sharedIds[i] = __ldcg(globalIds + i);
     }
     ids = sharedIds;
-    __syncthreads();
   }
+  __syncthreads();
   MC_LL_PROFILE(kLlKernelDispatch, 6);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  for (int round = 0; round * kWarps * static_cast<int>(gridDim.x) < p.localExperts; ++round) {
-    const int le = (round * kWarps + warp) * gridDim.x + blockIdx.x;
-    const int count = le < p.localExperts ? listExpertRows(p, ids, sourceTokens, le) : 0;
-    __syncwarp();  // the warp's srcInfo entries are read back below
-    if (lane == 0) warpCounts[warp] = count;
-    __syncthreads();
-    int before = 0;
-    int blockRows = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      if (w < warp) before += warpCounts[w];
-      blockRows += warpCounts[w];
+  const int itemsPerExpert = chunkStart[R];
+  const int myExperts =
+      static_cast<int>(blockIdx.x) < p.localExperts ? (p.localExperts - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  const int totalItems = myExperts * itemsPerExpert;
+  // The item's expert and (source, chunk).
+  auto itemOf = [&](int item, int* j, int* source, int* chunk) {
+    *j = item / itemsPerExpert;
+    const int c = item % itemsPerExpert;
+    int s = 0;
+    while (chunkStart[s + 1] <= c) ++s;
+    *source = s;
+    *chunk = c - chunkStart[s];
+  };
+  int rowsBefore = 0;  // rows of the block in earlier windows
+  bool profiled = false;
+  // Experts with no items (every source empty) still report a zero count.
+  if (itemsPerExpert == 0) {
+    for (int j = threadIdx.x; j < myExperts; j += blockDim.x) {
+      const int le = blockIdx.x + j * gridDim.x;
+      p.recvCount[le] = 0;
+      p.routing.recvCount[le] = 0;
     }
-    if (threadIdx.x == 0) blockRowBase = blockRows > 0 ? atomicAdd(p.routing.numRows, blockRows) : 0;
-    // The first rows of the round go straight to the copy's shared arrays (this warp's own
-    // srcInfo entries, just written, read back).
-    for (int i = lane; i < count; i += 32) {
-      const int at = before + i;
-      if (at >= kBatchRows) break;
-      const int id = le * slotsPerExpert + i;
-      batchId[at] = id;
-      batchFrom[at] = mine + p.rowsOffset + static_cast<uint64_t>(p.routing.srcInfo[id]) * p.rowPitch;
+  }
+  for (int windowStart = 0; windowStart < totalItems; windowStart += kItems) {
+    const int windowItems = min(kItems, totalItems - windowStart);
+    const int jFirst = windowStart / itemsPerExpert;
+    // Pass 1: the count of every item.
+    int count = 0;
+    for (int i = warp; i < windowItems; i += kWarps) {
+      int j, s, c, firstK;
+      itemOf(windowStart + i, &j, &s, &c);
+      const int expert = p.rank * p.localExperts + static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x);
+      const uint32_t ballot = scanItem(p, ids, s, sourceTokens[s], c, expert, &firstK);
+      if (lane == 0) itemCount[i] = __popc(ballot);
     }
     __syncthreads();
-    if (round == 0) MC_LL_PROFILE(kLlKernelDispatch, 7);
-    int* rows = p.routing.rowList + blockRowBase;
-    for (int i = lane; i < count; i += 32) rows[before + i] = le * slotsPerExpert + i;
-    copyBatch(p, min(blockRows, kBatchRows), batchFrom, batchId);
-    // Rounds with more rows than the shared arrays hold continue from the row list.
-    for (int first = kBatchRows; first < blockRows; first += kBatchRows) {
-      const int batch = min(kBatchRows, blockRows - first);
-      __syncthreads();
-      if (static_cast<int>(threadIdx.x) < batch) {
-        const int id = rows[first + threadIdx.x];
-        batchId[threadIdx.x] = id;
-        batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(p.routing.srcInfo[id]) * p.rowPitch;
+    if (static_cast<int>(threadIdx.x) < windowItems) count = itemCount[threadIdx.x];
+    int windowRows = 0;
+    const int before = blockExclusiveScan(count, &windowRows);
+    if (static_cast<int>(threadIdx.x) < windowItems) {
+      const int item = windowStart + threadIdx.x;
+      itemBase[threadIdx.x] = rowsBefore + before;
+      // The first item of an expert fixes where its rows start; the last one knows its count.
+      if (item % itemsPerExpert == 0) expertBase[item / itemsPerExpert - jFirst] = rowsBefore + before;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < windowItems) {
+      const int item = windowStart + threadIdx.x;
+      if (item % itemsPerExpert == itemsPerExpert - 1) {
+        const int j = item / itemsPerExpert;
+        const int le = blockIdx.x + j * gridDim.x;
+        const int rows = rowsBefore + before + count - expertBase[j - jFirst];
+        p.recvCount[le] = rows;
+        p.routing.recvCount[le] = rows;
+        if (p.cumulativeRecvStats != nullptr) p.cumulativeRecvStats[le] += rows;
+      }
+    }
+    // Pass 2, once per batch of kBatchRows rows of the window: place every row (routing on the
+    // first pass), then copy the batch.
+    for (int batchStart = 0; batchStart < windowRows; batchStart += kBatchRows) {
+      for (int i = warp; i < windowItems; i += kWarps) {
+        const int at = itemBase[i] - rowsBefore;  // first row of the item in the window
+        if (itemCount[i] == 0) continue;
+        // Later batches only revisit the items with rows in them (the routing is written).
+        if (batchStart > 0 && (at >= batchStart + kBatchRows || at + itemCount[i] <= batchStart)) continue;
+        int j, s, c, firstK;
+        itemOf(windowStart + i, &j, &s, &c);
+        const int expert = p.rank * p.localExperts + static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x);
+        const uint32_t ballot = scanItem(p, ids, s, sourceTokens[s], c, expert, &firstK);
+        if (firstK < 0) continue;
+        const int rank = __popc(ballot & ((1u << lane) - 1u));
+        const int le = blockIdx.x + j * gridDim.x;
+        const int id = le * slotsPerExpert + itemBase[i] + rank - expertBase[j - jFirst];
+        const int info = s * p.maxTokens + c * 32 + lane;
+        if (batchStart == 0) {
+          p.routing.srcInfo[id] = info;
+          p.routing.firstK[id] = static_cast<uint8_t>(firstK);
+          if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
+        }
+        const int slot = at + rank - batchStart;
+        if (slot >= 0 && slot < kBatchRows) {
+          batchId[slot] = id;
+          batchFrom[slot] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
+        }
       }
       __syncthreads();
-      copyBatch(p, batch, batchFrom, batchId);
+      if (!profiled) {
+        MC_LL_PROFILE(kLlKernelDispatch, 7);
+        profiled = true;
+      }
+      copyBatch(p, min(kBatchRows, windowRows - batchStart), batchFrom, batchId);
+      __syncthreads();
     }
+    // An expert that continues into the next window keeps its start.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int jNext = (windowStart + windowItems) / itemsPerExpert;
+      if (jNext - jFirst <= kItems) expertBase[0] = expertBase[jNext - jFirst];
+    }
+    rowsBefore += windowRows;
     __syncthreads();
   }
   MC_LL_PROFILE(kLlKernelDispatch, 8);
@@ -548,23 +630,49 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
 __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
+  __shared__ int expertStart[kLowLatencyMaxLocalExperts + 1];  // received rows before expert le
+  const int L = p.localExperts;
+  // The received rows, expert by expert, from the dispatch's counts (a block scan), read
+  // before the targets are waited for.
+  int total = 0;
+  for (int first = 0; first < L; first += kThreads) {
+    const int le = first + threadIdx.x;
+    const int count = le < L ? max(0, p.routing.recvCount[le]) : 0;
+    int chunkTotal = 0;
+    const int before = blockExclusiveScan(count, &chunkTotal);
+    if (le < L) expertStart[le] = total + before;
+    total += chunkTotal;
+  }
+  if (threadIdx.x == 0) expertStart[L] = total;
   const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int K = p.topk;
-  const int numRows = *p.routing.numRows;
+  const int slotsPerExpert = p.numRanks * p.maxTokens;
   const uint64_t rowBytes = 2ull * p.hidden;
   const int chunksPerRow = p.hidden / 8;
   // A contiguous share of the received rows per block, in batches whose addresses (and the
   // sequence markers) are worked out first.
-  const int perBlock = (numRows + gridDim.x - 1) / gridDim.x;
-  const int begin = min(numRows, static_cast<int>(blockIdx.x) * perBlock);
-  const int end = min(numRows, begin + perBlock);
+  const int perBlock = (total + gridDim.x - 1) / gridDim.x;
+  const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
+  const int end = min(total, begin + perBlock);
   const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
   MC_LL_PROFILE(kLlKernelCombine, 2);
   for (int first = begin; first < end; first += kBatchRows) {
     const int batch = min(kBatchRows, end - first);
     if (static_cast<int>(threadIdx.x) < batch) {
-      const int id = p.routing.rowList[first + threadIdx.x];
+      // Row g of the flat order: its expert by binary search over expertStart.
+      const int g = first + threadIdx.x;
+      int lo = 0;
+      int hi = L;  // expertStart[lo] <= g < expertStart[hi]
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (expertStart[mid] <= g) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      const int id = lo * slotsPerExpert + (g - expertStart[lo]);
       const int info = p.routing.srcInfo[id];
       const int source = info / p.maxTokens;
       int4* to = nullptr;
@@ -578,19 +686,20 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
       batchTo[threadIdx.x] = to;
     }
     __syncthreads();
-    const int total = batch * chunksPerRow;
-    for (int base = threadIdx.x; base < total; base += blockDim.x * kCopyUnroll) {
+    const int rowsTotal = batch * chunksPerRow;
+    for (int base = threadIdx.x; base < rowsTotal; base += blockDim.x * kCopyUnroll) {
       int4 values[kCopyUnroll];
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
         const int f = base + u * blockDim.x;
-        if (f < total && batchTo[f / chunksPerRow] != nullptr)
+        if (f < rowsTotal && batchTo[f / chunksPerRow] != nullptr) {
           values[u] = batchFrom[f / chunksPerRow][f % chunksPerRow];
+        }
       }
 #pragma unroll
       for (int u = 0; u < kCopyUnroll; ++u) {
         const int f = base + u * blockDim.x;
-        if (f >= total) continue;
+        if (f >= rowsTotal) continue;
         int4* to = batchTo[f / chunksPerRow];
         if (to != nullptr) to[f % chunksPerRow] = values[u];
       }

@@ -34,6 +34,7 @@ namespace device {
 constexpr int kLowLatencyMaxRanks = 32;  // ranks are bits of a uint32 in the kernels
 constexpr int kLowLatencyDeviceSlots = 2;
 constexpr int kLowLatencyThreads = 512;
+constexpr int kLowLatencyMaxLocalExperts = 1024;  // the combine keeps a prefix per local expert
 
 // What one launch runs (LowLatencyParams::phases): the send half, the receive half, or both
 // (one kernel when the call is not send-only).
@@ -46,8 +47,8 @@ constexpr int kLlKernelCombine = 1;
 constexpr int kLowLatencyKernels = 2;
 // Events: 0 entry, 1 targets known, 2 send preamble done, 3 send data stored, 4 sent flags
 // stored, 5 sources agreed, 6 receive preamble done, 7 rows listed (dispatch), 8 data
-// consumed, 9 released flags stored.
-constexpr int kLowLatencyProfileEvents = 10;
+// consumed, 9 released flags stored; then (not times) the SM clock at events 0 and 9.
+constexpr int kLowLatencyProfileEvents = 12;
 
 // Device memory private to one rank (not in the symmetric buffer).
 struct LowLatencyState {
@@ -66,8 +67,6 @@ struct LowLatencyRouting {
   int* recvCount;   // [E_local]
   int* srcInfo;     // [E_local, S]: source rank * maxT + source token
   uint8_t* firstK;  // [E_local, S]: first k of the source token's row naming this expert
-  int* rowList;     // [E_local * S]: le * S + slot of every received row, in no order
-  int* numRows;     // [1]: entries of rowList
 };
 
 struct LowLatencyParams {

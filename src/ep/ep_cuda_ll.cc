@@ -41,6 +41,9 @@ moecommResult_t CudaLowLatency::create(moecommEp* ep, int numBlocks, std::unique
              "low-latency mode on the CUDA backend supports at most %d ranks; this communicator has %d",
              device::kLowLatencyMaxRanks, ep->shape.numRanks);
   MC_REQUIRE(ep->shape.topk <= 32, moecommNotSupported, "low-latency mode on the CUDA backend supports topk <= 32");
+  MC_REQUIRE(ep->shape.expertsPerRank() <= device::kLowLatencyMaxLocalExperts, moecommNotSupported,
+             "low-latency mode on the CUDA backend supports at most %d experts per rank; this EP has %d",
+             device::kLowLatencyMaxLocalExperts, ep->shape.expertsPerRank());
   // The kernels index rows and 16-byte chunks with 32-bit integers.
   const uint64_t rows = static_cast<uint64_t>(ep->shape.numExperts) * ep->shape.maxTokensPerRank;
   const uint64_t tokenChunks = static_cast<uint64_t>(ep->shape.maxTokensPerRank) * ep->shape.hidden / 8;
@@ -185,9 +188,21 @@ void CudaLowLatency::logProfile() {
     std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * device::kLowLatencyProfileEvents);
     const int events = device::lowLatencyProfile(kernel, blocks, stamps.data());
     if (events <= 0) return;
-    const std::string line = profileLine(stamps.data(), blocks, events, profileOrigin(stamps.data(), blocks, events));
-    MC_WARN(kLogEp, "rank %d profile LL %s (us after the kernel's start, min/median/max over %d blocks):%s", ep_->rank,
-            kernel == device::kLlKernelDispatch ? "dispatch" : "combine", blocks, line.c_str());
+    // Events 0..9 are global-timer stamps; 10 and 11 the SM clock at events 0 and 9.
+    constexpr int kTimes = 10;
+    std::vector<unsigned long long> times(static_cast<size_t>(blocks) * kTimes);
+    std::vector<double> mhz;
+    for (int b = 0; b < blocks; ++b) {
+      const unsigned long long* row = stamps.data() + static_cast<size_t>(b) * events;
+      std::copy(row, row + kTimes, times.begin() + static_cast<size_t>(b) * kTimes);
+      if (row[9] > row[0] && row[11] > row[10]) mhz.push_back(1000.0 * (row[11] - row[10]) / (row[9] - row[0]));
+    }
+    std::sort(mhz.begin(), mhz.end());
+    const std::string line = profileLine(times.data(), blocks, kTimes, profileOrigin(times.data(), blocks, kTimes));
+    MC_WARN(kLogEp,
+            "rank %d profile LL %s (us after the kernel's start, min/median/max over %d blocks; SM clock %.0f MHz):%s",
+            ep_->rank, kernel == device::kLlKernelDispatch ? "dispatch" : "combine", blocks,
+            mhz.empty() ? 0.0 : mhz[mhz.size() / 2], line.c_str());
   }
 }
 
@@ -202,16 +217,14 @@ moecommResult_t CudaLowLatency::allocateRouting(Routing* out) {
   const uint64_t rows = localExperts * shape.lowLatencySlotsPerExpert();
   const uint64_t countBytes = alignUp(localExperts * sizeof(int), 16);
   const uint64_t arrayBytes = alignUp(rows * sizeof(int), 16);
-  const uint64_t bytes = countBytes + 2 * arrayBytes + 16 + alignUp(rows, 16);
+  const uint64_t bytes = countBytes + arrayBytes + alignUp(rows, 16);
   void* block = nullptr;
   MC_CUDA(cudaMalloc(&block, bytes));
   uint8_t* base = static_cast<uint8_t*>(block);
   out->block = block;
   out->arrays.recvCount = reinterpret_cast<int*>(base);
   out->arrays.srcInfo = reinterpret_cast<int*>(base + countBytes);
-  out->arrays.rowList = reinterpret_cast<int*>(base + countBytes + arrayBytes);
-  out->arrays.numRows = reinterpret_cast<int*>(base + countBytes + 2 * arrayBytes);
-  out->arrays.firstK = base + countBytes + 2 * arrayBytes + 16;
+  out->arrays.firstK = base + countBytes + arrayBytes;
   return moecommSuccess;
 }
 
