@@ -78,21 +78,6 @@ __device__ __forceinline__ uint8_t* slotBase(const LowLatencyParams& p, int owne
   return p.peers[owner] + p.slotOffset + static_cast<uint64_t>(p.slot) * p.slotBytes;
 }
 
-// Starts the address translation (and an L2 fill of one line) of every 2 MiB page of
-// [base, base + bytes) without waiting: one prefetch per page, spread over the block's threads.
-// Called on kernel entry for the pages a block will touch, so that translation misses resolve
-// while it waits for its peers instead of in the middle of its copies.
-__device__ void warmPages(const void* base, uint64_t bytes) {
-  constexpr uint64_t kPage = 2ull << 20;
-  if (base == nullptr || bytes == 0) return;
-  const uint64_t first = reinterpret_cast<uint64_t>(base) & ~(kPage - 1);
-  const uint64_t pages = (reinterpret_cast<uint64_t>(base) + bytes - 1 - first) / kPage + 1;
-  for (uint64_t i = threadIdx.x; i < pages; i += blockDim.x) {
-    const uint64_t address = i == 0 ? reinterpret_cast<uint64_t>(base) : first + i * kPage;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
-  }
-}
-
 __device__ __forceinline__ int loadVolatile(const int* address) {
   return *reinterpret_cast<const volatile int*>(address);
 }
@@ -646,28 +631,6 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
   MC_LL_PROFILE(kLlKernelDispatch, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
-  if (send) {
-    warmPages(p.x, static_cast<uint64_t>(p.numTokens) * p.hidden * 2);
-    for (int d = 0; d < p.numRanks; ++d) {
-      warmPages(slotBase(p, d) + p.tokensOffset, p.rowsOffset - p.tokensOffset);
-      warmPages(slotBase(p, d) + p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch,
-                static_cast<uint64_t>(p.numTokens) * p.rowPitch);
-    }
-  }
-  if (receive) {
-    warmPages(slotBase(p, p.rank) + p.tokensOffset,
-              p.rowsOffset - p.tokensOffset + static_cast<uint64_t>(p.numRanks) * p.maxTokens * p.rowPitch);
-    const uint64_t slots = static_cast<uint64_t>(p.numRanks) * p.maxTokens;
-    const uint64_t rowBytes = p.fp8 ? p.hidden : 2ull * p.hidden;
-    const uint64_t scaleBytes = p.fp8 ? (p.ue8m0 ? 1ull : 4ull) * (p.hidden / kFp8ScaleBlock) : 0;
-    for (int le = blockIdx.x; le < p.localExperts; le += gridDim.x) {
-      warmPages(static_cast<uint8_t*>(p.recvX) + le * slots * rowBytes, slots * rowBytes);
-      if (scaleBytes != 0) warmPages(static_cast<uint8_t*>(p.recvScales) + le * slots * scaleBytes, slots * scaleBytes);
-      warmPages(p.routing.srcInfo + le * slots, slots * 4);
-      warmPages(p.routing.firstK + le * slots, slots);
-      if (p.recvSrcInfo != nullptr) warmPages(p.recvSrcInfo + le * slots, slots * 4);
-    }
-  }
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send) dispatchSend(p, sequence, dispatchShared);
   if (receive) {
@@ -696,23 +659,6 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
     total += chunkTotal;
   }
   if (threadIdx.x == 0) expertStart[L] = total;
-  __syncthreads();
-  {
-    // The expert outputs of this block's share (see below), warmed before the targets are
-    // waited for.
-    const int share = (total + gridDim.x - 1) / gridDim.x;
-    const int first = min(total, static_cast<int>(blockIdx.x) * share);
-    const int last = min(total, first + share);
-    const uint64_t rowBytes = 2ull * p.hidden;
-    const uint64_t slots = static_cast<uint64_t>(p.numRanks) * p.maxTokens;
-    for (int le = 0; le < L && first < last; ++le) {
-      const int lo = max(first, expertStart[le]);
-      const int hi = min(last, expertStart[le + 1]);
-      if (lo >= hi) continue;
-      warmPages(static_cast<const uint8_t*>(p.expertOutputs) + (le * slots + (lo - expertStart[le])) * rowBytes,
-                static_cast<uint64_t>(hi - lo) * rowBytes);
-    }
-  }
   const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int K = p.topk;
@@ -905,19 +851,6 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
   MC_LL_PROFILE(kLlKernelCombine, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
-  if (send) {
-    for (int d = 0; d < p.numRanks; ++d) {
-      warmPages(slotBase(p, d) + p.markersOffset, static_cast<uint64_t>(p.maxTokens) * p.topk * 4);
-      warmPages(slotBase(p, d) + p.combineRowsOffset, static_cast<uint64_t>(p.maxTokens) * p.topk * 2 * p.hidden);
-    }
-  }
-  if ((p.phases & kLowLatencyPhaseReceive) != 0) {
-    const uint64_t tokenRows = static_cast<uint64_t>(p.topk) * 2 * p.hidden;
-    for (int t = blockIdx.x; t < p.numTokens; t += gridDim.x) {
-      warmPages(slotBase(p, p.rank) + p.combineRowsOffset + t * tokenRows, tokenRows);
-      warmPages(static_cast<uint8_t*>(p.out) + t * 2ull * p.hidden, 2ull * p.hidden);
-    }
-  }
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send) combineSend(p, sequence);
   if ((p.phases & kLowLatencyPhaseReceive) != 0) {
