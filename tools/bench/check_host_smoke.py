@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """ctest bench_host_smoke: runs moecomm-bench --host-smoke under moecomm-run -n 2 and checks
 that the -J file holds valid JSON lines with the expected fields and values (no time is
-asserted, only that the numbers are there and consistent).
+asserted, only that the numbers are there and consistent) and that every check passed, the
+low-latency ones included. Then a low-latency run with BF16 on an odd custom shape (--host)
+must pass its checks too.
 
 usage: check_host_smoke.py MOECOMM_RUN MOECOMM_BENCH JSON_PATH
 """
@@ -60,7 +62,7 @@ def main():
             expected_gbps = record["bytes"] / record["whole_median_us"] / 1e3
             if abs(record["gbps"] - expected_gbps) > 1e-3 + 1e-3 * expected_gbps:
                 fail("line %d: gbps %s is not bytes / median" % (number, record["gbps"]))
-            if record["mode"] == "normal" and record["check"] != "passed":
+            if record["check"] != "passed":
                 fail("line %d: check did not pass: %s" % (number, line))
         elif record["status"] != "skipped":
             fail("line %d: the NCCL baseline cannot run on the host backend: %s" % (number, line))
@@ -68,6 +70,24 @@ def main():
         if seen.get(key) != {0, 1}:
             fail("%s %s not reported by both ranks (got %s)" % (key[0], key[1], seen.get(key)))
     print("bench_host_smoke: %d JSON lines OK" % len(lines))
+    check_low_latency_bf16(run, bench, path, env)
+
+
+def check_low_latency_bf16(run, bench, path, env):
+    os.remove(path)
+    proc = subprocess.run([run, "-n", "2", "-t", "60", bench, "--host", "-w", "custom", "-T", "24", "-H", "264", "-K",
+                           "3", "-E", "6", "--dtype", "bf16", "--ll", "-n", "2", "-W", "1", "-J", path],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=70)
+    print(proc.stdout)
+    if proc.returncode != 0:
+        fail("moecomm-bench --host --ll (bf16) exited with %d" % proc.returncode)
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle.read().splitlines() if line.strip()]
+    checked = {(r["op"], r["rank"]) for r in records if r["impl"] == "libmoecomm" and r["check"] == "passed"}
+    want = {(op, rank) for op in ("ll_dispatch", "ll_combine") for rank in (0, 1)}
+    if checked != want:
+        fail("bf16 low-latency checks: passed %s, expected %s" % (sorted(checked), sorted(want)))
+    print("bench_host_smoke: low-latency bf16 checks OK")
 
 
 if __name__ == "__main__":

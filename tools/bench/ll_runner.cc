@@ -1,7 +1,11 @@
 // libmoecomm, low-latency (decode) mode, and its CUDA-graph variant.
+#include <algorithm>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "common.h"
+#include "ll_check.h"
 #include "moecomm_runner.h"
 #include "workload.h"
 #if BENCH_HAVE_CUDA
@@ -20,12 +24,20 @@ class LowLatencyRunner {
     if (handle_ != nullptr) moecommEpHandleDestroy(handle_);
     if (ep_ != nullptr) moecommEpDestroy(ep_);
   }
-  void Run();
+  bool Run();
 
  private:
   void Setup();
-  moecommResult_t Dispatch();
+  void UploadInputs(const Routing& routing, const Tokens& tokens);
+  moecommResult_t Dispatch(bool withSrcInfo = false);
   moecommResult_t Combine();
+  // -c 1 (ll_check.h): fresh inputs for the next checked call, poisoned outputs and the
+  // combine input; then the outputs against the reference. CheckOutputs returns the
+  // dispatch's and the combine's verdicts ("" = passed, else the first mismatches).
+  LowLatencyExpected PrepareCheck(int round);
+  void CheckOutputs(const LowLatencyExpected& want, bool withSrcInfo, bool withCombine, std::string* dispatchWhy,
+                    std::string* combineWhy);
+  bool CheckDirect(Measurement* dispatch, Measurement* combine, bool combineSupported);
   void Fail(const std::string& call, moecommResult_t result) {
     BENCH_FAIL(call, std::string(moecommGetErrorString(result)) + ": " + moecommGetLastError(c_.comm));
   }
@@ -33,7 +45,7 @@ class LowLatencyRunner {
     if (handle_ != nullptr) BENCH_MOECOMM(moecommEpHandleDestroy(handle_));
     handle_ = nullptr;
   }
-  void RunGraph(const Measurement& dispatch, const Measurement& combine);
+  bool RunGraph(const Measurement& dispatch, const Measurement& combine);
 
   const RunnerContext& c_;
   const Options& o_;
@@ -46,33 +58,39 @@ class LowLatencyRunner {
   void* recvX_ = nullptr;
   void* recvScales_ = nullptr;
   int* recvCount_ = nullptr;
+  int* recvSrcInfo_ = nullptr;
   void* expertOut_ = nullptr;
   void* out_ = nullptr;
 };
 
 void LowLatencyRunner::Setup() {
   SetStep("libmoecomm LL: buffers");
-  const Routing routing = GenerateRouting(o_, c_.rank);
-  const Tokens tokens = GenerateTokens(o_, DispatchType::kBf16, c_.rank);  // LL takes BF16 and casts inside
   const size_t localExperts = o_.experts / c_.nranks;
   const size_t slots = localExperts * c_.nranks * o_.tokens;  // [E/R, R*maxT] rows
+  const size_t selections = static_cast<size_t>(o_.tokens) * o_.topk;
   const bool fp8 = o_.dtype == DispatchType::kFp8;
-  topkIdx_ = static_cast<int64_t*>(p_.Alloc(routing.topkIdx.size() * 8, "topk_idx"));
-  topkWeights_ = static_cast<float*>(p_.Alloc(routing.topkWeights.size() * 4, "topk_weights"));
-  x_ = p_.Alloc(tokens.x.size(), "x (bf16)");
+  topkIdx_ = static_cast<int64_t*>(p_.Alloc(selections * 8, "topk_idx"));
+  topkWeights_ = static_cast<float*>(p_.Alloc(selections * 4, "topk_weights"));
+  x_ = p_.Alloc(static_cast<size_t>(o_.tokens) * o_.hidden * 2, "x (bf16)");
   recvX_ = p_.Alloc(slots * o_.hidden * (fp8 ? 1 : 2), "LL recv_x");
   recvScales_ = fp8 ? p_.Alloc(slots * (o_.hidden / 128) * 4, "LL recv scales") : nullptr;
   recvCount_ = static_cast<int*>(p_.Alloc(localExperts * sizeof(int), "LL recv_count"));
+  if (o_.check) recvSrcInfo_ = static_cast<int*>(p_.Alloc(slots * sizeof(int), "LL recv_src_info"));
   expertOut_ = p_.Alloc(slots * o_.hidden * 2, "LL expert outputs");
   out_ = p_.Alloc(static_cast<size_t>(o_.tokens) * o_.hidden * 2, "LL combined out");
-  p_.Upload(topkIdx_, routing.topkIdx.data(), routing.topkIdx.size() * 8);
-  p_.Upload(topkWeights_, routing.topkWeights.data(), routing.topkWeights.size() * 4);
-  p_.Upload(x_, tokens.x.data(), tokens.x.size());
+  UploadInputs(GenerateRouting(o_, c_.rank), GenerateTokens(o_, DispatchType::kBf16, c_.rank));
   p_.Fill(expertOut_, 0x3c, slots * o_.hidden * 2);  // bf16 0x3c3c: a small non-zero value everywhere
   p_.Synchronize();
 }
 
-moecommResult_t LowLatencyRunner::Dispatch() {
+// LL takes BF16 tokens and casts inside.
+void LowLatencyRunner::UploadInputs(const Routing& routing, const Tokens& tokens) {
+  p_.Upload(topkIdx_, routing.topkIdx.data(), routing.topkIdx.size() * 8);
+  p_.Upload(topkWeights_, routing.topkWeights.data(), routing.topkWeights.size() * 4);
+  p_.Upload(x_, tokens.x.data(), tokens.x.size());
+}
+
+moecommResult_t LowLatencyRunner::Dispatch(bool withSrcInfo) {
   moecommEpLowLatencyDispatchArgs_t args = MOECOMM_EP_LL_DISPATCH_ARGS_INIT;
   args.numTokens = o_.tokens;
   args.x = x_;
@@ -82,6 +100,7 @@ moecommResult_t LowLatencyRunner::Dispatch() {
   args.recvX = recvX_;
   args.recvScales = recvScales_;
   args.recvCount = recvCount_;
+  args.recvSrcInfo = withSrcInfo ? recvSrcInfo_ : nullptr;
   return moecommEpLowLatencyDispatch(ep_, &args, &handle_, p_.Stream());
 }
 
@@ -95,7 +114,7 @@ moecommResult_t LowLatencyRunner::Combine() {
   return moecommEpLowLatencyCombine(ep_, &args, handle_, p_.Stream());
 }
 
-void LowLatencyRunner::Run() {
+bool LowLatencyRunner::Run() {
   SetStep("libmoecomm LL: moecommEpCreate");
   moecommEpConfig_t config = MakeEpConfig(c_, moecommEpModeLowLatency);
   moecommResult_t result = moecommEpCreate(c_.comm, &config, &ep_);
@@ -104,7 +123,7 @@ void LowLatencyRunner::Run() {
   if (result == moecommNotSupported) {
     const std::string why = std::string("moecommEpCreate: ") + moecommGetLastError(c_.comm);
     for (const char* op : ops) ReportNotSupported(c_, op, kMode, why);
-    return;
+    return true;
   }
   if (result != moecommSuccess) Fail("moecommEpCreate", result);
   Setup();
@@ -117,14 +136,13 @@ void LowLatencyRunner::Run() {
   combine.bytesRule = "valid selections x 2H";
   dispatch.baselineUs = c_.baseline.dispatchUs;
   combine.baselineUs = c_.baseline.combineUs;
-  if (o_.check) dispatch.check = combine.check = "not implemented";
 
   SetStep("libmoecomm LL: first moecommEpLowLatencyDispatch");
   result = Dispatch();
   if (result == moecommNotSupported) {
     const std::string why = std::string("moecommEpLowLatencyDispatch: ") + moecommGetLastError(c_.comm);
     for (const char* op : ops) ReportNotSupported(c_, op, kMode, why);
-    return;
+    return true;
   }
   if (result != moecommSuccess) Fail("moecommEpLowLatencyDispatch", result);
   SetStep("libmoecomm LL: first moecommEpLowLatencyCombine");
@@ -158,6 +176,8 @@ void LowLatencyRunner::Run() {
       DestroyHandle();
     }
   }
+  bool ok = true;
+  if (o_.check) ok = CheckDirect(&dispatch, &combine, combineSupported);
   dispatch.whole = Summarize(dispatchUs);
   SetKernelTime(c_, &dispatch, &dispatchGpuUs);
   c_.reporter->Add(dispatch);
@@ -168,28 +188,133 @@ void LowLatencyRunner::Run() {
   } else {
     ReportNotSupported(c_, "ll_combine", kMode, combineWhy);
   }
-  if (!o_.graph) return;
+  if (!o_.graph) return ok;
   if (!combineSupported) {
     ReportNotSupported(c_, "ll_graph", kMode, combineWhy);
-    return;
+    return ok;
   }
-  RunGraph(dispatch, combine);
+  return RunGraph(dispatch, combine) && ok;
 }
 
-// Dispatch + combine captured once, the graph's replays timed. The handle made while
-// capturing belongs to the graph and is destroyed with it.
-void LowLatencyRunner::RunGraph(const Measurement& dispatch, const Measurement& combine) {
+LowLatencyExpected LowLatencyRunner::PrepareCheck(int round) {
+  SetStep("libmoecomm LL: check " + std::to_string(round) + ": reference");
+  Options checked = o_;
+  checked.seed = LowLatencyCheckSeed(o_.seed, round);
+  LowLatencyExpected want = ExpectLowLatency(checked, c_.nranks, c_.rank);
+  SetStep("libmoecomm LL: check " + std::to_string(round) + ": inputs");
+  UploadInputs(want.routing, want.tokens);
+  const size_t localExperts = want.recvCount.size();
+  const size_t slots = localExperts * want.rowsPerExpert;
+  p_.Fill(recvX_, kLowLatencyPoison, slots * want.rowBytes);
+  if (recvScales_ != nullptr) p_.Fill(recvScales_, kLowLatencyPoison, slots * want.scaleBytes);
+  p_.Fill(recvCount_, kLowLatencyPoison, localExperts * sizeof(int));
+  p_.Fill(recvSrcInfo_, kLowLatencyPoison, slots * sizeof(int));
+  p_.Fill(out_, kLowLatencyPoison, static_cast<size_t>(o_.tokens) * o_.hidden * 2);
+  // The combine input: the reference's slots of every local expert hold its expert outputs,
+  // the rest NaN (a combine that reads them shows).
+  const size_t expertBytes = want.rowsPerExpert * o_.hidden * 2;
+  p_.Fill(expertOut_, kLowLatencyPoison, localExperts * expertBytes);
+  std::vector<uint16_t> rows;
+  for (size_t le = 0; le < localExperts; ++le) {
+    LowLatencyExpertRows(checked, c_.rank, static_cast<int>(le), want.recvCount[le], &rows);
+    if (!rows.empty()) p_.Upload(static_cast<uint8_t*>(expertOut_) + le * expertBytes, rows.data(), rows.size() * 2);
+  }
+  p_.Synchronize();
+  return want;
+}
+
+// Every output, whole: the counts, each local expert's slots (rows, scales, source info; the
+// poison beyond its count), then the combined tokens.
+void LowLatencyRunner::CheckOutputs(const LowLatencyExpected& want, bool withSrcInfo, bool withCombine,
+                                    std::string* dispatchWhy, std::string* combineWhy) {
+  SetStep("libmoecomm LL: comparing with the reference");
+  const size_t localExperts = want.recvCount.size(), slotsPerExpert = want.rowsPerExpert;
+  MismatchLog dispatchLog;
+  std::vector<int> count(localExperts);
+  p_.Download(count.data(), recvCount_, count.size() * sizeof(int));
+  dispatchLog.Compare(count.data(), want.recvCount.data(), localExperts, sizeof(int),
+                      [](size_t le) { return "recvCount[" + std::to_string(le) + "]"; });
+  const bool fp8 = want.scaleBytes > 0;
+  const size_t valueBytes = fp8 ? 1 : 2;  // FP8 byte or BF16
+  std::vector<uint8_t> got(slotsPerExpert * std::max(want.rowBytes, want.scaleBytes));
+  std::vector<int> gotSrcInfo(slotsPerExpert);
+  for (size_t le = 0; le < localExperts; ++le) {
+    const size_t firstSlot = le * slotsPerExpert;
+    auto where = [&](const char* what, size_t valuesPerSlot) {
+      return [what, le, valuesPerSlot](size_t i) {
+        return std::string(what) + "[expert " + std::to_string(le) + "][slot " + std::to_string(i / valuesPerSlot) +
+               "][" + std::to_string(i % valuesPerSlot) + "]";
+      };
+    };
+    p_.Download(got.data(), static_cast<uint8_t*>(recvX_) + firstSlot * want.rowBytes, slotsPerExpert * want.rowBytes);
+    dispatchLog.Compare(got.data(), &want.recvX[firstSlot * want.rowBytes], slotsPerExpert * want.rowBytes / valueBytes,
+                        valueBytes, where(fp8 ? "recvX (fp8)" : "recvX (bf16)", want.rowBytes / valueBytes));
+    if (fp8) {
+      p_.Download(got.data(), static_cast<uint8_t*>(recvScales_) + firstSlot * want.scaleBytes,
+                  slotsPerExpert * want.scaleBytes);
+      dispatchLog.Compare(got.data(), &want.recvScales[firstSlot * want.scaleBytes],
+                          slotsPerExpert * want.scaleBytes / 4, 4, where("recvScales", want.scaleBytes / 4));
+    }
+    if (withSrcInfo) {
+      p_.Download(gotSrcInfo.data(), recvSrcInfo_ + firstSlot, slotsPerExpert * sizeof(int));
+      dispatchLog.Compare(gotSrcInfo.data(), &want.recvSrcInfo[firstSlot], slotsPerExpert, sizeof(int),
+                          where("recvSrcInfo", 1));
+    }
+  }
+  *dispatchWhy = dispatchLog.Message("ll_dispatch");
+  if (!withCombine) return;
+  MismatchLog combineLog;
+  std::vector<uint16_t> combined(want.combined.size());
+  p_.Download(combined.data(), out_, combined.size() * 2);
+  const size_t hidden = o_.hidden;
+  combineLog.Compare(combined.data(), want.combined.data(), combined.size(), 2, [hidden](size_t i) {
+    return "out[token " + std::to_string(i / hidden) + "][channel " + std::to_string(i % hidden) + "]";
+  });
+  *combineWhy = combineLog.Message("ll_combine");
+}
+
+// One dispatch (with recvSrcInfo) and one combine through the library on fresh inputs, after
+// the timed runs; then the timed runs' inputs are restored for the graph.
+bool LowLatencyRunner::CheckDirect(Measurement* dispatch, Measurement* combine, bool combineSupported) {
+  const LowLatencyExpected want = PrepareCheck(0);
+  SetStep("libmoecomm LL: checked dispatch");
+  moecommResult_t result = Dispatch(true);
+  if (result != moecommSuccess) Fail("moecommEpLowLatencyDispatch", result);
+  if (combineSupported) {
+    SetStep("libmoecomm LL: checked combine");
+    if ((result = Combine()) != moecommSuccess) Fail("moecommEpLowLatencyCombine", result);
+  }
+  p_.Synchronize();
+  DestroyHandle();
+  std::string dispatchWhy, combineWhy;
+  CheckOutputs(want, true, combineSupported, &dispatchWhy, &combineWhy);
+  dispatch->check = dispatchWhy.empty() ? "passed" : "failed";
+  dispatch->message = dispatchWhy;
+  if (combineSupported) {
+    combine->check = combineWhy.empty() ? "passed" : "failed";
+    combine->message = combineWhy;
+  }
+  UploadInputs(GenerateRouting(o_, c_.rank), GenerateTokens(o_, DispatchType::kBf16, c_.rank));
+  p_.Fill(expertOut_, 0x3c, want.recvCount.size() * want.rowsPerExpert * o_.hidden * 2);
+  p_.Synchronize();
+  return dispatchWhy.empty() && (!combineSupported || combineWhy.empty());
+}
+
+// Dispatch + combine captured once, the graph's replays timed; with -c 1 one more replay on
+// fresh inputs is checked. The handle made while capturing belongs to the graph and is
+// destroyed with it. Returns false when the check failed.
+bool LowLatencyRunner::RunGraph(const Measurement& dispatch, const Measurement& combine) {
   Measurement graph = NewMeasurement("ll_graph", kMode);
   graph.bytes = dispatch.bytes + combine.bytes;
   graph.bytesRule = "ll_dispatch bytes + ll_combine bytes";
-  graph.check = dispatch.check;
+  bool ok = true;
   if (c_.baseline.dispatchUs > 0) graph.baselineUs = c_.baseline.dispatchUs + c_.baseline.combineUs;
 #if BENCH_HAVE_CUDA
   if (!p_.OnGpu()) {
     graph.status = "skipped";
     graph.message = "CUDA graphs need the CUDA backend";
     c_.reporter->Add(graph);
-    return;
+    return true;
   }
   SetStep("libmoecomm LL: graph capture");
   cudaStream_t stream = static_cast<cudaStream_t>(p_.Stream());
@@ -209,7 +334,7 @@ void LowLatencyRunner::RunGraph(const Measurement& dispatch, const Measurement& 
     if (c_.rank == 0) std::printf("libmoecomm: ll_graph skipped (%s)\n", graph.message.c_str());
     c_.reporter->Add(graph);
     DestroyHandle();
-    return;
+    return true;
   }
   cudaGraphExec_t executable = nullptr;
   BENCH_CUDA(cudaGraphInstantiate(&executable, captured, 0));
@@ -223,6 +348,20 @@ void LowLatencyRunner::RunGraph(const Measurement& dispatch, const Measurement& 
     BENCH_CUDA(cudaGraphLaunch(executable, stream));
     replayUs.push_back(p_.EndSample());
   }
+  if (o_.check) {
+    // The replay writes no recvSrcInfo (the captured dispatch does not ask for it).
+    const LowLatencyExpected want = PrepareCheck(1);
+    SetStep("libmoecomm LL: checked graph replay");
+    BENCH_CUDA(cudaGraphLaunch(executable, stream));
+    p_.Synchronize();
+    std::string dispatchWhy, combineWhy;
+    CheckOutputs(want, false, true, &dispatchWhy, &combineWhy);
+    ok = dispatchWhy.empty() && combineWhy.empty();
+    graph.check = ok ? "passed" : "failed";
+    graph.message = dispatchWhy.empty()  ? combineWhy
+                    : combineWhy.empty() ? dispatchWhy
+                                         : dispatchWhy + "; " + combineWhy;
+  }
   BENCH_CUDA(cudaGraphExecDestroy(executable));
   BENCH_CUDA(cudaGraphDestroy(captured));
   DestroyHandle();
@@ -234,14 +373,14 @@ void LowLatencyRunner::RunGraph(const Measurement& dispatch, const Measurement& 
   graph.message = "built without CUDA";
 #endif
   c_.reporter->Add(graph);
+  return ok;
 }
 
 }  // namespace
 
 bool RunLibmoecommLowLatency(const RunnerContext& context) {
   LowLatencyRunner runner(context);
-  runner.Run();
-  return true;
+  return runner.Run();
 }
 
 }  // namespace moecomm_bench

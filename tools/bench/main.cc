@@ -3,6 +3,7 @@
 //
 //   moecomm-run -n 8 moecomm-bench -w W-prefill --dtype fp8 -S 24 -J out.jsonl
 //   moecomm-run -n 2 moecomm-bench --host-smoke -J smoke.jsonl      (no GPU: host backend)
+//   moecomm-run -n 2 moecomm-bench --host -w W-decode --ll          (no GPU: a workload on the host backend)
 #include <unistd.h>
 
 #include <cstdio>
@@ -85,15 +86,22 @@ int Run(const Options& parsed) {
   [[maybe_unused]] const int localRank = EnvInt("MOECOMM_LOCAL_RANK", 0);
   SetRankForMessages(EnvInt("MOECOMM_RANK", 0));
   moecommConfig_t config = MOECOMM_CONFIG_INIT;
-  const bool onGpu = !options.hostSmoke;
+  const bool onGpu = !options.hostSmoke && !options.host;
   if (onGpu) {
 #if BENCH_HAVE_CUDA
     SetStep("select GPU MOECOMM_LOCAL_RANK=" + std::to_string(localRank));
+    int devices = 0;
+    const cudaError_t counted = cudaGetDeviceCount(&devices);
+    if (counted != cudaSuccess || devices == 0) {
+      BENCH_FAIL("the GPU bench", std::string("no usable CUDA device (") +
+                                      (counted != cudaSuccess ? cudaGetErrorString(counted) : "0 devices") +
+                                      "); --host runs the workload on the host backend");
+    }
     BENCH_CUDA(cudaSetDevice(localRank));
     config.backend = moecommBackendCuda;
     config.device = localRank;
 #else
-    BENCH_FAIL("the GPU bench", "this moecomm-bench was built without CUDA; use --host-smoke");
+    BENCH_FAIL("the GPU bench", "this moecomm-bench was built without CUDA; use --host or --host-smoke");
 #endif
   } else {
     config.backend = moecommBackendHost;

@@ -31,6 +31,7 @@ void PrintUsage(FILE* out) {
                "  --no-baseline      skip the NCCL baseline\n"
                "  --no-roofline      skip the peer-copy roofline\n"
                "  --no-flush         do not evict the L2 before each sample (warm-cache timings)\n"
+               "  --host             host backend and host buffers, the workload asked for (no GPU needed)\n"
                "  --host-smoke       host backend, tiny workload, normal and low-latency (CI; no GPU)\n");
 }
 
@@ -70,6 +71,10 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
     }
     if (flag == "--no-flush") {
       options->flushL2 = false;
+      continue;
+    }
+    if (flag == "--host") {
+      options->host = true;
       continue;
     }
     if (flag == "--host-smoke") {

@@ -26,6 +26,7 @@ struct Options {
   bool lowLatency = false;  // --ll
   bool graph = false;       // --graph
   bool hostSmoke = false;   // --host-smoke
+  bool host = false;        // --host: the host backend on the workload asked for (no GPU needed)
   bool baseline = true;     // --no-baseline turns the NCCL baseline off
   bool roofline = true;     // --no-roofline
   bool flushL2 = true;      // --no-flush keeps the L2 (and its translations) warm between samples

@@ -94,7 +94,14 @@ void Reporter::Add(const Measurement& m) {
     ::close(fd);
     if (written != static_cast<ssize_t>(line.size())) BENCH_FAIL("write(" + options_.jsonPath + ")", "short write");
   }
-  if (info_.rank != 0) return;
+  if (info_.rank != 0) {
+    // The table shows rank 0; another rank's failed check would otherwise be only in the JSON.
+    if (m.check == "failed") {
+      std::fprintf(stderr, "moecomm-bench rank %d: %s %s check failed: %s\n", info_.rank, m.impl.c_str(), m.op.c_str(),
+                   m.message.c_str());
+    }
+    return;
+  }
   if (m.status != "ok") {
     std::printf("%-10s %-16s %-13s %s\n", m.impl.c_str(), m.op.c_str(), m.status.c_str(), m.message.c_str());
   } else {
