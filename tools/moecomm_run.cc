@@ -1,6 +1,6 @@
 // moecomm-run: starts N ranks of a program on this host, wired for moecommCommInitFromEnv.
 //
-//   moecomm-run -n N [-t timeout_s] prog args...
+//   moecomm-run -n N [-t timeout_s] [--allow-kill R]... prog args...
 //
 // Each rank gets MOECOMM_RANK, MOECOMM_NRANKS, MOECOMM_LOCAL_RANK and MOECOMM_UNIQUE_ID (one
 // id for the job). Its stdout and stderr come back line by line prefixed "[rank R] ". Rank 0
@@ -8,6 +8,9 @@
 // the others get SIGTERM, then SIGKILL after a grace period, and moecomm-run exits with the
 // failed rank's code (128 + signal for a signal). The -t timeout stops everything and exits
 // 124. SIGINT/SIGTERM/SIGHUP to moecomm-run are passed on the same way (exit 128 + signal).
+// --allow-kill R is for tests that kill rank R on purpose: R dying of SIGKILL is then noted
+// and is not a failure (the other ranks go on, and decide the exit code); any other way R
+// fails still is.
 //
 // The rendezvous root behind the unique id is a thread of this process, so moecomm-run stays
 // alive for the whole job. Each rank runs in its own process group, so what it forks is
@@ -19,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdarg>
@@ -61,9 +65,10 @@ void onSignal(int sig) {
 
 void usage(FILE* out) {
   std::fprintf(out,
-               "usage: moecomm-run -n N [-t timeout_s] program [args...]\n"
-               "  -n N          number of ranks to start on this host (1..65536)\n"
-               "  -t timeout_s  stop every rank and exit 124 after this many seconds (default: no limit)\n"
+               "usage: moecomm-run -n N [-t timeout_s] [--allow-kill R]... program [args...]\n"
+               "  -n N            number of ranks to start on this host (1..65536)\n"
+               "  -t timeout_s    stop every rank and exit 124 after this many seconds (default: no limit)\n"
+               "  --allow-kill R  rank R dying of SIGKILL is expected (a test kills it): not a failure\n"
                "Each rank gets MOECOMM_RANK, MOECOMM_NRANKS, MOECOMM_LOCAL_RANK and MOECOMM_UNIQUE_ID;\n"
                "its output is prefixed with \"[rank R] \".\n");
 }
@@ -133,13 +138,14 @@ struct Options {
   int nranks = 0;
   double timeoutSeconds = 0;
   int programIndex = 0;
+  std::vector<int> allowedKills;  // --allow-kill: ranks whose death by SIGKILL is expected
 };
 
-bool parseInt(const char* text, int* out) {
+bool parseInt(const char* text, int* out, long min = 1) {
   char* end = nullptr;
   errno = 0;
   const long value = std::strtol(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || value < 1 || value > 65536) return false;
+  if (errno != 0 || end == text || *end != '\0' || value < min || value > 65536) return false;
   *out = static_cast<int>(value);
   return true;
 }
@@ -157,7 +163,7 @@ bool parseArgs(int argc, char** argv, Options* options, int* exitCode) {
       *exitCode = 0;
       return false;
     }
-    if ((arg == "-n" || arg == "-t") && i + 1 >= argc) {
+    if ((arg == "-n" || arg == "-t" || arg == "--allow-kill") && i + 1 >= argc) {
       std::fprintf(stderr, "moecomm-run: %s needs a value\n", arg.c_str());
       usage(stderr);
       return false;
@@ -176,6 +182,14 @@ bool parseArgs(int argc, char** argv, Options* options, int* exitCode) {
         usage(stderr);
         return false;
       }
+    } else if (arg == "--allow-kill") {
+      int rank = 0;
+      if (!parseInt(argv[++i], &rank, 0)) {
+        std::fprintf(stderr, "moecomm-run: --allow-kill wants a rank number, not '%s'\n", argv[i]);
+        usage(stderr);
+        return false;
+      }
+      options->allowedKills.push_back(rank);
     } else {
       std::fprintf(stderr, "moecomm-run: unknown option '%s'\n", arg.c_str());
       usage(stderr);
@@ -186,6 +200,13 @@ bool parseArgs(int argc, char** argv, Options* options, int* exitCode) {
     std::fprintf(stderr, "moecomm-run: %s\n", options->nranks == 0 ? "-n is required" : "no program given");
     usage(stderr);
     return false;
+  }
+  for (int rank : options->allowedKills) {
+    if (rank >= options->nranks) {
+      std::fprintf(stderr, "moecomm-run: --allow-kill %d names no rank of -n %d\n", rank, options->nranks);
+      usage(stderr);
+      return false;
+    }
   }
   options->programIndex = i;
   return true;
@@ -247,6 +268,9 @@ class Launcher {
   void pump(int timeoutMs);
   bool anyRunning() const;
   bool anyOpenStream() const;
+  bool allowedKill(int rank) const {
+    return std::find(options_.allowedKills.begin(), options_.allowedKills.end(), rank) != options_.allowedKills.end();
+  }
 
   const Options& options_;
   char** programArgv_;
@@ -344,6 +368,11 @@ void Launcher::reap() {
       r.running = false;
       const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
       if (!failed || stopping_) break;
+      if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL && allowedKill(r.rank)) {
+        report("rank %d (pid %d) was killed by SIGKILL, as --allow-kill %d expects; the other ranks go on", r.rank,
+               static_cast<int>(pid), r.rank);
+        break;
+      }
       if (WIFSIGNALED(status)) {
         report("rank %d (pid %d) was killed by signal %d (%s); stopping the other ranks", r.rank, static_cast<int>(pid),
                WTERMSIG(status), strsignal(WTERMSIG(status)));

@@ -34,6 +34,10 @@ struct GpuContext {
   int device = -1;
 };
 const GpuContext& Gpu();
+// Hands the moecomm-run communicator to the caller, who destroys it; main() then does not.
+// For a test after which the communicator cannot be torn down cleanly (a peer was killed, so
+// the teardown barrier fails): test_ep_cuda_ll_kill.cc. Gpu().comm is null afterwards.
+moecommComm_t TakeComm();
 
 // Sets an environment variable for the scope (restoring the previous value). Only from the
 // test's main thread, before rank threads start: getenv is not safe against setenv.

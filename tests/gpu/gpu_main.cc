@@ -24,6 +24,12 @@ int EnvInt(const char* name, int fallback) {
 
 const GpuContext& Gpu() { return g_context; }
 
+moecommComm_t TakeComm() {
+  moecommComm_t comm = g_context.comm;
+  g_context.comm = nullptr;
+  return comm;
+}
+
 }  // namespace moecomm_gpu_test
 
 int main(int argc, char** argv) {

@@ -704,6 +704,37 @@ TEST_F(MoecommRun, RankKilledBySignalGives128PlusSignal) {
   EXPECT_LT(r.elapsedMs, 10000);
 }
 
+// --allow-kill: a test that kills a rank on purpose. Its SIGKILL is not a failure; the others
+// finish and decide the exit code.
+TEST_F(MoecommRun, AllowedKillLetsTheOthersFinish) {
+  const CommandResult r = run(
+      "-n 3 --allow-kill 2 sh -c 'if [ $MOECOMM_RANK = 2 ]; then kill -KILL $$; fi; sleep 1; echo done $MOECOMM_RANK'");
+  EXPECT_EQ(r.exitCode, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "[rank 0] done 0")) << r.output;
+  EXPECT_TRUE(contains(r.output, "[rank 1] done 1")) << r.output;
+  EXPECT_TRUE(contains(r.output, "as --allow-kill 2 expects")) << r.output;
+  // A survivor's failure still counts.
+  const CommandResult failing =
+      run("-n 2 --allow-kill 1 sh -c 'if [ $MOECOMM_RANK = 1 ]; then kill -KILL $$; fi; sleep 0.5; exit 5'");
+  EXPECT_EQ(failing.exitCode, 5) << failing.output;
+}
+
+TEST_F(MoecommRun, AllowedKillCoversOnlyThatRankAndSigkill) {
+  // Another rank killed: a failure as usual.
+  const CommandResult other =
+      run("-n 2 --allow-kill 1 sh -c 'if [ $MOECOMM_RANK = 0 ]; then kill -KILL $$; fi; sleep 30'");
+  EXPECT_EQ(other.exitCode, 128 + SIGKILL) << other.output;
+  EXPECT_LT(other.elapsedMs, 10000);
+  // The allowed rank dying of another signal, or exiting non-zero: failures too.
+  const CommandResult signal =
+      run("-n 2 --allow-kill 1 sh -c 'if [ $MOECOMM_RANK = 1 ]; then kill -SEGV $$; fi; sleep 30'");
+  EXPECT_EQ(signal.exitCode, 128 + SIGSEGV) << signal.output;
+  const CommandResult exited = run("-n 2 --allow-kill 1 sh -c 'if [ $MOECOMM_RANK = 1 ]; then exit 6; fi; sleep 30'");
+  EXPECT_EQ(exited.exitCode, 6) << exited.output;
+  // The allowed rank exiting 0 is fine.
+  EXPECT_EQ(run("-n 2 --allow-kill 1 true").exitCode, 0);
+}
+
 TEST_F(MoecommRun, RankIgnoringSigtermIsKilledAfterGracePeriod) {
   // Rank 0 fails only once rank 1 has had time to install its trap.
   const CommandResult r =
@@ -720,7 +751,8 @@ TEST_F(MoecommRun, GlobalTimeoutExits124) {
 }
 
 TEST_F(MoecommRun, BadUsageExits2) {
-  for (const char* args : {"", "-n 0 true", "-n 2", "-x -n 2 true", "-n two true", "-n 2 -t -1 true", "-t 5 true"}) {
+  for (const char* args : {"", "-n 0 true", "-n 2", "-x -n 2 true", "-n two true", "-n 2 -t -1 true", "-t 5 true",
+                           "-n 2 --allow-kill 2 true", "-n 2 --allow-kill x true", "-n 2 --allow-kill"}) {
     const CommandResult r = run(args);
     EXPECT_EQ(r.exitCode, 2) << "args '" << args << "': " << r.output;
     EXPECT_TRUE(contains(r.output, "usage:")) << r.output;
