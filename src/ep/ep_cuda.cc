@@ -88,6 +88,7 @@ class CudaEpBackend : public EpBackend {
     p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
     p.combineRowBytes = align16(2 * H + 4 * K);
     p.sharedIntsBytes = device::intranodeSharedIntsBytes(R, channels);
+    MC_CHECK(setVariants(&p));
 
     const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
     p.ctrlOffset = 0;
@@ -343,6 +344,51 @@ class CudaEpBackend : public EpBackend {
       deviceBlock_ = nullptr;
     }
     buffer_.reset();
+  }
+
+  // The developer variants of the normal-mode kernels (docs/ep-normal-gpu.md, "Variants"),
+  // read once from the environment; out-of-range values fall back to the defaults with a
+  // warning. A bulk-copy ring is shrunk to fit the device's shared memory per block.
+  moecommResult_t setVariants(device::IntranodeParams* p) {
+    auto pick = [&](Env id, const char* name, int low, int high, int fallback) {
+      const int64_t value = envInt(id);
+      if (value >= low && value <= high) return static_cast<int>(value);
+      MC_WARN(kLogEp, "rank %d: %s=%lld is outside [%d, %d]; using %d", ep_->rank, name,
+              static_cast<long long>(value), low, high, fallback);
+      return fallback;
+    };
+    p->dispatchSendWarps = pick(Env::EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", 1, 15, 6);
+    p->combineSendWarps = pick(Env::EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", 1, 15, 6);
+    p->dispatchVariant =
+        pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
+    p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 0);
+    p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
+    p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
+    int limit = 0;
+    MC_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ep_->comm->device));
+    // Static shared memory of the kernels is well under 1 KiB.
+    const uint64_t budget = static_cast<uint64_t>(std::max(0, limit - 1024));
+    const int requested = p->ringStages;
+    while (p->ringStages > 2 && std::max(device::intranodeSharedBytes(*p, device::kOpDispatch),
+                                         device::intranodeSharedBytes(*p, device::kOpCombine)) > budget) {
+      --p->ringStages;
+    }
+    if (std::max(device::intranodeSharedBytes(*p, device::kOpDispatch),
+                 device::intranodeSharedBytes(*p, device::kOpCombine)) > budget) {
+      MC_WARN(kLogEp, "rank %d: the bulk-copy rings do not fit in %d bytes of shared memory; using the default kernels",
+              ep_->rank, limit);
+      p->dispatchVariant = device::kDispatchVariantRegisters;
+      p->combineVariant = device::kCombineVariantRegisters;
+    } else if (p->ringStages != requested) {
+      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_RING_STAGES=%d does not fit in shared memory; using %d", ep_->rank,
+              requested, p->ringStages);
+    }
+    MC_INFO(kLogEp,
+            "rank %d: normal mode: send warps dispatch %d combine %d, variants dispatch %d combine %d, ring %d x %d "
+            "bytes",
+            ep_->rank, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant, p->ringStages,
+            p->ringStageBytes);
+    return moecommSuccess;
   }
 
   // Offsets inside a dispatch row for one dtype (see device::IntranodeParams).
