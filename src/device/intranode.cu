@@ -617,98 +617,227 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
   }
 }
 
-// ---- Dispatch variant 1: x rows copied out by the bulk-copy engine ------------------------
+// ---- Dispatch variant 1: rows copied out by the bulk-copy engine ------------------------
 //
-// Lane 0 of each receiving warp moves the x part of the warp's rows staging (or the caller's
-// x, for rows to itself) -> a shared-memory stage -> recvX with bulk copies, in pieces of up
-// to one stage, keeping stages - 1 loads in flight besides the store of the last piece; the
-// other parts of a row (scales, ids, weights, sources: ~300 bytes) still go through the
-// lanes' registers when the row's first piece is issued. The output bytes are the same.
+// Lane 0 of each receiving warp moves its rows through a ring of shared-memory stages with
+// bulk copies: a row's x in pieces of up to one stage, the last piece also carrying the
+// row's other parts (scales, ids, weights, source token) at their staged-row offsets, so a
+// received row costs no round trip through the lanes' registers. A staged row is loaded as
+// one contiguous range; a rank's own row is gathered from the caller's x and scales and the
+// handle's ids and weights (lane 0 writes the token itself). When the last piece is in, the
+// lanes write the small parts to the outputs from shared memory and lane 0 stores the x bytes
+// with one bulk store per piece. stages - 1 loads stay in flight besides the newest store.
 
-// Lane 0's state of one warp's bulk pipeline; it lives across rounds of tails.
+constexpr int kPieceLast = 1 << 16;       // the stage holds the row's other parts too
+constexpr int kPieceNoWeights = 1 << 17;  // a rank's own row without dispatch weights: zeros
+
+// Lane 0's state of one warp's pipeline; it lives across rounds of tails.
 struct DispatchBulkState {
-  uint32_t issued;  // pieces whose load was issued
-  uint32_t stored;  // pieces whose store was issued (and committed as one bulk group)
+  uint32_t issued;  // pieces whose loads were issued
+  uint32_t stored;  // pieces consumed (each committed one bulk group, maybe empty)
   bool failed;      // a stage wait gave up: no more bulk copies this call
 };
 
-// Issues the store of the oldest loaded piece. False: its load never completed (timeout).
-__device__ bool dispatchStorePiece(const IntranodeParams& p, const WarpRing& ring, DispatchBulkState* state,
-                                   int channel, int lane) {
-  const int stage = static_cast<int>(state->stored % ring.stages);
-  int ok = 1;
-  if (lane == 0) {
-    ok = waitStage(p, ring, stage, (state->stored / ring.stages) & 1, channel, kOpDispatch) ? 1 : 0;
-    if (ok != 0) {
-      const int4 meta = *ring.meta(stage);
-      uint8_t* dst = reinterpret_cast<uint8_t*>((static_cast<uint64_t>(static_cast<uint32_t>(meta.y)) << 32) |
-                                                static_cast<uint32_t>(meta.x));
-      bulkStore(dst, ring.buffer(stage), static_cast<uint32_t>(meta.z));
-      bulkCommit();
+// A rank's own rows can carry their small parts through the stage when each is a whole number
+// of 16-byte chunks at 16-byte aligned addresses (else the bulk variant is not used).
+__device__ __forceinline__ bool selfPartsBulkOk(const IntranodeParams& p) {
+  const bool scalesOk = !p.xIsFp8 || ((p.hidden / 128) % 4 == 0 && aligned16(p.xScales));
+  const bool weightsOk = p.topkWeights == nullptr || (p.topk % 4 == 0 && aligned16(p.topkWeights));
+  return scalesOk && weightsOk;
+}
+
+// Writes a row's small parts (read from a stage holding its last piece, which starts at
+// `offset` of the row) to the caller's outputs, as receiveRow does from registers.
+__device__ void storeRowParts(const IntranodeParams& p, const uint8_t* stage, uint64_t offset, int row, int source,
+                              int flags, bool scalesVec, int lane) {
+  const int scalesPerRow = p.hidden / 128;
+  const int localExperts = p.numExperts / p.numRanks;
+  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    const float* scales = reinterpret_cast<const float*>(stage + p.rowScalesOffset - offset);
+    if (scalesVec) {
+      if (lane < scalesPerRow / 4)
+        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] =
+            reinterpret_cast<const int4*>(scales)[lane];
+    } else {
+      for (int k = lane; k < scalesPerRow; k += 32)
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
     }
   }
-  ++state->stored;
-  return __shfl_sync(0xffffffffu, ok, 0) != 0;
-}
-
-// Loads piece [offset, offset + bytes) of a row's x into the next stage (lane 0).
-__device__ void dispatchLoadPiece(const WarpRing& ring, DispatchBulkState* state, const uint8_t* src, uint8_t* dst,
-                                  uint32_t bytes, int lane) {
-  const int stage = static_cast<int>(state->issued % ring.stages);
-  if (lane == 0) {
-    // The stage's previous store is not the newest bulk group (issued < stored + stages - 1).
-    if (state->issued >= static_cast<uint32_t>(ring.stages)) bulkWaitRead<1>();
-    const uint64_t address = reinterpret_cast<uint64_t>(dst);
-    *ring.meta(stage) = make_int4(static_cast<int>(address & 0xffffffffu), static_cast<int>(address >> 32),
-                                  static_cast<int>(bytes), 0);
-    mbarrierArriveExpectTx(ring.barrier(stage), bytes);
-    bulkLoad(ring.buffer(stage), src, bytes, ring.barrier(stage));
+  if (lane < p.topk) {
+    const int64_t id = reinterpret_cast<const int64_t*>(stage + p.rowIdxOffset - offset)[lane];
+    const float* weights = reinterpret_cast<const float*>(stage + p.rowWeightsOffset - offset);
+    const float weight = (flags & kPieceNoWeights) != 0 ? 0.0f : weights[lane];
+    const bool local = id >= firstLocal && id < firstLocal + localExperts;
+    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
+    if (p.recvTopkIdx != nullptr) {
+      const int64_t localId = local ? id - firstLocal : -1;
+      if (p.topkIdxIs64) {
+        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+      } else {
+        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+      }
+    }
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
   }
-  ++state->issued;
+  if (lane == 0) {
+    p.srcRank[row] = source;
+    p.srcIndex[row] = *reinterpret_cast<const int*>(stage + p.rowSrcOffset - offset);
+  }
 }
 
-// This warp's rows of one round: received rows j = warp, warp + warps, ... of the rows
-// [done[s], avail[s]) of every source s.
+// Consumes the oldest piece: waits for its loads, writes the small parts if it carries them,
+// then lane 0 stores its x bytes. False: a load never completed (timeout).
+__device__ bool dispatchStorePiece(const IntranodeParams& p, const WarpRing& ring, DispatchBulkState* state,
+                                   int channel, bool scalesVec, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int stage = static_cast<int>(state->stored % ring.stages);
+  const uint32_t parity = (state->stored / ring.stages) & 1;
+  ++state->stored;
+  // Lane 0 waits first (it alone stores x); lanes that read the stage wait themselves too.
+  int ok = 1;
+  if (lane == 0) ok = waitStage(p, ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+  if (__shfl_sync(0xffffffffu, ok, 0) == 0) return false;
+  const int4 meta = *ring.meta(stage);  // row, offset in the row, x bytes to store, source | flags
+  const uint8_t* buffer = ring.buffer(stage);
+  if ((meta.w & kPieceLast) != 0) {
+    if (lane != 0) ok = waitStage(p, ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+    if (__all_sync(0xffffffffu, ok != 0)) {
+      storeRowParts(p, buffer, static_cast<uint64_t>(meta.y), meta.x, meta.w & 0xffff, meta.w, scalesVec, lane);
+    }
+  }
+  if (lane == 0) {
+    if (meta.z > 0) {
+      bulkStore(static_cast<uint8_t*>(p.recvX) + static_cast<uint64_t>(meta.x) * xBytes + meta.y, buffer,
+                static_cast<uint32_t>(meta.z));
+    }
+    bulkCommit();  // one group per piece (empty without x bytes), see dispatchIssuePiece
+  }
+  __syncwarp();  // every lane is done with the stage: it may be refilled
+  return true;
+}
+
+// Issues the loads of one piece of received row `row` into the next stage: x bytes [offset,
+// offset + xPart) and, for the last piece, the row's small parts. Lane 0 issues; warp-uniform.
+__device__ void dispatchIssuePiece(const IntranodeParams& p, const WarpRing& ring, DispatchBulkState* state, int row,
+                                   int source, int token, const uint8_t* staged, uint64_t offset, uint32_t xPart,
+                                   bool last, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int stage = static_cast<int>(state->issued % ring.stages);
+  ++state->issued;
+  if (lane == 0) {
+    // The stage's previous store is not the newest bulk group (issued < stored + stages - 1,
+    // one group per piece), so waiting for all but the newest frees the stage.
+    if (state->issued > static_cast<uint32_t>(ring.stages)) bulkWaitRead<1>();
+    uint8_t* buffer = ring.buffer(stage);
+    uint64_t* barrier = ring.barrier(stage);
+    int flags = source;
+    if (last) flags |= kPieceLast;
+    if (last && staged == nullptr && p.topkWeights == nullptr) flags |= kPieceNoWeights;
+    *ring.meta(stage) = make_int4(row, static_cast<int>(offset), static_cast<int>(xPart), flags);
+    if (staged != nullptr) {
+      // A staged row: x and the small parts are contiguous, [offset, rowExtent) for the last piece.
+      const uint32_t bytes = last ? static_cast<uint32_t>(p.rowExtent - offset) : xPart;
+      mbarrierArriveExpectTx(barrier, bytes);
+      bulkLoad(buffer, staged + offset, bytes, barrier);
+    } else {
+      const int scalesPerRow = p.hidden / 128;
+      const uint32_t scalesBytes = last && p.xIsFp8 ? static_cast<uint32_t>(scalesPerRow) * 4 : 0;
+      const uint32_t idxBytes = last ? static_cast<uint32_t>(p.idxStride) * 8 : 0;
+      const uint32_t weightsBytes = last && p.topkWeights != nullptr ? static_cast<uint32_t>(p.topk) * 4 : 0;
+      if (last) *reinterpret_cast<int*>(buffer + p.rowSrcOffset - offset) = token;
+      mbarrierArriveExpectTx(barrier, xPart + scalesBytes + idxBytes + weightsBytes);
+      const uint8_t* x = static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(token) * xBytes;
+      if (xPart > 0) bulkLoad(buffer, x + offset, xPart, barrier);
+      if (scalesBytes > 0)
+        bulkLoad(buffer + p.rowScalesOffset - offset, p.xScales + static_cast<int64_t>(token) * scalesPerRow,
+                 scalesBytes, barrier);
+      if (idxBytes > 0)
+        bulkLoad(buffer + p.rowIdxOffset - offset, p.handleIdx + static_cast<int64_t>(token) * p.idxStride, idxBytes,
+                 barrier);
+      if (weightsBytes > 0)
+        bulkLoad(buffer + p.rowWeightsOffset - offset, p.topkWeights + static_cast<int64_t>(token) * p.topk,
+                 weightsBytes, barrier);
+    }
+  }
+  __syncwarp();
+}
+
+// Source and ordinal of the j-th row of this round (rows [done[s], avail[s]) of every s).
+__device__ __forceinline__ void roundRow(int j, const int* done, const int* avail, int* source, int* ordinal) {
+  int s = 0;
+  int i = j;
+  while (i >= avail[s] - done[s]) {
+    i -= avail[s] - done[s];
+    ++s;
+  }
+  *source = s;
+  *ordinal = done[s] + i;
+}
+
+// This warp's rows of one round: rows j = warp, warp + warps, ... of the round.
 __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, const WarpRing& ring,
                                      DispatchBulkState* state, const int* offsets, const int* done, const int* avail,
-                                     int pending, bool recvAligned, bool scalesVec, int warp, int lane) {
+                                     int pending, bool scalesVec, int warp, int lane) {
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const uint64_t partsBytes = p.rowExtent - xBytes;
   if (lane == 0) fenceProxyAsyncGlobal();  // the staged rows behind the tails just acquired
   __syncwarp();
-  int j = warp;
-  const uint8_t* xSrc = nullptr;  // the row being loaded, and where its x goes
-  uint8_t* xDst = nullptr;
+  int k = 0;            // the warp's row index in this round (row j = warp + k * warps)
+  int tokens = -1;      // lane l: token of the warp's row tokensFrom + l if it is a rank's own row
+  int tokensFrom = -1;  // the k of lane 0's entry
+  // The row being loaded (row < 0: none).
+  int row = -1;
+  int source = 0;
+  int token = 0;
+  const uint8_t* staged = nullptr;
   uint64_t offset = 0;
   for (;;) {
-    while (!state->failed && state->issued < state->stored + ring.stages - 1 && (xSrc != nullptr || j < pending)) {
-      if (xSrc == nullptr) {
-        int s = 0;
-        int i = j;
-        while (i >= avail[s] - done[s]) {
-          i -= avail[s] - done[s];
-          ++s;
+    while (!state->failed && state->issued < state->stored + ring.stages - 1) {
+      if (row < 0) {
+        const int j = warp + k * kRecvWarps;
+        if (j >= pending) break;
+        if (k - tokensFrom >= 32 || tokensFrom < 0) {
+          // The tokens of the next 32 rows that are this rank's own, one round trip for all.
+          tokensFrom = k;
+          const int jl = warp + (k + lane) * kRecvWarps;
+          tokens = -1;
+          if (jl < pending) {
+            int s = 0;
+            int ordinal = 0;
+            roundRow(jl, done, avail, &s, &ordinal);
+            if (s == p.rank) tokens = p.selfToken[channel * p.chunkRows + ordinal];
+          }
         }
-        j += kRecvWarps;
-        const int ordinal = done[s] + i;
-        const int row = offsets[s] + ordinal;
-        if (row >= p.recvCapacity) continue;
-        const RowSource src =
-            s == p.rank
-                ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                : stagedRowSource(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal),
-                                  recvAligned);
-        receiveRow<false>(p, src, row, s, scalesVec, lane);
-        xSrc = src.x;
-        xDst = static_cast<uint8_t*>(p.recvX) + row * xBytes;
+        int ordinal = 0;
+        roundRow(j, done, avail, &source, &ordinal);
+        token = __shfl_sync(0xffffffffu, tokens, k - tokensFrom);
+        ++k;
+        row = offsets[source] + ordinal;
+        if (row >= p.recvCapacity) {
+          row = -1;
+          continue;
+        }
+        staged = source == p.rank
+                     ? nullptr
+                     : stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, source, channel, ordinal);
         offset = 0;
       }
-      const uint32_t bytes = static_cast<uint32_t>(min(static_cast<uint64_t>(ring.stageBytes), xBytes - offset));
-      dispatchLoadPiece(ring, state, xSrc + offset, xDst + offset, bytes, lane);
-      offset += bytes;
-      if (offset == xBytes) xSrc = nullptr;
+      // x in pieces of a stage; the small parts ride with the last x piece when they fit, else
+      // they come alone (a piece with no x bytes).
+      const uint64_t left = xBytes - offset;
+      const uint32_t xPart = static_cast<uint32_t>(min(left, static_cast<uint64_t>(ring.stageBytes)));
+      const bool last = left == 0 || (left <= static_cast<uint64_t>(ring.stageBytes) &&
+                                      left + partsBytes <= static_cast<uint64_t>(ring.stageBytes));
+      dispatchIssuePiece(p, ring, state, row, source, token, staged, offset, xPart, last, lane);
+      offset += xPart;
+      if (last) row = -1;
     }
-    if (state->stored == state->issued) break;
-    if (!dispatchStorePiece(p, ring, state, channel, lane)) state->failed = true;
+    if (state->stored == state->issued) {
+      if (state->failed || (row < 0 && warp + k * kRecvWarps >= pending)) break;
+      continue;
+    }
+    if (!dispatchStorePiece(p, ring, state, channel, scalesVec, lane)) state->failed = true;
   }
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
@@ -825,7 +954,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     int pending = 0;
     for (int s = 0; s < R; ++s) pending += avail[s] - done[s];
     if (bulkRows) {
-      dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, recvAligned, scalesVec, warp, lane);
+      dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
     for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
       int s = 0;
@@ -880,7 +1009,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   } else {
     // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
     // itself the caller's x and scales (the register path falls back to bytes).
-    if (kVariant == kDispatchVariantBulk && aligned16(p.recvX) && aligned16(p.x) && aligned16(p.xScales)) {
+    if (kVariant == kDispatchVariantBulk && aligned16(p.recvX) && aligned16(p.x) && selfPartsBulkOk(p) &&
+        p.rowExtent - static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2) <= static_cast<uint64_t>(p.ringStageBytes)) {
       dispatchReceive<kDispatchVariantBulk>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
                                             reinterpret_cast<uint8_t*>(shared));
     } else {
