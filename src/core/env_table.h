@@ -24,6 +24,8 @@
   X(TopoDumpFile, "MOECOMM_TOPO_DUMP_FILE", String, "",                                                           \
     "Write the discovered topology as JSON to this file when a communicator is created.")                         \
   X(EpNumSms, "MOECOMM_EP_NUM_SMS", Int, "24", "SM budget of the EP kernels when the EP config leaves it 0.")     \
+  X(EpSendBatch, "MOECOMM_EP_SEND_BATCH", Int, "32",                                                            \
+    "Developer sweep: a normal-mode sending channel publishes its tail every this many tokens: 32, 64 or 128.")  \
   X(EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", Int, "6",                                            \
     "Developer sweep: warps of the 16 per normal-mode dispatch block that send (1-15); the others receive.")     \
   X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "6",                                              \

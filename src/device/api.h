@@ -18,7 +18,7 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream);
 // Dynamic shared memory of the normal-mode dispatch and combine kernels: the int tables only.
-uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels);
+uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch);
 // All dynamic shared memory a dispatch (op = kOpDispatch) or combine launch of these
 // parameters needs, bulk-copy rings included.
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op);

@@ -101,9 +101,10 @@ struct IntranodeParams {
   uint64_t rowExtent;
   int idxStride;             // int64 per token in handleIdx: topk rounded up to even (16-byte rows)
   uint64_t sharedIntsBytes;  // dynamic shared memory of the dispatch and combine kernels (int tables)
-  // Fixed when the EP is created (environment): how many of a block's 16 warps send (the rest
-  // receive), the receivers' variants, and the shared-memory ring of the bulk-copy variants
+  // Fixed when the EP is created (environment): the tail batch, how many of a block's 16 warps
+  // send (the rest receive), the receivers' variants, and the shared-memory ring of the bulk-copy variants
   // (ringStages stages of ringStageBytes per receiving warp, after the int tables).
+  int sendBatch;  // a sending channel publishes its tail every this many tokens / ordinals
   int dispatchSendWarps;
   int combineSendWarps;
   int dispatchVariant;

@@ -47,8 +47,9 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
 constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
-// A sending channel publishes its tail every this many tokens (dispatch) or ordinals (combine).
-constexpr int kBatch = 32;
+// A sending channel publishes its tail every kBatch tokens (dispatch) or ordinals (combine):
+// a template argument of the dispatch and combine kernels, one of kSendBatches
+// (MOECOMM_EP_SEND_BATCH, default 32; a run-time value costs the default kernel spills).
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr int kErrorTimeout = 8;          // moecommTimeout
 constexpr int kCtrlCount = 0;
@@ -487,6 +488,7 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   }
 }
 
+template <int kBatch>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
                              int* posBatch) {
   const int warp = threadIdx.x >> 5;
@@ -986,8 +988,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [kBatch * R], rows of every (channel, source) count word [C * R].
-template <int kVariant>
+// a batch [sendBatch * R], rows of every (channel, source) count word [C * R].
+template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
   __shared__ int scratch[kWarps];
@@ -999,13 +1001,13 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* done = counts + R;
   int* avail = done + R;
   int* posBatch = avail + R;
-  int* rowsTable = posBatch + kBatch * R;
+  int* rowsTable = posBatch + p.sendBatch * R;  // the table is sized for the run-time batch
   const int channel = blockIdx.x;
   setSplit(p.dispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
   MC_PROFILE(kOpDispatch, 0, 0);
   if (threadIdx.x < kSendThreads) {
-    dispatchSend(p, channel, sequence, scratch, sent, posBatch);
+    dispatchSend<kBatch>(p, channel, sequence, scratch, sent, posBatch);
   } else {
     // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
     // itself the caller's x and scales (the register path falls back to bytes).
@@ -1026,6 +1028,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
 
 // Sends back the rows this rank received on channel c, ordinal-major across sources so every
 // source's receiver progresses at the same pace.
+template <int kBatch>
 __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -1463,7 +1466,7 @@ __device__ void combineReceiveBulk(const IntranodeParams& p, int channel, uint64
     storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
-template <int kVariant>
+template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
   const int channel = blockIdx.x;
@@ -1471,7 +1474,7 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   const uint64_t sequence = readSequence(p, kOpCombine);
   MC_PROFILE(kOpCombine, 0, 0);
   if (threadIdx.x < kSendThreads) {
-    combineSend(p, channel, sequence, shared, shared + p.numRanks);
+    combineSend<kBatch>(p, channel, sequence, shared, shared + p.numRanks);
   } else if (kVariant == kCombineVariantBulk && p.numRanks < 32 && combineVectorOk(p)) {
     combineReceiveBulk(p, channel, sequence, reinterpret_cast<uint8_t*>(shared));
   } else if (kVariant == kCombineVariantBulk) {
@@ -1504,9 +1507,9 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
   return cudaGetLastError();
 }
 
-uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels) {
+uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (5 + static_cast<uint64_t>(kBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
+      (5 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
 }
 
@@ -1533,22 +1536,48 @@ int launchIntranode(Kernel kernel, const IntranodeParams& params, uint64_t share
 }
 }  // namespace
 
+namespace {
+template <int kBatch>
+int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
+  if (params.dispatchVariant == kDispatchVariantBulk)
+    return launchIntranode(dispatchKernel<kDispatchVariantBulk, kBatch>, params, bytes, stream);
+  return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
+}
+
+template <int kBatch>
+int launchCombineBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
+  switch (params.combineVariant) {
+    case kCombineVariantDeep:
+      return launchIntranode(combineKernel<kCombineVariantDeep, kBatch>, params, bytes, stream);
+    case kCombineVariantBulk:
+      return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
+    default:
+      return launchIntranode(combineKernel<kCombineVariantRegisters, kBatch>, params, bytes, stream);
+  }
+}
+}  // namespace
+
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) {
   const uint64_t bytes = intranodeSharedBytes(params, kOpDispatch);
-  if (params.dispatchVariant == kDispatchVariantBulk)
-    return launchIntranode(dispatchKernel<kDispatchVariantBulk>, params, bytes, stream);
-  return launchIntranode(dispatchKernel<kDispatchVariantRegisters>, params, bytes, stream);
+  switch (params.sendBatch) {
+    case 64:
+      return launchDispatchBatch<64>(params, bytes, stream);
+    case 128:
+      return launchDispatchBatch<128>(params, bytes, stream);
+    default:
+      return launchDispatchBatch<32>(params, bytes, stream);
+  }
 }
 
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream) {
   const uint64_t bytes = intranodeSharedBytes(params, kOpCombine);
-  switch (params.combineVariant) {
-    case kCombineVariantDeep:
-      return launchIntranode(combineKernel<kCombineVariantDeep>, params, bytes, stream);
-    case kCombineVariantBulk:
-      return launchIntranode(combineKernel<kCombineVariantBulk>, params, bytes, stream);
+  switch (params.sendBatch) {
+    case 64:
+      return launchCombineBatch<64>(params, bytes, stream);
+    case 128:
+      return launchCombineBatch<128>(params, bytes, stream);
     default:
-      return launchIntranode(combineKernel<kCombineVariantRegisters>, params, bytes, stream);
+      return launchCombineBatch<32>(params, bytes, stream);
   }
 }
 

@@ -87,7 +87,6 @@ class CudaEpBackend : public EpBackend {
     setRowLayout(&p, true);
     p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
     p.combineRowBytes = align16(2 * H + 4 * K);
-    p.sharedIntsBytes = device::intranodeSharedIntsBytes(R, channels);
     MC_CHECK(setVariants(&p));
 
     const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
@@ -357,6 +356,12 @@ class CudaEpBackend : public EpBackend {
               static_cast<long long>(value), low, high, fallback);
       return fallback;
     };
+    p->sendBatch = static_cast<int>(envInt(Env::EpSendBatch));
+    if (p->sendBatch != 32 && p->sendBatch != 64 && p->sendBatch != 128) {
+      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_SEND_BATCH=%d is not 32, 64 or 128; using 32", ep_->rank, p->sendBatch);
+      p->sendBatch = 32;
+    }
+    p->sharedIntsBytes = device::intranodeSharedIntsBytes(p->numRanks, p->numChannels, p->sendBatch);
     p->dispatchSendWarps = pick(Env::EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", 1, 15, 6);
     p->combineSendWarps = pick(Env::EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", 1, 15, 6);
     p->dispatchVariant =
@@ -384,9 +389,10 @@ class CudaEpBackend : public EpBackend {
               requested, p->ringStages);
     }
     MC_INFO(kLogEp,
-            "rank %d: normal mode: send warps dispatch %d combine %d, variants dispatch %d combine %d, ring %d x %d "
-            "bytes",
-            ep_->rank, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant, p->ringStages,
+            "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
+            "ring %d x %d bytes",
+            ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
+            p->ringStages,
             p->ringStageBytes);
     return moecommSuccess;
   }
