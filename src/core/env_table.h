@@ -36,7 +36,7 @@
     "Developer sweep: normal-mode combine reduction, 0 registers, 1 deeper register pipeline, 2 bulk copies "    \
     "into shared memory.")                                                                                      \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
-    "Bulk-copy variants: shared-memory stages per receiving warp (fewer if they do not fit).")                  \
+    "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \
     "Bulk-copy variants: bytes per stage, a multiple of 16 from 512 to 65536.")                                 \
   X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
