@@ -31,7 +31,8 @@
   X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "6",                                              \
     "Developer sweep: warps of the 16 per normal-mode combine block that send (1-15); the others reduce.")       \
   X(EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", Int, "0",                                                 \
-    "Developer sweep: normal-mode dispatch copy-out, 0 registers, 1 bulk copies through shared memory.")         \
+    "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \
+    "copies.")                                                                                                  \
   X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "0",                                                   \
     "Developer sweep: normal-mode combine reduction, 0 registers, 1 deeper register pipeline, 2 bulk copies "    \
     "into shared memory.")                                                                                      \

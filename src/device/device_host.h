@@ -50,7 +50,8 @@ constexpr int kOps = 3;
 // MOECOMM_EP_COMBINE_VARIANT; docs/ep-normal-gpu.md, "Variants"). 0 is the default kernel.
 constexpr int kDispatchVariantRegisters = 0;  // lanes copy rows out through registers
 constexpr int kDispatchVariantBulk = 1;       // bulk copies staging -> shared ring -> output
-constexpr int kDispatchVariants = 2;
+constexpr int kDispatchVariantPrefetch = 2;   // senders prefetch rows into a shared ring by bulk copies
+constexpr int kDispatchVariants = 3;
 constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
 constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory

@@ -488,9 +488,117 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   }
 }
 
+// A rank's own rows can carry their small parts through the stage when each is a whole number
+// of 16-byte chunks at 16-byte aligned addresses (else the bulk variant is not used).
+__device__ __forceinline__ bool selfPartsBulkOk(const IntranodeParams& p) {
+  const bool scalesOk = !p.xIsFp8 || ((p.hidden / 128) % 4 == 0 && aligned16(p.xScales));
+  const bool weightsOk = p.topkWeights == nullptr || (p.topk % 4 == 0 && aligned16(p.topkWeights));
+  return scalesOk && weightsOk;
+}
+
+// ---- Dispatch variant 2: senders prefetch their rows with bulk copies ---------------------
+//
+// Each sending warp keeps a ring of stages, one token per stage laid out as a staged row
+// ([x][scales][ids][weights][token]); lane 0 bulk-loads the x row, its scales, the handle's
+// normalized ids and the weights of the warp's next tokens (across batches) while the lanes
+// copy the oldest token from shared memory to every destination's staging row with 16-byte
+// stores. A token thus costs no load round trip in the sending loop, only stores.
+
+struct SendPrefetch {
+  WarpRing ring;
+  uint32_t issued;
+  uint32_t consumed;
+  int nextToken;  // the warp's next token to load (>= last: none)
+  int nextBase;   // first token of nextToken's batch
+  bool failed;    // a stage wait gave up (timeout): the rest of the tokens are not sent
+};
+
+// The warp's token after t in the sending order (batch by batch, warp-strided inside one).
 template <int kBatch>
+__device__ __forceinline__ void advanceSendToken(int last, int warp, int* token, int* base) {
+  *token += kSendWarps;
+  while (*base < last && *token >= min(*base + kBatch, last)) {
+    *base += kBatch;
+    *token = *base + warp;
+  }
+  if (*base >= last) *token = last;
+}
+
+__device__ void prefetchToken(const IntranodeParams& p, SendPrefetch* f, int t, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int stage = static_cast<int>(f->issued % f->ring.stages);
+  ++f->issued;
+  if (lane == 0) {
+    fenceProxyAsyncShared();  // the lanes' reads of the stage's previous token come first
+    const int scalesPerRow = p.hidden / 128;
+    const uint32_t scalesBytes = p.xIsFp8 ? static_cast<uint32_t>(scalesPerRow) * 4 : 0;
+    const uint32_t idxBytes = static_cast<uint32_t>(p.idxStride) * 8;
+    const uint32_t weightsBytes = p.topkWeights != nullptr ? static_cast<uint32_t>(p.topk) * 4 : 0;
+    uint8_t* buffer = f->ring.buffer(stage);
+    uint64_t* barrier = f->ring.barrier(stage);
+    mbarrierArriveExpectTx(barrier, static_cast<uint32_t>(xBytes) + scalesBytes + idxBytes + weightsBytes);
+    bulkLoad(buffer, static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(t) * xBytes,
+             static_cast<uint32_t>(xBytes), barrier);
+    if (scalesBytes > 0)
+      bulkLoad(buffer + p.rowScalesOffset, p.xScales + static_cast<int64_t>(t) * scalesPerRow, scalesBytes, barrier);
+    bulkLoad(buffer + p.rowIdxOffset, p.handleIdx + static_cast<int64_t>(t) * p.idxStride, idxBytes, barrier);
+    if (weightsBytes > 0)
+      bulkLoad(buffer + p.rowWeightsOffset, p.topkWeights + static_cast<int64_t>(t) * p.topk, weightsBytes, barrier);
+  }
+}
+
+// Sends token t (the oldest prefetched one) to every rank with posRow[d] >= 0 but this one.
+template <int kBatch>
+__device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
+                                    int last, int warp, int lane) {
+  while (!f->failed && f->issued - f->consumed < static_cast<uint32_t>(f->ring.stages) && f->nextToken < last) {
+    prefetchToken(p, f, f->nextToken, lane);
+    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
+  }
+  __syncwarp();
+  const int stage = static_cast<int>(f->consumed % f->ring.stages);
+  const uint32_t parity = (f->consumed / f->ring.stages) & 1;
+  ++f->consumed;
+  if (f->failed) return;
+  const int ok = waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+  if (!__all_sync(0xffffffffu, ok != 0)) {
+    f->failed = true;
+    return;
+  }
+  uint8_t* buffer = f->ring.buffer(stage);
+  // The parts the loads did not fill: the token, and zero weights when the caller has none.
+  if (lane == 0) *reinterpret_cast<int*>(buffer + p.rowSrcOffset) = t;
+  if (p.topkWeights == nullptr && lane < p.topk) reinterpret_cast<float*>(buffer + p.rowWeightsOffset)[lane] = 0.0f;
+  __syncwarp();
+  const int R = p.numRanks;
+  const int4* src = reinterpret_cast<const int4*>(buffer);
+  const int64_t n = static_cast<int64_t>(p.rowExtent / 16);
+  constexpr int kVectors = 8;  // 16-byte shared loads per lane ahead of their stores
+  for (int64_t i0 = lane; i0 < n; i0 += 32 * kVectors) {
+    int4 v[kVectors];
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k) {
+      const int64_t i = i0 + 32 * k;
+      if (i < n) v[k] = src[i];
+    }
+    for (int d = 0; d < R; ++d) {
+      const int ordinal = posRow[d];
+      if (ordinal < 0 || d == p.rank) continue;
+      int4* dst =
+          reinterpret_cast<int4*>(stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal));
+#pragma unroll
+      for (int k = 0; k < kVectors; ++k) {
+        const int64_t i = i0 + 32 * k;
+        if (i < n) dst[i] = v[k];
+      }
+    }
+  }
+  __syncwarp();  // every lane read the stage: it may be refilled
+}
+
+template <int kBatch, bool kPrefetch>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
-                             int* posBatch) {
+                             int* posBatch, uint8_t* dynamicShared) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int R = p.numRanks;
@@ -507,6 +615,16 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
+  SendPrefetch prefetch{};
+  if (kPrefetch) {
+    prefetch.ring = makeWarpRing(p, dynamicShared, warp, kSendWarps, lane);
+    prefetch.nextBase = first;
+    prefetch.nextToken = first + warp;
+    prefetch.nextToken -= kSendWarps;  // advance to the warp's first token
+    advanceSendToken<kBatch>(last, warp, &prefetch.nextToken, &prefetch.nextBase);
+    if (lane == 0) fenceProxyAsyncGlobal();  // the ids routeChannel just wrote, read by bulk copies
+    __syncwarp();
+  }
   for (int base = first; base < last; base += kBatch) {
     const int n = min(kBatch, last - base);
     // The batch's positions, staged once; sent[d] = rows for d up to the end of the batch.
@@ -517,8 +635,13 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int j = warp; j < n; j += kSendWarps)
-      sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
+    for (int j = warp; j < n; j += kSendWarps) {
+      if (kPrefetch) {
+        sendPrefetchedToken<kBatch>(p, &prefetch, channel, base + j, posBatch + j * R, last, warp, lane);
+      } else {
+        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
+      }
+    }
     groupBarrier(kBarrierSend, kSendThreads);
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
       __threadfence_system();
@@ -639,14 +762,6 @@ struct DispatchBulkState {
   uint32_t stored;  // pieces consumed (each committed one bulk group, maybe empty)
   bool failed;      // a stage wait gave up: no more bulk copies this call
 };
-
-// A rank's own rows can carry their small parts through the stage when each is a whole number
-// of 16-byte chunks at 16-byte aligned addresses (else the bulk variant is not used).
-__device__ __forceinline__ bool selfPartsBulkOk(const IntranodeParams& p) {
-  const bool scalesOk = !p.xIsFp8 || ((p.hidden / 128) % 4 == 0 && aligned16(p.xScales));
-  const bool weightsOk = p.topkWeights == nullptr || (p.topk % 4 == 0 && aligned16(p.topkWeights));
-  return scalesOk && weightsOk;
-}
 
 // Writes a row's small parts (read from a stage holding its last piece, which starts at
 // `offset` of the row) to the caller's outputs, as receiveRow does from registers.
@@ -1007,7 +1122,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   const uint64_t sequence = readSequence(p, kOpDispatch);
   MC_PROFILE(kOpDispatch, 0, 0);
   if (threadIdx.x < kSendThreads) {
-    dispatchSend<kBatch>(p, channel, sequence, scratch, sent, posBatch);
+    // Prefetching senders read x, scales and weights by bulk copies (16-byte aligned chunks).
+    if (kVariant == kDispatchVariantPrefetch && aligned16(p.x) && selfPartsBulkOk(p)) {
+      dispatchSend<kBatch, true>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+    } else {
+      dispatchSend<kBatch, false>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+    }
   } else {
     // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
     // itself the caller's x and scales (the register path falls back to bytes).
@@ -1514,12 +1634,15 @@ uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) 
 }
 
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
-  const bool bulk = op == kOpDispatch ? params.dispatchVariant == kDispatchVariantBulk
-                                      : params.combineVariant == kCombineVariantBulk;
-  if (!bulk) return params.sharedIntsBytes;
-  const int recvWarps = kWarps - (op == kOpDispatch ? params.dispatchSendWarps : params.combineSendWarps);
-  return params.sharedIntsBytes + ringCtrlBytes(recvWarps, params.ringStages) +
-         static_cast<uint64_t>(recvWarps) * params.ringStages * params.ringStageBytes;
+  // Rings per receiving warp (bulk variants) or per sending warp (dispatch prefetch).
+  int ringWarps = 0;
+  if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantBulk)
+    ringWarps = kWarps - params.dispatchSendWarps;
+  if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantPrefetch) ringWarps = params.dispatchSendWarps;
+  if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
+  if (ringWarps == 0) return params.sharedIntsBytes;
+  return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
+         static_cast<uint64_t>(ringWarps) * params.ringStages * params.ringStageBytes;
 }
 
 namespace {
@@ -1541,6 +1664,8 @@ template <int kBatch>
 int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
   if (params.dispatchVariant == kDispatchVariantBulk)
     return launchIntranode(dispatchKernel<kDispatchVariantBulk, kBatch>, params, bytes, stream);
+  if (params.dispatchVariant == kDispatchVariantPrefetch)
+    return launchIntranode(dispatchKernel<kDispatchVariantPrefetch, kBatch>, params, bytes, stream);
   return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
 }
 

@@ -193,6 +193,7 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = target->numTokens;
     p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
     setRowLayout(&p, p.xIsFp8 != 0);
+    if (p.dispatchVariant == device::kDispatchVariantPrefetch) fitSendPrefetch(&p);
     p.x = args->x;
     p.xScales = args->xScales;
     p.topkIdx = args->topkIdx;
@@ -373,6 +374,7 @@ class CudaEpBackend : public EpBackend {
     MC_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ep_->comm->device));
     // Static shared memory of the kernels is well under 1 KiB.
     const uint64_t budget = static_cast<uint64_t>(std::max(0, limit - 1024));
+    sharedBudget_ = budget;
     const int requested = p->ringStages;
     while (p->ringStages > 2 && std::max(device::intranodeSharedBytes(*p, device::kOpDispatch),
                                          device::intranodeSharedBytes(*p, device::kOpCombine)) > budget) {
@@ -395,6 +397,15 @@ class CudaEpBackend : public EpBackend {
             p->ringStages,
             p->ringStageBytes);
     return moecommSuccess;
+  }
+
+  // Dispatch variant 2 holds one token per stage (a staged row of this call's dtype): as many
+  // stages as fit, at least 2, else the default kernel for this call.
+  void fitSendPrefetch(device::IntranodeParams* p) const {
+    p->ringStageBytes = static_cast<int>(p->rowExtent);
+    while (p->ringStages > 2 && device::intranodeSharedBytes(*p, device::kOpDispatch) > sharedBudget_) --p->ringStages;
+    if (device::intranodeSharedBytes(*p, device::kOpDispatch) > sharedBudget_)
+      p->dispatchVariant = device::kDispatchVariantRegisters;
   }
 
   // Offsets inside a dispatch row for one dtype (see device::IntranodeParams).
@@ -559,6 +570,7 @@ class CudaEpBackend : public EpBackend {
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
+  uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode
 };
