@@ -24,6 +24,22 @@
   X(TopoDumpFile, "MOECOMM_TOPO_DUMP_FILE", String, "",                                                           \
     "Write the discovered topology as JSON to this file when a communicator is created.")                         \
   X(EpNumSms, "MOECOMM_EP_NUM_SMS", Int, "24", "SM budget of the EP kernels when the EP config leaves it 0.")     \
+  X(EpSendBatch, "MOECOMM_EP_SEND_BATCH", Int, "32",                                                            \
+    "Developer sweep: a normal-mode sending channel publishes its tail every this many tokens: 32, 64 or 128.")  \
+  X(EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", Int, "6",                                            \
+    "Developer sweep: warps of the 16 per normal-mode dispatch block that send (1-15); the others receive.")     \
+  X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "6",                                              \
+    "Developer sweep: warps of the 16 per normal-mode combine block that send (1-15); the others reduce.")       \
+  X(EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", Int, "0",                                                 \
+    "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \
+    "copies.")                                                                                                  \
+  X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "0",                                                   \
+    "Developer sweep: normal-mode combine reduction, 0 registers, 1 deeper register pipeline, 2 bulk copies "    \
+    "into shared memory.")                                                                                      \
+  X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
+    "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
+  X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \
+    "Bulk-copy variants: bytes per stage, a multiple of 16 from 512 to 65536.")                                 \
   X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
     "Milliseconds a low-latency operation waits for a peer before masking it.")                                   \
   X(KernelTimeout, "MOECOMM_KERNEL_TIMEOUT", Int, "30000",                                                        \

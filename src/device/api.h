@@ -17,8 +17,11 @@ int launchLayout(const LayoutParams& params, CUstream_st* stream);
 int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream);
-// Dynamic shared memory of the normal-mode dispatch and combine kernels.
-uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels);
+// Dynamic shared memory of the normal-mode dispatch and combine kernels: the int tables only.
+uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch);
+// All dynamic shared memory a dispatch (op = kOpDispatch) or combine launch of these
+// parameters needs, bulk-copy rings included.
+uint64_t intranodeSharedBytes(const IntranodeParams& params, int op);
 // Developer timeline of the last call of op (kOp*) for `blocks` blocks: fills out[blocks][N]
 // with global-timer stamps and returns N, or -1 when the library was built without
 // -DMOECOMM_KERNEL_PROFILE.

@@ -46,6 +46,17 @@ constexpr int kOpDispatch = 1;
 constexpr int kOpCombine = 2;
 constexpr int kOps = 3;
 
+// Developer variants of the normal-mode receivers (MOECOMM_EP_DISPATCH_VARIANT,
+// MOECOMM_EP_COMBINE_VARIANT; docs/ep-normal-gpu.md, "Variants"). 0 is the default kernel.
+constexpr int kDispatchVariantRegisters = 0;  // lanes copy rows out through registers
+constexpr int kDispatchVariantBulk = 1;       // bulk copies staging -> shared ring -> output
+constexpr int kDispatchVariantPrefetch = 2;   // senders prefetch rows into a shared ring by bulk copies
+constexpr int kDispatchVariants = 3;
+constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
+constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
+constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
+constexpr int kCombineVariants = 3;
+
 // Device-resident per-EP state.
 struct EpDeviceState {
   unsigned long long sequence[kOps];  // last completed call per op
@@ -90,7 +101,17 @@ struct IntranodeParams {
   uint64_t rowSrcOffset;
   uint64_t rowExtent;
   int idxStride;             // int64 per token in handleIdx: topk rounded up to even (16-byte rows)
-  uint64_t sharedIntsBytes;  // dynamic shared memory of the dispatch and combine kernels
+  uint64_t sharedIntsBytes;  // dynamic shared memory of the dispatch and combine kernels (int tables)
+  // Fixed when the EP is created (environment): the tail batch, how many of a block's 16 warps
+  // send (the rest receive), the receivers' variants, and the shared-memory ring of the bulk-copy variants
+  // (ringStages stages of ringStageBytes per receiving warp, after the int tables).
+  int sendBatch;  // a sending channel publishes its tail every this many tokens / ordinals
+  int dispatchSendWarps;
+  int combineSendWarps;
+  int dispatchVariant;
+  int combineVariant;
+  int ringStages;
+  int ringStageBytes;
   uint64_t timeoutNs;        // bound of every spin-wait
 
   // The handle's device routing.

@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "device/api.h"
+#include "device/bulk_copy.cuh"
 #include "device/common.cuh"
 #include "ep/dtype.h"
 
@@ -36,8 +37,7 @@ __shared__ int sSendWarps;
 #define kRecvWarps (kWarps - sSendWarps)
 #define kSendThreads (sSendWarps * 32)
 #define kRecvThreads ((kWarps - sSendWarps) * 32)
-constexpr int kDispatchSendWarps = 6;
-constexpr int kCombineSendWarps = 6;
+// Dispatch and combine take theirs from the parameters (MOECOMM_EP_*_SEND_WARPS, default 6).
 constexpr int kNotifySendWarps = 8;
 
 __device__ __forceinline__ void setSplit(int sendWarps) {
@@ -47,8 +47,9 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
 constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
-// A sending channel publishes its tail every this many tokens (dispatch) or ordinals (combine).
-constexpr int kBatch = 32;
+// A sending channel publishes its tail every kBatch tokens (dispatch) or ordinals (combine):
+// a template argument of the dispatch and combine kernels, one of kSendBatches
+// (MOECOMM_EP_SEND_BATCH, default 32; a run-time value costs the default kernel spills).
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr int kErrorTimeout = 8;          // moecommTimeout
 constexpr int kCtrlCount = 0;
@@ -234,6 +235,63 @@ __device__ void warpCopy(const uint8_t* src, uint64_t bytes, bool aligned, int n
 }
 
 __device__ __forceinline__ bool aligned16(const void* a) { return (reinterpret_cast<uintptr_t>(a) & 15) == 0; }
+
+// ---- Shared-memory rings of the bulk-copy variants ---------------------------------------
+
+// Dynamic shared memory: [int tables: sharedIntsBytes][per receiving warp and stage, a
+// kRingCtrlBytes control slot: the stage's mbarrier, then what the stage holds][per
+// receiving warp, ringStages buffers of ringStageBytes].
+constexpr int kRingCtrlBytes = 32;
+
+__host__ __device__ inline uint64_t ringCtrlBytes(int recvWarps, int stages) {
+  return (static_cast<uint64_t>(recvWarps) * stages * kRingCtrlBytes + 127) / 128 * 128;
+}
+
+// One receiving warp's ring. Stage k's barrier completes once per use; use n of stage k (the
+// n-th time the stage is filled, n = issued / stages) completes the phase of parity n & 1.
+struct WarpRing {
+  uint8_t* ctrl;     // stages x kRingCtrlBytes
+  uint8_t* buffers;  // stages x stageBytes
+  int stages;
+  int stageBytes;
+  __device__ uint64_t* barrier(int stage) const { return reinterpret_cast<uint64_t*>(ctrl + stage * kRingCtrlBytes); }
+  __device__ int4* meta(int stage) const { return reinterpret_cast<int4*>(ctrl + stage * kRingCtrlBytes + 16); }
+  __device__ uint8_t* buffer(int stage) const { return buffers + static_cast<int64_t>(stage) * stageBytes; }
+};
+
+// The ring of receiving warp `recvWarp` of `recvWarps`; lane 0 initialises its barriers.
+__device__ WarpRing makeWarpRing(const IntranodeParams& p, uint8_t* dynamicShared, int recvWarp, int recvWarps,
+                                 int lane) {
+  WarpRing ring;
+  ring.stages = p.ringStages;
+  ring.stageBytes = p.ringStageBytes;
+  uint8_t* ctrlBase = dynamicShared + p.sharedIntsBytes;
+  ring.ctrl = ctrlBase + static_cast<int64_t>(recvWarp) * ring.stages * kRingCtrlBytes;
+  ring.buffers = ctrlBase + ringCtrlBytes(recvWarps, ring.stages) +
+                 static_cast<int64_t>(recvWarp) * ring.stages * ring.stageBytes;
+  if (lane == 0) {
+    for (int k = 0; k < ring.stages; ++k) mbarrierInit(ring.barrier(k), 1);
+    fenceBarrierInit();
+  }
+  __syncwarp();
+  return ring;
+}
+
+// Bounded wait for a stage's bulk copies (every lane that reads the stage waits itself).
+// False: the wait gave up (timeout or an earlier abort), recorded as a timeout of op.
+__device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int stage, uint32_t parity, int channel,
+                          int op) {
+  if (mbarrierTryWait(ring.barrier(stage), parity)) return true;
+  const uint64_t start = globalTimerNs();
+  for (uint32_t spins = 0;; ++spins) {
+    if (mbarrierTryWait(ring.barrier(stage), parity)) return true;
+    if ((spins & 63) == 0 && (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 ||
+                              globalTimerNs() - start > p.timeoutNs)) {
+      raiseError(p, kErrorTimeout, p.rank, channel, op);
+      return false;
+    }
+  }
+}
 
 // ---- Routing (sending warps of one channel) ----------------------------------------------
 
@@ -430,8 +488,117 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   }
 }
 
+// A rank's own rows can carry their small parts through the stage when each is a whole number
+// of 16-byte chunks at 16-byte aligned addresses (else the bulk variant is not used).
+__device__ __forceinline__ bool selfPartsBulkOk(const IntranodeParams& p) {
+  const bool scalesOk = !p.xIsFp8 || ((p.hidden / 128) % 4 == 0 && aligned16(p.xScales));
+  const bool weightsOk = p.topkWeights == nullptr || (p.topk % 4 == 0 && aligned16(p.topkWeights));
+  return scalesOk && weightsOk;
+}
+
+// ---- Dispatch variant 2: senders prefetch their rows with bulk copies ---------------------
+//
+// Each sending warp keeps a ring of stages, one token per stage laid out as a staged row
+// ([x][scales][ids][weights][token]); lane 0 bulk-loads the x row, its scales, the handle's
+// normalized ids and the weights of the warp's next tokens (across batches) while the lanes
+// copy the oldest token from shared memory to every destination's staging row with 16-byte
+// stores. A token thus costs no load round trip in the sending loop, only stores.
+
+struct SendPrefetch {
+  WarpRing ring;
+  uint32_t issued;
+  uint32_t consumed;
+  int nextToken;  // the warp's next token to load (>= last: none)
+  int nextBase;   // first token of nextToken's batch
+  bool failed;    // a stage wait gave up (timeout): the rest of the tokens are not sent
+};
+
+// The warp's token after t in the sending order (batch by batch, warp-strided inside one).
+template <int kBatch>
+__device__ __forceinline__ void advanceSendToken(int last, int warp, int* token, int* base) {
+  *token += kSendWarps;
+  while (*base < last && *token >= min(*base + kBatch, last)) {
+    *base += kBatch;
+    *token = *base + warp;
+  }
+  if (*base >= last) *token = last;
+}
+
+__device__ void prefetchToken(const IntranodeParams& p, SendPrefetch* f, int t, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int stage = static_cast<int>(f->issued % f->ring.stages);
+  ++f->issued;
+  if (lane == 0) {
+    fenceProxyAsyncShared();  // the lanes' reads of the stage's previous token come first
+    const int scalesPerRow = p.hidden / 128;
+    const uint32_t scalesBytes = p.xIsFp8 ? static_cast<uint32_t>(scalesPerRow) * 4 : 0;
+    const uint32_t idxBytes = static_cast<uint32_t>(p.idxStride) * 8;
+    const uint32_t weightsBytes = p.topkWeights != nullptr ? static_cast<uint32_t>(p.topk) * 4 : 0;
+    uint8_t* buffer = f->ring.buffer(stage);
+    uint64_t* barrier = f->ring.barrier(stage);
+    mbarrierArriveExpectTx(barrier, static_cast<uint32_t>(xBytes) + scalesBytes + idxBytes + weightsBytes);
+    bulkLoad(buffer, static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(t) * xBytes,
+             static_cast<uint32_t>(xBytes), barrier);
+    if (scalesBytes > 0)
+      bulkLoad(buffer + p.rowScalesOffset, p.xScales + static_cast<int64_t>(t) * scalesPerRow, scalesBytes, barrier);
+    bulkLoad(buffer + p.rowIdxOffset, p.handleIdx + static_cast<int64_t>(t) * p.idxStride, idxBytes, barrier);
+    if (weightsBytes > 0)
+      bulkLoad(buffer + p.rowWeightsOffset, p.topkWeights + static_cast<int64_t>(t) * p.topk, weightsBytes, barrier);
+  }
+}
+
+// Sends token t (the oldest prefetched one) to every rank with posRow[d] >= 0 but this one.
+template <int kBatch>
+__device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
+                                    int last, int warp, int lane) {
+  while (!f->failed && f->issued - f->consumed < static_cast<uint32_t>(f->ring.stages) && f->nextToken < last) {
+    prefetchToken(p, f, f->nextToken, lane);
+    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
+  }
+  __syncwarp();
+  const int stage = static_cast<int>(f->consumed % f->ring.stages);
+  const uint32_t parity = (f->consumed / f->ring.stages) & 1;
+  ++f->consumed;
+  if (f->failed) return;
+  const int ok = waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+  if (!__all_sync(0xffffffffu, ok != 0)) {
+    f->failed = true;
+    return;
+  }
+  uint8_t* buffer = f->ring.buffer(stage);
+  // The parts the loads did not fill: the token, and zero weights when the caller has none.
+  if (lane == 0) *reinterpret_cast<int*>(buffer + p.rowSrcOffset) = t;
+  if (p.topkWeights == nullptr && lane < p.topk) reinterpret_cast<float*>(buffer + p.rowWeightsOffset)[lane] = 0.0f;
+  __syncwarp();
+  const int R = p.numRanks;
+  const int4* src = reinterpret_cast<const int4*>(buffer);
+  const int64_t n = static_cast<int64_t>(p.rowExtent / 16);
+  constexpr int kVectors = 8;  // 16-byte shared loads per lane ahead of their stores
+  for (int64_t i0 = lane; i0 < n; i0 += 32 * kVectors) {
+    int4 v[kVectors];
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k) {
+      const int64_t i = i0 + 32 * k;
+      if (i < n) v[k] = src[i];
+    }
+    for (int d = 0; d < R; ++d) {
+      const int ordinal = posRow[d];
+      if (ordinal < 0 || d == p.rank) continue;
+      int4* dst =
+          reinterpret_cast<int4*>(stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal));
+#pragma unroll
+      for (int k = 0; k < kVectors; ++k) {
+        const int64_t i = i0 + 32 * k;
+        if (i < n) dst[i] = v[k];
+      }
+    }
+  }
+  __syncwarp();  // every lane read the stage: it may be refilled
+}
+
+template <int kBatch, bool kPrefetch>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
-                             int* posBatch) {
+                             int* posBatch, uint8_t* dynamicShared) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int R = p.numRanks;
@@ -448,6 +615,16 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
+  SendPrefetch prefetch{};
+  if (kPrefetch) {
+    prefetch.ring = makeWarpRing(p, dynamicShared, warp, kSendWarps, lane);
+    prefetch.nextBase = first;
+    prefetch.nextToken = first + warp;
+    prefetch.nextToken -= kSendWarps;  // advance to the warp's first token
+    advanceSendToken<kBatch>(last, warp, &prefetch.nextToken, &prefetch.nextBase);
+    if (lane == 0) fenceProxyAsyncGlobal();  // the ids routeChannel just wrote, read by bulk copies
+    __syncwarp();
+  }
   for (int base = first; base < last; base += kBatch) {
     const int n = min(kBatch, last - base);
     // The batch's positions, staged once; sent[d] = rows for d up to the end of the batch.
@@ -458,8 +635,13 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int j = warp; j < n; j += kSendWarps)
-      sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
+    for (int j = warp; j < n; j += kSendWarps) {
+      if (kPrefetch) {
+        sendPrefetchedToken<kBatch>(p, &prefetch, channel, base + j, posBatch + j * R, last, warp, lane);
+      } else {
+        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
+      }
+    }
     groupBarrier(kBarrierSend, kSendThreads);
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
       __threadfence_system();
@@ -507,7 +689,9 @@ __device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAli
 }
 
 // One warp copies a received row out to the caller's buffers (received row `row` from source
-// rank `source`). Every load is issued before any store.
+// rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
+// row (the bulk-copy variant moves that).
+template <bool kCopyX = true>
 __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int row, int source, bool scalesVec,
                            int lane) {
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
@@ -526,9 +710,11 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
   const bool scalesLane = wantScales && vectorScales && lane < scalesPerRow / 4;
   int4 scales4 = make_int4(0, 0, 0, 0);
   if (scalesLane) scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
-  uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
-  warpCopy<false>(
-      src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
+  if (kCopyX) {
+    uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
+    warpCopy<false>(
+        src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
+  }
   if (wantScales) {
     if (vectorScales) {
       if (scalesLane) reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = scales4;
@@ -556,8 +742,226 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
   }
 }
 
+// ---- Dispatch variant 1: rows copied out by the bulk-copy engine ------------------------
+//
+// Lane 0 of each receiving warp moves its rows through a ring of shared-memory stages with
+// bulk copies: a row's x in pieces of up to one stage, the last piece also carrying the
+// row's other parts (scales, ids, weights, source token) at their staged-row offsets, so a
+// received row costs no round trip through the lanes' registers. A staged row is loaded as
+// one contiguous range; a rank's own row is gathered from the caller's x and scales and the
+// handle's ids and weights (lane 0 writes the token itself). When the last piece is in, the
+// lanes write the small parts to the outputs from shared memory and lane 0 stores the x bytes
+// with one bulk store per piece. stages - 1 loads stay in flight besides the newest store.
+
+constexpr int kPieceLast = 1 << 16;       // the stage holds the row's other parts too
+constexpr int kPieceNoWeights = 1 << 17;  // a rank's own row without dispatch weights: zeros
+
+// Lane 0's state of one warp's pipeline; it lives across rounds of tails.
+struct DispatchBulkState {
+  uint32_t issued;  // pieces whose loads were issued
+  uint32_t stored;  // pieces consumed (each committed one bulk group, maybe empty)
+  bool failed;      // a stage wait gave up: no more bulk copies this call
+};
+
+// Writes a row's small parts (read from a stage holding its last piece, which starts at
+// `offset` of the row) to the caller's outputs, as receiveRow does from registers.
+__device__ void storeRowParts(const IntranodeParams& p, const uint8_t* stage, uint64_t offset, int row, int source,
+                              int flags, bool scalesVec, int lane) {
+  const int scalesPerRow = p.hidden / 128;
+  const int localExperts = p.numExperts / p.numRanks;
+  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    const float* scales = reinterpret_cast<const float*>(stage + p.rowScalesOffset - offset);
+    if (scalesVec) {
+      if (lane < scalesPerRow / 4)
+        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] =
+            reinterpret_cast<const int4*>(scales)[lane];
+    } else {
+      for (int k = lane; k < scalesPerRow; k += 32)
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
+    }
+  }
+  if (lane < p.topk) {
+    const int64_t id = reinterpret_cast<const int64_t*>(stage + p.rowIdxOffset - offset)[lane];
+    const float* weights = reinterpret_cast<const float*>(stage + p.rowWeightsOffset - offset);
+    const float weight = (flags & kPieceNoWeights) != 0 ? 0.0f : weights[lane];
+    const bool local = id >= firstLocal && id < firstLocal + localExperts;
+    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
+    if (p.recvTopkIdx != nullptr) {
+      const int64_t localId = local ? id - firstLocal : -1;
+      if (p.topkIdxIs64) {
+        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+      } else {
+        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+      }
+    }
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
+  }
+  if (lane == 0) {
+    p.srcRank[row] = source;
+    p.srcIndex[row] = *reinterpret_cast<const int*>(stage + p.rowSrcOffset - offset);
+  }
+}
+
+// Consumes the oldest piece: waits for its loads, writes the small parts if it carries them,
+// then lane 0 stores its x bytes. False: a load never completed (timeout).
+__device__ bool dispatchStorePiece(const IntranodeParams& p, const WarpRing& ring, DispatchBulkState* state,
+                                   int channel, bool scalesVec, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int stage = static_cast<int>(state->stored % ring.stages);
+  const uint32_t parity = (state->stored / ring.stages) & 1;
+  ++state->stored;
+  // Lane 0 waits first (it alone stores x); lanes that read the stage wait themselves too.
+  int ok = 1;
+  if (lane == 0) ok = waitStage(p, ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+  if (__shfl_sync(0xffffffffu, ok, 0) == 0) return false;
+  const int4 meta = *ring.meta(stage);  // row, offset in the row, x bytes to store, source | flags
+  const uint8_t* buffer = ring.buffer(stage);
+  if ((meta.w & kPieceLast) != 0) {
+    if (lane != 0) ok = waitStage(p, ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+    if (__all_sync(0xffffffffu, ok != 0)) {
+      storeRowParts(p, buffer, static_cast<uint64_t>(meta.y), meta.x, meta.w & 0xffff, meta.w, scalesVec, lane);
+    }
+  }
+  if (lane == 0) {
+    if (meta.z > 0) {
+      bulkStore(static_cast<uint8_t*>(p.recvX) + static_cast<uint64_t>(meta.x) * xBytes + meta.y, buffer,
+                static_cast<uint32_t>(meta.z));
+    }
+    bulkCommit();  // one group per piece (empty without x bytes), see dispatchIssuePiece
+  }
+  __syncwarp();  // every lane is done with the stage: it may be refilled
+  return true;
+}
+
+// Issues the loads of one piece of received row `row` into the next stage: x bytes [offset,
+// offset + xPart) and, for the last piece, the row's small parts. Lane 0 issues; warp-uniform.
+__device__ void dispatchIssuePiece(const IntranodeParams& p, const WarpRing& ring, DispatchBulkState* state, int row,
+                                   int source, int token, const uint8_t* staged, uint64_t offset, uint32_t xPart,
+                                   bool last, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const int stage = static_cast<int>(state->issued % ring.stages);
+  ++state->issued;
+  if (lane == 0) {
+    // The stage's previous store is not the newest bulk group (issued < stored + stages - 1,
+    // one group per piece), so waiting for all but the newest frees the stage.
+    if (state->issued > static_cast<uint32_t>(ring.stages)) bulkWaitRead<1>();
+    uint8_t* buffer = ring.buffer(stage);
+    uint64_t* barrier = ring.barrier(stage);
+    int flags = source;
+    if (last) flags |= kPieceLast;
+    if (last && staged == nullptr && p.topkWeights == nullptr) flags |= kPieceNoWeights;
+    *ring.meta(stage) = make_int4(row, static_cast<int>(offset), static_cast<int>(xPart), flags);
+    if (staged != nullptr) {
+      // A staged row: x and the small parts are contiguous, [offset, rowExtent) for the last piece.
+      const uint32_t bytes = last ? static_cast<uint32_t>(p.rowExtent - offset) : xPart;
+      mbarrierArriveExpectTx(barrier, bytes);
+      bulkLoad(buffer, staged + offset, bytes, barrier);
+    } else {
+      const int scalesPerRow = p.hidden / 128;
+      const uint32_t scalesBytes = last && p.xIsFp8 ? static_cast<uint32_t>(scalesPerRow) * 4 : 0;
+      const uint32_t idxBytes = last ? static_cast<uint32_t>(p.idxStride) * 8 : 0;
+      const uint32_t weightsBytes = last && p.topkWeights != nullptr ? static_cast<uint32_t>(p.topk) * 4 : 0;
+      if (last) *reinterpret_cast<int*>(buffer + p.rowSrcOffset - offset) = token;
+      mbarrierArriveExpectTx(barrier, xPart + scalesBytes + idxBytes + weightsBytes);
+      const uint8_t* x = static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(token) * xBytes;
+      if (xPart > 0) bulkLoad(buffer, x + offset, xPart, barrier);
+      if (scalesBytes > 0)
+        bulkLoad(buffer + p.rowScalesOffset - offset, p.xScales + static_cast<int64_t>(token) * scalesPerRow,
+                 scalesBytes, barrier);
+      if (idxBytes > 0)
+        bulkLoad(buffer + p.rowIdxOffset - offset, p.handleIdx + static_cast<int64_t>(token) * p.idxStride, idxBytes,
+                 barrier);
+      if (weightsBytes > 0)
+        bulkLoad(buffer + p.rowWeightsOffset - offset, p.topkWeights + static_cast<int64_t>(token) * p.topk,
+                 weightsBytes, barrier);
+    }
+  }
+  __syncwarp();
+}
+
+// Source and ordinal of the j-th row of this round (rows [done[s], avail[s]) of every s).
+__device__ __forceinline__ void roundRow(int j, const int* done, const int* avail, int* source, int* ordinal) {
+  int s = 0;
+  int i = j;
+  while (i >= avail[s] - done[s]) {
+    i -= avail[s] - done[s];
+    ++s;
+  }
+  *source = s;
+  *ordinal = done[s] + i;
+}
+
+// This warp's rows of one round: rows j = warp, warp + warps, ... of the round.
+__device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, const WarpRing& ring,
+                                     DispatchBulkState* state, const int* offsets, const int* done, const int* avail,
+                                     int pending, bool scalesVec, int warp, int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const uint64_t partsBytes = p.rowExtent - xBytes;
+  if (lane == 0) fenceProxyAsyncGlobal();  // the staged rows behind the tails just acquired
+  __syncwarp();
+  int k = 0;            // the warp's row index in this round (row j = warp + k * warps)
+  int tokens = -1;      // lane l: token of the warp's row tokensFrom + l if it is a rank's own row
+  int tokensFrom = -1;  // the k of lane 0's entry
+  // The row being loaded (row < 0: none).
+  int row = -1;
+  int source = 0;
+  int token = 0;
+  const uint8_t* staged = nullptr;
+  uint64_t offset = 0;
+  for (;;) {
+    while (!state->failed && state->issued < state->stored + ring.stages - 1) {
+      if (row < 0) {
+        const int j = warp + k * kRecvWarps;
+        if (j >= pending) break;
+        if (k - tokensFrom >= 32 || tokensFrom < 0) {
+          // The tokens of the next 32 rows that are this rank's own, one round trip for all.
+          tokensFrom = k;
+          const int jl = warp + (k + lane) * kRecvWarps;
+          tokens = -1;
+          if (jl < pending) {
+            int s = 0;
+            int ordinal = 0;
+            roundRow(jl, done, avail, &s, &ordinal);
+            if (s == p.rank) tokens = p.selfToken[channel * p.chunkRows + ordinal];
+          }
+        }
+        int ordinal = 0;
+        roundRow(j, done, avail, &source, &ordinal);
+        token = __shfl_sync(0xffffffffu, tokens, k - tokensFrom);
+        ++k;
+        row = offsets[source] + ordinal;
+        if (row >= p.recvCapacity) {
+          row = -1;
+          continue;
+        }
+        staged = source == p.rank
+                     ? nullptr
+                     : stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, source, channel, ordinal);
+        offset = 0;
+      }
+      // x in pieces of a stage; the small parts ride with the last x piece when they fit, else
+      // they come alone (a piece with no x bytes).
+      const uint64_t left = xBytes - offset;
+      const uint32_t xPart = static_cast<uint32_t>(min(left, static_cast<uint64_t>(ring.stageBytes)));
+      const bool last = left == 0 || (left <= static_cast<uint64_t>(ring.stageBytes) &&
+                                      left + partsBytes <= static_cast<uint64_t>(ring.stageBytes));
+      dispatchIssuePiece(p, ring, state, row, source, token, staged, offset, xPart, last, lane);
+      offset += xPart;
+      if (last) row = -1;
+    }
+    if (state->stored == state->issued) {
+      if (state->failed || (row < 0 && warp + k * kRecvWarps >= pending)) break;
+      continue;
+    }
+    if (!dispatchStorePiece(p, ring, state, channel, scalesVec, lane)) state->failed = true;
+  }
+  // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
+}
+
+template <int kVariant>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
-                                int* done, int* avail, int* flag, int* rowsTable) {
+                                int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
   const int lane = threadIdx.x & 31;
   const int warp = tid >> 5;
@@ -614,6 +1018,10 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 
   const bool recvAligned = aligned16(p.recvX);
   const bool scalesVec = scalesVectorOk(p, p.recvXScales);
+  WarpRing ring{};
+  DispatchBulkState bulk{0, 0, false};
+  constexpr bool bulkRows = kVariant == kDispatchVariantBulk;  // (dispatchKernel checked the alignment)
+  if (bulkRows) ring = makeWarpRing(p, dynamicShared, warp, kRecvWarps, lane);
   for (;;) {
     // Warp 0 polls the tails until one moved or everything arrived.
     if (warp == 0) {
@@ -662,7 +1070,10 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     // Rows [done[s], avail[s]) of every source, spread over the receiving warps.
     int pending = 0;
     for (int s = 0; s < R; ++s) pending += avail[s] - done[s];
-    for (int j = warp; j < pending; j += kRecvWarps) {
+    if (bulkRows) {
+      dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
+    }
+    for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
       int s = 0;
       int i = j;
       while (i >= avail[s] - done[s]) {
@@ -683,6 +1094,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
     groupBarrier(kBarrierRecv, kRecvThreads);
   }
+  // Bulk stores still writing recvX complete before the block ends.
+  if (bulkRows && lane == 0) bulkWait<0>();
   MC_PROFILE(kOpDispatch, 7, kSendThreads);
   // This channel's staging of this call is consumed: let every source reuse it.
   for (int s = tid; s < R; s += kRecvThreads)
@@ -690,9 +1103,10 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [kBatch * R], rows of every (channel, source) count word [C * R].
+// a batch [sendBatch * R], rows of every (channel, source) count word [C * R].
+template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
-  extern __shared__ int shared[];
+  extern __shared__ __align__(16) int shared[];
   __shared__ int scratch[kWarps];
   __shared__ int flag;
   const int R = p.numRanks;
@@ -702,15 +1116,29 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* done = counts + R;
   int* avail = done + R;
   int* posBatch = avail + R;
-  int* rowsTable = posBatch + kBatch * R;
+  int* rowsTable = posBatch + p.sendBatch * R;  // the table is sized for the run-time batch
   const int channel = blockIdx.x;
-  setSplit(kDispatchSendWarps);
+  setSplit(p.dispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
   MC_PROFILE(kOpDispatch, 0, 0);
   if (threadIdx.x < kSendThreads) {
-    dispatchSend(p, channel, sequence, scratch, sent, posBatch);
+    // Prefetching senders read x, scales and weights by bulk copies (16-byte aligned chunks).
+    if (kVariant == kDispatchVariantPrefetch && aligned16(p.x) && selfPartsBulkOk(p)) {
+      dispatchSend<kBatch, true>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+    } else {
+      dispatchSend<kBatch, false>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+    }
   } else {
-    dispatchReceive(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable);
+    // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
+    // itself the caller's x and scales (the register path falls back to bytes).
+    if (kVariant == kDispatchVariantBulk && aligned16(p.recvX) && aligned16(p.x) && selfPartsBulkOk(p) &&
+        p.rowExtent - static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2) <= static_cast<uint64_t>(p.ringStageBytes)) {
+      dispatchReceive<kDispatchVariantBulk>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
+                                            reinterpret_cast<uint8_t*>(shared));
+    } else {
+      dispatchReceive<kDispatchVariantRegisters>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
+                                                 reinterpret_cast<uint8_t*>(shared));
+    }
   }
   finishCall(p, kOpDispatch, sequence);
   MC_PROFILE(kOpDispatch, 8, 0);
@@ -720,6 +1148,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
 
 // Sends back the rows this rank received on channel c, ordinal-major across sources so every
 // source's receiver progresses at the same pace.
+template <int kBatch>
 __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -875,12 +1304,78 @@ __device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_
   }
 }
 
+// Deeper register pipeline (combine variant 1) for at most 2 ranks and no bias: one pass
+// loads kGroup chunks of both rows (2 x 6 vectors in flight per lane, 1.5x the default; 7
+// spills under the kernel's 128-register cap) and finishes each sum at once, so no
+// accumulator outlives a pass. Order per element: +0.0f, then rank 0, then rank 1, as the
+// default path and the host reference.
+__device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+  constexpr int kGroup = 6;
+  const int chunks = p.hidden / 8;
+  uint4* out = static_cast<uint4*>(p.combinedX) + t * chunks;
+  const int o0 = pos[0];
+  const int o1 = p.numRanks > 1 ? pos[1] : -1;
+  const uint4* row0 = o0 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 0, o0));
+  const uint4* row1 = o1 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 1, o1));
+  // A missing row reads as -0.0f (0x8000): +0.0f + -0.0f == +0.0f and x + -0.0f == x, so adding
+  // it changes no bit of any sum, NaN payloads included; the loads then need no branches.
+  const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
+#pragma unroll 1
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
+    uint4 v0[kGroup], v1[kGroup];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int c = c0 + 32 * g;
+      v0[g] = c < chunks && row0 != nullptr ? row0[c] : negativeZeros;
+      v1[g] = c < chunks && row1 != nullptr ? row1[c] : negativeZeros;
+    }
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int c = c0 + 32 * g;
+      if (c >= chunks) continue;
+      const uint32_t* a = reinterpret_cast<const uint32_t*>(&v0[g]);
+      const uint32_t* b = reinterpret_cast<const uint32_t*>(&v1[g]);
+      uint32_t packed[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float low = __fadd_rn(__fadd_rn(0.0f, __uint_as_float(a[i] << 16)), __uint_as_float(b[i] << 16));
+        const float high =
+            __fadd_rn(__fadd_rn(0.0f, __uint_as_float(a[i] & 0xffff0000u)), __uint_as_float(b[i] & 0xffff0000u));
+        packed[i] = static_cast<uint32_t>(floatToBf16(low)) | (static_cast<uint32_t>(floatToBf16(high)) << 16);
+      }
+      out[c] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+  }
+}
+
+// The weights that came back for token t, summed by rank.
+__device__ __forceinline__ void combineTokenWeights(const IntranodeParams& p, int channel, int64_t t, const int* pos,
+                                                   int lane) {
+  for (int k = lane; k < p.topk; k += 32) {
+    float acc = 0.0f;
+    for (int r = 0; r < p.numRanks; ++r) {
+      if (pos[r] < 0) continue;
+      const float* weights = combineWeightsOf(p, channel, r, pos[r]);
+      acc = __fadd_rn(acc, weights != nullptr ? weights[k] : 0.0f);
+    }
+    p.combinedWeights[t * p.topk + k] = acc;
+  }
+}
+
+// Combine rows may move as 16-byte vectors (else the scalar fallback).
+__device__ __forceinline__ bool combineVectorOk(const IntranodeParams& p) {
+  return aligned16(p.combinedX) && aligned16(p.bias) && aligned16(p.combineX) && p.hidden % 8 == 0;
+}
+
+// Receiving warps (variants 0 and 1): one warp per token, rows read through registers.
+template <int kVariant>
 __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t sequence) {
   const int tid = threadIdx.x - kSendThreads;
   const int lane = threadIdx.x & 31;
   const int warp = tid >> 5;
   const int R = p.numRanks;
-  const bool aligned = aligned16(p.combinedX) && aligned16(p.bias) && aligned16(p.combineX) && p.hidden % 8 == 0;
+  const bool aligned = combineVectorOk(p);
+  const bool deep = kVariant == kCombineVariantDeep && R <= 2 && p.bias == nullptr;
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
@@ -900,22 +1395,14 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     }
     __syncwarp();
     if (t == first) MC_PROFILE(kOpCombine, 6, kSendThreads);
-    if (aligned) {
-      combineToken(p, channel, t, pos, lane);
-    } else {
+    if (!aligned) {
       combineTokenScalar(p, channel, t, pos, lane);
+    } else if (deep) {
+      combineTokenPairDeep(p, channel, t, pos, lane);
+    } else {
+      combineToken(p, channel, t, pos, lane);
     }
-    if (p.combinedWeights != nullptr) {
-      for (int k = lane; k < p.topk; k += 32) {
-        float acc = 0.0f;
-        for (int r = 0; r < R; ++r) {
-          if (pos[r] < 0) continue;
-          const float* weights = combineWeightsOf(p, channel, r, pos[r]);
-          acc = __fadd_rn(acc, weights != nullptr ? weights[k] : 0.0f);
-        }
-        p.combinedWeights[t * p.topk + k] = acc;
-      }
-    }
+    if (p.combinedWeights != nullptr) combineTokenWeights(p, channel, t, pos, lane);
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
   MC_PROFILE(kOpCombine, 7, kSendThreads);
@@ -923,16 +1410,197 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
+// ---- Combine variant 2: rows staged through shared memory by the bulk-copy engine ---------
+//
+// Each receiving warp owns a ring of stages. A stage holds one slice (a run of 16-byte
+// chunks) of one token: that slice of every row the token sums (ranks ascending, then the
+// bias), one after the other. Up to `stages` slices are in flight per warp while the warp
+// reduces the oldest one from shared memory, so a warp keeps ~stages x stageBytes moving
+// instead of the 4 KiB of the register path. The lane of rank r issues rank r's bulk copy
+// (lane R the bias's) after it acquired r's tail, so no lane shuffles pointers. The sums are
+// the default path's, in the same order, so results are bitwise equal.
+
+// What one token sums and how it is sliced; lane r < R holds rank r's row (nullptr: none),
+// lane R the bias row.
+struct CombinePlan {
+  const uint8_t* source;
+  uint32_t mask;    // lanes holding a source
+  int sources;      // popcount(mask)
+  int sliceChunks;  // chunks per source per stage
+  int slices;
+};
+
+__device__ CombinePlan planCombineToken(const IntranodeParams& p, int channel, int64_t t, int lane, int stageChunks) {
+  const int R = p.numRanks;
+  const int chunks = p.hidden / 8;
+  CombinePlan plan;
+  plan.source = nullptr;
+  if (lane < R) {
+    const int ordinal = p.pos[t * R + lane];
+    if (ordinal >= 0) plan.source = combineRowOf(p, channel, lane, ordinal);
+  } else if (lane == R && p.bias != nullptr) {
+    plan.source = static_cast<const uint8_t*>(p.bias) + t * static_cast<int64_t>(chunks) * 16;
+  }
+  plan.mask = __ballot_sync(0xffffffffu, plan.source != nullptr);
+  plan.sources = __popc(plan.mask);
+  int slice = stageChunks / max(1, plan.sources);
+  if (slice >= 32) slice = slice / 32 * 32;  // whole warp-widths when they fit
+  plan.sliceChunks = max(1, min(chunks, slice));
+  plan.slices = (chunks + plan.sliceChunks - 1) / plan.sliceChunks;
+  return plan;
+}
+
+// Waits for the tails behind token t's staged rows (lane r: rank r), then makes them visible
+// to the bulk-copy engine in the lanes that will issue the copies.
+__device__ void combineAwaitToken(const IntranodeParams& p, int channel, uint64_t sequence, int64_t t,
+                                  const CombinePlan& plan, int lane, int* known) {
+  const int R = p.numRanks;
+  if (lane < R && lane != p.rank) {
+    const int ordinal = p.pos[t * R + lane];
+    if (ordinal >= 0 && *known <= ordinal) {
+      const uint64_t word = waitWord(
+          p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, lane),
+          [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, lane, channel, kOpCombine);
+      *known = rowsOf(word, sequence);
+    }
+  }
+  if (plan.source != nullptr && lane < R && lane != p.rank) fenceProxyAsyncGlobal();
+  __syncwarp();
+}
+
+// One look at the tails behind token t's staged rows: true when all arrived (no waiting).
+__device__ bool combineTokenArrived(const IntranodeParams& p, int channel, uint64_t sequence, int64_t t, int lane,
+                                    int* known) {
+  const int R = p.numRanks;
+  bool arrived = true;
+  if (lane < R && lane != p.rank) {
+    const int ordinal = p.pos[t * R + lane];
+    if (ordinal >= 0 && *known <= ordinal) {
+      const int rows = rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, lane)), sequence);
+      *known = max(*known, rows);
+      arrived = rows > ordinal;
+    }
+  }
+  return __all_sync(0xffffffffu, arrived);
+}
+
+// Fills `stage` with slice `slice` of the planned token t: lane 0 announces the bytes, then
+// every lane with a source copies its part.
+__device__ void combineIssueSlice(const IntranodeParams& p, const WarpRing& ring, int stage, int64_t t,
+                                  const CombinePlan& plan, int slice, int lane) {
+  const int chunks = p.hidden / 8;
+  const int firstChunk = slice * plan.sliceChunks;
+  const int n = min(plan.sliceChunks, chunks - firstChunk);
+  if (lane == 0) {
+    *ring.meta(stage) = make_int4(static_cast<int>(t), firstChunk, n, (plan.sliceChunks << 8) | plan.sources);
+    mbarrierArriveExpectTx(ring.barrier(stage), static_cast<uint32_t>(plan.sources * n * 16));
+  }
+  __syncwarp();
+  if (plan.source != nullptr) {
+    const int index = __popc(plan.mask & ((1u << lane) - 1));
+    bulkLoad(ring.buffer(stage) + static_cast<int64_t>(index) * plan.sliceChunks * 16,
+             plan.source + static_cast<int64_t>(firstChunk) * 16, static_cast<uint32_t>(n) * 16, ring.barrier(stage));
+  }
+}
+
+// Reduces a filled stage into the output. Returns the stage's token if this slice was its
+// last, else -1.
+__device__ int64_t combineReduceSlice(const IntranodeParams& p, const WarpRing& ring, int stage, int lane) {
+  const int chunks = p.hidden / 8;
+  const int4 meta = *ring.meta(stage);
+  const int64_t t = meta.x;
+  const int firstChunk = meta.y;
+  const int n = meta.z;
+  const int sliceChunks = meta.w >> 8;
+  const int sources = meta.w & 0xff;
+  const uint4* staged = reinterpret_cast<const uint4*>(ring.buffer(stage));
+  uint4* out = static_cast<uint4*>(p.combinedX) + t * chunks + firstChunk;
+  for (int c = lane; c < n; c += 32) {
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int src = 0; src < sources; ++src) {
+      const uint4 v = staged[src * sliceChunks + c];
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+    }
+    uint4 result;
+    uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
+    out[c] = result;
+  }
+  __syncwarp();  // every lane read the stage: it may be refilled
+  return firstChunk + n == chunks ? t : -1;
+}
+
+__device__ void combineReceiveBulk(const IntranodeParams& p, int channel, uint64_t sequence, uint8_t* dynamicShared) {
+  const int tid = threadIdx.x - kSendThreads;
+  const int lane = threadIdx.x & 31;
+  const int warp = tid >> 5;
+  const int R = p.numRanks;
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  const WarpRing ring = makeWarpRing(p, dynamicShared, warp, kRecvWarps, lane);
+  const int stageChunks = ring.stageBytes / 16;
+  int known = 0;  // rows of rank `lane` known to have arrived
+  // Producer: the next slice to issue; consumer: the next stage to reduce.
+  int64_t nextToken = first + warp;
+  int nextSlice = 0;
+  CombinePlan plan{};
+  bool planReady = false;  // the next token's rows arrived and are visible to the copy engine
+  if (nextToken < last) plan = planCombineToken(p, channel, nextToken, lane, stageChunks);
+  uint32_t issued = 0;
+  uint32_t reduced = 0;
+  for (;;) {
+    while (issued - reduced < static_cast<uint32_t>(ring.stages) && nextToken < last) {
+      if (!planReady) {
+        // Rows not there yet: reduce what is in flight first, wait only with nothing to do.
+        if (issued != reduced && !combineTokenArrived(p, channel, sequence, nextToken, lane, &known)) break;
+        combineAwaitToken(p, channel, sequence, nextToken, plan, lane, &known);
+        if (nextToken == first + warp) MC_PROFILE(kOpCombine, 6, kSendThreads);
+        planReady = true;
+      }
+      combineIssueSlice(p, ring, static_cast<int>(issued % ring.stages), nextToken, plan, nextSlice, lane);
+      ++issued;
+      if (++nextSlice == plan.slices) {
+        nextSlice = 0;
+        nextToken += kRecvWarps;
+        planReady = false;
+        if (nextToken < last) plan = planCombineToken(p, channel, nextToken, lane, stageChunks);
+      }
+    }
+    if (reduced == issued) break;
+    const int stage = static_cast<int>(reduced % ring.stages);
+    if (!waitStage(p, ring, stage, (reduced / ring.stages) & 1, channel, kOpCombine)) break;
+    const int64_t finished = combineReduceSlice(p, ring, stage, lane);
+    ++reduced;
+    if (finished >= 0 && p.combinedWeights != nullptr)
+      combineTokenWeights(p, channel, finished, p.pos + finished * R, lane);
+  }
+  groupBarrier(kBarrierRecv, kRecvThreads);
+  MC_PROFILE(kOpCombine, 7, kSendThreads);
+  for (int r = tid; r < R; r += kRecvThreads)
+    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+}
+
+template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) {
-  extern __shared__ int shared[];
+  extern __shared__ __align__(16) int shared[];
   const int channel = blockIdx.x;
-  setSplit(kCombineSendWarps);
+  setSplit(p.combineSendWarps);
   const uint64_t sequence = readSequence(p, kOpCombine);
   MC_PROFILE(kOpCombine, 0, 0);
   if (threadIdx.x < kSendThreads) {
-    combineSend(p, channel, sequence, shared, shared + p.numRanks);
+    combineSend<kBatch>(p, channel, sequence, shared, shared + p.numRanks);
+  } else if (kVariant == kCombineVariantBulk && p.numRanks < 32 && combineVectorOk(p)) {
+    combineReceiveBulk(p, channel, sequence, reinterpret_cast<uint8_t*>(shared));
+  } else if (kVariant == kCombineVariantBulk) {
+    combineReceive<kCombineVariantRegisters>(p, channel, sequence);  // unaligned buffers or > 31 ranks
   } else {
-    combineReceive(p, channel, sequence);
+    combineReceive<kVariant>(p, channel, sequence);
   }
   finishCall(p, kOpCombine, sequence);
   MC_PROFILE(kOpCombine, 8, 0);
@@ -959,32 +1627,83 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
   return cudaGetLastError();
 }
 
-uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels) {
+uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (5 + static_cast<uint64_t>(kBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
+      (5 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
+}
+
+uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
+  // Rings per receiving warp (bulk variants) or per sending warp (dispatch prefetch).
+  int ringWarps = 0;
+  if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantBulk)
+    ringWarps = kWarps - params.dispatchSendWarps;
+  if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantPrefetch) ringWarps = params.dispatchSendWarps;
+  if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
+  if (ringWarps == 0) return params.sharedIntsBytes;
+  return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
+         static_cast<uint64_t>(ringWarps) * params.ringStages * params.ringStageBytes;
 }
 
 namespace {
 // Dynamic shared memory beyond the 48 KiB default must be allowed per kernel first.
 template <typename Kernel>
-int launchIntranode(Kernel kernel, const IntranodeParams& params, cudaStream_t stream) {
-  if (params.sharedIntsBytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(params.sharedIntsBytes));
+int launchIntranode(Kernel kernel, const IntranodeParams& params, uint64_t sharedBytes, cudaStream_t stream) {
+  if (sharedBytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sharedBytes));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<params.numChannels, kThreads, params.sharedIntsBytes, stream>>>(params);
+  kernel<<<params.numChannels, kThreads, sharedBytes, stream>>>(params);
   return cudaGetLastError();
 }
 }  // namespace
 
+namespace {
+template <int kBatch>
+int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
+  if (params.dispatchVariant == kDispatchVariantBulk)
+    return launchIntranode(dispatchKernel<kDispatchVariantBulk, kBatch>, params, bytes, stream);
+  if (params.dispatchVariant == kDispatchVariantPrefetch)
+    return launchIntranode(dispatchKernel<kDispatchVariantPrefetch, kBatch>, params, bytes, stream);
+  return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
+}
+
+template <int kBatch>
+int launchCombineBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
+  switch (params.combineVariant) {
+    case kCombineVariantDeep:
+      return launchIntranode(combineKernel<kCombineVariantDeep, kBatch>, params, bytes, stream);
+    case kCombineVariantBulk:
+      return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
+    default:
+      return launchIntranode(combineKernel<kCombineVariantRegisters, kBatch>, params, bytes, stream);
+  }
+}
+}  // namespace
+
 int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) {
-  return launchIntranode(dispatchKernel, params, stream);
+  const uint64_t bytes = intranodeSharedBytes(params, kOpDispatch);
+  switch (params.sendBatch) {
+    case 64:
+      return launchDispatchBatch<64>(params, bytes, stream);
+    case 128:
+      return launchDispatchBatch<128>(params, bytes, stream);
+    default:
+      return launchDispatchBatch<32>(params, bytes, stream);
+  }
 }
 
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream) {
-  return launchIntranode(combineKernel, params, stream);
+  const uint64_t bytes = intranodeSharedBytes(params, kOpCombine);
+  switch (params.sendBatch) {
+    case 64:
+      return launchCombineBatch<64>(params, bytes, stream);
+    case 128:
+      return launchCombineBatch<128>(params, bytes, stream);
+    default:
+      return launchCombineBatch<32>(params, bytes, stream);
+  }
 }
 
 }  // namespace device

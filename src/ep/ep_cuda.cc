@@ -88,7 +88,7 @@ class CudaEpBackend : public EpBackend {
     setRowLayout(&p, true);
     p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
     p.combineRowBytes = align16(2 * H + 4 * K);
-    p.sharedIntsBytes = device::intranodeSharedIntsBytes(R, channels);
+    MC_CHECK(setVariants(&p));
 
     const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
     p.ctrlOffset = 0;
@@ -194,6 +194,7 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = target->numTokens;
     p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
     setRowLayout(&p, p.xIsFp8 != 0);
+    if (p.dispatchVariant == device::kDispatchVariantPrefetch) fitSendPrefetch(&p);
     p.x = args->x;
     p.xScales = args->xScales;
     p.topkIdx = args->topkIdx;
@@ -347,6 +348,68 @@ class CudaEpBackend : public EpBackend {
     buffer_.reset();
   }
 
+  // The developer variants of the normal-mode kernels (docs/ep-normal-gpu.md, "Variants"),
+  // read once from the environment; out-of-range values fall back to the defaults with a
+  // warning. A bulk-copy ring is shrunk to fit the device's shared memory per block.
+  moecommResult_t setVariants(device::IntranodeParams* p) {
+    auto pick = [&](Env id, const char* name, int low, int high, int fallback) {
+      const int64_t value = envInt(id);
+      if (value >= low && value <= high) return static_cast<int>(value);
+      MC_WARN(kLogEp, "rank %d: %s=%lld is outside [%d, %d]; using %d", ep_->rank, name,
+              static_cast<long long>(value), low, high, fallback);
+      return fallback;
+    };
+    p->sendBatch = static_cast<int>(envInt(Env::EpSendBatch));
+    if (p->sendBatch != 32 && p->sendBatch != 64 && p->sendBatch != 128) {
+      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_SEND_BATCH=%d is not 32, 64 or 128; using 32", ep_->rank, p->sendBatch);
+      p->sendBatch = 32;
+    }
+    p->sharedIntsBytes = device::intranodeSharedIntsBytes(p->numRanks, p->numChannels, p->sendBatch);
+    p->dispatchSendWarps = pick(Env::EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", 1, 15, 6);
+    p->combineSendWarps = pick(Env::EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", 1, 15, 6);
+    p->dispatchVariant =
+        pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
+    p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 0);
+    p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
+    p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
+    int limit = 0;
+    MC_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ep_->comm->device));
+    // Static shared memory of the kernels is well under 1 KiB.
+    const uint64_t budget = static_cast<uint64_t>(std::max(0, limit - 1024));
+    sharedBudget_ = budget;
+    const int requested = p->ringStages;
+    while (p->ringStages > 2 && std::max(device::intranodeSharedBytes(*p, device::kOpDispatch),
+                                         device::intranodeSharedBytes(*p, device::kOpCombine)) > budget) {
+      --p->ringStages;
+    }
+    if (std::max(device::intranodeSharedBytes(*p, device::kOpDispatch),
+                 device::intranodeSharedBytes(*p, device::kOpCombine)) > budget) {
+      MC_WARN(kLogEp, "rank %d: the bulk-copy rings do not fit in %d bytes of shared memory; using the default kernels",
+              ep_->rank, limit);
+      p->dispatchVariant = device::kDispatchVariantRegisters;
+      p->combineVariant = device::kCombineVariantRegisters;
+    } else if (p->ringStages != requested) {
+      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_RING_STAGES=%d does not fit in shared memory; using %d", ep_->rank,
+              requested, p->ringStages);
+    }
+    MC_INFO(kLogEp,
+            "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
+            "ring %d x %d bytes",
+            ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
+            p->ringStages,
+            p->ringStageBytes);
+    return moecommSuccess;
+  }
+
+  // Dispatch variant 2 holds one token per stage (a staged row of this call's dtype): as many
+  // stages as fit, at least 2, else the default kernel for this call.
+  void fitSendPrefetch(device::IntranodeParams* p) const {
+    p->ringStageBytes = static_cast<int>(p->rowExtent);
+    while (p->ringStages > 2 && device::intranodeSharedBytes(*p, device::kOpDispatch) > sharedBudget_) --p->ringStages;
+    if (device::intranodeSharedBytes(*p, device::kOpDispatch) > sharedBudget_)
+      p->dispatchVariant = device::kDispatchVariantRegisters;
+  }
+
   // Offsets inside a dispatch row for one dtype (see device::IntranodeParams).
   static void setRowLayout(device::IntranodeParams* p, bool fp8) {
     const uint64_t H = static_cast<uint64_t>(p->hidden);
@@ -494,6 +557,7 @@ class CudaEpBackend : public EpBackend {
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
+  uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode
 };
