@@ -33,9 +33,9 @@
   X(EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", Int, "0",                                                 \
     "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \
     "copies.")                                                                                                  \
-  X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "0",                                                   \
-    "Developer sweep: normal-mode combine reduction, 0 registers, 1 deeper register pipeline, 2 bulk copies "    \
-    "into shared memory.")                                                                                      \
+  X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "1",                                                   \
+    "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 2 ranks without bias, else 0; "  \
+    "0 registers; 2 bulk copies into shared memory (developer sweep).")                                          \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \

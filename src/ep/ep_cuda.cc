@@ -369,7 +369,7 @@ class CudaEpBackend : public EpBackend {
     p->combineSendWarps = pick(Env::EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", 1, 15, 6);
     p->dispatchVariant =
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
-    p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 0);
+    p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     int limit = 0;
