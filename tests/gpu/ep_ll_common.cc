@@ -226,6 +226,20 @@ std::string AsyncError(moecommComm_t comm) {
   return async == moecommSuccess ? "" : std::string("async error ") + moecommGetErrorString(async);
 }
 
+std::string CombineAndCompare(moecommComm_t comm, moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t& args,
+                              moecommEpHandle_t handle, cudaStream_t stream, const std::vector<uint16_t>& want,
+                              const std::string& tag) {
+  std::string why;
+  if (moecommEpLowLatencyCombine(ep, &args, handle, stream) != moecommSuccess) {
+    why = tag + "combine: " + moecommGetLastError(comm);
+  } else if (cudaStreamSynchronize(stream) != cudaSuccess) {
+    why = tag + "cudaStreamSynchronize after the combine failed";
+  }
+  if (why.empty()) why = AsyncError(comm);
+  if (why.empty()) why = CompareBytes(tag + "combine out", want.data(), args.out, want.size() * 2, 2);
+  return why;
+}
+
 moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs& in, bool idx64,
                                                const DispatchFlags& f, const DeviceDispatchOut& out) {
   moecommEpLowLatencyDispatchArgs_t args = MOECOMM_EP_LL_DISPATCH_ARGS_INIT;

@@ -155,6 +155,12 @@ std::string CompareDispatch(const std::string& tag, const ExpectedDispatch& want
                             const DispatchFlags& f, bool srcInfo, bool cumulative);
 // "" or "async error <name>" from moecommCommGetAsyncError.
 std::string AsyncError(moecommComm_t comm);
+// Runs moecommEpLowLatencyCombine(args) on stream, waits for it and compares every element of
+// args.out (a device buffer of want.size() BF16 values, poisoned by the caller) with want.
+// "" when all matches, else why, prefixed by tag.
+std::string CombineAndCompare(moecommComm_t comm, moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t& args,
+                              moecommEpHandle_t handle, cudaStream_t stream, const std::vector<uint16_t>& want,
+                              const std::string& tag);
 
 // The tests' low-latency call arguments over the buffers above.
 moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs& in, bool idx64,

@@ -410,14 +410,7 @@ std::string EpCudaLowLatency::RunMasked(uint64_t seed) {
       wantOut = ExpectCombine(shape, all, rank_, masked ? masksAll.data() : nullptr, masked ? myMask : nullptr, ySeed);
       combined = DeviceAlloc(wantOut.size() * 2);
       cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
-      moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, false, combined);
-      if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
-        why = tag + "combine: " + moecommGetLastError(comm_);
-      } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
-        why = tag + "cudaStreamSynchronize failed";
-      }
-      if (why.empty()) why = AsyncError(comm_);
-      if (why.empty()) why = CompareBytes(tag + "combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+      why = CombineAndCompare(comm_, ep, CombineArgs(y, in, false, combined), handle, stream_, wantOut, tag);
     }
     cudaFree(y);
     cudaFree(combined);
@@ -494,14 +487,7 @@ std::string EpCudaLowLatency::RunSilentRank(uint64_t seed) {
       const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, masksAll.data(), myMask, ySeed);
       combined = DeviceAlloc(wantOut.size() * 2);
       cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
-      moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, true, combined);
-      if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
-        why = tag + "combine: " + moecommGetLastError(comm_);
-      } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
-        why = tag + "cudaStreamSynchronize failed";
-      }
-      if (why.empty()) why = AsyncError(comm_);
-      if (why.empty()) why = CompareBytes(tag + "combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+      why = CombineAndCompare(comm_, ep, CombineArgs(y, in, true, combined), handle, stream_, wantOut, tag);
     }
     cudaFree(y);
     cudaFree(combined);
@@ -563,14 +549,8 @@ std::string EpCudaLowLatency::RunAbandoned(uint64_t seed) {
         const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed);
         void* combined = DeviceAlloc(wantOut.size() * 2);
         cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
-        moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, false, combined);
-        if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
-          why = std::string("combine: ") + moecommGetLastError(comm_);
-        } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
-          why = "cudaStreamSynchronize after combine failed";
-        }
-        if (why.empty()) why = AsyncError(comm_);
-        if (why.empty()) why = CompareBytes("combine out", wantOut.data(), combined, wantOut.size() * 2, 2);
+        why = CombineAndCompare(comm_, ep, CombineArgs(y, in, false, combined), handle, stream_, wantOut,
+                                "round " + std::to_string(round) + " ");
         cudaFree(y);
         cudaFree(combined);
       }

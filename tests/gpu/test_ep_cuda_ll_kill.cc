@@ -155,16 +155,7 @@ std::string EpCudaLowLatencyKill::RunRound(moecommEp_t ep, const Round& round, c
           " masked = " + std::to_string(gotMask[victim_]) + ", expected " + std::to_string(myMask[victim_]);
   }
   if (why.empty()) {
-    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in_, true, combined);
-    if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
-      why = tag + "combine: " + moecommGetLastError(comm_);
-    } else if (cudaStreamSynchronize(stream_) != cudaSuccess) {
-      why = tag + "cudaStreamSynchronize after the combine failed";
-    }
-    if (why.empty()) why = AsyncError(comm_);
-    if (why.empty()) {
-      why = CompareBytes(tag + "combine out", round.combined.data(), combined, round.combined.size() * 2, 2);
-    }
+    why = CombineAndCompare(comm_, ep, CombineArgs(y, in_, true, combined), handle, stream_, round.combined, tag);
   }
   if (handle != nullptr) moecommEpHandleDestroy(handle);
   cudaFree(y);
