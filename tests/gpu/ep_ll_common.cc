@@ -226,6 +226,16 @@ std::string AsyncError(moecommComm_t comm) {
   return async == moecommSuccess ? "" : std::string("async error ") + moecommGetErrorString(async);
 }
 
+moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep) {
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = shape.numExperts;
+  config.hidden = shape.hidden;
+  config.maxTokensPerRank = shape.maxTokensPerRank;
+  config.topk = shape.topk;
+  config.mode = moecommEpModeLowLatency;
+  return moecommEpCreate(comm, &config, ep);
+}
+
 std::string CombineAndCompare(moecommComm_t comm, moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t& args,
                               moecommEpHandle_t handle, cudaStream_t stream, const std::vector<uint16_t>& want,
                               const std::string& tag) {

@@ -71,15 +71,7 @@ class EpCudaLowLatency : public ::testing::Test {
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
-  moecommResult_t CreateEp(const ref::EpShape& shape, moecommEp_t* ep) {
-    moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
-    config.numExperts = shape.numExperts;
-    config.hidden = shape.hidden;
-    config.maxTokensPerRank = shape.maxTokensPerRank;
-    config.topk = shape.topk;
-    config.mode = moecommEpModeLowLatency;
-    return moecommEpCreate(comm_, &config, ep);
-  }
+  moecommResult_t CreateEp(const ref::EpShape& shape, moecommEp_t* ep) { return CreateLowLatencyEp(comm_, shape, ep); }
 
   std::string RunCase(const LlCase& c, uint64_t seed);
   std::string RunDoubleBuffered(uint64_t seed);

@@ -205,13 +205,7 @@ TEST_F(EpCudaLowLatencyKill, SurvivorsMaskKilledRank) {
   moecommEp_t ep = nullptr;
   {
     ScopedEnv timeout("MOECOMM_LL_TIMEOUT", kTimeoutMs);  // read by moecommEpCreate
-    moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
-    config.numExperts = shape.numExperts;
-    config.hidden = shape.hidden;
-    config.maxTokensPerRank = shape.maxTokensPerRank;
-    config.topk = shape.topk;
-    config.mode = moecommEpModeLowLatency;
-    ASSERT_EQ(moecommEpCreate(comm_, &config, &ep), moecommSuccess) << moecommGetLastError(comm_);
+    ASSERT_EQ(CreateLowLatencyEp(comm_, shape, &ep), moecommSuccess) << moecommGetLastError(comm_);
   }
   std::string why = RunRound(ep, rounds[0], f, 0);
   if (why.empty() && rank_ == victim_) {
