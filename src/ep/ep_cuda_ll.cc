@@ -248,7 +248,9 @@ moecommResult_t CudaLowLatency::takeRouting(moecommStream_t stream, Routing* out
 void CudaLowLatency::forgetHandle(moecommEpHandle* handle) {
   auto it = routings_.find(handle);
   if (it == routings_.end()) return;
-  if (handle->pending != EpPendingHalf::kNone) releaseAbandoned(handle, &it->second);
+  // Only while the EP lives: when it is being freed (moecommEpDestroy, or after an abort) the
+  // peers' buffers may already be unmapped, and nothing will use the slot again.
+  if (handle->pending != EpPendingHalf::kNone && liveEps().contains(ep_)) releaseAbandoned(handle, &it->second);
   it->second.sentRecorded = false;
   freeRoutings_.push_back(it->second);
   routings_.erase(it);
