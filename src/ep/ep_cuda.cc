@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/align.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -24,8 +25,6 @@
 
 namespace moecomm {
 namespace {
-
-uint64_t align16(uint64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Device buffers of one handle's routing (one allocation).
 struct HandleDevice {
@@ -87,14 +86,14 @@ class CudaEpBackend : public EpBackend {
     const uint64_t bf16Extent = p.rowExtent;
     setRowLayout(&p, true);
     p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
-    p.combineRowBytes = align16(2 * H + 4 * K);
+    p.combineRowBytes = roundUp(2 * H + 4 * K, 16);
     MC_CHECK(setVariants(&p));
 
     const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
     p.ctrlOffset = 0;
-    p.expertsOffset = align16(4ull * device::kOps * channels * R * 8);  // 4 kinds: count (two parities), tail, ack
-    p.dispatchOffset = align16(p.expertsOffset + 2ull * 2 * R * channels * L * 4);  // 2 ops x 2 parities
-    p.combineOffset = align16(p.dispatchOffset + slots * p.dispatchRowBytes);
+    p.expertsOffset = roundUp(4ull * device::kOps * channels * R * 8, 16);  // 4 kinds: count (two parities), tail, ack
+    p.dispatchOffset = roundUp(p.expertsOffset + 2ull * 2 * R * channels * L * 4, 16);  // 2 ops x 2 parities
+    p.combineOffset = roundUp(p.dispatchOffset + slots * p.dispatchRowBytes, 16);
     const uint64_t bytes = p.combineOffset + slots * p.combineRowBytes;
     p.timeoutNs = static_cast<uint64_t>(std::max<int64_t>(1, envInt(Env::KernelTimeout))) * 1000000ull;
 
@@ -103,11 +102,11 @@ class CudaEpBackend : public EpBackend {
     MC_CUDA(cudaMemset(buffer_->peer(ep_->rank), 0, p.dispatchOffset));
     std::vector<uint8_t*> peers(R);
     for (int r = 0; r < R; ++r) peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
-    MC_CUDA(cudaMalloc(&deviceBlock_, align16(sizeof(device::EpDeviceState)) + sizeof(uint8_t*) * R));
-    MC_CUDA(cudaMemset(deviceBlock_, 0, align16(sizeof(device::EpDeviceState))));
+    MC_CUDA(cudaMalloc(&deviceBlock_, roundUp(sizeof(device::EpDeviceState), 16) + sizeof(uint8_t*) * R));
+    MC_CUDA(cudaMemset(deviceBlock_, 0, roundUp(sizeof(device::EpDeviceState), 16)));
     p.state = static_cast<device::EpDeviceState*>(deviceBlock_);
     uint8_t** devicePeers =
-        reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + align16(sizeof(device::EpDeviceState)));
+        reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + roundUp(sizeof(device::EpDeviceState), 16));
     MC_CUDA(cudaMemcpy(devicePeers, peers.data(), sizeof(uint8_t*) * R, cudaMemcpyHostToDevice));
     p.peers = devicePeers;
     const size_t hostBytes = sizeof(device::EpHostWords) + sizeof(int) * L;
@@ -355,8 +354,8 @@ class CudaEpBackend : public EpBackend {
     auto pick = [&](Env id, const char* name, int low, int high, int fallback) {
       const int64_t value = envInt(id);
       if (value >= low && value <= high) return static_cast<int>(value);
-      MC_WARN(kLogEp, "rank %d: %s=%lld is outside [%d, %d]; using %d", ep_->rank, name,
-              static_cast<long long>(value), low, high, fallback);
+      MC_WARN(kLogEp, "rank %d: %s=%lld is outside [%d, %d]; using %d", ep_->rank, name, static_cast<long long>(value),
+              low, high, fallback);
       return fallback;
     };
     p->sendBatch = static_cast<int>(envInt(Env::EpSendBatch));
@@ -396,8 +395,7 @@ class CudaEpBackend : public EpBackend {
             "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
             "ring %d x %d bytes",
             ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
-            p->ringStages,
-            p->ringStageBytes);
+            p->ringStages, p->ringStageBytes);
     return moecommSuccess;
   }
 
@@ -414,10 +412,10 @@ class CudaEpBackend : public EpBackend {
   static void setRowLayout(device::IntranodeParams* p, bool fp8) {
     const uint64_t H = static_cast<uint64_t>(p->hidden);
     const uint64_t K = static_cast<uint64_t>(p->topk);
-    p->rowScalesOffset = align16(fp8 ? H : 2 * H);
-    p->rowIdxOffset = p->rowScalesOffset + (fp8 ? align16(H / 128 * 4) : 0);
+    p->rowScalesOffset = roundUp(fp8 ? H : 2 * H, 16);
+    p->rowIdxOffset = p->rowScalesOffset + (fp8 ? roundUp(H / 128 * 4, 16) : 0);
     p->rowWeightsOffset = p->rowIdxOffset + 8 * static_cast<uint64_t>(p->idxStride);
-    p->rowSrcOffset = p->rowWeightsOffset + align16(4 * K);
+    p->rowSrcOffset = p->rowWeightsOffset + roundUp(4 * K, 16);
     p->rowExtent = p->rowSrcOffset + 16;
   }
 
@@ -509,7 +507,7 @@ class CudaEpBackend : public EpBackend {
     const size_t R = shape.numRanks;
     const size_t C = base_.numChannels;
     const size_t maxT = shape.maxTokensPerRank;
-    const size_t idxBytes = align16(maxT * base_.idxStride * sizeof(int64_t));
+    const size_t idxBytes = roundUp(maxT * base_.idxStride * sizeof(int64_t), 16);
     const size_t chunkRows = base_.chunkRows;
     const size_t ints = maxT * R + C * R + C * shape.numExperts + C * chunkRows + 2 * R * C + 2 * R * maxT + 1;
     HandleDevice d;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/align.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "ep/cuda_scope.h"
@@ -21,8 +22,6 @@ namespace moecomm {
 namespace {
 
 constexpr int kPreallocatedRoutings = 4;
-
-uint64_t alignUp(uint64_t bytes, uint64_t alignment) { return (bytes + alignment - 1) / alignment * alignment; }
 
 moecommResult_t checkLaunch(int err, const char* what) {
   MC_REQUIRE(err == 0, moecommUnhandledCudaError, "%s failed: %s (%s)", what,
@@ -77,20 +76,20 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   // Flags (one per slot, rank and block), then the slots; inside a slot the combine markers,
   // then the dispatch staging or the combine rows (one operation uses a slot at a time).
   const uint64_t flagBytes =
-      alignUp(device::kLowLatencyDeviceSlots * R * static_cast<uint64_t>(p.numBlocks) * sizeof(uint64_t), 256);
+      roundUp(device::kLowLatencyDeviceSlots * R * static_cast<uint64_t>(p.numBlocks) * sizeof(uint64_t), 256);
   p.sentOffset = 0;
   p.releasedOffset = flagBytes;
   p.slotOffset = 2 * flagBytes;
   p.markersOffset = 0;
-  const uint64_t shared = alignUp(maxT * K * sizeof(uint32_t), 256);
+  const uint64_t shared = roundUp(maxT * K * sizeof(uint32_t), 256);
   p.tokensOffset = shared;
-  p.topkOffset = shared + alignUp(R * sizeof(int), 16);
+  p.topkOffset = shared + roundUp(R * sizeof(int), 16);
   p.rowPitch = 2 * H;  // FP8 bytes + FP32 scales (H + H/32) fit in a BF16 row
-  p.rowsOffset = alignUp(p.topkOffset + R * maxT * K * sizeof(int32_t), 256);
+  p.rowsOffset = roundUp(p.topkOffset + R * maxT * K * sizeof(int32_t), 256);
   p.combineRowsOffset = shared;
   const uint64_t dispatchEnd = p.rowsOffset + R * maxT * p.rowPitch;
   const uint64_t combineEnd = p.combineRowsOffset + maxT * K * 2 * H;
-  p.slotBytes = alignUp(std::max(dispatchEnd, combineEnd), 256);
+  p.slotBytes = roundUp(std::max(dispatchEnd, combineEnd), 256);
   const uint64_t bytes = p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
 
   DeviceScope scope(device_);
@@ -215,9 +214,9 @@ moecommResult_t CudaLowLatency::allocateRouting(Routing* out) {
   const auto& shape = ep_->shape;
   const uint64_t localExperts = static_cast<uint64_t>(shape.expertsPerRank());
   const uint64_t rows = localExperts * shape.lowLatencySlotsPerExpert();
-  const uint64_t countBytes = alignUp(localExperts * sizeof(int), 16);
-  const uint64_t arrayBytes = alignUp(rows * sizeof(int), 16);
-  const uint64_t bytes = countBytes + arrayBytes + alignUp(rows, 16);
+  const uint64_t countBytes = roundUp(localExperts * sizeof(int), 16);
+  const uint64_t arrayBytes = roundUp(rows * sizeof(int), 16);
+  const uint64_t bytes = countBytes + arrayBytes + roundUp(rows, 16);
   void* block = nullptr;
   MC_CUDA(cudaMalloc(&block, bytes));
   uint8_t* base = static_cast<uint8_t*>(block);

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <random>
 
+#include "core/align.h"
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -64,8 +65,6 @@ constexpr size_t kReasonBytes = 240;
 constexpr size_t kIpcGranularity = size_t{2} << 20;
 constexpr size_t kDirectGranularity = 256;
 constexpr uint64_t kFdMessageMagic = 0x6d634e766c466431ull;  // "mcNvlFd1"
-
-size_t roundUp(size_t value, size_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 void copyText(char* destination, size_t capacity, const std::string& text) {
   std::snprintf(destination, capacity, "%s", text.c_str());
