@@ -23,6 +23,27 @@ namespace {
 
 constexpr int kPreallocatedRoutings = 4;
 
+// The receive half's arguments into p.
+void setDispatchReceive(const moecommEpLowLatencyDispatchArgs_t& args, device::LowLatencyParams* p) {
+  p->fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
+  p->ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
+  p->recvX = args.recvX;
+  p->recvScales = args.recvScales;
+  p->recvCount = args.recvCount;
+  p->recvSrcInfo = args.recvSrcInfo;
+  p->cumulativeRecvStats = args.cumulativeRecvStats;
+}
+
+void setCombineReceive(const moecommEpLowLatencyCombineArgs_t& args, device::LowLatencyParams* p) {
+  p->topkIdx = args.topkIdx;
+  p->topkIdxIs64 = args.topkIdxType == moecommInt64 ? 1 : 0;
+  p->topkWeights = args.topkWeights;
+  p->out = args.out;
+}
+
+// The halves one launch runs: both, unless the call is send-only.
+int phasesOf(bool sendOnly) { return device::kLowLatencyPhaseSend | (sendOnly ? 0 : device::kLowLatencyPhaseReceive); }
+
 moecommResult_t checkLaunch(int err, const char* what) {
   MC_REQUIRE(err == 0, moecommUnhandledCudaError, "%s failed: %s (%s)", what,
              cudaGetErrorName(static_cast<cudaError_t>(err)), cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -346,25 +367,6 @@ device::LowLatencyParams CudaLowLatency::callParams(int slot, const Routing& rou
   return p;
 }
 
-void CudaLowLatency::setReceive(const moecommEpHandle* handle, bool isDispatch, device::LowLatencyParams* p) const {
-  if (isDispatch) {
-    const moecommEpLowLatencyDispatchArgs_t& args = handle->pendingDispatch;
-    p->fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
-    p->ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
-    p->recvX = args.recvX;
-    p->recvScales = args.recvScales;
-    p->recvCount = args.recvCount;
-    p->recvSrcInfo = args.recvSrcInfo;
-    p->cumulativeRecvStats = args.cumulativeRecvStats;
-  } else {
-    const moecommEpLowLatencyCombineArgs_t& args = handle->pendingCombine;
-    p->topkIdx = args.topkIdx;
-    p->topkIdxIs64 = args.topkIdxType == moecommInt64 ? 1 : 0;
-    p->topkWeights = args.topkWeights;
-    p->out = args.out;
-  }
-}
-
 moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t stream, bool launch) {
   const bool isDispatch = handle->pending == EpPendingHalf::kLowLatencyDispatch;
   const int slot = handle->bufferSlot;
@@ -373,7 +375,11 @@ moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t 
     device::LowLatencyParams p = callParams(slot, routings_.at(handle));
     p.numTokens = handle->numTokens;
     p.phases = device::kLowLatencyPhaseReceive;
-    setReceive(handle, isDispatch, &p);
+    if (isDispatch) {
+      setDispatchReceive(handle->pendingDispatch, &p);
+    } else {
+      setCombineReceive(handle->pendingCombine, &p);
+    }
     status = isDispatch ? checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch")
                         : checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine");
   }
@@ -388,6 +394,16 @@ moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t 
     handle->failed = status != moecommSuccess;
   }
   return status;
+}
+
+moecommResult_t CudaLowLatency::afterSend(moecommEpHandle* handle, EpPendingHalf half, int slot, bool sendOnly,
+                                          moecommStream_t stream) {
+  handle->pending = half;
+  handle->bufferSlot = slot;
+  handle->pendingSequence = ++ep_->lowLatencySequence;
+  ep_->slotOwners[slot] = handle;
+  if (sendOnly) return markSendOnly(&routings_.at(handle), stream);
+  return finish(handle, stream, false);
 }
 
 // ---- The operations -----------------------------------------------------------------------
@@ -412,24 +428,18 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
   p.topkIdx = args->topkIdx;
   p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
   p.roundScale = (args->flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0 ? 1 : 0;
-  created->pendingDispatch = *args;
-  // Not send-only: one kernel runs both halves.
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
-  p.phases = device::kLowLatencyPhaseSend | (sendOnly ? 0 : device::kLowLatencyPhaseReceive);
-  setReceive(created, true, &p);
+  p.phases = phasesOf(sendOnly);
+  setDispatchReceive(*args, &p);
   const moecommResult_t launched = checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch");
   if (launched != moecommSuccess) {
     const std::string text = lastErrorText();
     destroyHandle(created);
     return setError(launched, "%s", text.c_str());
   }
-  created->pending = EpPendingHalf::kLowLatencyDispatch;
-  created->bufferSlot = slot;
-  created->pendingSequence = ++ep_->lowLatencySequence;
-  ep_->slotOwners[slot] = created;
+  created->pendingDispatch = *args;
   *handle = created;
-  if (sendOnly) return markSendOnly(&routings_.at(created), stream);
-  return finish(created, stream, false);
+  return afterSend(created, EpPendingHalf::kLowLatencyDispatch, slot, sendOnly, stream);
 }
 
 moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
@@ -464,21 +474,11 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
   p.numTokens = handle->numTokens;
   p.expertOutputs = checked->x;
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
-  p.phases = device::kLowLatencyPhaseSend | (sendOnly ? 0 : device::kLowLatencyPhaseReceive);
-  const moecommEpLowLatencyCombineArgs_t pendingBefore = handle->pendingCombine;
+  p.phases = phasesOf(sendOnly);
+  setCombineReceive(*checked, &p);
+  MC_CHECK(checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine"));
   handle->pendingCombine = *checked;
-  setReceive(handle, false, &p);
-  const moecommResult_t launched = checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine");
-  if (launched != moecommSuccess) {
-    handle->pendingCombine = pendingBefore;
-    return launched;
-  }
-  handle->pending = EpPendingHalf::kLowLatencyCombine;
-  handle->bufferSlot = slot;
-  handle->pendingSequence = ++ep_->lowLatencySequence;
-  ep_->slotOwners[slot] = handle;
-  if (sendOnly) return markSendOnly(&routing->second, stream);
-  return finish(handle, stream, false);
+  return afterSend(handle, EpPendingHalf::kLowLatencyCombine, slot, sendOnly, stream);
 }
 
 moecommResult_t CudaLowLatency::complete(moecommEpHandle_t handle, moecommStream_t stream) {

@@ -69,11 +69,13 @@ class CudaLowLatency {
   moecommResult_t takeRouting(moecommStream_t stream, Routing* out);
   moecommResult_t allocateRouting(Routing* out);
   device::LowLatencyParams callParams(int slot, const Routing& routing) const;
-  // The receive half's arguments of handle's pending operation into p.
-  void setReceive(const moecommEpHandle* handle, bool isDispatch, device::LowLatencyParams* p) const;
   // Frees the slot of handle's pending operation, after enqueueing its receive half when
   // `launch` (send-only calls; otherwise the operation's one kernel ran both halves).
   moecommResult_t finish(moecommEpHandle* handle, moecommStream_t stream, bool launch);
+  // After the launch of an operation's send half (and, unless send-only, its receive half):
+  // handle owns the slot until its receive half is queued, now or by moecommEpComplete.
+  moecommResult_t afterSend(moecommEpHandle* handle, EpPendingHalf half, int slot, bool sendOnly,
+                            moecommStream_t stream);
   // Kernel-reported errors and masks since the last call.
   void pollDevice();
   // After a send-only half: remembers where it ends on the stream, for releaseAbandoned.
