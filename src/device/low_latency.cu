@@ -112,10 +112,11 @@ __device__ bool waitExact(const LowLatencyParams& p, const uint64_t* flag, uint6
   }
 }
 
-// The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` that is not
-// masked (flagsOf(r) gives the array). Returns the ranks whose B flags all arrived.
+// The whole block: waits for flags[r][0..B) == target for every rank r that is not masked
+// (flagsOf(r) gives the array). Returns the ranks whose B flags all arrived.
 template <typename FlagsOf>
-__device__ uint32_t waitAll(const LowLatencyParams& p, uint32_t ranks, uint64_t target, FlagsOf flagsOf) {
+__device__ uint32_t waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf) {
+  const uint32_t ranks = allRanks(p.numRanks);
   __shared__ uint32_t failed;
   if (threadIdx.x == 0) failed = 0;
   __syncthreads();
@@ -131,14 +132,18 @@ __device__ uint32_t waitAll(const LowLatencyParams& p, uint32_t ranks, uint64_t 
   return ranks & ~failed;
 }
 
+// Threads 0..R-1: masks every rank outside `ready` that is not masked yet.
+__device__ void maskAllBut(const LowLatencyParams& p, uint32_t ready) {
+  const int r = threadIdx.x;
+  if (r < p.numRanks && ((ready >> r) & 1u) == 0 && loadVolatile(&p.state->rankMask[r]) == 0) maskRank(p, r);
+}
+
 // Every block, on entry to a send half: the ranks it may write to, i.e. the unmasked ones all
 // of whose blocks finished reading what the previous operation on this slot put there. Ranks
 // that fail are masked; the others will see this block's flag missing and mask this rank.
 __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
-  const uint32_t all = allRanks(p.numRanks);
-  const uint32_t ready = waitAll(p, all, sequence - 1, [&](int r) { return releasedFlags(p, p.rank, r); });
-  const int r = threadIdx.x;
-  if (r < p.numRanks && ((ready >> r) & 1u) == 0 && loadVolatile(&p.state->rankMask[r]) == 0) maskRank(p, r);
+  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, p.rank, r); });
+  maskAllBut(p, ready);
   return ready;
 }
 
@@ -146,8 +151,7 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
 // in every block of the grid (the first block to decide on a source wins).
 __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ uint32_t present;
-  const uint32_t all = allRanks(p.numRanks);
-  const uint32_t arrived = waitAll(p, all, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  const uint32_t arrived = waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
   if (threadIdx.x == 0) present = 0;
   __syncthreads();
   const int s = threadIdx.x;
@@ -864,10 +868,7 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
 // on" there; then releases every block's flag.
 __global__ void __launch_bounds__(kThreads) releaseKernel(const LowLatencyParams p) {
   const uint64_t sequence = currentSequence(p);
-  const uint32_t all = allRanks(p.numRanks);
-  const uint32_t arrived = waitAll(p, all, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
-  const int s = threadIdx.x;
-  if (s < p.numRanks && ((arrived >> s) & 1u) == 0 && loadVolatile(&p.state->rankMask[s]) == 0) maskRank(p, s);
+  maskAllBut(p, waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); }));
   __syncthreads();
   for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {
     storeReleaseSys(releasedFlags(p, i / p.numBlocks, p.rank) + i % p.numBlocks, sequence);
