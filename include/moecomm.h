@@ -399,6 +399,10 @@ MOECOMM_API moecommResult_t moecommEpHandleGetSourceInfo(moecommEpHandle_t handl
 #define MOECOMM_LL_ROUND_SCALE 0x2u /* FP8 scales rounded up to a power of two */
 #define MOECOMM_LL_UE8M0 0x4u       /* FP8 scales packed as UE8M0 exponents (implies ROUND_SCALE; H % 512 == 0) */
 #define MOECOMM_LL_ZERO_COPY 0x8u   /* combine: x was written into moecommEpLowLatencyCombineBuffer */
+/* dispatch: this handle's combine sums each token's selections per expert rank on that rank
+ * and sends one partial per (token, rank) instead of one row per (token, expert): fewer link
+ * bytes, a different rounding (see moecommEpLowLatencyCombine). Needs topkWeights. */
+#define MOECOMM_LL_PER_RANK_COMBINE 0x10u
 
 #define MOECOMM_EP_LL_DISPATCH_ARGS_MAGIC 0x6d634c64u /* "mcLd" */
 typedef struct {
@@ -419,11 +423,13 @@ typedef struct {
   int* recvSrcInfo;              /* [OUT] device [E/R, R*maxT] or NULL: src rank * maxT + src token */
   int* cumulativeRecvStats;      /* [IN/OUT] device [E/R] or NULL: recvCount is added to it */
   moecommEvent_t waitEvent;      /* [IN] optional */
+  const float* topkWeights;      /* [IN] device [T,K] with MOECOMM_LL_PER_RANK_COMBINE (the weights
+                                            its combine applies), else NULL */
 } moecommEpLowLatencyDispatchArgs_t;
 #define MOECOMM_EP_LL_DISPATCH_ARGS_INIT                                                                               \
   {                                                                                                                    \
     sizeof(moecommEpLowLatencyDispatchArgs_t), MOECOMM_EP_LL_DISPATCH_ARGS_MAGIC, MOECOMM_VERSION_CODE, 0, NULL, NULL, \
-        moecommInt64, moecommFloat8E4M3, 0u, NULL, NULL, NULL, NULL, NULL, NULL                                        \
+        moecommInt64, moecommFloat8E4M3, 0u, NULL, NULL, NULL, NULL, NULL, NULL, NULL                                  \
   }
 
 /* Collective. Rows of each local expert are packed from slot 0, ordered by source rank then
@@ -442,7 +448,7 @@ typedef struct {
   const void* x;                 /* [IN] device [E/R, R*maxT, H] BF16 expert outputs (dispatch layout) */
   const void* topkIdx;           /* [IN] device [T,K], the dispatch's */
   moecommDataType_t topkIdxType; /* [IN] */
-  const float* topkWeights;      /* [IN] device [T,K] */
+  const float* topkWeights;      /* [IN] device [T,K]; NULL for a MOECOMM_LL_PER_RANK_COMBINE handle */
   void* out;                     /* [OUT] device [T,H] BF16: bf16(acc), acc = fmaf(weight[t][k], y_k, acc)
                                             over k ascending from +0.0f (y_k the expert output row) */
   unsigned flags;                /* [IN] MOECOMM_LL_SEND_ONLY, MOECOMM_LL_ZERO_COPY */
@@ -455,7 +461,11 @@ typedef struct {
   }
 
 /* Collective. handle is the dispatch's. Entries whose expert is -1 or on a masked rank add
- * nothing. The number of tokens is the dispatch's T. */
+ * nothing. The number of tokens is the dispatch's T.
+ * If the dispatch set MOECOMM_LL_PER_RANK_COMBINE, the dispatch's topkWeights are used
+ * (args->topkWeights must be NULL) and the sum is taken per rank first:
+ *   p_r = bf16(fmaf chain over k ascending, from +0.0f, of the entries whose expert is on r)
+ *   out = bf16(+0.0f + p_r0 + p_r1 + ...)  FP32 adds over the ranks r with entries, ascending. */
 MOECOMM_API moecommResult_t moecommEpLowLatencyCombine(moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t* args,
                                                        moecommEpHandle_t handle, moecommStream_t stream);
 

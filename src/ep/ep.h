@@ -104,6 +104,10 @@ struct moecommEpHandle {
   // [E_local, R*maxT]: source rank * maxT + source token of each received row (first
   // recvCount[le] of each expert valid); the combine sends each row back to its source.
   std::vector<int> recvSrcInfo;
+  // MOECOMM_LL_PER_RANK_COMBINE: the combine sums per expert rank with the dispatch's weights
+  // (host backend: kept here, [T, K]; CUDA backend: on the device with the routing).
+  bool perRankCombine = false;
+  std::vector<float> dispatchWeights;
   bool dispatchDone = false;  // the receive half of the dispatch ran
   bool failed = false;        // a half failed; the handle can only be destroyed
   // The in-flight send-only operation, if any, and what its receive half needs.

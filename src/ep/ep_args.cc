@@ -156,10 +156,18 @@ moecommResult_t checkLowLatencyDispatchArgs(const moecommEp& ep, const moecommEp
   MC_CHECK(checkTopkIdxType(args->topkIdxType, s));
   MC_CHECK(requireRows(args->x, args->numTokens, s, "x"));
   MC_CHECK(requireRows(args->topkIdx, args->numTokens, s, "topkIdx"));
-  const unsigned known = MOECOMM_LL_SEND_ONLY | MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0;
+  const unsigned known = MOECOMM_LL_SEND_ONLY | MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0 | MOECOMM_LL_PER_RANK_COMBINE;
   MC_REQUIRE((args->flags & ~known) == 0, moecommInvalidArgument,
-             "%s->flags = 0x%x has bits other than MOECOMM_LL_SEND_ONLY, MOECOMM_LL_ROUND_SCALE and MOECOMM_LL_UE8M0",
+             "%s->flags = 0x%x has bits other than MOECOMM_LL_SEND_ONLY, MOECOMM_LL_ROUND_SCALE, MOECOMM_LL_UE8M0 and "
+             "MOECOMM_LL_PER_RANK_COMBINE",
              s, args->flags);
+  if ((args->flags & MOECOMM_LL_PER_RANK_COMBINE) != 0) {
+    MC_CHECK(
+        requireRows(args->topkWeights, args->numTokens, s, "topkWeights (MOECOMM_LL_PER_RANK_COMBINE needs them)"));
+  } else {
+    MC_REQUIRE(args->topkWeights == nullptr, moecommInvalidArgument,
+               "%s->topkWeights is set but MOECOMM_LL_PER_RANK_COMBINE is not; the combine takes the weights then", s);
+  }
   MC_REQUIRE(args->recvX != nullptr, moecommInvalidArgument, "%s->recvX is NULL", s);
   MC_REQUIRE(args->recvCount != nullptr, moecommInvalidArgument, "%s->recvCount is NULL", s);
   const int recvType = enumValue(args->recvType);
@@ -204,7 +212,14 @@ moecommResult_t checkLowLatencyCombineArgs(const moecommEp& ep, const moecommEpL
   }
   MC_CHECK(checkTopkIdxType(args->topkIdxType, s));
   MC_CHECK(requireRows(args->topkIdx, handle->numTokens, s, "topkIdx"));
-  MC_CHECK(requireRows(args->topkWeights, handle->numTokens, s, "topkWeights"));
+  if (handle->perRankCombine) {
+    MC_REQUIRE(args->topkWeights == nullptr, moecommInvalidArgument,
+               "%s->topkWeights must be NULL: the handle's dispatch used MOECOMM_LL_PER_RANK_COMBINE, so the combine "
+               "applies the dispatch's weights",
+               s);
+  } else {
+    MC_CHECK(requireRows(args->topkWeights, handle->numTokens, s, "topkWeights"));
+  }
   MC_CHECK(requireRows(args->out, handle->numTokens, s, "out"));
   return moecommSuccess;
 }

@@ -312,8 +312,36 @@ void lowLatencyCombineRows(const EpShape& shape, int numTokens, const float* top
   }
 }
 
+void lowLatencyCombineRowsPerRank(const EpShape& shape, int numTokens, const int64_t* topkIdx, const float* topkWeights,
+                                  const uint16_t* const* rows, uint16_t* out) {
+  const size_t hidden = static_cast<size_t>(shape.hidden);
+  const size_t topk = static_cast<size_t>(shape.topk);
+  std::vector<float> partial(hidden);
+  std::vector<float> acc(hidden);
+  for (int t = 0; t < numTokens; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int r = 0; r < shape.numRanks; ++r) {
+      bool any = false;
+      std::fill(partial.begin(), partial.end(), 0.0f);
+      for (size_t k = 0; k < topk; ++k) {
+        const size_t entry = t * topk + k;
+        const uint16_t* y = rows[entry];
+        if (y == nullptr || shape.rankOfExpert(topkIdx[entry]) != r) continue;
+        any = true;
+        const float weight = topkWeights[entry];
+        for (size_t h = 0; h < hidden; ++h) partial[h] = std::fma(weight, bf16ToFloat(y[h]), partial[h]);
+      }
+      if (!any) continue;
+      for (size_t h = 0; h < hidden; ++h) acc[h] = acc[h] + bf16ToFloat(floatToBf16(partial[h]));
+    }
+    uint16_t* outRow = out + t * hidden;
+    for (size_t h = 0; h < hidden; ++h) outRow[h] = floatToBf16(acc[h]);
+  }
+}
+
 void lowLatencyCombine(const EpShape& shape, int numTokens, const int64_t* topkIdx, const float* topkWeights,
-                       const int* slots, const uint16_t* const* expertOutputs, const int* rankMask, uint16_t* out) {
+                       const int* slots, const uint16_t* const* expertOutputs, const int* rankMask, uint16_t* out,
+                       bool perRank) {
   const size_t hidden = static_cast<size_t>(shape.hidden);
   const size_t entries = static_cast<size_t>(numTokens) * shape.topk;
   const size_t slotsPerExpert = static_cast<size_t>(shape.lowLatencySlotsPerExpert());
@@ -326,7 +354,11 @@ void lowLatencyCombine(const EpShape& shape, int numTokens, const int64_t* topkI
     const size_t row = static_cast<size_t>(expert % shape.expertsPerRank()) * slotsPerExpert + slots[entry];
     rows[entry] = expertOutputs[rank] + row * hidden;
   }
-  lowLatencyCombineRows(shape, numTokens, topkWeights, rows.data(), out);
+  if (perRank) {
+    lowLatencyCombineRowsPerRank(shape, numTokens, topkIdx, topkWeights, rows.data(), out);
+  } else {
+    lowLatencyCombineRows(shape, numTokens, topkWeights, rows.data(), out);
+  }
 }
 
 }  // namespace reference

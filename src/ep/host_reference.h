@@ -201,6 +201,17 @@ void lowLatencySelectionSlots(const EpShape& shape, int sourceRank, const int64_
 void lowLatencyCombineRows(const EpShape& shape, int numTokens, const float* topkWeights, const uint16_t* const* rows,
                            uint16_t* out);
 
+// The per-rank form (MOECOMM_LL_PER_RANK_COMBINE): the same selections, summed per expert rank
+// first. rows and topkWeights as above; topkIdx names each selection's expert (its rank). For
+// each token t and channel h:
+//   for each rank r: p_r = +0.0f; for k ascending with rows[t][k] != null and
+//     rankOfExpert(topkIdx[t][k]) == r: p_r = fmaf(topkWeights[t][k], bf16ToFloat(rows[t][k][h]), p_r)
+//   acc = +0.0f
+//   for r ascending with at least one such k: acc = acc + bf16ToFloat(floatToBf16(p_r))
+//   out[t][h] = floatToBf16(acc)
+void lowLatencyCombineRowsPerRank(const EpShape& shape, int numTokens, const int64_t* topkIdx, const float* topkWeights,
+                                  const uint16_t* const* rows, uint16_t* out);
+
 // expertOutputs[r] is rank r's [E_local, R*maxT, H] BF16 expert outputs (dispatch layout).
 // For each token t and channel h:
 //   acc = +0.0f
@@ -208,9 +219,11 @@ void lowLatencyCombineRows(const EpShape& shape, int numTokens, const float* top
 //     rankMask[rankOfExpert(e)] != 0; else
 //     acc = fmaf(topkWeights[t][k], bf16ToFloat(expertOutputs[r][e % E_local][slots[t][k]][h]), acc)
 //   out[t][h] = floatToBf16(acc)
-// (lowLatencyCombineRows with the row of each selection found through its slot.)
+// (lowLatencyCombineRows with the row of each selection found through its slot; with perRank,
+// lowLatencyCombineRowsPerRank.)
 void lowLatencyCombine(const EpShape& shape, int numTokens, const int64_t* topkIdx, const float* topkWeights,
-                       const int* slots, const uint16_t* const* expertOutputs, const int* rankMask, uint16_t* out);
+                       const int* slots, const uint16_t* const* expertOutputs, const int* rankMask, uint16_t* out,
+                       bool perRank = false);
 
 }  // namespace reference
 }  // namespace moecomm

@@ -758,5 +758,36 @@ TEST(HostRef, LowLatencyCombineUsesFusedMultiplyAdd) {
   EXPECT_EQ(out[0], 0x4001);  // 2 + 2^-6; unfused arithmetic would give 0x4000
 }
 
+// The per-rank form rounds each rank's partial to BF16 before the ranks are added. Token 0:
+// experts 0 and 1 (rank 0) give 1 and 2^-8, expert 2 (rank 1) gives 2^-8. In k order the sum
+// is 1 + 2^-7 (a BF16 value); per rank, p_0 = bf16(1 + 2^-8) = 1 (tie to even), p_1 = 2^-8,
+// and bf16(1 + 2^-8) = 1 again. Token 1 selects nothing on rank 0 and rank 1's expert twice.
+TEST(HostRef, LowLatencyCombinePerRankRoundsEachRank) {
+  const EpShape shape = makeShape(2, 4, 8, 3, 2);  // 4 slots per expert
+  const std::vector<int64_t> ids = {0, 2, 1, 3, -1, 3};
+  const std::vector<int> slots = {0, 0, 0, 1, -1, 1};
+  const std::vector<float> weights = {1.0f, 1.0f, 1.0f, 0.5f, 9.0f, 0.25f};
+  std::vector<uint16_t> y0(2 * 4 * 8, bf16(0.0f)), y1(2 * 4 * 8, bf16(0.0f));
+  for (int h = 0; h < 8; ++h) {
+    y0[(0 * 4 + 0) * 8 + h] = bf16(1.0f);                   // expert 0, slot 0
+    y0[(1 * 4 + 0) * 8 + h] = bf16(std::ldexp(1.0f, -8));   // expert 1, slot 0
+    y1[(0 * 4 + 0) * 8 + h] = bf16(std::ldexp(1.0f, -8));   // expert 2, slot 0
+    y1[(1 * 4 + 1) * 8 + h] = bf16(static_cast<float>(h));  // expert 3, slot 1
+  }
+  const uint16_t* outputs[2] = {y0.data(), y1.data()};
+  std::vector<uint16_t> perExpert(16), perRank(16);
+  reference::lowLatencyCombine(shape, 2, ids.data(), weights.data(), slots.data(), outputs, nullptr, perExpert.data());
+  reference::lowLatencyCombine(shape, 2, ids.data(), weights.data(), slots.data(), outputs, nullptr, perRank.data(),
+                               true);
+  for (int h = 0; h < 8; ++h) {
+    EXPECT_EQ(perExpert[h], bf16(1.0f + std::ldexp(1.0f, -7))) << h;
+    EXPECT_EQ(perRank[h], bf16(1.0f)) << h;
+    EXPECT_EQ(perRank[8 + h], bf16(0.75f * h)) << h;
+  }
+  const int mask[2] = {1, 0};  // rank 0 masked: token 0 keeps rank 1's partial only
+  reference::lowLatencyCombine(shape, 2, ids.data(), weights.data(), slots.data(), outputs, mask, perRank.data(), true);
+  EXPECT_EQ(perRank[0], bf16(std::ldexp(1.0f, -8)));
+}
+
 }  // namespace
 }  // namespace moecomm
