@@ -323,16 +323,9 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 
 __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
-  const uint32_t targets = sendTargets(p, sequence);
-  MC_LL_PROFILE(kLlKernelDispatch, 1);
   const int K = p.topk;
   const int T = p.numTokens;
-  if (blockIdx.x == 0) {
-    const int d = threadIdx.x;
-    if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
-      reinterpret_cast<int*>(slotBase(p, d) + p.tokensOffset)[p.rank] = T;
-    }
-  }
+  // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
 #pragma unroll 8
@@ -341,6 +334,14 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
       if (expert >= 0 && expert < p.numExperts) ranks |= 1u << static_cast<int>(expert / p.localExperts);
     }
     tokenRanks[t] = ranks;
+  }
+  const uint32_t targets = sendTargets(p, sequence);
+  MC_LL_PROFILE(kLlKernelDispatch, 1);
+  if (blockIdx.x == 0) {
+    const int d = threadIdx.x;
+    if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
+      reinterpret_cast<int*>(slotBase(p, d) + p.tokensOffset)[p.rank] = T;
+    }
   }
   // Every rank scans every source's ids to place rows, so the ids go to every target.
   const int64_t entries = static_cast<int64_t>(T) * K;
@@ -351,9 +352,12 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
       expert = -1;
     }
+    const float weight = p.perRank ? p.topkWeights[g] : 0.0f;
+    const uint64_t at = static_cast<uint64_t>(p.rank) * p.maxTokens * K + g;
     for (uint32_t left = targets; left != 0; left &= left - 1) {
-      int* topk = reinterpret_cast<int*>(slotBase(p, __ffs(left) - 1) + p.topkOffset);
-      topk[static_cast<uint64_t>(p.rank) * p.maxTokens * K + g] = static_cast<int>(expert);
+      uint8_t* target = slotBase(p, __ffs(left) - 1);
+      reinterpret_cast<int*>(target + p.topkOffset)[at] = static_cast<int>(expert);
+      if (p.perRank) reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
   __syncthreads();
@@ -461,6 +465,28 @@ __device__ uint32_t scanItem(const LowLatencyParams& p, const int* ids, int sour
   return __ballot_sync(0xffffffffu, *firstK >= 0);
 }
 
+// Per-rank combine: what the combine's send half needs besides the rows, for every selection
+// (s, t, k) of a received token: the source's weight, and rowOf = -1 unless the expert is
+// local (the blocks that place the local rows set those). Flat over the grid; also each
+// source's T.
+__device__ void keepSelections(const LowLatencyParams& p, const int* ids, const int* sourceTokens) {
+  const int K = p.topk;
+  const int perSource = p.maxTokens * K;
+  const int entries = p.numRanks * perSource;
+  const int firstLocal = p.rank * p.localExperts;
+  const float* weights = reinterpret_cast<const float*>(slotBase(p, p.rank) + p.weightsOffset);
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < p.numRanks) {
+    p.routing.sourceTokens[threadIdx.x] = sourceTokens[threadIdx.x];
+  }
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < entries; i += gridDim.x * blockDim.x) {
+    const int s = i / perSource;
+    if (i - s * perSource >= sourceTokens[s] * K) continue;
+    p.routing.weights[i] = __ldcg(weights + i);
+    const int expert = ids[i];
+    if (expert < firstLocal || expert >= firstLocal + p.localExperts) p.routing.rowOf[i] = -1;
+  }
+}
+
 // The receive half of a dispatch, for the experts of this block (le = block, block + grid, ...):
 // the rows of each expert are the tokens that select it, sources ascending, tokens ascending.
 // The block lists them in windows of (expert, source, 32-token chunk) items, all warps at once
@@ -520,6 +546,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     ids = sharedIds;
   }
   __syncthreads();
+  if (p.perRank) keepSelections(p, ids, sourceTokens);
   MC_LL_PROFILE(kLlKernelDispatch, 6);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -601,6 +628,13 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
           p.routing.srcInfo[id] = info;
           p.routing.firstK[id] = static_cast<uint8_t>(firstK);
           if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
+          if (p.perRank) {
+            // Every selection of the token naming this expert reads this row.
+            const uint64_t entry = static_cast<uint64_t>(info) * K;
+            for (int k = firstK; k < K; ++k) {
+              if (ids[entry + k] == expert) p.routing.rowOf[entry + k] = id;
+            }
+          }
         }
         const int slot = at + rank - batchStart;
         if (slot >= 0 && slot < kBatchRows) {
@@ -738,27 +772,175 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
 
 constexpr int kReduceK = 8;  // rows loaded together per chunk
 
+// The whole block: for items i < count of J rows each (rows[i * J + j], nullptr = skipped,
+// weights[i * J + j]), stores bf16(acc) with acc = fmaf(weight, row, acc) over j ascending from
+// +0.0f into target(i) (a BF16 row of H channels, or nullptr for none), flat over (item,
+// 8-channel chunk): two chunks per thread at a time with all their rows' loads in flight.
+template <typename Target>
+__device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int4* const* rows, const float* weights,
+                           Target target) {
+  const int chunks = p.hidden / 8;
+  const int total = count * chunks;
+  for (int f0 = threadIdx.x; f0 < total; f0 += 2 * blockDim.x) {
+    float acc[2][8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+    }
+    const int f1 = f0 + blockDim.x;
+    const int item[2] = {f0 / chunks, min(f1, total - 1) / chunks};
+    const int4* const* itemRows[2] = {rows + item[0] * J, rows + item[1] * J};
+    const float* itemWeights[2] = {weights + item[0] * J, weights + item[1] * J};
+    const int c[2] = {f0 % chunks, f1 % chunks};
+    const bool active[2] = {true, f1 < total};
+    for (int j0 = 0; j0 < J; j0 += kReduceK) {
+      int4 loaded[2][kReduceK];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int u = 0; u < kReduceK; ++u) {
+          const int4* row = active[h] && j0 + u < J ? itemRows[h][j0 + u] : nullptr;
+          loaded[h][u] = row != nullptr ? __ldcg(row + c[h]) : make_int4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int u = 0; u < kReduceK; ++u) {
+          if (!active[h] || j0 + u >= J || itemRows[h][j0 + u] == nullptr) continue;
+          uint16_t values[8];
+          unpackBf16(loaded[h][u], values);
+          const float weight = itemWeights[h][j0 + u];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[h][i] = __fmaf_rn(weight, bf16ToFloat(values[i]), acc[h][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (!active[h]) continue;
+      int4* to = target(item[h]);
+      if (to == nullptr) continue;
+      uint32_t words[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        words[i] = static_cast<uint32_t>(floatToBf16(acc[h][2 * i])) |
+                   (static_cast<uint32_t>(floatToBf16(acc[h][2 * i + 1])) << 16);
+      }
+      to[c[h]] = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
+                           static_cast<int>(words[3]));
+    }
+  }
+}
+
+// Per-rank form (MOECOMM_LL_PER_RANK_COMBINE), send half: for every received (source, token)
+// with a selection on this rank, p = bf16(fmaf chain over k ascending of weight x local expert
+// row) goes to [t][this rank] of the source's slot, with a marker. The rows and weights per
+// selection come from the dispatch (LowLatencyRouting::rowOf, weights); the pairs are split
+// into a contiguous share per block, a round of kThreads / K pairs at a time.
+__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
+  __shared__ const int4* rows[kThreads];
+  __shared__ float weights[kThreads];
+  __shared__ int4* pairTarget[kThreads];
+  __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
+  const int R = p.numRanks;
+  const int K = p.topk;
+  if (threadIdx.x == 0) {
+    int pairs = 0;
+    for (int s = 0; s < R; ++s) {
+      pairStart[s] = pairs;
+      pairs += min(max(p.routing.sourceTokens[s], 0), p.maxTokens);
+    }
+    pairStart[R] = pairs;
+  }
+  const uint32_t targets = sendTargets(p, sequence);  // syncs the block
+  MC_LL_PROFILE(kLlKernelCombine, 1);
+  const int total = pairStart[R];
+  const int perBlock = (total + gridDim.x - 1) / gridDim.x;
+  const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
+  const int end = min(total, begin + perBlock);
+  const int pairsPerRound = kThreads / K;
+  const int slotInRound = threadIdx.x / K;
+  const int k = threadIdx.x % K;
+  const uint64_t rowBytes = 2ull * p.hidden;
+  const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
+  auto sourceOf = [&](int pair) {
+    int s = 0;
+    while (pairStart[s + 1] <= pair) ++s;
+    return s;
+  };
+  MC_LL_PROFILE(kLlKernelCombine, 2);
+  for (int round = begin; round < end; round += pairsPerRound) {
+    const int roundPairs = min(pairsPerRound, end - round);
+    __syncthreads();  // the previous round's reduction is done with rows, weights, targets
+    if (slotInRound < roundPairs) {
+      const int pair = round + slotInRound;
+      const int s = sourceOf(pair);
+      const int4* row = nullptr;
+      float weight = 0.0f;
+      if (((targets >> s) & 1u) != 0) {
+        const int i = ((s * p.maxTokens) + (pair - pairStart[s])) * K + k;
+        const int id = p.routing.rowOf[i];
+        if (id >= 0) {
+          row = reinterpret_cast<const int4*>(outputs + static_cast<uint64_t>(id) * rowBytes);
+          weight = p.routing.weights[i];
+        }
+      }
+      rows[threadIdx.x] = row;
+      weights[threadIdx.x] = weight;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < roundPairs) {
+      const int pair = round + threadIdx.x;
+      bool any = false;
+      for (int j = 0; j < K; ++j) any = any || rows[threadIdx.x * K + j] != nullptr;
+      int4* to = nullptr;
+      if (any) {
+        const int s = sourceOf(pair);
+        const uint64_t entry = static_cast<uint64_t>(pair - pairStart[s]) * R + p.rank;
+        uint8_t* base = slotBase(p, s);
+        to = reinterpret_cast<int4*>(base + p.combineRowsOffset + entry * rowBytes);
+        reinterpret_cast<uint32_t*>(base + p.markersOffset)[entry] = static_cast<uint32_t>(sequence);
+      }
+      pairTarget[threadIdx.x] = to;
+    }
+    __syncthreads();
+    reduceRows(p, roundPairs, K, rows, weights, [&](int i) { return pairTarget[i]; });
+  }
+  MC_LL_PROFILE(kLlKernelCombine, 3);
+  finishSend(p, targets, sequence);
+  MC_LL_PROFILE(kLlKernelCombine, 4);
+}
+
+// Receive half, both forms. Per token, J rows: one per selection k (default: the expert's row
+// at [t][first k naming it], weight w_k), or one per expert rank r (per-rank form: the partial
+// at [t][r], weight 1, and fmaf(1, p, acc) is exactly acc + p). A row is used only when its
+// rank is present and its marker holds this operation (else the rank did not receive the
+// token: it had masked this rank).
 __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int ids[kThreads];
   const int K = p.topk;
+  const int R = p.numRanks;
   const int T = p.numTokens;
-  const int chunks = p.hidden / 8;
-  const int tokensPerRound = kThreads / K;
+  const int J = p.perRank ? R : K;
+  const int W = max(K, J);  // threads per token: one per id, and one per row
+  const int tokensPerRound = kThreads / W;
   const int myTokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  const int slotInRound = threadIdx.x / K;
-  const int k = threadIdx.x % K;
-  // ids[] and weights[] of the round starting at token `round` (thread = (token, k)).
+  const int slotInRound = threadIdx.x / W;
+  const int k = threadIdx.x % W;
+  // ids[] (and, default form, weights[]) of the round starting at token `round`.
   auto loadRound = [&](int round) {
-    if (slotInRound >= tokensPerRound) return;
+    if (slotInRound >= tokensPerRound || k >= K) return;
     const int j = round + slotInRound;
     const bool mapped = j < myTokens;
     const int64_t base = static_cast<int64_t>(blockIdx.x + j * gridDim.x) * K;
     int64_t expert = mapped ? loadExpertId(p.topkIdx, p.topkIdxIs64, base + k) : -1;
     if (expert < -1 || expert >= p.numExperts) expert = -1;
     ids[threadIdx.x] = static_cast<int>(expert);
-    weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
+    if (!p.perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
   if (myTokens > 0) loadRound(0);
   const uint32_t sources = agreeSources(p, sequence);
@@ -771,81 +953,41 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
       loadRound(round);
     }
     __syncthreads();
-    if (slotInRound < tokensPerRound) {
+    if (slotInRound < tokensPerRound && k < J) {
       const int j = round + slotInRound;
-      const int64_t base = static_cast<int64_t>(blockIdx.x + j * gridDim.x) * K;
-      const int4* row = nullptr;
-      const int expert = ids[threadIdx.x];
-      if (j < myTokens && expert >= 0 && ((sources >> (expert / p.localExperts)) & 1u) != 0) {
+      const int t = blockIdx.x + j * gridDim.x;
+      const int* tokenIds = ids + slotInRound * W;
+      uint64_t entry = 0;  // [t][k] or [t][r] of the slot; valid when present
+      bool present = false;
+      if (j < myTokens && p.perRank) {
+        // k is the expert rank: present if one selection names one of its experts.
+        for (int i = 0; i < K && !present; ++i) present = tokenIds[i] >= 0 && tokenIds[i] / p.localExperts == k;
+        present = present && ((sources >> k) & 1u) != 0;
+        entry = static_cast<uint64_t>(t) * R + k;
+      } else if (j < myTokens) {
+        const int expert = tokenIds[k];
+        present = expert >= 0 && ((sources >> (expert / p.localExperts)) & 1u) != 0;
         int first = k;
         for (int i = 0; i < k; ++i) {
-          if (ids[threadIdx.x - k + i] == expert) {
+          if (tokenIds[i] == expert) {
             first = i;
             break;
           }
         }
-        // Unmarked: the expert's rank did not receive the token (it had masked this rank).
-        if (__ldcg(markers + base + first) == static_cast<uint32_t>(sequence)) {
-          row = reinterpret_cast<const int4*>(mine + p.combineRowsOffset + (base + first) * 2ull * p.hidden);
-        }
+        entry = static_cast<uint64_t>(t) * K + first;
       }
-      rows[threadIdx.x] = row;
+      const bool marked = present && __ldcg(markers + entry) == static_cast<uint32_t>(sequence);
+      rows[slotInRound * J + k] =
+          marked ? reinterpret_cast<const int4*>(mine + p.combineRowsOffset + entry * 2ull * p.hidden) : nullptr;
+      if (p.perRank) weights[slotInRound * J + k] = 1.0f;
     }
     __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    const int total = roundTokens * chunks;
-    for (int f0 = threadIdx.x; f0 < total; f0 += 2 * blockDim.x) {
-      float acc[2][8];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
-      }
-      const int f1 = f0 + blockDim.x;
-      const int4* const* tokenRows[2] = {rows + (f0 / chunks) * K, rows + (min(f1, total - 1) / chunks) * K};
-      const float* tokenWeights[2] = {weights + (f0 / chunks) * K, weights + (min(f1, total - 1) / chunks) * K};
-      const int c[2] = {f0 % chunks, f1 % chunks};
-      const bool active[2] = {true, f1 < total};
-      for (int k0 = 0; k0 < K; k0 += kReduceK) {
-        int4 loaded[2][kReduceK];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int u = 0; u < kReduceK; ++u) {
-            const int4* row = active[h] && k0 + u < K ? tokenRows[h][k0 + u] : nullptr;
-            loaded[h][u] = row != nullptr ? __ldcg(row + c[h]) : make_int4(0, 0, 0, 0);
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int u = 0; u < kReduceK; ++u) {
-            if (!active[h] || k0 + u >= K || tokenRows[h][k0 + u] == nullptr) continue;
-            uint16_t values[8];
-            unpackBf16(loaded[h][u], values);
-            const float weight = tokenWeights[h][k0 + u];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[h][i] = __fmaf_rn(weight, bf16ToFloat(values[i]), acc[h][i]);
-          }
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (!active[h]) continue;
-        uint32_t words[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          words[i] = static_cast<uint32_t>(floatToBf16(acc[h][2 * i])) |
-                     (static_cast<uint32_t>(floatToBf16(acc[h][2 * i + 1])) << 16);
-        }
-        const int f = h == 0 ? f0 : f1;
-        const int t = blockIdx.x + (round + f / chunks) * gridDim.x;
-        reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2)[c[h]] =
-            make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
-                      static_cast<int>(words[3]));
-      }
-    }
+    reduceRows(p, roundTokens, J, rows, weights, [&](int i) {
+      const int t = blockIdx.x + (round + i) * gridDim.x;
+      return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
+    });
   }
   MC_LL_PROFILE(kLlKernelCombine, 8);
   finishReceive(p, sequence);
@@ -856,7 +998,11 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
   MC_LL_PROFILE(kLlKernelCombine, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
-  if (send) combineSend(p, sequence);
+  if (send && p.perRank) {
+    combineSendPerRank(p, sequence);
+  } else if (send) {
+    combineSend(p, sequence);
+  }
   if ((p.phases & kLowLatencyPhaseReceive) != 0) {
     __syncthreads();
     combineReceive(p, sequence);

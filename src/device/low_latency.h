@@ -12,12 +12,15 @@
 //   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
 //             tokens  int [R source]: T of each source;
 //             topk    int32 [R source][maxT][K]: each source's expert ids (-1 for bad ones);
+//             weights float [R source][maxT][K]: each source's weights (per-rank combine only);
 //             rows    [R source][maxT] rows of rowPitch bytes: each token once per destination
 //                     rank (FP8 e4m3 bytes [H] then FP32 scales [H/128], or BF16 [H]);
 //           and a combine uses the same bytes as:
 //             rows    [maxT token][K] BF16 rows of 2H bytes: expert output of (t, k), where k
-//                     is the first entry of the token's row that names that expert;
-//             markers uint32 [maxT][K]: low 32 bits of the sequence that wrote the row.
+//                     is the first entry of the token's row that names that expert; or, for a
+//                     per-rank combine, [maxT token][R expert rank] BF16 partial sums;
+//             markers uint32 [maxT][max(K, R)] (never overlaid): low 32 bits of the sequence
+//                     that wrote the row.
 // Sequences are per slot and live on the device (LowLatencyState::slotSequence): the send
 // half of an operation uses slotSequence + 1 and stores it, the receive half reads it. A
 // graph replay therefore continues the count, and every rank computes the same number for
@@ -67,6 +70,10 @@ struct LowLatencyRouting {
   int* recvCount;   // [E_local]
   int* srcInfo;     // [E_local, S]: source rank * maxT + source token
   uint8_t* firstK;  // [E_local, S]: first k of the source token's row naming this expert
+  // Per-rank combine only (MOECOMM_LL_PER_RANK_COMBINE), indexed [R source][maxT][K]:
+  int* rowOf;         // le * S + slot of selection (s, t, k) if its expert is local, else -1
+  float* weights;     // the source's weight of selection (s, t, k)
+  int* sourceTokens;  // [R]: T of each source the dispatch received (0: absent)
 };
 
 struct LowLatencyParams {
@@ -89,6 +96,7 @@ struct LowLatencyParams {
   uint64_t slotBytes;
   uint64_t tokensOffset;  // inside a slot
   uint64_t topkOffset;
+  uint64_t weightsOffset;
   uint64_t rowsOffset;
   uint64_t rowPitch;  // dispatch staging row: 2H bytes (an FP8 row and its scales fit)
   uint64_t combineRowsOffset;
@@ -105,6 +113,7 @@ struct LowLatencyParams {
   int numTokens;  // this rank's T
   const void* topkIdx;
   int topkIdxIs64;
+  int perRank;  // MOECOMM_LL_PER_RANK_COMBINE: the dispatch keeps weights and rows per selection
   LowLatencyRouting routing;
   // Dispatch.
   const void* x;  // [T, H] BF16
@@ -118,7 +127,7 @@ struct LowLatencyParams {
   int* cumulativeRecvStats;
   // Combine.
   const void* expertOutputs;  // [E_local, S, H] BF16
-  const float* topkWeights;   // [T, K]
+  const float* topkWeights;   // [T, K]: the combine's (default form) or the dispatch's (per rank)
   void* out;                  // [T, H] BF16
 };
 

@@ -27,6 +27,7 @@ constexpr int kPreallocatedRoutings = 4;
 void setDispatchReceive(const moecommEpLowLatencyDispatchArgs_t& args, device::LowLatencyParams* p) {
   p->fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
   p->ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
+  p->perRank = (args.flags & MOECOMM_LL_PER_RANK_COMBINE) != 0 ? 1 : 0;
   p->recvX = args.recvX;
   p->recvScales = args.recvScales;
   p->recvCount = args.recvCount;
@@ -34,7 +35,9 @@ void setDispatchReceive(const moecommEpLowLatencyDispatchArgs_t& args, device::L
   p->cumulativeRecvStats = args.cumulativeRecvStats;
 }
 
-void setCombineReceive(const moecommEpLowLatencyCombineArgs_t& args, device::LowLatencyParams* p) {
+void setCombineReceive(const moecommEpLowLatencyCombineArgs_t& args, const moecommEpHandle& handle,
+                       device::LowLatencyParams* p) {
+  p->perRank = handle.perRankCombine ? 1 : 0;
   p->topkIdx = args.topkIdx;
   p->topkIdxIs64 = args.topkIdxType == moecommInt64 ? 1 : 0;
   p->topkWeights = args.topkWeights;
@@ -102,14 +105,17 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   p.releasedOffset = flagBytes;
   p.slotOffset = 2 * flagBytes;
   p.markersOffset = 0;
-  const uint64_t shared = roundUp(maxT * K * sizeof(uint32_t), 256);
+  // A combine has K rows per token, or R partials per token (per-rank form).
+  const uint64_t combineRowsPerToken = std::max(K, R);
+  const uint64_t shared = roundUp(maxT * combineRowsPerToken * sizeof(uint32_t), 256);
   p.tokensOffset = shared;
   p.topkOffset = shared + roundUp(R * sizeof(int), 16);
+  p.weightsOffset = p.topkOffset + roundUp(R * maxT * K * sizeof(int32_t), 16);
   p.rowPitch = 2 * H;  // FP8 bytes + FP32 scales (H + H/32) fit in a BF16 row
-  p.rowsOffset = roundUp(p.topkOffset + R * maxT * K * sizeof(int32_t), 256);
+  p.rowsOffset = roundUp(p.weightsOffset + R * maxT * K * sizeof(float), 256);
   p.combineRowsOffset = shared;
   const uint64_t dispatchEnd = p.rowsOffset + R * maxT * p.rowPitch;
-  const uint64_t combineEnd = p.combineRowsOffset + maxT * K * 2 * H;
+  const uint64_t combineEnd = p.combineRowsOffset + maxT * combineRowsPerToken * 2 * H;
   p.slotBytes = roundUp(std::max(dispatchEnd, combineEnd), 256);
   const uint64_t bytes = p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
 
@@ -235,16 +241,28 @@ moecommResult_t CudaLowLatency::allocateRouting(Routing* out) {
   const auto& shape = ep_->shape;
   const uint64_t localExperts = static_cast<uint64_t>(shape.expertsPerRank());
   const uint64_t rows = localExperts * shape.lowLatencySlotsPerExpert();
+  const uint64_t selections = static_cast<uint64_t>(shape.numRanks) * shape.maxTokensPerRank * shape.topk;
   const uint64_t countBytes = roundUp(localExperts * sizeof(int), 16);
   const uint64_t arrayBytes = roundUp(rows * sizeof(int), 16);
-  const uint64_t bytes = countBytes + arrayBytes + roundUp(rows, 16);
+  const uint64_t firstKBytes = roundUp(rows, 16);
+  const uint64_t selectionBytes = roundUp(selections * sizeof(int), 16);  // rowOf, and weights
+  const uint64_t sourceBytes = roundUp(static_cast<uint64_t>(shape.numRanks) * sizeof(int), 16);
+  const uint64_t bytes = countBytes + arrayBytes + firstKBytes + 2 * selectionBytes + sourceBytes;
   void* block = nullptr;
   MC_CUDA(cudaMalloc(&block, bytes));
   uint8_t* base = static_cast<uint8_t*>(block);
   out->block = block;
   out->arrays.recvCount = reinterpret_cast<int*>(base);
-  out->arrays.srcInfo = reinterpret_cast<int*>(base + countBytes);
-  out->arrays.firstK = base + countBytes + arrayBytes;
+  base += countBytes;
+  out->arrays.srcInfo = reinterpret_cast<int*>(base);
+  base += arrayBytes;
+  out->arrays.firstK = base;
+  base += firstKBytes;
+  out->arrays.rowOf = reinterpret_cast<int*>(base);
+  base += selectionBytes;
+  out->arrays.weights = reinterpret_cast<float*>(base);
+  base += selectionBytes;
+  out->arrays.sourceTokens = reinterpret_cast<int*>(base);
   return moecommSuccess;
 }
 
@@ -378,7 +396,7 @@ moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t 
     if (isDispatch) {
       setDispatchReceive(handle->pendingDispatch, &p);
     } else {
-      setCombineReceive(handle->pendingCombine, &p);
+      setCombineReceive(handle->pendingCombine, *handle, &p);
     }
     status = isDispatch ? checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch")
                         : checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine");
@@ -428,6 +446,8 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
   p.topkIdx = args->topkIdx;
   p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
   p.roundScale = (args->flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0 ? 1 : 0;
+  created->perRankCombine = (args->flags & MOECOMM_LL_PER_RANK_COMBINE) != 0;
+  p.topkWeights = args->topkWeights;
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
   p.phases = phasesOf(sendOnly);
   setDispatchReceive(*args, &p);
@@ -475,7 +495,7 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
   p.expertOutputs = checked->x;
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
   p.phases = phasesOf(sendOnly);
-  setCombineReceive(*checked, &p);
+  setCombineReceive(*checked, *handle, &p);
   MC_CHECK(checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine"));
   handle->pendingCombine = *checked;
   return afterSend(handle, EpPendingHalf::kLowLatencyCombine, slot, sendOnly, stream);

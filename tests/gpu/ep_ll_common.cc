@@ -149,7 +149,7 @@ ExpectedDispatch ExpectDispatch(const ref::EpShape& shape, const AllInputs& in, 
 // Expected combine output of rank me. masksAll: [R receiving][R source] or null; myMask: the
 // mask on rank me at combine time (or null).
 std::vector<uint16_t> ExpectCombine(const ref::EpShape& shape, const AllInputs& in, int me, const int* masksAll,
-                                    const int* myMask, uint64_t ySeed) {
+                                    const int* myMask, uint64_t ySeed, bool perRank) {
   const RankInput& mine = in.ranks[me];
   const int K = shape.topk;
   const size_t entries = static_cast<size_t>(mine.numTokens) * K;
@@ -169,7 +169,12 @@ std::vector<uint16_t> ExpectCombine(const ref::EpShape& shape, const AllInputs& 
     rows[entry] = row;
   }
   std::vector<uint16_t> out(static_cast<size_t>(mine.numTokens) * shape.hidden);
-  ref::lowLatencyCombineRows(shape, mine.numTokens, mine.weights.data(), rows.data(), out.data());
+  if (perRank) {
+    ref::lowLatencyCombineRowsPerRank(shape, mine.numTokens, mine.topkIdx.data(), mine.weights.data(), rows.data(),
+                                      out.data());
+  } else {
+    ref::lowLatencyCombineRows(shape, mine.numTokens, mine.weights.data(), rows.data(), out.data());
+  }
   return out;
 }
 
@@ -258,7 +263,9 @@ moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs
   args.topkIdx = in.topkIdx;
   args.topkIdxType = idx64 ? moecommInt64 : moecommInt32;
   args.recvType = f.fp8 ? moecommFloat8E4M3 : moecommBfloat16;
-  args.flags = (f.roundScale ? MOECOMM_LL_ROUND_SCALE : 0u) | (f.ue8m0 ? MOECOMM_LL_UE8M0 : 0u);
+  args.flags = (f.roundScale ? MOECOMM_LL_ROUND_SCALE : 0u) | (f.ue8m0 ? MOECOMM_LL_UE8M0 : 0u) |
+               (f.perRank ? MOECOMM_LL_PER_RANK_COMBINE : 0u);
+  if (f.perRank) args.topkWeights = static_cast<const float*>(in.weights);
   args.recvX = out.x;
   args.recvScales = out.scales;
   args.recvCount = out.count;
@@ -267,12 +274,13 @@ moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs
   return args;
 }
 
-moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& in, bool idx64, void* out) {
+moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& in, bool idx64, void* out,
+                                             bool perRank) {
   moecommEpLowLatencyCombineArgs_t args = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
   args.x = x;
   args.topkIdx = in.topkIdx;
   args.topkIdxType = idx64 ? moecommInt64 : moecommInt32;
-  args.topkWeights = static_cast<const float*>(in.weights);
+  args.topkWeights = perRank ? nullptr : static_cast<const float*>(in.weights);
   args.out = out;
   return args;
 }

@@ -53,6 +53,7 @@ struct DispatchFlags {
   bool fp8 = true;
   bool roundScale = false;
   bool ue8m0 = false;
+  bool perRank = false;  // MOECOMM_LL_PER_RANK_COMBINE (the dispatch carries the weights)
 };
 
 // Host expectations of one rank's dispatch outputs, poison (0xff bytes) where nothing is written.
@@ -70,9 +71,9 @@ size_t ScaleBytesPerRow(const ref::EpShape& shape, const DispatchFlags& f);
 ExpectedDispatch ExpectDispatch(const ref::EpShape& shape, const AllInputs& in, int me, const int* myMask,
                                 const DispatchFlags& f, const std::vector<int>& cumulativeBefore);
 // Expected combine output of rank me. masksAll: [R receiving][R source] or null; myMask: the
-// mask on rank me at combine time (or null).
+// mask on rank me at combine time (or null); perRank: the MOECOMM_LL_PER_RANK_COMBINE form.
 std::vector<uint16_t> ExpectCombine(const ref::EpShape& shape, const AllInputs& in, int me, const int* masksAll,
-                                    const int* myMask, uint64_t ySeed);
+                                    const int* myMask, uint64_t ySeed, bool perRank = false);
 
 // ---- Device buffers ---------------------------------------------------------------------------
 
@@ -167,6 +168,8 @@ std::string CombineAndCompare(moecommComm_t comm, moecommEp_t ep, const moecommE
 // The tests' low-latency call arguments over the buffers above.
 moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs& in, bool idx64,
                                                const DispatchFlags& f, const DeviceDispatchOut& out);
-moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& in, bool idx64, void* out);
+// perRank: the handle's dispatch had MOECOMM_LL_PER_RANK_COMBINE, so topkWeights stays NULL.
+moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& in, bool idx64, void* out,
+                                             bool perRank = false);
 
 }  // namespace moecomm_gpu_test

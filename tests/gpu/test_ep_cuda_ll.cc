@@ -40,11 +40,12 @@ struct LlCase {
   bool idx64;
   bool sendOnly;
   bool zeroCopy;
+  bool perRank = false;
   std::string Name() const {
     char text[200];
-    std::snprintf(text, sizeof(text), "H%d_T%d_K%d_E%d_%s%s%s_%s%s%s", hidden, tokens, topk, experts,
+    std::snprintf(text, sizeof(text), "H%d_T%d_K%d_E%d_%s%s%s_%s%s%s%s", hidden, tokens, topk, experts,
                   fp8 ? "fp8" : "bf16", roundScale ? "_round" : "", ue8m0 ? "_ue8m0" : "", idx64 ? "i64" : "i32",
-                  sendOnly ? "_sendonly" : "", zeroCopy ? "_zerocopy" : "");
+                  sendOnly ? "_sendonly" : "", zeroCopy ? "_zerocopy" : "", perRank ? "_perrank" : "");
     return text;
   }
 };
@@ -75,8 +76,8 @@ class EpCudaLowLatency : public ::testing::Test {
 
   std::string RunCase(const LlCase& c, uint64_t seed);
   std::string RunDoubleBuffered(uint64_t seed);
-  std::string RunGraph(uint64_t seed, bool hook, int replays);
-  std::string RunMasked(uint64_t seed);
+  std::string RunGraph(uint64_t seed, bool hook, int replays, bool perRank = false);
+  std::string RunMasked(uint64_t seed, bool perRank = false);
   std::string RunSilentRank(uint64_t seed);
   std::string RunAbandoned(uint64_t seed);
 
@@ -96,7 +97,7 @@ class EpCudaLowLatency : public ::testing::Test {
 std::string EpCudaLowLatency::RunCase(const LlCase& c, uint64_t seed) {
   const ref::EpShape shape = MakeShape(nranks_, c.experts, c.hidden, c.topk, kMaxTokens);
   const int L = shape.expertsPerRank();
-  const DispatchFlags f{c.fp8, c.roundScale, c.ue8m0};
+  const DispatchFlags f{c.fp8, c.roundScale, c.ue8m0, c.perRank};
   const AllInputs all = MakeAllInputs(shape, c.tokens, seed);
   const RankInput& mine = all.ranks[rank_];
   std::vector<int> cumulativeBefore(L);
@@ -131,7 +132,12 @@ std::string EpCudaLowLatency::RunCase(const LlCase& c, uint64_t seed) {
   if (why.empty()) {
     const uint64_t ySeed = seed * 31 + 7;
     const std::vector<uint16_t> hostY = ExpertOutputs(shape, ySeed, rank_, want.count.data(), false);
-    const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed);
+    const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed, c.perRank);
+    // The data must tell the two forms apart, or a kernel running the wrong one would pass.
+    if (c.perRank && c.tokens >= 16 && c.topk > 1 && nranks_ > 1 &&
+        wantOut == ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed, false)) {
+      why = "per-rank and per-expert expectations are identical for this data";
+    }
     const void* x = nullptr;
     if (c.zeroCopy) {
       if (moecommEpLowLatencyCombineBuffer(ep, &y) != moecommSuccess || y == nullptr) {
@@ -145,7 +151,7 @@ std::string EpCudaLowLatency::RunCase(const LlCase& c, uint64_t seed) {
     }
     combined = DeviceAlloc(wantOut.size() * 2);
     cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
-    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(x, in, c.idx64, combined);
+    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(x, in, c.idx64, combined, c.perRank);
     cargs.flags = (c.sendOnly ? MOECOMM_LL_SEND_ONLY : 0u) | (c.zeroCopy ? MOECOMM_LL_ZERO_COPY : 0u);
     if (!why.empty()) {
     } else if (moecommEpLowLatencyCombine(ep, &cargs, handle, stream_) != moecommSuccess) {
@@ -254,9 +260,9 @@ std::string EpCudaLowLatency::RunDoubleBuffered(uint64_t seed) {
 // Dispatch + combine captured once (with the hook: send-only + complete for both), replayed
 // `replays` times; before each replay the inputs change (cudaMemcpyAsync on the stream) and
 // after it every output is checked, cumulative statistics included.
-std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays) {
+std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays, bool perRank) {
   const ref::EpShape shape = MakeShape(nranks_, 32, 2048, 8, 64);
-  const DispatchFlags f{true, true, false};
+  const DispatchFlags f{true, true, false, perRank};
   const int L = shape.expertsPerRank();
   const int T = 64;
   moecommEp_t ep = nullptr;
@@ -283,7 +289,7 @@ std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays) {
   }
   if (why.empty()) {
     moecommEpLowLatencyDispatchArgs_t dargs = DispatchArgs(myTokens, in, true, f, out);
-    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, true, combined);
+    moecommEpLowLatencyCombineArgs_t cargs = CombineArgs(y, in, true, combined, perRank);
     if (hook) {
       dargs.flags |= MOECOMM_LL_SEND_ONLY;
       cargs.flags |= MOECOMM_LL_SEND_ONLY;
@@ -317,7 +323,7 @@ std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays) {
     }
     const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, nullptr, f, cumulative);
     cumulative = want.cumulative;
-    const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed);
+    const std::vector<uint16_t> wantOut = ExpectCombine(shape, all, rank_, nullptr, nullptr, ySeed, perRank);
     if (cudaStreamSynchronize(stream_) != cudaSuccess) {
       why = "cudaStreamSynchronize failed at replay " + std::to_string(replay);
       break;
@@ -350,9 +356,9 @@ std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays) {
 
 // moecommEpSetRankMask: every rank masks the last one, which masks everybody. The others'
 // results then leave it out; after moecommEpClearRankMask everything is back.
-std::string EpCudaLowLatency::RunMasked(uint64_t seed) {
+std::string EpCudaLowLatency::RunMasked(uint64_t seed, bool perRank) {
   const ref::EpShape shape = MakeShape(nranks_, 32, 4096, 8, 128);
-  const DispatchFlags f{true, false, true};
+  const DispatchFlags f{true, false, true, perRank};
   const int R = nranks_;
   const int L = shape.expertsPerRank();
   const int last = R - 1;
@@ -399,10 +405,11 @@ std::string EpCudaLowLatency::RunMasked(uint64_t seed) {
     if (why.empty()) why = CompareDispatch(tag, want, out, f, true, true);
     if (why.empty()) {
       y = ToDevice(ExpertOutputs(shape, ySeed, rank_, want.count.data(), false));
-      wantOut = ExpectCombine(shape, all, rank_, masked ? masksAll.data() : nullptr, masked ? myMask : nullptr, ySeed);
+      wantOut = ExpectCombine(shape, all, rank_, masked ? masksAll.data() : nullptr, masked ? myMask : nullptr, ySeed,
+                              perRank);
       combined = DeviceAlloc(wantOut.size() * 2);
       cudaMemsetAsync(combined, 0xff, wantOut.size() * 2, stream_);
-      why = CombineAndCompare(comm_, ep, CombineArgs(y, in, false, combined), handle, stream_, wantOut, tag);
+      why = CombineAndCompare(comm_, ep, CombineArgs(y, in, false, combined, perRank), handle, stream_, wantOut, tag);
     }
     cudaFree(y);
     cudaFree(combined);
@@ -576,6 +583,12 @@ TEST_F(EpCudaLowLatency, MatchesHostReference) {
       {2048, 16, 16, 64, true, true, false, false, false, true},
       {7168, 1, 16, 32, false, false, false, true, true, false},
       {4096, 256, 8, 32, true, false, false, false, true, true},
+      // MOECOMM_LL_PER_RANK_COMBINE
+      {7168, 128, 8, 64, true, false, false, true, false, false, true},
+      {7168, 256, 16, 64, true, false, true, false, true, true, true},
+      {4096, 16, 8, 32, false, false, false, true, true, false, true},
+      {2048, 1, 1, 32, true, false, false, false, false, false, true},
+      {2048, 256, 16, 32, false, false, false, true, false, true, true},
   };
   const uint64_t seed = BaseSeed();
   int failures = 0;
@@ -602,6 +615,8 @@ TEST_F(EpCudaLowLatency, GraphReplay) {
   int failures = 0;
   Report("graph", "send-only + complete, 1000 replays", RunGraph(BaseSeed() + 101, true, 1000), &failures);
   Report("graph", "plain, 200 replays", RunGraph(BaseSeed() + 202, false, 200), &failures);
+  Report("graph", "per-rank combine, send-only + complete, 200 replays", RunGraph(BaseSeed() + 203, true, 200, true),
+         &failures);
   EXPECT_EQ(failures, 0);
 }
 
@@ -609,6 +624,7 @@ TEST_F(EpCudaLowLatency, RankMask) {
   if (nranks_ < 2) GTEST_SKIP() << "needs 2 ranks";
   int failures = 0;
   Report("mask", "set / clear", RunMasked(BaseSeed() + 303), &failures);
+  Report("mask", "set / clear, per-rank combine", RunMasked(BaseSeed() + 304, true), &failures);
   EXPECT_EQ(failures, 0);
 }
 
