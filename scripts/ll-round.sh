@@ -26,6 +26,6 @@ for grid in ${GRIDS:-132 24}; do
     timeout 120 build-device/tools/moecomm-run -n "$n" -t 110 build-device/tools/bench/moecomm-bench -w W-decode --ll \
       --graph -S "$grid" -n ${ITERS:-50} -W 10 -c 1 $extra -J "$out/bench.jsonl" > "$out/bench-$grid-$form.txt" 2>&1
     echo "rc=$? grid $grid $form"
-    grep -E "^\[rank 0\] (nccl|libmoecomm|# roofline|check)" "$out/bench-$grid-$form.txt" | sed "s/^/S$grid $form /"
+    grep -E "^\[rank 0\] (nccl|libmoecomm|# roofline)|check failed" "$out/bench-$grid-$form.txt" | sed "s/^/S$grid $form /"
   done
 done
