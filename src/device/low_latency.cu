@@ -216,6 +216,31 @@ __device__ __forceinline__ void unpackBf16(const int4& v, uint16_t* out) {
   }
 }
 
+// Block-wide exclusive scan of one int per thread (threadIdx.x < kThreads); returns the
+// prefix of this thread and sets *total. Every thread of the block must call it.
+__device__ int blockExclusiveScan(int value, int* total) {
+  __shared__ int warpSums[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == 31) warpSums[warp] = inclusive;
+  __syncthreads();
+  int before = 0;
+  int sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += warpSums[w];
+    sum += warpSums[w];
+  }
+  __syncthreads();  // warpSums may be reused by the next call
+  *total = sum;
+  return before + inclusive - value;
+}
+
 // ---- Dispatch send ------------------------------------------------------------------------
 // Work is flat over (token, 16-byte chunk) across the whole grid, so every SM of the budget
 // sends from the first microsecond whatever T is; each thread loads kSendUnroll chunks before
@@ -321,6 +346,92 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
   }
 }
 
+// The lists: for every expert e on a target rank, this rank's tokens that select it, ascending,
+// as entries t * 32 + (the first k naming e), and their count, written into e's rank's slot
+// (lists[this rank][le][0..count), listCounts[this rank][le]): the receive half then places
+// rows without scanning any ids. Block b lists experts b, b + B, ... over (expert, 32-token
+// chunk) items in windows of kItems: a ballot per item, a block scan of the counts, the
+// ballot again to place each entry. Runs after the rows' stores are issued, so it overlaps
+// their flight.
+constexpr int kItems = kThreads;
+
+// The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).
+__device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
+  int first = -1;
+  for (int k = p.topk - 1; k >= 0; --k) {
+    if (loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k) == expert) first = k;
+  }
+  return first;
+}
+
+__device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
+  __shared__ int itemCount[kItems];
+  __shared__ int itemBase[kItems];  // entries of the block before the item (over all windows)
+  __shared__ int carriedStart;      // where the expert that runs on into the next window started
+  const int T = p.numTokens;
+  const int L = p.localExperts;
+  const int chunks = (T + 31) / 32;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int myExperts =
+      static_cast<int>(blockIdx.x) < p.numExperts ? (p.numExperts - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  auto expertOf = [&](int j) { return static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x); };
+  auto targeted = [&](int e) { return ((targets >> (e / L)) & 1u) != 0; };
+  auto countOf = [&](int e) {
+    return reinterpret_cast<int*>(slotBase(p, e / L) + p.listCountsOffset) + p.rank * L + e % L;
+  };
+  if (chunks == 0) {
+    for (int j = threadIdx.x; j < myExperts; j += blockDim.x) {
+      if (targeted(expertOf(j))) *countOf(expertOf(j)) = 0;
+    }
+    return;
+  }
+  const int totalItems = myExperts * chunks;
+  int rowsBefore = 0;
+  for (int windowStart = 0; windowStart < totalItems; windowStart += kItems) {
+    const int windowItems = min(kItems, totalItems - windowStart);
+    for (int i = warp; i < windowItems; i += kWarps) {
+      const int item = windowStart + i;
+      const int e = expertOf(item / chunks);
+      const int t = (item % chunks) * 32 + lane;
+      const bool selects = targeted(e) && t < T && firstKOf(p, t, e) >= 0;
+      const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
+      if (lane == 0) itemCount[i] = __popc(ballot);
+    }
+    __syncthreads();
+    const int count = static_cast<int>(threadIdx.x) < windowItems ? itemCount[threadIdx.x] : 0;
+    int windowRows = 0;
+    const int before = blockExclusiveScan(count, &windowRows);
+    if (static_cast<int>(threadIdx.x) < windowItems) itemBase[threadIdx.x] = rowsBefore + before;
+    __syncthreads();
+    for (int i = warp; i < windowItems; i += kWarps) {
+      const int item = windowStart + i;
+      const int c = item % chunks;
+      const int e = expertOf(item / chunks);
+      if (!targeted(e)) continue;  // the same for the whole warp
+      const int first = item - c;  // the expert's first item
+      const int start = first >= windowStart ? itemBase[first - windowStart] : carriedStart;
+      const int t = c * 32 + lane;
+      const int k = t < T ? firstKOf(p, t, e) : -1;
+      const uint32_t ballot = __ballot_sync(0xffffffffu, k >= 0);
+      if (k >= 0) {
+        int* list = reinterpret_cast<int*>(slotBase(p, e / L) + p.listsOffset) +
+                    (static_cast<uint64_t>(p.rank) * L + e % L) * p.maxTokens;
+        list[itemBase[i] - start + __popc(ballot & ((1u << lane) - 1u))] = t * 32 + k;
+      }
+      if (c == chunks - 1 && lane == 0) *countOf(e) = itemBase[i] + itemCount[i] - start;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int last = windowStart + windowItems - 1;
+      const int first = last - last % chunks;
+      if (first >= windowStart) carriedStart = itemBase[first - windowStart];
+    }
+    rowsBefore += windowRows;
+    __syncthreads();
+  }
+}
+
 __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
@@ -343,7 +454,8 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
       reinterpret_cast<int*>(slotBase(p, d) + p.tokensOffset)[p.rank] = T;
     }
   }
-  // Every rank scans every source's ids to place rows, so the ids go to every target.
+  // Bad ids are reported (and count as -1 everywhere). The per-rank combine also needs every
+  // selection's id and weight on the expert's rank.
   const int64_t entries = static_cast<int64_t>(T) * K;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < entries;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -352,12 +464,13 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
       expert = -1;
     }
-    const float weight = p.perRank ? p.topkWeights[g] : 0.0f;
+    if (!p.perRank) continue;
+    const float weight = p.topkWeights[g];
     const uint64_t at = static_cast<uint64_t>(p.rank) * p.maxTokens * K + g;
     for (uint32_t left = targets; left != 0; left &= left - 1) {
       uint8_t* target = slotBase(p, __ffs(left) - 1);
       reinterpret_cast<int*>(target + p.topkOffset)[at] = static_cast<int>(expert);
-      if (p.perRank) reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
+      reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
   __syncthreads();
@@ -368,6 +481,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
     sendBf16Rows(p, tokenRanks, targets);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
+  sendLists(p, targets);
   finishSend(p, targets, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 4);
 }
@@ -422,49 +536,6 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
   }
 }
 
-// Block-wide exclusive scan of one int per thread (threadIdx.x < kThreads); returns the
-// prefix of this thread and sets *total. Every thread of the block must call it.
-__device__ int blockExclusiveScan(int value, int* total) {
-  __shared__ int warpSums[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  int inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
-  if (lane == 31) warpSums[warp] = inclusive;
-  __syncthreads();
-  int before = 0;
-  int sum = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) before += warpSums[w];
-    sum += warpSums[w];
-  }
-  __syncthreads();  // warpSums may be reused by the next call
-  *total = sum;
-  return before + inclusive - value;
-}
-
-constexpr int kItems = kThreads;  // (expert, source, 32-token chunk) items a block scans at once
-
-// One warp, one item: the lanes of tokens of `source` chunk `chunk` that select `expert`
-// (firstK set to the first k naming it, else -1); returns the ballot.
-__device__ uint32_t scanItem(const LowLatencyParams& p, const int* ids, int source, int tokens, int chunk, int expert,
-                             int* firstK) {
-  const int lane = threadIdx.x & 31;
-  const int t = chunk * 32 + lane;
-  *firstK = -1;
-  if (t < tokens) {
-    const int* row = ids + (static_cast<uint64_t>(source) * p.maxTokens + t) * p.topk;
-    for (int k = p.topk - 1; k >= 0; --k) {
-      if (row[k] == expert) *firstK = k;
-    }
-  }
-  return __ballot_sync(0xffffffffu, *firstK >= 0);
-}
-
 // Per-rank combine: what the combine's send half needs besides the rows, for every selection
 // (s, t, k) of a received token: the source's weight, and rowOf = -1 unless the expert is
 // local (the blocks that place the local rows set those). Flat over the grid; also each
@@ -488,176 +559,102 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
 }
 
 // The receive half of a dispatch, for the experts of this block (le = block, block + grid, ...):
-// the rows of each expert are the tokens that select it, sources ascending, tokens ascending.
-// The block lists them in windows of (expert, source, 32-token chunk) items, all warps at once
-// (a ballot per item, a block scan of the counts, the ballot again to place each row), writes
-// the routing, and copies the rows of a window into the caller's recvX in batches.
-__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
+// the rows of each expert are its sources' lists, sources ascending (each list is ascending in
+// token). A window of experts at a time: the counts of every (expert, source) item, a block
+// scan for where each item's rows start, then batches of kBatchRows rows: each thread finds
+// its row's item (a binary search), reads the list entry, writes the routing and the staging
+// address, and the block copies the batch into the caller's recvX.
+__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
-  __shared__ int chunkStart[kLowLatencyMaxRanks + 1];
-  __shared__ int itemCount[kItems];
-  __shared__ int itemBase[kItems];        // rows of the block before the item (global over windows)
-  __shared__ int expertBase[kItems + 1];  // rows of the block before expert jFirst + i
+  __shared__ int itemBase[kThreads];  // rows of the window before item (expert j0 + i / R, source i % R)
   __shared__ const uint8_t* batchFrom[kBatchRows];
   __shared__ int batchId[kBatchRows];
   const int R = p.numRanks;
   const int K = p.topk;
+  const int L = p.localExperts;
   const int slotsPerExpert = R * p.maxTokens;
   const uint32_t sources = agreeSources(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 5);
   const uint8_t* mine = slotBase(p, p.rank);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
+  const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
+  const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
   if (static_cast<int>(threadIdx.x) < R) {
     const int s = threadIdx.x;
     const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
     sourceTokens[s] = ((sources >> s) & 1u) != 0 ? min(max(__ldcg(tokens + s), 0), p.maxTokens) : 0;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int chunks = 0;
-    for (int s = 0; s < R; ++s) {
-      chunkStart[s] = chunks;
-      chunks += (sourceTokens[s] + 31) / 32;
-    }
-    chunkStart[R] = chunks;
-  }
-  const int* ids = globalIds;
-  if (p.topkInShared) {
-    // Every source's ids in one flat loop (entry g of source s lives at s * maxT * K + g).
-    // (kIdsUnroll loads in flight per thread before any is stored: issue is in order).
-    constexpr int kIdsUnroll = 8;
-    int* sharedIds = reinterpret_cast<int*>(dynamicShared);
-    const int perSource = p.maxTokens * K;
-    const int entries = R * perSource;
-    for (int base = threadIdx.x; base < entries; base += blockDim.x * kIdsUnroll) {
-      int values[kIdsUnroll];
-#pragma unroll
-      for (int u = 0; u < kIdsUnroll; ++u) {
-        const int i = base + u * blockDim.x;
-        const int s = i / perSource;
-        values[u] = i < entries && i - s * perSource < sourceTokens[s] * K ? __ldcg(globalIds + i) : 0;
-      }
-#pragma unroll
-      for (int u = 0; u < kIdsUnroll; ++u) {
-        const int i = base + u * blockDim.x;
-        if (i < entries) sharedIds[i] = values[u];
-      }
-    }
-    ids = sharedIds;
-  }
-  __syncthreads();
-  if (p.perRank) keepSelections(p, ids, sourceTokens);
-  MC_LL_PROFILE(kLlKernelDispatch, 6);
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int itemsPerExpert = chunkStart[R];
+  if (p.perRank) keepSelections(p, globalIds, sourceTokens);
   const int myExperts =
-      static_cast<int>(blockIdx.x) < p.localExperts ? (p.localExperts - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-  const int totalItems = myExperts * itemsPerExpert;
-  // The item's expert and (source, chunk).
-  auto itemOf = [&](int item, int* j, int* source, int* chunk) {
-    *j = item / itemsPerExpert;
-    const int c = item % itemsPerExpert;
-    int s = 0;
-    while (chunkStart[s + 1] <= c) ++s;
-    *source = s;
-    *chunk = c - chunkStart[s];
-  };
-  int rowsBefore = 0;  // rows of the block in earlier windows
+      static_cast<int>(blockIdx.x) < L ? (L - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 0;
+  const int expertsPerWindow = kThreads / R;
   bool profiled = false;
-  // Experts with no items (every source empty) still report a zero count.
-  if (itemsPerExpert == 0) {
-    for (int j = threadIdx.x; j < myExperts; j += blockDim.x) {
-      const int le = blockIdx.x + j * gridDim.x;
-      p.recvCount[le] = 0;
-      p.routing.recvCount[le] = 0;
-    }
-  }
-  for (int windowStart = 0; windowStart < totalItems; windowStart += kItems) {
-    const int windowItems = min(kItems, totalItems - windowStart);
-    const int jFirst = windowStart / itemsPerExpert;
-    // Pass 1: the count of every item.
+  for (int j0 = 0; j0 < myExperts; j0 += expertsPerWindow) {
+    const int items = min(expertsPerWindow, myExperts - j0) * R;
+    const int i = threadIdx.x;
+    const int le = static_cast<int>(blockIdx.x) + (j0 + i / R) * static_cast<int>(gridDim.x);
     int count = 0;
-    for (int i = warp; i < windowItems; i += kWarps) {
-      int j, s, c, firstK;
-      itemOf(windowStart + i, &j, &s, &c);
-      const int expert = p.rank * p.localExperts + static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x);
-      const uint32_t ballot = scanItem(p, ids, s, sourceTokens[s], c, expert, &firstK);
-      if (lane == 0) itemCount[i] = __popc(ballot);
+    if (i < items && sourceTokens[i % R] > 0) {
+      count = min(max(__ldcg(listCounts + (i % R) * L + le), 0), sourceTokens[i % R]);
     }
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < windowItems) count = itemCount[threadIdx.x];
     int windowRows = 0;
     const int before = blockExclusiveScan(count, &windowRows);
-    if (static_cast<int>(threadIdx.x) < windowItems) {
-      const int item = windowStart + threadIdx.x;
-      itemBase[threadIdx.x] = rowsBefore + before;
-      // The first item of an expert fixes where its rows start; the last one knows its count.
-      if (item % itemsPerExpert == 0) expertBase[item / itemsPerExpert - jFirst] = rowsBefore + before;
-    }
+    if (i < items) itemBase[i] = before;
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) < windowItems) {
-      const int item = windowStart + threadIdx.x;
-      if (item % itemsPerExpert == itemsPerExpert - 1) {
-        const int j = item / itemsPerExpert;
-        const int le = blockIdx.x + j * gridDim.x;
-        const int rows = rowsBefore + before + count - expertBase[j - jFirst];
-        p.recvCount[le] = rows;
-        p.routing.recvCount[le] = rows;
-        if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + le, rows);  // no wait
-      }
+    if (i < items && i % R == R - 1) {
+      const int rows = before + count - itemBase[i - (R - 1)];
+      p.recvCount[le] = rows;
+      p.routing.recvCount[le] = rows;
+      if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + le, rows);  // no wait
     }
-    // Pass 2, once per batch of kBatchRows rows of the window: place every row (routing on the
-    // first pass), then copy the batch.
+    if (!profiled) {
+      MC_LL_PROFILE(kLlKernelDispatch, 6);
+    }
     for (int batchStart = 0; batchStart < windowRows; batchStart += kBatchRows) {
-      for (int i = warp; i < windowItems; i += kWarps) {
-        const int at = itemBase[i] - rowsBefore;  // first row of the item in the window
-        if (itemCount[i] == 0) continue;
-        // Later batches only revisit the items with rows in them (the routing is written).
-        if (batchStart > 0 && (at >= batchStart + kBatchRows || at + itemCount[i] <= batchStart)) continue;
-        int j, s, c, firstK;
-        itemOf(windowStart + i, &j, &s, &c);
-        const int expert = p.rank * p.localExperts + static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x);
-        const uint32_t ballot = scanItem(p, ids, s, sourceTokens[s], c, expert, &firstK);
-        if (firstK < 0) continue;
-        const int rank = __popc(ballot & ((1u << lane) - 1u));
-        const int le = blockIdx.x + j * gridDim.x;
-        const int id = le * slotsPerExpert + itemBase[i] + rank - expertBase[j - jFirst];
-        const int info = s * p.maxTokens + c * 32 + lane;
-        if (batchStart == 0) {
-          p.routing.srcInfo[id] = info;
-          p.routing.firstK[id] = static_cast<uint8_t>(firstK);
-          if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
-          if (p.perRank) {
-            // Every selection of the token naming this expert reads this row.
-            const uint64_t entry = static_cast<uint64_t>(info) * K;
-            for (int k = firstK; k < K; ++k) {
-              if (ids[entry + k] == expert) p.routing.rowOf[entry + k] = id;
-            }
+      const int batch = min(kBatchRows, windowRows - batchStart);
+      if (static_cast<int>(threadIdx.x) < batch) {
+        const int g = batchStart + threadIdx.x;
+        int lo = 0;  // the last item starting at or before g (empty items share a start)
+        int hi = items;
+        while (hi - lo > 1) {
+          const int mid = (lo + hi) / 2;
+          if (itemBase[mid] <= g) {
+            lo = mid;
+          } else {
+            hi = mid;
           }
         }
-        const int slot = at + rank - batchStart;
-        if (slot >= 0 && slot < kBatchRows) {
-          batchId[slot] = id;
-          batchFrom[slot] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
+        const int s = lo % R;
+        const int itemExpert = static_cast<int>(blockIdx.x) + (j0 + lo / R) * static_cast<int>(gridDim.x);
+        const int entry =
+            __ldcg(lists + (static_cast<uint64_t>(s) * L + itemExpert) * p.maxTokens + (g - itemBase[lo]));
+        const int t = min(entry >> 5, p.maxTokens - 1);
+        const int firstK = entry & 31;
+        const int id = itemExpert * slotsPerExpert + g - itemBase[lo - lo % R];
+        const int info = s * p.maxTokens + t;
+        p.routing.srcInfo[id] = info;
+        p.routing.firstK[id] = static_cast<uint8_t>(firstK);
+        if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
+        if (p.perRank) {
+          // Every selection of the token naming this expert reads this row.
+          const int expert = p.rank * L + itemExpert;
+          const uint64_t at = static_cast<uint64_t>(info) * K;
+          for (int k = firstK; k < K; ++k) {
+            if (__ldcg(globalIds + at + k) == expert) p.routing.rowOf[at + k] = id;
+          }
         }
+        batchId[threadIdx.x] = id;
+        batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
       }
       __syncthreads();
       if (!profiled) {
         MC_LL_PROFILE(kLlKernelDispatch, 7);
         profiled = true;
       }
-      copyBatch(p, min(kBatchRows, windowRows - batchStart), batchFrom, batchId);
+      copyBatch(p, batch, batchFrom, batchId);
       __syncthreads();
     }
-    // An expert that continues into the next window keeps its start.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int jNext = (windowStart + windowItems) / itemsPerExpert;
-      if (jNext - jFirst <= kItems) expertBase[0] = expertBase[jNext - jFirst];
-    }
-    rowsBefore += windowRows;
-    __syncthreads();
   }
   MC_LL_PROFILE(kLlKernelDispatch, 8);
   finishReceive(p, sequence);
@@ -672,8 +669,8 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send) dispatchSend(p, sequence, dispatchShared);
   if (receive) {
-    __syncthreads();  // the send half's shared memory is reused
-    dispatchReceive(p, sequence, dispatchShared);
+    __syncthreads();
+    dispatchReceive(p, sequence);
   }
 }
 
@@ -1042,11 +1039,6 @@ uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params) {
   return (static_cast<uint64_t>(params.maxTokens) * sizeof(uint32_t) + 15) / 16 * 16;
 }
 
-uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
-  if (!params.topkInShared) return 0;
-  return static_cast<uint64_t>(params.numRanks) * params.maxTokens * params.topk * sizeof(int);
-}
-
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   // The attribute is per kernel and process-wide: always the same (largest) value, so EPs of
   // different shapes never lower it under one another.
@@ -1056,12 +1048,7 @@ int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
 }
 
 int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream) {
-  uint64_t shared = 0;
-  if ((params.phases & kLowLatencyPhaseSend) != 0) shared = lowLatencyDispatchSendSharedBytes(params);
-  if ((params.phases & kLowLatencyPhaseReceive) != 0) {
-    const uint64_t receive = lowLatencyDispatchRecvSharedBytes(params);
-    if (receive > shared) shared = receive;
-  }
+  const uint64_t shared = (params.phases & kLowLatencyPhaseSend) != 0 ? lowLatencyDispatchSendSharedBytes(params) : 0;
   dispatchKernel<<<params.numBlocks, kThreads, shared, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }

@@ -11,8 +11,12 @@
 //             B flags of d hold it, d's slot may be rewritten;
 //   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
 //             tokens  int [R source]: T of each source;
-//             topk    int32 [R source][maxT][K]: each source's expert ids (-1 for bad ones);
-//             weights float [R source][maxT][K]: each source's weights (per-rank combine only);
+//             counts  int [R source][E_local]: how many of the source's tokens select each
+//                     local expert;
+//             lists   int [R source][E_local][maxT]: those tokens, ascending, as t * 32 + the
+//                     first k of the token's row naming the expert;
+//             topk    int32 [R source][maxT][K]: each source's expert ids (-1 for bad ones) and
+//             weights float [R source][maxT][K]: its weights (both per-rank combine only);
 //             rows    [R source][maxT] rows of rowPitch bytes: each token once per destination
 //                     rank (FP8 e4m3 bytes [H] then FP32 scales [H/128], or BF16 [H]);
 //           and a combine uses the same bytes as:
@@ -95,13 +99,14 @@ struct LowLatencyParams {
   uint64_t slotOffset;
   uint64_t slotBytes;
   uint64_t tokensOffset;  // inside a slot
+  uint64_t listCountsOffset;
+  uint64_t listsOffset;
   uint64_t topkOffset;
   uint64_t weightsOffset;
   uint64_t rowsOffset;
   uint64_t rowPitch;  // dispatch staging row: 2H bytes (an FP8 row and its scales fit)
   uint64_t combineRowsOffset;
   uint64_t markersOffset;
-  int topkInShared;  // dispatch receive: the sources' ids fit in shared memory (R*maxT*K int32)
 
   LowLatencyState* state;
   volatile int* hostMasked;  // mapped host [R]: set to 1 when a kernel masks a rank
@@ -132,10 +137,8 @@ struct LowLatencyParams {
 };
 
 // Dynamic shared memory of the dispatch kernel: the send half keeps a destination mask per
-// token; the receive half every source's expert ids (only when params.topkInShared). The
-// kernel takes the larger of the two.
+// token.
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params);
-uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params);
 
 // Each runs the halves params.phases names and returns a cudaError_t value (0 = success) so
 // callers need no CUDA header.

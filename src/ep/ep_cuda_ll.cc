@@ -74,6 +74,10 @@ moecommResult_t CudaLowLatency::create(moecommEp* ep, int numBlocks, std::unique
              "numExperts * maxTokensPerRank = %llu and maxTokensPerRank * hidden / 8 = %llu must stay below 2^31 for "
              "the low-latency kernels",
              static_cast<unsigned long long>(rows), static_cast<unsigned long long>(tokenChunks));
+  // The dispatch's lists hold t * 32 + k in an int.
+  MC_REQUIRE(ep->shape.maxTokensPerRank < (1 << 26), moecommNotSupported,
+             "maxTokensPerRank = %d is too large for the low-latency kernels (at most 2^26 - 1)",
+             ep->shape.maxTokensPerRank);
   std::unique_ptr<CudaLowLatency> created(new CudaLowLatency(ep));
   MC_CHECK(created->init(numBlocks));
   *out = std::move(created);
@@ -108,8 +112,11 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   // A combine has K rows per token, or R partials per token (per-rank form).
   const uint64_t combineRowsPerToken = std::max(K, R);
   const uint64_t shared = roundUp(maxT * combineRowsPerToken * sizeof(uint32_t), 256);
+  const uint64_t L = static_cast<uint64_t>(shape.expertsPerRank());
   p.tokensOffset = shared;
-  p.topkOffset = shared + roundUp(R * sizeof(int), 16);
+  p.listCountsOffset = shared + roundUp(R * sizeof(int), 16);
+  p.listsOffset = p.listCountsOffset + roundUp(R * L * sizeof(int), 16);
+  p.topkOffset = p.listsOffset + roundUp(R * L * maxT * sizeof(int), 16);
   p.weightsOffset = p.topkOffset + roundUp(R * maxT * K * sizeof(int32_t), 16);
   p.rowPitch = 2 * H;  // FP8 bytes + FP32 scales (H + H/32) fit in a BF16 row
   p.rowsOffset = roundUp(p.weightsOffset + R * maxT * K * sizeof(float), 256);
@@ -120,20 +127,17 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   const uint64_t bytes = p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
 
   DeviceScope scope(device_);
-  // Dynamic shared memory: the send kernel keeps a word per token; the receive kernel keeps
-  // every source's expert ids when they fit (else it reads them from the buffer).
+  // Dynamic shared memory: the send kernel keeps a word per token.
   int optIn = 0;
   MC_CUDA(cudaDeviceGetAttribute(&optIn, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   const uint64_t sharedLimit = static_cast<uint64_t>(std::max(0, optIn - 2048));
-  p.topkInShared = 1;
-  if (device::lowLatencyDispatchRecvSharedBytes(p) > sharedLimit) p.topkInShared = 0;
   const uint64_t sendShared = device::lowLatencyDispatchSendSharedBytes(p);
   MC_REQUIRE(sendShared <= sharedLimit, moecommNotSupported,
              "maxTokensPerRank = %llu is too large for the low-latency dispatch kernels (%llu bytes of shared memory; "
              "this GPU allows %llu)",
              static_cast<unsigned long long>(maxT), static_cast<unsigned long long>(sendShared),
              static_cast<unsigned long long>(sharedLimit));
-  if (std::max(sendShared, device::lowLatencyDispatchRecvSharedBytes(p)) > 48 * 1024) {
+  if (sendShared > 48 * 1024) {
     MC_CHECK(checkLaunch(device::allowLowLatencySharedMemory(sharedLimit), "cudaFuncSetAttribute"));
   }
 
