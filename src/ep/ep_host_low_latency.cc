@@ -20,6 +20,9 @@
 // The combine returns every row to where its token came from: the expert rank writes the
 // output of (source rank s, token t) for local expert le at [le][s][t] of its slot and marks
 // it with the operation's sequence; the token's rank reads the marked rows of each selection.
+// With MOECOMM_LL_PER_RANK_COMBINE the same rows are read and reduced per expert rank with
+// the dispatch's weights (the host backend moves whole rows either way; the per-rank partial
+// is the arithmetic the contract fixes, not a saving here).
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -223,6 +226,12 @@ moecommResult_t HostEpBackend::lowLatencyDispatch(const moecommEpLowLatencyDispa
   moecommEpHandle* created = newHandle(ep_, EpHandleKind::kLowLatency);
   created->numTokens = args->numTokens;
   created->topkIdx = std::move(topkIdx);
+  // MOECOMM_LL_PER_RANK_COMBINE: the combine applies these weights (host memory here), so
+  // they are copied now; the combine's own topkWeights is NULL.
+  created->perRankCombine = (args->flags & MOECOMM_LL_PER_RANK_COMBINE) != 0;
+  if (created->perRankCombine && args->numTokens > 0) {
+    created->dispatchWeights.assign(args->topkWeights, args->topkWeights + created->topkIdx.size());
+  }
   created->pending = EpPendingHalf::kLowLatencyDispatch;
   created->pendingDispatch = *args;
   MC_CHECK(sendLowLatency(created, slot, sequence, moecommSuccess));
@@ -284,8 +293,14 @@ moecommResult_t HostEpBackend::receiveLowLatencyCombine(moecommEpHandle* handle)
     if (reinterpret_cast<const uint64_t*>(base + region.written)[row] != handle->pendingSequence) continue;
     rows[entry] = reinterpret_cast<const uint16_t*>(base + region.expertOutputs) + row * hidden;
   }
-  reference::lowLatencyCombineRows(shape(), handle->numTokens, args.topkWeights, rows.data(),
-                                   static_cast<uint16_t*>(args.out));
+  uint16_t* out = static_cast<uint16_t*>(args.out);
+  if (handle->perRankCombine) {
+    // args.topkWeights is NULL here: the dispatch's weights apply, summed per expert rank.
+    reference::lowLatencyCombineRowsPerRank(shape(), handle->numTokens, handle->topkIdx.data(),
+                                            handle->dispatchWeights.data(), rows.data(), out);
+  } else {
+    reference::lowLatencyCombineRows(shape(), handle->numTokens, args.topkWeights, rows.data(), out);
+  }
   return moecommSuccess;
 }
 

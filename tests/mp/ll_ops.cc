@@ -25,6 +25,7 @@ std::string LowLatencyCase::Describe() const {
   text += std::string(", ") + IndexTypeName(indexType) + " topk";
   if (!withSrcInfo) text += ", no srcInfo";
   if (!withStats) text += ", no stats";
+  if (perRankCombine) text += ", PER_RANK_COMBINE";
   return text;
 }
 
@@ -67,6 +68,10 @@ moecommResult_t LowLatencyDispatch::Send(moecommEp_t ep, unsigned extra_flags, m
   args.topkIdxType = case_.indexType;
   args.recvType = case_.recvType;
   args.flags = case_.flags | extra_flags;
+  if (case_.perRankCombine) {
+    args.flags |= MOECOMM_LL_PER_RANK_COMBINE;
+    args.topkWeights = InputData(inputs_.topkWeights);
+  }
   if (case_.recvType == moecommFloat8E4M3) {
     args.recvX = recvFp8_.data();
     args.recvScales = (case_.flags & MOECOMM_LL_UE8M0) ? static_cast<void*>(recvPackedScales_.data())
@@ -182,12 +187,15 @@ void LowLatencyDispatch::Check(const std::vector<RankInputs>& all, const std::ve
 }
 
 LowLatencyCombine::LowLatencyCombine(const EpShape& shape, const std::vector<RankInputs>& all,
-                                     const std::vector<int>& masked, moecommDataType_t index_type, Random& random)
+                                     const std::vector<int>& masked, moecommDataType_t index_type, Random& random,
+                                     bool per_rank_sum)
     : shape_(shape),
       all_(all),
+      perRank_(per_rank_sum),
       indices_(all[Mp().rank].topkIdx, index_type),
       out_(static_cast<size_t>(all[Mp().rank].numTokens) * shape.hidden, kPoisonFloat),
-      describe_(std::string("low-latency combine, ") + IndexTypeName(index_type) + " topk") {
+      describe_(std::string("low-latency combine, ") + (per_rank_sum ? "per-rank sum, " : "") +
+                IndexTypeName(index_type) + " topk") {
   const std::vector<ReferenceLowLatency> per_rank = ComputeAllLowLatencyRows(shape, all, masked);
   const size_t rows_per_expert = static_cast<size_t>(shape.nranks) * shape.maxTokensPerRank;
   const uint16_t nan_bits = FloatToBf16(std::nanf(""));
@@ -201,7 +209,10 @@ LowLatencyCombine::LowLatencyCombine(const EpShape& shape, const std::vector<Ran
     expertOutputs_.push_back(std::move(outputs));
   }
   const int me = Mp().rank;
-  expected_ = ComputeLowLatencyCombine(shape, all, per_rank, expertOutputs_, all[me].topkWeights, me, masked);
+  expected_ = ComputeLowLatencyCombine(shape, all, per_rank, expertOutputs_, all[me].topkWeights, me, masked, perRank_);
+  const std::vector<uint16_t> other =
+      ComputeLowLatencyCombine(shape, all, per_rank, expertOutputs_, all[me].topkWeights, me, masked, !perRank_);
+  for (size_t i = 0; i < expected_.size(); ++i) differing_ += expected_[i] != other[i];
 }
 
 moecommResult_t LowLatencyCombine::Send(moecommEp_t ep, unsigned flags, moecommEpHandle_t handle) {
@@ -219,7 +230,8 @@ moecommResult_t LowLatencyCombine::Send(moecommEp_t ep, unsigned flags, moecommE
   if (flags & MOECOMM_LL_SEND_ONLY) describe_ += ", send only";
   args.topkIdx = indices_.data();
   args.topkIdxType = indices_.type;
-  args.topkWeights = InputData(all_[me].topkWeights);
+  // A per-rank handle's combine applies the dispatch's weights and must get none.
+  args.topkWeights = perRank_ ? nullptr : InputData(all_[me].topkWeights);
   args.out = out_.data();
   args.flags = flags;
   return moecommEpLowLatencyCombine(ep, &args, handle, nullptr);

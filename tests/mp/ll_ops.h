@@ -18,6 +18,9 @@ struct LowLatencyCase {
   moecommDataType_t indexType = moecommInt64;
   bool withSrcInfo = true;
   bool withStats = true;
+  // MOECOMM_LL_PER_RANK_COMBINE: the dispatch passes the weights; the handle's combine must be a
+  // LowLatencyCombine made with per_rank = true.
+  bool perRankCombine = false;
   std::string Describe() const;
 };
 
@@ -54,17 +57,24 @@ class LowLatencyCombine {
  public:
   // Draws every rank's expert outputs from `random` (same state on every rank): random BF16 in
   // the slots below each expert's count, NaN in the rest (which no combine may read).
+  // per_rank_sum: the handle's dispatch set MOECOMM_LL_PER_RANK_COMBINE, so the combine passes
+  // no weights and the per-rank sum is expected.
   LowLatencyCombine(const EpShape& shape, const std::vector<RankInputs>& all, const std::vector<int>& masked,
-                    moecommDataType_t index_type, Random& random);
+                    moecommDataType_t index_type, Random& random, bool per_rank_sum = false);
 
   // moecommEpLowLatencyCombine; flags may hold MOECOMM_LL_SEND_ONLY and MOECOMM_LL_ZERO_COPY
   // (then this rank's expert outputs are first copied into moecommEpLowLatencyCombineBuffer).
   moecommResult_t Send(moecommEp_t ep, unsigned flags, moecommEpHandle_t handle);
   void Check() const;
+  // Elements of this rank's expected output where the other form (per-rank vs per-entry)
+  // gives different bits: tests assert it is non-zero so they can tell the forms apart.
+  size_t DifferingFromOtherForm() const { return differing_; }
 
  private:
   EpShape shape_;
   const std::vector<RankInputs>& all_;
+  bool perRank_;
+  size_t differing_ = 0;
   IndexBuffer indices_;
   std::vector<std::vector<uint16_t>> expertOutputs_;  // [rank][E/R, R*maxT, H]
   std::vector<uint16_t> expected_;

@@ -456,18 +456,29 @@ inline int FindLowLatencySlot(const EpShape& shape, const std::vector<ReferenceL
 // out[t] = bf16(acc) with acc = +0.0f, then for k ascending acc = fmaf(w[t,k], float(x_owner[local
 // expert, slot]), acc), skipping -1 entries and experts on masked ranks. expert_outputs[r] is rank
 // r's combine input in the dispatch layout [E/R, R*maxT, H].
+//
+// per_rank (MOECOMM_LL_PER_RANK_COMBINE; w are then the dispatch's weights): the same entries,
+// summed per owner rank first. partial_r = that chain over only the entries whose expert is on
+// rank r, rounded to BF16; out[t] = bf16(((+0.0f + partial_r0) + partial_r1) + ...) over the
+// ranks r ascending that have at least one such entry.
 inline std::vector<uint16_t> ComputeLowLatencyCombine(const EpShape& shape, const std::vector<RankInputs>& all,
                                                       const std::vector<ReferenceLowLatency>& per_rank,
                                                       const std::vector<std::vector<uint16_t>>& expert_outputs,
                                                       const std::vector<float>& weights, int home,
-                                                      const std::vector<int>& masked) {
+                                                      const std::vector<int>& masked, bool per_rank_sum = false) {
   const RankInputs& in = all[home];
   const int hidden = shape.hidden;
   const size_t rows_per_expert = static_cast<size_t>(shape.nranks) * shape.maxTokensPerRank;
   std::vector<uint16_t> out(static_cast<size_t>(in.numTokens) * hidden);
-  std::vector<float> sum(hidden);
+  // [owner rank][H] partial sums (the per-entry form uses owner 0 for everything).
+  const int partials = per_rank_sum ? shape.nranks : 1;
+  std::vector<std::vector<float>> sum(partials, std::vector<float>(hidden));
+  std::vector<bool> used(partials);
   for (int t = 0; t < in.numTokens; ++t) {
-    std::fill(sum.begin(), sum.end(), 0.0f);
+    for (int p = 0; p < partials; ++p) {
+      std::fill(sum[p].begin(), sum[p].end(), 0.0f);
+      used[p] = false;
+    }
     for (int k = 0; k < shape.topk; ++k) {
       const size_t entry = static_cast<size_t>(t) * shape.topk + k;
       const int64_t expert = in.topkIdx[entry];
@@ -476,12 +487,23 @@ inline std::vector<uint16_t> ComputeLowLatencyCombine(const EpShape& shape, cons
       const int slot = FindLowLatencySlot(shape, per_rank, expert, home, t);
       if (slot < 0) continue;  // not placed: only when home itself is masked (its outputs are not checked)
       const size_t row = (static_cast<size_t>(expert % shape.ExpertsPerRank()) * rows_per_expert + slot) * hidden;
+      std::vector<float>& target = sum[per_rank_sum ? owner : 0];
+      used[per_rank_sum ? owner : 0] = true;
       for (int h = 0; h < hidden; ++h) {
         // One fused multiply-add per entry (a single rounding), as a GPU's fma computes it.
-        sum[h] = std::fma(weights[entry], Bf16ToFloat(expert_outputs[owner][row + h]), sum[h]);
+        target[h] = std::fma(weights[entry], Bf16ToFloat(expert_outputs[owner][row + h]), target[h]);
       }
     }
-    for (int h = 0; h < hidden; ++h) out[static_cast<size_t>(t) * hidden + h] = FloatToBf16(sum[h]);
+    for (int h = 0; h < hidden; ++h) {
+      float total = sum[0][h];
+      if (per_rank_sum) {
+        total = 0.0f;
+        for (int r = 0; r < shape.nranks; ++r) {
+          if (used[r]) total += Bf16ToFloat(FloatToBf16(sum[r][h]));
+        }
+      }
+      out[static_cast<size_t>(t) * hidden + h] = FloatToBf16(total);
+    }
   }
   return out;
 }

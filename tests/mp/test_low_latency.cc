@@ -1,6 +1,7 @@
 // Low-latency mode: expert-major receive layout, the FP8 cast inside the dispatch (plain,
 // power-of-two and UE8M0 scales), recvCount / recvSrcInfo / cumulativeRecvStats, the weighted
-// combine (bitwise), zero-copy combine, and send-only calls completed later, two in flight.
+// combine (bitwise) in both forms (per entry, and per rank with MOECOMM_LL_PER_RANK_COMBINE),
+// zero-copy combine, and send-only calls completed later, two in flight.
 #include "mp/ll_ops.h"
 
 namespace moecomm_mp {
@@ -13,27 +14,31 @@ const std::vector<int>& NoneMasked() {
 
 class LowLatency : public MpTest {
  protected:
-  // Dispatch, check, combine through the same handle, check.
+  // Dispatch, check, combine through the same handle, check. *differing (if given) gets the
+  // number of elements of this rank's combine where the other combine form gives other bits.
   void DispatchAndCombine(moecommEp_t ep, const EpShape& shape, const std::vector<RankInputs>& all,
-                          const LowLatencyCase& dispatch_case, unsigned combine_flags, Random& random) {
+                          const LowLatencyCase& dispatch_case, unsigned combine_flags, Random& random,
+                          size_t* differing = nullptr) {
     LowLatencyDispatch dispatch(shape, dispatch_case, all[rank()]);
     ScopedHandle handle;
     MP_ASSERT_OK(dispatch.Send(ep, 0, handle.out()));
     ASSERT_NE(handle.get(), nullptr) << "moecommEpLowLatencyDispatch returned no handle";
     dispatch.Check(all, NoneMasked());
-    LowLatencyCombine combine(shape, all, NoneMasked(), dispatch_case.indexType, random);
+    LowLatencyCombine combine(shape, all, NoneMasked(), dispatch_case.indexType, random, dispatch_case.perRankCombine);
     MP_ASSERT_OK(combine.Send(ep, combine_flags, handle.get()));
     combine.Check();
+    if (differing != nullptr) *differing += combine.DifferingFromOtherForm();
   }
 
+  // *differing (if given) gets the sum of DispatchAndCombine's counts.
   void RunCases(const EpShape& shape, const RoutingOptions& options, const std::vector<LowLatencyCase>& cases,
-                unsigned combine_flags = 0) {
+                unsigned combine_flags = 0, size_t* differing = nullptr) {
     ScopedEp ep;
     MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
     Random random = MakeRandom();
     for (const LowLatencyCase& dispatch_case : cases) {
       const std::vector<RankInputs> all = GenerateAllRanks(shape, options, random);
-      DispatchAndCombine(ep.get(), shape, all, dispatch_case, combine_flags, random);
+      DispatchAndCombine(ep.get(), shape, all, dispatch_case, combine_flags, random, differing);
       if (HasFatalFailure()) return;
     }
   }
@@ -187,6 +192,78 @@ TEST_F(LowLatency, SendOnlyTwoInFlightThenComplete) {
   second_combine.Check();
 }
 
+// ---- MOECOMM_LL_PER_RANK_COMBINE ---------------------------------------------------------------
+
+LowLatencyCase PerRankCase(moecommDataType_t recv_type, unsigned flags, moecommDataType_t index_type) {
+  LowLatencyCase dispatch_case = Case(recv_type, flags, index_type);
+  dispatch_case.perRankCombine = true;
+  return dispatch_case;
+}
+
+// Every token's selections summed per expert rank (the dispatch's weights, the combine passing
+// none). Full batches of K = 4 over every rank: with two or more ranks the per-entry form gives
+// other bits somewhere (expert outputs span 30 octaves), which is asserted, so a backend that
+// ignored the flag could not pass.
+TEST_F(LowLatency, PerRankCombine) {
+  RoutingOptions options;
+  options.fullBatches = true;
+  size_t differing = 0;
+  RunCases(Shape(24, 256, 16, 4), options,
+           {PerRankCase(moecommBfloat16, 0, moecommInt64), PerRankCase(moecommFloat8E4M3, 0, moecommInt32)}, 0,
+           &differing);
+  if (nranks() >= 2 && !HasFatalFailure()) {
+    EXPECT_GT(differing, 0u) << "[rank " << rank() << "] the per-rank and per-entry forms agreed on every element";
+  }
+}
+
+TEST_F(LowLatency, PerRankCombineRepeatedExpertsAndEmptyEntries) {
+  RoutingOptions options;
+  options.repeatEntryChance = 0.4;
+  options.emptyEntryChance = 0.3;
+  options.emptyTokenChance = 0.2;
+  options.zeroTokenRankChance = 0.3;
+  RunCases(Shape(16, 128, 16, 6), options,
+           {PerRankCase(moecommBfloat16, 0, moecommInt64),
+            PerRankCase(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt32)});
+}
+
+TEST_F(LowLatency, PerRankCombineZeroCopy) {
+  RunCases(Shape(24, 256, 16, 8), RoutingOptions(), {PerRankCase(moecommBfloat16, 0, moecommInt64)},
+           MOECOMM_LL_ZERO_COPY);
+}
+
+// A per-rank and a per-entry operation in flight together, each half sent alone and completed
+// later: each handle keeps its own form.
+TEST_F(LowLatency, PerRankCombineSendOnlyNextToPerEntry) {
+  const EpShape shape = Shape(24, 256, 16, 4);
+  ScopedEp ep;
+  MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
+  Random random = MakeRandom();
+  const std::vector<RankInputs> per_rank_inputs = GenerateAllRanks(shape, RoutingOptions(), random);
+  const std::vector<RankInputs> per_entry_inputs = GenerateAllRanks(shape, RoutingOptions(), random);
+  const LowLatencyCase per_rank_case = PerRankCase(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt32);
+  const LowLatencyCase per_entry_case = Case(moecommBfloat16, 0, moecommInt64);
+  LowLatencyDispatch per_rank(shape, per_rank_case, per_rank_inputs[rank()]);
+  LowLatencyDispatch per_entry(shape, per_entry_case, per_entry_inputs[rank()]);
+  ScopedHandle per_rank_handle;
+  ScopedHandle per_entry_handle;
+  MP_ASSERT_OK(per_rank.Send(ep.get(), MOECOMM_LL_SEND_ONLY, per_rank_handle.out()));
+  MP_ASSERT_OK(per_entry.Send(ep.get(), MOECOMM_LL_SEND_ONLY, per_entry_handle.out()));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), per_entry_handle.get(), nullptr));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), per_rank_handle.get(), nullptr));
+  per_rank.Check(per_rank_inputs, NoneMasked());
+  per_entry.Check(per_entry_inputs, NoneMasked());
+
+  LowLatencyCombine per_rank_combine(shape, per_rank_inputs, NoneMasked(), per_rank_case.indexType, random, true);
+  LowLatencyCombine per_entry_combine(shape, per_entry_inputs, NoneMasked(), per_entry_case.indexType, random);
+  MP_ASSERT_OK(per_entry_combine.Send(ep.get(), MOECOMM_LL_SEND_ONLY, per_entry_handle.get()));
+  MP_ASSERT_OK(per_rank_combine.Send(ep.get(), MOECOMM_LL_SEND_ONLY, per_rank_handle.get()));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), per_rank_handle.get(), nullptr));
+  MP_ASSERT_OK(moecommEpComplete(ep.get(), per_entry_handle.get(), nullptr));
+  per_rank_combine.Check();
+  per_entry_combine.Check();
+}
+
 // One EP serves many rounds, switching payload type, scale format and index type between them.
 TEST_F(LowLatency, RepeatedRoundsOnOneEp) {
   RunCases(Shape(16, 512, 8, 2), RoutingOptions(),
@@ -226,6 +303,7 @@ TEST_F(LowLatency, RandomShapesDispatchAndCombine) {
     options.zeroTokenRankChance = 0.3 * random.Unit();
     options.skewExpert = random.Chance(0.2) ? random.Below(shape.numExperts) : -1;
     const unsigned combine_flags = random.Chance(0.3) ? MOECOMM_LL_ZERO_COPY : 0u;
+    dispatch_case.perRankCombine = random.Chance(0.3);
     SCOPED_TRACE("round " + std::to_string(round) + ": E=" + std::to_string(shape.numExperts) +
                  " H=" + std::to_string(shape.hidden) + " maxT=" + std::to_string(shape.maxTokensPerRank) +
                  " K=" + std::to_string(shape.topk));

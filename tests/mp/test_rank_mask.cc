@@ -24,8 +24,10 @@ class RankMask : public MpTest {
     return mask;
   }
 
-  // masked_rank_calls: whether the masked rank makes the low-latency calls too.
-  void RunWithMaskedRank(int masked_rank, bool masked_rank_calls) {
+  // masked_rank_calls: whether the masked rank makes the low-latency calls too. per_rank:
+  // MOECOMM_LL_PER_RANK_COMBINE (selections on the masked rank add nothing to any partial, and
+  // a rank left without selections is skipped).
+  void RunWithMaskedRank(int masked_rank, bool masked_rank_calls, bool per_rank = false) {
     const EpShape shape = Shape(24, 256, 16, 4);
     ScopedEp ep;
     MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
@@ -41,7 +43,8 @@ class RankMask : public MpTest {
 
     LowLatencyCase dispatch_case;
     dispatch_case.recvType = moecommFloat8E4M3;
-    LowLatencyCombine combine(shape, all, mask, dispatch_case.indexType, random);
+    dispatch_case.perRankCombine = per_rank;
+    LowLatencyCombine combine(shape, all, mask, dispatch_case.indexType, random, per_rank);
     if (rank() != masked_rank || masked_rank_calls) {
       LowLatencyDispatch dispatch(shape, dispatch_case, all[rank()]);
       ScopedHandle handle;
@@ -63,6 +66,16 @@ TEST_F(RankMask, HighestRankMasked) {
 TEST_F(RankMask, RankZeroMasked) {
   if (nranks() < 2) GTEST_SKIP() << "masking needs at least 2 ranks";
   RunWithMaskedRank(0, true);
+}
+
+TEST_F(RankMask, HighestRankMaskedPerRankCombine) {
+  if (nranks() < 2) GTEST_SKIP() << "masking needs at least 2 ranks";
+  RunWithMaskedRank(nranks() - 1, true, true);
+}
+
+TEST_F(RankMask, RankZeroMaskedPerRankCombine) {
+  if (nranks() < 2) GTEST_SKIP() << "masking needs at least 2 ranks";
+  RunWithMaskedRank(0, true, true);
 }
 
 // Every rank sets and clears the same mask without a call in between: afterwards every rank
@@ -94,6 +107,11 @@ class RankMaskAbsent : public RankMask {};
 TEST_F(RankMaskAbsent, MaskedRankMakesNoCall) {
   if (nranks() < 2) GTEST_SKIP() << "masking needs at least 2 ranks";
   RunWithMaskedRank(nranks() - 1, false);
+}
+
+TEST_F(RankMaskAbsent, MaskedRankMakesNoCallPerRankCombine) {
+  if (nranks() < 2) GTEST_SKIP() << "masking needs at least 2 ranks";
+  RunWithMaskedRank(nranks() - 1, false, true);
 }
 
 }  // namespace

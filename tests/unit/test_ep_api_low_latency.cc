@@ -276,6 +276,94 @@ TEST_F(EpApiLowLatency, ZeroCopyCombineMatchesCopyingCombine) {
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
 }
 
+// ---- MOECOMM_LL_PER_RANK_COMBINE: argument checks ------------------------------------------
+
+// The last error sentence, for checks that it names the field at fault.
+std::string lastErrorText() { return moecommGetLastError(nullptr); }
+
+#define EXPECT_ERROR_MENTIONS(...)                                                              \
+  do {                                                                                          \
+    const std::string text_ = lastErrorText();                                                  \
+    for (const char* word_ : {__VA_ARGS__})                                                     \
+      EXPECT_NE(text_.find(word_), std::string::npos) << "'" << word_ << "' not in: " << text_; \
+  } while (0)
+
+TEST_F(EpApiLowLatency, PerRankCombineDispatchNeedsWeights) {
+  moecommEp_t ep = lowLatencyEp();
+  LowLatencyBuffers ll;
+  ll.args.flags = MOECOMM_LL_PER_RANK_COMBINE;
+  EXPECT_FAILS(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr), moecommInvalidArgument);
+  EXPECT_ERROR_MENTIONS("topkWeights", "MOECOMM_LL_PER_RANK_COMBINE", "NULL");
+  EXPECT_EQ(ll.handle, nullptr);
+  // Zero tokens need no weights.
+  ll.args.numTokens = 0;
+  ll.args.x = nullptr;
+  ll.args.topkIdx = nullptr;
+  ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
+  EXPECT_EQ(ll.count, std::vector<int>(8, 0));
+}
+
+TEST_F(EpApiLowLatency, DispatchWeightsWithoutPerRankFlag) {
+  moecommEp_t ep = lowLatencyEp();
+  LowLatencyBuffers ll;
+  ll.args.topkWeights = ll.weights.data();
+  EXPECT_FAILS(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr), moecommInvalidArgument);
+  EXPECT_ERROR_MENTIONS("topkWeights", "MOECOMM_LL_PER_RANK_COMBINE");
+  EXPECT_EQ(ll.handle, nullptr);
+  ll.args.flags = MOECOMM_LL_SEND_ONLY;  // another flag does not make them legal
+  EXPECT_FAILS(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr), moecommInvalidArgument);
+  EXPECT_ERROR_MENTIONS("topkWeights", "MOECOMM_LL_PER_RANK_COMBINE");
+  EXPECT_EQ(ll.handle, nullptr);
+}
+
+// A per-rank handle's combine takes no weights (the dispatch's apply); a refused combine
+// leaves the handle usable.
+TEST_F(EpApiLowLatency, PerRankCombineRejectsCombineWeights) {
+  moecommEp_t ep = lowLatencyEp();
+  LowLatencyBuffers ll;
+  ll.args.flags = MOECOMM_LL_PER_RANK_COMBINE;
+  ll.args.topkWeights = ll.weights.data();
+  ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
+  std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
+  for (size_t i = 0; i < y.size(); ++i) y[i] = bf16(static_cast<float>(i % 23) * 0.125f - 1.0f);
+  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
+  combine.x = y.data();
+  combine.topkIdx = ll.ids.data();
+  combine.topkWeights = ll.weights.data();
+  combine.out = out.data();
+  EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
+  EXPECT_ERROR_MENTIONS("topkWeights must be NULL", "MOECOMM_LL_PER_RANK_COMBINE");
+  combine.topkWeights = nullptr;
+  ASSERT_OK(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr));
+  // One rank holds every expert, so the per-rank sum has a single partial: the k-order chain
+  // over the dispatch's weights, rounded once.
+  const reference::EpShape shape = shapeOf(1, makeConfig(8, 128, 4, 2, moecommEpModeLowLatency));
+  std::vector<int> counts(8), slots(6);
+  reference::lowLatencyPlacementCounts(shape, ll.ids.data(), 3, counts.data());
+  reference::lowLatencySelectionSlots(shape, 0, ll.ids.data(), 3, counts.data(), nullptr, slots.data());
+  const uint16_t* outputs[1] = {y.data()};
+  std::vector<uint16_t> want(3 * 128);
+  reference::lowLatencyCombine(shape, 3, ll.ids.data(), ll.weights.data(), slots.data(), outputs, nullptr, want.data(),
+                               true);
+  EXPECT_EQ(out, want);
+}
+
+// A normal handle's combine still needs its weights.
+TEST_F(EpApiLowLatency, CombineWithoutWeightsOnNormalHandle) {
+  moecommEp_t ep = lowLatencyEp();
+  LowLatencyBuffers ll;
+  ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
+  std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
+  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
+  combine.x = y.data();
+  combine.topkIdx = ll.ids.data();
+  combine.out = out.data();
+  EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
+  EXPECT_ERROR_MENTIONS("topkWeights is NULL");
+  combine.topkWeights = ll.weights.data();
+  ASSERT_OK(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr));
+}
+
 TEST_F(EpApiLowLatency, RankMaskGetSetClear) {
   moecommEp_t ep = lowLatencyEp();
   int mask = -1;

@@ -1,10 +1,12 @@
-// The EP API on two host ranks (threads of this process, moecommCommInitAll): results checked
-// element by element against the pure reference functions, and failures on one rank that must
-// reach the other promptly.
+// The EP API on two host ranks (threads of this process, moecommCommInitAll; four as well for
+// the per-rank low-latency combine): results checked element by element against the pure
+// reference functions, and failures on one rank that must reach the other promptly.
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -63,9 +65,9 @@ moecommEpConfig_t makeConfig(int experts, int hidden, int maxTokens, int topk, m
   return config;
 }
 
-EpShape shapeOf(const moecommEpConfig_t& config) {
+EpShape shapeOf(const moecommEpConfig_t& config, int ranks = kRanks) {
   EpShape shape;
-  shape.numRanks = kRanks;
+  shape.numRanks = ranks;
   shape.numExperts = config.numExperts;
   shape.hidden = config.hidden;
   shape.topk = config.topk;
@@ -474,6 +476,211 @@ TEST_F(EpApiTwoRanks, LowLatencyBadArgumentOnOneRankFailsEveryRank) {
     EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << lastError();
   });
 }
+
+// ---- MOECOMM_LL_PER_RANK_COMBINE on 2 and 4 ranks ----------------------------------------------
+
+// GetParam() host ranks, one thread each.
+class LowLatencyPerRankCombine : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    setenv("MOECOMM_BACKEND", "host", 1);
+    setenv("MOECOMM_BOOTSTRAP_TIMEOUT", "20000", 1);
+    comms_.assign(GetParam(), nullptr);
+    ASSERT_EQ(moecommCommInitAll(comms_.data(), GetParam(), nullptr), moecommSuccess) << lastError();
+  }
+  void TearDown() override {
+    if (comms_.empty() || comms_[0] == nullptr) return;
+    run([&](int rank) { EXPECT_EQ(moecommCommDestroy(comms_[rank]), moecommSuccess) << lastError(); });
+  }
+  int ranks() const { return static_cast<int>(comms_.size()); }
+  void run(const std::function<void(int)>& body) {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < ranks(); ++r) threads.emplace_back(body, r);
+    for (auto& thread : threads) thread.join();
+  }
+
+  std::vector<moecommComm_t> comms_;
+};
+
+struct PerRankCase {
+  const char* name;
+  int expertsPerRank, hidden, maxTokens, topk;
+  moecommDataType_t recvType;
+  // MOECOMM_LL_SEND_ONLY (every half completed with moecommEpComplete; a per-expert operation
+  // on the same inputs is kept in flight next to the per-rank one) and/or MOECOMM_LL_ZERO_COPY.
+  unsigned flags;
+  int maskedRank;     // every rank masks it (it still makes the calls, unchecked); -1: none
+  int zeroTokenRank;  // a rank with T = 0; -1: none
+  bool int32Ids;
+};
+
+// Per-rank combine results, element by element, against reference::lowLatencyCombine(perRank
+// = true), on random routing with -1 entries and repeated experts and expert outputs of widely
+// varied magnitude (so that rounding each rank's partial shows: for every case with two or more
+// unmasked ranks and K > 1 the per-expert result must differ somewhere, which the test
+// asserts, so it can tell the two forms apart).
+TEST_P(LowLatencyPerRankCombine, MatchesReference) {
+  const int n = ranks();
+  const PerRankCase cases[] = {
+      {"FP8", 2, 256, 8, 4, moecommFloat8E4M3, 0u, -1, -1, false},
+      {"send-only next to a per-expert operation", 3, 128, 6, 3, moecommBfloat16, MOECOMM_LL_SEND_ONLY, -1, -1, false},
+      {"zero copy, a rank without tokens", 4, 64, 5, 8, moecommBfloat16, MOECOMM_LL_ZERO_COPY, -1, 1, true},
+      {"last rank masked", 2, 128, 8, 5, moecommBfloat16, 0u, n - 1, -1, true},
+      {"rank 0 masked, send-only", 2, 128, 7, 6, moecommFloat8E4M3, MOECOMM_LL_SEND_ONLY, 0, -1, false},
+      {"top-1 (both forms agree)", 2, 128, 4, 1, moecommBfloat16, 0u, -1, -1, false},
+  };
+  unsigned seed = 1000u * n;
+  for (const PerRankCase& c : cases) {
+    SCOPED_TRACE(std::string(c.name) + ", " + std::to_string(n) + " ranks");
+    const moecommEpConfig_t config =
+        makeConfig(c.expertsPerRank * n, c.hidden, c.maxTokens, c.topk, moecommEpModeLowLatency);
+    const EpShape shape = shapeOf(config, n);
+    const int localExperts = c.expertsPerRank, slotsPerExpert = n * c.maxTokens, H = c.hidden, K = c.topk;
+    const size_t slots = static_cast<size_t>(localExperts) * slotsPerExpert;
+    std::vector<int> tokens(n);
+    for (int r = 0; r < n; ++r) tokens[r] = r == c.zeroTokenRank ? 0 : c.maxTokens - r % 3;
+    std::vector<RankInputs> all = makeInputs(shape, ++seed, tokens);
+    for (RankInputs& in : all) {  // more repeated experts and -1 entries than chance gives
+      for (int t = 0; t < in.tokens && K > 1; ++t) {
+        if (t % 4 == 0) in.ids[t * K + K - 1] = in.ids[t * K];
+        if (t % 5 == 2) in.ids[t * K + 1] = -1;
+      }
+    }
+    std::vector<int> masksAll(n * n, 0);
+    for (int r = 0; r < n && c.maskedRank >= 0; ++r) masksAll[r * n + c.maskedRank] = 1;
+    const auto checked = [&](int rank) { return rank != c.maskedRank; };
+
+    // Reference: every rank's placement, its expert outputs (NaN beyond each count), and each
+    // rank's combine in both forms.
+    std::vector<reference::LowLatencySource> sources(n);
+    std::vector<int> countsAll(n * shape.numExperts);
+    for (int r = 0; r < n; ++r) {
+      sources[r] = {all[r].tokens, all[r].ids.data(), all[r].x.data()};
+      reference::lowLatencyPlacementCounts(shape, all[r].ids.data(), all[r].tokens, &countsAll[r * shape.numExperts]);
+    }
+    std::mt19937 random(seed * 7919u);
+    std::uniform_real_distribution<float> mantissa(-2.0f, 2.0f);
+    std::uniform_int_distribution<int> exponent(-10, 3);
+    std::vector<std::vector<int>> wantCount(n, std::vector<int>(localExperts));
+    std::vector<std::vector<int>> wantSrc(n, std::vector<int>(slots, -1));
+    std::vector<std::vector<uint16_t>> y(n, std::vector<uint16_t>(slots * H, bf16(std::nanf(""))));
+    for (int r = 0; r < n; ++r) {
+      std::vector<uint8_t> recvX(slots * H * 2);
+      std::vector<float> recvScales(slots * (H / 128 + 1));
+      reference::LowLatencyDispatchOutput out;
+      out.recvType = c.recvType;
+      out.recvX = recvX.data();
+      out.recvScales = c.recvType == moecommFloat8E4M3 ? recvScales.data() : nullptr;
+      out.recvCount = wantCount[r].data();
+      out.recvSrcInfo = wantSrc[r].data();
+      reference::lowLatencyPack(shape, r, sources.data(), &masksAll[r * n], out);
+      for (size_t i = 0; i < slots; ++i) {
+        if (wantSrc[r][i] < 0) continue;
+        for (int h = 0; h < H; ++h) y[r][i * H + h] = bf16(std::ldexp(mantissa(random), exponent(random)));
+      }
+    }
+    std::vector<const uint16_t*> outputs;
+    for (int r = 0; r < n; ++r) outputs.push_back(y[r].data());
+    std::vector<std::vector<uint16_t>> wantPerRank(n), wantPerExpert(n);
+    size_t differing = 0;
+    for (int r = 0; r < n; ++r) {
+      const RankInputs& in = all[r];
+      std::vector<int> slotOf(in.tokens * K);
+      reference::lowLatencySelectionSlots(shape, r, in.ids.data(), in.tokens, countsAll.data(), masksAll.data(),
+                                          slotOf.data());
+      wantPerRank[r].resize(in.tokens * H);
+      wantPerExpert[r].resize(in.tokens * H);
+      reference::lowLatencyCombine(shape, in.tokens, in.ids.data(), in.weights.data(), slotOf.data(), outputs.data(),
+                                   &masksAll[r * n], wantPerRank[r].data(), true);
+      reference::lowLatencyCombine(shape, in.tokens, in.ids.data(), in.weights.data(), slotOf.data(), outputs.data(),
+                                   &masksAll[r * n], wantPerExpert[r].data(), false);
+      for (size_t i = 0; i < wantPerRank[r].size() && checked(r); ++i)
+        differing += wantPerRank[r][i] != wantPerExpert[r][i];
+    }
+    const int unmasked = n - (c.maskedRank >= 0 ? 1 : 0);
+    if (K == 1) {
+      EXPECT_EQ(differing, 0u) << "with one selection per token both forms round once";
+    } else if (unmasked >= 2) {
+      ASSERT_GT(differing, 0u) << "the data do not tell the per-rank form from the per-expert one";
+    }
+
+    run([&](int rank) {
+      moecommEp_t ep = nullptr;
+      ASSERT_EQ(moecommEpCreate(comms_[rank], &config, &ep), moecommSuccess) << lastError();
+      ASSERT_EQ(moecommEpSetRankMask(ep, &masksAll[rank * n]), moecommSuccess);
+      const RankInputs& in = all[rank];
+      const bool sendOnly = (c.flags & MOECOMM_LL_SEND_ONLY) != 0;
+      const std::vector<int32_t> ids32(in.ids.begin(), in.ids.end());
+      const size_t rowBytes = c.recvType == moecommFloat8E4M3 ? H : 2 * H;
+      // Operation 0 is per-rank; with send-only, operation 1 (per-expert) is in flight beside it.
+      const int operations = sendOnly ? 2 : 1;
+      std::vector<std::vector<uint8_t>> recvX(operations, std::vector<uint8_t>(slots * rowBytes));
+      std::vector<std::vector<float>> recvScales(operations, std::vector<float>(slots * (H / 128)));
+      std::vector<std::vector<int>> count(operations, std::vector<int>(localExperts, -1));
+      std::vector<std::vector<int>> src(operations, std::vector<int>(slots, -1));
+      std::vector<moecommEpHandle_t> handles(operations, nullptr);
+      for (int op = 0; op < operations; ++op) {
+        moecommEpLowLatencyDispatchArgs_t args = MOECOMM_EP_LL_DISPATCH_ARGS_INIT;
+        args.numTokens = in.tokens;
+        args.x = in.x.data();
+        args.topkIdx = c.int32Ids ? static_cast<const void*>(ids32.data()) : in.ids.data();
+        args.topkIdxType = c.int32Ids ? moecommInt32 : moecommInt64;
+        args.recvType = c.recvType;
+        args.recvX = recvX[op].data();
+        args.recvScales = c.recvType == moecommFloat8E4M3 ? recvScales[op].data() : nullptr;
+        args.recvCount = count[op].data();
+        args.recvSrcInfo = src[op].data();
+        args.flags = sendOnly ? MOECOMM_LL_SEND_ONLY : 0u;
+        if (op == 0) {
+          args.flags |= MOECOMM_LL_PER_RANK_COMBINE;
+          args.topkWeights = in.weights.data();
+        }
+        ASSERT_EQ(moecommEpLowLatencyDispatch(ep, &args, &handles[op], nullptr), moecommSuccess) << lastError();
+      }
+      for (int op = operations - 1; op >= 0 && sendOnly; --op) {
+        ASSERT_EQ(moecommEpComplete(ep, handles[op], nullptr), moecommSuccess) << lastError();
+      }
+      for (int op = 0; op < operations && checked(rank); ++op) {
+        EXPECT_EQ(count[op], wantCount[rank]) << "operation " << op;
+        EXPECT_EQ(src[op], wantSrc[rank]) << "operation " << op;
+      }
+      void* zeroCopy = nullptr;
+      if ((c.flags & MOECOMM_LL_ZERO_COPY) != 0) {
+        ASSERT_EQ(moecommEpLowLatencyCombineBuffer(ep, &zeroCopy), moecommSuccess) << lastError();
+        std::memcpy(zeroCopy, y[rank].data(), y[rank].size() * sizeof(uint16_t));
+      }
+      std::vector<std::vector<uint16_t>> out(operations, std::vector<uint16_t>(in.tokens * H, 0xdead));
+      for (int op = 0; op < operations; ++op) {
+        moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
+        combine.x = zeroCopy != nullptr ? nullptr : y[rank].data();
+        combine.topkIdx = c.int32Ids ? static_cast<const void*>(ids32.data()) : in.ids.data();
+        combine.topkIdxType = c.int32Ids ? moecommInt32 : moecommInt64;
+        combine.topkWeights = op == 0 ? nullptr : in.weights.data();
+        combine.out = out[op].data();
+        combine.flags = c.flags;
+        ASSERT_EQ(moecommEpLowLatencyCombine(ep, &combine, handles[op], nullptr), moecommSuccess) << lastError();
+      }
+      for (int op = 0; op < operations && sendOnly; ++op) {
+        ASSERT_EQ(moecommEpComplete(ep, handles[op], nullptr), moecommSuccess) << lastError();
+      }
+      for (int op = 0; op < operations && checked(rank); ++op) {
+        const std::vector<uint16_t>& want = op == 0 ? wantPerRank[rank] : wantPerExpert[rank];
+        for (size_t i = 0; i < want.size(); ++i) {
+          ASSERT_EQ(out[op][i], want[i]) << (op == 0 ? "per-rank" : "per-expert") << " combine, rank " << rank
+                                         << " token " << i / H << " channel " << i % H;
+        }
+      }
+      for (moecommEpHandle_t handle : handles) EXPECT_EQ(moecommEpHandleDestroy(handle), moecommSuccess);
+      EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << lastError();
+    });
+    if (HasFatalFailure()) return;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(EpApiRanks, LowLatencyPerRankCombine, ::testing::Values(2, 4),
+                         [](const ::testing::TestParamInfo<int>& param) {
+                           return std::to_string(param.param) + "Ranks";
+                         });
 
 // A bad expert id on rank 1 fails the call on both ranks at once; the next call works.
 TEST_F(EpApiTwoRanks, BadArgumentOnOneRankFailsEveryRankPromptly) {
