@@ -43,7 +43,8 @@ std::vector<uint16_t> Bf16Values(const Tokens& tokens) {
 
 // The combine of rank `rank`: each valid selection (t, k) of expert e on rank r adds the
 // expert output of the slot its token took in e's rows there (the reference's slot
-// arithmetic over every rank's placement counts), in the reference's fmaf order.
+// arithmetic over every rank's placement counts), in the reference's fmaf order; with
+// --ll-per-rank summed per expert rank first (lowLatencyCombineRowsPerRank).
 std::vector<uint16_t> ExpectCombined(const Options& options, const ref::EpShape& shape, int rank,
                                      const std::vector<Routing>& routings) {
   const int R = shape.numRanks, E = shape.numExperts, L = shape.expertsPerRank(), H = shape.hidden;
@@ -69,7 +70,12 @@ std::vector<uint16_t> ExpectCombined(const Options& options, const ref::EpShape&
     rows[i] = row;
   }
   std::vector<uint16_t> out(static_cast<size_t>(mine.tokens) * H);
-  ref::lowLatencyCombineRows(shape, mine.tokens, mine.topkWeights.data(), rows.data(), out.data());
+  if (options.llPerRank) {
+    ref::lowLatencyCombineRowsPerRank(shape, mine.tokens, mine.topkIdx.data(), mine.topkWeights.data(), rows.data(),
+                                      out.data());
+  } else {
+    ref::lowLatencyCombineRows(shape, mine.tokens, mine.topkWeights.data(), rows.data(), out.data());
+  }
   return out;
 }
 

@@ -34,6 +34,7 @@ struct LowLatencyExpected {
   std::vector<uint8_t> recvScales;  // [E_local, R*maxT] slots of scaleBytes (FP32), poison beyond
   std::vector<int> recvSrcInfo;     // [E_local, R*maxT]: src rank * maxT + src token, -1 beyond
   std::vector<uint16_t> combined;   // [T, H] BF16, with the combine input of LowLatencyExpertRows
+                                    // (per expert rank first with options.llPerRank)
 };
 
 // options.seed is the check's seed (LowLatencyCheckSeed); options.dtype the type dispatch casts

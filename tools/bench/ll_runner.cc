@@ -101,6 +101,11 @@ moecommResult_t LowLatencyRunner::Dispatch(bool withSrcInfo) {
   args.recvScales = recvScales_;
   args.recvCount = recvCount_;
   args.recvSrcInfo = withSrcInfo ? recvSrcInfo_ : nullptr;
+  if (o_.llPerRank) {
+    // The handle's combine sums per expert rank with these weights and takes none itself.
+    args.flags |= MOECOMM_LL_PER_RANK_COMBINE;
+    args.topkWeights = topkWeights_;
+  }
   return moecommEpLowLatencyDispatch(ep_, &args, &handle_, p_.Stream());
 }
 
@@ -109,7 +114,7 @@ moecommResult_t LowLatencyRunner::Combine() {
   args.x = expertOut_;
   args.topkIdx = topkIdx_;
   args.topkIdxType = moecommInt64;
-  args.topkWeights = topkWeights_;
+  args.topkWeights = o_.llPerRank ? nullptr : topkWeights_;
   args.out = out_;
   return moecommEpLowLatencyCombine(ep_, &args, handle_, p_.Stream());
 }

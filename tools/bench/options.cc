@@ -28,6 +28,8 @@ void PrintUsage(FILE* out) {
                "  -J PATH            append one JSON object per measurement to PATH\n"
                "  --ll               low-latency mode (moecommEpLowLatencyDispatch/Combine)\n"
                "  --graph            with --ll: also capture dispatch+combine in a CUDA graph, time replays\n"
+               "  --ll-per-rank      with --ll: MOECOMM_LL_PER_RANK_COMBINE (the dispatch takes the weights, the\n"
+               "                     combine sums per expert rank and gets topkWeights = NULL)\n"
                "  --no-baseline      skip the NCCL baseline\n"
                "  --no-roofline      skip the peer-copy roofline\n"
                "  --no-flush         do not evict the L2 before each sample (warm-cache timings)\n"
@@ -67,6 +69,10 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
     }
     if (flag == "--graph") {
       options->graph = true;
+      continue;
+    }
+    if (flag == "--ll-per-rank") {
+      options->llPerRank = true;
       continue;
     }
     if (flag == "--no-flush") {
@@ -181,6 +187,8 @@ void ResolveWorkload(int nranks, Options* options) {
   if (options->dtype == DispatchType::kFp8 && options->hidden % 128 != 0) BENCH_FAIL("-H", "FP8 needs H % 128 == 0");
   if (nranks > 64) BENCH_FAIL("rank count", "moecomm-bench supports at most 64 ranks");
   if (options->graph && !options->lowLatency) BENCH_FAIL("--graph", "is only implemented with --ll");
+  if (options->llPerRank && !options->lowLatency && !options->hostSmoke)
+    BENCH_FAIL("--ll-per-rank", "applies to the low-latency combine: add --ll");
 }
 
 }  // namespace moecomm_bench

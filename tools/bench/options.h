@@ -25,6 +25,7 @@ struct Options {
   std::string jsonPath;     // -J
   bool lowLatency = false;  // --ll
   bool graph = false;       // --graph
+  bool llPerRank = false;   // --ll-per-rank: MOECOMM_LL_PER_RANK_COMBINE (dispatch takes the weights)
   bool hostSmoke = false;   // --host-smoke
   bool host = false;        // --host: the host backend on the workload asked for (no GPU needed)
   bool baseline = true;     // --no-baseline turns the NCCL baseline off

@@ -54,6 +54,12 @@ void Reporter::PrintHeader() const {
               o.workload.c_str(), o.tokens, o.hidden, o.topk, o.experts, o.zipf > 0 ? " (Zipf 1.2 popularity)" : "",
               o.lowLatency ? (std::string("bf16 in, ") + DtypeName(o.dtype) + " received").c_str() : DtypeName(o.dtype),
               static_cast<unsigned long long>(o.seed));
+  if (o.lowLatency) {
+    std::printf("# low-latency combine: %s\n",
+                o.llPerRank ? "per rank (MOECOMM_LL_PER_RANK_COMBINE: the dispatch takes the weights; one BF16 partial "
+                              "per (token, expert rank))"
+                            : "per expert (one row per (token, expert), weights given to the combine)");
+  }
   std::printf("# SM budget %d%s, %d iterations after %d warm-up, check %s\n", o.smBudget,
               o.smBudget == 0 ? " (library default)" : "", o.iters, o.warmup, o.check ? "on" : "off");
   std::printf(
@@ -150,6 +156,8 @@ std::string Reporter::JsonLine(const Measurement& m) const {
   field("iters", std::to_string(o.iters));
   field("warmup", std::to_string(o.warmup));
   field("mode", Quote(m.mode));
+  // Which low-latency combine form the run used (null outside low-latency mode).
+  field("ll_combine", m.mode != "low_latency" ? "null" : Quote(o.llPerRank ? "per_rank" : "per_expert"));
   field("impl", Quote(m.impl));
   field("op", Quote(m.op));
   field("status", Quote(m.status));
