@@ -579,25 +579,30 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence) {
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
   const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
-  if (static_cast<int>(threadIdx.x) < R) {
-    const int s = threadIdx.x;
-    const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
-    sourceTokens[s] = ((sources >> s) & 1u) != 0 ? min(max(__ldcg(tokens + s), 0), p.maxTokens) : 0;
-  }
-  __syncthreads();
-  if (p.perRank) keepSelections(p, globalIds, sourceTokens);
   const int myExperts =
       static_cast<int>(blockIdx.x) < L ? (L - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 0;
   const int expertsPerWindow = kThreads / R;
+  const int i = threadIdx.x;
+  // Thread i's item count in the window starting at expert j0 as the source wrote it (0 for an
+  // absent source); loaded a window ahead, the first one together with the sources' T.
+  auto loadCount = [&](int j0) {
+    const int le = static_cast<int>(blockIdx.x) + (j0 + i / R) * static_cast<int>(gridDim.x);
+    const bool mapped = i < min(expertsPerWindow, myExperts - j0) * R && ((sources >> (i % R)) & 1u) != 0;
+    return mapped ? __ldcg(listCounts + (i % R) * L + le) : 0;
+  };
+  int written = loadCount(0);
+  if (i < R) {
+    const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
+    sourceTokens[i] = ((sources >> i) & 1u) != 0 ? min(max(__ldcg(tokens + i), 0), p.maxTokens) : 0;
+  }
+  __syncthreads();
+  if (p.perRank) keepSelections(p, globalIds, sourceTokens);
   bool profiled = false;
   for (int j0 = 0; j0 < myExperts; j0 += expertsPerWindow) {
     const int items = min(expertsPerWindow, myExperts - j0) * R;
-    const int i = threadIdx.x;
     const int le = static_cast<int>(blockIdx.x) + (j0 + i / R) * static_cast<int>(gridDim.x);
-    int count = 0;
-    if (i < items && sourceTokens[i % R] > 0) {
-      count = min(max(__ldcg(listCounts + (i % R) * L + le), 0), sourceTokens[i % R]);
-    }
+    const int count = i < items ? min(max(written, 0), sourceTokens[i % R]) : 0;
+    if (j0 + expertsPerWindow < myExperts) written = loadCount(j0 + expertsPerWindow);
     int windowRows = 0;
     const int before = blockExclusiveScan(count, &windowRows);
     if (i < items) itemBase[i] = before;
