@@ -141,6 +141,13 @@ __global__ void GateKernel(const volatile int* release) {
   }
 }
 
+__global__ void EmptyKernel() {}
+
+void LaunchEmpty(int blocks, int threads, cudaStream_t stream) {
+  EmptyKernel<<<blocks, threads, 0, stream>>>();
+  BENCH_LAUNCHED("EmptyKernel");
+}
+
 void LaunchGate(const volatile int* release, cudaStream_t stream) {
   GateKernel<<<1, 1, 0, stream>>>(release);
   BENCH_LAUNCHED("GateKernel");

@@ -36,6 +36,9 @@ void LaunchUnpermuteSum(const uint16_t* back, int tokens, int hidden, int nranks
 void LaunchExpertOutputs(const uint8_t* packedRows, int64_t rows, bool fp8, int hidden, int rank, uint16_t* out,
                          cudaStream_t stream);
 
+// A kernel that does nothing: the fixed cost of one launch in a timed sample.
+void LaunchEmpty(int blocks, int threads, cudaStream_t stream);
+
 // Holds the stream until *release != 0 (mapped host memory), or 2 s at most: work queued
 // behind it then starts back to back, so events around it time the GPU work alone.
 void LaunchGate(const volatile int* release, cudaStream_t stream);

@@ -46,6 +46,7 @@ class LowLatencyRunner {
     handle_ = nullptr;
   }
   bool RunGraph(const Measurement& dispatch, const Measurement& combine);
+  void TimeEmptyKernel();
 
   const RunnerContext& c_;
   const Options& o_;
@@ -181,6 +182,7 @@ bool LowLatencyRunner::Run() {
       DestroyHandle();
     }
   }
+  if (p_.OnGpu()) TimeEmptyKernel();
   bool ok = true;
   if (o_.check) ok = CheckDirect(&dispatch, &combine, combineSupported);
   dispatch.whole = Summarize(dispatchUs);
@@ -308,6 +310,24 @@ bool LowLatencyRunner::CheckDirect(Measurement* dispatch, Measurement* combine, 
 // Dispatch + combine captured once, the graph's replays timed; with -c 1 one more replay on
 // fresh inputs is checked. The handle made while capturing belongs to the graph and is
 // destroyed with it. Returns false when the check failed.
+// The floor under every kernel-only time: a kernel of the LL grid (one block per SM of the
+// budget, 512 threads) that does nothing, timed the same way (gate, alignment, events).
+void LowLatencyRunner::TimeEmptyKernel() {
+  SetStep("empty kernel");
+  const int blocks = o_.smBudget > 0 ? o_.smBudget : 1;
+  std::vector<double> us;
+  for (int i = 0; i < o_.iters; ++i) {
+    TimeSample(p_, true, &us, [&] { return p_.LaunchEmpty(blocks, 512) ? moecommSuccess : moecommNotSupported; });
+  }
+  Measurement floor = NewMeasurement("empty_kernel", kMode);
+  floor.impl = "cuda";
+  floor.whole = Summarize(us);
+  SetKernelTime(c_, &floor, &us);
+  floor.message = "a kernel of " + std::to_string(blocks) +
+                  " x 512 threads that does nothing, timed as the kernel-only samples: their fixed cost";
+  c_.reporter->Add(floor);
+}
+
 bool LowLatencyRunner::RunGraph(const Measurement& dispatch, const Measurement& combine) {
   Measurement graph = NewMeasurement("ll_graph", kMode);
   graph.bytes = dispatch.bytes + combine.bytes;

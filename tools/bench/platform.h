@@ -38,6 +38,13 @@ class Platform {
   virtual void BeginSample(bool gated = false) = 0;
   virtual double EndSample() = 0;
 
+  // Queues a kernel of blocks x threads that does nothing (GPU; false elsewhere).
+  virtual bool LaunchEmpty(int blocks, int threads) {
+    (void)blocks;
+    (void)threads;
+    return false;
+  }
+
   // The combine input the checks expect: rows packed rows -> BF16 expert outputs (workload.h).
   virtual void ExpertOutputs(const void* packedRows, int64_t rows, DispatchType type, int hidden, int rank,
                              void* out) = 0;

@@ -83,6 +83,10 @@ class GpuPlatform final : public Platform {
     BENCH_CUDA(cudaEventElapsedTime(&milliseconds, start_, stop_));
     return 1000.0 * milliseconds;
   }
+  bool LaunchEmpty(int blocks, int threads) override {
+    moecomm_bench::LaunchEmpty(blocks, threads, stream_);
+    return true;
+  }
   void ExpertOutputs(const void* packedRows, int64_t rows, DispatchType type, int hidden, int rank,
                      void* out) override {
     LaunchExpertOutputs(static_cast<const uint8_t*>(packedRows), rows, type == DispatchType::kFp8, hidden, rank,
