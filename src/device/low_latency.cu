@@ -558,20 +558,20 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
   }
 }
 
-// The receive half of a dispatch, for the experts of this block (le = block, block + grid, ...):
-// the rows of each expert are its sources' lists, sources ascending (each list is ascending in
-// token). A window of experts at a time: the counts of every (expert, source) item, a block
-// scan for where each item's rows start, then batches of kBatchRows rows: each thread finds
-// its row's item (a binary search), reads the list entry, writes the routing and the staging
-// address, and the block copies the batch into the caller's recvX.
-__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence) {
+// The receive half of a dispatch. The rows of local expert le are its sources' lists, sources
+// ascending (each list ascending in token): item (le, s) = le * R + s. Every block reads every
+// item's count (one round trip) and scans them in shared memory, so the grid shares the rows
+// evenly (a contiguous range per block, whatever the experts' sizes); then batches of
+// kBatchRows rows: each thread finds its row's item (a binary search), reads the list entry,
+// writes the routing and the staging address, and the block copies the batch into recvX.
+__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
-  __shared__ int itemBase[kThreads];  // rows of the window before item (expert j0 + i / R, source i % R)
   __shared__ const uint8_t* batchFrom[kBatchRows];
   __shared__ int batchId[kBatchRows];
   const int R = p.numRanks;
   const int K = p.topk;
   const int L = p.localExperts;
+  const int items = R * L;
   const int slotsPerExpert = R * p.maxTokens;
   const uint32_t sources = agreeSources(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 5);
@@ -579,87 +579,86 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence) {
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
   const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
-  const int myExperts =
-      static_cast<int>(blockIdx.x) < L ? (L - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x : 0;
-  const int expertsPerWindow = kThreads / R;
-  const int i = threadIdx.x;
-  // Thread i's item count in the window starting at expert j0 as the source wrote it (0 for an
-  // absent source); loaded a window ahead, the first one together with the sources' T.
-  auto loadCount = [&](int j0) {
-    const int le = static_cast<int>(blockIdx.x) + (j0 + i / R) * static_cast<int>(gridDim.x);
-    const bool mapped = i < min(expertsPerWindow, myExperts - j0) * R && ((sources >> (i % R)) & 1u) != 0;
-    return mapped ? __ldcg(listCounts + (i % R) * L + le) : 0;
-  };
-  int written = loadCount(0);
-  if (i < R) {
+  // The counts as written (0 for absent sources), in the same round trip as the sources' T.
+  for (int i = threadIdx.x; i < items; i += blockDim.x) {
+    const int s = i % R;
+    itemStart[i] = ((sources >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
+  }
+  if (static_cast<int>(threadIdx.x) < R) {
+    const int s = threadIdx.x;
     const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
-    sourceTokens[i] = ((sources >> i) & 1u) != 0 ? min(max(__ldcg(tokens + i), 0), p.maxTokens) : 0;
+    sourceTokens[s] = ((sources >> s) & 1u) != 0 ? min(max(__ldcg(tokens + s), 0), p.maxTokens) : 0;
   }
   __syncthreads();
-  if (p.perRank) keepSelections(p, globalIds, sourceTokens);
-  bool profiled = false;
-  for (int j0 = 0; j0 < myExperts; j0 += expertsPerWindow) {
-    const int items = min(expertsPerWindow, myExperts - j0) * R;
-    const int le = static_cast<int>(blockIdx.x) + (j0 + i / R) * static_cast<int>(gridDim.x);
-    const int count = i < items ? min(max(written, 0), sourceTokens[i % R]) : 0;
-    if (j0 + expertsPerWindow < myExperts) written = loadCount(j0 + expertsPerWindow);
-    int windowRows = 0;
-    const int before = blockExclusiveScan(count, &windowRows);
-    if (i < items) itemBase[i] = before;
-    __syncthreads();
-    if (i < items && i % R == R - 1) {
-      const int rows = before + count - itemBase[i - (R - 1)];
+  // Exclusive scan of the clamped counts, kThreads items at a time (in place: each thread
+  // reads its own item before the scan's first barrier and writes it after the last).
+  int total = 0;
+  for (int first = 0; first < items; first += kThreads) {
+    const int i = first + threadIdx.x;
+    const int count = i < items ? min(max(itemStart[i], 0), sourceTokens[i % R]) : 0;
+    int chunkTotal = 0;
+    const int before = blockExclusiveScan(count, &chunkTotal);
+    if (i < items) itemStart[i] = total + before;
+    total += chunkTotal;
+  }
+  if (threadIdx.x == 0) itemStart[items] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int le = blockIdx.x; le < L; le += gridDim.x) {
+      const int rows = itemStart[(le + 1) * R] - itemStart[le * R];
       p.recvCount[le] = rows;
       p.routing.recvCount[le] = rows;
       if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + le, rows);  // no wait
     }
+  }
+  if (p.perRank) keepSelections(p, globalIds, sourceTokens);
+  MC_LL_PROFILE(kLlKernelDispatch, 6);
+  const int perBlock = (total + gridDim.x - 1) / gridDim.x;
+  const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
+  const int end = min(total, begin + perBlock);
+  bool profiled = false;
+  for (int batchStart = begin; batchStart < end; batchStart += kBatchRows) {
+    const int batch = min(kBatchRows, end - batchStart);
+    if (static_cast<int>(threadIdx.x) < batch) {
+      const int g = batchStart + threadIdx.x;
+      int lo = 0;  // the last item starting at or before g (empty items share a start)
+      int hi = items;
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (itemStart[mid] <= g) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      const int s = lo % R;
+      const int le = lo / R;
+      const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
+      const int t = min(entry >> 5, p.maxTokens - 1);
+      const int firstK = entry & 31;
+      const int id = le * slotsPerExpert + g - itemStart[le * R];
+      const int info = s * p.maxTokens + t;
+      p.routing.srcInfo[id] = info;
+      p.routing.firstK[id] = static_cast<uint8_t>(firstK);
+      if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
+      if (p.perRank) {
+        // Every selection of the token naming this expert reads this row.
+        const int expert = p.rank * L + le;
+        const uint64_t at = static_cast<uint64_t>(info) * K;
+        for (int k = firstK; k < K; ++k) {
+          if (__ldcg(globalIds + at + k) == expert) p.routing.rowOf[at + k] = id;
+        }
+      }
+      batchId[threadIdx.x] = id;
+      batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
+    }
+    __syncthreads();
     if (!profiled) {
-      MC_LL_PROFILE(kLlKernelDispatch, 6);
+      MC_LL_PROFILE(kLlKernelDispatch, 7);
+      profiled = true;
     }
-    for (int batchStart = 0; batchStart < windowRows; batchStart += kBatchRows) {
-      const int batch = min(kBatchRows, windowRows - batchStart);
-      if (static_cast<int>(threadIdx.x) < batch) {
-        const int g = batchStart + threadIdx.x;
-        int lo = 0;  // the last item starting at or before g (empty items share a start)
-        int hi = items;
-        while (hi - lo > 1) {
-          const int mid = (lo + hi) / 2;
-          if (itemBase[mid] <= g) {
-            lo = mid;
-          } else {
-            hi = mid;
-          }
-        }
-        const int s = lo % R;
-        const int itemExpert = static_cast<int>(blockIdx.x) + (j0 + lo / R) * static_cast<int>(gridDim.x);
-        const int entry =
-            __ldcg(lists + (static_cast<uint64_t>(s) * L + itemExpert) * p.maxTokens + (g - itemBase[lo]));
-        const int t = min(entry >> 5, p.maxTokens - 1);
-        const int firstK = entry & 31;
-        const int id = itemExpert * slotsPerExpert + g - itemBase[lo - lo % R];
-        const int info = s * p.maxTokens + t;
-        p.routing.srcInfo[id] = info;
-        p.routing.firstK[id] = static_cast<uint8_t>(firstK);
-        if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
-        if (p.perRank) {
-          // Every selection of the token naming this expert reads this row.
-          const int expert = p.rank * L + itemExpert;
-          const uint64_t at = static_cast<uint64_t>(info) * K;
-          for (int k = firstK; k < K; ++k) {
-            if (__ldcg(globalIds + at + k) == expert) p.routing.rowOf[at + k] = id;
-          }
-        }
-        batchId[threadIdx.x] = id;
-        batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
-      }
-      __syncthreads();
-      if (!profiled) {
-        MC_LL_PROFILE(kLlKernelDispatch, 7);
-        profiled = true;
-      }
-      copyBatch(p, batch, batchFrom, batchId);
-      __syncthreads();
-    }
+    copyBatch(p, batch, batchFrom, batchId);
+    __syncthreads();
   }
   MC_LL_PROFILE(kLlKernelDispatch, 8);
   finishReceive(p, sequence);
@@ -674,8 +673,8 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send) dispatchSend(p, sequence, dispatchShared);
   if (receive) {
-    __syncthreads();
-    dispatchReceive(p, sequence);
+    __syncthreads();  // the send half's shared memory is reused
+    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared));
   }
 }
 
@@ -1052,8 +1051,17 @@ int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   return static_cast<int>(err);
 }
 
+uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
+  return (static_cast<uint64_t>(params.numRanks) * params.localExperts + 1) * sizeof(int);
+}
+
 int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream) {
-  const uint64_t shared = (params.phases & kLowLatencyPhaseSend) != 0 ? lowLatencyDispatchSendSharedBytes(params) : 0;
+  uint64_t shared = 0;
+  if ((params.phases & kLowLatencyPhaseSend) != 0) shared = lowLatencyDispatchSendSharedBytes(params);
+  if ((params.phases & kLowLatencyPhaseReceive) != 0) {
+    const uint64_t receive = lowLatencyDispatchRecvSharedBytes(params);
+    if (receive > shared) shared = receive;
+  }
   dispatchKernel<<<params.numBlocks, kThreads, shared, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }

@@ -137,8 +137,10 @@ struct LowLatencyParams {
 };
 
 // Dynamic shared memory of the dispatch kernel: the send half keeps a destination mask per
-// token.
+// token, the receive half where each (local expert, source) item's rows start. The kernel
+// takes the larger of the two.
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params);
+uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params);
 
 // Each runs the halves params.phases names and returns a cudaError_t value (0 = success) so
 // callers need no CUDA header.

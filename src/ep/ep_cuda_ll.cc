@@ -127,17 +127,19 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   const uint64_t bytes = p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
 
   DeviceScope scope(device_);
-  // Dynamic shared memory: the send kernel keeps a word per token.
+  // Dynamic shared memory: the send half keeps a word per token, the receive half an int per
+  // (local expert, source).
   int optIn = 0;
   MC_CUDA(cudaDeviceGetAttribute(&optIn, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
   const uint64_t sharedLimit = static_cast<uint64_t>(std::max(0, optIn - 2048));
-  const uint64_t sendShared = device::lowLatencyDispatchSendSharedBytes(p);
-  MC_REQUIRE(sendShared <= sharedLimit, moecommNotSupported,
-             "maxTokensPerRank = %llu is too large for the low-latency dispatch kernels (%llu bytes of shared memory; "
-             "this GPU allows %llu)",
-             static_cast<unsigned long long>(maxT), static_cast<unsigned long long>(sendShared),
-             static_cast<unsigned long long>(sharedLimit));
-  if (sendShared > 48 * 1024) {
+  const uint64_t dispatchShared =
+      std::max(device::lowLatencyDispatchSendSharedBytes(p), device::lowLatencyDispatchRecvSharedBytes(p));
+  MC_REQUIRE(dispatchShared <= sharedLimit, moecommNotSupported,
+             "maxTokensPerRank = %llu or ranks x experts per rank = %llu is too large for the low-latency dispatch "
+             "kernels (%llu bytes of shared memory; this GPU allows %llu)",
+             static_cast<unsigned long long>(maxT), static_cast<unsigned long long>(R * L),
+             static_cast<unsigned long long>(dispatchShared), static_cast<unsigned long long>(sharedLimit));
+  if (dispatchShared > 48 * 1024) {
     MC_CHECK(checkLaunch(device::allowLowLatencySharedMemory(sharedLimit), "cudaFuncSetAttribute"));
   }
 
