@@ -436,7 +436,8 @@ typedef struct {
  * source token index. *handle receives a new handle, used by the combine and destroyed by the caller with
  * moecommEpHandleDestroy. With MOECOMM_LL_SEND_ONLY the outputs are valid only after
  * moecommEpComplete(handle). At most two low-latency operations may be in flight (sent but
- * not completed); a third is moecommInvalidUsage. */
+ * not completed); a third is moecommInvalidUsage. Operations alternate between two buffer
+ * slots: operation n needs operation n - 2 completed (else moecommInvalidUsage). */
 MOECOMM_API moecommResult_t moecommEpLowLatencyDispatch(moecommEp_t ep, const moecommEpLowLatencyDispatchArgs_t* args,
                                                         moecommEpHandle_t* handle, moecommStream_t stream);
 
@@ -471,7 +472,7 @@ MOECOMM_API moecommResult_t moecommEpLowLatencyCombine(moecommEp_t ep, const moe
 
 /* Receives what a MOECOMM_LL_SEND_ONLY dispatch or combine sent. Asynchronous on stream.
  * Not collective: it involves only the calling rank (peers signal through shared flags).
- * Operations may be completed in any order. */
+ * Completing the older of two in-flight operations first lets the next one start. */
 MOECOMM_API moecommResult_t moecommEpComplete(moecommEp_t ep, moecommEpHandle_t handle, moecommStream_t stream);
 
 /* Zero-copy combine: [OUT] buffer device [E/R, R*maxT, H] BF16 that the caller may write expert

@@ -53,16 +53,24 @@ void destroyHandle(moecommEpHandle* handle) {
 }
 
 moecommResult_t acquireLowLatencySlot(const moecommEp& ep, int* slot) {
-  for (int i = 0; i < kLowLatencySlots; ++i) {
-    if (ep.slotOwners[i] == nullptr) {
-      *slot = i;
-      return moecommSuccess;
-    }
-  }
-  return setError(moecommInvalidUsage,
-                  "%d low-latency operations are already in flight (sent with MOECOMM_LL_SEND_ONLY, not completed); "
-                  "call moecommEpComplete on one of them first",
-                  kLowLatencySlots);
+  bool allHeld = true;
+  for (int i = 0; i < kLowLatencySlots; ++i) allHeld = allHeld && ep.slotOwners[i] != nullptr;
+  MC_REQUIRE(!allHeld, moecommInvalidUsage,
+             "%d low-latency operations are already in flight (sent with MOECOMM_LL_SEND_ONLY, not completed); "
+             "call moecommEpComplete on one of them first",
+             kLowLatencySlots);
+  // Operation n uses slot n % kLowLatencySlots, the slot of the operation kLowLatencySlots
+  // before it: every rank picks the same slot whatever order it completed operations in.
+  const uint64_t next = ep.lowLatencySequence + 1;
+  const int chosen = static_cast<int>(next % kLowLatencySlots);
+  MC_REQUIRE(ep.slotOwners[chosen] == nullptr, moecommInvalidUsage,
+             "low-latency operation #%llu uses buffer slot %d, which operation #%llu still holds (sent with "
+             "MOECOMM_LL_SEND_ONLY, not completed); operations reuse the slot of the one %d before them, so complete "
+             "that one first",
+             static_cast<unsigned long long>(next), chosen,
+             static_cast<unsigned long long>(ep.slotOwners[chosen]->pendingSequence), kLowLatencySlots);
+  *slot = chosen;
+  return moecommSuccess;
 }
 
 moecommResult_t checkHandle(const moecommEp* ep, const moecommEpHandle* handle, EpHandleKind kind) {

@@ -173,8 +173,10 @@ void destroyHandle(moecommEpHandle* handle);
 // A live handle made on `ep` of the given kind.
 moecommResult_t checkHandle(const moecommEp* ep, const moecommEpHandle* handle, EpHandleKind kind);
 
-// The first low-latency buffer slot no in-flight operation holds, or moecommInvalidUsage when
-// kLowLatencySlots operations are in flight (every backend's rule).
+// The buffer slot of the next low-latency operation n = lowLatencySequence + 1: n %
+// kLowLatencySlots, the same on every rank whatever order operations completed in; or
+// moecommInvalidUsage when kLowLatencySlots operations are in flight or operation n -
+// kLowLatencySlots still holds that slot (every backend's rule).
 moecommResult_t acquireLowLatencySlot(const moecommEp& ep, int* slot);
 
 moecommResult_t getRankMask(moecommEp* ep, int* mask);

@@ -119,9 +119,16 @@ TEST_F(EpApiLowLatency, LowLatencyThirdInFlightOperation) {
   ASSERT_OK(moecommEpLowLatencyDispatch(ep, &b.args, &b.handle, nullptr));
   EXPECT_FAILS(moecommEpLowLatencyDispatch(ep, &c.args, &c.handle, nullptr), moecommInvalidUsage);
   EXPECT_EQ(c.handle, nullptr);
-  ASSERT_OK(moecommEpComplete(ep, b.handle, nullptr));  // any order: slots are not round-robin
-  ASSERT_OK(moecommEpLowLatencyDispatch(ep, &c.args, &c.handle, nullptr));
+  ASSERT_OK(moecommEpComplete(ep, b.handle, nullptr));
+  // Operation 3 reuses operation 1's slot (operations alternate between the two slots, so every
+  // rank picks the same one whatever order it completes in), and a still holds it.
+  EXPECT_FAILS(moecommEpLowLatencyDispatch(ep, &c.args, &c.handle, nullptr), moecommInvalidUsage);
+  EXPECT_NE(std::string(moecommGetLastError(nullptr)).find("operation #3 uses buffer slot 1, which operation #1 still"),
+            std::string::npos)
+      << moecommGetLastError(nullptr);
+  EXPECT_EQ(c.handle, nullptr);
   ASSERT_OK(moecommEpComplete(ep, a.handle, nullptr));
+  ASSERT_OK(moecommEpLowLatencyDispatch(ep, &c.args, &c.handle, nullptr));
   ASSERT_OK(moecommEpComplete(ep, c.handle, nullptr));
   EXPECT_EQ(a.count, c.count);
 }
