@@ -265,12 +265,17 @@ typedef struct {
   int topk;             /* K: 1..MOECOMM_MAX_TOPK */
   moecommEpMode_t mode;
   int numSms;         /* SM budget of the GPU kernels; 0 = MOECOMM_EP_NUM_SMS */
-  size_t bufferBytes; /* symmetric buffer per rank; 0 = moecommEpGetBufferSizeHint */
+  size_t bufferBytes; /* symmetric buffer per rank: 0 or at least moecommEpGetBufferSizeHint
+                         (the host backend allocates bufferBytes when larger; the CUDA backend
+                         allocates what it needs and checks bufferBytes only as a lower bound) */
 } moecommEpConfig_t;
 #define MOECOMM_EP_CONFIG_INIT \
   { sizeof(moecommEpConfig_t), MOECOMM_EP_CONFIG_MAGIC, MOECOMM_VERSION_CODE, 0, 0, 0, 0, moecommEpModeNormal, 0, 0 }
 
-/* [OUT] bytes: the symmetric buffer each rank needs for this config (the worst case). */
+/* [OUT] bytes: the symmetric buffer each rank needs for this config (the worst case) on the
+ * communicator's backend: the host backend's shared-memory segment, or the CUDA backend's
+ * device buffers (normal mode, plus low latency unless the mode is normal) for this rank's
+ * device and SM budget. */
 MOECOMM_API moecommResult_t moecommEpGetBufferSizeHint(moecommComm_t comm, const moecommEpConfig_t* config,
                                                        size_t* bytes);
 

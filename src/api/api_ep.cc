@@ -20,8 +20,7 @@ MOECOMM_API moecommResult_t moecommEpGetBufferSizeHint(moecommComm_t comm, const
     MC_CHECK(checkCommUsable(comm));
     MC_REQUIRE(bytes != nullptr, moecommInvalidArgument, "bytes (the output pointer) is NULL");
     MC_CHECK(moecomm::validateEpConfig(comm->nranks, config));
-    *bytes = moecomm::planHostEpBuffer(comm->nranks, *config).totalBytes;
-    return moecommSuccess;
+    return moecomm::epBufferBytes(*comm, *config, bytes);
   });
 }
 

@@ -44,8 +44,10 @@ struct EpBufferLayout {
 // Config checks shared by moecommEpGetBufferSizeHint and moecommEpCreate: each bad field is
 // moecommInvalidArgument with a sentence naming it.
 moecommResult_t validateEpConfig(int nranks, const moecommEpConfig_t* config);
-// Regions of the host backend's buffer for a valid config (the size hint is totalBytes).
+// Regions of the host backend's buffer for a valid config.
 EpBufferLayout planHostEpBuffer(int nranks, const moecommEpConfig_t& config);
+// The symmetric buffer per rank a valid config needs on comm's backend (moecommEpGetBufferSizeHint).
+moecommResult_t epBufferBytes(const moecommComm& comm, const moecommEpConfig_t& config, size_t* bytes);
 
 enum class EpHandleKind { kNormal, kLowLatency };
 // The half of a MOECOMM_LL_SEND_ONLY operation that moecommEpComplete still has to run.

@@ -109,7 +109,8 @@ moecommResult_t agreeOnConfig(moecommComm& comm, moecommResult_t localStatus, co
 moecommResult_t checkCreateArgs(const moecommComm& comm, const moecommEpConfig_t* config, moecommEp** out) {
   MC_REQUIRE(out != nullptr, moecommInvalidArgument, "ep is NULL; pass the address of a moecommEp_t");
   MC_CHECK(validateEpConfig(comm.nranks, config));
-  const size_t needed = planHostEpBuffer(comm.nranks, *config).totalBytes;
+  size_t needed = 0;
+  MC_CHECK(epBufferBytes(comm, *config, &needed));
   MC_REQUIRE(config->bufferBytes == 0 || config->bufferBytes >= needed, moecommInvalidArgument,
              "config->bufferBytes = %zu is smaller than the %zu bytes this config needs "
              "(see moecommEpGetBufferSizeHint; 0 picks the hint)",
@@ -154,6 +155,14 @@ moecommResult_t epCreateCuda(moecommComm* comm, const moecommEpConfig_t* config,
 }
 
 }  // namespace
+
+moecommResult_t epBufferBytes(const moecommComm& comm, const moecommEpConfig_t& config, size_t* bytes) {
+#if MOECOMM_HAVE_CUDA
+  if (comm.backend == moecommBackendCuda) return cudaEpBufferBytes(comm, config, bytes);
+#endif
+  *bytes = planHostEpBuffer(comm.nranks, config).totalBytes;
+  return moecommSuccess;
+}
 
 moecommResult_t validateEpConfig(int nranks, const moecommEpConfig_t* config) {
   MC_CHECK(checkStructHeader(config, MOECOMM_EP_CONFIG_MAGIC, "config", "MOECOMM_EP_CONFIG_INIT"));

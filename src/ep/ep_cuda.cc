@@ -26,6 +26,50 @@
 namespace moecomm {
 namespace {
 
+// Where a staged row's parts start for the x type (FP8 or BF16).
+void setRowLayout(device::IntranodeParams* p, bool fp8) {
+  const uint64_t H = static_cast<uint64_t>(p->hidden);
+  const uint64_t K = static_cast<uint64_t>(p->topk);
+  p->rowScalesOffset = roundUp(fp8 ? H : 2 * H, 16);
+  p->rowIdxOffset = p->rowScalesOffset + (fp8 ? roundUp(H / 128 * 4, 16) : 0);
+  p->rowWeightsOffset = p->rowIdxOffset + 8 * static_cast<uint64_t>(p->idxStride);
+  p->rowSrcOffset = p->rowWeightsOffset + roundUp(4 * K, 16);
+  p->rowExtent = p->rowSrcOffset + 16;
+}
+
+// The normal-mode buffer layout for p's shape and channel count (set by the caller): row
+// sizes and region offsets into p; returns the symmetric bytes per rank.
+uint64_t planNormalBuffer(device::IntranodeParams* p) {
+  const uint64_t R = static_cast<uint64_t>(p->numRanks);
+  const uint64_t channels = static_cast<uint64_t>(p->numChannels);
+  const uint64_t L = static_cast<uint64_t>(p->numExperts) / R;
+  const uint64_t maxT = static_cast<uint64_t>(p->maxTokens);
+  const uint64_t H = static_cast<uint64_t>(p->hidden);
+  const uint64_t K = static_cast<uint64_t>(p->topk);
+  p->chunkRows = static_cast<int>((maxT + channels - 1) / channels);
+  p->idxStride = static_cast<int>((K + 1) / 2 * 2);
+  setRowLayout(p, false);
+  const uint64_t bf16Extent = p->rowExtent;
+  setRowLayout(p, true);
+  p->dispatchRowBytes = std::max(bf16Extent, p->rowExtent);
+  p->combineRowBytes = roundUp(2 * H + 4 * K, 16);
+  const uint64_t slots = R * channels * static_cast<uint64_t>(p->chunkRows);
+  p->ctrlOffset = 0;
+  p->expertsOffset = roundUp(4ull * device::kOps * channels * R * 8, 16);  // 4 kinds: count (two parities), tail, ack
+  p->dispatchOffset = roundUp(p->expertsOffset + 2ull * 2 * R * channels * L * 4, 16);  // 2 ops x 2 parities
+  p->combineOffset = roundUp(p->dispatchOffset + slots * p->dispatchRowBytes, 16);
+  return p->combineOffset + slots * p->combineRowBytes;
+}
+
+void setShape(const reference::EpShape& shape, int channels, device::IntranodeParams* p) {
+  p->numRanks = shape.numRanks;
+  p->numExperts = shape.numExperts;
+  p->hidden = shape.hidden;
+  p->topk = shape.topk;
+  p->maxTokens = shape.maxTokensPerRank;
+  p->numChannels = channels;
+}
+
 // Device buffers of one handle's routing (one allocation).
 struct HandleDevice {
   void* block = nullptr;
@@ -51,9 +95,6 @@ class CudaEpBackend : public EpBackend {
     const auto& shape = ep_->shape;
     const int R = shape.numRanks;
     const uint64_t L = static_cast<uint64_t>(shape.numExperts / R);
-    const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
-    const uint64_t H = static_cast<uint64_t>(shape.hidden);
-    const uint64_t K = static_cast<uint64_t>(shape.topk);
     DeviceScope scope(ep_->comm->device);
     int deviceSms = 0;
     MC_CUDA(cudaDeviceGetAttribute(&deviceSms, cudaDevAttrMultiProcessorCount, ep_->comm->device));
@@ -74,27 +115,9 @@ class CudaEpBackend : public EpBackend {
     device::IntranodeParams& p = base_;
     std::memset(&p, 0, sizeof(p));
     p.rank = ep_->rank;
-    p.numRanks = R;
-    p.numExperts = shape.numExperts;
-    p.hidden = shape.hidden;
-    p.topk = shape.topk;
-    p.maxTokens = shape.maxTokensPerRank;
-    p.numChannels = channels;
-    p.chunkRows = static_cast<int>((maxT + channels - 1) / channels);
-    p.idxStride = static_cast<int>((K + 1) / 2 * 2);
-    setRowLayout(&p, false);
-    const uint64_t bf16Extent = p.rowExtent;
-    setRowLayout(&p, true);
-    p.dispatchRowBytes = std::max(bf16Extent, p.rowExtent);
-    p.combineRowBytes = roundUp(2 * H + 4 * K, 16);
+    setShape(shape, channels, &p);
+    const uint64_t bytes = planNormalBuffer(&p);
     MC_CHECK(setVariants(&p));
-
-    const uint64_t slots = static_cast<uint64_t>(R) * channels * p.chunkRows;
-    p.ctrlOffset = 0;
-    p.expertsOffset = roundUp(4ull * device::kOps * channels * R * 8, 16);  // 4 kinds: count (two parities), tail, ack
-    p.dispatchOffset = roundUp(p.expertsOffset + 2ull * 2 * R * channels * L * 4, 16);  // 2 ops x 2 parities
-    p.combineOffset = roundUp(p.dispatchOffset + slots * p.dispatchRowBytes, 16);
-    const uint64_t bytes = p.combineOffset + slots * p.combineRowBytes;
     p.timeoutNs = static_cast<uint64_t>(std::max<int64_t>(1, envInt(Env::KernelTimeout))) * 1000000ull;
 
     MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
@@ -409,16 +432,6 @@ class CudaEpBackend : public EpBackend {
   }
 
   // Offsets inside a dispatch row for one dtype (see device::IntranodeParams).
-  static void setRowLayout(device::IntranodeParams* p, bool fp8) {
-    const uint64_t H = static_cast<uint64_t>(p->hidden);
-    const uint64_t K = static_cast<uint64_t>(p->topk);
-    p->rowScalesOffset = roundUp(fp8 ? H : 2 * H, 16);
-    p->rowIdxOffset = p->rowScalesOffset + (fp8 ? roundUp(H / 128 * 4, 16) : 0);
-    p->rowWeightsOffset = p->rowIdxOffset + 8 * static_cast<uint64_t>(p->idxStride);
-    p->rowSrcOffset = p->rowWeightsOffset + roundUp(4 * K, 16);
-    p->rowExtent = p->rowSrcOffset + 16;
-  }
-
   // Builds with -DMOECOMM_KERNEL_PROFILE only: the timeline of the last dispatch and combine,
   // per event the earliest, median and latest block, in microseconds after the earliest start.
   void logProfile() {
@@ -561,6 +574,28 @@ class CudaEpBackend : public EpBackend {
 };
 
 }  // namespace
+
+moecommResult_t cudaEpBufferBytes(const moecommComm& comm, const moecommEpConfig_t& config, size_t* bytes) {
+  int deviceSms = 0;
+  MC_CUDA(cudaDeviceGetAttribute(&deviceSms, cudaDevAttrMultiProcessorCount, comm.device));
+  const int budget = config.numSms != 0 ? config.numSms : static_cast<int>(envInt(Env::EpNumSms));
+  const int channels = std::max(1, std::min(budget, deviceSms));  // as the backend resolves it
+  reference::EpShape shape;
+  shape.numRanks = comm.nranks;
+  shape.numExperts = config.numExperts;
+  shape.hidden = config.hidden;
+  shape.topk = config.topk;
+  shape.maxTokensPerRank = config.maxTokensPerRank;
+  device::IntranodeParams normal{};
+  setShape(shape, channels, &normal);
+  uint64_t total = planNormalBuffer(&normal);
+  if (config.mode != moecommEpModeNormal) {
+    device::LowLatencyParams lowLatency{};
+    total += CudaLowLatency::planBuffer(shape, channels, &lowLatency);
+  }
+  *bytes = static_cast<size_t>(total);
+  return moecommSuccess;
+}
 
 moecommResult_t makeCudaEpBackend(moecommEp* ep, std::unique_ptr<EpBackend>* out) {
   std::unique_ptr<CudaEpBackend> backend(new CudaEpBackend(ep));

@@ -19,6 +19,10 @@ namespace moecomm {
 #if MOECOMM_HAVE_CUDA
 // Collective: allocates the symmetric buffer and the backend. nranks must be <= 8.
 moecommResult_t makeCudaEpBackend(moecommEp* ep, std::unique_ptr<EpBackend>* out);
+// The symmetric bytes per rank this backend allocates for config on comm's device (normal-mode
+// buffer, plus the low-latency one unless the mode is normal), with the SM budget resolved as
+// the backend does on this rank (the ranks' smallest budget, agreed at create, is never more).
+moecommResult_t cudaEpBufferBytes(const moecommComm& comm, const moecommEpConfig_t& config, size_t* bytes);
 #endif
 
 }  // namespace moecomm

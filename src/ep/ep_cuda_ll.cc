@@ -84,15 +84,13 @@ moecommResult_t CudaLowLatency::create(moecommEp* ep, int numBlocks, std::unique
   return moecommSuccess;
 }
 
-moecommResult_t CudaLowLatency::init(int numBlocks) {
-  const auto& shape = ep_->shape;
+uint64_t CudaLowLatency::planBuffer(const reference::EpShape& shape, int numBlocks, device::LowLatencyParams* out) {
   const uint64_t R = static_cast<uint64_t>(shape.numRanks);
   const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
   const uint64_t H = static_cast<uint64_t>(shape.hidden);
   const uint64_t K = static_cast<uint64_t>(shape.topk);
-  device::LowLatencyParams& p = base_;
-  std::memset(&p, 0, sizeof(p));
-  p.rank = ep_->rank;
+  const uint64_t L = static_cast<uint64_t>(shape.expertsPerRank());
+  device::LowLatencyParams& p = *out;
   p.numRanks = shape.numRanks;
   p.numExperts = shape.numExperts;
   p.localExperts = shape.expertsPerRank();
@@ -100,7 +98,6 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   p.topk = shape.topk;
   p.maxTokens = shape.maxTokensPerRank;
   p.numBlocks = std::max(1, numBlocks);
-  p.timeoutNs = static_cast<uint64_t>(std::max(1, ep_->lowLatencyTimeoutMs)) * 1000000ull;
   // Flags (one per slot, rank and block), then the slots; inside a slot the combine markers,
   // then the dispatch staging or the combine rows (one operation uses a slot at a time).
   const uint64_t flagBytes =
@@ -112,7 +109,6 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   // A combine has K rows per token, or R partials per token (per-rank form).
   const uint64_t combineRowsPerToken = std::max(K, R);
   const uint64_t shared = roundUp(maxT * combineRowsPerToken * sizeof(uint32_t), 256);
-  const uint64_t L = static_cast<uint64_t>(shape.expertsPerRank());
   p.tokensOffset = shared;
   p.listCountsOffset = shared + roundUp(R * sizeof(int), 16);
   p.listsOffset = p.listCountsOffset + roundUp(R * L * sizeof(int), 16);
@@ -124,7 +120,19 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   const uint64_t dispatchEnd = p.rowsOffset + R * maxT * p.rowPitch;
   const uint64_t combineEnd = p.combineRowsOffset + maxT * combineRowsPerToken * 2 * H;
   p.slotBytes = roundUp(std::max(dispatchEnd, combineEnd), 256);
-  const uint64_t bytes = p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
+  return p.slotOffset + device::kLowLatencyDeviceSlots * p.slotBytes;
+}
+
+moecommResult_t CudaLowLatency::init(int numBlocks) {
+  const auto& shape = ep_->shape;
+  const uint64_t R = static_cast<uint64_t>(shape.numRanks);
+  const uint64_t maxT = static_cast<uint64_t>(shape.maxTokensPerRank);
+  const uint64_t L = static_cast<uint64_t>(shape.expertsPerRank());
+  device::LowLatencyParams& p = base_;
+  std::memset(&p, 0, sizeof(p));
+  p.rank = ep_->rank;
+  p.timeoutNs = static_cast<uint64_t>(std::max(1, ep_->lowLatencyTimeoutMs)) * 1000000ull;
+  const uint64_t bytes = planBuffer(shape, numBlocks, &p);
 
   DeviceScope scope(device_);
   // Dynamic shared memory: the send half keeps a word per token, the receive half an int per

@@ -33,6 +33,9 @@ class CudaLowLatency {
   // Collective over ep->comm (allocates the symmetric buffer).
   // numBlocks: the grid of every kernel, the same on every rank (the normal mode's channel count).
   static moecommResult_t create(moecommEp* ep, int numBlocks, std::unique_ptr<CudaLowLatency>* out);
+  // The buffer layout for shape and grid size numBlocks into p's shape, grid and offset
+  // fields; returns the symmetric bytes per rank.
+  static uint64_t planBuffer(const reference::EpShape& shape, int numBlocks, device::LowLatencyParams* p);
   ~CudaLowLatency();
   CudaLowLatency(const CudaLowLatency&) = delete;
   CudaLowLatency& operator=(const CudaLowLatency&) = delete;

@@ -1143,5 +1143,42 @@ TEST_F(EpCudaNormal, GraphReplay) {
            /*graph=*/true);
 }
 
+// moecommEpGetBufferSizeHint on a CUDA communicator describes the CUDA backend's buffers:
+// create refuses bufferBytes one below it (on every rank) and accepts it, and the device
+// memory an EP takes is at least the hint and not far above it (routing pools, state). The
+// shape is W-decode's, where the host backend's segment would be ~1 GB.
+TEST_F(EpCudaNormal, BufferSizeHint) {
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = 128 * nranks_;
+  config.hidden = 7168;
+  config.maxTokensPerRank = 128;
+  config.topk = 8;
+  config.numSms = 24;
+  config.mode = moecommEpModeNormal;
+  size_t normal = 0;
+  ASSERT_EQ(moecommEpGetBufferSizeHint(comm_, &config, &normal), moecommSuccess) << moecommGetLastError(comm_);
+  config.mode = moecommEpModeBoth;
+  size_t both = 0;
+  ASSERT_EQ(moecommEpGetBufferSizeHint(comm_, &config, &both), moecommSuccess) << moecommGetLastError(comm_);
+  EXPECT_GT(normal, 0u);
+  EXPECT_GT(both, normal);  // the low-latency buffer comes on top
+  std::printf("[EpCudaNormal rank %d] hint: normal %zu bytes, both %zu bytes\n", rank_, normal, both);
+  moecommEp_t ep = nullptr;
+  config.bufferBytes = both - 1;
+  EXPECT_EQ(moecommEpCreate(comm_, &config, &ep), moecommInvalidArgument);
+  EXPECT_NE(std::string(moecommGetLastError(comm_)).find("bufferBytes"), std::string::npos)
+      << moecommGetLastError(comm_);
+  config.bufferBytes = both;
+  size_t freeBefore = 0, freeAfter = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&freeBefore, &total), cudaSuccess);
+  ASSERT_EQ(moecommEpCreate(comm_, &config, &ep), moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(cudaMemGetInfo(&freeAfter, &total), cudaSuccess);
+  const size_t used = freeBefore - freeAfter;
+  std::printf("[EpCudaNormal rank %d] EP create took %zu bytes of device memory\n", rank_, used);
+  EXPECT_GE(used, both);
+  EXPECT_LT(used, both + (256u << 20));
+  EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << moecommGetLastError(comm_);
+}
+
 }  // namespace
 }  // namespace moecomm_gpu_test
