@@ -771,56 +771,59 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
 // for: they are the caller's), then flat over (token, 8-channel chunk), two chunks per thread
 // at a time with all their rows' loads in flight, and the fmaf chain in k order.
 
-constexpr int kReduceK = 8;  // rows loaded together per chunk
-
-// The whole block: for items i < count of J rows each (rows[i * J + j], nullptr = skipped,
-// weights[i * J + j]), stores bf16(acc) with acc = fmaf(weight, row, acc) over j ascending from
-// +0.0f into target(i) (a BF16 row of H channels, or nullptr for none), flat over (item,
-// 8-channel chunk): two chunks per thread at a time with all their rows' loads in flight.
-template <typename Target>
-__device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int4* const* rows, const float* weights,
-                           Target target) {
+// The whole block: for items i < count of up to J rows each (rows[i * J + j] for j <
+// rowCounts[i], or j < J when rowCounts is null; nullptr rows are skipped; weights[i * J + j]),
+// stores bf16(acc) with acc = fmaf(weight, row, acc) over j ascending from +0.0f into target(i)
+// (a BF16 row of H channels, or nullptr for none), flat over (item, 8-channel chunk):
+// kItems chunks per thread at a time, kRows rows of each loaded before any is added, so
+// kItems * kRows loads are in flight.
+template <int kItems, int kRows, typename Target>
+__device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts, const int4* const* rows,
+                           const float* weights, Target target) {
   const int chunks = p.hidden / 8;
   const int total = count * chunks;
-  for (int f0 = threadIdx.x; f0 < total; f0 += 2 * blockDim.x) {
-    float acc[2][8];
+  for (int f0 = threadIdx.x; f0 < total; f0 += kItems * blockDim.x) {
+    float acc[kItems][8];
+    int item[kItems];
+    int c[kItems];
+    int n[kItems];
+    int most = 0;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kItems; ++h) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+      const int f = f0 + h * blockDim.x;
+      item[h] = min(f, total - 1) / chunks;
+      c[h] = f % chunks;
+      n[h] = f < total ? (rowCounts != nullptr ? rowCounts[item[h]] : J) : 0;
+      most = max(most, n[h]);
     }
-    const int f1 = f0 + blockDim.x;
-    const int item[2] = {f0 / chunks, min(f1, total - 1) / chunks};
-    const int4* const* itemRows[2] = {rows + item[0] * J, rows + item[1] * J};
-    const float* itemWeights[2] = {weights + item[0] * J, weights + item[1] * J};
-    const int c[2] = {f0 % chunks, f1 % chunks};
-    const bool active[2] = {true, f1 < total};
-    for (int j0 = 0; j0 < J; j0 += kReduceK) {
-      int4 loaded[2][kReduceK];
+    for (int j0 = 0; j0 < most; j0 += kRows) {
+      int4 loaded[kItems][kRows];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kItems; ++h) {
 #pragma unroll
-        for (int u = 0; u < kReduceK; ++u) {
-          const int4* row = active[h] && j0 + u < J ? itemRows[h][j0 + u] : nullptr;
+        for (int u = 0; u < kRows; ++u) {
+          const int4* row = j0 + u < n[h] ? rows[item[h] * J + j0 + u] : nullptr;
           loaded[h][u] = row != nullptr ? __ldcg(row + c[h]) : make_int4(0, 0, 0, 0);
         }
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < kItems; ++h) {
 #pragma unroll
-        for (int u = 0; u < kReduceK; ++u) {
-          if (!active[h] || j0 + u >= J || itemRows[h][j0 + u] == nullptr) continue;
+        for (int u = 0; u < kRows; ++u) {
+          if (j0 + u >= n[h] || rows[item[h] * J + j0 + u] == nullptr) continue;
           uint16_t values[8];
           unpackBf16(loaded[h][u], values);
-          const float weight = itemWeights[h][j0 + u];
+          const float weight = weights[item[h] * J + j0 + u];
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[h][i] = __fmaf_rn(weight, bf16ToFloat(values[i]), acc[h][i]);
         }
       }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (!active[h]) continue;
+    for (int h = 0; h < kItems; ++h) {
+      if (f0 + h * static_cast<int>(blockDim.x) >= total) continue;
       int4* to = target(item[h]);
       if (to == nullptr) continue;
       uint32_t words[4];
@@ -840,10 +843,22 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
 // row) goes to [t][this rank] of the source's slot, with a marker. The rows and weights per
 // selection come from the dispatch (LowLatencyRouting::rowOf, weights); the pairs are split
 // into a contiguous share per block, a round of kThreads / K pairs at a time.
+// Per-rank send: chunks per thread at a time, and rows of each loaded together (a build may
+// override them for a sweep: -DMOECOMM_LL_SEND_ITEMS=.. -DMOECOMM_LL_SEND_ROWS=..).
+#ifndef MOECOMM_LL_SEND_ITEMS
+#define MOECOMM_LL_SEND_ITEMS 3
+#endif
+#ifndef MOECOMM_LL_SEND_ROWS
+#define MOECOMM_LL_SEND_ROWS 4
+#endif
+constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
+constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
+
 __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
+  __shared__ int pairRows[kThreads];                  // local selections of the pair, compacted to the front
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
   const int K = p.topk;
@@ -894,10 +909,18 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < roundPairs) {
       const int pair = round + threadIdx.x;
-      bool any = false;
-      for (int j = 0; j < K; ++j) any = any || rows[threadIdx.x * K + j] != nullptr;
+      // The pair's local selections to the front, k order kept: its loads then go out together.
+      int found = 0;
+      for (int j = 0; j < K; ++j) {
+        const int4* row = rows[threadIdx.x * K + j];
+        if (row == nullptr) continue;
+        rows[threadIdx.x * K + found] = row;
+        weights[threadIdx.x * K + found] = weights[threadIdx.x * K + j];
+        ++found;
+      }
+      pairRows[threadIdx.x] = found;
       int4* to = nullptr;
-      if (any) {
+      if (found > 0) {
         const int s = sourceOf(pair);
         const uint64_t entry = static_cast<uint64_t>(pair - pairStart[s]) * R + p.rank;
         uint8_t* base = slotBase(p, s);
@@ -907,7 +930,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
       pairTarget[threadIdx.x] = to;
     }
     __syncthreads();
-    reduceRows(p, roundPairs, K, rows, weights, [&](int i) { return pairTarget[i]; });
+    reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
   }
   MC_LL_PROFILE(kLlKernelCombine, 3);
   finishSend(p, targets, sequence);
@@ -985,7 +1008,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
     __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    reduceRows(p, roundTokens, J, rows, weights, [&](int i) {
+    reduceRows<2, 8>(p, roundTokens, J, nullptr, rows, weights, [&](int i) {
       const int t = blockIdx.x + (round + i) * gridDim.x;
       return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
     });
