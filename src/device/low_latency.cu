@@ -846,10 +846,10 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
 // Per-rank send: chunks per thread at a time, and rows of each loaded together (a build may
 // override them for a sweep: -DMOECOMM_LL_SEND_ITEMS=.. -DMOECOMM_LL_SEND_ROWS=..).
 #ifndef MOECOMM_LL_SEND_ITEMS
-#define MOECOMM_LL_SEND_ITEMS 3
+#define MOECOMM_LL_SEND_ITEMS 2
 #endif
 #ifndef MOECOMM_LL_SEND_ROWS
-#define MOECOMM_LL_SEND_ROWS 4
+#define MOECOMM_LL_SEND_ROWS 8
 #endif
 constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
