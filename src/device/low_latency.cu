@@ -40,6 +40,9 @@ constexpr int kThreads = kLowLatencyThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr uint32_t kDecidedPresent = 1;
+// A sent flag with this bit: the sender has the receiver masked and sent it nothing for this
+// operation, so the receiver treats the sender as absent at once instead of timing out.
+constexpr uint64_t kAbsentBit = 1ull << 63;
 constexpr uint32_t kDecidedAbsent = 2;
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per kernel (kLlKernel*) and block,
@@ -96,14 +99,16 @@ __device__ void maskRank(const LowLatencyParams& p, int rank) {
   __threadfence_system();
 }
 
-// One thread: spins until *flag == target. A larger value (the peer moved on), a timeout, or
-// the peer being masked meanwhile (by another block) returns false; the caller masks.
+// One thread: spins until *flag == target. The target with kAbsentBit (the peer has this rank
+// masked), a larger value (the peer moved on), a timeout, or the peer being masked meanwhile
+// (by another block) returns false; the caller masks. An older operation's flag, with or
+// without the bit, is waited past.
 __device__ bool waitExact(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, int peer) {
   const uint64_t start = globalTimerNs();
   for (uint32_t polls = 0;; ++polls) {
     const uint64_t value = loadAcquireSys(flag);
     if (value == target) return true;
-    if (value > target) return false;
+    if ((value & ~kAbsentBit) >= target) return false;
     if ((polls & 63u) == 63u) {
       if (loadVolatile(&p.state->rankMask[peer]) != 0) return false;
       // One last look after the budget, so a flag that arrived meanwhile still counts.
@@ -183,12 +188,16 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
 }
 
 // Every block at the end of its send half: its flag on every target (after all of the block's
-// stores), and the slot's sequence from the last block (every block read it on entry).
+// stores), the flag with kAbsentBit on every other rank (masked: it gets nothing and must not
+// wait for this rank until its timeout), and the slot's sequence from the last block (every
+// block read it on entry).
 __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
   __syncthreads();
   const int r = threadIdx.x;
-  if (r < p.numRanks && ((targets >> r) & 1u) != 0) {
-    storeReleaseSys(sentFlags(p, r, p.rank) + blockIdx.x, sequence);
+  if (r < p.numRanks) {
+    const bool target = ((targets >> r) & 1u) != 0;
+    if (target || r != p.rank)
+      storeReleaseSys(sentFlags(p, r, p.rank) + blockIdx.x, target ? sequence : sequence | kAbsentBit);
   }
   if (threadIdx.x == 0) {
     unsigned int* counter = &p.state->blocksDone[p.slot];

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -77,7 +78,7 @@ class EpCudaLowLatency : public ::testing::Test {
   std::string RunCase(const LlCase& c, uint64_t seed);
   std::string RunDoubleBuffered(uint64_t seed);
   std::string RunGraph(uint64_t seed, bool hook, int replays, bool perRank = false);
-  std::string RunMasked(uint64_t seed, bool perRank = false);
+  std::string RunMasked(uint64_t seed, bool perRank = false, bool oneSided = false);
   std::string RunSilentRank(uint64_t seed);
   std::string RunAbandoned(uint64_t seed);
 
@@ -356,27 +357,38 @@ std::string EpCudaLowLatency::RunGraph(uint64_t seed, bool hook, int replays, bo
 
 // moecommEpSetRankMask: every rank masks the last one, which masks everybody. The others'
 // results then leave it out; after moecommEpClearRankMask everything is back.
-std::string EpCudaLowLatency::RunMasked(uint64_t seed, bool perRank) {
+// oneSided: only rank 0 masks the last rank; the last rank learns it from the flags of rank 0's
+// first send half (they say "absent") and masks rank 0 at once, without waiting for
+// MOECOMM_LL_TIMEOUT (20 s here; the masked round must take far less), so the effective masks
+// are symmetric between those two and the middle ranks mask nobody.
+std::string EpCudaLowLatency::RunMasked(uint64_t seed, bool perRank, bool oneSided) {
   const ref::EpShape shape = MakeShape(nranks_, 32, 4096, 8, 128);
   const DispatchFlags f{true, false, true, perRank};
   const int R = nranks_;
   const int L = shape.expertsPerRank();
   const int last = R - 1;
-  std::vector<int> masksAll(R * R, 0);
+  std::vector<int> masksAll(R * R, 0);  // the masks in effect during the masked round
+  std::vector<int> setMask(R, 0);       // what this rank passes to moecommEpSetRankMask
   for (int r = 0; r < R; ++r) {
-    for (int s = 0; s < R; ++s) masksAll[r * R + s] = (r == last) != (s == last) ? 1 : 0;
+    for (int s = 0; s < R; ++s) {
+      masksAll[r * R + s] =
+          oneSided ? ((r == 0 && s == last) || (r == last && s == 0) ? 1 : 0) : ((r == last) != (s == last) ? 1 : 0);
+    }
   }
   const int* myMask = masksAll.data() + rank_ * R;
+  for (int s = 0; s < R; ++s) setMask[s] = oneSided ? (rank_ == 0 && s == last ? 1 : 0) : myMask[s];
+  ScopedEnv timeout("MOECOMM_LL_TIMEOUT", "20000");  // read by moecommEpCreate
   moecommEp_t ep = nullptr;
   LL_CALL(CreateEp(shape, &ep));
   std::string why;
-  if (moecommEpSetRankMask(ep, myMask) != moecommSuccess)
+  if (moecommEpSetRankMask(ep, setMask.data()) != moecommSuccess)
     why = std::string("SetRankMask: ") + moecommGetLastError(comm_);
   std::vector<int> got(R, -1);
-  if (why.empty() &&
-      (moecommEpGetRankMask(ep, got.data()) != moecommSuccess || !std::equal(got.begin(), got.end(), myMask))) {
+  if (why.empty() && (moecommEpGetRankMask(ep, got.data()) != moecommSuccess ||
+                      !std::equal(got.begin(), got.end(), setMask.begin()))) {
     why = "GetRankMask does not return the mask just set";
   }
+  const auto started = std::chrono::steady_clock::now();
   DeviceInputs in;
   in.Allocate(shape);
   DeviceDispatchOut out;
@@ -415,9 +427,13 @@ std::string EpCudaLowLatency::RunMasked(uint64_t seed, bool perRank) {
     cudaFree(combined);
     moecommEpHandleDestroy(handle);
     if (why.empty() && masked) {
-      // Nobody timed out: the mask is still exactly what was set. Then clear it.
+      // Nobody timed out: the mask is exactly the one in effect (one-sided: the last rank now
+      // masks rank 0 too), and the round took far less than the timeout. Then clear it.
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
       if (moecommEpGetRankMask(ep, got.data()) != moecommSuccess || !std::equal(got.begin(), got.end(), myMask)) {
-        why = "GetRankMask changed during masked operations";
+        why = "GetRankMask after the masked round is not the mask in effect";
+      } else if (seconds > 10.0) {
+        why = "the masked round took " + std::to_string(seconds) + " s: a rank waited for MOECOMM_LL_TIMEOUT";
       } else if (moecommEpClearRankMask(ep) != moecommSuccess) {
         why = std::string("ClearRankMask: ") + moecommGetLastError(comm_);
       }
@@ -625,6 +641,7 @@ TEST_F(EpCudaLowLatency, RankMask) {
   int failures = 0;
   Report("mask", "set / clear", RunMasked(BaseSeed() + 303), &failures);
   Report("mask", "set / clear, per-rank combine", RunMasked(BaseSeed() + 304, true), &failures);
+  Report("mask", "one-sided (only rank 0 masks the last rank)", RunMasked(BaseSeed() + 305, false, true), &failures);
   EXPECT_EQ(failures, 0);
 }
 
