@@ -38,6 +38,16 @@ struct LowLatencyBuffers {
     args.recvCount = count.data();
     args.recvSrcInfo = srcInfo.data();
   }
+  // Combine arguments for this dispatch's handle: expert outputs y, output out, the dispatch's
+  // ids and weights.
+  moecommEpLowLatencyCombineArgs_t combineArgs(const void* y, void* out) const {
+    moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
+    combine.x = y;
+    combine.topkIdx = ids.data();
+    combine.topkWeights = weights.data();
+    combine.out = out;
+    return combine;
+  }
 };
 
 TEST_F(EpApiLowLatency, LowLatencyOneRankMatchesReference) {
@@ -65,11 +75,7 @@ TEST_F(EpApiLowLatency, LowLatencyOneRankMatchesReference) {
         y[(le * 4 + slot) * 128 + h] = bf16(static_cast<float>(le * 10 + slot) + h / 128.0f);
     }
   }
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
-  combine.topkIdx = ll.ids.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = out.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), out.data());
   ASSERT_OK(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr));
   for (int h = 0; h < 128; ++h) {
     const float y31 = 31.0f + h / 128.0f, y30 = 30.0f + h / 128.0f, y10 = 10.0f + h / 128.0f;
@@ -196,11 +202,7 @@ TEST_F(EpApiLowLatency, LowLatencyCombineBeforeComplete) {
   ll.args.flags = MOECOMM_LL_SEND_ONLY;
   ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
   std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
-  combine.topkIdx = ll.ids.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = out.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), out.data());
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidUsage);
   ASSERT_OK(moecommEpComplete(ep, ll.handle, nullptr));
   ASSERT_OK(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr));
@@ -221,11 +223,8 @@ TEST_F(EpApiLowLatency, LowLatencyCombineTopkMismatch) {
   std::vector<int64_t> other = ll.ids;
   other[0] = 4;
   std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), out.data());
   combine.topkIdx = other.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = out.data();
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
 }
 
@@ -234,11 +233,7 @@ TEST_F(EpApiLowLatency, LowLatencyCombineUnknownFlags) {
   LowLatencyBuffers ll;
   ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
   std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
-  combine.topkIdx = ll.ids.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = out.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), out.data());
   combine.flags = MOECOMM_LL_UE8M0;
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
 }
@@ -248,10 +243,7 @@ TEST_F(EpApiLowLatency, ZeroCopyNeedsTheBuffer) {
   LowLatencyBuffers ll;
   ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
   std::vector<uint16_t> out(3 * 128);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.topkIdx = ll.ids.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = out.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(nullptr, out.data());
   combine.flags = MOECOMM_LL_ZERO_COPY;
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidUsage);
   EXPECT_FAILS(moecommEpLowLatencyCombineBuffer(ep, nullptr), moecommInvalidArgument);
@@ -268,11 +260,7 @@ TEST_F(EpApiLowLatency, ZeroCopyCombineMatchesCopyingCombine) {
   for (size_t i = 0; i < y.size(); ++i) y[i] = bf16(static_cast<float>(i % 17) - 3.0f);
   std::memcpy(buffer, y.data(), y.size() * sizeof(uint16_t));
   std::vector<uint16_t> copied(3 * 128), zeroCopy(3 * 128);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
-  combine.topkIdx = ll.ids.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = copied.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), copied.data());
   ASSERT_OK(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr));
   combine.x = nullptr;
   combine.flags = MOECOMM_LL_ZERO_COPY;
@@ -333,11 +321,7 @@ TEST_F(EpApiLowLatency, PerRankCombineRejectsCombineWeights) {
   ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
   std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
   for (size_t i = 0; i < y.size(); ++i) y[i] = bf16(static_cast<float>(i % 23) * 0.125f - 1.0f);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
-  combine.topkIdx = ll.ids.data();
-  combine.topkWeights = ll.weights.data();
-  combine.out = out.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), out.data());
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
   EXPECT_ERROR_MENTIONS("topkWeights must be NULL", "MOECOMM_LL_PER_RANK_COMBINE");
   combine.topkWeights = nullptr;
@@ -361,10 +345,8 @@ TEST_F(EpApiLowLatency, CombineWithoutWeightsOnNormalHandle) {
   LowLatencyBuffers ll;
   ASSERT_OK(moecommEpLowLatencyDispatch(ep, &ll.args, &ll.handle, nullptr));
   std::vector<uint16_t> y(8 * 4 * 128), out(3 * 128);
-  moecommEpLowLatencyCombineArgs_t combine = MOECOMM_EP_LL_COMBINE_ARGS_INIT;
-  combine.x = y.data();
-  combine.topkIdx = ll.ids.data();
-  combine.out = out.data();
+  moecommEpLowLatencyCombineArgs_t combine = ll.combineArgs(y.data(), out.data());
+  combine.topkWeights = nullptr;
   EXPECT_FAILS(moecommEpLowLatencyCombine(ep, &combine, ll.handle, nullptr), moecommInvalidArgument);
   EXPECT_ERROR_MENTIONS("topkWeights is NULL");
   combine.topkWeights = ll.weights.data();
