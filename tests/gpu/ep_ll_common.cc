@@ -231,8 +231,9 @@ std::string AsyncError(moecommComm_t comm) {
   return async == moecommSuccess ? "" : std::string("async error ") + moecommGetErrorString(async);
 }
 
-moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep) {
+moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep, int numSms) {
   moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numSms = numSms;
   config.numExperts = shape.numExperts;
   config.hidden = shape.hidden;
   config.maxTokensPerRank = shape.maxTokensPerRank;

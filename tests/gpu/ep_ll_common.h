@@ -156,8 +156,9 @@ std::string CompareDispatch(const std::string& tag, const ExpectedDispatch& want
                             const DispatchFlags& f, bool srcInfo, bool cumulative);
 // "" or "async error <name>" from moecommCommGetAsyncError.
 std::string AsyncError(moecommComm_t comm);
-// A low-latency EP of `shape` on comm (the other config fields at their defaults).
-moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep);
+// A low-latency EP of `shape` on comm with SM budget numSms (0: the default; the other config
+// fields at their defaults).
+moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep, int numSms = 0);
 // Runs moecommEpLowLatencyCombine(args) on stream, waits for it and compares every element of
 // args.out (a device buffer of want.size() BF16 values, poisoned by the caller) with want.
 // "" when all matches, else why, prefixed by tag.

@@ -42,11 +42,13 @@ struct LlCase {
   bool sendOnly;
   bool zeroCopy;
   bool perRank = false;
+  int numSms = 0;  // the EP's SM budget (the kernels' grid); 0: the default
   std::string Name() const {
     char text[200];
-    std::snprintf(text, sizeof(text), "H%d_T%d_K%d_E%d_%s%s%s_%s%s%s%s", hidden, tokens, topk, experts,
+    std::snprintf(text, sizeof(text), "H%d_T%d_K%d_E%d_%s%s%s_%s%s%s%s%s", hidden, tokens, topk, experts,
                   fp8 ? "fp8" : "bf16", roundScale ? "_round" : "", ue8m0 ? "_ue8m0" : "", idx64 ? "i64" : "i32",
-                  sendOnly ? "_sendonly" : "", zeroCopy ? "_zerocopy" : "", perRank ? "_perrank" : "");
+                  sendOnly ? "_sendonly" : "", zeroCopy ? "_zerocopy" : "", perRank ? "_perrank" : "",
+                  numSms > 0 ? ("_sm" + std::to_string(numSms)).c_str() : "");
     return text;
   }
 };
@@ -106,7 +108,7 @@ std::string EpCudaLowLatency::RunCase(const LlCase& c, uint64_t seed) {
   const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, nullptr, f, cumulativeBefore);
 
   moecommEp_t ep = nullptr;
-  LL_CALL(CreateEp(shape, &ep));
+  LL_CALL(CreateLowLatencyEp(comm_, shape, &ep, c.numSms));
   DeviceInputs in;
   in.Allocate(shape);
   in.Load(mine, c.idx64, stream_);
@@ -605,6 +607,10 @@ TEST_F(EpCudaLowLatency, MatchesHostReference) {
       {4096, 16, 8, 32, false, false, false, true, true, false, true},
       {2048, 1, 1, 32, true, false, false, false, false, false, true},
       {2048, 256, 16, 32, false, false, false, true, false, true, true},
+      // One block: the senders' lists span several windows of (expert, chunk) items and the
+      // receive copies thousands of rows in batches.
+      {2048, 256, 8, 128, true, false, false, true, false, false, false, 1},
+      {2048, 256, 8, 128, false, false, false, false, true, false, true, 1},
   };
   const uint64_t seed = BaseSeed();
   int failures = 0;
