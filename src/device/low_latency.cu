@@ -7,9 +7,12 @@
 //                     16-byte stores into the staging of every rank that holds one of its
 //                     experts ([source][token] rows: once per rank, not once per expert), plus
 //                     this rank's expert ids and T into every rank.
-//   dispatch receive  per local expert, find the tokens that select it (source ascending,
-//                     token ascending, a warp ballot scan) and copy their rows into the
-//                     caller's expert-major output; keep the routing for the combine.
+//                     The sender also writes, per expert of each target, the list of its
+//                     tokens that select it and their count.
+//   dispatch receive  read every (local expert, source) count, scan them, and copy an even
+//                     share of the rows per block (sources ascending per expert, tokens
+//                     ascending per source, from the lists) into the caller's expert-major
+//                     output; keep the routing for the combine.
 //   combine send      every received row goes back to its token's rank, into [t][k] of its
 //                     staging (k = the first entry naming the expert), with a sequence marker.
 //   combine receive   per token, acc = fmaf(w_k, y_k, acc) over k ascending from the marked
@@ -99,42 +102,69 @@ __device__ void maskRank(const LowLatencyParams& p, int rank) {
   __threadfence_system();
 }
 
-// One thread: spins until *flag == target. The target with kAbsentBit (the peer has this rank
-// masked), a larger value (the peer moved on), a timeout, or the peer being masked meanwhile
-// (by another block) returns false; the caller masks. An older operation's flag, with or
-// without the bit, is waited past.
-__device__ bool waitExact(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, int peer) {
+// A sent flag with this bit: the sender's call failed on its own rank before it sent anything
+// (bad arguments, a failed launch); it consumed the operation all the same, so the receivers
+// treat it as absent without masking it and report moecommRemoteError.
+constexpr uint64_t kFailedBit = 1ull << 62;
+constexpr uint64_t kFlagBits = kAbsentBit | kFailedBit;
+constexpr int kErrorRemote = 6;  // moecommRemoteError
+
+// What a wait for one flag found.
+enum FlagState : int { kFlagArrived = 0, kFlagMissing = 1, kFlagFailed = 2 };
+
+// One thread: spins until *flag == target (arrived). The target with kFailedBit is a failed
+// call (kFlagFailed); the target with kAbsentBit (the peer has this rank masked), a larger
+// value (the peer moved on), a timeout, or the peer being masked meanwhile (by another block)
+// is missing, and the caller masks. With laterCounts a larger value counts as arrived: the
+// caller knows the operation's data arrived (another block saw all of its flags) and a later
+// flag can only be one that does not write data here (a sender that masked this rank). An
+// older operation's flag is waited past. After the budget the flag gets one last look.
+__device__ int waitFlag(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, int peer,
+                        bool laterCounts = false) {
   const uint64_t start = globalTimerNs();
+  bool lastLook = false;
   for (uint32_t polls = 0;; ++polls) {
     const uint64_t value = loadAcquireSys(flag);
-    if (value == target) return true;
-    if ((value & ~kAbsentBit) >= target) return false;
+    if (value == target) return kFlagArrived;
+    if (value == (target | kFailedBit)) return kFlagFailed;
+    if ((value & ~kFlagBits) > target && laterCounts) return kFlagArrived;
+    if ((value & ~kFlagBits) >= target || lastLook) return kFlagMissing;
     if ((polls & 63u) == 63u) {
-      if (loadVolatile(&p.state->rankMask[peer]) != 0) return false;
-      // One last look after the budget, so a flag that arrived meanwhile still counts.
-      if (globalTimerNs() - start > p.timeoutNs) return loadAcquireSys(flag) == target;
+      if (loadVolatile(&p.state->rankMask[peer]) != 0) return kFlagMissing;
+      lastLook = globalTimerNs() - start > p.timeoutNs;
     }
   }
 }
 
+// What a block's wait for every rank's flags found: the ranks whose B flags all arrived, and
+// those with a flag of a failed call.
+struct RanksWaited {
+  uint32_t arrived;
+  uint32_t failed;
+};
+
 // The whole block: waits for flags[r][0..B) == target for every rank r that is not masked
-// (flagsOf(r) gives the array). Returns the ranks whose B flags all arrived.
+// (flagsOf(r) gives the array).
 template <typename FlagsOf>
-__device__ uint32_t waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf) {
+__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf) {
   const uint32_t ranks = allRanks(p.numRanks);
+  __shared__ uint32_t missing;
   __shared__ uint32_t failed;
-  if (threadIdx.x == 0) failed = 0;
+  if (threadIdx.x == 0) {
+    missing = 0;
+    failed = 0;
+  }
   __syncthreads();
   const int B = p.numBlocks;
   for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x) {
     const int r = i / B;
     if (((ranks >> r) & 1u) == 0) continue;
-    if (loadVolatile(&p.state->rankMask[r]) != 0 || !waitExact(p, flagsOf(r) + i % B, target, r)) {
-      atomicOr(&failed, 1u << r);
-    }
+    const int state =
+        loadVolatile(&p.state->rankMask[r]) != 0 ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r);
+    if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
   }
   __syncthreads();
-  return ranks & ~failed;
+  return RanksWaited{ranks & ~missing & ~failed, failed & ~missing};
 }
 
 // Threads 0..R-1: masks every rank outside `ready` that is not masked yet.
@@ -147,21 +177,23 @@ __device__ void maskAllBut(const LowLatencyParams& p, uint32_t ready) {
 // of whose blocks finished reading what the previous operation on this slot put there. Ranks
 // that fail are masked; the others will see this block's flag missing and mask this rank.
 __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
-  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, p.rank, r); });
+  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, p.rank, r); }).arrived;
   maskAllBut(p, ready);
   return ready;
 }
 
 // Every block, on entry to a receive half: the sources whose send half arrived, the same set
-// in every block of the grid (the first block to decide on a source wins).
+// in every block of the grid (the first block to decide on a source wins). A source decided
+// absent is masked, unless this block saw its failed-call flag: then the operation reports
+// moecommRemoteError (through the async error) and the source stays unmasked.
 __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ uint32_t present;
-  const uint32_t arrived = waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  const RanksWaited waited = waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
   if (threadIdx.x == 0) present = 0;
   __syncthreads();
   const int s = threadIdx.x;
   if (s < p.numRanks) {
-    bool mine = ((arrived >> s) & 1u) != 0;
+    bool mine = ((waited.arrived >> s) & 1u) != 0;
     unsigned long long* word = &p.state->decision[p.slot][s];
     const unsigned long long proposal = (sequence << 2) | (mine ? kDecidedPresent : kDecidedAbsent);
     unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word);
@@ -175,13 +207,20 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
     }
     const bool decided = (seen & 3u) == kDecidedPresent;
     if (decided && !mine) {
-      // Another block saw all of s's flags; they stay until this operation is released, so
-      // they are there for this block too (a late look, bounded like every wait).
+      // Another block saw all of s's flags, so s's data is here and stays until this
+      // operation is released; a flag of s may have been overwritten since by one that writes
+      // no data here (s masked this rank later): laterCounts. Bounded like every wait.
       mine = true;
-      for (int j = 0; j < p.numBlocks && mine; ++j) mine = waitExact(p, sentFlags(p, p.rank, s) + j, sequence, s);
+      for (int j = 0; j < p.numBlocks && mine; ++j) {
+        mine = waitFlag(p, sentFlags(p, p.rank, s) + j, sequence, s, true) == kFlagArrived;
+      }
     }
     if (decided && mine) atomicOr(&present, 1u << s);
-    if (!decided && loadVolatile(&p.state->rankMask[s]) == 0) maskRank(p, s);
+    if (!decided && ((waited.failed >> s) & 1u) != 0) {
+      atomicCAS(p.hostError, 0, kErrorRemote);
+    } else if (!decided && loadVolatile(&p.state->rankMask[s]) == 0) {
+      maskRank(p, s);
+    }
   }
   __syncthreads();
   return present;
@@ -496,10 +535,9 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
 }
 
 // ---- Dispatch receive ---------------------------------------------------------------------
-// A warp per local expert lists its rows (sources ascending, tokens ascending: a ballot scan
-// over the ids, from shared memory when they fit); then the block copies the rows of all its
-// experts at once, flat over (row, 16-byte chunk, then scale) with several loads in flight
-// per thread.
+// Every block scans the (expert, source) counts, takes a contiguous share of the rows, finds
+// each row's list entry, then copies its rows flat over (row, 16-byte chunk, then scale) with
+// several loads in flight per thread.
 
 constexpr int kCopyUnroll = 8;
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
@@ -562,7 +600,7 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
     const int s = i / perSource;
     if (i - s * perSource >= sourceTokens[s] * K) continue;
     p.routing.weights[i] = __ldcg(weights + i);
-    const int expert = ids[i];
+    const int expert = __ldcg(ids + i);
     if (expert < firstLocal || expert >= firstLocal + p.localExperts) p.routing.rowOf[i] = -1;
   }
 }
@@ -644,7 +682,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       const int le = lo / R;
       const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
       const int t = min(entry >> 5, p.maxTokens - 1);
-      const int firstK = entry & 31;
+      const int firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
       const int id = le * slotsPerExpert + g - itemStart[le * R];
       const int info = s * p.maxTokens + t;
       p.routing.srcInfo[id] = info;
@@ -784,21 +822,21 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
 // rowCounts[i], or j < J when rowCounts is null; nullptr rows are skipped; weights[i * J + j]),
 // stores bf16(acc) with acc = fmaf(weight, row, acc) over j ascending from +0.0f into target(i)
 // (a BF16 row of H channels, or nullptr for none), flat over (item, 8-channel chunk):
-// kItems chunks per thread at a time, kRows rows of each loaded before any is added, so
-// kItems * kRows loads are in flight.
-template <int kItems, int kRows, typename Target>
+// kChunks chunks per thread at a time, kRows rows of each loaded before any is added, so
+// kChunks * kRows loads are in flight.
+template <int kChunks, int kRows, typename Target>
 __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts, const int4* const* rows,
                            const float* weights, Target target) {
   const int chunks = p.hidden / 8;
   const int total = count * chunks;
-  for (int f0 = threadIdx.x; f0 < total; f0 += kItems * blockDim.x) {
-    float acc[kItems][8];
-    int item[kItems];
-    int c[kItems];
-    int n[kItems];
+  for (int f0 = threadIdx.x; f0 < total; f0 += kChunks * blockDim.x) {
+    float acc[kChunks][8];
+    int item[kChunks];
+    int c[kChunks];
+    int n[kChunks];
     int most = 0;
 #pragma unroll
-    for (int h = 0; h < kItems; ++h) {
+    for (int h = 0; h < kChunks; ++h) {
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
       const int f = f0 + h * blockDim.x;
@@ -808,9 +846,9 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
       most = max(most, n[h]);
     }
     for (int j0 = 0; j0 < most; j0 += kRows) {
-      int4 loaded[kItems][kRows];
+      int4 loaded[kChunks][kRows];
 #pragma unroll
-      for (int h = 0; h < kItems; ++h) {
+      for (int h = 0; h < kChunks; ++h) {
 #pragma unroll
         for (int u = 0; u < kRows; ++u) {
           const int4* row = j0 + u < n[h] ? rows[item[h] * J + j0 + u] : nullptr;
@@ -818,7 +856,7 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
         }
       }
 #pragma unroll
-      for (int h = 0; h < kItems; ++h) {
+      for (int h = 0; h < kChunks; ++h) {
 #pragma unroll
         for (int u = 0; u < kRows; ++u) {
           if (j0 + u >= n[h] || rows[item[h] * J + j0 + u] == nullptr) continue;
@@ -831,7 +869,7 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
       }
     }
 #pragma unroll
-    for (int h = 0; h < kItems; ++h) {
+    for (int h = 0; h < kChunks; ++h) {
       if (f0 + h * static_cast<int>(blockDim.x) >= total) continue;
       int4* to = target(item[h]);
       if (to == nullptr) continue;
@@ -1043,15 +1081,36 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
 }
 
 // Receives nothing but waits like a receive half (every unmasked source's flags of this
-// operation), since a released flag that came before a peer's send half would read as "moved
-// on" there; then releases every block's flag.
-__global__ void __launch_bounds__(kThreads) releaseKernel(const LowLatencyParams p) {
-  const uint64_t sequence = currentSequence(p);
-  maskAllBut(p, waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); }));
+// operation, a failed call's counting), since a released flag that came before a peer's send
+// half would read as "moved on" there; then releases every block's flag. One block.
+__device__ void releaseSlot(const LowLatencyParams& p, uint64_t sequence) {
+  const RanksWaited waited = waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  maskAllBut(p, waited.arrived | waited.failed);
   __syncthreads();
   for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {
     storeReleaseSys(releasedFlags(p, i / p.numBlocks, p.rank) + i % p.numBlocks, sequence);
   }
+}
+
+__global__ void __launch_bounds__(kThreads) releaseKernel(const LowLatencyParams p) {
+  releaseSlot(p, currentSequence(p));
+}
+
+// A call that failed on this rank before its kernel ran: the operation is consumed like a
+// sent one, with every block's sent flag carrying kFailedBit (kAbsentBit for masked ranks),
+// and then released like an abandoned one. One block.
+__global__ void __launch_bounds__(kThreads) failedKernel(const LowLatencyParams p) {
+  const uint64_t sequence = currentSequence(p) + 1;
+  const uint32_t targets = sendTargets(p, sequence);
+  for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {
+    const int r = i / p.numBlocks;
+    const bool target = ((targets >> r) & 1u) != 0;
+    if (target || r != p.rank) {
+      storeReleaseSys(sentFlags(p, r, p.rank) + i % p.numBlocks, sequence | (target ? kFailedBit : kAbsentBit));
+    }
+  }
+  if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;
+  releaseSlot(p, sequence);
 }
 
 }  // namespace
@@ -1083,6 +1142,12 @@ int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   return static_cast<int>(err);
 }
 
+int64_t lowLatencyDispatchStaticSharedBytes() {
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, dispatchKernel) != cudaSuccess) return -1;
+  return static_cast<int64_t>(attributes.sharedSizeBytes);
+}
+
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
   return (static_cast<uint64_t>(params.numRanks) * params.localExperts + 1) * sizeof(int);
 }
@@ -1105,6 +1170,11 @@ int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream)
 
 int launchLowLatencyRelease(const LowLatencyParams& params, CUstream_st* stream) {
   releaseKernel<<<1, kThreads, 0, stream>>>(params);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launchLowLatencyFailed(const LowLatencyParams& params, CUstream_st* stream) {
+  failedKernel<<<1, kThreads, 0, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }
 

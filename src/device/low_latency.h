@@ -151,9 +151,17 @@ int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream)
 // params.slot on every rank without reading anything, so that neither this rank nor its peers
 // time out on the slot.
 int launchLowLatencyRelease(const LowLatencyParams& params, CUstream_st* stream);
+// For a call that failed on this rank before its kernel was launched (bad arguments, a failed
+// launch): consumes operation slotSequence + 1 of params.slot all the same. Its sent flags on
+// every rank say "failed" (the peers treat this rank as absent for the operation, without
+// masking it, and report moecommRemoteError), and once every peer's send half has arrived it
+// releases the slot like launchLowLatencyRelease. One block; bounded waits.
+int launchLowLatencyFailed(const LowLatencyParams& params, CUstream_st* stream);
 // Raises the dispatch kernel's dynamic shared memory limit (needed beyond 48 KiB). Pass the
-// same value every time (the device's opt-in maximum less a margin for static shared memory).
+// same value every time (the device's opt-in maximum less the kernel's static shared memory).
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes);
+// The dispatch kernel's static shared memory in bytes, or -1 (a cudaError_t is then pending).
+int64_t lowLatencyDispatchStaticSharedBytes();
 // Developer timeline of the last call of `kernel` for `blocks` blocks: fills
 // out[blocks][kLowLatencyProfileEvents] with global-timer stamps and returns the event count, or
 // -1 when the library was built without -DMOECOMM_KERNEL_PROFILE.

@@ -139,7 +139,9 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   // (local expert, source).
   int optIn = 0;
   MC_CUDA(cudaDeviceGetAttribute(&optIn, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_));
-  const uint64_t sharedLimit = static_cast<uint64_t>(std::max(0, optIn - 2048));
+  const int64_t staticShared = device::lowLatencyDispatchStaticSharedBytes();
+  if (staticShared < 0) MC_CUDA(cudaGetLastError());
+  const uint64_t sharedLimit = static_cast<uint64_t>(std::max<int64_t>(0, optIn - staticShared));
   const uint64_t dispatchShared =
       std::max(device::lowLatencyDispatchSendSharedBytes(p), device::lowLatencyDispatchRecvSharedBytes(p));
   MC_REQUIRE(dispatchShared <= sharedLimit, moecommNotSupported,
@@ -412,6 +414,7 @@ moecommResult_t CudaLowLatency::finish(moecommEpHandle* handle, moecommStream_t 
     } else {
       setCombineReceive(handle->pendingCombine, *handle, &p);
     }
+    clearStaleError();
     status = isDispatch ? checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch")
                         : checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine");
   }
@@ -440,11 +443,54 @@ moecommResult_t CudaLowLatency::afterSend(moecommEpHandle* handle, EpPendingHalf
 
 // ---- The operations -----------------------------------------------------------------------
 
+void CudaLowLatency::clearStaleError() {
+  const cudaError_t stale = cudaGetLastError();
+  if (stale != cudaSuccess) {
+    MC_WARN(kLogEp,
+            "rank %d: a CUDA error was pending before a low-latency launch (%s: %s), left by earlier work in this "
+            "process; cleared, so the launch reports only its own",
+            ep_->rank, cudaGetErrorName(stale), cudaGetErrorString(stale));
+  }
+}
+
+void CudaLowLatency::consumeFailed(int slot, moecommStream_t stream) {
+  const unsigned long long sequence = ++ep_->lowLatencySequence;
+  DeviceScope scope(device_);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  bool queued = cudaStreamIsCapturing(stream, &capture) == cudaSuccess && capture == cudaStreamCaptureStatusNone;
+  if (queued && releasePending_) {
+    queued = cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(releaseEvent_), 0) == cudaSuccess;
+    releasePending_ = !queued;
+  }
+  if (queued) {
+    clearStaleError();
+    queued = device::launchLowLatencyFailed(callParams(slot, Routing{}), stream) == 0;
+  }
+  if (queued) {
+    MC_INFO(kLogEp, "rank %d: low-latency operation #%llu failed here; its peers are told so (moecommRemoteError)",
+            ep_->rank, sequence);
+  } else {
+    (void)cudaGetLastError();
+    MC_WARN(kLogEp,
+            "rank %d: low-latency operation #%llu failed here and its stream could not carry the failure notice "
+            "(capturing, or unusable); peers will time out on buffer slot %d and mask this rank",
+            ep_->rank, sequence, slot);
+  }
+}
+
 moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t* args, moecommEpHandle_t* handle,
                                          moecommStream_t stream) {
   pollDevice();
   int slot = -1;
   MC_CHECK(acquireLowLatencySlot(*ep_, &slot));
+  bool launched = false;
+  const moecommResult_t status = startDispatch(args, handle, stream, slot, &launched);
+  if (status != moecommSuccess && !launched) consumeFailed(slot, stream);
+  return status;
+}
+
+moecommResult_t CudaLowLatency::startDispatch(const moecommEpLowLatencyDispatchArgs_t* args, moecommEpHandle_t* handle,
+                                              moecommStream_t stream, int slot, bool* launched) {
   MC_CHECK(checkLowLatencyDispatchArgs(*ep_, args, handle));
   DeviceScope scope(device_);
   if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
@@ -465,12 +511,14 @@ moecommResult_t CudaLowLatency::dispatch(const moecommEpLowLatencyDispatchArgs_t
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
   p.phases = phasesOf(sendOnly);
   setDispatchReceive(*args, &p);
-  const moecommResult_t launched = checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch");
-  if (launched != moecommSuccess) {
+  clearStaleError();
+  const moecommResult_t status = checkLaunch(device::launchLowLatencyDispatch(p, stream), "launchLowLatencyDispatch");
+  if (status != moecommSuccess) {
     const std::string text = lastErrorText();
     destroyHandle(created);
-    return setError(launched, "%s", text.c_str());
+    return setError(status, "%s", text.c_str());
   }
+  *launched = true;
   created->pendingDispatch = *args;
   *handle = created;
   return afterSend(created, EpPendingHalf::kLowLatencyDispatch, slot, sendOnly, stream);
@@ -481,6 +529,14 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
   pollDevice();
   int slot = -1;
   MC_CHECK(acquireLowLatencySlot(*ep_, &slot));
+  bool launched = false;
+  const moecommResult_t status = startCombine(args, handle, stream, slot, &launched);
+  if (status != moecommSuccess && !launched) consumeFailed(slot, stream);
+  return status;
+}
+
+moecommResult_t CudaLowLatency::startCombine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
+                                             moecommStream_t stream, int slot, bool* launched) {
   // The zero-copy buffer is device memory here, which the shared check (written for the host
   // backend's buffer) cannot recognise: check it first, then run the shared checks on
   // arguments that name the buffer as x.
@@ -510,7 +566,9 @@ moecommResult_t CudaLowLatency::combine(const moecommEpLowLatencyCombineArgs_t* 
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;
   p.phases = phasesOf(sendOnly);
   setCombineReceive(*checked, *handle, &p);
+  clearStaleError();
   MC_CHECK(checkLaunch(device::launchLowLatencyCombine(p, stream), "launchLowLatencyCombine"));
+  *launched = true;
   handle->pendingCombine = *checked;
   return afterSend(handle, EpPendingHalf::kLowLatencyCombine, slot, sendOnly, stream);
 }

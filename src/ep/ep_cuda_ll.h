@@ -79,6 +79,19 @@ class CudaLowLatency {
   // handle owns the slot until its receive half is queued, now or by moecommEpComplete.
   moecommResult_t afterSend(moecommEpHandle* handle, EpPendingHalf half, int slot, bool sendOnly,
                             moecommStream_t stream);
+  // dispatch / combine after the slot is taken; *launched once the kernel is queued (the
+  // operation is then consumed on the device).
+  moecommResult_t startDispatch(const moecommEpLowLatencyDispatchArgs_t* args, moecommEpHandle_t* handle,
+                                moecommStream_t stream, int slot, bool* launched);
+  moecommResult_t startCombine(const moecommEpLowLatencyCombineArgs_t* args, moecommEpHandle_t handle,
+                               moecommStream_t stream, int slot, bool* launched);
+  // A call that took `slot` and failed before its kernel was queued: the operation is consumed
+  // anyway, on the host (sequence) and on the device (launchLowLatencyFailed on the stream), so
+  // this rank's next call pairs with its peers' next one and the peers learn of the failure
+  // (moecommRemoteError) instead of timing out. Keeps the caller's error text.
+  void consumeFailed(int slot, moecommStream_t stream);
+  // Clears (with a warning) a CUDA error left pending by earlier work, before a launch.
+  void clearStaleError();
   // Kernel-reported errors and masks since the last call.
   void pollDevice();
   // After a send-only half: remembers where it ends on the stream, for releaseAbandoned.

@@ -154,17 +154,18 @@ std::string CompareBytes(const std::string& what, const void* expected, const vo
                          size_t elemBytes);
 std::string CompareDispatch(const std::string& tag, const ExpectedDispatch& want, const DeviceDispatchOut& got,
                             const DispatchFlags& f, bool srcInfo, bool cumulative);
-// "" or "async error <name>" from moecommCommGetAsyncError.
-std::string AsyncError(moecommComm_t comm);
+// "" or "async error <name>" from moecommCommGetAsyncError; `allowed` also reads as "".
+std::string AsyncError(moecommComm_t comm, moecommResult_t allowed = moecommSuccess);
 // A low-latency EP of `shape` on comm with SM budget numSms (0: the default; the other config
 // fields at their defaults).
 moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep, int numSms = 0);
 // Runs moecommEpLowLatencyCombine(args) on stream, waits for it and compares every element of
 // args.out (a device buffer of want.size() BF16 values, poisoned by the caller) with want.
-// "" when all matches, else why, prefixed by tag.
+// "" when all matches, else why, prefixed by tag. allowedAsync: an async error already raised
+// on comm that is expected (AsyncError's `allowed`).
 std::string CombineAndCompare(moecommComm_t comm, moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t& args,
                               moecommEpHandle_t handle, cudaStream_t stream, const std::vector<uint16_t>& want,
-                              const std::string& tag);
+                              const std::string& tag, moecommResult_t allowedAsync = moecommSuccess);
 
 // The tests' low-latency call arguments over the buffers above.
 moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs& in, bool idx64,
