@@ -9,6 +9,7 @@
 #include "core/comm_init.h"
 #include "core/env.h"
 #include "core/log.h"
+#include "ep/ep.h"
 
 using moecomm::checkCommAlive;
 using moecomm::checkCommUsable;
@@ -214,8 +215,16 @@ MOECOMM_API moecommResult_t moecommCommAbort(moecommComm_t comm) {
 }
 
 MOECOMM_API moecommResult_t moecommCommGetAsyncError(moecommComm_t comm, moecommResult_t* asyncError) {
-  return queryComm(__func__, comm, asyncError, "asyncError",
-                   [](const moecommComm& c) { return static_cast<moecommResult_t>(c.asyncError.load()); });
+  return queryComm(__func__, comm, asyncError, "asyncError", [](moecommComm& c) {
+    // Errors the EPs' kernels recorded since their last call count now, not at the next call.
+    {
+      std::lock_guard<std::mutex> lock(c.mutex);
+      for (moecommEp* ep : c.eps) {
+        if (ep->backend != nullptr) ep->backend->pollAsyncErrors();
+      }
+    }
+    return static_cast<moecommResult_t>(c.asyncError.load());
+  });
 }
 
 MOECOMM_API moecommResult_t moecommCommCount(moecommComm_t comm, int* count) {

@@ -156,6 +156,9 @@ class EpBackend {
   virtual moecommResult_t sourceInfo(moecommEpHandle* handle, int* srcRank, int* srcIndex, int capacity);
   virtual void pullRankMask() {}
   virtual moecommResult_t pushRankMask() { return moecommSuccess; }
+  // moecommCommGetAsyncError, from any thread: raises on the comm the errors the backend's
+  // kernels recorded and no call has collected yet. Must not block or touch call state.
+  virtual void pollAsyncErrors() {}
 };
 
 // ---- Engine entry points (the API layer checks that ep / comm are live first) ----

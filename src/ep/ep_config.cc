@@ -232,9 +232,23 @@ moecommResult_t epCreate(moecommComm* comm, const moecommEpConfig_t* config, moe
   return moecommSuccess;
 }
 
+namespace {
+
+// Takes ep off comm->eps, so moecommCommGetAsyncError (which polls the listed EPs under the
+// comm's mutex) no longer reaches it. Idempotent.
+void unlinkEp(moecommEp* ep) {
+  if (!liveComms().contains(ep->comm)) return;
+  std::lock_guard<std::mutex> lock(ep->comm->mutex);
+  auto& eps = ep->comm->eps;
+  eps.erase(std::remove(eps.begin(), eps.end(), ep), eps.end());
+}
+
+}  // namespace
+
 moecommResult_t epDestroy(moecommEp* ep) {
   // The peers' mappings keep the shared memory alive on their side, so the sync is for
   // agreement, not safety: the EP is freed whatever it returns.
+  unlinkEp(ep);
   const moecommResult_t result = ep->backend->destroy();
   epRelease(ep);
   return result;
@@ -242,11 +256,7 @@ moecommResult_t epDestroy(moecommEp* ep) {
 
 void epRelease(moecommEp* ep) {
   liveEps().remove(ep);
-  if (liveComms().contains(ep->comm)) {
-    std::lock_guard<std::mutex> lock(ep->comm->mutex);
-    auto& eps = ep->comm->eps;
-    eps.erase(std::remove(eps.begin(), eps.end(), ep), eps.end());
-  }
+  unlinkEp(ep);
   std::vector<moecommEpHandle*> handles;
   {
     std::lock_guard<std::mutex> lock(ep->mutex);

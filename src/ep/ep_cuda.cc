@@ -290,6 +290,16 @@ class CudaEpBackend : public EpBackend {
                "this EP was created with moecommEpModeNormal; the zero-copy buffer is a low-latency feature");
     return lowLatency_->combineBuffer(buffer);
   }
+  void pollAsyncErrors() override {
+    // Read-only for the normal mode's word (a call's sync() reads and clears it); the
+    // low-latency word is taken atomically.
+    if (host_ != nullptr) {
+      const int code = host_->error;
+      if (code != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
+      if (host_->badEntry != 0) ep_->comm->raiseAsyncError(moecommInvalidArgument);
+    }
+    if (lowLatency_ != nullptr) lowLatency_->pollAsyncErrors();
+  }
   void pullRankMask() override {
     if (lowLatency_ != nullptr) lowLatency_->pullRankMask();
   }

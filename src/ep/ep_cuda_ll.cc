@@ -383,12 +383,15 @@ moecommResult_t CudaLowLatency::pushRankMask() {
   return moecommSuccess;
 }
 
-void CudaLowLatency::pollDevice() {
+void CudaLowLatency::pollAsyncErrors() {
   if (host_ == nullptr) return;
-  if (host_[0] != 0) {
-    ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(host_[0]));
-    host_[0] = 0;
-  }
+  // Taken and cleared in one step: moecommCommGetAsyncError may run this on another thread.
+  const int code = __atomic_exchange_n(const_cast<int*>(host_), 0, __ATOMIC_ACQ_REL);
+  if (code != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
+}
+
+void CudaLowLatency::pollDevice() {
+  pollAsyncErrors();
   pullRankMask();
 }
 

@@ -49,6 +49,9 @@ class CudaLowLatency {
 
   // A handle is being freed: its routing arrays go back to the pool.
   void forgetHandle(moecommEpHandle* handle);
+  // Errors the kernels recorded (bad ids, a peer's failed call) onto the comm's async error;
+  // safe on any thread (moecommCommGetAsyncError).
+  void pollAsyncErrors();
   // Ranks the kernels masked by themselves (timeouts) into ep->rankMask.
   void pullRankMask();
   // ep->rankMask (just set by the caller) onto the device.
