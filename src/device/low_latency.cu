@@ -74,6 +74,12 @@ __device__ __forceinline__ uint64_t* sentFlags(const LowLatencyParams& p, int ow
          (static_cast<uint64_t>(p.slot) * p.numRanks + source) * p.numBlocks;
 }
 
+// listed[slot][source][0..B) in owner's buffer (a dispatch's lists, before its rows).
+__device__ __forceinline__ uint64_t* listedFlags(const LowLatencyParams& p, int owner, int source) {
+  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.listedOffset) +
+         (static_cast<uint64_t>(p.slot) * p.numRanks + source) * p.numBlocks;
+}
+
 // released[slot][reader][0..B) in owner's buffer.
 __device__ __forceinline__ uint64_t* releasedFlags(const LowLatencyParams& p, int owner, int reader) {
   return reinterpret_cast<uint64_t*>(p.peers[owner] + p.releasedOffset) +
@@ -107,7 +113,8 @@ __device__ void maskRank(const LowLatencyParams& p, int rank) {
 // treat it as absent without masking it and report moecommRemoteError.
 constexpr uint64_t kFailedBit = 1ull << 62;
 constexpr uint64_t kFlagBits = kAbsentBit | kFailedBit;
-constexpr int kErrorRemote = 6;  // moecommRemoteError
+constexpr int kErrorRemote = 6;   // moecommRemoteError
+constexpr int kErrorTimeout = 8;  // moecommTimeout
 
 // What a wait for one flag found.
 enum FlagState : int { kFlagArrived = 0, kFlagMissing = 1, kFlagFailed = 2 };
@@ -143,11 +150,11 @@ struct RanksWaited {
   uint32_t failed;
 };
 
-// The whole block: waits for flags[r][0..B) == target for every rank r that is not masked
-// (flagsOf(r) gives the array).
+// The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` (default:
+// all) that is not masked (flagsOf(r) gives the array).
 template <typename FlagsOf>
-__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf) {
-  const uint32_t ranks = allRanks(p.numRanks);
+__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u) {
+  ranks &= allRanks(p.numRanks);
   __shared__ uint32_t missing;
   __shared__ uint32_t failed;
   if (threadIdx.x == 0) {
@@ -186,9 +193,11 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
 // in every block of the grid (the first block to decide on a source wins). A source decided
 // absent is masked, unless this block saw its failed-call flag: then the operation reports
 // moecommRemoteError (through the async error) and the source stays unmasked.
-__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
+// flagsOf(s): the flags that say s's part is here (sent flags; a dispatch's listed flags).
+template <typename FlagsOf>
+__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf) {
   __shared__ uint32_t present;
-  const RanksWaited waited = waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  const RanksWaited waited = waitAll(p, sequence, flagsOf);
   if (threadIdx.x == 0) present = 0;
   __syncthreads();
   const int s = threadIdx.x;
@@ -212,7 +221,7 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
       // no data here (s masked this rank later): laterCounts. Bounded like every wait.
       mine = true;
       for (int j = 0; j < p.numBlocks && mine; ++j) {
-        mine = waitFlag(p, sentFlags(p, p.rank, s) + j, sequence, s, true) == kFlagArrived;
+        mine = waitFlag(p, flagsOf(s) + j, sequence, s, true) == kFlagArrived;
       }
     }
     if (decided && mine) atomicOr(&present, 1u << s);
@@ -230,14 +239,20 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence) {
 // stores), the flag with kAbsentBit on every other rank (masked: it gets nothing and must not
 // wait for this rank until its timeout), and the slot's sequence from the last block (every
 // block read it on entry).
-__device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
-  __syncthreads();
+// Threads 0..R-1, after a barrier: this block's flag in flagsOf(r) on every target, with
+// kAbsentBit on every other rank.
+template <typename FlagsOf>
+__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, FlagsOf flagsOf) {
   const int r = threadIdx.x;
   if (r < p.numRanks) {
     const bool target = ((targets >> r) & 1u) != 0;
-    if (target || r != p.rank)
-      storeReleaseSys(sentFlags(p, r, p.rank) + blockIdx.x, target ? sequence : sequence | kAbsentBit);
+    if (target || r != p.rank) storeReleaseSys(flagsOf(r) + blockIdx.x, target ? sequence : sequence | kAbsentBit);
   }
+}
+
+__device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
+  __syncthreads();
+  signalTargets(p, targets, sequence, [&](int r) { return sentFlags(p, r, p.rank); });
   if (threadIdx.x == 0) {
     unsigned int* counter = &p.state->blocksDone[p.slot];
     if (atomicAdd(counter, 1u) == gridDim.x - 1) {
@@ -521,7 +536,11 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
       reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
+  // The lists (and with them the T, ids and weights above) go out first, under the listed
+  // flags: receivers place the rows while the rows are cast and in flight.
+  sendLists(p, targets);
   __syncthreads();
+  signalTargets(p, targets, sequence, [&](int r) { return listedFlags(p, r, p.rank); });
   MC_LL_PROFILE(kLlKernelDispatch, 2);
   if (p.fp8) {
     sendFp8Rows(p, tokenRanks, targets);
@@ -529,7 +548,6 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
     sendBf16Rows(p, tokenRanks, targets);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
-  sendLists(p, targets);
   finishSend(p, targets, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 4);
 }
@@ -605,6 +623,19 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
   }
 }
 
+// The whole block, before it copies any row: every present source's sent flags (its rows are
+// here). A source that sent its lists but not its rows within the budget (it died in between)
+// is masked and the call reports moecommTimeout: its rows in recvX are not valid.
+__device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t sources) {
+  const RanksWaited rows = waitAll(
+      p, sequence, [&](int r) { return sentFlags(p, p.rank, r); }, sources);
+  const int s = threadIdx.x;
+  if (s < p.numRanks && ((sources >> s) & 1u) != 0 && ((rows.arrived >> s) & 1u) == 0) {
+    atomicCAS(p.hostError, 0, kErrorTimeout);
+    if (loadVolatile(&p.state->rankMask[s]) == 0) maskRank(p, s);
+  }
+}
+
 // The receive half of a dispatch. The rows of local expert le are its sources' lists, sources
 // ascending (each list ascending in token): item (le, s) = le * R + s. Every block reads every
 // item's count (one round trip) and scans them in shared memory, so the grid shares the rows
@@ -620,7 +651,8 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int L = p.localExperts;
   const int items = R * L;
   const int slotsPerExpert = R * p.maxTokens;
-  const uint32_t sources = agreeSources(p, sequence);
+  // Agreed on the listed flags: everything but the rows is here.
+  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return listedFlags(p, p.rank, r); });
   MC_LL_PROFILE(kLlKernelDispatch, 5);
   const uint8_t* mine = slotBase(p, p.rank);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
@@ -703,6 +735,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     if (!profiled) {
       MC_LL_PROFILE(kLlKernelDispatch, 7);
       profiled = true;
+      waitRows(p, sequence, sources);
     }
     copyBatch(p, batch, batchFrom, batchId);
     __syncthreads();
@@ -1014,7 +1047,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
     if (!p.perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
   if (myTokens > 0) loadRound(0);
-  const uint32_t sources = agreeSources(p, sequence);
+  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
   MC_LL_PROFILE(kLlKernelCombine, 5);
   const uint8_t* mine = slotBase(p, p.rank);
   const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
@@ -1106,7 +1139,10 @@ __global__ void __launch_bounds__(kThreads) failedKernel(const LowLatencyParams 
     const int r = i / p.numBlocks;
     const bool target = ((targets >> r) & 1u) != 0;
     if (target || r != p.rank) {
-      storeReleaseSys(sentFlags(p, r, p.rank) + i % p.numBlocks, sequence | (target ? kFailedBit : kAbsentBit));
+      // Both kinds: a dispatch's receivers agree on the listed flags, a combine's on the sent.
+      const uint64_t value = sequence | (target ? kFailedBit : kAbsentBit);
+      storeReleaseSys(listedFlags(p, r, p.rank) + i % p.numBlocks, value);
+      storeReleaseSys(sentFlags(p, r, p.rank) + i % p.numBlocks, value);
     }
   }
   if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;

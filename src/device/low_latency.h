@@ -9,6 +9,9 @@
 //   released  uint64 [2 slots][R reader][B]: block b of rank d release-stores the sequence
 //             whose receive half it finished into released[slot][d][b] of every rank: once all
 //             B flags of d hold it, d's slot may be rewritten;
+//   listed    uint64 [2 slots][R source][B]: like sent, for a dispatch's first part only (T,
+//             counts, lists, ids and weights: everything but the rows), stored before the
+//             block sends its rows, so receivers place rows while the rows are in flight;
 //   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
 //             tokens  int [R source]: T of each source;
 //             counts  int [R source][E_local]: how many of the source's tokens select each
@@ -96,6 +99,7 @@ struct LowLatencyParams {
   uint8_t* peers[kLowLatencyMaxRanks];  // every rank's buffer as mapped here
   uint64_t sentOffset;
   uint64_t releasedOffset;
+  uint64_t listedOffset;
   uint64_t slotOffset;
   uint64_t slotBytes;
   uint64_t tokensOffset;  // inside a slot
