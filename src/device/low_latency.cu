@@ -562,7 +562,14 @@ constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
+// Developer experiment only (wrong results): -DMOECOMM_LL_COPY_VARIANT=1 skips the copy, 2
+// loads without storing, 3 stores without loading.
+#ifndef MOECOMM_LL_COPY_VARIANT
+#define MOECOMM_LL_COPY_VARIANT 0
+#endif
 __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId) {
+  if (MOECOMM_LL_COPY_VARIANT == 1) return;
+  int sink = 0;
   const int rowBytes = p.fp8 ? p.hidden : 2 * p.hidden;
   const int chunksPerRow = rowBytes / 16;
   const int scales = p.fp8 ? p.hidden / kFp8ScaleBlock : 0;
@@ -574,12 +581,19 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int f = base + u * blockDim.x;
-      if (f < dataItems) {
+      if (MOECOMM_LL_COPY_VARIANT == 3) {
+        values[u] = make_int4(f, f, f, f);
+      } else if (f < dataItems) {
         values[u] = __ldcg(reinterpret_cast<const int4*>(batchFrom[f / chunksPerRow]) + f % chunksPerRow);
       } else if (f < items) {
         const int g = f - dataItems;
         values[u].x = __ldcg(reinterpret_cast<const int*>(batchFrom[g / scales] + p.hidden) + g % scales);
       }
+    }
+    if (MOECOMM_LL_COPY_VARIANT == 2) {
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) sink ^= values[u].x ^ values[u].y ^ values[u].z ^ values[u].w;
+      continue;
     }
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
@@ -599,6 +613,7 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
       }
     }
   }
+  if (MOECOMM_LL_COPY_VARIANT == 2 && p.numTokens == -7 && sink == 1) p.recvCount[0] = sink;  // keeps the loads
 }
 
 // Per-rank combine: what the combine's send half needs besides the rows, for every selection
