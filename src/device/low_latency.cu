@@ -31,6 +31,7 @@
 // Nothing traps, nothing hangs.
 #include <cuda_runtime.h>
 
+#include "device/bulk_copy.cuh"
 #include "device/common.cuh"
 #include "device/low_latency.h"
 #include "ep/dtype.h"
@@ -616,6 +617,68 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
   if (MOECOMM_LL_COPY_VARIANT == 2 && p.numTokens == -7 && sink == 1) p.recvCount[0] = sink;  // keeps the loads
 }
 
+// The bulk-copy path of the receive copy: lane 0 of each of the first `slots` warps moves
+// whole rows with the bulk-copy engine (global -> a shared-memory slot of the warp -> recvX,
+// and the FP8 scales -> recvScales), rows warp, warp + slots, ... of the batch. A row costs no
+// registers and no per-16-byte instructions, so an SM copies at the engine's rate instead of
+// its load/store units'. Used when the rows and scales are whole 16-byte units at 16-byte
+// aligned addresses and the scales need no conversion (not UE8M0); otherwise copyBatch.
+// Dynamic shared memory of the receive half: itemStart ints, then kBulkSlotsMax mbarriers,
+// then the slots (lowLatencyBulkStageBytes, sized for a BF16 row, the larger kind).
+constexpr int kBulkSlotsMax = kWarps;
+
+struct BulkStage {
+  uint64_t* barriers;  // [kBulkSlotsMax]
+  uint8_t* data;       // slots of `unit` bytes
+  int slots;           // 0: the bulk path is off for this call
+  uint32_t unit;
+};
+
+MC_HOST_DEVICE inline uint64_t lowLatencyItemStartBytes(int numRanks, int localExperts) {
+  return (static_cast<uint64_t>(numRanks) * localExperts + 1) * sizeof(int) / 128 * 128 + 128;
+}
+
+__device__ BulkStage bulkStageOf(const LowLatencyParams& p, int* itemStart) {
+  uint8_t* base = reinterpret_cast<uint8_t*>(itemStart) + lowLatencyItemStartBytes(p.numRanks, p.localExperts);
+  BulkStage stage{reinterpret_cast<uint64_t*>(base), base + kBulkSlotsMax * sizeof(uint64_t), 0, 0};
+  const uint32_t scaleBytes = p.fp8 ? p.hidden / 32 : 0;  // FP32 per 128 channels
+  stage.unit = (p.fp8 ? p.hidden : 2 * p.hidden) + scaleBytes;
+  const uint64_t stageBytes = lowLatencyBulkStageBytes(p.hidden);
+  const bool aligned =
+      ((reinterpret_cast<uintptr_t>(p.recvX) | (p.fp8 ? reinterpret_cast<uintptr_t>(p.recvScales) : 0)) & 15u) == 0;
+  if (aligned && !p.ue8m0 && scaleBytes % 16 == 0 && stage.unit % 16 == 0) {
+    const uint64_t fit = stageBytes / stage.unit;
+    stage.slots = static_cast<int>(fit < kBulkSlotsMax ? fit : kBulkSlotsMax);
+  }
+  return stage;
+}
+
+// Lane 0 of warps < stage.slots: copies rows warp, warp + slots, ... of the batch. parity: this
+// warp's mbarrier phase, carried across batches. The caller's barrier after the acquire of the
+// rows' flags precedes this; the async proxy is fenced here.
+__device__ void bulkCopyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId,
+                              const BulkStage& stage, uint32_t* parity) {
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) != 0 || warp >= stage.slots) return;
+  const uint32_t dataBytes = p.fp8 ? p.hidden : 2 * p.hidden;
+  const uint32_t scaleBytes = stage.unit - dataBytes;
+  uint8_t* slot = stage.data + static_cast<uint64_t>(warp) * stage.unit;
+  uint64_t* barrier = stage.barriers + warp;
+  fenceProxyAsyncGlobal();
+  for (int r = warp; r < batch; r += stage.slots) {
+    bulkWaitRead<0>();  // the slot's previous row has been read out
+    mbarrierArriveExpectTx(barrier, stage.unit);
+    bulkLoad(slot, batchFrom[r], stage.unit, barrier);
+    while (!mbarrierTryWait(barrier, *parity)) {
+    }
+    *parity ^= 1u;
+    const uint64_t id = static_cast<uint64_t>(batchId[r]);
+    bulkStore(static_cast<uint8_t*>(p.recvX) + id * dataBytes, slot, dataBytes);
+    if (scaleBytes != 0) bulkStore(static_cast<uint8_t*>(p.recvScales) + id * scaleBytes, slot + dataBytes, scaleBytes);
+    bulkCommit();
+  }
+}
+
 // Per-rank combine: what the combine's send half needs besides the rows, for every selection
 // (s, t, k) of a received token: the source's weight, and rowOf = -1 unless the expert is
 // local (the blocks that place the local rows set those). Flat over the grid; also each
@@ -666,6 +729,12 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int L = p.localExperts;
   const int items = R * L;
   const int slotsPerExpert = R * p.maxTokens;
+  const BulkStage stage = bulkStageOf(p, itemStart);
+  uint32_t parity = 0;  // lane 0 of a bulk-copy warp: its mbarrier's phase
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < stage.slots; ++w) mbarrierInit(stage.barriers + w, 1);
+    fenceBarrierInit();
+  }
   // Agreed on the listed flags: everything but the rows is here.
   const uint32_t sources = agreeSources(p, sequence, [&](int r) { return listedFlags(p, p.rank, r); });
   MC_LL_PROFILE(kLlKernelDispatch, 5);
@@ -752,9 +821,14 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       profiled = true;
       waitRows(p, sequence, sources);
     }
-    copyBatch(p, batch, batchFrom, batchId);
+    if (stage.slots > 0) {
+      bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity);
+    } else {
+      copyBatch(p, batch, batchFrom, batchId);
+    }
     __syncthreads();
   }
+  if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) bulkWait<0>();  // recvX written
   MC_LL_PROFILE(kLlKernelDispatch, 8);
   finishReceive(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 9);
@@ -1200,7 +1274,8 @@ int64_t lowLatencyDispatchStaticSharedBytes() {
 }
 
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
-  return (static_cast<uint64_t>(params.numRanks) * params.localExperts + 1) * sizeof(int);
+  return lowLatencyItemStartBytes(params.numRanks, params.localExperts) + kBulkSlotsMax * sizeof(uint64_t) +
+         lowLatencyBulkStageBytes(params.hidden);
 }
 
 int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream) {

@@ -36,6 +36,8 @@
 
 #include <cstdint>
 
+#include "core/host_device.h"
+
 struct CUstream_st;
 
 namespace moecomm {
@@ -144,6 +146,13 @@ struct LowLatencyParams {
 // token, the receive half where each (local expert, source) item's rows start. The kernel
 // takes the larger of the two.
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params);
+// The receive half's bulk-copy slots: as many BF16 rows (2H bytes) as fit in 96 KiB, at most
+// one per warp (0 when a row is larger: the receive then copies through registers).
+MC_HOST_DEVICE inline uint64_t lowLatencyBulkStageBytes(int hidden) {
+  const uint64_t unit = 2ull * static_cast<uint64_t>(hidden);
+  const uint64_t slots = unit == 0 ? 0 : 96ull * 1024 / unit;
+  return (slots < kLowLatencyThreads / 32 ? slots : kLowLatencyThreads / 32) * unit;
+}
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params);
 
 // Each runs the halves params.phases names and returns a cudaError_t value (0 = success) so

@@ -8,11 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define MC_HOST_DEVICE __host__ __device__
-#else
-#define MC_HOST_DEVICE
-#endif
+#include "core/host_device.h"
 
 namespace moecomm {
 
