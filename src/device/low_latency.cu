@@ -500,13 +500,6 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
-  // The caller's rows into L2 (bulk prefetches, nothing waits): the cast reads them after the
-  // targets' wait and the lists.
-  if (threadIdx.x < 32 && (reinterpret_cast<uintptr_t>(p.x) & 15u) == 0) {
-    for (int t = blockIdx.x * 32 + threadIdx.x; t < T; t += gridDim.x * 32) {
-      bulkPrefetchL2(static_cast<const uint8_t*>(p.x) + static_cast<uint64_t>(t) * p.hidden * 2, 2u * p.hidden);
-    }
-  }
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
@@ -857,25 +850,7 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
 // ---- Combine send -------------------------------------------------------------------------
 // Every received row goes to [t][k] of its token's rank, with a marker holding the sequence.
 
-// First thing in a combine's send half: every expert-output row the dispatch filled is
-// prefetched into L2 by the bulk-copy engine (block b: the rows of local experts b, b + grid,
-// ..., one row per lane of warp 0), so the loads that follow the targets' wait hit L2 wherever
-// the rows are used. Nothing waits for it.
-__device__ void prefetchExpertRows(const LowLatencyParams& p) {
-  if (threadIdx.x >= 32 || (reinterpret_cast<uintptr_t>(p.expertOutputs) & 15u) != 0) return;
-  const uint64_t rowBytes = 2ull * p.hidden;
-  const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
-  const uint64_t slotsPerExpert = static_cast<uint64_t>(p.numRanks) * p.maxTokens;
-  for (int le = blockIdx.x; le < p.localExperts; le += gridDim.x) {
-    const int rows = min(max(p.routing.recvCount[le], 0), static_cast<int>(slotsPerExpert));
-    for (int j = threadIdx.x; j < rows; j += 32) {
-      bulkPrefetchL2(outputs + (le * slotsPerExpert + j) * rowBytes, static_cast<uint32_t>(rowBytes));
-    }
-  }
-}
-
 __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
-  prefetchExpertRows(p);
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
   __shared__ int expertStart[kLowLatencyMaxLocalExperts + 1];  // received rows before expert le
@@ -1056,7 +1031,6 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
   const int K = p.topk;
-  prefetchExpertRows(p);
   if (threadIdx.x == 0) {
     int pairs = 0;
     for (int s = 0; s < R; ++s) {
