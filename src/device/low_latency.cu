@@ -240,10 +240,11 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
 // stores), the flag with kAbsentBit on every other rank (masked: it gets nothing and must not
 // wait for this rank until its timeout), and the slot's sequence from the last block (every
 // block read it on entry).
-// Called with r = 0..R-1 by R threads after a barrier: this block's flag in flagsOf(r) on every
-// target, with kAbsentBit on every other rank.
+// Threads 0..R-1, after a barrier: this block's flag in flagsOf(r) on every target, with
+// kAbsentBit on every other rank.
 template <typename FlagsOf>
-__device__ void signalTargets(const LowLatencyParams& p, int r, uint32_t targets, uint64_t sequence, FlagsOf flagsOf) {
+__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, FlagsOf flagsOf) {
+  const int r = threadIdx.x;
   if (r < p.numRanks) {
     const bool target = ((targets >> r) & 1u) != 0;
     if (target || r != p.rank) storeReleaseSys(flagsOf(r) + blockIdx.x, target ? sequence : sequence | kAbsentBit);
@@ -252,7 +253,7 @@ __device__ void signalTargets(const LowLatencyParams& p, int r, uint32_t targets
 
 __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
   __syncthreads();
-  signalTargets(p, threadIdx.x, targets, sequence, [&](int r) { return sentFlags(p, r, p.rank); });
+  signalTargets(p, targets, sequence, [&](int r) { return sentFlags(p, r, p.rank); });
   if (threadIdx.x == 0) {
     unsigned int* counter = &p.state->blocksDone[p.slot];
     if (atomicAdd(counter, 1u) == gridDim.x - 1) {
@@ -310,10 +311,6 @@ __device__ int blockExclusiveScan(int value, int* total) {
 // it converts and stores any.
 
 constexpr int kSendUnroll = 4;
-constexpr int kRowThreads = kThreads - 32;  // every warp but the lists warp (sendListsWarp)
-
-// Words of a [n] uint32 array rounded up to 16 bytes (the dynamic shared memory layout).
-__host__ __device__ constexpr int roundUpTo16Words(int n) { return (n + 3) / 4 * 4; }
 
 // Casts BF16 rows to FP8 (dtype.h arithmetic, as reference::castRowToFp8) and stores the bytes
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
@@ -322,9 +319,9 @@ __host__ __device__ constexpr int roundUpTo16Words(int n) { return (n + 3) / 4 *
 __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 16;
   const int total = p.numTokens * chunksPerRow;  // < 2^31: checked when the EP is made
-  const int stride = gridDim.x * kRowThreads;
+  const int stride = gridDim.x * blockDim.x;
   const uint64_t rowBase = p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch;
-  for (int base = blockIdx.x * kRowThreads; base < total; base += stride * kSendUnroll) {
+  for (int base = blockIdx.x * blockDim.x; base < total; base += stride * kSendUnroll) {
     int4 raw[kSendUnroll][2];
     uint32_t destinations[kSendUnroll];
     int token[kSendUnroll];
@@ -387,9 +384,9 @@ __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRank
 __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 8;
   const int total = p.numTokens * chunksPerRow;
-  const int stride = gridDim.x * kRowThreads;
+  const int stride = gridDim.x * blockDim.x;
   const uint64_t rowBase = p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch;
-  for (int base = blockIdx.x * kRowThreads + threadIdx.x; base < total; base += stride * kSendUnroll) {
+  for (int base = blockIdx.x * blockDim.x + threadIdx.x; base < total; base += stride * kSendUnroll) {
     int4 values[kSendUnroll];
     uint32_t destinations[kSendUnroll];
 #pragma unroll
@@ -416,58 +413,87 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 // The lists: for every expert e on a target rank, this rank's tokens that select it, ascending,
 // as entries t * 32 + (the first k naming e), and their count, written into e's rank's slot
 // (lists[this rank][le][0..count), listCounts[this rank][le]): the receive half then places
-// rows without scanning any ids. One warp of each block (the last) lists the block's experts
-// b, b + B, ... while the other warps cast and store the rows: per 32-token chunk it stages
-// the chunk's ids in shared memory (one coalesced load), then per expert each lane finds its
-// token's first k naming it and a ballot places the entries; running counts per expert live
-// in `counts` (dynamic shared memory, one int per expert of the block).
-constexpr int kListsWarp = kWarps - 1;
+// rows without scanning any ids. Block b lists experts b, b + B, ... over (expert, 32-token
+// chunk) items in windows of kItems: a ballot per item, a block scan of the counts, the
+// ballot again to place each entry. Runs after the rows' stores are issued, so it overlaps
+// their flight.
+constexpr int kItems = kThreads;
 
-__device__ void sendListsWarp(const LowLatencyParams& p, uint32_t targets, int* counts) {
-  __shared__ int chunkIds[32 * 32];  // [token of the chunk][k], K <= 32
+// The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).
+__device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
+  int first = -1;
+  for (int k = p.topk - 1; k >= 0; --k) {
+    if (loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k) == expert) first = k;
+  }
+  return first;
+}
+
+__device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
+  __shared__ int itemCount[kItems];
+  __shared__ int itemBase[kItems];  // entries of the block before the item (over all windows)
+  __shared__ int carriedStart;      // where the expert that runs on into the next window started
   const int T = p.numTokens;
-  const int K = p.topk;
   const int L = p.localExperts;
+  const int chunks = (T + 31) / 32;
+  const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int myExperts =
       static_cast<int>(blockIdx.x) < p.numExperts ? (p.numExperts - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   auto expertOf = [&](int j) { return static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x); };
   auto targeted = [&](int e) { return ((targets >> (e / L)) & 1u) != 0; };
-  for (int j = lane; j < myExperts; j += 32) counts[j] = 0;
-  __syncwarp();
-  for (int c0 = 0; c0 < T; c0 += 32) {
-    const int tokens = min(32, T - c0);
-    for (int i = lane; i < tokens * K; i += 32) {
-      chunkIds[i] = static_cast<int>(loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(c0) * K + i));
+  auto countOf = [&](int e) {
+    return reinterpret_cast<int*>(slotBase(p, e / L) + p.listCountsOffset) + p.rank * L + e % L;
+  };
+  if (chunks == 0) {
+    for (int j = threadIdx.x; j < myExperts; j += blockDim.x) {
+      if (targeted(expertOf(j))) *countOf(expertOf(j)) = 0;
     }
-    __syncwarp();
-    const int t = c0 + lane;
-    for (int j = 0; j < myExperts; ++j) {
-      const int e = expertOf(j);
+    return;
+  }
+  const int totalItems = myExperts * chunks;
+  int rowsBefore = 0;
+  for (int windowStart = 0; windowStart < totalItems; windowStart += kItems) {
+    const int windowItems = min(kItems, totalItems - windowStart);
+    for (int i = warp; i < windowItems; i += kWarps) {
+      const int item = windowStart + i;
+      const int e = expertOf(item / chunks);
+      const int t = (item % chunks) * 32 + lane;
+      const bool selects = targeted(e) && t < T && firstKOf(p, t, e) >= 0;
+      const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
+      if (lane == 0) itemCount[i] = __popc(ballot);
+    }
+    __syncthreads();
+    const int count = static_cast<int>(threadIdx.x) < windowItems ? itemCount[threadIdx.x] : 0;
+    int windowRows = 0;
+    const int before = blockExclusiveScan(count, &windowRows);
+    if (static_cast<int>(threadIdx.x) < windowItems) itemBase[threadIdx.x] = rowsBefore + before;
+    __syncthreads();
+    for (int i = warp; i < windowItems; i += kWarps) {
+      const int item = windowStart + i;
+      const int c = item % chunks;
+      const int e = expertOf(item / chunks);
       if (!targeted(e)) continue;  // the same for the whole warp
-      int k = -1;
-      if (lane < tokens) {
-        for (int i = K - 1; i >= 0; --i) {
-          if (chunkIds[lane * K + i] == e) k = i;
-        }
-      }
+      const int first = item - c;  // the expert's first item
+      const int start = first >= windowStart ? itemBase[first - windowStart] : carriedStart;
+      const int t = c * 32 + lane;
+      const int k = t < T ? firstKOf(p, t, e) : -1;
       const uint32_t ballot = __ballot_sync(0xffffffffu, k >= 0);
-      const int before = counts[j];
       if (k >= 0) {
         int* list = reinterpret_cast<int*>(slotBase(p, e / L) + p.listsOffset) +
                     (static_cast<uint64_t>(p.rank) * L + e % L) * p.maxTokens;
-        list[before + __popc(ballot & ((1u << lane) - 1u))] = t * 32 + k;
+        list[itemBase[i] - start + __popc(ballot & ((1u << lane) - 1u))] = t * 32 + k;
       }
-      __syncwarp();
-      if (lane == 0) counts[j] = before + __popc(ballot);
-      __syncwarp();
+      if (c == chunks - 1 && lane == 0) *countOf(e) = itemBase[i] + itemCount[i] - start;
     }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int last = windowStart + windowItems - 1;
+      const int first = last - last % chunks;
+      if (first >= windowStart) carriedStart = itemBase[first - windowStart];
+    }
+    rowsBefore += windowRows;
+    __syncthreads();
   }
-  for (int j = lane; j < myExperts; j += 32) {
-    const int e = expertOf(j);
-    if (targeted(e)) reinterpret_cast<int*>(slotBase(p, e / L) + p.listCountsOffset)[p.rank * L + e % L] = counts[j];
-  }
-  __syncwarp();
 }
 
 __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
@@ -511,20 +537,16 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
       reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
-  // The last warp lists (and then flags the lists, the T, ids and weights above as listed, so
-  // receivers place the rows while the rows are in flight); the other warps cast and store
-  // the rows meanwhile.
+  // The lists (and with them the T, ids and weights above) go out first, under the listed
+  // flags: receivers place the rows while the rows are cast and in flight.
+  sendLists(p, targets);
   __syncthreads();
-  if ((threadIdx.x >> 5) == kListsWarp) {
-    sendListsWarp(p, targets, reinterpret_cast<int*>(dynamicShared) + roundUpTo16Words(p.maxTokens));
-    signalTargets(p, threadIdx.x & 31, targets, sequence, [&](int r) { return listedFlags(p, r, p.rank); });
+  signalTargets(p, targets, sequence, [&](int r) { return listedFlags(p, r, p.rank); });
+  MC_LL_PROFILE(kLlKernelDispatch, 2);
+  if (p.fp8) {
+    sendFp8Rows(p, tokenRanks, targets);
   } else {
-    MC_LL_PROFILE(kLlKernelDispatch, 2);
-    if (p.fp8) {
-      sendFp8Rows(p, tokenRanks, targets);
-    } else {
-      sendBf16Rows(p, tokenRanks, targets);
-    }
+    sendBf16Rows(p, tokenRanks, targets);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
   finishSend(p, targets, sequence);
@@ -1234,11 +1256,7 @@ int lowLatencyProfile(int kernel, int blocks, unsigned long long* out) {
 }
 
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params) {
-  // tokenRanks [maxT], then the lists warp's count per expert of the block.
-  const int blocks = params.numBlocks > 0 ? params.numBlocks : 1;
-  const int expertsPerBlock = (params.numExperts + blocks - 1) / blocks;
-  return static_cast<uint64_t>(roundUpTo16Words(params.maxTokens) + roundUpTo16Words(expertsPerBlock)) *
-         sizeof(uint32_t);
+  return (static_cast<uint64_t>(params.maxTokens) * sizeof(uint32_t) + 15) / 16 * 16;
 }
 
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
