@@ -209,7 +209,9 @@ MOECOMM_API moecommResult_t moecommCommDestroy(moecommComm_t comm);
 MOECOMM_API moecommResult_t moecommCommAbort(moecommComm_t comm);
 
 /* [OUT] asyncError: moecommSuccess, or the first error raised asynchronously (a kernel
- * timeout, a dead peer). Non-blocking. */
+ * timeout, a dead peer, a bad expert id seen on the GPU, a peer whose low-latency call failed
+ * on its side). Collects what the kernels of the communicator's EPs recorded so far; callable
+ * from any thread. Non-blocking; the error stays set. */
 MOECOMM_API moecommResult_t moecommCommGetAsyncError(moecommComm_t comm, moecommResult_t* asyncError);
 
 MOECOMM_API moecommResult_t moecommCommCount(moecommComm_t comm, int* count);
