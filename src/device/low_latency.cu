@@ -1023,80 +1023,7 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
 constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
 
-// Per-rank send with a bulk stage (p.combineStageBytes > 0, the rows 16-byte aligned): the
-// round's pairs go in fills of whole pairs whose local rows fit in the stage; thread 0 loads a
-// fill's rows with the bulk-copy engine onto one mbarrier, every thread waits for it, then the
-// block reduces flat over (pair, 8-channel chunk) from shared memory, with the same fmaf chain
-// as reduceRows (rows in k order from +0.0f, one bf16 rounding), and stores each partial.
-__device__ void reducePairsStaged(const LowLatencyParams& p, int roundPairs, const int4* const* rows,
-                                  const float* weights, const int* pairRows, int4* const* pairTarget, uint8_t* stage,
-                                  uint64_t* barrier, uint32_t* parity) {
-  __shared__ int fillStart[kThreads + 1];  // stage row where pair i of the fill starts
-  __shared__ int fillEnd;                  // one past the fill's last pair
-  const int K = p.topk;
-  const uint32_t rowBytes = 2u * p.hidden;
-  const int capacity = static_cast<int>(p.combineStageBytes / rowBytes);
-  const int chunks = p.hidden / 8;
-  for (int first = 0; first < roundPairs;) {
-    if (threadIdx.x == 0) {
-      int used = 0;
-      int i = first;
-      for (; i < roundPairs && used + pairRows[i] <= capacity; ++i) {
-        fillStart[i - first] = used;
-        used += pairRows[i];
-      }
-      fillEnd = i;
-      if (used > 0) {
-        fenceProxyAsyncGlobal();
-        mbarrierArriveExpectTx(barrier, used * rowBytes);
-        for (int j = first; j < i; ++j) {
-          for (int r = 0; r < pairRows[j]; ++r) {
-            bulkLoad(stage + static_cast<uint64_t>(fillStart[j - first] + r) * rowBytes, rows[j * K + r], rowBytes,
-                     barrier);
-          }
-        }
-      } else {
-        mbarrierArriveExpectTx(barrier, 0);  // completes the phase at once
-      }
-    }
-    __syncthreads();
-    const int last = fillEnd;
-    while (!mbarrierTryWait(barrier, *parity)) {
-    }
-    *parity ^= 1u;
-    const int items = (last - first) * chunks;
-    for (int f = threadIdx.x; f < items; f += blockDim.x) {
-      const int i = first + f / chunks;
-      const int c = f % chunks;
-      int4* to = pairTarget[i];
-      if (to == nullptr) continue;
-      float acc[8];
-#pragma unroll
-      for (int h = 0; h < 8; ++h) acc[h] = 0.0f;
-      for (int r = 0; r < pairRows[i]; ++r) {
-        const int4 v =
-            reinterpret_cast<const int4*>(stage + static_cast<uint64_t>(fillStart[i - first] + r) * rowBytes)[c];
-        uint16_t values[8];
-        unpackBf16(v, values);
-        const float weight = weights[i * K + r];
-#pragma unroll
-        for (int h = 0; h < 8; ++h) acc[h] = __fmaf_rn(weight, bf16ToFloat(values[h]), acc[h]);
-      }
-      uint32_t words[4];
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        words[h] =
-            static_cast<uint32_t>(floatToBf16(acc[2 * h])) | (static_cast<uint32_t>(floatToBf16(acc[2 * h + 1])) << 16);
-      }
-      to[c] = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
-                        static_cast<int>(words[3]));
-    }
-    __syncthreads();  // the stage and fillStart are reused by the next fill
-    first = last;
-  }
-}
-
-__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
+__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
@@ -1104,15 +1031,6 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence,
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
   const int K = p.topk;
-  // The bulk stage: an mbarrier, then the rows (dynamic shared memory, p.combineStageBytes).
-  uint64_t* barrier = reinterpret_cast<uint64_t*>(dynamicShared);
-  uint8_t* stage = reinterpret_cast<uint8_t*>(dynamicShared) + 16;
-  const bool staged = p.combineStageBytes > 0 && (reinterpret_cast<uintptr_t>(p.expertOutputs) & 15u) == 0;
-  uint32_t parity = 0;
-  if (threadIdx.x == 0 && staged) {
-    mbarrierInit(barrier, 1);
-    fenceBarrierInit();
-  }
   if (threadIdx.x == 0) {
     int pairs = 0;
     for (int s = 0; s < R; ++s) {
@@ -1181,12 +1099,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence,
       pairTarget[threadIdx.x] = to;
     }
     __syncthreads();
-    if (staged) {
-      reducePairsStaged(p, roundPairs, rows, weights, pairRows, pairTarget, stage, barrier, &parity);
-    } else {
-      reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights,
-                                        [&](int i) { return pairTarget[i]; });
-    }
+    reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
   }
   MC_LL_PROFILE(kLlKernelCombine, 3);
   finishSend(p, targets, sequence);
@@ -1275,12 +1188,11 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
 }
 
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
-  extern __shared__ int4 combineShared[];
   MC_LL_PROFILE(kLlKernelCombine, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send && p.perRank) {
-    combineSendPerRank(p, sequence, combineShared);
+    combineSendPerRank(p, sequence);
   } else if (send) {
     combineSend(p, sequence);
   }
@@ -1355,17 +1267,6 @@ int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   return static_cast<int>(err);
 }
 
-int allowLowLatencyCombineSharedMemory(uint64_t maxDynamicSharedBytes) {
-  return static_cast<int>(cudaFuncSetAttribute(combineKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(maxDynamicSharedBytes)));
-}
-
-int64_t lowLatencyCombineStaticSharedBytes() {
-  cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, combineKernel) != cudaSuccess) return -1;
-  return static_cast<int64_t>(attributes.sharedSizeBytes);
-}
-
 int64_t lowLatencyDispatchStaticSharedBytes() {
   cudaFuncAttributes attributes{};
   if (cudaFuncGetAttributes(&attributes, dispatchKernel) != cudaSuccess) return -1;
@@ -1389,9 +1290,7 @@ int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream
 }
 
 int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream) {
-  const bool staged =
-      (params.phases & kLowLatencyPhaseSend) != 0 && params.perRank != 0 && params.combineStageBytes > 0;
-  combineKernel<<<params.numBlocks, kThreads, staged ? params.combineStageBytes + 16 : 0, stream>>>(params);
+  combineKernel<<<params.numBlocks, kThreads, 0, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -137,10 +137,9 @@ struct LowLatencyParams {
   int* recvSrcInfo;
   int* cumulativeRecvStats;
   // Combine.
-  const void* expertOutputs;   // [E_local, S, H] BF16
-  const float* topkWeights;    // [T, K]: the combine's (default form) or the dispatch's (per rank)
-  uint64_t combineStageBytes;  // per-rank send's bulk stage (dynamic shared memory); 0: off
-  void* out;                   // [T, H] BF16
+  const void* expertOutputs;  // [E_local, S, H] BF16
+  const float* topkWeights;   // [T, K]: the combine's (default form) or the dispatch's (per rank)
+  void* out;                  // [T, H] BF16
 };
 
 // Dynamic shared memory of the dispatch kernel: the send half keeps a destination mask per
@@ -176,16 +175,6 @@ int launchLowLatencyFailed(const LowLatencyParams& params, CUstream_st* stream);
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes);
 // The dispatch kernel's static shared memory in bytes, or -1 (a cudaError_t is then pending).
 int64_t lowLatencyDispatchStaticSharedBytes();
-// The per-rank combine send's bulk stage: as many expert-output rows (2H bytes) as fit in
-// 160 KiB, or 0 when that is fewer than K (a token's local rows must fit at once).
-MC_HOST_DEVICE inline uint64_t lowLatencyCombineStageBytes(int hidden, int topk) {
-  const uint64_t row = 2ull * static_cast<uint64_t>(hidden);
-  const uint64_t rows = row == 0 ? 0 : 160ull * 1024 / row;
-  return rows >= static_cast<uint64_t>(topk) && topk > 0 ? rows * row : 0;
-}
-// The combine kernel's dynamic shared memory limit and static shared memory (as the dispatch's).
-int allowLowLatencyCombineSharedMemory(uint64_t maxDynamicSharedBytes);
-int64_t lowLatencyCombineStaticSharedBytes();
 // Developer timeline of the last call of `kernel` for `blocks` blocks: fills
 // out[blocks][kLowLatencyProfileEvents] with global-timer stamps and returns the event count, or
 // -1 when the library was built without -DMOECOMM_KERNEL_PROFILE.

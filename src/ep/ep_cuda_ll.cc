@@ -153,17 +153,6 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   if (dispatchShared > 48 * 1024) {
     MC_CHECK(checkLaunch(device::allowLowLatencySharedMemory(sharedLimit), "cudaFuncSetAttribute"));
   }
-  // The per-rank combine's bulk stage, when it fits next to the combine kernel's static shared
-  // memory (else that send reduces through registers).
-  const int64_t combineStatic = device::lowLatencyCombineStaticSharedBytes();
-  if (combineStatic < 0) MC_CUDA(cudaGetLastError());
-  const uint64_t combineLimit = static_cast<uint64_t>(std::max<int64_t>(0, optIn - combineStatic));
-  uint64_t stage = device::lowLatencyCombineStageBytes(shape.hidden, shape.topk);
-  if (stage + 16 > combineLimit) stage = 0;
-  if (stage + 16 > 48 * 1024) {
-    MC_CHECK(checkLaunch(device::allowLowLatencyCombineSharedMemory(combineLimit), "cudaFuncSetAttribute"));
-  }
-  p.combineStageBytes = stage;
 
   MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
   for (int r = 0; r < shape.numRanks; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
