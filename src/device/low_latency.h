@@ -57,9 +57,10 @@ constexpr int kLowLatencyPhaseReceive = 2;
 constexpr int kLlKernelDispatch = 0;
 constexpr int kLlKernelCombine = 1;
 constexpr int kLowLatencyKernels = 2;
-// Events: 0 entry, 1 targets known, 2 send preamble done, 3 send data stored, 4 sent flags
-// stored, 5 sources agreed, 6 receive preamble done, 7 rows listed (dispatch), 8 data
-// consumed, 9 released flags stored; then (not times) the SM clock at events 0 and 9.
+// Events: 0 entry, 1 targets known, 2 send preamble done (dispatch: T, ids, lists and their
+// listed flags), 3 send data stored, 4 sent flags stored, 5 sources agreed, 6 receive preamble
+// done, 7 rows placed (dispatch; the rows' flags are waited for after it), 8 data consumed,
+// 9 released flags stored; then (not times) the SM clock at events 0 and 9.
 constexpr int kLowLatencyProfileEvents = 12;
 
 // Device memory private to one rank (not in the symmetric buffer).
