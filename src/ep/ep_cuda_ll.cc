@@ -98,8 +98,9 @@ uint64_t CudaLowLatency::planBuffer(const reference::EpShape& shape, int numBloc
   p.topk = shape.topk;
   p.maxTokens = shape.maxTokensPerRank;
   p.numBlocks = std::max(1, numBlocks);
-  // Flags (sent, released, listed: one per slot, rank and block), then the slots; inside a slot the combine markers,
-  // then the dispatch staging or the combine rows (one operation uses a slot at a time).
+  // Flags (sent, released, listed: one per slot, rank and block), then the slots; inside a
+  // slot the combine markers, then the dispatch staging or the combine rows (one operation
+  // uses a slot at a time).
   const uint64_t flagBytes =
       roundUp(device::kLowLatencyDeviceSlots * R * static_cast<uint64_t>(p.numBlocks) * sizeof(uint64_t), 256);
   p.sentOffset = 0;
