@@ -500,9 +500,8 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
-  // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block):
-  // taken from the block's last threads, while the first R * B poll the targets' flags.
-  for (int t = blockDim.x - 1 - threadIdx.x; t < T; t += blockDim.x) {
+  // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
+  for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
 #pragma unroll 8
     for (int k = 0; k < K; ++k) {
