@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Low-latency GPU round (developer tool): build; the LL GPU tests, the killed-rank test and the
-# normal-mode test on every GPU present (CTEST_FILTER overrides); then W-decode LL benches,
-# checked (-c 1), with graph replay, at each grid in GRIDS (default "132 24"), in both combine
-# forms when the bench has --ll-per-rank. Logs and JSON under $OUT (default ./ll-logs); uses
+# Low-latency GPU round (developer tool): build; the LL GPU tests, the killed-rank test, the
+# local-failure test and the normal-mode test on every GPU present (CTEST_FILTER overrides);
+# then W-decode LL benches, checked (-c 1), with graph replay, at each grid in GRIDS (default
+# "132 24"), in both combine forms when the bench has --ll-per-rank. Logs and JSON under $OUT (default ./ll-logs); uses
 # .bench-commit (if carried) as the commit in the JSON. SKIP_TEST=1 runs only the benches.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/ll-logs}; mkdir -p "$out"
