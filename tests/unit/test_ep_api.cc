@@ -4,9 +4,11 @@
 // test_ep_api_low_latency.cc, two ranks in test_ep_api_ranks.cc.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "unit/ep_api_test_util.h"
@@ -144,6 +146,38 @@ TEST_F(EpApi, DestroyedEp) {
   DispatchBuffers dispatch;
   EXPECT_FAILS(moecommEpDispatch(ep, &dispatch.args, &dispatch.handle, nullptr), moecommInvalidUsage);
   EXPECT_FAILS(moecommEpDestroy(ep), moecommInvalidUsage);
+}
+
+// moecommCommGetAsyncError polls the comm's EPs (under the comm's mutex) from any thread: it
+// must never reach an EP that is being destroyed (an EP leaves the comm's list before its
+// backend goes). A thread queries in a loop while this one makes and destroys EPs of both
+// modes; ASan (make test-asan) reports any use of a freed EP.
+TEST_F(EpApi, AsyncErrorQueriedWhileEpsComeAndGo) {
+  std::atomic<bool> stop{false};
+  std::atomic<int> queries{0};
+  std::atomic<int> bad{0};
+  std::thread poller([&] {
+    while (!stop.load()) {
+      moecommResult_t async = moecommInternalError;
+      if (moecommCommGetAsyncError(comm(), &async) != moecommSuccess || async != moecommSuccess) bad.fetch_add(1);
+      queries.fetch_add(1);
+    }
+  });
+  bool madeAll = true;
+  for (int i = 0; i < 40 && madeAll; ++i) {
+    moecommEp_t ep = nullptr;
+    const moecommEpConfig_t config =
+        makeConfig(8, 128, 4, 2, i % 2 == 0 ? moecommEpModeNormal : moecommEpModeLowLatency);
+    madeAll = moecommEpCreate(comm(), &config, &ep) == moecommSuccess && moecommEpDestroy(ep) == moecommSuccess;
+  }
+  EXPECT_TRUE(madeAll) << moecommGetLastError(nullptr);  // the poller is stopped either way
+  // Let the poller see an empty list at least once more, then stop it.
+  const int seen = queries.load();
+  while (queries.load() < seen + 2) std::this_thread::yield();
+  stop.store(true);
+  poller.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GT(queries.load(), 0);
 }
 
 TEST_F(EpApi, HandleDestroyNullAndTwice) {
