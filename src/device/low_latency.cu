@@ -31,6 +31,7 @@
 // Nothing traps, nothing hangs.
 #include <cuda_runtime.h>
 
+#include "core/align.h"
 #include "device/bulk_copy.cuh"
 #include "device/common.cuh"
 #include "device/low_latency.h"
@@ -236,10 +237,6 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
   return present;
 }
 
-// Every block at the end of its send half: its flag on every target (after all of the block's
-// stores), the flag with kAbsentBit on every other rank (masked: it gets nothing and must not
-// wait for this rank until its timeout), and the slot's sequence from the last block (every
-// block read it on entry).
 // Threads 0..R-1, after a barrier: this block's flag in flagsOf(r) on every target, with
 // kAbsentBit on every other rank.
 template <typename FlagsOf>
@@ -251,6 +248,10 @@ __device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint6
   }
 }
 
+// Every block at the end of its send half: its flag on every target (after all of the block's
+// stores), the flag with kAbsentBit on every other rank (masked: it gets nothing and must not
+// wait for this rank until its timeout), and the slot's sequence from the last block (every
+// block read it on entry).
 __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
   __syncthreads();
   signalTargets(p, targets, sequence, [&](int r) { return sentFlags(p, r, p.rank); });
@@ -563,14 +564,7 @@ constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
-// Developer experiment only (wrong results): -DMOECOMM_LL_COPY_VARIANT=1 skips the copy, 2
-// loads without storing, 3 stores without loading.
-#ifndef MOECOMM_LL_COPY_VARIANT
-#define MOECOMM_LL_COPY_VARIANT 0
-#endif
 __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId) {
-  if (MOECOMM_LL_COPY_VARIANT == 1) return;
-  int sink = 0;
   const int rowBytes = p.fp8 ? p.hidden : 2 * p.hidden;
   const int chunksPerRow = rowBytes / 16;
   const int scales = p.fp8 ? p.hidden / kFp8ScaleBlock : 0;
@@ -582,19 +576,12 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
       const int f = base + u * blockDim.x;
-      if (MOECOMM_LL_COPY_VARIANT == 3) {
-        values[u] = make_int4(f, f, f, f);
-      } else if (f < dataItems) {
+      if (f < dataItems) {
         values[u] = __ldcg(reinterpret_cast<const int4*>(batchFrom[f / chunksPerRow]) + f % chunksPerRow);
       } else if (f < items) {
         const int g = f - dataItems;
         values[u].x = __ldcg(reinterpret_cast<const int*>(batchFrom[g / scales] + p.hidden) + g % scales);
       }
-    }
-    if (MOECOMM_LL_COPY_VARIANT == 2) {
-#pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) sink ^= values[u].x ^ values[u].y ^ values[u].z ^ values[u].w;
-      continue;
     }
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u) {
@@ -614,7 +601,6 @@ __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* c
       }
     }
   }
-  if (MOECOMM_LL_COPY_VARIANT == 2 && p.numTokens == -7 && sink == 1) p.recvCount[0] = sink;  // keeps the loads
 }
 
 // The bulk-copy path of the receive copy: lane 0 of each of the first `slots` warps moves
@@ -635,7 +621,7 @@ struct BulkStage {
 };
 
 MC_HOST_DEVICE inline uint64_t lowLatencyItemStartBytes(int numRanks, int localExperts) {
-  return (static_cast<uint64_t>(numRanks) * localExperts + 1) * sizeof(int) / 128 * 128 + 128;
+  return roundUp((static_cast<uint64_t>(numRanks) * localExperts + 1) * sizeof(int), 128);
 }
 
 __device__ BulkStage bulkStageOf(const LowLatencyParams& p, int* itemStart) {
