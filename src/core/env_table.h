@@ -42,6 +42,10 @@
     "Bulk-copy variants: bytes per stage, a multiple of 16 from 512 to 65536.")                                 \
   X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
     "Milliseconds a low-latency operation waits for a peer before masking it.")                                   \
+  X(LlTransport, "MOECOMM_LL_TRANSPORT", String, "nvlink",                                                        \
+    "How the low-latency kernels reach peers: nvlink (stores into the mapped peer buffer) or staged (stores "     \
+    "into a local mirror, then explicit puts: the shape of an RDMA transport, for testing the kernels' "          \
+    "transport interface).")                                                                                      \
   X(KernelTimeout, "MOECOMM_KERNEL_TIMEOUT", Int, "30000",                                                        \
     "Milliseconds a GPU spin-wait may last before the kernel gives up and reports Timeout.")                      \
   X(Rank, "MOECOMM_RANK", Int, "-1", "This process's rank, read by moecommCommInitFromEnv (set by moecomm-run).") \

@@ -34,6 +34,7 @@
 #include "core/align.h"
 #include "device/bulk_copy.cuh"
 #include "device/common.cuh"
+#include "device/ll_transport.cuh"
 #include "device/low_latency.h"
 #include "ep/dtype.h"
 
@@ -70,27 +71,21 @@ __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlo
   } while (0)
 #endif
 
-// sent[slot][source][0..B) in owner's buffer.
-__device__ __forceinline__ uint64_t* sentFlags(const LowLatencyParams& p, int owner, int source) {
-  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.sentOffset) +
-         (static_cast<uint64_t>(p.slot) * p.numRanks + source) * p.numBlocks;
+// This rank's flags, [0..B) of each source: sent[slot][source], listed[slot][source] (a
+// dispatch's lists, before its rows), released[slot][reader]. Peers' flags are written with
+// signalFlag (device/ll_transport.cuh).
+__device__ __forceinline__ const uint64_t* sentFlags(const LowLatencyParams& p, int source) {
+  return localFlags(p, p.sentOffset, source);
+}
+__device__ __forceinline__ const uint64_t* listedFlags(const LowLatencyParams& p, int source) {
+  return localFlags(p, p.listedOffset, source);
+}
+__device__ __forceinline__ const uint64_t* releasedFlags(const LowLatencyParams& p, int reader) {
+  return localFlags(p, p.releasedOffset, reader);
 }
 
-// listed[slot][source][0..B) in owner's buffer (a dispatch's lists, before its rows).
-__device__ __forceinline__ uint64_t* listedFlags(const LowLatencyParams& p, int owner, int source) {
-  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.listedOffset) +
-         (static_cast<uint64_t>(p.slot) * p.numRanks + source) * p.numBlocks;
-}
-
-// released[slot][reader][0..B) in owner's buffer.
-__device__ __forceinline__ uint64_t* releasedFlags(const LowLatencyParams& p, int owner, int reader) {
-  return reinterpret_cast<uint64_t*>(p.peers[owner] + p.releasedOffset) +
-         (static_cast<uint64_t>(p.slot) * p.numRanks + reader) * p.numBlocks;
-}
-
-__device__ __forceinline__ uint8_t* slotBase(const LowLatencyParams& p, int owner) {
-  return p.peers[owner] + p.slotOffset + static_cast<uint64_t>(p.slot) * p.slotBytes;
-}
+// This rank's own slot (what its peers sent it).
+__device__ __forceinline__ const uint8_t* mySlot(const LowLatencyParams& p) { return p.peers[p.rank] + slotStart(p); }
 
 __device__ __forceinline__ int loadVolatile(const int* address) {
   return *reinterpret_cast<const volatile int*>(address);
@@ -186,7 +181,7 @@ __device__ void maskAllBut(const LowLatencyParams& p, uint32_t ready) {
 // of whose blocks finished reading what the previous operation on this slot put there. Ranks
 // that fail are masked; the others will see this block's flag missing and mask this rank.
 __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
-  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, p.rank, r); }).arrived;
+  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, r); }).arrived;
   maskAllBut(p, ready);
   return ready;
 }
@@ -237,14 +232,13 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
   return present;
 }
 
-// Threads 0..R-1, after a barrier: this block's flag in flagsOf(r) on every target, with
-// kAbsentBit on every other rank.
-template <typename FlagsOf>
-__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, FlagsOf flagsOf) {
+// Threads 0..R-1, after a barrier: this block's flag of `region` (sentOffset, listedOffset)
+// on every target, with kAbsentBit on every other rank.
+__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, uint64_t region) {
   const int r = threadIdx.x;
   if (r < p.numRanks) {
     const bool target = ((targets >> r) & 1u) != 0;
-    if (target || r != p.rank) storeReleaseSys(flagsOf(r) + blockIdx.x, target ? sequence : sequence | kAbsentBit);
+    if (target || r != p.rank) signalFlag(p, r, region, blockIdx.x, target ? sequence : sequence | kAbsentBit);
   }
 }
 
@@ -254,7 +248,7 @@ __device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint6
 // block read it on entry).
 __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
   __syncthreads();
-  signalTargets(p, targets, sequence, [&](int r) { return sentFlags(p, r, p.rank); });
+  signalTargets(p, targets, sequence, p.sentOffset);
   if (threadIdx.x == 0) {
     unsigned int* counter = &p.state->blocksDone[p.slot];
     if (atomicAdd(counter, 1u) == gridDim.x - 1) {
@@ -268,7 +262,7 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
 __device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence) {
   __syncthreads();
   const int r = threadIdx.x;
-  if (r < p.numRanks) storeReleaseSys(releasedFlags(p, r, p.rank) + blockIdx.x, sequence);
+  if (r < p.numRanks) signalFlag(p, r, p.releasedOffset, blockIdx.x, sequence);
 }
 
 __device__ __forceinline__ void unpackBf16(const int4& v, uint16_t* out) {
@@ -374,7 +368,7 @@ __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRank
                                static_cast<int>(words[3]));
       const uint64_t stagingRow = rowBase + static_cast<uint64_t>(token[u]) * p.rowPitch;
       for (uint32_t left = destinations[u]; left != 0; left &= left - 1) {
-        uint8_t* staged = slotBase(p, __ffs(left) - 1) + stagingRow;
+        uint8_t* staged = windowSlot(p, __ffs(left) - 1) + stagingRow;
         reinterpret_cast<int4*>(staged)[chunk[u]] = q;
         if ((chunk[u] & 7) == 0) reinterpret_cast<float*>(staged + p.hidden)[chunk[u] / 8] = scale;
       }
@@ -405,7 +399,7 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
       const int g = base + u * stride;
       const uint64_t stagingRow = rowBase + static_cast<uint64_t>(g / chunksPerRow) * p.rowPitch;
       for (uint32_t left = destinations[u]; left != 0; left &= left - 1) {
-        reinterpret_cast<int4*>(slotBase(p, __ffs(left) - 1) + stagingRow)[g % chunksPerRow] = values[u];
+        reinterpret_cast<int4*>(windowSlot(p, __ffs(left) - 1) + stagingRow)[g % chunksPerRow] = values[u];
       }
     }
   }
@@ -443,7 +437,7 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
   auto expertOf = [&](int j) { return static_cast<int>(blockIdx.x) + j * static_cast<int>(gridDim.x); };
   auto targeted = [&](int e) { return ((targets >> (e / L)) & 1u) != 0; };
   auto countOf = [&](int e) {
-    return reinterpret_cast<int*>(slotBase(p, e / L) + p.listCountsOffset) + p.rank * L + e % L;
+    return reinterpret_cast<int*>(windowSlot(p, e / L) + p.listCountsOffset) + p.rank * L + e % L;
   };
   if (chunks == 0) {
     for (int j = threadIdx.x; j < myExperts; j += blockDim.x) {
@@ -480,7 +474,7 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
       const int k = t < T ? firstKOf(p, t, e) : -1;
       const uint32_t ballot = __ballot_sync(0xffffffffu, k >= 0);
       if (k >= 0) {
-        int* list = reinterpret_cast<int*>(slotBase(p, e / L) + p.listsOffset) +
+        int* list = reinterpret_cast<int*>(windowSlot(p, e / L) + p.listsOffset) +
                     (static_cast<uint64_t>(p.rank) * L + e % L) * p.maxTokens;
         list[itemBase[i] - start + __popc(ballot & ((1u << lane) - 1u))] = t * 32 + k;
       }
@@ -494,6 +488,50 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
     }
     rowsBefore += windowRows;
     __syncthreads();
+  }
+}
+
+// Transports with puts (device/ll_transport.cuh), after a barrier: the lists and counts this
+// block wrote (experts blockIdx.x, + B, ...; sendLists), a warp per expert.
+__device__ void putLists(const LowLatencyParams& p, uint32_t targets) {
+  const int L = p.localExperts;
+  const int lane = threadIdx.x & 31;
+  for (int e = blockIdx.x + (threadIdx.x >> 5) * gridDim.x; e < p.numExperts; e += kWarps * gridDim.x) {
+    const int d = e / L;
+    if (((targets >> d) & 1u) == 0 || !needsPut(p, d)) continue;
+    const uint64_t item = static_cast<uint64_t>(p.rank) * L + e % L;
+    const int count = reinterpret_cast<const int*>(windowSlot(p, d) + p.listCountsOffset)[item];
+    putRange(p, d, p.listsOffset + item * p.maxTokens * sizeof(int),
+             static_cast<uint64_t>(min(max(count, 0), p.maxTokens)) * sizeof(int), lane, 32);
+    putRange(p, d, p.listCountsOffset + item * sizeof(int), sizeof(int), lane, 1);
+  }
+}
+
+// Transports with puts, after a barrier: the rows this block stored in its flat (token, chunk)
+// loop (both send loops give block b the chunk windows [b * blockDim.x + j * stride, +
+// blockDim.x)), split at row boundaries into pieces, a warp per piece, put to each of the
+// token's destinations: the bytes, and for FP8 the scales (one per 8 chunks; pieces start
+// and end at multiples of 8 chunks, since windows and rows do).
+__device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
+  const int chunksPerRow = p.fp8 ? p.hidden / 16 : p.hidden / 8;
+  const int total = p.numTokens * chunksPerRow;
+  const int stride = gridDim.x * blockDim.x;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  int piece = 0;
+  for (int start = blockIdx.x * blockDim.x; start < total; start += stride) {
+    const int end = min(start + static_cast<int>(blockDim.x), total);
+    for (int t = start / chunksPerRow; t * chunksPerRow < end; ++t, ++piece) {
+      if (piece % kWarps != warp) continue;
+      const int c0 = max(start - t * chunksPerRow, 0);
+      const int c1 = min(end - t * chunksPerRow, chunksPerRow);
+      const uint64_t row = p.rowsOffset + (static_cast<uint64_t>(p.rank) * p.maxTokens + t) * p.rowPitch;
+      for (uint32_t left = tokenRanks[t] & targets & p.putPeers; left != 0; left &= left - 1) {
+        const int d = __ffs(left) - 1;
+        putRange(p, d, row + 16ull * c0, 16ull * (c1 - c0), lane, 32);
+        if (p.fp8) putRange(p, d, row + p.hidden + 4ull * (c0 / 8), 4ull * ((c1 - c0 + 7) / 8), lane, 32);
+      }
+    }
   }
 }
 
@@ -516,14 +554,17 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   if (blockIdx.x == 0) {
     const int d = threadIdx.x;
     if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
-      reinterpret_cast<int*>(slotBase(p, d) + p.tokensOffset)[p.rank] = T;
+      reinterpret_cast<int*>(windowSlot(p, d) + p.tokensOffset)[p.rank] = T;
+      putRange(p, d, p.tokensOffset + sizeof(int) * p.rank, sizeof(int), 0, 1);
     }
   }
   // Bad ids are reported (and count as -1 everywhere). The per-rank combine also needs every
-  // selection's id and weight on the expert's rank.
+  // selection's id and weight on the expert's rank: a contiguous share of them per block.
   const int64_t entries = static_cast<int64_t>(T) * K;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < entries;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t entriesPerBlock = (entries + gridDim.x - 1) / gridDim.x;
+  const int64_t firstEntry = min(entries, static_cast<int64_t>(blockIdx.x) * entriesPerBlock);
+  const int64_t endEntry = min(entries, firstEntry + entriesPerBlock);
+  for (int64_t g = firstEntry + threadIdx.x; g < endEntry; g += blockDim.x) {
     int64_t expert = loadExpertId(p.topkIdx, p.topkIdxIs64, g);
     if (expert < -1 || expert >= p.numExperts) {
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
@@ -533,7 +574,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
     const float weight = p.topkWeights[g];
     const uint64_t at = static_cast<uint64_t>(p.rank) * p.maxTokens * K + g;
     for (uint32_t left = targets; left != 0; left &= left - 1) {
-      uint8_t* target = slotBase(p, __ffs(left) - 1);
+      uint8_t* target = windowSlot(p, __ffs(left) - 1);
       reinterpret_cast<int*>(target + p.topkOffset)[at] = static_cast<int>(expert);
       reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
@@ -542,12 +583,28 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   // flags: receivers place the rows while the rows are cast and in flight.
   sendLists(p, targets);
   __syncthreads();
-  signalTargets(p, targets, sequence, [&](int r) { return listedFlags(p, r, p.rank); });
+  if ((targets & p.putPeers) != 0) {
+    putLists(p, targets);
+    if (p.perRank) {
+      const uint64_t at = (static_cast<uint64_t>(p.rank) * p.maxTokens * K + firstEntry) * sizeof(int);
+      const uint64_t bytes = static_cast<uint64_t>(endEntry - firstEntry) * sizeof(int);
+      for (uint32_t left = targets; left != 0; left &= left - 1) {
+        putRange(p, __ffs(left) - 1, p.topkOffset + at, bytes, threadIdx.x, blockDim.x);
+        putRange(p, __ffs(left) - 1, p.weightsOffset + at, bytes, threadIdx.x, blockDim.x);
+      }
+    }
+    __syncthreads();
+  }
+  signalTargets(p, targets, sequence, p.listedOffset);
   MC_LL_PROFILE(kLlKernelDispatch, 2);
   if (p.fp8) {
     sendFp8Rows(p, tokenRanks, targets);
   } else {
     sendBf16Rows(p, tokenRanks, targets);
+  }
+  if ((targets & p.putPeers) != 0) {
+    __syncthreads();
+    putSentRows(p, tokenRanks, targets);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
   finishSend(p, targets, sequence);
@@ -674,7 +731,7 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
   const int perSource = p.maxTokens * K;
   const int entries = p.numRanks * perSource;
   const int firstLocal = p.rank * p.localExperts;
-  const float* weights = reinterpret_cast<const float*>(slotBase(p, p.rank) + p.weightsOffset);
+  const float* weights = reinterpret_cast<const float*>(mySlot(p) + p.weightsOffset);
   if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < p.numRanks) {
     p.routing.sourceTokens[threadIdx.x] = sourceTokens[threadIdx.x];
   }
@@ -692,7 +749,7 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
 // is masked and the call reports moecommTimeout: its rows in recvX are not valid.
 __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t sources) {
   const RanksWaited rows = waitAll(
-      p, sequence, [&](int r) { return sentFlags(p, p.rank, r); }, sources);
+      p, sequence, [&](int r) { return sentFlags(p, r); }, sources);
   const int s = threadIdx.x;
   if (s < p.numRanks && ((sources >> s) & 1u) != 0 && ((rows.arrived >> s) & 1u) == 0) {
     atomicCAS(p.hostError, 0, kErrorTimeout);
@@ -722,9 +779,9 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     fenceBarrierInit();
   }
   // Agreed on the listed flags: everything but the rows is here.
-  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return listedFlags(p, p.rank, r); });
+  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return listedFlags(p, r); });
   MC_LL_PROFILE(kLlKernelDispatch, 5);
-  const uint8_t* mine = slotBase(p, p.rank);
+  const uint8_t* mine = mySlot(p);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
   const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
@@ -836,9 +893,18 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
 // ---- Combine send -------------------------------------------------------------------------
 // Every received row goes to [t][k] of its token's rank, with a marker holding the sequence.
 
+// Transports with puts, a warp: combine row `entry` of `peer`'s slot and its marker.
+__device__ void putCombineRow(const LowLatencyParams& p, int peer, int entry, int lane) {
+  const uint64_t rowBytes = 2ull * p.hidden;
+  putRange(p, peer, p.combineRowsOffset + entry * rowBytes, rowBytes, lane, 32);
+  putRange(p, peer, p.markersOffset + sizeof(uint32_t) * entry, sizeof(uint32_t), lane, 1);
+}
+
 __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
+  __shared__ int batchSource[kBatchRows];  // the row's token's rank, and its entry [t][k] there
+  __shared__ int batchEntry[kBatchRows];
   __shared__ int expertStart[kLowLatencyMaxLocalExperts + 1];  // received rows before expert le
   const int L = p.localExperts;
   // The received rows, expert by expert, from the dispatch's counts (a block scan), read
@@ -885,14 +951,16 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
       const int info = p.routing.srcInfo[id];
       const int source = info / p.maxTokens;
       int4* to = nullptr;
+      const int entry = (info % p.maxTokens) * K + p.routing.firstK[id];
       if (((targets >> source) & 1u) != 0) {
-        const uint64_t entry = static_cast<uint64_t>(info % p.maxTokens) * K + p.routing.firstK[id];
-        uint8_t* base = slotBase(p, source);
+        uint8_t* base = windowSlot(p, source);
         to = reinterpret_cast<int4*>(base + p.combineRowsOffset + entry * rowBytes);
         reinterpret_cast<uint32_t*>(base + p.markersOffset)[entry] = static_cast<uint32_t>(sequence);
       }
       batchFrom[threadIdx.x] = reinterpret_cast<const int4*>(outputs + static_cast<uint64_t>(id) * rowBytes);
       batchTo[threadIdx.x] = to;
+      batchSource[threadIdx.x] = source;
+      batchEntry[threadIdx.x] = entry;
     }
     __syncthreads();
     const int rowsTotal = batch * chunksPerRow;
@@ -914,6 +982,12 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
       }
     }
     __syncthreads();
+    if ((targets & p.putPeers) != 0) {
+      for (int i = threadIdx.x >> 5; i < batch; i += kWarps) {
+        if (batchTo[i] != nullptr) putCombineRow(p, batchSource[i], batchEntry[i], threadIdx.x & 31);
+      }
+      __syncthreads();
+    }
   }
   MC_LL_PROFILE(kLlKernelCombine, 3);
   finishSend(p, targets, sequence);
@@ -1013,6 +1087,8 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
+  __shared__ int pairSource[kThreads];  // the pair's source and its entry [t][this rank] there
+  __shared__ int pairEntry[kThreads];
   __shared__ int pairRows[kThreads];                  // local selections of the pair, compacted to the front
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
@@ -1075,17 +1151,25 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
       }
       pairRows[threadIdx.x] = found;
       int4* to = nullptr;
+      const int s = sourceOf(pair);
+      const int entry = (pair - pairStart[s]) * R + p.rank;
       if (found > 0) {
-        const int s = sourceOf(pair);
-        const uint64_t entry = static_cast<uint64_t>(pair - pairStart[s]) * R + p.rank;
-        uint8_t* base = slotBase(p, s);
+        uint8_t* base = windowSlot(p, s);
         to = reinterpret_cast<int4*>(base + p.combineRowsOffset + entry * rowBytes);
         reinterpret_cast<uint32_t*>(base + p.markersOffset)[entry] = static_cast<uint32_t>(sequence);
       }
       pairTarget[threadIdx.x] = to;
+      pairSource[threadIdx.x] = s;
+      pairEntry[threadIdx.x] = entry;
     }
     __syncthreads();
     reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
+    if ((targets & p.putPeers) != 0) {
+      __syncthreads();
+      for (int i = threadIdx.x >> 5; i < roundPairs; i += kWarps) {
+        if (pairTarget[i] != nullptr) putCombineRow(p, pairSource[i], pairEntry[i], threadIdx.x & 31);
+      }
+    }
   }
   MC_LL_PROFILE(kLlKernelCombine, 3);
   finishSend(p, targets, sequence);
@@ -1122,9 +1206,9 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
     if (!p.perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
   if (myTokens > 0) loadRound(0);
-  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return sentFlags(p, r); });
   MC_LL_PROFILE(kLlKernelCombine, 5);
-  const uint8_t* mine = slotBase(p, p.rank);
+  const uint8_t* mine = mySlot(p);
   const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
   for (int round = 0; round < myTokens; round += tokensPerRound) {
     if (round > 0) {
@@ -1192,11 +1276,11 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
 // operation, a failed call's counting), since a released flag that came before a peer's send
 // half would read as "moved on" there; then releases every block's flag. One block.
 __device__ void releaseSlot(const LowLatencyParams& p, uint64_t sequence) {
-  const RanksWaited waited = waitAll(p, sequence, [&](int r) { return sentFlags(p, p.rank, r); });
+  const RanksWaited waited = waitAll(p, sequence, [&](int r) { return sentFlags(p, r); });
   maskAllBut(p, waited.arrived | waited.failed);
   __syncthreads();
   for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {
-    storeReleaseSys(releasedFlags(p, i / p.numBlocks, p.rank) + i % p.numBlocks, sequence);
+    signalFlag(p, i / p.numBlocks, p.releasedOffset, i % p.numBlocks, sequence);
   }
 }
 
@@ -1216,8 +1300,8 @@ __global__ void __launch_bounds__(kThreads) failedKernel(const LowLatencyParams 
     if (target || r != p.rank) {
       // Both kinds: a dispatch's receivers agree on the listed flags, a combine's on the sent.
       const uint64_t value = sequence | (target ? kFailedBit : kAbsentBit);
-      storeReleaseSys(listedFlags(p, r, p.rank) + i % p.numBlocks, value);
-      storeReleaseSys(sentFlags(p, r, p.rank) + i % p.numBlocks, value);
+      signalFlag(p, r, p.listedOffset, i % p.numBlocks, value);
+      signalFlag(p, r, p.sentOffset, i % p.numBlocks, value);
     }
   }
   if (threadIdx.x == 0) p.state->slotSequence[p.slot] = sequence;

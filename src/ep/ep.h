@@ -159,6 +159,8 @@ class EpBackend {
   // moecommCommGetAsyncError, from any thread: raises on the comm the errors the backend's
   // kernels recorded and no call has collected yet. Must not block or touch call state.
   virtual void pollAsyncErrors() {}
+  // How the low-latency kernels reach peers ("nvlink", "staged"; the host backend: "host").
+  virtual const char* lowLatencyTransport() const { return "host"; }
 };
 
 // ---- Engine entry points (the API layer checks that ep / comm are live first) ----

@@ -306,6 +306,9 @@ class CudaEpBackend : public EpBackend {
   moecommResult_t pushRankMask() override {
     return lowLatency_ != nullptr ? lowLatency_->pushRankMask() : moecommSuccess;
   }
+  const char* lowLatencyTransport() const override {
+    return lowLatency_ != nullptr ? lowLatency_->transportName() : "none";
+  }
 
   moecommResult_t destroy() override {
     DeviceScope scope(ep_->comm->device);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/align.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "ep/cuda_scope.h"
@@ -157,6 +158,19 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
 
   MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
   for (int r = 0; r < shape.numRanks; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
+  // The transport (device/ll_transport.cuh): every peer nvlink, or every peer but this rank
+  // staged through a local mirror of its buffer.
+  const std::string transport = envString(Env::LlTransport);
+  MC_REQUIRE(transport == "nvlink" || transport == "staged", moecommInvalidArgument,
+             "MOECOMM_LL_TRANSPORT = '%s' is not a low-latency transport (nvlink or staged)", transport.c_str());
+  if (transport == "staged" && R > 1) MC_CUDA(cudaMalloc(&mirror_, bytes * R));
+  for (int r = 0; r < shape.numRanks; ++r) {
+    p.windows[r] = p.peers[r];
+    if (mirror_ != nullptr && r != p.rank) {
+      p.windows[r] = static_cast<uint8_t*>(mirror_) + bytes * static_cast<uint64_t>(r);
+      p.putPeers |= 1u << r;
+    }
+  }
 
   void* state = nullptr;
   MC_CUDA(cudaMalloc(&state, sizeof(device::LowLatencyState)));
@@ -186,9 +200,9 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
     freeRoutings_.push_back(routing);
   }
   MC_CUDA(cudaDeviceSynchronize());
-  MC_INFO(kLogEp, "rank %d: CUDA low-latency buffer %llu bytes (2 slots of %llu, %s), %d blocks", ep_->rank,
-          static_cast<unsigned long long>(bytes), static_cast<unsigned long long>(p.slotBytes), buffer_->method(),
-          p.numBlocks);
+  MC_INFO(kLogEp, "rank %d: CUDA low-latency buffer %llu bytes (2 slots of %llu, %s), %d blocks, transport %s",
+          ep_->rank, static_cast<unsigned long long>(bytes), static_cast<unsigned long long>(p.slotBytes),
+          buffer_->method(), p.numBlocks, transportName());
   return moecommSuccess;
 }
 
@@ -212,6 +226,8 @@ void CudaLowLatency::release() {
   }
   releaseEvent_ = nullptr;
   freeDevice(zeroCopy_);
+  freeDevice(mirror_);
+  mirror_ = nullptr;
   zeroCopy_ = nullptr;
   freeDevice(state_);
   state_ = nullptr;

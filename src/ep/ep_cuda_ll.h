@@ -58,6 +58,8 @@ class CudaLowLatency {
   moecommResult_t pushRankMask();
   // Collective teardown, before the barrier of moecommEpDestroy: unmaps the peers' buffers.
   moecommResult_t detachPeers();
+  // The transport of the kernels (MOECOMM_LL_TRANSPORT): "nvlink" or "staged".
+  const char* transportName() const { return mirror_ != nullptr ? "staged" : "nvlink"; }
   // Builds with -DMOECOMM_KERNEL_PROFILE only: logs the timeline of the last call of each kernel.
   void logProfile();
 
@@ -115,6 +117,9 @@ class CudaLowLatency {
   void* releaseEvent_ = nullptr;              // cudaEvent_t after the last releaseAbandoned
   bool releasePending_ = false;
   void* zeroCopy_ = nullptr;  // device [E_local, R*maxT, H] BF16
+  // MOECOMM_LL_TRANSPORT=staged: device [R][buffer bytes], the windows of the peers (a local
+  // mirror of each peer's buffer that the kernels put from; device/ll_transport.cuh).
+  void* mirror_ = nullptr;
   std::vector<Routing> freeRoutings_;
   std::unordered_map<moecommEpHandle*, Routing> routings_;
 };

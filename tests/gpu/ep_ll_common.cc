@@ -9,7 +9,9 @@
 #include <functional>
 #include <random>
 
+#include "core/comm.h"
 #include "ep/dtype.h"
+#include "ep/ep.h"
 
 namespace moecomm_gpu_test {
 
@@ -239,7 +241,20 @@ moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape
   config.maxTokensPerRank = shape.maxTokensPerRank;
   config.topk = shape.topk;
   config.mode = moecommEpModeLowLatency;
-  return moecommEpCreate(comm, &config, ep);
+  const moecommResult_t result = moecommEpCreate(comm, &config, ep);
+  // A run with MOECOMM_LL_TRANSPORT set (gpu_EpCudaLowLatencyStaged_n*) must really use that
+  // transport: with one rank there is no peer to reach, and the kernels use none.
+  const char* wanted = std::getenv("MOECOMM_LL_TRANSPORT");
+  if (result == moecommSuccess && wanted != nullptr && comm->nranks > 1) {
+    const char* used = (*ep)->backend->lowLatencyTransport();
+    if (std::strcmp(used, wanted) != 0) {
+      std::fprintf(stderr, "MOECOMM_LL_TRANSPORT=%s but the EP's low-latency transport is %s\n", wanted, used);
+      moecommEpDestroy(*ep);
+      *ep = nullptr;
+      return moecommInternalError;
+    }
+  }
+  return result;
 }
 
 std::string CombineAndCompare(moecommComm_t comm, moecommEp_t ep, const moecommEpLowLatencyCombineArgs_t& args,
