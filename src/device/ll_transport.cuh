@@ -54,8 +54,8 @@ __device__ __forceinline__ bool needsPut(const LowLatencyParams& p, int peer) {
 // slot from this rank's window of `peer` to the peer. The stores it covers must be ordered
 // before it (the same thread, or a barrier). 16-byte units when the range allows, else 4-byte
 // (every range of the kernels is a multiple of 4 bytes at a 4-byte offset).
-__device__ inline void putRange(const LowLatencyParams& p, int peer, uint64_t offset, uint64_t bytes, int lane,
-                                int lanes) {
+__device__ __forceinline__ void putRange(const LowLatencyParams& p, int peer, uint64_t offset, uint64_t bytes, int lane,
+                                         int lanes) {
   if (!needsPut(p, peer) || bytes == 0) return;
   const uint8_t* from = p.windows[peer] + slotStart(p) + offset;
   uint8_t* to = p.peers[peer] + slotStart(p) + offset;

@@ -877,7 +877,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   MC_LL_PROFILE(kLlKernelDispatch, 9);
 }
 
-__global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParams p) {
+__global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyParams p) {
   extern __shared__ int4 dispatchShared[];
   MC_LL_PROFILE(kLlKernelDispatch, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
@@ -893,9 +893,11 @@ __global__ void __launch_bounds__(kThreads) dispatchKernel(const LowLatencyParam
 // ---- Combine send -------------------------------------------------------------------------
 // Every received row goes to [t][k] of its token's rank, with a marker holding the sequence.
 
-// Transports with puts, a warp: combine row `entry` of `peer`'s slot and its marker.
-__device__ void putCombineRow(const LowLatencyParams& p, int peer, int entry, int lane) {
+// Transports with puts, a warp: the combine row at `row` of peer's window and its marker.
+__device__ void putCombineRow(const LowLatencyParams& p, int peer, const int4* row, int lane) {
   const uint64_t rowBytes = 2ull * p.hidden;
+  const uint64_t entry =
+      (reinterpret_cast<const uint8_t*>(row) - (windowSlot(p, peer) + p.combineRowsOffset)) / rowBytes;
   putRange(p, peer, p.combineRowsOffset + entry * rowBytes, rowBytes, lane, 32);
   putRange(p, peer, p.markersOffset + sizeof(uint32_t) * entry, sizeof(uint32_t), lane, 1);
 }
@@ -903,8 +905,6 @@ __device__ void putCombineRow(const LowLatencyParams& p, int peer, int entry, in
 __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
-  __shared__ int batchSource[kBatchRows];  // the row's token's rank, and its entry [t][k] there
-  __shared__ int batchEntry[kBatchRows];
   __shared__ int expertStart[kLowLatencyMaxLocalExperts + 1];  // received rows before expert le
   const int L = p.localExperts;
   // The received rows, expert by expert, from the dispatch's counts (a block scan), read
@@ -951,16 +951,14 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
       const int info = p.routing.srcInfo[id];
       const int source = info / p.maxTokens;
       int4* to = nullptr;
-      const int entry = (info % p.maxTokens) * K + p.routing.firstK[id];
       if (((targets >> source) & 1u) != 0) {
+        const uint64_t entry = static_cast<uint64_t>(info % p.maxTokens) * K + p.routing.firstK[id];
         uint8_t* base = windowSlot(p, source);
         to = reinterpret_cast<int4*>(base + p.combineRowsOffset + entry * rowBytes);
         reinterpret_cast<uint32_t*>(base + p.markersOffset)[entry] = static_cast<uint32_t>(sequence);
       }
       batchFrom[threadIdx.x] = reinterpret_cast<const int4*>(outputs + static_cast<uint64_t>(id) * rowBytes);
       batchTo[threadIdx.x] = to;
-      batchSource[threadIdx.x] = source;
-      batchEntry[threadIdx.x] = entry;
     }
     __syncthreads();
     const int rowsTotal = batch * chunksPerRow;
@@ -984,7 +982,9 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
     __syncthreads();
     if ((targets & p.putPeers) != 0) {
       for (int i = threadIdx.x >> 5; i < batch; i += kWarps) {
-        if (batchTo[i] != nullptr) putCombineRow(p, batchSource[i], batchEntry[i], threadIdx.x & 31);
+        if (batchTo[i] == nullptr) continue;
+        const int id = static_cast<int>((reinterpret_cast<const uint8_t*>(batchFrom[i]) - outputs) / rowBytes);
+        putCombineRow(p, p.routing.srcInfo[id] / p.maxTokens, batchTo[i], threadIdx.x & 31);
       }
       __syncthreads();
     }
@@ -1087,8 +1087,6 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
-  __shared__ int pairSource[kThreads];  // the pair's source and its entry [t][this rank] there
-  __shared__ int pairEntry[kThreads];
   __shared__ int pairRows[kThreads];                  // local selections of the pair, compacted to the front
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
@@ -1151,23 +1149,21 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
       }
       pairRows[threadIdx.x] = found;
       int4* to = nullptr;
-      const int s = sourceOf(pair);
-      const int entry = (pair - pairStart[s]) * R + p.rank;
       if (found > 0) {
+        const int s = sourceOf(pair);
+        const uint64_t entry = static_cast<uint64_t>(pair - pairStart[s]) * R + p.rank;
         uint8_t* base = windowSlot(p, s);
         to = reinterpret_cast<int4*>(base + p.combineRowsOffset + entry * rowBytes);
         reinterpret_cast<uint32_t*>(base + p.markersOffset)[entry] = static_cast<uint32_t>(sequence);
       }
       pairTarget[threadIdx.x] = to;
-      pairSource[threadIdx.x] = s;
-      pairEntry[threadIdx.x] = entry;
     }
     __syncthreads();
     reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
     if ((targets & p.putPeers) != 0) {
       __syncthreads();
       for (int i = threadIdx.x >> 5; i < roundPairs; i += kWarps) {
-        if (pairTarget[i] != nullptr) putCombineRow(p, pairSource[i], pairEntry[i], threadIdx.x & 31);
+        if (pairTarget[i] != nullptr) putCombineRow(p, sourceOf(round + i), pairTarget[i], threadIdx.x & 31);
       }
     }
   }

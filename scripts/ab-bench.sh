@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A/B of the low-latency kernels on one GPU machine (developer tool): builds the tree in
+# directory $A (an older commit, e.g. `git archive <commit> | tar -x -C ab-old`) and this tree,
+# then runs W-decode benches alternately, A B A B ..., ROUNDS times (default 3), in both combine
+# forms, checked (-c 1), without the NCCL baseline and the roofline (the A/B is against A, on
+# the same GPUs). Prints the kernel-only medians per round; the JSON goes to $OUT/ab-<A|B>.jsonl.
+# Env: A (required), ROUNDS, GRID (default 132), NRANKS (default: every GPU), TESTS (a ctest
+# regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4").
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+out=${OUT:-$PWD/ab-logs}; mkdir -p "$out"
+a=${A:?set A to the directory of the older tree}
+n=${NRANKS:-$(nvidia-smi -L | wc -l)}
+jobs=$(( $(nproc) / 2 ))
+build() {  # source dir, build dir, log
+  cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON > "$3" 2>&1 &&
+    cmake --build "$2" -j "$jobs" --target moecomm-run moecomm-bench moecomm_gpu_tests >> "$3" 2>&1
+}
+build "$a" build-ab-a "$out/build-a.log" & pa=$!
+build . build-ab-b "$out/build-b.log" & pb=$!
+wait $pa || { echo "A build failed"; grep -E "error" "$out/build-a.log" | head; exit 1; }
+wait $pb || { echo "B build failed"; grep -E "error" "$out/build-b.log" | head; exit 1; }
+if [ -n "${TESTS:-}" ]; then
+  (cd build-ab-b && timeout 300 ctest -R "$TESTS" --timeout 240 --output-on-failure) > "$out/ctest-b.log" 2>&1
+  grep -E "Passed|Failed|tests passed|tests failed" "$out/ctest-b.log" | tail -8
+fi
+for round in $(seq 1 "${ROUNDS:-3}"); do
+  for side in a b; do
+    for form in default per-rank; do
+      extra=""; [ "$form" = per-rank ] && extra="--ll-per-rank"
+      timeout 120 build-ab-$side/tools/moecomm-run -n "$n" -t 110 build-ab-$side/tools/bench/moecomm-bench -w W-decode \
+        --ll --graph -S "${GRID:-132}" -n 50 -W 10 -c 1 --no-baseline --no-roofline $extra \
+        -J "$out/ab-$side.jsonl" > "$out/bench-$side-$form-$round.txt" 2>&1
+      line=$(grep -E "^\[rank 0\] libmoecomm" "$out/bench-$side-$form-$round.txt" | awk '{printf "%s %s ", $4, $9}')
+      echo "round $round $side $form: $line$(grep -c 'check failed' "$out/bench-$side-$form-$round.txt") check failures"
+    done
+  done
+done
