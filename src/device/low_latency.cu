@@ -31,6 +31,8 @@
 // Nothing traps, nothing hangs.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "core/align.h"
 #include "device/bulk_copy.cuh"
 #include "device/common.cuh"
@@ -535,6 +537,10 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
+// kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
+// is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
+// transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
+template <bool kPuts>
 __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
@@ -583,7 +589,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   // flags: receivers place the rows while the rows are cast and in flight.
   sendLists(p, targets);
   __syncthreads();
-  if ((targets & p.putPeers) != 0) {
+  if (kPuts && (targets & p.putPeers) != 0) {
     putLists(p, targets);
     if (p.perRank) {
       const uint64_t at = (static_cast<uint64_t>(p.rank) * p.maxTokens * K + firstEntry) * sizeof(int);
@@ -602,7 +608,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   } else {
     sendBf16Rows(p, tokenRanks, targets);
   }
-  if ((targets & p.putPeers) != 0) {
+  if (kPuts && (targets & p.putPeers) != 0) {
     __syncthreads();
     putSentRows(p, tokenRanks, targets);
   }
@@ -877,13 +883,14 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   MC_LL_PROFILE(kLlKernelDispatch, 9);
 }
 
+template <bool kPuts>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyParams p) {
   extern __shared__ int4 dispatchShared[];
   MC_LL_PROFILE(kLlKernelDispatch, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
-  if (send) dispatchSend(p, sequence, dispatchShared);
+  if (send) dispatchSend<kPuts>(p, sequence, dispatchShared);
   if (receive) {
     __syncthreads();  // the send half's shared memory is reused
     dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared));
@@ -902,6 +909,7 @@ __device__ void putCombineRow(const LowLatencyParams& p, int peer, const int4* r
   putRange(p, peer, p.markersOffset + sizeof(uint32_t) * entry, sizeof(uint32_t), lane, 1);
 }
 
+template <bool kPuts>
 __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
@@ -980,7 +988,7 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
       }
     }
     __syncthreads();
-    if ((targets & p.putPeers) != 0) {
+    if (kPuts && (targets & p.putPeers) != 0) {
       for (int i = threadIdx.x >> 5; i < batch; i += kWarps) {
         if (batchTo[i] == nullptr) continue;
         const int id = static_cast<int>((reinterpret_cast<const uint8_t*>(batchFrom[i]) - outputs) / rowBytes);
@@ -1083,6 +1091,7 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
 constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
 
+template <bool kPuts>
 __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
@@ -1160,7 +1169,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
     }
     __syncthreads();
     reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
-    if ((targets & p.putPeers) != 0) {
+    if (kPuts && (targets & p.putPeers) != 0) {
       __syncthreads();
       for (int i = threadIdx.x >> 5; i < roundPairs; i += kWarps) {
         if (pairTarget[i] != nullptr) putCombineRow(p, sourceOf(round + i), pairTarget[i], threadIdx.x & 31);
@@ -1253,14 +1262,15 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
   MC_LL_PROFILE(kLlKernelCombine, 9);
 }
 
+template <bool kPuts>
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
   MC_LL_PROFILE(kLlKernelCombine, 0);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send && p.perRank) {
-    combineSendPerRank(p, sequence);
+    combineSendPerRank<kPuts>(p, sequence);
   } else if (send) {
-    combineSend(p, sequence);
+    combineSend<kPuts>(p, sequence);
   }
   if ((p.phases & kLowLatencyPhaseReceive) != 0) {
     __syncthreads();
@@ -1328,15 +1338,24 @@ uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params) {
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   // The attribute is per kernel and process-wide: always the same (largest) value, so EPs of
   // different shapes never lower it under one another.
-  const cudaError_t err = cudaFuncSetAttribute(dispatchKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(maxDynamicSharedBytes));
-  return static_cast<int>(err);
+  for (const void* kernel :
+       {reinterpret_cast<const void*>(dispatchKernel<false>), reinterpret_cast<const void*>(dispatchKernel<true>)}) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(maxDynamicSharedBytes));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  return 0;
 }
 
 int64_t lowLatencyDispatchStaticSharedBytes() {
-  cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, dispatchKernel) != cudaSuccess) return -1;
-  return static_cast<int64_t>(attributes.sharedSizeBytes);
+  int64_t most = 0;
+  for (const void* kernel :
+       {reinterpret_cast<const void*>(dispatchKernel<false>), reinterpret_cast<const void*>(dispatchKernel<true>)}) {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) return -1;
+    most = std::max(most, static_cast<int64_t>(attributes.sharedSizeBytes));
+  }
+  return most;
 }
 
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
@@ -1351,12 +1370,20 @@ int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream
     const uint64_t receive = lowLatencyDispatchRecvSharedBytes(params);
     if (receive > shared) shared = receive;
   }
-  dispatchKernel<<<params.numBlocks, kThreads, shared, stream>>>(params);
+  if (params.putPeers != 0) {
+    dispatchKernel<true><<<params.numBlocks, kThreads, shared, stream>>>(params);
+  } else {
+    dispatchKernel<false><<<params.numBlocks, kThreads, shared, stream>>>(params);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
 int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream) {
-  combineKernel<<<params.numBlocks, kThreads, 0, stream>>>(params);
+  if (params.putPeers != 0) {
+    combineKernel<true><<<params.numBlocks, kThreads, 0, stream>>>(params);
+  } else {
+    combineKernel<false><<<params.numBlocks, kThreads, 0, stream>>>(params);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
