@@ -5,7 +5,8 @@
 # forms, checked (-c 1), without the NCCL baseline and the roofline (the A/B is against A, on
 # the same GPUs). Prints the kernel-only medians per round; the JSON goes to $OUT/ab-<A|B>.jsonl.
 # Env: A (required), ROUNDS, GRID (default 132), NRANKS (default: every GPU), TESTS (a ctest
-# regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4").
+# regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4"), A_COMMIT (the
+# commit written into A's JSON; default $A/.bench-commit; B's is ./.bench-commit).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/ab-logs}; mkdir -p "$out"
@@ -28,7 +29,8 @@ for round in $(seq 1 "${ROUNDS:-3}"); do
   for side in a b; do
     for form in default per-rank; do
       extra=""; [ "$form" = per-rank ] && extra="--ll-per-rank"
-      timeout 120 build-ab-$side/tools/moecomm-run -n "$n" -t 110 build-ab-$side/tools/bench/moecomm-bench -w W-decode \
+      if [ $side = a ]; then commit=${A_COMMIT:-$(cat "$a/.bench-commit" 2>/dev/null || echo unknown)}; else commit=$(cat .bench-commit 2>/dev/null || echo unknown); fi
+      MOECOMM_BENCH_COMMIT=$commit timeout 120 build-ab-$side/tools/moecomm-run -n "$n" -t 110 build-ab-$side/tools/bench/moecomm-bench -w W-decode \
         --ll --graph -S "${GRID:-132}" -n 50 -W 10 -c 1 --no-baseline --no-roofline $extra \
         -J "$out/ab-$side.jsonl" > "$out/bench-$side-$form-$round.txt" 2>&1
       line=$(grep -E "^\[rank 0\] libmoecomm" "$out/bench-$side-$form-$round.txt" | awk '{printf "%s %s ", $4, $9}')
