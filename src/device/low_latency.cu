@@ -234,10 +234,10 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
   return present;
 }
 
-// Threads with r = 0..R-1 (default r = threadIdx.x), after a barrier: this block's flag of
-// `region` (sentOffset, listedOffset) on every target, with kAbsentBit on every other rank.
-__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, uint64_t region,
-                              int r = threadIdx.x) {
+// Threads 0..R-1, after a barrier: this block's flag of `region` (sentOffset, listedOffset)
+// on every target, with kAbsentBit on every other rank.
+__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, uint64_t region) {
+  const int r = threadIdx.x;
   if (r < p.numRanks) {
     const bool target = ((targets >> r) & 1u) != 0;
     if (target || r != p.rank) signalFlag(p, r, region, blockIdx.x, target ? sequence : sequence | kAbsentBit);
@@ -602,10 +602,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
     }
     __syncthreads();
   }
-  // The last warp publishes the listed flags while the other warps start on the rows: a
-  // release waits until the block's earlier stores are visible on the peers, and only the
-  // publishing threads need to wait for that. (Event 2: the lists stored, not yet published.)
-  if ((threadIdx.x >> 5) == kWarps - 1) signalTargets(p, targets, sequence, p.listedOffset, threadIdx.x & 31);
+  signalTargets(p, targets, sequence, p.listedOffset);
   MC_LL_PROFILE(kLlKernelDispatch, 2);
   if (p.fp8) {
     sendFp8Rows(p, tokenRanks, targets);
