@@ -560,7 +560,8 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
   if (blockIdx.x == 0) {
     const int d = threadIdx.x;
     if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
-      reinterpret_cast<int*>(windowSlot(p, d) + p.tokensOffset)[p.rank] = T;
+      reinterpret_cast<int*>(windowSlot(p, d) + p.tokensOffset)[p.rank] =
+          T | (lowLatencyFormat(p.fp8, p.roundScale, p.perRank) << kLowLatencyFormatShift);
       putRange(p, d, p.tokensOffset + sizeof(int) * p.rank, sizeof(int), 0, 1);
     }
   }
@@ -800,7 +801,14 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   if (static_cast<int>(threadIdx.x) < R) {
     const int s = threadIdx.x;
     const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
-    sourceTokens[s] = ((sources >> s) & 1u) != 0 ? min(max(__ldcg(tokens + s), 0), p.maxTokens) : 0;
+    const int word = ((sources >> s) & 1u) != 0 ? __ldcg(tokens + s) : 0;
+    // A source whose row format differs from this rank's is absent for this operation.
+    const bool agrees = (word >> kLowLatencyFormatShift) == lowLatencyFormat(p.fp8, p.roundScale, p.perRank);
+    sourceTokens[s] = agrees ? min(max(word & ((1 << kLowLatencyFormatShift) - 1), 0), p.maxTokens) : 0;
+    if (!agrees && ((sources >> s) & 1u) != 0 && blockIdx.x == 0) {
+      atomicOr(p.hostFormatPeers, static_cast<int>(1u << s));
+      atomicCAS(p.hostError, 0, kErrorInvalidArgument);
+    }
   }
   __syncthreads();
   // Exclusive scan of the clamped counts, kThreads items at a time (in place: each thread

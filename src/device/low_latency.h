@@ -13,7 +13,8 @@
 //             counts, lists, ids and weights: everything but the rows), stored before the
 //             block sends its rows, so receivers place rows while the rows are in flight;
 //   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
-//             tokens  int [R source]: T of each source;
+//             tokens  int [R source]: T of each source, with the source's row format in
+//                     bits kLowLatencyFormatShift.. (lowLatencyFormat);
 //             counts  int [R source][E_local]: how many of the source's tokens select each
 //                     local expert;
 //             lists   int [R source][E_local][maxT]: those tokens, ascending, as t * 32 + the
@@ -62,6 +63,16 @@ constexpr int kLowLatencyKernels = 2;
 // done, 7 rows placed (dispatch; the rows' flags are waited for after it), 8 data consumed,
 // 9 released flags stored; then (not times) the SM clock at events 0 and 9.
 constexpr int kLowLatencyProfileEvents = 12;
+
+// The row format a dispatch's sender and receivers must agree on, sent with T (T uses the bits
+// below kLowLatencyFormatShift, so maxTokensPerRank < 2^28): FP8 rows, power-of-two scales
+// (MOECOMM_LL_ROUND_SCALE or UE8M0), the per-rank combine's ids and weights. A receiver
+// treats a source whose format differs as absent for the operation and reports
+// moecommInvalidArgument (the peers in LowLatencyParams::hostFormatPeers).
+constexpr int kLowLatencyFormatShift = 28;
+MC_HOST_DEVICE inline int lowLatencyFormat(int fp8, int roundScale, int perRank) {
+  return (fp8 != 0 ? 1 : 0) | (roundScale != 0 ? 2 : 0) | (perRank != 0 ? 4 : 0);
+}
 
 // Device memory private to one rank (not in the symmetric buffer).
 struct LowLatencyState {
@@ -122,6 +133,7 @@ struct LowLatencyParams {
   LowLatencyState* state;
   volatile int* hostMasked;  // mapped host [R]: set to 1 when a kernel masks a rank
   int* hostError;            // mapped host [1]: first error code (bad expert id)
+  int* hostFormatPeers;      // mapped host [1]: bit s set when source s sent another row format
 
   // The call.
   int phases;  // kLowLatencyPhase* bits

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "core/enum_value.h"
+#include "device/low_latency.h"
 #include "ep/ep.h"
 
 namespace moecomm {
@@ -26,6 +27,15 @@ moecommResult_t checkLowLatencyDispatchArgs(const moecommEp& ep, const moecommEp
                                             moecommEpHandle_t* handle);
 moecommResult_t checkLowLatencyCombineArgs(const moecommEp& ep, const moecommEpLowLatencyCombineArgs_t* args,
                                            moecommEpHandle_t handle);
+// The row format of a low-latency dispatch, which every rank must use in the same operation
+// (a receiver treats a source with another one as absent and reports moecommInvalidArgument
+// through the async error): FP8 rows, power-of-two scales, the per-rank combine.
+inline int lowLatencyFormatOf(const moecommEpLowLatencyDispatchArgs_t& args) {
+  return device::lowLatencyFormat(args.recvType == moecommFloat8E4M3,
+                                  (args.flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0,
+                                  (args.flags & MOECOMM_LL_PER_RANK_COMBINE) != 0);
+}
+
 // A handle with a send-only half waiting for moecommEpComplete.
 moecommResult_t checkCompleteArgs(const moecommEp& ep, moecommEpHandle_t handle);
 

@@ -27,6 +27,7 @@ constexpr int kPreallocatedRoutings = 4;
 // The receive half's arguments into p.
 void setDispatchReceive(const moecommEpLowLatencyDispatchArgs_t& args, device::LowLatencyParams* p) {
   p->fp8 = args.recvType == moecommFloat8E4M3 ? 1 : 0;
+  p->roundScale = (args.flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0 ? 1 : 0;
   p->ue8m0 = (args.flags & MOECOMM_LL_UE8M0) != 0 ? 1 : 0;
   p->perRank = (args.flags & MOECOMM_LL_PER_RANK_COMBINE) != 0 ? 1 : 0;
   p->recvX = args.recvX;
@@ -147,6 +148,9 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   const uint64_t sharedLimit = static_cast<uint64_t>(std::max<int64_t>(0, optIn - staticShared));
   const uint64_t dispatchShared =
       std::max(device::lowLatencyDispatchSendSharedBytes(p), device::lowLatencyDispatchRecvSharedBytes(p));
+  MC_REQUIRE(maxT < (1ull << device::kLowLatencyFormatShift), moecommNotSupported,
+             "maxTokensPerRank = %llu is too large for the low-latency kernels (at most %llu)",
+             static_cast<unsigned long long>(maxT), (1ull << device::kLowLatencyFormatShift) - 1);
   MC_REQUIRE(dispatchShared <= sharedLimit, moecommNotSupported,
              "maxTokensPerRank = %llu or ranks x experts per rank = %llu is too large for the low-latency dispatch "
              "kernels (%llu bytes of shared memory; this GPU allows %llu)",
@@ -179,7 +183,7 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   p.state = state_;
 
   int* host = nullptr;
-  const size_t hostWords = 1 + R;
+  const size_t hostWords = 2 + R;  // error, masked[R], format peers
   MC_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * hostWords, cudaHostAllocMapped));
   std::memset(host, 0, sizeof(int) * hostWords);
   host_ = host;
@@ -187,6 +191,7 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   MC_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&devicePointer), host, 0));
   p.hostError = devicePointer;
   p.hostMasked = devicePointer + 1;
+  p.hostFormatPeers = devicePointer + 1 + R;
   MC_CUDA(cudaMallocHost(reinterpret_cast<void**>(&hostMaskStaging_), sizeof(int) * R));
   cudaStream_t control = nullptr;
   MC_CUDA(cudaStreamCreateWithFlags(&control, cudaStreamNonBlocking));
@@ -405,6 +410,17 @@ void CudaLowLatency::pollAsyncErrors() {
   if (host_ == nullptr) return;
   // Taken and cleared in one step: moecommCommGetAsyncError may run this on another thread.
   const int code = __atomic_exchange_n(const_cast<int*>(host_), 0, __ATOMIC_ACQ_REL);
+  const int R = ep_->shape.numRanks;
+  const unsigned formatPeers =
+      static_cast<unsigned>(__atomic_exchange_n(const_cast<int*>(host_) + 1 + R, 0, __ATOMIC_ACQ_REL));
+  for (int s = 0; s < R; ++s) {
+    if (((formatPeers >> s) & 1u) == 0) continue;
+    MC_WARN(kLogEp,
+            "rank %d: rank %d's low-latency dispatch used another row format (recvType, MOECOMM_LL_ROUND_SCALE / "
+            "MOECOMM_LL_UE8M0, or MOECOMM_LL_PER_RANK_COMBINE) than this rank's for the same operation; its tokens "
+            "were treated as absent (moecommInvalidArgument)",
+            ep_->rank, s);
+  }
   if (code != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
 }
 
@@ -526,7 +542,6 @@ moecommResult_t CudaLowLatency::startDispatch(const moecommEpLowLatencyDispatchA
   p.x = args->x;
   p.topkIdx = args->topkIdx;
   p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
-  p.roundScale = (args->flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0 ? 1 : 0;
   created->perRankCombine = (args->flags & MOECOMM_LL_PER_RANK_COMBINE) != 0;
   p.topkWeights = args->topkWeights;
   const bool sendOnly = (args->flags & MOECOMM_LL_SEND_ONLY) != 0;

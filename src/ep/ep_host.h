@@ -73,7 +73,7 @@ struct LowLatencyControl {
 
 struct LowLatencyDispatchHeader {
   int32_t numTokens;
-  int32_t reserved;
+  int32_t format;  // lowLatencyFormatOf the sender's args: receivers with another one skip it
 };
 struct LowLatencyDispatchRegion {
   size_t header, topkIdx, x, bytes;

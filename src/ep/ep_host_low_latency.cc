@@ -160,7 +160,7 @@ moecommResult_t HostEpBackend::publishLowLatencyDispatch(const moecommEpLowLaten
   MC_CHECK(readTopkIdx(shape(), args->topkIdx, args->topkIdxType, args->numTokens, topkIdx));
   const LowLatencyDispatchRegion region(shape());
   uint8_t* base = lowLatencySlot(ep_->rank, slot);
-  const LowLatencyDispatchHeader header{args->numTokens, 0};
+  const LowLatencyDispatchHeader header{args->numTokens, lowLatencyFormatOf(*args)};
   std::memcpy(base + region.header, &header, sizeof(header));
   if (args->numTokens > 0) {
     // memcpy from an empty vector's data() (possibly NULL) is undefined even for 0 bytes.
@@ -179,6 +179,16 @@ moecommResult_t HostEpBackend::receiveLowLatencyDispatch(moecommEpHandle* handle
     const uint8_t* base = lowLatencySlot(s, handle->bufferSlot);
     LowLatencyDispatchHeader header;
     std::memcpy(&header, base + region.header, sizeof(header));
+    if (header.format != lowLatencyFormatOf(args)) {
+      // As on the CUDA backend (whose senders cast): the source is absent for this operation.
+      MC_WARN(kLogEp,
+              "rank %d: rank %d's low-latency dispatch used another row format (recvType, MOECOMM_LL_ROUND_SCALE / "
+              "MOECOMM_LL_UE8M0, or MOECOMM_LL_PER_RANK_COMBINE) than this rank's for the same operation; its tokens "
+              "were treated as absent (moecommInvalidArgument)",
+              ep_->rank, s);
+      ep_->comm->raiseAsyncError(moecommInvalidArgument);
+      continue;
+    }
     sources[s].numTokens = std::min(std::max(header.numTokens, 0), shape().maxTokensPerRank);
     sources[s].topkIdx = reinterpret_cast<const int64_t*>(base + region.topkIdx);
     sources[s].x = reinterpret_cast<const uint16_t*>(base + region.x);

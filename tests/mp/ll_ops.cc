@@ -30,9 +30,12 @@ std::string LowLatencyCase::Describe() const {
 }
 
 std::vector<ReferenceLowLatency> ComputeAllLowLatencyRows(const EpShape& shape, const std::vector<RankInputs>& all,
-                                                          const std::vector<int>& masked) {
+                                                          const std::vector<int>& masked,
+                                                          const std::vector<std::vector<int>>* views) {
   std::vector<ReferenceLowLatency> per_rank;
-  for (int r = 0; r < shape.nranks; ++r) per_rank.push_back(ComputeLowLatencyRows(shape, all, r, masked));
+  for (int r = 0; r < shape.nranks; ++r) {
+    per_rank.push_back(ComputeLowLatencyRows(shape, all, r, views != nullptr ? (*views)[r] : masked));
+  }
   return per_rank;
 }
 
@@ -188,7 +191,7 @@ void LowLatencyDispatch::Check(const std::vector<RankInputs>& all, const std::ve
 
 LowLatencyCombine::LowLatencyCombine(const EpShape& shape, const std::vector<RankInputs>& all,
                                      const std::vector<int>& masked, moecommDataType_t index_type, Random& random,
-                                     bool per_rank_sum)
+                                     bool per_rank_sum, const std::vector<std::vector<int>>* views)
     : shape_(shape),
       all_(all),
       perRank_(per_rank_sum),
@@ -196,7 +199,7 @@ LowLatencyCombine::LowLatencyCombine(const EpShape& shape, const std::vector<Ran
       out_(static_cast<size_t>(all[Mp().rank].numTokens) * shape.hidden, kPoisonFloat),
       describe_(std::string("low-latency combine, ") + (per_rank_sum ? "per-rank sum, " : "") +
                 IndexTypeName(index_type) + " topk") {
-  const std::vector<ReferenceLowLatency> per_rank = ComputeAllLowLatencyRows(shape, all, masked);
+  const std::vector<ReferenceLowLatency> per_rank = ComputeAllLowLatencyRows(shape, all, masked, views);
   const size_t rows_per_expert = static_cast<size_t>(shape.nranks) * shape.maxTokensPerRank;
   const uint16_t nan_bits = FloatToBf16(std::nanf(""));
   for (int r = 0; r < shape.nranks; ++r) {

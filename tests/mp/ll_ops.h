@@ -25,8 +25,11 @@ struct LowLatencyCase {
 };
 
 // All ranks' receive rows (who lands in which expert slot) for one set of inputs.
+// views: when given, rank r's rows are computed with (*views)[r] (what r has masked), else
+// every rank's with `masked`.
 std::vector<ReferenceLowLatency> ComputeAllLowLatencyRows(const EpShape& shape, const std::vector<RankInputs>& all,
-                                                          const std::vector<int>& masked);
+                                                          const std::vector<int>& masked,
+                                                          const std::vector<std::vector<int>>* views = nullptr);
 
 class LowLatencyDispatch {
  public:
@@ -58,9 +61,11 @@ class LowLatencyCombine {
   // Draws every rank's expert outputs from `random` (same state on every rank): random BF16 in
   // the slots below each expert's count, NaN in the rest (which no combine may read).
   // per_rank_sum: the handle's dispatch set MOECOMM_LL_PER_RANK_COMBINE, so the combine passes
-  // no weights and the per-rank sum is expected.
+  // no weights and the per-rank sum is expected. views: when ranks mask different ranks, what
+  // each has masked (ComputeAllLowLatencyRows); `masked` is then this rank's view.
   LowLatencyCombine(const EpShape& shape, const std::vector<RankInputs>& all, const std::vector<int>& masked,
-                    moecommDataType_t index_type, Random& random, bool per_rank_sum = false);
+                    moecommDataType_t index_type, Random& random, bool per_rank_sum = false,
+                    const std::vector<std::vector<int>>* views = nullptr);
 
   // moecommEpLowLatencyCombine; flags may hold MOECOMM_LL_SEND_ONLY and MOECOMM_LL_ZERO_COPY
   // (then this rank's expert outputs are first copied into moecommEpLowLatencyCombineBuffer).

@@ -2,6 +2,8 @@
 // power-of-two and UE8M0 scales), recvCount / recvSrcInfo / cumulativeRecvStats, the weighted
 // combine (bitwise) in both forms (per entry, and per rank with MOECOMM_LL_PER_RANK_COMBINE),
 // zero-copy combine, and send-only calls completed later, two in flight.
+#include <algorithm>
+
 #include "mp/ll_ops.h"
 
 namespace moecomm_mp {
@@ -265,6 +267,61 @@ TEST_F(LowLatency, PerRankCombineSendOnlyNextToPerEntry) {
 }
 
 // One EP serves many rounds, switching payload type, scale format and index type between them.
+// Every rank must use the same row format in one operation (recvType, power-of-two scales,
+// MOECOMM_LL_PER_RANK_COMBINE: on the CUDA backend the sender casts). Here the last rank uses
+// another one, once per kind: each side treats the other as absent for that operation (the
+// results are checked against the reference with exactly those ranks masked, as each rank sees
+// it), the async error turns InvalidArgument, and the next operation, with one format, pairs up
+// and is complete. A suite of its own: the async error stays on the communicator (sticky), so
+// it is checked to turn from Success to InvalidArgument in the first mismatch only.
+class LowLatencyFormat : public LowLatency {
+ protected:
+  void RunMismatch(const LowLatencyCase& common, const LowLatencyCase& odd_case, bool first) {
+    const EpShape shape = Shape(32, 256, 12, 4);
+    ScopedEp ep;
+    MP_ASSERT_OK(ep.Create(shape, moecommEpModeLowLatency));
+    Random random = MakeRandom();
+    const int odd = nranks() - 1;
+    std::vector<std::vector<int>> views(nranks(), std::vector<int>(nranks(), 0));
+    for (int r = 0; r < nranks(); ++r) {
+      for (int s = 0; s < nranks(); ++s) views[r][s] = (r == odd) != (s == odd) ? 1 : 0;
+    }
+    const std::vector<RankInputs> all = GenerateAllRanks(shape, RoutingOptions(), random);
+    const LowLatencyCase& mine = rank() == odd ? odd_case : common;
+    LowLatencyDispatch dispatch(shape, mine, all[rank()]);
+    moecommResult_t async_error = moecommInternalError;
+    MP_ASSERT_OK(moecommCommGetAsyncError(comm(), &async_error));
+    if (first) {
+      EXPECT_EQ(async_error, moecommSuccess) << "the communicator had an async error before the test";
+    }
+    ScopedHandle handle;
+    MP_ASSERT_OK(dispatch.Send(ep.get(), 0, handle.out()));
+    dispatch.Check(all, views[rank()]);
+    LowLatencyCombine combine(shape, all, views[rank()], mine.indexType, random, mine.perRankCombine, &views);
+    MP_ASSERT_OK(combine.Send(ep.get(), 0, handle.get()));
+    combine.Check();
+    MP_ASSERT_OK(moecommCommGetAsyncError(comm(), &async_error));
+    EXPECT_EQ(async_error, moecommInvalidArgument) << "a peer with another row format must be reported";
+    std::vector<int> mask(nranks(), 1);
+    MP_ASSERT_OK(moecommEpGetRankMask(ep.get(), mask.data()));
+    EXPECT_EQ(std::count(mask.begin(), mask.end(), 0), nranks()) << "a format mismatch must not mask a rank";
+    const std::vector<RankInputs> next = GenerateAllRanks(shape, RoutingOptions(), random);
+    DispatchAndCombine(ep.get(), shape, next, common, 0, random);
+  }
+};
+
+TEST_F(LowLatencyFormat, PeersWithAnotherRowFormatAreAbsent) {
+  if (nranks() < 2) GTEST_SKIP() << "needs two ranks";
+  RunMismatch(Case(moecommFloat8E4M3, 0, moecommInt64), Case(moecommBfloat16, 0, moecommInt64), true);
+  if (HasFatalFailure()) return;
+  RunMismatch(Case(moecommFloat8E4M3, 0, moecommInt32), Case(moecommFloat8E4M3, MOECOMM_LL_ROUND_SCALE, moecommInt32),
+              false);
+  if (HasFatalFailure()) return;
+  LowLatencyCase per_rank = Case(moecommFloat8E4M3, 0, moecommInt64);
+  per_rank.perRankCombine = true;
+  RunMismatch(Case(moecommFloat8E4M3, 0, moecommInt64), per_rank, false);
+}
+
 TEST_F(LowLatency, RepeatedRoundsOnOneEp) {
   RunCases(Shape(16, 512, 8, 2), RoutingOptions(),
            {Case(moecommBfloat16, 0, moecommInt64), Case(moecommFloat8E4M3, 0, moecommInt64),
