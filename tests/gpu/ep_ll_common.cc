@@ -12,6 +12,7 @@
 #include "core/comm.h"
 #include "ep/dtype.h"
 #include "ep/ep.h"
+#include "gpu/gpu_common.h"
 
 namespace moecomm_gpu_test {
 
@@ -231,6 +232,24 @@ std::string AsyncError(moecommComm_t comm, moecommResult_t allowed) {
   moecommResult_t async = moecommSuccess;
   moecommCommGetAsyncError(comm, &async);
   return async == moecommSuccess || async == allowed ? "" : std::string("async error ") + moecommGetErrorString(async);
+}
+
+void OwnJobTest::Enter(const char* suite, const char* why) {
+  if (GTEST_FLAG_GET(filter).find(suite) == std::string::npos) {
+    GTEST_SKIP() << why << ": runs only when selected, with --gtest_filter=" << suite << ".*";
+  }
+  if (!Gpu().multiProcess) GTEST_SKIP() << suite << " runs under moecomm-run";
+  if (!Gpu().multiProcessSkip.empty()) GTEST_SKIP() << Gpu().multiProcessSkip;
+  if (Gpu().nranks < 2) GTEST_SKIP() << "needs 2 ranks";
+  comm_ = Gpu().comm;
+  rank_ = Gpu().rank;
+  nranks_ = Gpu().nranks;
+  ASSERT_EQ(cudaSetDevice(Gpu().device), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
+}
+
+void OwnJobTest::TearDown() {
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
 moecommResult_t CreateLowLatencyEp(moecommComm_t comm, const ref::EpShape& shape, moecommEp_t* ep, int numSms) {

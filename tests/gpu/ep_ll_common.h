@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <gtest/gtest.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -173,5 +174,21 @@ moecommEpLowLatencyDispatchArgs_t DispatchArgs(int numTokens, const DeviceInputs
 // perRank: the handle's dispatch had MOECOMM_LL_PER_RANK_COMBINE, so topkWeights stays NULL.
 moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& in, bool idx64, void* out,
                                              bool perRank = false);
+
+// Base of the low-latency suites that run only in a ctest job of their own, because they leave
+// something behind on the communicator (an async error, a dead rank). Enter (from SetUp):
+// skips unless the gtest filter names `suite` (`why` says what the suite does and how it is
+// run), outside moecomm-run, or with fewer than 2 ranks; otherwise sets the rank's device and
+// makes stream_. A derived SetUp returns at once when IsSkipped().
+class OwnJobTest : public ::testing::Test {
+ protected:
+  void Enter(const char* suite, const char* why);
+  void TearDown() override;
+
+  moecommComm_t comm_ = nullptr;
+  int rank_ = 0;
+  int nranks_ = 1;
+  cudaStream_t stream_ = nullptr;
+};
 
 }  // namespace moecomm_gpu_test

@@ -38,25 +38,11 @@ namespace {
 constexpr int kTokens = 64;
 constexpr double kPromptSeconds = 5;  // far below the 20 s timeout: the notice arrived
 
-class EpCudaLowLatencyFailure : public ::testing::Test {
+class EpCudaLowLatencyFailure : public OwnJobTest {
  protected:
   void SetUp() override {
-    if (GTEST_FLAG_GET(filter).find("EpCudaLowLatencyFailure") == std::string::npos) {
-      GTEST_SKIP() << "leaves an async error on the communicator: runs only when selected, with "
-                      "--gtest_filter=EpCudaLowLatencyFailure.*";
-    }
-    if (!Gpu().multiProcess) GTEST_SKIP() << "EpCudaLowLatencyFailure runs under moecomm-run";
-    if (!Gpu().multiProcessSkip.empty()) GTEST_SKIP() << Gpu().multiProcessSkip;
-    if (Gpu().nranks < 2) GTEST_SKIP() << "needs 2 ranks";
-    comm_ = Gpu().comm;
-    rank_ = Gpu().rank;
-    nranks_ = Gpu().nranks;
+    Enter("EpCudaLowLatencyFailure", "leaves an async error on the communicator");
     failing_ = nranks_ - 1;
-    ASSERT_EQ(cudaSetDevice(Gpu().device), cudaSuccess);
-    ASSERT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   // One round; failDispatch / failCombine: the failing rank's call of that kind is bad.
@@ -68,12 +54,8 @@ class EpCudaLowLatencyFailure : public ::testing::Test {
     std::fflush(stdout);
   }
 
-  moecommComm_t comm_ = nullptr;
-  int rank_ = 0;
-  int nranks_ = 1;
   int failing_ = 0;
   bool survivorSawFailure_ = false;  // a survivor that has seen RemoteError (sticky) from then on
-  cudaStream_t stream_ = nullptr;
 };
 
 std::string EpCudaLowLatencyFailure::RunRound(moecommEp_t ep, const ref::EpShape& shape, int index, bool failDispatch,

@@ -26,35 +26,14 @@ namespace {
 
 constexpr int kTokens = 64;
 
-class EpCudaLowLatencyFormat : public ::testing::Test {
+class EpCudaLowLatencyFormat : public OwnJobTest {
  protected:
-  void SetUp() override {
-    if (GTEST_FLAG_GET(filter).find("EpCudaLowLatencyFormat") == std::string::npos) {
-      GTEST_SKIP() << "leaves an async error on the communicator: runs only when selected, with "
-                      "--gtest_filter=EpCudaLowLatencyFormat.*";
-    }
-    if (!Gpu().multiProcess) GTEST_SKIP() << "EpCudaLowLatencyFormat runs under moecomm-run";
-    if (!Gpu().multiProcessSkip.empty()) GTEST_SKIP() << Gpu().multiProcessSkip;
-    if (Gpu().nranks < 2) GTEST_SKIP() << "needs 2 ranks";
-    comm_ = Gpu().comm;
-    rank_ = Gpu().rank;
-    nranks_ = Gpu().nranks;
-    ASSERT_EQ(cudaSetDevice(Gpu().device), cudaSuccess);
-    ASSERT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
-  }
+  void SetUp() override { Enter("EpCudaLowLatencyFormat", "leaves an async error on the communicator"); }
 
   // One dispatch + combine with this rank's flags `f`; masksAll: [R][R] what each rank treats
   // as absent (null: nobody); allowed: the async error this rank may already have.
   std::string RunRound(moecommEp_t ep, const ref::EpShape& shape, const std::string& tag, const DispatchFlags& f,
                        const int* masksAll, moecommResult_t allowed, uint64_t seed);
-
-  moecommComm_t comm_ = nullptr;
-  int rank_ = 0;
-  int nranks_ = 1;
-  cudaStream_t stream_ = nullptr;
 };
 
 std::string EpCudaLowLatencyFormat::RunRound(moecommEp_t ep, const ref::EpShape& shape, const std::string& tag,

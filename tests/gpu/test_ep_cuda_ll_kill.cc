@@ -65,25 +65,11 @@ struct Round {
   uint64_t ySeed = 0;
 };
 
-class EpCudaLowLatencyKill : public ::testing::Test {
+class EpCudaLowLatencyKill : public OwnJobTest {
  protected:
   void SetUp() override {
-    if (GTEST_FLAG_GET(filter).find("EpCudaLowLatencyKill") == std::string::npos) {
-      GTEST_SKIP() << "kills a rank of the job: runs only when selected, under moecomm-run --allow-kill N-1 with "
-                      "--gtest_filter=EpCudaLowLatencyKill.*";
-    }
-    if (!Gpu().multiProcess) GTEST_SKIP() << "EpCudaLowLatencyKill runs under moecomm-run";
-    if (!Gpu().multiProcessSkip.empty()) GTEST_SKIP() << Gpu().multiProcessSkip;
-    if (Gpu().nranks < 2) GTEST_SKIP() << "needs 2 ranks";
-    comm_ = Gpu().comm;
-    rank_ = Gpu().rank;
-    nranks_ = Gpu().nranks;
+    Enter("EpCudaLowLatencyKill", "kills a rank of the job (under moecomm-run --allow-kill N-1)");
     victim_ = nranks_ - 1;
-    ASSERT_EQ(cudaSetDevice(Gpu().device), cudaSuccess);
-    ASSERT_EQ(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), cudaSuccess);
-  }
-  void TearDown() override {
-    if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   Round PrepareRound(const ref::EpShape& shape, const DispatchFlags& f, int round, uint64_t seed) const;
@@ -97,11 +83,7 @@ class EpCudaLowLatencyKill : public ::testing::Test {
     std::fflush(stdout);
   }
 
-  moecommComm_t comm_ = nullptr;
-  int rank_ = 0;
-  int nranks_ = 1;
   int victim_ = 0;
-  cudaStream_t stream_ = nullptr;
   DeviceInputs in_;
   DeviceDispatchOut out_;
 };
