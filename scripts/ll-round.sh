@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Low-latency GPU round (developer tool): build; the LL GPU tests (nvlink and staged transports), the killed-rank test, the
-# local-failure test and the normal-mode test on every GPU present (CTEST_FILTER overrides);
+# Low-latency GPU round (developer tool): build; the LL GPU tests (nvlink and staged
+# transports), the killed-rank, local-failure and row-format tests and the normal-mode test on
+# every GPU present (CTEST_FILTER overrides);
 # then W-decode LL benches, checked (-c 1), with graph replay, at each grid in GRIDS (default
 # "132 24"), in both combine forms when the bench has --ll-per-rank. Logs and JSON under $OUT (default ./ll-logs); uses
 # .bench-commit (if carried) as the commit in the JSON. SKIP_TEST=1 runs only the benches.
@@ -13,7 +14,7 @@ cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release ${CMAKE_EXTRA:-} 
   { grep -E "error" "$out/build.log" | head; exit 1; }
 n=$(nvidia-smi -L | wc -l)
 if [ -z "${SKIP_TEST:-}" ]; then
-  filter=${CTEST_FILTER:-"gpu_EpCudaLowLatency_n$n|gpu_EpCudaLowLatencyStaged_n$n|gpu_EpCudaLowLatencyKill_n$n|gpu_EpCudaLowLatencyFailure_n$n|gpu_EpCudaNormal_n$n"}
+  filter=${CTEST_FILTER:-"gpu_EpCudaLowLatency_n$n|gpu_EpCudaLowLatencyStaged_n$n|gpu_EpCudaLowLatencyKill_n$n|gpu_EpCudaLowLatencyFailure_n$n|gpu_EpCudaLowLatencyFormat_n$n|gpu_EpCudaNormal_n$n"}
   (cd build-device && timeout 400 ctest -R "$filter" --timeout 300 --output-on-failure) > "$out/ctest-gpu.log" 2>&1
   grep -E "tests passed|tests failed|Passed|Failed|\*\*\*" "$out/ctest-gpu.log" | tail -8
   grep -hE "FAIL" "$out/ctest-gpu.log" | head -10

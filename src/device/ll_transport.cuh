@@ -2,8 +2,8 @@
 // The kernels (device/low_latency.cu) never store into a peer's memory on their own; they use
 // three operations, and a transport decides what each one does, per peer:
 //
-//   windowOf(p, peer)   where this rank stores bytes bound for `peer`'s symmetric buffer, at
-//                       the same offsets they will have there;
+//   windowSlot(p, peer) where this rank stores bytes bound for the current slot of `peer`'s
+//                       symmetric buffer, at the same offsets they will have there;
 //   putRange(...)       makes a finished range of that window travel to the peer (called by a
 //                       group of threads after the stores it covers, e.g. after a barrier);
 //   signalFlag(...)     one thread: release-stores a 64-bit flag into the peer's buffer, after

@@ -412,8 +412,8 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 // (lists[this rank][le][0..count), listCounts[this rank][le]): the receive half then places
 // rows without scanning any ids. Block b lists experts b, b + B, ... over (expert, 32-token
 // chunk) items in windows of kItems: a ballot per item, a block scan of the counts, the
-// ballot again to place each entry. Runs after the rows' stores are issued, so it overlaps
-// their flight.
+// ballot again to place each entry. Runs before the rows (v5): the lists go out under the
+// listed flags, so receivers place rows while the rows are in flight.
 constexpr int kItems = kThreads;
 
 // The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).

@@ -109,9 +109,10 @@ struct LowLatencyParams {
   int numBlocks;  // grid size of every kernel (the SM budget, agreed by every rank)
   uint64_t timeoutNs;
 
-  // Symmetric buffer and the transport (device/ll_transport.cuh): the kernels store bytes
-  // bound for rank r at windows[r] + offset and make them travel with a put when bit r of
-  // putPeers is set (staged: windows[r] is a local mirror of r's buffer); flags go to peers[r].
+  // Symmetric buffer and the transport (device/ll_transport.cuh): the kernels store bytes bound
+  // for rank r's slot at windows[r] + slot start + offset and make them travel with a put when
+  // bit r of putPeers is set (staged: windows[r] is a local mirror of r's buffer); flags go to
+  // peers[r] directly.
   uint8_t* peers[kLowLatencyMaxRanks];  // every rank's buffer as mapped here
   uint8_t* windows[kLowLatencyMaxRanks];
   uint32_t putPeers;

@@ -76,7 +76,9 @@ moecommResult_t CudaLowLatency::create(moecommEp* ep, int numBlocks, std::unique
              "numExperts * maxTokensPerRank = %llu and maxTokensPerRank * hidden / 8 = %llu must stay below 2^31 for "
              "the low-latency kernels",
              static_cast<unsigned long long>(rows), static_cast<unsigned long long>(tokenChunks));
-  // The dispatch's lists hold t * 32 + k in an int.
+  // The dispatch's lists hold t * 32 + k in an int (and the T word carries the row format in the
+  // bits above T).
+  static_assert(device::kLowLatencyFormatShift >= 26, "T must fit below the row format bits");
   MC_REQUIRE(ep->shape.maxTokensPerRank < (1 << 26), moecommNotSupported,
              "maxTokensPerRank = %d is too large for the low-latency kernels (at most 2^26 - 1)",
              ep->shape.maxTokensPerRank);
@@ -137,6 +139,11 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   p.rank = ep_->rank;
   p.timeoutNs = static_cast<uint64_t>(std::max(1, ep_->lowLatencyTimeoutMs)) * 1000000ull;
   const uint64_t bytes = planBuffer(shape, numBlocks, &p);
+  // Checked before anything collective: a rank that fails here must not leave its peers with an
+  // EP that waits for it.
+  const std::string transport = envString(Env::LlTransport);
+  MC_REQUIRE(transport == "nvlink" || transport == "staged", moecommInvalidArgument,
+             "MOECOMM_LL_TRANSPORT = '%s' is not a low-latency transport (nvlink or staged)", transport.c_str());
 
   DeviceScope scope(device_);
   // Dynamic shared memory: the send half keeps a word per token, the receive half an int per
@@ -148,9 +155,6 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   const uint64_t sharedLimit = static_cast<uint64_t>(std::max<int64_t>(0, optIn - staticShared));
   const uint64_t dispatchShared =
       std::max(device::lowLatencyDispatchSendSharedBytes(p), device::lowLatencyDispatchRecvSharedBytes(p));
-  MC_REQUIRE(maxT < (1ull << device::kLowLatencyFormatShift), moecommNotSupported,
-             "maxTokensPerRank = %llu is too large for the low-latency kernels (at most %llu)",
-             static_cast<unsigned long long>(maxT), (1ull << device::kLowLatencyFormatShift) - 1);
   MC_REQUIRE(dispatchShared <= sharedLimit, moecommNotSupported,
              "maxTokensPerRank = %llu or ranks x experts per rank = %llu is too large for the low-latency dispatch "
              "kernels (%llu bytes of shared memory; this GPU allows %llu)",
@@ -163,10 +167,8 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
   for (int r = 0; r < shape.numRanks; ++r) p.peers[r] = static_cast<uint8_t*>(buffer_->peer(r));
   // The transport (device/ll_transport.cuh): every peer nvlink, or every peer but this rank
-  // staged through a local mirror of its buffer.
-  const std::string transport = envString(Env::LlTransport);
-  MC_REQUIRE(transport == "nvlink" || transport == "staged", moecommInvalidArgument,
-             "MOECOMM_LL_TRANSPORT = '%s' is not a low-latency transport (nvlink or staged)", transport.c_str());
+  // staged through a local mirror of its buffer (a test transport: the mirror is sized like the
+  // whole buffer per rank, flags and this rank's own part unused).
   if (transport == "staged" && R > 1) MC_CUDA(cudaMalloc(&mirror_, bytes * R));
   for (int r = 0; r < shape.numRanks; ++r) {
     p.windows[r] = p.peers[r];

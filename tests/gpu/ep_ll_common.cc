@@ -1,5 +1,6 @@
-// Shared by the CUDA low-latency tests (test_ep_cuda_ll.cc, test_ep_cuda_ll_kill.cc): every
-// rank's inputs from one seed, the host-reference expectations, device buffers and checks.
+// Shared by the CUDA low-latency tests (test_ep_cuda_ll.cc and the own-job suites _kill,
+// _failure, _format): every rank's inputs from one seed, the host-reference expectations,
+// device buffers and checks.
 #include "gpu/ep_ll_common.h"
 
 #include <algorithm>

@@ -179,7 +179,7 @@ moecommEpLowLatencyCombineArgs_t CombineArgs(const void* x, const DeviceInputs& 
 // something behind on the communicator (an async error, a dead rank). Enter (from SetUp):
 // skips unless the gtest filter names `suite` (`why` says what the suite does and how it is
 // run), outside moecomm-run, or with fewer than 2 ranks; otherwise sets the rank's device and
-// makes stream_. A derived SetUp returns at once when IsSkipped().
+// makes stream_. (A derived SetUp may go on after a skip: gtest skips the body anyway.)
 class OwnJobTest : public ::testing::Test {
  protected:
   void Enter(const char* suite, const char* why);

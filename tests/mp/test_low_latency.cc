@@ -266,7 +266,6 @@ TEST_F(LowLatency, PerRankCombineSendOnlyNextToPerEntry) {
   per_entry_combine.Check();
 }
 
-// One EP serves many rounds, switching payload type, scale format and index type between them.
 // Every rank must use the same row format in one operation (recvType, power-of-two scales,
 // MOECOMM_LL_PER_RANK_COMBINE: on the CUDA backend the sender casts). Here the last rank uses
 // another one, once per kind: each side treats the other as absent for that operation (the
@@ -276,6 +275,12 @@ TEST_F(LowLatency, PerRankCombineSendOnlyNextToPerEntry) {
 // it is checked to turn from Success to InvalidArgument in the first mismatch only.
 class LowLatencyFormat : public LowLatency {
  protected:
+  void SetUp() override {
+    if (GTEST_FLAG_GET(filter).find("LowLatencyFormat") == std::string::npos) {
+      GTEST_SKIP() << "leaves an async error on the communicator: runs only when selected, with "
+                      "--gtest_filter=LowLatencyFormat.*";
+    }
+  }
   void RunMismatch(const LowLatencyCase& common, const LowLatencyCase& odd_case, bool first) {
     const EpShape shape = Shape(32, 256, 12, 4);
     ScopedEp ep;
@@ -322,6 +327,7 @@ TEST_F(LowLatencyFormat, PeersWithAnotherRowFormatAreAbsent) {
   RunMismatch(Case(moecommFloat8E4M3, 0, moecommInt64), per_rank, false);
 }
 
+// One EP serves many rounds, switching payload type, scale format and index type between them.
 TEST_F(LowLatency, RepeatedRoundsOnOneEp) {
   RunCases(Shape(16, 512, 8, 2), RoutingOptions(),
            {Case(moecommBfloat16, 0, moecommInt64), Case(moecommFloat8E4M3, 0, moecommInt64),
