@@ -537,11 +537,25 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
+// Developer experiment, off by default (not yet measured; scripts/ab-bench.sh with
+// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1): when one kernel runs both
+// halves, a block publishes its sent flags after it has placed its first batch of received rows
+// instead of right after its own rows. The release then no longer stalls the block while its
+// row stores drain (~3 µs in the timeline): the receive preparation (agreement on the listed
+// flags, counts, placement) needs only the peers' listed flags, which come before any row, so
+// no rank waits on a flag that waits on it. Prediction: dispatch -2 to -3 µs.
+#ifndef MOECOMM_LL_LATE_SENT_FLAGS
+#define MOECOMM_LL_LATE_SENT_FLAGS 0
+#endif
+constexpr bool kLateSentFlags = MOECOMM_LL_LATE_SENT_FLAGS != 0;
+
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
+// Returns the targets; publishes the sent flags (finishSend) unless `deferSent` (then the
+// receive half does, dispatchReceive).
 template <bool kPuts>
-__device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared) {
+__device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared, bool deferSent) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
@@ -615,8 +629,11 @@ __device__ void dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4*
     putSentRows(p, tokenRanks, targets);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
-  finishSend(p, targets, sequence);
-  MC_LL_PROFILE(kLlKernelDispatch, 4);
+  if (!deferSent) {
+    finishSend(p, targets, sequence);
+    MC_LL_PROFILE(kLlKernelDispatch, 4);
+  }
+  return targets;
 }
 
 // ---- Dispatch receive ---------------------------------------------------------------------
@@ -771,7 +788,10 @@ __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t 
 // evenly (a contiguous range per block, whatever the experts' sizes); then batches of
 // kBatchRows rows: each thread finds its row's item (a binary search), reads the list entry,
 // writes the routing and the staging address, and the block copies the batch into recvX.
-__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart) {
+// sentTargets: the send half's targets when it left its sent flags to this half (the same
+// kernel, kLateSentFlags), else 0 with deferredSent false.
+__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool deferredSent,
+                                uint32_t sentTargets) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
   __shared__ const uint8_t* batchFrom[kBatchRows];
   __shared__ int batchId[kBatchRows];
@@ -877,6 +897,11 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     if (!profiled) {
       MC_LL_PROFILE(kLlKernelDispatch, 7);
       profiled = true;
+      if (deferredSent) {
+        finishSend(p, sentTargets, sequence);
+        deferredSent = false;
+        MC_LL_PROFILE(kLlKernelDispatch, 4);
+      }
       waitRows(p, sequence, sources);
     }
     if (stage.slots > 0) {
@@ -886,6 +911,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     }
     __syncthreads();
   }
+  if (deferredSent) finishSend(p, sentTargets, sequence);  // a block with no rows to place
   if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) bulkWait<0>();  // recvX written
   MC_LL_PROFILE(kLlKernelDispatch, 8);
   finishReceive(p, sequence);
@@ -899,10 +925,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyPa
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
-  if (send) dispatchSend<kPuts>(p, sequence, dispatchShared);
+  const bool deferSent = kLateSentFlags && send && receive;
+  uint32_t targets = 0;
+  if (send) targets = dispatchSend<kPuts>(p, sequence, dispatchShared, deferSent);
   if (receive) {
     __syncthreads();  // the send half's shared memory is reused
-    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared));
+    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), deferSent, targets);
   }
 }
 
