@@ -71,16 +71,19 @@ __device__ __forceinline__ void putRange(const LowLatencyParams& p, int peer, ui
 }
 
 // Offset of flag [slot][source][block] of a flag region (sentOffset, releasedOffset,
-// listedOffset) in every rank's buffer.
-__device__ __forceinline__ uint64_t flagOffset(const LowLatencyParams& p, uint64_t region, int source, int block) {
-  return region + ((static_cast<uint64_t>(p.slot) * p.numRanks + source) * p.numBlocks + block) * sizeof(uint64_t);
+// listedOffset) in every rank's buffer; slot -1: the current one.
+__device__ __forceinline__ uint64_t flagOffset(const LowLatencyParams& p, uint64_t region, int source, int block,
+                                               int slot = -1) {
+  const uint64_t s = static_cast<uint64_t>(slot < 0 ? p.slot : slot);
+  return region + ((s * p.numRanks + source) * p.numBlocks + block) * sizeof(uint64_t);
 }
 
 // One thread: flag [slot][this rank][block] of `region` in peer's buffer = value, released
-// after everything the thread's block stored and put before its last barrier.
+// after everything the thread's block stored and put before its last barrier (slot -1: the
+// current one).
 __device__ __forceinline__ void signalFlag(const LowLatencyParams& p, int peer, uint64_t region, int block,
-                                           uint64_t value) {
-  storeReleaseSys(reinterpret_cast<uint64_t*>(p.peers[peer] + flagOffset(p, region, p.rank, block)), value);
+                                           uint64_t value, int slot = -1) {
+  storeReleaseSys(reinterpret_cast<uint64_t*>(p.peers[peer] + flagOffset(p, region, p.rank, block, slot)), value);
 }
 
 // This rank's flags [slot][source][0..B) of `region` (read with acquire loads).

@@ -260,11 +260,52 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
   }
 }
 
+// Developer experiment, off by default (not yet measured; build with
+// -DMOECOMM_LL_DEFERRED_RELEASE=1): a receive half does not store its released flags at its
+// end, where the release waits for the block's output stores and the flags' own round trip
+// ends the kernel; it records them as pending (LowLatencyParams::pendingReleased), and the
+// next low-latency kernel on the caller's stream stores them at its start, when nothing is
+// outstanding. A peer needs this rank's release of operation n only for operation n + 2 on the
+// slot, which it reaches after this rank's operation n + 1 has started, so the flag always
+// comes in lockstep use (a send-only operation n + 1 included). The release kernel of abandoned
+// halves may run beside a kernel of the stream and takes no part. Prediction: -1 to -1.5 µs
+// per dispatch and per combine.
+#ifndef MOECOMM_LL_DEFERRED_RELEASE
+#define MOECOMM_LL_DEFERRED_RELEASE 0
+#endif
+constexpr bool kDeferredRelease = MOECOMM_LL_DEFERRED_RELEASE != 0;
+
 // Every block at the end of its receive half: it has read all it needed from its slot.
 __device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence) {
   __syncthreads();
+  if (kDeferredRelease) {
+    if (threadIdx.x == 0) p.pendingReleased[static_cast<uint64_t>(p.slot) * p.numBlocks + blockIdx.x] = sequence;
+    return;
+  }
   const int r = threadIdx.x;
   if (r < p.numRanks) signalFlag(p, r, p.releasedOffset, blockIdx.x, sequence);
+}
+
+// kDeferredRelease, at the start of a kernel of the caller's stream: stores the released flags
+// that earlier receive halves left pending, for block entry blockIdx.x of both slots (or every
+// entry with allBlocks, a one-block kernel), then clears them. The earlier kernel's reads of the
+// slot are complete (kernel boundary), so the release waits for nothing.
+__device__ void flushPendingReleases(const LowLatencyParams& p, bool allBlocks) {
+  if (!kDeferredRelease) return;
+  const int R = p.numRanks;
+  const int first = allBlocks ? 0 : static_cast<int>(blockIdx.x);
+  const int blocks = allBlocks ? p.numBlocks : 1;
+  const int entries = kLowLatencyDeviceSlots * blocks;
+  for (int i = threadIdx.x; i < entries * R; i += blockDim.x) {
+    const int slot = i / (R * blocks);
+    const int block = first + (i / R) % blocks;
+    const uint64_t sequence = p.pendingReleased[static_cast<uint64_t>(slot) * p.numBlocks + block];
+    if (sequence != 0) signalFlag(p, i % R, p.releasedOffset, block, sequence, slot);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < entries; i += blockDim.x) {
+    p.pendingReleased[static_cast<uint64_t>(i / blocks) * p.numBlocks + first + i % blocks] = 0;
+  }
 }
 
 __device__ __forceinline__ void unpackBf16(const int4& v, uint16_t* out) {
@@ -922,6 +963,7 @@ template <bool kPuts>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyParams p) {
   extern __shared__ int4 dispatchShared[];
   MC_LL_PROFILE(kLlKernelDispatch, 0);
+  flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
@@ -1302,6 +1344,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
 template <bool kPuts>
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
   MC_LL_PROFILE(kLlKernelCombine, 0);
+  flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   if (send && p.perRank) {
@@ -1335,6 +1378,7 @@ __global__ void __launch_bounds__(kThreads) releaseKernel(const LowLatencyParams
 // sent one, with every block's sent flag carrying kFailedBit (kAbsentBit for masked ranks),
 // and then released like an abandoned one. One block.
 __global__ void __launch_bounds__(kThreads) failedKernel(const LowLatencyParams p) {
+  flushPendingReleases(p, true);
   const uint64_t sequence = currentSequence(p) + 1;
   const uint32_t targets = sendTargets(p, sequence);
   for (int i = threadIdx.x; i < p.numRanks * p.numBlocks; i += blockDim.x) {

@@ -132,6 +132,9 @@ struct LowLatencyParams {
   uint64_t markersOffset;
 
   LowLatencyState* state;
+  // [2 slots][numBlocks] (MOECOMM_LL_DEFERRED_RELEASE builds only): the sequence whose released
+  // flags a receive half left to the next low-latency kernel, 0 for none.
+  uint64_t* pendingReleased;
   volatile int* hostMasked;  // mapped host [R]: set to 1 when a kernel masks a rank
   int* hostError;            // mapped host [1]: first error code (bad expert id)
   int* hostFormatPeers;      // mapped host [1]: bit s set when source s sent another row format

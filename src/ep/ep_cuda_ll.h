@@ -120,6 +120,7 @@ class CudaLowLatency {
   // MOECOMM_LL_TRANSPORT=staged: device [R][buffer bytes], the windows of the peers (a local
   // mirror of each peer's buffer that the kernels put from; device/ll_transport.cuh).
   void* mirror_ = nullptr;
+  void* pendingReleased_ = nullptr;  // device [2][numBlocks] uint64 (LowLatencyParams::pendingReleased)
   std::vector<Routing> freeRoutings_;
   std::unordered_map<moecommEpHandle*, Routing> routings_;
 };
