@@ -7,18 +7,17 @@
 # Env: A (required), ROUNDS, GRID (default 132), NRANKS (default: every GPU), TESTS (a ctest
 # regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4"), A_COMMIT (the
 # commit written into A's JSON; default $A/.bench-commit; B's is ./.bench-commit), A_CMAKE_EXTRA /
-# B_CMAKE_EXTRA (configure options of one side, e.g. a developer switch:
-# B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1 with A=. compares this tree
-# with and without it).
+# B_CMAKE_EXTRA (one configure option of one side, passed as one argument, e.g. developer
+# switches: B_CMAKE_EXTRA="-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1 -DMOECOMM_LL_DEFERRED_RELEASE=1"
+# with A=. compares this tree with and without them).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/ab-logs}; mkdir -p "$out"
 a=${A:?set A to the directory of the older tree}
 n=${NRANKS:-$(nvidia-smi -L | wc -l)}
 jobs=$(( $(nproc) / 2 ))
-build() {  # source dir, build dir, log, extra configure options
-  # shellcheck disable=SC2086  # the extra options are a list
-  cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON $4 > "$3" 2>&1 &&
+build() {  # source dir, build dir, log, one extra configure option (or empty)
+  cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON ${4:+"$4"} > "$3" 2>&1 &&
     cmake --build "$2" -j "$jobs" --target moecomm-run moecomm-bench moecomm_gpu_tests >> "$3" 2>&1
 }
 build "$a" build-ab-a "$out/build-a.log" "${A_CMAKE_EXTRA:-}" & pa=$!
