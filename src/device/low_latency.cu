@@ -288,23 +288,32 @@ __device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence) {
 
 // kDeferredRelease, at the start of a kernel of the caller's stream: stores the released flags
 // that earlier receive halves left pending, for block entry blockIdx.x of both slots (or every
-// entry with allBlocks, a one-block kernel), then clears them. The earlier kernel's reads of the
-// slot are complete (kernel boundary), so the release waits for nothing.
+// entry with allBlocks, a one-block kernel). Each entry is taken and cleared in one atomicExch,
+// so two kernels of the EP that overlap (streams the caller orders badly) cannot lose one. The
+// earlier kernel's reads of the slot are complete (kernel boundary): the release waits for
+// nothing.
 __device__ void flushPendingReleases(const LowLatencyParams& p, bool allBlocks) {
-  if (!kDeferredRelease) return;
-  const int R = p.numRanks;
-  const int first = allBlocks ? 0 : static_cast<int>(blockIdx.x);
-  const int blocks = allBlocks ? p.numBlocks : 1;
-  const int entries = kLowLatencyDeviceSlots * blocks;
-  for (int i = threadIdx.x; i < entries * R; i += blockDim.x) {
-    const int slot = i / (R * blocks);
-    const int block = first + (i / R) % blocks;
-    const uint64_t sequence = p.pendingReleased[static_cast<uint64_t>(slot) * p.numBlocks + block];
-    if (sequence != 0) signalFlag(p, i % R, p.releasedOffset, block, sequence, slot);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < entries; i += blockDim.x) {
-    p.pendingReleased[static_cast<uint64_t>(i / blocks) * p.numBlocks + first + i % blocks] = 0;
+  if constexpr (kDeferredRelease) {
+    __shared__ unsigned long long taken[kThreads];
+    const int R = p.numRanks;
+    const int first = allBlocks ? 0 : static_cast<int>(blockIdx.x);
+    const int blocks = allBlocks ? p.numBlocks : 1;
+    const int entries = kLowLatencyDeviceSlots * blocks;
+    auto entryOf = [&](int e) {
+      return reinterpret_cast<unsigned long long*>(p.pendingReleased) +
+             (static_cast<uint64_t>(e / blocks) * p.numBlocks + first + e % blocks);
+    };
+    for (int base = 0; base < entries; base += kThreads) {
+      const int n = min(kThreads, entries - base);
+      if (static_cast<int>(threadIdx.x) < n) taken[threadIdx.x] = atomicExch(entryOf(base + threadIdx.x), 0ull);
+      __syncthreads();
+      for (int i = threadIdx.x; i < n * R; i += blockDim.x) {
+        const int e = base + i / R;
+        const uint64_t sequence = taken[i / R];
+        if (sequence != 0) signalFlag(p, i % R, p.releasedOffset, first + e % blocks, sequence, e / blocks);
+      }
+      __syncthreads();
+    }
   }
 }
 
@@ -584,7 +593,11 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
 // instead of right after its own rows. The release then no longer stalls the block while its
 // row stores drain (~3 µs in the timeline): the receive preparation (agreement on the listed
 // flags, counts, placement) needs only the peers' listed flags, which come before any row, so
-// no rank waits on a flag that waits on it. Prediction: dispatch -2 to -3 µs.
+// no rank waits on a flag that waits on it. Prediction: dispatch -2 to -3 µs. Known risk (review,
+// to solve before it becomes the default): with a dead peer that only some ranks have masked,
+// a live rank's sent flags come up to MOECOMM_LL_TIMEOUT late (it waits for the dead peer's
+// listed flags first), so a rank that skipped the dead peer may time out on the live one and
+// mask it; the sent-flag waits then need a second budget for sources whose listed flags came.
 #ifndef MOECOMM_LL_LATE_SENT_FLAGS
 #define MOECOMM_LL_LATE_SENT_FLAGS 0
 #endif
@@ -1396,6 +1409,8 @@ __global__ void __launch_bounds__(kThreads) failedKernel(const LowLatencyParams 
 }
 
 }  // namespace
+
+bool lowLatencyDeferredRelease() { return kDeferredRelease; }
 
 int lowLatencyProfile(int kernel, int blocks, unsigned long long* out) {
 #ifdef MOECOMM_KERNEL_PROFILE

@@ -132,8 +132,8 @@ struct LowLatencyParams {
   uint64_t markersOffset;
 
   LowLatencyState* state;
-  // [2 slots][numBlocks] (MOECOMM_LL_DEFERRED_RELEASE builds only): the sequence whose released
-  // flags a receive half left to the next low-latency kernel, 0 for none.
+  // [2 slots][numBlocks] (MOECOMM_LL_DEFERRED_RELEASE builds only, else null): the sequence
+  // whose released flags a receive half left to the next low-latency kernel, 0 for none.
   uint64_t* pendingReleased;
   volatile int* hostMasked;  // mapped host [R]: set to 1 when a kernel masks a rank
   int* hostError;            // mapped host [1]: first error code (bad expert id)
@@ -191,6 +191,9 @@ int launchLowLatencyRelease(const LowLatencyParams& params, CUstream_st* stream)
 // masking it, and report moecommRemoteError), and once every peer's send half has arrived it
 // releases the slot like launchLowLatencyRelease. One block; bounded waits.
 int launchLowLatencyFailed(const LowLatencyParams& params, CUstream_st* stream);
+// Whether the kernels were built with the MOECOMM_LL_DEFERRED_RELEASE experiment (then the host
+// allocates LowLatencyParams::pendingReleased; otherwise it stays null).
+bool lowLatencyDeferredRelease();
 // Raises the dispatch kernel's dynamic shared memory limit (needed beyond 48 KiB). Pass the
 // same value every time (the device's opt-in maximum less the kernel's static shared memory).
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes);

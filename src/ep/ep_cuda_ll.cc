@@ -183,10 +183,12 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   state_ = static_cast<device::LowLatencyState*>(state);
   MC_CUDA(cudaMemset(state_, 0, sizeof(device::LowLatencyState)));
   p.state = state_;
-  const size_t pendingBytes = sizeof(uint64_t) * device::kLowLatencyDeviceSlots * static_cast<size_t>(p.numBlocks);
-  MC_CUDA(cudaMalloc(&pendingReleased_, pendingBytes));
-  MC_CUDA(cudaMemset(pendingReleased_, 0, pendingBytes));
-  p.pendingReleased = static_cast<uint64_t*>(pendingReleased_);
+  if (device::lowLatencyDeferredRelease()) {  // a developer build (device/low_latency.cu)
+    const size_t pendingBytes = sizeof(uint64_t) * device::kLowLatencyDeviceSlots * static_cast<size_t>(p.numBlocks);
+    MC_CUDA(cudaMalloc(&pendingReleased_, pendingBytes));
+    MC_CUDA(cudaMemset(pendingReleased_, 0, pendingBytes));
+    p.pendingReleased = static_cast<uint64_t*>(pendingReleased_);
+  }
 
   int* host = nullptr;
   const size_t hostWords = 2 + R;  // error, masked[R], format peers
