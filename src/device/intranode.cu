@@ -267,8 +267,8 @@ __device__ WarpRing makeWarpRing(const IntranodeParams& p, uint8_t* dynamicShare
   ring.stageBytes = p.ringStageBytes;
   uint8_t* ctrlBase = dynamicShared + p.sharedIntsBytes;
   ring.ctrl = ctrlBase + static_cast<int64_t>(recvWarp) * ring.stages * kRingCtrlBytes;
-  ring.buffers =
-      ctrlBase + ringCtrlBytes(recvWarps, ring.stages) + static_cast<int64_t>(recvWarp) * ring.stages * ring.stageBytes;
+  ring.buffers = ctrlBase + ringCtrlBytes(recvWarps, ring.stages) +
+                 static_cast<int64_t>(recvWarp) * ring.stages * ring.stageBytes;
   if (lane == 0) {
     for (int k = 0; k < ring.stages; ++k) mbarrierInit(ring.barrier(k), 1);
     fenceBarrierInit();
@@ -285,8 +285,8 @@ __device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int st
   const uint64_t start = globalTimerNs();
   for (uint32_t spins = 0;; ++spins) {
     if (mbarrierTryWait(ring.barrier(stage), parity)) return true;
-    if ((spins & 63) == 0 &&
-        (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 || globalTimerNs() - start > p.timeoutNs)) {
+    if ((spins & 63) == 0 && (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 ||
+                              globalTimerNs() - start > p.timeoutNs)) {
       raiseError(p, kErrorTimeout, p.rank, channel, op);
       return false;
     }
@@ -1350,7 +1350,7 @@ __device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int6
 
 // The weights that came back for token t, summed by rank.
 __device__ __forceinline__ void combineTokenWeights(const IntranodeParams& p, int channel, int64_t t, const int* pos,
-                                                    int lane) {
+                                                   int lane) {
   for (int k = lane; k < p.topk; k += 32) {
     float acc = 0.0f;
     for (int r = 0; r < p.numRanks; ++r) {
