@@ -2,6 +2,7 @@
 
 #include "api/guard.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "ep/dtype.h"
 
 namespace moecomm {
@@ -222,6 +223,14 @@ moecommResult_t checkLowLatencyCombineArgs(const moecommEp& ep, const moecommEpL
   }
   MC_CHECK(requireRows(args->out, handle->numTokens, s, "out"));
   return moecommSuccess;
+}
+
+void warnLowLatencyFormatMismatch(int rank, int source) {
+  MC_WARN(kLogEp,
+          "rank %d: rank %d's low-latency dispatch used another row format (recvType, MOECOMM_LL_ROUND_SCALE / "
+          "MOECOMM_LL_UE8M0, or MOECOMM_LL_PER_RANK_COMBINE) than this rank's for the same operation; its tokens "
+          "were treated as absent (moecommInvalidArgument)",
+          rank, source);
 }
 
 moecommResult_t checkCompleteArgs(const moecommEp& ep, moecommEpHandle_t handle) {

@@ -35,6 +35,8 @@ inline int lowLatencyFormatOf(const moecommEpLowLatencyDispatchArgs_t& args) {
                                   (args.flags & (MOECOMM_LL_ROUND_SCALE | MOECOMM_LL_UE8M0)) != 0,
                                   (args.flags & MOECOMM_LL_PER_RANK_COMBINE) != 0);
 }
+// The warning both backends log when rank `source`'s dispatch had another row format.
+void warnLowLatencyFormatMismatch(int rank, int source);
 
 // A handle with a send-only half waiting for moecommEpComplete.
 moecommResult_t checkCompleteArgs(const moecommEp& ep, moecommEpHandle_t handle);

@@ -424,12 +424,7 @@ void CudaLowLatency::pollAsyncErrors() {
   const unsigned formatPeers =
       static_cast<unsigned>(__atomic_exchange_n(const_cast<int*>(host_) + 1 + R, 0, __ATOMIC_ACQ_REL));
   for (int s = 0; s < R; ++s) {
-    if (((formatPeers >> s) & 1u) == 0) continue;
-    MC_WARN(kLogEp,
-            "rank %d: rank %d's low-latency dispatch used another row format (recvType, MOECOMM_LL_ROUND_SCALE / "
-            "MOECOMM_LL_UE8M0, or MOECOMM_LL_PER_RANK_COMBINE) than this rank's for the same operation; its tokens "
-            "were treated as absent (moecommInvalidArgument)",
-            ep_->rank, s);
+    if (((formatPeers >> s) & 1u) != 0) warnLowLatencyFormatMismatch(ep_->rank, s);
   }
   if (code != 0) ep_->comm->raiseAsyncError(static_cast<moecommResult_t>(code));
 }

@@ -181,11 +181,7 @@ moecommResult_t HostEpBackend::receiveLowLatencyDispatch(moecommEpHandle* handle
     std::memcpy(&header, base + region.header, sizeof(header));
     if (header.format != lowLatencyFormatOf(args)) {
       // As on the CUDA backend (whose senders cast): the source is absent for this operation.
-      MC_WARN(kLogEp,
-              "rank %d: rank %d's low-latency dispatch used another row format (recvType, MOECOMM_LL_ROUND_SCALE / "
-              "MOECOMM_LL_UE8M0, or MOECOMM_LL_PER_RANK_COMBINE) than this rank's for the same operation; its tokens "
-              "were treated as absent (moecommInvalidArgument)",
-              ep_->rank, s);
+      warnLowLatencyFormatMismatch(ep_->rank, s);
       ep_->comm->raiseAsyncError(moecommInvalidArgument);
       continue;
     }
