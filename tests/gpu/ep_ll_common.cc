@@ -235,6 +235,15 @@ std::string AsyncError(moecommComm_t comm, moecommResult_t allowed) {
   return async == moecommSuccess || async == allowed ? "" : std::string("async error ") + moecommGetErrorString(async);
 }
 
+void PrepareRound(const ref::EpShape& shape, const RankInput& input, bool idx64, const DispatchFlags& f,
+                  cudaStream_t stream, DeviceInputs* in, DeviceDispatchOut* out) {
+  in->Allocate(shape);
+  in->Load(input, idx64, stream);
+  out->Allocate(shape, f);
+  out->Poison(stream);
+  cudaMemsetAsync(out->cumulative, 0, shape.expertsPerRank() * 4, stream);
+}
+
 void OwnJobTest::Enter(const char* suite, const char* why) {
   if (GTEST_FLAG_GET(filter).find(suite) == std::string::npos) {
     GTEST_SKIP() << why << ": runs only when selected, with --gtest_filter=" << suite << ".*";

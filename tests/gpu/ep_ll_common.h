@@ -150,6 +150,12 @@ struct DeviceDispatchOut {
   }
 };
 
+// One round's device buffers, queued on stream: the inputs allocated for shape and loaded with
+// `input` (ids as int64 when idx64), the dispatch outputs allocated for f and poisoned, and the
+// cumulative statistics zeroed. The caller frees both.
+void PrepareRound(const ref::EpShape& shape, const RankInput& input, bool idx64, const DispatchFlags& f,
+                  cudaStream_t stream, DeviceInputs* in, DeviceDispatchOut* out);
+
 // Compares bytes; on mismatch returns the first differing element (elemBytes wide).
 std::string CompareBytes(const std::string& what, const void* expected, const void* device, size_t bytes,
                          size_t elemBytes);

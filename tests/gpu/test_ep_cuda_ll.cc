@@ -533,12 +533,8 @@ std::string EpCudaLowLatency::RunAbandoned(uint64_t seed) {
   for (int round = 0; round < 3 && why.empty(); ++round) {
     const AllInputs all = MakeAllInputs(shape, 96 + round, seed + round);
     DeviceInputs in;
-    in.Allocate(shape);
-    in.Load(all.ranks[rank_], false, stream_);
     DeviceDispatchOut out;
-    out.Allocate(shape, f);
-    out.Poison(stream_);
-    cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+    PrepareRound(shape, all.ranks[rank_], false, f, stream_, &in, &out);
     moecommEpLowLatencyDispatchArgs_t args = DispatchArgs(all.ranks[rank_].numTokens, in, false, f, out);
     moecommEpHandle_t handle = nullptr;
     if (round == 0) {

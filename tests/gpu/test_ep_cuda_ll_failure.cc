@@ -71,12 +71,8 @@ std::string EpCudaLowLatencyFailure::RunRound(moecommEp_t ep, const ref::EpShape
   if ((failDispatch || failCombine) && !iFail) absent[failing_] = 1;
   const moecommResult_t allowed = survivorSawFailure_ || (failDispatch && !iFail) ? moecommRemoteError : moecommSuccess;
   DeviceInputs in;
-  in.Allocate(shape);
-  in.Load(all.ranks[rank_], true, stream_);
   DeviceDispatchOut out;
-  out.Allocate(shape, f);
-  out.Poison(stream_);
-  cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+  PrepareRound(shape, all.ranks[rank_], true, f, stream_, &in, &out);
   const ExpectedDispatch want =
       ExpectDispatch(shape, all, rank_, failDispatch ? absent.data() : nullptr, f, std::vector<int>(L, 0));
 

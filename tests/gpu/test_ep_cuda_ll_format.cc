@@ -44,12 +44,8 @@ std::string EpCudaLowLatencyFormat::RunRound(moecommEp_t ep, const ref::EpShape&
   const int* myMask = masksAll != nullptr ? masksAll + rank_ * R : nullptr;
   const AllInputs all = MakeAllInputs(shape, kTokens, seed);
   DeviceInputs in;
-  in.Allocate(shape);
-  in.Load(all.ranks[rank_], true, stream_);
   DeviceDispatchOut out;
-  out.Allocate(shape, f);
-  out.Poison(stream_);
-  cudaMemsetAsync(out.cumulative, 0, L * 4, stream_);
+  PrepareRound(shape, all.ranks[rank_], true, f, stream_, &in, &out);
   const ExpectedDispatch want = ExpectDispatch(shape, all, rank_, myMask, f, std::vector<int>(L, 0));
   std::string why;
   moecommEpHandle_t handle = nullptr;
