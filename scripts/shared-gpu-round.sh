@@ -19,9 +19,11 @@ for n in ${NRANKS:-2 4 8}; do
   filter=""
   for s in $suites; do filter="${filter:+$filter|}^gpu_${s}_n$n\$"; done
   start=$(date +%s)
-  (cd build-device && timeout "${ROUND_TIMEOUT:-500}" ctest -R "$filter" --timeout "${TEST_TIMEOUT:-300}" \
-    --output-on-failure) > "$out/ctest-n$n.log" 2>&1
+  (cd build-device && timeout "${ROUND_TIMEOUT:-500}" ctest -R "$filter" --timeout "${TEST_TIMEOUT:-300}" -V) \
+     > "$out/ctest-n$n.log" 2>&1
   echo "n=$n rc=$? $(( $(date +%s) - start )) s"
   grep -E "Test +#|tests passed|tests failed" "$out/ctest-n$n.log" | tail -12
-  grep -hE "^\[ +FAILED|Failure|error:" "$out/ctest-n$n.log" | head -10
+  echo "gtest cases on rank 0: $(grep -cE '^[0-9]+: \[rank 0\] \[ +OK \]|^[0-9]+: \[ +OK \]' "$out/ctest-n$n.log") ok," \
+    "$(grep -cE '\[ +SKIPPED \]' "$out/ctest-n$n.log") skipped lines"
+  grep -hE "\[ +FAILED|Failure|error:" "$out/ctest-n$n.log" | head -10
 done
