@@ -32,6 +32,9 @@ struct GpuContext {
   int rank = 0;
   int nranks = 1;
   int device = -1;
+  // Ranks of this job on `device`, this one included: 1 unless MOECOMM_TEST_SHARED_GPUS=1 put
+  // more ranks than GPUs (device-wide readings such as cudaMemGetInfo then see all of them).
+  int ranksOnDevice = 1;
 };
 const GpuContext& Gpu();
 // Hands the moecomm-run communicator to the caller, who destroys it; main() then does not.

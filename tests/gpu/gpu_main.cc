@@ -68,6 +68,7 @@ int main(int argc, char** argv) {
                                    "GPUs, for correctness only)";
     } else {
       g_context.device = EnvInt("MOECOMM_LOCAL_RANK", g_context.rank) % count;
+      g_context.ranksOnDevice = g_context.nranks / count + (g_context.device < g_context.nranks % count ? 1 : 0);
       moecommConfig_t config = MOECOMM_CONFIG_INIT;
       config.backend = moecommBackendCuda;
       config.device = g_context.device;
