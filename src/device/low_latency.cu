@@ -162,7 +162,6 @@ struct RanksWaited {
 #define MOECOMM_LL_FIRST_LOOK 0
 #endif
 constexpr bool kFirstLook = MOECOMM_LL_FIRST_LOOK != 0;
-constexpr bool kCasGuess = MOECOMM_LL_FIRST_LOOK == 1;  // 2: the first look without the guessed atomicCAS
 constexpr int kFirstLooks = 1;  // entries per thread looked at together (a larger count made the kernels ~20 KB larger)
 
 // A thread's first look at its entries i = threadIdx.x + j * blockDim.x (j < kFirstLooks) of a
@@ -287,7 +286,7 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
     const unsigned long long proposal = (sequence << 2) | (mine ? kDecidedPresent : kDecidedAbsent);
     // kFirstLook: no load before the first atomicCAS; the guess is the previous operation on
     // this slot decided present (a wrong guess costs one more atomicCAS, as a lost race did).
-    unsigned long long seen = kCasGuess ? ((sequence - 1) << 2) | kDecidedPresent
+    unsigned long long seen = kFirstLook ? ((sequence - 1) << 2) | kDecidedPresent
                                          : *reinterpret_cast<volatile unsigned long long*>(word);
     while ((seen >> 2) != sequence) {
       const unsigned long long before = atomicCAS(word, seen, proposal);
