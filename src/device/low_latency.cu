@@ -162,7 +162,7 @@ struct RanksWaited {
 #define MOECOMM_LL_FIRST_LOOK 0
 #endif
 constexpr bool kFirstLook = MOECOMM_LL_FIRST_LOOK != 0;
-constexpr int kFirstLooks = 1;  // entries per thread looked at together (a larger count made the kernels ~20 KB larger)
+constexpr int kFirstLooks = 4;  // entries per thread looked at together (R x B <= 4 x blockDim)
 
 // A thread's first look at its entries i = threadIdx.x + j * blockDim.x (j < kFirstLooks) of a
 // block wait: the flag values (relaxed) and which entries' ranks were masked.
@@ -202,47 +202,38 @@ __device__ __forceinline__ FirstLook takeFirstLook(const LowLatencyParams& p, Fl
 // all) that is not masked (flagsOf(r) gives the array). `early`: the thread's first look, taken
 // by the caller with the same flagsOf and ranks (kFirstLook builds; null: taken here).
 template <typename FlagsOf>
-__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u,
-                               const FirstLook* early = nullptr) {
+__device__ __forceinline__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf,
+                                               uint32_t ranks = ~0u, const FirstLook* early = nullptr) {
   ranks &= allRanks(p.numRanks);
   __shared__ uint32_t missing;
   __shared__ uint32_t failed;
-  // kFirstLook: entries j < kFirstLooks settled by the first look (arrived, or masked) are
-  // skipped below; the rest go the old way. Only loads and comparisons are unrolled here: a
-  // wait loop per unrolled entry made the kernels ~35 KB larger and every wait ~2 µs slower
-  // (their code is fetched cold).
-  uint32_t settled = 0;
-  if (kFirstLook) {
-    const FirstLook look = early != nullptr ? *early : takeFirstLook(p, flagsOf, ranks);
-#pragma unroll
-    for (int j = 0; j < kFirstLooks; ++j) {
-      const bool masked = ((look.masked >> j) & 1u) != 0;
-      if (masked || look.value[j] == target) settled |= 1u << j;
-      if (masked) {
-        const int r = (static_cast<int>(threadIdx.x) + j * static_cast<int>(blockDim.x)) / p.numBlocks;
-        if (r < p.numRanks && ((ranks >> r) & 1u) != 0) settled |= 1u << (j + kFirstLooks);  // missing
-      }
-    }
-  }
+  FirstLook look{};
+  if (kFirstLook) look = early != nullptr ? *early : takeFirstLook(p, flagsOf, ranks);
   if (threadIdx.x == 0) {
     missing = 0;
     failed = 0;
   }
   __syncthreads();
   const int B = p.numBlocks;
-  int j = 0;
-#pragma unroll 1
-  for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x, ++j) {
+  const int entries = p.numRanks * B;
+  auto note = [&](int state, int r) {
+    if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
+  };
+  int i = threadIdx.x;
+  if (kFirstLook) {
+#pragma unroll
+    for (int j = 0; j < kFirstLooks; ++j, i += blockDim.x) {
+      const int r = i / B;
+      if (i >= entries || ((ranks >> r) & 1u) == 0) continue;
+      const bool masked = ((look.masked >> j) & 1u) != 0;
+      const bool arrived = !masked && look.value[j] == target;
+      note(masked ? kFlagMissing : arrived ? kFlagArrived : waitFlag(p, flagsOf(r) + i % B, target, r), r);
+    }
+  }
+  for (; i < entries; i += blockDim.x) {
     const int r = i / B;
     if (((ranks >> r) & 1u) == 0) continue;
-    int state;
-    if (kFirstLook && j < kFirstLooks && ((settled >> j) & 1u) != 0) {
-      state = ((settled >> (j + kFirstLooks)) & 1u) != 0 ? kFlagMissing : kFlagArrived;
-    } else {
-      state =
-          loadVolatile(&p.state->rankMask[r]) != 0 ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r);
-    }
-    if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
+    note(loadVolatile(&p.state->rankMask[r]) != 0 ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r), r);
   }
   __syncthreads();
   return RanksWaited{ranks & ~missing & ~failed, failed & ~missing};
