@@ -154,10 +154,11 @@ struct RanksWaited {
 // of the rank's mask word, then an acquire load of the flag, then (R x B > blockDim) the next
 // entry's acquire: each a memory round trip after the one before (an acquire load holds back
 // the thread's later loads), ~0.7 µs each with the L2 cold. With the switch a thread issues its
-// first look at its entries' ranks' mask words and flags together (for the targets' released
-// flags at the kernel's start, before the caller's ids), so the mask costs no round trip of its
-// own; entries not there yet fall back to the acquire polls. The agreement's atomicCAS goes
-// without the load before it (it guesses the previous operation's decision).
+// first look at all its entries and their ranks' mask words at once, with relaxed loads (for
+// the targets' released flags as early as the kernel's start, beside the caller's ids), then
+// one fence.acq_rel.sys for the entries that had arrived (relaxed load + fence: an acquire
+// pattern); entries not there yet fall back to the acquire polls. The agreement's atomicCAS
+// goes without the load before it (it guesses the previous operation's decision).
 #ifndef MOECOMM_LL_FIRST_LOOK
 #define MOECOMM_LL_FIRST_LOOK 0
 #endif
@@ -183,15 +184,8 @@ __device__ __forceinline__ FirstLook takeFirstLook(const LowLatencyParams& p, Fl
     look.value[j] = 0;
     if (i < p.numRanks * B && ((ranks >> (i / B)) & 1u) != 0) {
       maskWord[j] = loadVolatile(&p.state->rankMask[i / B]);
+      look.value[j] = loadRelaxedSys(flagsOf(i / B) + i % B);
     }
-  }
-  // After every mask load is issued: the flags with acquire loads (each holds back the thread's
-  // later loads, so a thread's entries still follow one another; with R x B <= blockDim there
-  // is one). Relaxed loads and one fence.acq_rel.sys measured 2 µs slower per wait (the fence).
-#pragma unroll
-  for (int j = 0; j < kFirstLooks; ++j) {
-    const int i = static_cast<int>(threadIdx.x) + j * static_cast<int>(blockDim.x);
-    if (i < p.numRanks * B && ((ranks >> (i / B)) & 1u) != 0) look.value[j] = loadAcquireSys(flagsOf(i / B) + i % B);
   }
 #pragma unroll
   for (int j = 0; j < kFirstLooks; ++j) look.masked |= maskWord[j] != 0 ? 1u << j : 0u;
@@ -221,14 +215,17 @@ __device__ __forceinline__ RanksWaited waitAll(const LowLatencyParams& p, uint64
   };
   int i = threadIdx.x;
   if (kFirstLook) {
+    bool fence = false;
 #pragma unroll
     for (int j = 0; j < kFirstLooks; ++j, i += blockDim.x) {
       const int r = i / B;
       if (i >= entries || ((ranks >> r) & 1u) == 0) continue;
       const bool masked = ((look.masked >> j) & 1u) != 0;
       const bool arrived = !masked && look.value[j] == target;
+      fence |= arrived;
       note(masked ? kFlagMissing : arrived ? kFlagArrived : waitFlag(p, flagsOf(r) + i % B, target, r), r);
     }
+    if (fence) fenceAcquireSys();
   }
   for (; i < entries; i += blockDim.x) {
     const int r = i / B;
