@@ -18,17 +18,6 @@ __device__ __forceinline__ uint64_t loadAcquireSys(const uint64_t* address) {
   return value;
 }
 
-// A system-scope relaxed load: no ordering of its own, so a thread can have several in flight
-// (an acquire load holds back the thread's later loads until it returns). A relaxed load that
-// sees a release store, followed by fenceAcquireSys, is an acquire pattern (PTX memory model).
-__device__ __forceinline__ uint64_t loadRelaxedSys(const uint64_t* address) {
-  uint64_t value;
-  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-  return value;
-}
-
-__device__ __forceinline__ void fenceAcquireSys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-
 __device__ __forceinline__ void storeReleaseSys(uint64_t* address, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }

@@ -149,88 +149,25 @@ struct RanksWaited {
   uint32_t failed;
 };
 
-// Developer switch (scripts/ab-bench.sh B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_FIRST_LOOK=1):
-// fewer dependent round trips in the flag waits. A block wait used to cost, per thread, a load
-// of the rank's mask word, then an acquire load of the flag, then (R x B > blockDim) the next
-// entry's acquire: each a memory round trip after the one before (an acquire load holds back
-// the thread's later loads), ~0.7 µs each with the L2 cold. With the switch a thread issues its
-// first look at all its entries and their ranks' mask words at once, with relaxed loads (for
-// the targets' released flags as early as the kernel's start, beside the caller's ids), then
-// one fence.acq_rel.sys for the entries that had arrived (relaxed load + fence: an acquire
-// pattern); entries not there yet fall back to the acquire polls. The agreement's atomicCAS
-// goes without the load before it (it guesses the previous operation's decision).
-#ifndef MOECOMM_LL_FIRST_LOOK
-#define MOECOMM_LL_FIRST_LOOK 0
-#endif
-constexpr bool kFirstLook = MOECOMM_LL_FIRST_LOOK != 0;
-constexpr int kFirstLooks = 4;  // entries per thread looked at together (R x B <= 4 x blockDim)
-
-// A thread's first look at its entries i = threadIdx.x + j * blockDim.x (j < kFirstLooks) of a
-// block wait: the flag values (relaxed) and which entries' ranks were masked.
-struct FirstLook {
-  uint64_t value[kFirstLooks];
-  uint32_t masked;  // bit j
-};
-
-template <typename FlagsOf>
-__device__ __forceinline__ FirstLook takeFirstLook(const LowLatencyParams& p, FlagsOf flagsOf, uint32_t ranks) {
-  FirstLook look{};
-  const int B = p.numBlocks;
-  int maskWord[kFirstLooks];
-#pragma unroll
-  for (int j = 0; j < kFirstLooks; ++j) {
-    const int i = static_cast<int>(threadIdx.x) + j * static_cast<int>(blockDim.x);
-    maskWord[j] = 0;
-    look.value[j] = 0;
-    if (i < p.numRanks * B && ((ranks >> (i / B)) & 1u) != 0) {
-      maskWord[j] = loadVolatile(&p.state->rankMask[i / B]);
-      look.value[j] = loadRelaxedSys(flagsOf(i / B) + i % B);
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kFirstLooks; ++j) look.masked |= maskWord[j] != 0 ? 1u << j : 0u;
-  return look;
-}
-
 // The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` (default:
-// all) that is not masked (flagsOf(r) gives the array). `early`: the thread's first look, taken
-// by the caller with the same flagsOf and ranks (kFirstLook builds; null: taken here).
+// all) that is not masked (flagsOf(r) gives the array).
 template <typename FlagsOf>
-__device__ __forceinline__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf,
-                                               uint32_t ranks = ~0u, const FirstLook* early = nullptr) {
+__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u) {
   ranks &= allRanks(p.numRanks);
   __shared__ uint32_t missing;
   __shared__ uint32_t failed;
-  FirstLook look{};
-  if (kFirstLook) look = early != nullptr ? *early : takeFirstLook(p, flagsOf, ranks);
   if (threadIdx.x == 0) {
     missing = 0;
     failed = 0;
   }
   __syncthreads();
   const int B = p.numBlocks;
-  const int entries = p.numRanks * B;
-  auto note = [&](int state, int r) {
-    if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
-  };
-  int i = threadIdx.x;
-  if (kFirstLook) {
-    bool fence = false;
-#pragma unroll
-    for (int j = 0; j < kFirstLooks; ++j, i += blockDim.x) {
-      const int r = i / B;
-      if (i >= entries || ((ranks >> r) & 1u) == 0) continue;
-      const bool masked = ((look.masked >> j) & 1u) != 0;
-      const bool arrived = !masked && look.value[j] == target;
-      fence |= arrived;
-      note(masked ? kFlagMissing : arrived ? kFlagArrived : waitFlag(p, flagsOf(r) + i % B, target, r), r);
-    }
-    if (fence) fenceAcquireSys();
-  }
-  for (; i < entries; i += blockDim.x) {
+  for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x) {
     const int r = i / B;
     if (((ranks >> r) & 1u) == 0) continue;
-    note(loadVolatile(&p.state->rankMask[r]) != 0 ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r), r);
+    const int state =
+        loadVolatile(&p.state->rankMask[r]) != 0 ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r);
+    if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
   }
   __syncthreads();
   return RanksWaited{ranks & ~missing & ~failed, failed & ~missing};
@@ -245,13 +182,8 @@ __device__ void maskAllBut(const LowLatencyParams& p, uint32_t ready) {
 // Every block, on entry to a send half: the ranks it may write to, i.e. the unmasked ones all
 // of whose blocks finished reading what the previous operation on this slot put there. Ranks
 // that fail are masked; the others will see this block's flag missing and mask this rank.
-__device__ __forceinline__ FirstLook targetsFirstLook(const LowLatencyParams& p) {
-  return takeFirstLook(p, [&](int r) { return releasedFlags(p, r); }, ~0u);
-}
-
-__device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence, const FirstLook* early = nullptr) {
-  const uint32_t ready =
-      waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, r); }, ~0u, early).arrived;
+__device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
+  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, r); }).arrived;
   maskAllBut(p, ready);
   return ready;
 }
@@ -272,10 +204,7 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
     bool mine = ((waited.arrived >> s) & 1u) != 0;
     unsigned long long* word = &p.state->decision[p.slot][s];
     const unsigned long long proposal = (sequence << 2) | (mine ? kDecidedPresent : kDecidedAbsent);
-    // kFirstLook: no load before the first atomicCAS; the guess is the previous operation on
-    // this slot decided present (a wrong guess costs one more atomicCAS, as a lost race did).
-    unsigned long long seen = kFirstLook ? ((sequence - 1) << 2) | kDecidedPresent
-                                         : *reinterpret_cast<volatile unsigned long long*>(word);
+    unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word);
     while ((seen >> 2) != sequence) {
       const unsigned long long before = atomicCAS(word, seen, proposal);
       if (before == seen) {
@@ -684,8 +613,6 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
-  FirstLook early{};
-  if (kFirstLook) early = targetsFirstLook(p);  // in flight with the ids' loads
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
@@ -696,7 +623,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
     }
     tokenRanks[t] = ranks;
   }
-  const uint32_t targets = sendTargets(p, sequence, kFirstLook ? &early : nullptr);
+  const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   if (blockIdx.x == 0) {
     const int d = threadIdx.x;
@@ -1082,8 +1009,6 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   const int L = p.localExperts;
   // The received rows, expert by expert, from the dispatch's counts (a block scan), read
   // before the targets are waited for.
-  FirstLook early{};
-  if (kFirstLook) early = targetsFirstLook(p);  // in flight with the counts' loads
   int total = 0;
   for (int first = 0; first < L; first += kThreads) {
     const int le = first + threadIdx.x;
@@ -1094,7 +1019,7 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
     total += chunkTotal;
   }
   if (threadIdx.x == 0) expertStart[L] = total;
-  const uint32_t targets = sendTargets(p, sequence, kFirstLook ? &early : nullptr);
+  const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int K = p.topk;
   const int slotsPerExpert = p.numRanks * p.maxTokens;
@@ -1267,22 +1192,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
   const int K = p.topk;
-  FirstLook early{};
-  if (kFirstLook) {
-    early = targetsFirstLook(p);
-    if (threadIdx.x < 32) {  // the sources' T loaded at once, then a warp scan
-      const int s = threadIdx.x;
-      const int tokens = s < R ? min(max(p.routing.sourceTokens[s], 0), p.maxTokens) : 0;
-      int sum = tokens;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const int other = __shfl_up_sync(0xffffffffu, sum, offset);
-        if (s >= offset) sum += other;
-      }
-      if (s < R) pairStart[s + 1] = sum;
-      if (s == 0) pairStart[0] = 0;
-    }
-  } else if (threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     int pairs = 0;
     for (int s = 0; s < R; ++s) {
       pairStart[s] = pairs;
@@ -1290,7 +1200,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
     }
     pairStart[R] = pairs;
   }
-  const uint32_t targets = sendTargets(p, sequence, kFirstLook ? &early : nullptr);  // syncs the block
+  const uint32_t targets = sendTargets(p, sequence);  // syncs the block
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int total = pairStart[R];
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
