@@ -357,7 +357,10 @@ __device__ int blockExclusiveScan(int value, int* total) {
 // sends from the first microsecond whatever T is; each thread loads kSendUnroll chunks before
 // it converts and stores any.
 
-constexpr int kSendUnroll = 4;
+#ifndef MOECOMM_LL_SEND_UNROLL
+#define MOECOMM_LL_SEND_UNROLL 4
+#endif
+constexpr int kSendUnroll = MOECOMM_LL_SEND_UNROLL;
 
 // Casts BF16 rows to FP8 (dtype.h arithmetic, as reference::castRowToFp8) and stores the bytes
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
@@ -695,7 +698,10 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
 // each row's list entry, then copies its rows flat over (row, 16-byte chunk, then scale) with
 // several loads in flight per thread.
 
-constexpr int kCopyUnroll = 8;
+#ifndef MOECOMM_LL_COPY_UNROLL
+#define MOECOMM_LL_COPY_UNROLL 8
+#endif
+constexpr int kCopyUnroll = MOECOMM_LL_COPY_UNROLL;
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
