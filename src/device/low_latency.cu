@@ -32,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "core/align.h"
 #include "device/bulk_copy.cuh"
@@ -52,6 +53,28 @@ constexpr uint32_t kDecidedPresent = 1;
 // operation, so the receiver treats the sender as absent at once instead of timing out.
 constexpr uint64_t kAbsentBit = 1ull << 63;
 constexpr uint32_t kDecidedAbsent = 2;
+
+// Developer switch (scripts/ab-bench.sh B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=1):
+// the dispatch and combine kernels instantiated per row kind (FP8 or BF16) and combine form
+// (per expert or per rank), so each launch runs a kernel without the other forms' code (an
+// FP8 per-expert dispatch compiles to 136 KB instead of 151, its combine to 46 KB instead of
+// 73). Off (kForms 0): one kernel reads the forms from the parameters, as before. In every
+// measurement so far added code cost time even where it did not run (PERF.md, seventh session).
+#ifndef MOECOMM_LL_SPLIT_FORMS
+#define MOECOMM_LL_SPLIT_FORMS 0
+#endif
+// kForms: 0 = from the parameters; otherwise one of the row kinds or'ed with one of the forms.
+constexpr int kFormFp8 = 1;
+constexpr int kFormBf16 = 2;
+constexpr int kFormPerExpert = 4;
+constexpr int kFormPerRank = 8;
+
+__device__ __forceinline__ bool formFp8(int forms, const LowLatencyParams& p) {
+  return (forms & kFormFp8) != 0 ? true : (forms & kFormBf16) != 0 ? false : p.fp8 != 0;
+}
+__device__ __forceinline__ bool formPerRank(int forms, const LowLatencyParams& p) {
+  return (forms & kFormPerRank) != 0 ? true : (forms & kFormPerExpert) != 0 ? false : p.perRank != 0;
+}
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per kernel (kLlKernel*) and block,
 // the global timer at fixed points of the last call (see lowLatencyProfile).
@@ -567,8 +590,8 @@ __device__ void putLists(const LowLatencyParams& p, uint32_t targets) {
 // blockDim.x)), split at row boundaries into pieces, a warp per piece, put to each of the
 // token's destinations: the bytes, and for FP8 the scales (one per 8 chunks; pieces start
 // and end at multiples of 8 chunks, since windows and rows do).
-__device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
-  const int chunksPerRow = p.fp8 ? p.hidden / 16 : p.hidden / 8;
+__device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets, bool fp8) {
+  const int chunksPerRow = fp8 ? p.hidden / 16 : p.hidden / 8;
   const int total = p.numTokens * chunksPerRow;
   const int stride = gridDim.x * blockDim.x;
   const int warp = threadIdx.x >> 5;
@@ -584,7 +607,7 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
       for (uint32_t left = tokenRanks[t] & targets & p.putPeers; left != 0; left &= left - 1) {
         const int d = __ffs(left) - 1;
         putRange(p, d, row + 16ull * c0, 16ull * (c1 - c0), lane, 32);
-        if (p.fp8) putRange(p, d, row + p.hidden + 4ull * (c0 / 8), 4ull * ((c1 - c0 + 7) / 8), lane, 32);
+        if (fp8) putRange(p, d, row + p.hidden + 4ull * (c0 / 8), 4ull * ((c1 - c0 + 7) / 8), lane, 32);
       }
     }
   }
@@ -612,7 +635,8 @@ constexpr bool kLateSentFlags = MOECOMM_LL_LATE_SENT_FLAGS != 0;
 // Returns the targets; publishes the sent flags (finishSend) unless `deferSent` (then the
 // receive half does, dispatchReceive).
 template <bool kPuts>
-__device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared, bool deferSent) {
+__device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared, bool deferSent,
+                                 bool fp8, bool perRank) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
@@ -632,7 +656,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
     const int d = threadIdx.x;
     if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
       reinterpret_cast<int*>(windowSlot(p, d) + p.tokensOffset)[p.rank] =
-          T | (lowLatencyFormat(p.fp8, p.roundScale, p.perRank) << kLowLatencyFormatShift);
+          T | (lowLatencyFormat(fp8, p.roundScale, perRank) << kLowLatencyFormatShift);
       putRange(p, d, p.tokensOffset + sizeof(int) * p.rank, sizeof(int), 0, 1);
     }
   }
@@ -647,7 +671,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
       expert = -1;
     }
-    if (!p.perRank) continue;
+    if (!perRank) continue;
     const float weight = p.topkWeights[g];
     const uint64_t at = static_cast<uint64_t>(p.rank) * p.maxTokens * K + g;
     for (uint32_t left = targets; left != 0; left &= left - 1) {
@@ -662,7 +686,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
   __syncthreads();
   if (kPuts && (targets & p.putPeers) != 0) {
     putLists(p, targets);
-    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; p.perRank && first < entries;
+    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; perRank && first < entries;
          first += entryStride) {
       const uint64_t at = (static_cast<uint64_t>(p.rank) * p.maxTokens * K + first) * sizeof(int);
       const uint64_t bytes =
@@ -676,14 +700,14 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
   }
   signalTargets(p, targets, sequence, p.listedOffset);
   MC_LL_PROFILE(kLlKernelDispatch, 2);
-  if (p.fp8) {
+  if (fp8) {
     sendFp8Rows(p, tokenRanks, targets);
   } else {
     sendBf16Rows(p, tokenRanks, targets);
   }
   if (kPuts && (targets & p.putPeers) != 0) {
     __syncthreads();
-    putSentRows(p, tokenRanks, targets);
+    putSentRows(p, tokenRanks, targets, fp8);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
   if (!deferSent) {
@@ -706,10 +730,11 @@ constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
-__device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId) {
-  const int rowBytes = p.fp8 ? p.hidden : 2 * p.hidden;
+__device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId,
+                          bool fp8) {
+  const int rowBytes = fp8 ? p.hidden : 2 * p.hidden;
   const int chunksPerRow = rowBytes / 16;
-  const int scales = p.fp8 ? p.hidden / kFp8ScaleBlock : 0;
+  const int scales = fp8 ? p.hidden / kFp8ScaleBlock : 0;
   const int dataItems = batch * chunksPerRow;
   const int items = dataItems + batch * scales;
   uint8_t* recvX = static_cast<uint8_t*>(p.recvX);
@@ -766,14 +791,14 @@ MC_HOST_DEVICE inline uint64_t lowLatencyItemStartBytes(int numRanks, int localE
   return roundUp((static_cast<uint64_t>(numRanks) * localExperts + 1) * sizeof(int), 128);
 }
 
-__device__ BulkStage bulkStageOf(const LowLatencyParams& p, int* itemStart) {
+__device__ BulkStage bulkStageOf(const LowLatencyParams& p, int* itemStart, bool fp8) {
   uint8_t* base = reinterpret_cast<uint8_t*>(itemStart) + lowLatencyItemStartBytes(p.numRanks, p.localExperts);
   BulkStage stage{reinterpret_cast<uint64_t*>(base), base + kBulkSlotsMax * sizeof(uint64_t), 0, 0};
-  const uint32_t scaleBytes = p.fp8 ? p.hidden / 32 : 0;  // FP32 per 128 channels
-  stage.unit = (p.fp8 ? p.hidden : 2 * p.hidden) + scaleBytes;
+  const uint32_t scaleBytes = fp8 ? p.hidden / 32 : 0;  // FP32 per 128 channels
+  stage.unit = (fp8 ? p.hidden : 2 * p.hidden) + scaleBytes;
   const uint64_t stageBytes = lowLatencyBulkStageBytes(p.hidden);
   const bool aligned =
-      ((reinterpret_cast<uintptr_t>(p.recvX) | (p.fp8 ? reinterpret_cast<uintptr_t>(p.recvScales) : 0)) & 15u) == 0;
+      ((reinterpret_cast<uintptr_t>(p.recvX) | (fp8 ? reinterpret_cast<uintptr_t>(p.recvScales) : 0)) & 15u) == 0;
   if (aligned && !p.ue8m0 && scaleBytes % 16 == 0 && stage.unit % 16 == 0) {
     const uint64_t fit = stageBytes / stage.unit;
     stage.slots = static_cast<int>(fit < kBulkSlotsMax ? fit : kBulkSlotsMax);
@@ -785,10 +810,10 @@ __device__ BulkStage bulkStageOf(const LowLatencyParams& p, int* itemStart) {
 // warp's mbarrier phase, carried across batches. The caller's barrier after the acquire of the
 // rows' flags precedes this; the async proxy is fenced here.
 __device__ void bulkCopyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId,
-                              const BulkStage& stage, uint32_t* parity) {
+                              const BulkStage& stage, uint32_t* parity, bool fp8) {
   const int warp = threadIdx.x >> 5;
   if ((threadIdx.x & 31) != 0 || warp >= stage.slots) return;
-  const uint32_t dataBytes = p.fp8 ? p.hidden : 2 * p.hidden;
+  const uint32_t dataBytes = fp8 ? p.hidden : 2 * p.hidden;
   const uint32_t scaleBytes = stage.unit - dataBytes;
   uint8_t* slot = stage.data + static_cast<uint64_t>(warp) * stage.unit;
   uint64_t* barrier = stage.barriers + warp;
@@ -851,7 +876,7 @@ __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t 
 // sentTargets: the send half's targets when it left its sent flags to this half (the same
 // kernel, kLateSentFlags), else 0 with deferredSent false.
 __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool deferredSent,
-                                uint32_t sentTargets) {
+                                uint32_t sentTargets, bool fp8, bool perRank) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
   __shared__ const uint8_t* batchFrom[kBatchRows];
   __shared__ int batchId[kBatchRows];
@@ -860,7 +885,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int L = p.localExperts;
   const int items = R * L;
   const int slotsPerExpert = R * p.maxTokens;
-  const BulkStage stage = bulkStageOf(p, itemStart);
+  const BulkStage stage = bulkStageOf(p, itemStart, fp8);
   uint32_t parity = 0;  // lane 0 of a bulk-copy warp: its mbarrier's phase
   if (threadIdx.x == 0) {
     for (int w = 0; w < stage.slots; ++w) mbarrierInit(stage.barriers + w, 1);
@@ -883,7 +908,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
     const int word = ((sources >> s) & 1u) != 0 ? __ldcg(tokens + s) : 0;
     // A source whose row format differs from this rank's is absent for this operation.
-    const bool agrees = (word >> kLowLatencyFormatShift) == lowLatencyFormat(p.fp8, p.roundScale, p.perRank);
+    const bool agrees = (word >> kLowLatencyFormatShift) == lowLatencyFormat(fp8, p.roundScale, perRank);
     sourceTokens[s] = agrees ? min(max(word & ((1 << kLowLatencyFormatShift) - 1), 0), p.maxTokens) : 0;
     if (!agrees && ((sources >> s) & 1u) != 0 && blockIdx.x == 0) {
       atomicOr(p.hostFormatPeers, static_cast<int>(1u << s));
@@ -912,7 +937,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + le, rows);  // no wait
     }
   }
-  if (p.perRank) keepSelections(p, globalIds, sourceTokens);
+  if (perRank) keepSelections(p, globalIds, sourceTokens);
   MC_LL_PROFILE(kLlKernelDispatch, 6);
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
   const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
@@ -942,7 +967,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       p.routing.srcInfo[id] = info;
       p.routing.firstK[id] = static_cast<uint8_t>(firstK);
       if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
-      if (p.perRank) {
+      if (perRank) {
         // Every selection of the token naming this expert reads this row.
         const int expert = p.rank * L + le;
         const uint64_t at = static_cast<uint64_t>(info) * K;
@@ -965,9 +990,9 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       waitRows(p, sequence, sources);
     }
     if (stage.slots > 0) {
-      bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity);
+      bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity, fp8);
     } else {
-      copyBatch(p, batch, batchFrom, batchId);
+      copyBatch(p, batch, batchFrom, batchId, fp8);
     }
     __syncthreads();
   }
@@ -978,20 +1003,22 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   MC_LL_PROFILE(kLlKernelDispatch, 9);
 }
 
-template <bool kPuts>
+template <bool kPuts, int kForms>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyParams p) {
   extern __shared__ int4 dispatchShared[];
   MC_LL_PROFILE(kLlKernelDispatch, 0);
+  const bool fp8 = formFp8(kForms, p);
+  const bool perRank = formPerRank(kForms, p);
   flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   const bool deferSent = kLateSentFlags && send && receive;
   uint32_t targets = 0;
-  if (send) targets = dispatchSend<kPuts>(p, sequence, dispatchShared, deferSent);
+  if (send) targets = dispatchSend<kPuts>(p, sequence, dispatchShared, deferSent, fp8, perRank);
   if (receive) {
     __syncthreads();  // the send half's shared memory is reused
-    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), deferSent, targets);
+    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), deferSent, targets, fp8, perRank);
   }
 }
 
@@ -1284,14 +1311,14 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
 // at [t][r], weight 1, and fmaf(1, p, acc) is exactly acc + p). A row is used only when its
 // rank is present and its marker holds this operation (else the rank did not receive the
 // token: it had masked this rank).
-__device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
+__device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, bool perRank) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int ids[kThreads];
   const int K = p.topk;
   const int R = p.numRanks;
   const int T = p.numTokens;
-  const int J = p.perRank ? R : K;
+  const int J = perRank ? R : K;
   const int W = max(K, J);  // threads per token: one per id, and one per row
   const int tokensPerRound = kThreads / W;
   const int myTokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
@@ -1306,7 +1333,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
     int64_t expert = mapped ? loadExpertId(p.topkIdx, p.topkIdxIs64, base + k) : -1;
     if (expert < -1 || expert >= p.numExperts) expert = -1;
     ids[threadIdx.x] = static_cast<int>(expert);
-    if (!p.perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
+    if (!perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
   if (myTokens > 0) loadRound(0);
   const uint32_t sources = agreeSources(p, sequence, [&](int r) { return sentFlags(p, r); });
@@ -1325,7 +1352,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
       const int* tokenIds = ids + slotInRound * W;
       uint64_t entry = 0;  // [t][k] or [t][r] of the slot; valid when present
       bool present = false;
-      if (j < myTokens && p.perRank) {
+      if (j < myTokens && perRank) {
         // k is the expert rank: present if one selection names one of its experts.
         for (int i = 0; i < K && !present; ++i) present = tokenIds[i] >= 0 && tokenIds[i] / p.localExperts == k;
         present = present && ((sources >> k) & 1u) != 0;
@@ -1345,7 +1372,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
       const bool marked = present && __ldcg(markers + entry) == static_cast<uint32_t>(sequence);
       rows[slotInRound * J + k] =
           marked ? reinterpret_cast<const int4*>(mine + p.combineRowsOffset + entry * 2ull * p.hidden) : nullptr;
-      if (p.perRank) weights[slotInRound * J + k] = 1.0f;
+      if (perRank) weights[slotInRound * J + k] = 1.0f;
     }
     __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
@@ -1360,20 +1387,21 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence) {
   MC_LL_PROFILE(kLlKernelCombine, 9);
 }
 
-template <bool kPuts>
+template <bool kPuts, int kForms>
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
   MC_LL_PROFILE(kLlKernelCombine, 0);
   flushPendingReleases(p, false);
+  const bool perRank = formPerRank(kForms, p);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
-  if (send && p.perRank) {
+  if (send && perRank) {
     combineSendPerRank<kPuts>(p, sequence);
   } else if (send) {
     combineSend<kPuts>(p, sequence);
   }
   if ((p.phases & kLowLatencyPhaseReceive) != 0) {
     __syncthreads();
-    combineReceive(p, sequence);
+    combineReceive(p, sequence, perRank);
   }
 }
 
@@ -1437,11 +1465,41 @@ uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params) {
   return (static_cast<uint64_t>(params.maxTokens) * sizeof(uint32_t) + 15) / 16 * 16;
 }
 
+#if MOECOMM_LL_SPLIT_FORMS
+// The dispatch kernels' forms (each also with and without puts).
+constexpr int kDispatchForms[] = {kFormFp8 | kFormPerExpert, kFormFp8 | kFormPerRank, kFormBf16 | kFormPerExpert,
+                                  kFormBf16 | kFormPerRank};
+
+// The forms of a launch.
+static int launchForms(const LowLatencyParams& params) {
+  return (params.fp8 != 0 ? kFormFp8 : kFormBf16) | (params.perRank != 0 ? kFormPerRank : kFormPerExpert);
+}
+#endif
+
+template <int kForms>
+void addDispatchKernels(std::vector<const void*>* kernels) {
+  kernels->push_back(reinterpret_cast<const void*>(dispatchKernel<false, kForms>));
+  kernels->push_back(reinterpret_cast<const void*>(dispatchKernel<true, kForms>));
+}
+
+// Every dispatch kernel a launch may use (for the per-kernel attributes).
+static std::vector<const void*> dispatchKernels() {
+  std::vector<const void*> kernels;
+#if MOECOMM_LL_SPLIT_FORMS  // (the preprocessor, so that default builds instantiate one kernel)
+  addDispatchKernels<kDispatchForms[0]>(&kernels);
+  addDispatchKernels<kDispatchForms[1]>(&kernels);
+  addDispatchKernels<kDispatchForms[2]>(&kernels);
+  addDispatchKernels<kDispatchForms[3]>(&kernels);
+#else
+  addDispatchKernels<0>(&kernels);
+#endif
+  return kernels;
+}
+
 int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
   // The attribute is per kernel and process-wide: always the same (largest) value, so EPs of
   // different shapes never lower it under one another.
-  for (const void* kernel :
-       {reinterpret_cast<const void*>(dispatchKernel<false>), reinterpret_cast<const void*>(dispatchKernel<true>)}) {
+  for (const void* kernel : dispatchKernels()) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(maxDynamicSharedBytes));
     if (err != cudaSuccess) return static_cast<int>(err);
@@ -1451,8 +1509,7 @@ int allowLowLatencySharedMemory(uint64_t maxDynamicSharedBytes) {
 
 int64_t lowLatencyDispatchStaticSharedBytes() {
   int64_t most = 0;
-  for (const void* kernel :
-       {reinterpret_cast<const void*>(dispatchKernel<false>), reinterpret_cast<const void*>(dispatchKernel<true>)}) {
+  for (const void* kernel : dispatchKernels()) {
     cudaFuncAttributes attributes{};
     if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) return -1;
     most = std::max(most, static_cast<int64_t>(attributes.sharedSizeBytes));
@@ -1465,6 +1522,15 @@ uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
          lowLatencyBulkStageBytes(params.hidden);
 }
 
+template <int kForms>
+void launchDispatch(const LowLatencyParams& params, uint64_t shared, CUstream_st* stream) {
+  if (params.putPeers != 0) {
+    dispatchKernel<true, kForms><<<params.numBlocks, kThreads, shared, stream>>>(params);
+  } else {
+    dispatchKernel<false, kForms><<<params.numBlocks, kThreads, shared, stream>>>(params);
+  }
+}
+
 int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream) {
   uint64_t shared = 0;
   if ((params.phases & kLowLatencyPhaseSend) != 0) shared = lowLatencyDispatchSendSharedBytes(params);
@@ -1472,20 +1538,47 @@ int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream
     const uint64_t receive = lowLatencyDispatchRecvSharedBytes(params);
     if (receive > shared) shared = receive;
   }
-  if (params.putPeers != 0) {
-    dispatchKernel<true><<<params.numBlocks, kThreads, shared, stream>>>(params);
-  } else {
-    dispatchKernel<false><<<params.numBlocks, kThreads, shared, stream>>>(params);
+#if MOECOMM_LL_SPLIT_FORMS
+  switch (launchForms(params)) {
+    case kDispatchForms[0]:
+      launchDispatch<kDispatchForms[0]>(params, shared, stream);
+      break;
+    case kDispatchForms[1]:
+      launchDispatch<kDispatchForms[1]>(params, shared, stream);
+      break;
+    case kDispatchForms[2]:
+      launchDispatch<kDispatchForms[2]>(params, shared, stream);
+      break;
+    default:
+      launchDispatch<kDispatchForms[3]>(params, shared, stream);
+      break;
   }
+#else
+  launchDispatch<0>(params, shared, stream);
+#endif
   return static_cast<int>(cudaGetLastError());
 }
 
-int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream) {
+template <int kForms>
+void launchCombine(const LowLatencyParams& params, CUstream_st* stream) {
   if (params.putPeers != 0) {
-    combineKernel<true><<<params.numBlocks, kThreads, 0, stream>>>(params);
+    combineKernel<true, kForms><<<params.numBlocks, kThreads, 0, stream>>>(params);
   } else {
-    combineKernel<false><<<params.numBlocks, kThreads, 0, stream>>>(params);
+    combineKernel<false, kForms><<<params.numBlocks, kThreads, 0, stream>>>(params);
   }
+}
+
+int launchLowLatencyCombine(const LowLatencyParams& params, CUstream_st* stream) {
+  // The combine's kernel depends on the form only (its rows are BF16).
+#if MOECOMM_LL_SPLIT_FORMS
+  if ((launchForms(params) & kFormPerRank) != 0) {
+    launchCombine<kFormPerRank>(params, stream);
+  } else {
+    launchCombine<kFormPerExpert>(params, stream);
+  }
+#else
+  launchCombine<0>(params, stream);
+#endif
   return static_cast<int>(cudaGetLastError());
 }
 
