@@ -479,7 +479,10 @@ MOECOMM_API moecommResult_t moecommEpLowLatencyCombine(moecommEp_t ep, const moe
 
 /* Receives what a MOECOMM_LL_SEND_ONLY dispatch or combine sent. Asynchronous on stream.
  * Not collective: it involves only the calling rank (peers signal through shared flags).
- * Completing the older of two in-flight operations first lets the next one start. */
+ * Completing the older of two in-flight operations first lets the next one start.
+ * stream may differ from the send's: the receive then waits for the send half (except under
+ * stream capture, where both must be on one stream). Later calls on the handle follow the
+ * stream order of this one's stream. */
 MOECOMM_API moecommResult_t moecommEpComplete(moecommEp_t ep, moecommEpHandle_t handle, moecommStream_t stream);
 
 /* Zero-copy combine: [OUT] buffer device [E/R, R*maxT, H] BF16 that the caller may write expert

@@ -355,6 +355,7 @@ moecommResult_t CudaLowLatency::markSendOnly(Routing* routing, moecommStream_t s
   }
   MC_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(routing->sentEvent), stream));
   routing->sentRecorded = true;
+  routing->sentStream = stream;
   return moecommSuccess;
 }
 
@@ -620,6 +621,18 @@ moecommResult_t CudaLowLatency::complete(moecommEpHandle_t handle, moecommStream
   MC_REQUIRE(routings_.count(handle) != 0, moecommInternalError, "the low-latency handle has no device routing");
   DeviceScope scope(device_);
   MC_CHECK(waitForRelease(stream));
+  // The receive half reads what the send half left on the device (the slot's sequence, the
+  // staging): completed on another stream, it waits for the send half's event. (Under stream
+  // capture no event was recorded: there the one-stream rule of docs/ep-low-latency-gpu.md
+  // holds.)
+  const Routing& routing = routings_.at(handle);
+  if (routing.sentRecorded && routing.sentStream != static_cast<void*>(stream)) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MC_CUDA(cudaStreamIsCapturing(stream, &capture));
+    if (capture == cudaStreamCaptureStatusNone) {
+      MC_CUDA(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(routing.sentEvent), 0));
+    }
+  }
   return finish(handle, stream, true);
 }
 

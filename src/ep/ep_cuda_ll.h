@@ -69,6 +69,7 @@ class CudaLowLatency {
     device::LowLatencyRouting arrays{};
     void* sentEvent = nullptr;  // cudaEvent_t recorded after a send-only half (not under capture)
     bool sentRecorded = false;
+    void* sentStream = nullptr;  // the stream of that send-only half
   };
 
   explicit CudaLowLatency(moecommEp* ep);

@@ -25,6 +25,12 @@ __global__ void LoadCopyKernel(const uint4* source, uint4* destination, size_t w
   }
 }
 
+__global__ void SpinKernel(uint64_t nanoseconds) {
+  uint64_t start = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (uint64_t now = start; now - start < nanoseconds;) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+}
+
 int BlocksFor(size_t words) {
   const size_t blocks = (words + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < kMaxBlocks ? (blocks == 0 ? 1 : blocks) : kMaxBlocks);
@@ -40,6 +46,11 @@ int LaunchStorePattern(void* destination, size_t words, uint64_t seed, int write
 int LaunchLoadCopy(const void* source, void* destination, size_t words) {
   LoadCopyKernel<<<BlocksFor(words), kThreads>>>(static_cast<const uint4*>(source), static_cast<uint4*>(destination),
                                                  words);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchSpin(void* stream, uint64_t microseconds) {
+  SpinKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(microseconds * 1000);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -38,4 +38,8 @@ int LaunchStorePattern(void* destination, size_t words, uint64_t seed, int write
 // loads and stores. Returns a cudaError_t value (0 = launched).
 int LaunchLoadCopy(const void* source, void* destination, size_t words);
 
+// One thread that spins for `microseconds` (global timer) on `stream` (a cudaStream_t): holds
+// the stream's later work back, e.g. to show what another stream may run ahead of it.
+int LaunchSpin(void* stream, uint64_t microseconds);
+
 }  // namespace moecomm_gpu_test

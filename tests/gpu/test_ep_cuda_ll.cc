@@ -23,6 +23,7 @@
 #include "ep/host_reference.h"
 #include "gpu/ep_ll_common.h"
 #include "gpu/gpu_common.h"
+#include "gpu/nvlink_kernels.h"
 #include "moecomm.h"
 
 namespace moecomm_gpu_test {
@@ -191,6 +192,12 @@ std::string EpCudaLowLatency::RunDoubleBuffered(uint64_t seed) {
   ExpectedDispatch want[2];
   moecommEpHandle_t handles[2] = {nullptr, nullptr};
   std::string why;
+  // The second dispatch is completed on another stream, while the caller's stream is still
+  // held back by a spin kernel ahead of both send halves: the receive half must wait for its
+  // send half (the library orders it after the send half's event), or it reads a slot that
+  // holds nothing of this operation yet and the comparison below fails.
+  cudaStream_t other = nullptr;
+  if (cudaStreamCreateWithFlags(&other, cudaStreamNonBlocking) != cudaSuccess) why = "cudaStreamCreate failed";
   for (int i = 0; i < 2; ++i) {
     in[i].Allocate(shape);
     in[i].Load(all[i].ranks[rank_], true, stream_);
@@ -198,6 +205,7 @@ std::string EpCudaLowLatency::RunDoubleBuffered(uint64_t seed) {
     out[i].Poison(stream_);
     cudaMemsetAsync(out[i].cumulative, 0, L * 4, stream_);
     want[i] = ExpectDispatch(shape, all[i], rank_, nullptr, f, std::vector<int>(L, 0));
+    if (i == 0 && why.empty() && LaunchSpin(stream_, 20000) != 0) why = "spin kernel launch failed";
     moecommEpLowLatencyDispatchArgs_t args = DispatchArgs(all[i].ranks[rank_].numTokens, in[i], true, f, out[i]);
     args.flags |= MOECOMM_LL_SEND_ONLY;
     if (why.empty() && moecommEpLowLatencyDispatch(ep, &args, &handles[i], stream_) != moecommSuccess) {
@@ -214,11 +222,13 @@ std::string EpCudaLowLatency::RunDoubleBuffered(uint64_t seed) {
     }
   }
   for (int i = 1; i >= 0 && why.empty(); --i) {
-    if (moecommEpComplete(ep, handles[i], stream_) != moecommSuccess) {
+    if (moecommEpComplete(ep, handles[i], i == 1 ? other : stream_) != moecommSuccess) {
       why = "complete " + std::to_string(i) + ": " + moecommGetLastError(comm_);
     }
   }
-  if (why.empty() && cudaStreamSynchronize(stream_) != cudaSuccess) why = "cudaStreamSynchronize failed";
+  if (why.empty() && (cudaStreamSynchronize(other) != cudaSuccess || cudaStreamSynchronize(stream_) != cudaSuccess)) {
+    why = "cudaStreamSynchronize failed";
+  }
   if (why.empty()) why = AsyncError(comm_);
   for (int i = 0; i < 2 && why.empty(); ++i) {
     why = CompareDispatch("op" + std::to_string(i) + " ", want[i], out[i], f, true, true);
@@ -257,6 +267,7 @@ std::string EpCudaLowLatency::RunDoubleBuffered(uint64_t seed) {
   }
   if (moecommEpDestroy(ep) != moecommSuccess && why.empty())
     why = std::string("destroy: ") + moecommGetLastError(comm_);
+  if (other != nullptr) cudaStreamDestroy(other);
   return why;
 }
 
