@@ -9,27 +9,46 @@
 # commit written into A's JSON; default $A/.bench-commit; B's is ./.bench-commit), A_CMAKE_EXTRA /
 # B_CMAKE_EXTRA (one configure option of one side, passed as one argument, e.g. developer
 # switches: B_CMAKE_EXTRA="-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1 -DMOECOMM_LL_DEFERRED_RELEASE=1"
-# with A=. compares this tree with and without them).
+# with A=. compares this tree with and without them). B_VARIANTS: several B builds of this tree
+# in one call, options separated by ';' (one configure option each, e.g.
+# "-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SEND_UNROLL=1;-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=1"):
+# sides b1, b2, ... built in parallel with A and benched in turn with it; TESTS run on b1.
+# $OUT/variants.txt says which option each side had.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/ab-logs}; mkdir -p "$out"
 a=${A:?set A to the directory of the older tree}
 n=${NRANKS:-$(nvidia-smi -L | wc -l)}
-jobs=$(( $(nproc) / 2 ))
+# Sides and their configure options: a, then b (B_CMAKE_EXTRA) or b1..bN (B_VARIANTS).
+sides=(a); options=("${A_CMAKE_EXTRA:-}")
+if [ -n "${B_VARIANTS:-}" ]; then
+  IFS=';' read -r -a variants <<< "$B_VARIANTS"
+  for i in "${!variants[@]}"; do sides+=("b$((i + 1))"); options+=("${variants[$i]}"); done
+else
+  sides+=(b); options+=("${B_CMAKE_EXTRA:-}")
+fi
+jobs=$(( $(nproc) / ${#sides[@]} )); [ "$jobs" -lt 1 ] && jobs=1
 build() {  # source dir, build dir, log, one extra configure option (or empty)
   cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON ${4:+"$4"} > "$3" 2>&1 &&
     cmake --build "$2" -j "$jobs" --target moecomm-run moecomm-bench moecomm_gpu_tests >> "$3" 2>&1
 }
-build "$a" build-ab-a "$out/build-a.log" "${A_CMAKE_EXTRA:-}" & pa=$!
-build . build-ab-b "$out/build-b.log" "${B_CMAKE_EXTRA:-}" & pb=$!
-wait $pa || { echo "A build failed"; grep -E "error" "$out/build-a.log" | head; exit 1; }
-wait $pb || { echo "B build failed"; grep -E "error" "$out/build-b.log" | head; exit 1; }
+: > "$out/variants.txt"
+pids=()
+for i in "${!sides[@]}"; do
+  side=${sides[$i]}; src=.; [ "$side" = a ] && src=$a
+  echo "$side ${options[$i]:-(default)}" >> "$out/variants.txt"
+  build "$src" "build-ab-$side" "$out/build-$side.log" "${options[$i]}" & pids+=($!)
+done
+for i in "${!sides[@]}"; do
+  wait "${pids[$i]}" || { echo "${sides[$i]} build failed"; grep -E "error" "$out/build-${sides[$i]}.log" | head; exit 1; }
+done
+first_b=${sides[1]}
 if [ -n "${TESTS:-}" ]; then
-  (cd build-ab-b && timeout 300 ctest -R "$TESTS" --timeout 240 --output-on-failure) > "$out/ctest-b.log" 2>&1
-  grep -E "Passed|Failed|tests passed|tests failed" "$out/ctest-b.log" | tail -8
+  (cd "build-ab-$first_b" && timeout 300 ctest -R "$TESTS" --timeout 240 --output-on-failure) > "$out/ctest-$first_b.log" 2>&1
+  grep -E "Passed|Failed|tests passed|tests failed" "$out/ctest-$first_b.log" | tail -8
 fi
 for round in $(seq 1 "${ROUNDS:-3}"); do
-  for side in a b; do
+  for side in "${sides[@]}"; do
     for form in default per-rank; do
       extra=""; [ "$form" = per-rank ] && extra="--ll-per-rank"
       if [ $side = a ]; then commit=${A_COMMIT:-$(cat "$a/.bench-commit" 2>/dev/null || echo unknown)}; else commit=$(cat .bench-commit 2>/dev/null || echo unknown); fi
