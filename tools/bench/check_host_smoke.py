@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 
-REQUIRED = ["date", "host", "gpu", "gpu_count", "nranks", "rank", "library_version", "commit", "backend", "workload",
-            "tokens_per_rank", "hidden", "topk", "experts", "dtype", "seed", "sm_budget", "iters", "warmup", "mode",
+REQUIRED = ["date", "host", "gpu", "gpu_count", "nranks", "rank", "library_version", "commit", "build", "backend",
+            "workload", "tokens_per_rank", "hidden", "topk", "experts", "dtype", "seed", "sm_budget", "iters", "warmup",
+            "mode",
             "ll_combine", "impl", "op", "status", "message", "whole_median_us", "whole_p10_us", "whole_p90_us",
             "kernel_median_us", "kernel_p10_us", "kernel_p90_us", "kernel_method", "bytes", "bytes_rule", "gbps",
             "roofline_gbps", "ratio_vs_nccl", "check"]
@@ -31,7 +32,7 @@ def main():
     run, bench, path = sys.argv[1:4]
     if os.path.exists(path):
         os.remove(path)
-    env = dict(os.environ, MOECOMM_BENCH_COMMIT="smoke-test", MOECOMM_BACKEND="host")
+    env = dict(os.environ, MOECOMM_BENCH_COMMIT="smoke-test", MOECOMM_BENCH_BUILD="smoke-build", MOECOMM_BACKEND="host")
     proc = subprocess.run([run, "-n", "2", "-t", "100", bench, "--host-smoke", "-n", "5", "-W", "1", "-J", path],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=110)
     print(proc.stdout)
@@ -50,8 +51,9 @@ def main():
         missing = [key for key in REQUIRED if key not in record]
         if missing:
             fail("line %d lacks %s" % (number, missing))
-        if record["commit"] != "smoke-test" or record["backend"] != "host" or record["nranks"] != 2:
-            fail("line %d: wrong commit/backend/nranks: %s" % (number, line))
+        if record["commit"] != "smoke-test" or record["build"] != "smoke-build" or record["backend"] != "host" or \
+                record["nranks"] != 2:
+            fail("line %d: wrong commit/build/backend/nranks: %s" % (number, line))
         seen.setdefault((record["impl"], record["op"]), set()).add(record["rank"])
         want_form = "per_expert" if record["mode"] == "low_latency" else None
         if record["ll_combine"] != want_form:

@@ -51,6 +51,7 @@ RunInfo BaseRunInfo(moecommComm_t comm, bool onGpu) {
   info.libraryVersion =
       std::to_string(version / 10000) + "." + std::to_string(version / 100 % 100) + "." + std::to_string(version % 100);
   if (const char* commit = std::getenv("MOECOMM_BENCH_COMMIT")) info.commit = commit;
+  if (const char* build = std::getenv("MOECOMM_BENCH_BUILD")) info.build = build;
   info.backend = onGpu ? "cuda" : "host";
   info.rooflineNote = onGpu ? "--no-roofline" : "host backend";
 #if BENCH_HAVE_CUDA

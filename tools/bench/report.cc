@@ -142,6 +142,7 @@ std::string Reporter::JsonLine(const Measurement& m) const {
   field("rank", std::to_string(info_.rank));
   field("library_version", Quote(info_.libraryVersion));
   field("commit", info_.commit.empty() ? "null" : Quote(info_.commit));
+  field("build", info_.build.empty() ? "null" : Quote(info_.build));
   field("backend", Quote(info_.backend));
   field("workload", Quote(o.workload));
   field("tokens_per_rank", std::to_string(o.tokens));

@@ -19,6 +19,7 @@ struct RunInfo {
   int nranks = 1;
   std::string libraryVersion;
   std::string commit;   // env MOECOMM_BENCH_COMMIT
+  std::string build;    // env MOECOMM_BENCH_BUILD: how the library was built, when not the default
   std::string backend;  // "cuda" or "host"
   bool ncclBuilt = false;
   double rooflineGbps = -1.0;  // < 0: not measured
