@@ -6,13 +6,14 @@
 # counts the machine cannot give one GPU each; it says nothing about speed, and the tests with
 # a wall-clock bound (failure, format: "within 5 s") may miss it when many ranks share a GPU.
 # SUITES: the ctest names without _n<N> (default: every LL suite and the normal mode).
-# CMAKE_EXTRA: one more configure option. Logs under $OUT (default ./shared-gpu-logs).
+# CMAKE_EXTRA: one more configure option (one argument, spaces and all). Logs under $OUT (default ./shared-gpu-logs).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export MOECOMM_TEST_SHARED_GPUS=1
 out=${OUT:-$PWD/shared-gpu-logs}; mkdir -p "$out"
 nvidia-smi -L; date -u
-cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release ${CMAKE_EXTRA:-} > "$out/configure.log" 2>&1 &&
-  cmake --build build-device -j "$(nproc)" --target moecomm_gpu_tests moecomm-run > "$out/build.log" 2>&1 ||
+cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release ${CMAKE_EXTRA:+"$CMAKE_EXTRA"} > "$out/configure.log" 2>&1 ||
+  { tail -20 "$out/configure.log"; exit 1; }
+cmake --build build-device -j "$(nproc)" --target moecomm_gpu_tests moecomm-run > "$out/build.log" 2>&1 ||
   { grep -E "error" "$out/build.log" | head; exit 1; }
 suites=${SUITES:-"EpCudaLowLatency EpCudaLowLatencyStaged EpCudaLowLatencyKill EpCudaLowLatencyFailure EpCudaLowLatencyFormat EpCudaNormal"}
 for n in ${NRANKS:-2 4 8}; do

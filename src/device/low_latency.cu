@@ -283,8 +283,8 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
   }
 }
 
-// Developer experiment, off by default (not yet measured; build with
-// -DMOECOMM_LL_DEFERRED_RELEASE=1): a receive half does not store its released flags at its
+// Developer experiment, off by default (build with -DMOECOMM_LL_DEFERRED_RELEASE=1; measured at
+// one rank: +2.8 µs per dispatch, PERF.md seventh session): a receive half does not store its released flags at its
 // end, where the release waits for the block's output stores and the flags' own round trip
 // ends the kernel; it records them as pending (LowLatencyParams::pendingReleased), and the
 // next low-latency kernel on the caller's stream stores them at its start, when nothing is
@@ -292,7 +292,10 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
 // slot, which it reaches after this rank's operation n + 1 has started, so the flag always
 // comes in lockstep use (a send-only operation n + 1 included). The release kernel of abandoned
 // halves may run beside a kernel of the stream and takes no part. Prediction: -1 to -1.5 µs
-// per dispatch and per combine.
+// per dispatch and per combine. Not safe with moecommEpComplete on another stream than the
+// next operations' (review, seventh session): the pending flags of a receive half completed on
+// stream B are stored only by a later kernel, and a send half of operation n + 2 on stream A
+// that waits for this rank's own release of the slot would time out and mask the rank.
 #ifndef MOECOMM_LL_DEFERRED_RELEASE
 #define MOECOMM_LL_DEFERRED_RELEASE 0
 #endif
@@ -384,6 +387,7 @@ __device__ int blockExclusiveScan(int value, int* total) {
 #define MOECOMM_LL_SEND_UNROLL 4
 #endif
 constexpr int kSendUnroll = MOECOMM_LL_SEND_UNROLL;
+static_assert(kSendUnroll >= 1, "MOECOMM_LL_SEND_UNROLL must be at least 1");
 
 // Casts BF16 rows to FP8 (dtype.h arithmetic, as reference::castRowToFp8) and stores the bytes
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
@@ -613,8 +617,9 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
-// Developer experiment, off by default (not yet measured; scripts/ab-bench.sh with
-// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1): when one kernel runs both
+// Developer experiment, off by default (scripts/ab-bench.sh with
+// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1; at one rank no gain, on 2+
+// GPUs not yet measured, PERF.md seventh session): when one kernel runs both
 // halves, a block publishes its sent flags after it has placed its first batch of received rows
 // instead of right after its own rows. The release then no longer stalls the block while its
 // row stores drain (~3 µs in the timeline): the receive preparation (agreement on the listed
@@ -726,6 +731,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
 #define MOECOMM_LL_COPY_UNROLL 8
 #endif
 constexpr int kCopyUnroll = MOECOMM_LL_COPY_UNROLL;
+static_assert(kCopyUnroll >= 1, "MOECOMM_LL_COPY_UNROLL must be at least 1");
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's

@@ -68,8 +68,7 @@ class CudaLowLatency {
     void* block = nullptr;  // one cudaMalloc holding every array
     device::LowLatencyRouting arrays{};
     void* sentEvent = nullptr;  // cudaEvent_t recorded after a send-only half (not under capture)
-    bool sentRecorded = false;
-    void* sentStream = nullptr;  // the stream of that send-only half
+    bool sentRecorded = false;  // false also for a send-only half queued under stream capture
   };
 
   explicit CudaLowLatency(moecommEp* ep);

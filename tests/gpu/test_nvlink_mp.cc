@@ -144,7 +144,9 @@ TEST_F(NvlinkMp, AllocFreeRepeatedDoesNotLeak) {
     DeviceMemory(&free_after, &total);
     const int fds_after = OpenFdCount();
     const double lost_mib = (static_cast<double>(free_before) - static_cast<double>(free_after)) / kMiB;
-    EXPECT_LT(lost_mib, 64.0) << "[rank " << rank_ << "] lost " << lost_mib << " MiB over " << kRounds << " rounds";
+    // Ranks sharing this GPU (MOECOMM_TEST_SHARED_GPUS) hold their own allocations in between.
+    EXPECT_LT(lost_mib, 64.0 * Gpu().ranksOnDevice)
+        << "[rank " << rank_ << "] lost " << lost_mib << " MiB over " << kRounds << " rounds";
     EXPECT_LE(fds_after, fds_before + 4) << "[rank " << rank_ << "] open descriptors grew over " << kRounds
                                          << " rounds";
   }
