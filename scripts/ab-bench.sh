@@ -48,12 +48,12 @@ if [ -n "${TESTS:-}" ]; then
   grep -E "Passed|Failed|tests passed|tests failed" "$out/ctest-$first_b.log" | tail -8
 fi
 for round in $(seq 1 "${ROUNDS:-3}"); do
-  for side in "${sides[@]}"; do
+  for i in "${!sides[@]}"; do
+    side=${sides[$i]}
     for form in default per-rank; do
       extra=""; [ "$form" = per-rank ] && extra="--ll-per-rank"
       if [ $side = a ]; then commit=${A_COMMIT:-$(cat "$a/.bench-commit" 2>/dev/null || echo unknown)}; else commit=$(cat .bench-commit 2>/dev/null || echo unknown); fi
-      build_option=""; for i in "${!sides[@]}"; do [ "${sides[$i]}" = "$side" ] && build_option=${options[$i]}; done
-      MOECOMM_BENCH_COMMIT=$commit MOECOMM_BENCH_BUILD=$build_option timeout 120 build-ab-$side/tools/moecomm-run -n "$n" -t 110 build-ab-$side/tools/bench/moecomm-bench -w W-decode \
+      MOECOMM_BENCH_COMMIT=$commit MOECOMM_BENCH_BUILD=${options[$i]} timeout 120 build-ab-$side/tools/moecomm-run -n "$n" -t 110 build-ab-$side/tools/bench/moecomm-bench -w W-decode \
         --ll --graph -S "${GRID:-132}" -n 50 -W 10 -c 1 --no-baseline --no-roofline $extra \
         -J "$out/ab-$side.jsonl" > "$out/bench-$side-$form-$round.txt" 2>&1
       line=$(grep -E "^\[rank 0\] libmoecomm" "$out/bench-$side-$form-$round.txt" | awk '{printf "%s %s ", $4, $9}')

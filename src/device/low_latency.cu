@@ -57,7 +57,7 @@ constexpr uint32_t kDecidedAbsent = 2;
 // Developer switch (scripts/ab-bench.sh B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=1):
 // the dispatch and combine kernels instantiated per row kind (FP8 or BF16) and combine form
 // (per expert or per rank), so each launch runs a kernel without the other forms' code (an
-// FP8 per-expert dispatch compiles to 136 KB instead of 151, its combine to 46 KB instead of
+// FP8 per-expert dispatch compiles to 138 KB instead of 151, its combine to 46 KB instead of
 // 73). Off (kForms 0): one kernel reads the forms from the parameters, as before. In every
 // measurement so far added code cost time even where it did not run (PERF.md, seventh session).
 #ifndef MOECOMM_LL_SPLIT_FORMS

@@ -631,7 +631,7 @@ moecommResult_t CudaLowLatency::complete(moecommEpHandle_t handle, moecommStream
   const bool capturing = capture != cudaStreamCaptureStatusNone;
   if (routing.sentRecorded && !capturing) {
     MC_CUDA(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(routing.sentEvent), 0));
-  } else if (routing.sentRecorded != !capturing) {
+  } else if (routing.sentRecorded || !capturing) {  // one half captured, the other not
     MC_WARN(kLogEp,
             "rank %d: moecommEpComplete %s stream capture for a send half queued %s it; the receive half is not "
             "ordered after the send half (capture both on one stream, or neither)",

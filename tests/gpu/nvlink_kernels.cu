@@ -1,5 +1,6 @@
 #include <cuda_runtime.h>
 
+#include "device/common.cuh"
 #include "gpu/nvlink_kernels.h"
 
 namespace moecomm_gpu_test {
@@ -26,9 +27,9 @@ __global__ void LoadCopyKernel(const uint4* source, uint4* destination, size_t w
 }
 
 __global__ void SpinKernel(uint64_t nanoseconds) {
-  uint64_t start = 0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-  for (uint64_t now = start; now - start < nanoseconds;) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  const uint64_t start = moecomm::device::globalTimerNs();
+  while (moecomm::device::globalTimerNs() - start < nanoseconds) {
+  }
 }
 
 int BlocksFor(size_t words) {
