@@ -3,7 +3,7 @@
 # directory $A (an older commit, e.g. `git archive <commit> | tar -x -C ab-old`) and this tree,
 # then runs W-decode benches alternately, A B A B ..., ROUNDS times (default 3), in both combine
 # forms, checked (-c 1), without the NCCL baseline and the roofline (the A/B is against A, on
-# the same GPUs). Prints the kernel-only medians per round; the JSON goes to $OUT/ab-<A|B>.jsonl.
+# the same GPUs). Prints the kernel-only medians per round; the JSON goes to $OUT/ab-<side>.jsonl, every bench's output to $OUT/bench.txt.
 # Env: A (required), ROUNDS, GRID (default 132), NRANKS (default: every GPU), TESTS (a ctest
 # regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4"), A_COMMIT (the
 # commit written into A's JSON; default $A/.bench-commit; B's is ./.bench-commit), A_CMAKE_EXTRA /
@@ -47,6 +47,7 @@ if [ -n "${TESTS:-}" ]; then
   (cd "build-ab-$first_b" && timeout 300 ctest -R "$TESTS" --timeout 240 --output-on-failure) > "$out/ctest-$first_b.log" 2>&1
   grep -E "Passed|Failed|tests passed|tests failed" "$out/ctest-$first_b.log" | tail -8
 fi
+: > "$out/bench.txt"  # every bench's output, one file (the device tool returns few files)
 for round in $(seq 1 "${ROUNDS:-3}"); do
   for i in "${!sides[@]}"; do
     side=${sides[$i]}
@@ -55,9 +56,11 @@ for round in $(seq 1 "${ROUNDS:-3}"); do
       if [ $side = a ]; then commit=${A_COMMIT:-$(cat "$a/.bench-commit" 2>/dev/null || echo unknown)}; else commit=$(cat .bench-commit 2>/dev/null || echo unknown); fi
       MOECOMM_BENCH_COMMIT=$commit MOECOMM_BENCH_BUILD=${options[$i]} timeout 120 build-ab-$side/tools/moecomm-run -n "$n" -t 110 build-ab-$side/tools/bench/moecomm-bench -w W-decode \
         --ll --graph -S "${GRID:-132}" -n 50 -W 10 -c 1 --no-baseline --no-roofline $extra \
-        -J "$out/ab-$side.jsonl" > "$out/bench-$side-$form-$round.txt" 2>&1
-      line=$(grep -E "^\[rank 0\] libmoecomm" "$out/bench-$side-$form-$round.txt" | awk '{printf "%s %s ", $4, $9}')
-      echo "round $round $side $form: $line$(grep -c 'check failed' "$out/bench-$side-$form-$round.txt") check failures"
+        -J "$out/ab-$side.jsonl" > "$out/run.txt" 2>&1
+      line=$(grep -E "^\[rank 0\] libmoecomm" "$out/run.txt" | awk '{printf "%s %s ", $4, $9}')
+      echo "round $round $side $form: $line$(grep -c 'check failed' "$out/run.txt") check failures"
+      { echo "=== round $round $side $form"; cat "$out/run.txt"; } >> "$out/bench.txt"
     done
   done
 done
+rm -f "$out/run.txt"

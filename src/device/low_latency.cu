@@ -54,14 +54,16 @@ constexpr uint32_t kDecidedPresent = 1;
 constexpr uint64_t kAbsentBit = 1ull << 63;
 constexpr uint32_t kDecidedAbsent = 2;
 
-// Developer switch (scripts/ab-bench.sh B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=1):
-// the dispatch and combine kernels instantiated per row kind (FP8 or BF16) and combine form
-// (per expert or per rank), so each launch runs a kernel without the other forms' code (an
-// FP8 per-expert dispatch compiles to 138 KB instead of 151, its combine to 46 KB instead of
-// 73). Off (kForms 0): one kernel reads the forms from the parameters, as before. In every
-// measurement so far added code cost time even where it did not run (PERF.md, seventh session).
+// The dispatch and combine kernels are instantiated per row kind (FP8 or BF16) and combine
+// form (per expert or per rank), so each launch runs a kernel without the other forms' code
+// (an FP8 per-expert dispatch compiles to 93 KB with kSendUnroll 1, 151 KB as one kernel for
+// every form with kSendUnroll 4; the per-expert combine to 46 KB instead of 73). Measured at
+// one rank (PERF.md, eighth session): dispatch -1.3 us, combine -0.9 (per expert) and -1.9
+// (per rank), graph -3.1. Developer switch MOECOMM_LL_SPLIT_FORMS=0 (scripts/ab-bench.sh
+// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=0): one kernel reads the forms
+// from the parameters (kForms 0), as before the eighth session.
 #ifndef MOECOMM_LL_SPLIT_FORMS
-#define MOECOMM_LL_SPLIT_FORMS 0
+#define MOECOMM_LL_SPLIT_FORMS 1
 #endif
 // kForms: 0 = from the parameters; otherwise one of the row kinds or'ed with one of the forms.
 constexpr int kFormFp8 = 1;
@@ -81,14 +83,15 @@ __device__ __forceinline__ bool formPerRank(int forms, const LowLatencyParams& p
 #ifdef MOECOMM_KERNEL_PROFILE
 constexpr int kProfileBlocks = 256;
 __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlocks][kLowLatencyProfileEvents];
-// Slots 10 and 11 hold the SM clock (clock64) at events 0 and 9, for the clock rate.
-#define MC_LL_PROFILE(kernel, event)                                                                                 \
-  do {                                                                                                               \
-    if (threadIdx.x == 0 && blockIdx.x < kProfileBlocks) {                                                           \
-      gLowLatencyProfile[kernel][blockIdx.x][event] = globalTimerNs();                                               \
-      if ((event) == 0 || (event) == 9)                                                                              \
-        gLowLatencyProfile[kernel][blockIdx.x][(event) == 0 ? 10 : 11] = static_cast<unsigned long long>(clock64()); \
-    }                                                                                                                \
+// Slots kLowLatencyProfileTimes and + 1 hold the SM clock (clock64) at events 0 and 9, for the clock rate.
+#define MC_LL_PROFILE(kernel, event)                                                               \
+  do {                                                                                             \
+    if (threadIdx.x == 0 && blockIdx.x < kProfileBlocks) {                                         \
+      gLowLatencyProfile[kernel][blockIdx.x][event] = globalTimerNs();                             \
+      if ((event) == 0 || (event) == 9)                                                            \
+        gLowLatencyProfile[kernel][blockIdx.x][kLowLatencyProfileTimes + ((event) == 0 ? 0 : 1)] = \
+            static_cast<unsigned long long>(clock64());                                            \
+    }                                                                                              \
   } while (0)
 #else
 #define MC_LL_PROFILE(kernel, event) \
@@ -381,10 +384,11 @@ __device__ int blockExclusiveScan(int value, int* total) {
 // ---- Dispatch send ------------------------------------------------------------------------
 // Work is flat over (token, 16-byte chunk) across the whole grid, so every SM of the budget
 // sends from the first microsecond whatever T is; each thread loads kSendUnroll chunks before
-// it converts and stores any.
+// it converts and stores any. Default 1 (developer switch MOECOMM_LL_SEND_UNROLL): 4 made the
+// FP8 dispatch 13 KB larger and 0.1 to 1.3 us slower at one rank (PERF.md, eighth session).
 
 #ifndef MOECOMM_LL_SEND_UNROLL
-#define MOECOMM_LL_SEND_UNROLL 4
+#define MOECOMM_LL_SEND_UNROLL 1
 #endif
 constexpr int kSendUnroll = MOECOMM_LL_SEND_UNROLL;
 static_assert(kSendUnroll >= 1, "MOECOMM_LL_SEND_UNROLL must be at least 1");
@@ -496,11 +500,36 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 // listed flags, so receivers place rows while the rows are in flight.
 constexpr int kItems = kThreads;
 
+// Developer switch (scripts/ab-bench.sh, -DMOECOMM_LL_LIST_LOADS=1; off by default until
+// measured): the lists' id loads issued eight at a time (the loop over a runtime K may issue
+// them one round trip after another), and the first two items' k of each thread kept in
+// registers between the lists' two passes instead of loaded again. Prediction: "listed" (e2)
+// 1 to 2 us earlier, dispatch -1 to -2 us.
+#ifndef MOECOMM_LL_LIST_LOADS
+#define MOECOMM_LL_LIST_LOADS 0
+#endif
+constexpr bool kListLoads = MOECOMM_LL_LIST_LOADS != 0;
+
 // The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).
 __device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
+  const int64_t row = static_cast<int64_t>(t) * p.topk;
+  if constexpr (kListLoads) {
+    constexpr int kGroup = 8;
+    for (int k0 = 0; k0 < p.topk; k0 += kGroup) {
+      int64_t ids[kGroup];
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j)
+        ids[j] = k0 + j < p.topk ? loadExpertId(p.topkIdx, p.topkIdxIs64, row + k0 + j) : -1;
+#pragma unroll
+      for (int j = 0; j < kGroup; ++j) {
+        if (ids[j] == expert) return k0 + j;
+      }
+    }
+    return -1;
+  }
   int first = -1;
   for (int k = p.topk - 1; k >= 0; --k) {
-    if (loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k) == expert) first = k;
+    if (loadExpertId(p.topkIdx, p.topkIdxIs64, row + k) == expert) first = k;
   }
   return first;
 }
@@ -531,11 +560,16 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
   int rowsBefore = 0;
   for (int windowStart = 0; windowStart < totalItems; windowStart += kItems) {
     const int windowItems = min(kItems, totalItems - windowStart);
-    for (int i = warp; i < windowItems; i += kWarps) {
+    int kept0 = -1;  // kListLoads: k of the thread's first two items of the window
+    int kept1 = -1;
+    for (int i = warp, n = 0; i < windowItems; i += kWarps, ++n) {
       const int item = windowStart + i;
       const int e = expertOf(item / chunks);
       const int t = (item % chunks) * 32 + lane;
-      const bool selects = targeted(e) && t < T && firstKOf(p, t, e) >= 0;
+      const int k = targeted(e) && t < T ? firstKOf(p, t, e) : -1;
+      if (kListLoads && n == 0) kept0 = k;
+      if (kListLoads && n == 1) kept1 = k;
+      const bool selects = k >= 0;
       const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
       if (lane == 0) itemCount[i] = __popc(ballot);
     }
@@ -545,7 +579,7 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
     const int before = blockExclusiveScan(count, &windowRows);
     if (static_cast<int>(threadIdx.x) < windowItems) itemBase[threadIdx.x] = rowsBefore + before;
     __syncthreads();
-    for (int i = warp; i < windowItems; i += kWarps) {
+    for (int i = warp, n = 0; i < windowItems; i += kWarps, ++n) {
       const int item = windowStart + i;
       const int c = item % chunks;
       const int e = expertOf(item / chunks);
@@ -553,7 +587,7 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
       const int first = item - c;  // the expert's first item
       const int start = first >= windowStart ? itemBase[first - windowStart] : carriedStart;
       const int t = c * 32 + lane;
-      const int k = t < T ? firstKOf(p, t, e) : -1;
+      const int k = kListLoads && n < 2 ? (n == 0 ? kept0 : kept1) : t < T ? firstKOf(p, t, e) : -1;
       const uint32_t ballot = __ballot_sync(0xffffffffu, k >= 0);
       if (k >= 0) {
         int* list = reinterpret_cast<int*>(windowSlot(p, e / L) + p.listsOffset) +
@@ -655,6 +689,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
     }
     tokenRanks[t] = ranks;
   }
+  MC_LL_PROFILE(kLlKernelDispatch, 10);
   const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   if (blockIdx.x == 0) {
@@ -685,10 +720,12 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
       reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
+  MC_LL_PROFILE(kLlKernelDispatch, 11);
   // The lists (and with them the T, ids and weights above) go out first, under the listed
   // flags: receivers place the rows while the rows are cast and in flight.
   sendLists(p, targets);
   __syncthreads();
+  MC_LL_PROFILE(kLlKernelDispatch, 12);
   if (kPuts && (targets & p.putPeers) != 0) {
     putLists(p, targets);
     for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; perRank && first < entries;
@@ -733,6 +770,17 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, i
 constexpr int kCopyUnroll = MOECOMM_LL_COPY_UNROLL;
 static_assert(kCopyUnroll >= 1, "MOECOMM_LL_COPY_UNROLL must be at least 1");
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
+
+// Developer switch (-DMOECOMM_LL_END_WAIT_READ=1; off by default until measured): the receive
+// half's bulk-copy warps wait at the end only until their shared-memory slots are read out
+// (cp.async.bulk.wait_group.read), not until the stores into recvX are complete: nothing in the
+// kernel reads recvX, the staging rows were read when each row's mbarrier completed (before
+// the released flags), and the kernel's end makes the stores visible to later work on the
+// stream. Prediction: "released" (e9) and the dispatch -0.3 to -1 us.
+#ifndef MOECOMM_LL_END_WAIT_READ
+#define MOECOMM_LL_END_WAIT_READ 0
+#endif
+constexpr bool kEndWaitRead = MOECOMM_LL_END_WAIT_READ != 0;
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
@@ -922,6 +970,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     }
   }
   __syncthreads();
+  MC_LL_PROFILE(kLlKernelDispatch, 13);
   // Exclusive scan of the clamped counts, kThreads items at a time (in place: each thread
   // reads its own item before the scan's first barrier and writes it after the last).
   int total = 0;
@@ -994,6 +1043,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
         MC_LL_PROFILE(kLlKernelDispatch, 4);
       }
       waitRows(p, sequence, sources);
+      MC_LL_PROFILE(kLlKernelDispatch, 14);
     }
     if (stage.slots > 0) {
       bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity, fp8);
@@ -1003,7 +1053,14 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     __syncthreads();
   }
   if (deferredSent) finishSend(p, sentTargets, sequence);  // a block with no rows to place
-  if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) bulkWait<0>();  // recvX written
+  if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) {
+    if constexpr (kEndWaitRead) {
+      bulkWaitRead<0>();  // the slots read out; recvX is written by the kernel's end
+    } else {
+      bulkWait<0>();  // recvX written
+    }
+  }
+  MC_LL_PROFILE(kLlKernelDispatch, 15);
   MC_LL_PROFILE(kLlKernelDispatch, 8);
   finishReceive(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 9);
@@ -1491,7 +1548,7 @@ void addDispatchKernels(std::vector<const void*>* kernels) {
 // Every dispatch kernel a launch may use (for the per-kernel attributes).
 static std::vector<const void*> dispatchKernels() {
   std::vector<const void*> kernels;
-#if MOECOMM_LL_SPLIT_FORMS  // (the preprocessor, so that default builds instantiate one kernel)
+#if MOECOMM_LL_SPLIT_FORMS  // (the preprocessor, so that builds with the switch off instantiate one kernel)
   addDispatchKernels<kDispatchForms[0]>(&kernels);
   addDispatchKernels<kDispatchForms[1]>(&kernels);
   addDispatchKernels<kDispatchForms[2]>(&kernels);

@@ -61,8 +61,12 @@ constexpr int kLowLatencyKernels = 2;
 // Events: 0 entry, 1 targets known, 2 send preamble done (dispatch: T, ids, lists and their
 // listed flags), 3 send data stored, 4 sent flags stored, 5 sources agreed, 6 receive preamble
 // done, 7 rows placed (dispatch; the rows' flags are waited for after it), 8 data consumed,
-// 9 released flags stored; then (not times) the SM clock at events 0 and 9.
-constexpr int kLowLatencyProfileEvents = 12;
+// 9 released flags stored; finer points of the dispatch: 10 token ranks computed, 11 T and ids
+// stored, 12 lists stored (before their flags), 13 counts read, 14 rows' flags seen, 15 copies
+// complete (before the released flags); 16-19 spare; then (not times) the SM clock at events
+// 0 and 9 (slots kLowLatencyProfileTimes and + 1).
+constexpr int kLowLatencyProfileTimes = 20;
+constexpr int kLowLatencyProfileEvents = kLowLatencyProfileTimes + 2;
 
 // The row format a dispatch's sender and receivers must agree on, sent with T (T uses the bits
 // below kLowLatencyFormatShift, so maxTokensPerRank < 2^28): FP8 rows, power-of-two scales

@@ -263,14 +263,15 @@ void CudaLowLatency::logProfile() {
     std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * device::kLowLatencyProfileEvents);
     const int events = device::lowLatencyProfile(kernel, blocks, stamps.data());
     if (events <= 0) return;
-    // Events 0..9 are global-timer stamps; 10 and 11 the SM clock at events 0 and 9.
-    constexpr int kTimes = 10;
+    // Global-timer stamps, then the SM clock at events 0 and 9.
+    constexpr int kTimes = device::kLowLatencyProfileTimes;
     std::vector<unsigned long long> times(static_cast<size_t>(blocks) * kTimes);
     std::vector<double> mhz;
     for (int b = 0; b < blocks; ++b) {
       const unsigned long long* row = stamps.data() + static_cast<size_t>(b) * events;
       std::copy(row, row + kTimes, times.begin() + static_cast<size_t>(b) * kTimes);
-      if (row[9] > row[0] && row[11] > row[10]) mhz.push_back(1000.0 * (row[11] - row[10]) / (row[9] - row[0]));
+      const unsigned long long* clocks = row + kTimes;
+      if (row[9] > row[0] && clocks[1] > clocks[0]) mhz.push_back(1000.0 * (clocks[1] - clocks[0]) / (row[9] - row[0]));
     }
     std::sort(mhz.begin(), mhz.end());
     const std::string line = profileLine(times.data(), blocks, kTimes, profileOrigin(times.data(), blocks, kTimes));
