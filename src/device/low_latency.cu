@@ -119,9 +119,10 @@ __device__ __forceinline__ int loadVolatile(const int* address) {
   return *reinterpret_cast<const volatile int*>(address);
 }
 
-__device__ __forceinline__ uint64_t currentSequence(const LowLatencyParams& p) {
-  return *reinterpret_cast<const volatile uint64_t*>(&p.state->slotSequence[p.slot]);
+__device__ __forceinline__ const volatile uint64_t* sequenceWordOf(const LowLatencyParams& p) {
+  return reinterpret_cast<const volatile uint64_t*>(&p.state->slotSequence[p.slot]);
 }
+__device__ __forceinline__ uint64_t currentSequence(const LowLatencyParams& p) { return *sequenceWordOf(p); }
 
 __device__ __forceinline__ uint32_t allRanks(int numRanks) {
   return numRanks == 32 ? 0xffffffffu : (1u << numRanks) - 1u;
@@ -500,15 +501,25 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 // listed flags, so receivers place rows while the rows are in flight.
 constexpr int kItems = kThreads;
 
-// Developer switch (scripts/ab-bench.sh, -DMOECOMM_LL_LIST_LOADS=1; off by default until
-// measured): the lists' id loads issued eight at a time (the loop over a runtime K may issue
-// them one round trip after another), and the first two items' k of each thread kept in
-// registers between the lists' two passes instead of loaded again. Prediction: "listed" (e2)
-// 1 to 2 us earlier, dispatch -1 to -2 us.
+// The lists' id loads are issued eight at a time (the loop over a runtime K issued them one
+// round trip after another), and each thread keeps the k of its first two items in registers
+// between the lists' two passes instead of loading them again. Measured at one rank (PERF.md,
+// eighth session): dispatch -0.2 us (per expert) and -0.2 to -0.6 (per rank). Developer switch
+// MOECOMM_LL_LIST_LOADS=0: the loads as before.
 #ifndef MOECOMM_LL_LIST_LOADS
-#define MOECOMM_LL_LIST_LOADS 0
+#define MOECOMM_LL_LIST_LOADS 1
 #endif
 constexpr bool kListLoads = MOECOMM_LL_LIST_LOADS != 0;
+
+// Developer switch (-DMOECOMM_LL_EARLY_SEQUENCE=1; off by default until measured): the dispatch's
+// send half loads the slot's sequence before the ids' first pass and uses it after, so the two
+// cold loads overlap (the kernel used to wait for the sequence before loading any id), and that
+// pass divides in 32 bits (the 64-bit division has a slow path between the id loads).
+// Prediction: "token ranks" (e10) 0.5 to 1 us earlier.
+#ifndef MOECOMM_LL_EARLY_SEQUENCE
+#define MOECOMM_LL_EARLY_SEQUENCE 0
+#endif
+constexpr bool kEarlySequence = MOECOMM_LL_EARLY_SEQUENCE != 0;
 
 // The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).
 __device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
@@ -674,21 +685,28 @@ constexpr bool kLateSentFlags = MOECOMM_LL_LATE_SENT_FLAGS != 0;
 // Returns the targets; publishes the sent flags (finishSend) unless `deferSent` (then the
 // receive half does, dispatchReceive).
 template <bool kPuts>
-__device__ uint32_t dispatchSend(const LowLatencyParams& p, uint64_t sequence, int4* dynamicShared, bool deferSent,
-                                 bool fp8, bool perRank) {
+__device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord,
+                                 uint64_t* sequenceOut, int4* dynamicShared, bool deferSent, bool fp8, bool perRank) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
+  // kEarlySequence: the slot's sequence is loaded before the ids and used after them.
+  const uint64_t early = kEarlySequence ? *sequenceWord : 0;
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
 #pragma unroll 8
     for (int k = 0; k < K; ++k) {
       const int64_t expert = loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * K + k);
-      if (expert >= 0 && expert < p.numExperts) ranks |= 1u << static_cast<int>(expert / p.localExperts);
+      if (expert >= 0 && expert < p.numExperts) {
+        ranks |= 1u << (kEarlySequence ? static_cast<int>(expert) / p.localExperts
+                                       : static_cast<int>(expert / p.localExperts));
+      }
     }
     tokenRanks[t] = ranks;
   }
+  const uint64_t sequence = (kEarlySequence ? early : *sequenceWord) + 1;
+  *sequenceOut = sequence;
   MC_LL_PROFILE(kLlKernelDispatch, 10);
   const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
@@ -771,16 +789,17 @@ constexpr int kCopyUnroll = MOECOMM_LL_COPY_UNROLL;
 static_assert(kCopyUnroll >= 1, "MOECOMM_LL_COPY_UNROLL must be at least 1");
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
 
-// Developer switch (-DMOECOMM_LL_END_WAIT_READ=1; off by default until measured): the receive
-// half's bulk-copy warps wait at the end only until their shared-memory slots are read out
-// (cp.async.bulk.wait_group.read), not until the stores into recvX are complete: nothing in the
-// kernel reads recvX, the staging rows were read when each row's mbarrier completed (before
-// the released flags), and the kernel's end makes the stores visible to later work on the
-// stream. Prediction: "released" (e9) and the dispatch -0.3 to -1 us.
-#ifndef MOECOMM_LL_END_WAIT_READ
-#define MOECOMM_LL_END_WAIT_READ 0
+// Developer switch (-DMOECOMM_LL_EARLY_RELEASE=1; off by default until measured): a receive
+// block whose rows fit its bulk-copy slots (one row per warp, the usual case at decode) loads
+// them all, stores its released flags, and only then stores the rows into recvX: the
+// release's system fence then no longer waits for the recvX stores (the timeline showed the
+// fence at the end of the dispatch at ~1 us per block, "copied" to "released"). The staging
+// rows were read when the slots' mbarriers completed; the kernel's end makes the recvX stores
+// visible to later work. Prediction: dispatch -0.5 to -1 us.
+#ifndef MOECOMM_LL_EARLY_RELEASE
+#define MOECOMM_LL_EARLY_RELEASE 0
 #endif
-constexpr bool kEndWaitRead = MOECOMM_LL_END_WAIT_READ != 0;
+constexpr bool kEarlyRelease = MOECOMM_LL_EARLY_RELEASE != 0;
 
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
@@ -884,6 +903,34 @@ __device__ void bulkCopyBatch(const LowLatencyParams& p, int batch, const uint8_
     if (scaleBytes != 0) bulkStore(static_cast<uint8_t*>(p.recvScales) + id * scaleBytes, slot + dataBytes, scaleBytes);
     bulkCommit();
   }
+}
+
+// kEarlyRelease, a batch of at most stage.slots rows: lane 0 of warp r < batch loads row r
+// into its slot and waits for it (fill), or stores it from there into recvX and recvScales
+// (drain; the caller waits for the reads of the slots before the block exits).
+__device__ void bulkFillSlots(int batch, const uint8_t* const* batchFrom, const BulkStage& stage, uint32_t* parity) {
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) != 0 || warp >= batch) return;
+  uint64_t* barrier = stage.barriers + warp;
+  fenceProxyAsyncGlobal();
+  mbarrierArriveExpectTx(barrier, stage.unit);
+  bulkLoad(stage.data + static_cast<uint64_t>(warp) * stage.unit, batchFrom[warp], stage.unit, barrier);
+  while (!mbarrierTryWait(barrier, *parity)) {
+  }
+  *parity ^= 1u;
+}
+
+__device__ void bulkDrainSlots(const LowLatencyParams& p, int batch, const int* batchId, const BulkStage& stage,
+                               bool fp8) {
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) != 0 || warp >= batch) return;
+  const uint32_t dataBytes = fp8 ? p.hidden : 2 * p.hidden;
+  const uint32_t scaleBytes = stage.unit - dataBytes;
+  const uint8_t* slot = stage.data + static_cast<uint64_t>(warp) * stage.unit;
+  const uint64_t id = static_cast<uint64_t>(batchId[warp]);
+  bulkStore(static_cast<uint8_t*>(p.recvX) + id * dataBytes, slot, dataBytes);
+  if (scaleBytes != 0) bulkStore(static_cast<uint8_t*>(p.recvScales) + id * scaleBytes, slot + dataBytes, scaleBytes);
+  bulkCommit();
 }
 
 // Per-rank combine: what the combine's send half needs besides the rows, for every selection
@@ -997,6 +1044,10 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
   const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
   const int end = min(total, begin + perBlock);
+  // kEarlyRelease: the block's rows fit its slots, so it releases the staging between the
+  // loads and the stores (not with rows whose flags this half publishes itself).
+  const bool earlyRelease = kEarlyRelease && !deferredSent && end > begin && end - begin <= stage.slots;
+  bool released = false;
   bool profiled = false;
   for (int batchStart = begin; batchStart < end; batchStart += kBatchRows) {
     const int batch = min(kBatchRows, end - batchStart);
@@ -1045,7 +1096,13 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       waitRows(p, sequence, sources);
       MC_LL_PROFILE(kLlKernelDispatch, 14);
     }
-    if (stage.slots > 0) {
+    if (earlyRelease) {
+      bulkFillSlots(batch, batchFrom, stage, &parity);
+      MC_LL_PROFILE(kLlKernelDispatch, 16);
+      finishReceive(p, sequence);  // (syncs the block first)
+      released = true;
+      bulkDrainSlots(p, batch, batchId, stage, fp8);
+    } else if (stage.slots > 0) {
       bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity, fp8);
     } else {
       copyBatch(p, batch, batchFrom, batchId, fp8);
@@ -1053,16 +1110,16 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     __syncthreads();
   }
   if (deferredSent) finishSend(p, sentTargets, sequence);  // a block with no rows to place
+  MC_LL_PROFILE(kLlKernelDispatch, 15);
   if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) {
-    if constexpr (kEndWaitRead) {
-      bulkWaitRead<0>();  // the slots read out; recvX is written by the kernel's end
+    if (released) {
+      bulkWaitRead<0>();  // the slots read out; the kernel's end completes the stores
     } else {
       bulkWait<0>();  // recvX written
     }
   }
-  MC_LL_PROFILE(kLlKernelDispatch, 15);
   MC_LL_PROFILE(kLlKernelDispatch, 8);
-  finishReceive(p, sequence);
+  if (!released) finishReceive(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 9);
 }
 
@@ -1075,10 +1132,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyPa
   flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
-  const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
   const bool deferSent = kLateSentFlags && send && receive;
   uint32_t targets = 0;
-  if (send) targets = dispatchSend<kPuts>(p, sequence, dispatchShared, deferSent, fp8, perRank);
+  // The send half reads the slot's sequence itself (kEarlySequence: overlapped with the ids).
+  uint64_t sequence = 0;
+  if (send) {
+    targets = dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, dispatchShared, deferSent, fp8, perRank);
+  } else {
+    sequence = currentSequence(p);
+  }
   if (receive) {
     __syncthreads();  // the send half's shared memory is reused
     dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), deferSent, targets, fp8, perRank);
