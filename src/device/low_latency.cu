@@ -511,13 +511,13 @@ constexpr int kItems = kThreads;
 #endif
 constexpr bool kListLoads = MOECOMM_LL_LIST_LOADS != 0;
 
-// Developer switch (-DMOECOMM_LL_EARLY_SEQUENCE=1; off by default until measured): the dispatch's
-// send half loads the slot's sequence before the ids' first pass and uses it after, so the two
-// cold loads overlap (the kernel used to wait for the sequence before loading any id), and that
-// pass divides in 32 bits (the 64-bit division has a slow path between the id loads).
-// Prediction: "token ranks" (e10) 0.5 to 1 us earlier.
+// The dispatch's send half loads the slot's sequence before the ids' first pass and uses it
+// after, so the two cold loads overlap (the kernel used to wait for the sequence before it
+// loaded any id), and that pass divides in 32 bits (the 64-bit division has a slow path
+// between the id loads). Measured at one rank (PERF.md, eighth session): "targets seen" 1 us
+// earlier, dispatch -0.7 to -0.8 us. Developer switch MOECOMM_LL_EARLY_SEQUENCE=0: as before.
 #ifndef MOECOMM_LL_EARLY_SEQUENCE
-#define MOECOMM_LL_EARLY_SEQUENCE 0
+#define MOECOMM_LL_EARLY_SEQUENCE 1
 #endif
 constexpr bool kEarlySequence = MOECOMM_LL_EARLY_SEQUENCE != 0;
 
@@ -789,18 +789,6 @@ constexpr int kCopyUnroll = MOECOMM_LL_COPY_UNROLL;
 static_assert(kCopyUnroll >= 1, "MOECOMM_LL_COPY_UNROLL must be at least 1");
 constexpr int kBatchRows = 256;  // rows whose addresses a block keeps in shared memory at once
 
-// Developer switch (-DMOECOMM_LL_EARLY_RELEASE=1; off by default until measured): a receive
-// block whose rows fit its bulk-copy slots (one row per warp, the usual case at decode) loads
-// them all, stores its released flags, and only then stores the rows into recvX: the
-// release's system fence then no longer waits for the recvX stores (the timeline showed the
-// fence at the end of the dispatch at ~1 us per block, "copied" to "released"). The staging
-// rows were read when the slots' mbarriers completed; the kernel's end makes the recvX stores
-// visible to later work. Prediction: dispatch -0.5 to -1 us.
-#ifndef MOECOMM_LL_EARLY_RELEASE
-#define MOECOMM_LL_EARLY_RELEASE 0
-#endif
-constexpr bool kEarlyRelease = MOECOMM_LL_EARLY_RELEASE != 0;
-
 // The whole block: copies `batch` rows (ids batchId, staging rows batchFrom) into the caller's
 // recvX, and their scales into recvScales, in one flat loop over 16-byte chunks and scales.
 __device__ void copyBatch(const LowLatencyParams& p, int batch, const uint8_t* const* batchFrom, const int* batchId,
@@ -903,34 +891,6 @@ __device__ void bulkCopyBatch(const LowLatencyParams& p, int batch, const uint8_
     if (scaleBytes != 0) bulkStore(static_cast<uint8_t*>(p.recvScales) + id * scaleBytes, slot + dataBytes, scaleBytes);
     bulkCommit();
   }
-}
-
-// kEarlyRelease, a batch of at most stage.slots rows: lane 0 of warp r < batch loads row r
-// into its slot and waits for it (fill), or stores it from there into recvX and recvScales
-// (drain; the caller waits for the reads of the slots before the block exits).
-__device__ void bulkFillSlots(int batch, const uint8_t* const* batchFrom, const BulkStage& stage, uint32_t* parity) {
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) != 0 || warp >= batch) return;
-  uint64_t* barrier = stage.barriers + warp;
-  fenceProxyAsyncGlobal();
-  mbarrierArriveExpectTx(barrier, stage.unit);
-  bulkLoad(stage.data + static_cast<uint64_t>(warp) * stage.unit, batchFrom[warp], stage.unit, barrier);
-  while (!mbarrierTryWait(barrier, *parity)) {
-  }
-  *parity ^= 1u;
-}
-
-__device__ void bulkDrainSlots(const LowLatencyParams& p, int batch, const int* batchId, const BulkStage& stage,
-                               bool fp8) {
-  const int warp = threadIdx.x >> 5;
-  if ((threadIdx.x & 31) != 0 || warp >= batch) return;
-  const uint32_t dataBytes = fp8 ? p.hidden : 2 * p.hidden;
-  const uint32_t scaleBytes = stage.unit - dataBytes;
-  const uint8_t* slot = stage.data + static_cast<uint64_t>(warp) * stage.unit;
-  const uint64_t id = static_cast<uint64_t>(batchId[warp]);
-  bulkStore(static_cast<uint8_t*>(p.recvX) + id * dataBytes, slot, dataBytes);
-  if (scaleBytes != 0) bulkStore(static_cast<uint8_t*>(p.recvScales) + id * scaleBytes, slot + dataBytes, scaleBytes);
-  bulkCommit();
 }
 
 // Per-rank combine: what the combine's send half needs besides the rows, for every selection
@@ -1044,10 +1004,6 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
   const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
   const int end = min(total, begin + perBlock);
-  // kEarlyRelease: the block's rows fit its slots, so it releases the staging between the
-  // loads and the stores (not with rows whose flags this half publishes itself).
-  const bool earlyRelease = kEarlyRelease && !deferredSent && end > begin && end - begin <= stage.slots;
-  bool released = false;
   bool profiled = false;
   for (int batchStart = begin; batchStart < end; batchStart += kBatchRows) {
     const int batch = min(kBatchRows, end - batchStart);
@@ -1096,13 +1052,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       waitRows(p, sequence, sources);
       MC_LL_PROFILE(kLlKernelDispatch, 14);
     }
-    if (earlyRelease) {
-      bulkFillSlots(batch, batchFrom, stage, &parity);
-      MC_LL_PROFILE(kLlKernelDispatch, 16);
-      finishReceive(p, sequence);  // (syncs the block first)
-      released = true;
-      bulkDrainSlots(p, batch, batchId, stage, fp8);
-    } else if (stage.slots > 0) {
+    if (stage.slots > 0) {
       bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity, fp8);
     } else {
       copyBatch(p, batch, batchFrom, batchId, fp8);
@@ -1111,15 +1061,9 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   }
   if (deferredSent) finishSend(p, sentTargets, sequence);  // a block with no rows to place
   MC_LL_PROFILE(kLlKernelDispatch, 15);
-  if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) {
-    if (released) {
-      bulkWaitRead<0>();  // the slots read out; the kernel's end completes the stores
-    } else {
-      bulkWait<0>();  // recvX written
-    }
-  }
+  if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) bulkWait<0>();  // recvX written
   MC_LL_PROFILE(kLlKernelDispatch, 8);
-  if (!released) finishReceive(p, sequence);
+  finishReceive(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 9);
 }
 
