@@ -96,6 +96,7 @@ __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlo
 #else
 #define MC_LL_PROFILE(kernel, event) \
   do {                               \
+    (void)(kernel);                  \
   } while (0)
 #endif
 
@@ -221,9 +222,10 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
 // moecommRemoteError (through the async error) and the source stays unmasked.
 // flagsOf(s): the flags that say s's part is here (sent flags; a dispatch's listed flags).
 template <typename FlagsOf>
-__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf) {
+__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf, int profileKernel) {
   __shared__ uint32_t present;
   const RanksWaited waited = waitAll(p, sequence, flagsOf);
+  MC_LL_PROFILE(profileKernel, 18);
   if (threadIdx.x == 0) present = 0;
   __syncthreads();
   const int s = threadIdx.x;
@@ -257,6 +259,7 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
       maskRank(p, s);
     }
   }
+  MC_LL_PROFILE(profileKernel, 19);  // (thread 0 decided source 0)
   __syncthreads();
   return present;
 }
@@ -585,11 +588,13 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
       if (lane == 0) itemCount[i] = __popc(ballot);
     }
     __syncthreads();
+    MC_LL_PROFILE(kLlKernelDispatch, 16);
     const int count = static_cast<int>(threadIdx.x) < windowItems ? itemCount[threadIdx.x] : 0;
     int windowRows = 0;
     const int before = blockExclusiveScan(count, &windowRows);
     if (static_cast<int>(threadIdx.x) < windowItems) itemBase[threadIdx.x] = rowsBefore + before;
     __syncthreads();
+    MC_LL_PROFILE(kLlKernelDispatch, 17);
     for (int i = warp, n = 0; i < windowItems; i += kWarps, ++n) {
       const int item = windowStart + i;
       const int c = item % chunks;
@@ -953,7 +958,8 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     fenceBarrierInit();
   }
   // Agreed on the listed flags: everything but the rows is here.
-  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return listedFlags(p, r); });
+  const uint32_t sources = agreeSources(
+      p, sequence, [&](int r) { return listedFlags(p, r); }, kLlKernelDispatch);
   MC_LL_PROFILE(kLlKernelDispatch, 5);
   const uint8_t* mine = mySlot(p);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
@@ -1405,7 +1411,8 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     if (!perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
   if (myTokens > 0) loadRound(0);
-  const uint32_t sources = agreeSources(p, sequence, [&](int r) { return sentFlags(p, r); });
+  const uint32_t sources = agreeSources(
+      p, sequence, [&](int r) { return sentFlags(p, r); }, kLlKernelCombine);
   MC_LL_PROFILE(kLlKernelCombine, 5);
   const uint8_t* mine = mySlot(p);
   const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
