@@ -129,14 +129,14 @@ __device__ __forceinline__ uint32_t allRanks(int numRanks) {
   return numRanks == 32 ? 0xffffffffu : (1u << numRanks) - 1u;
 }
 
-// Developer switch (-DMOECOMM_LL_MASK_SNAPSHOT=1; off by default until measured): the waits'
-// check of the rank mask before each flag reads a copy of the mask that each block takes at
-// its start (in shared memory), instead of a load from global memory that the flag's own load
-// then waited behind (the timeline shows each block-wide wait at 0.7 to 1.4 us with every flag
-// already there). A rank masked after the copy was taken is still seen by waitFlag's periodic
-// look at the global mask. Prediction: dispatch -1 to -1.5 us (three waits), combine -0.5 to -1.
+// The waits' check of the rank mask before each flag reads a copy of the mask that each block
+// takes at its start (in shared memory), instead of a load from global memory that the flag's
+// own load waited behind. A rank masked after the copy was taken is still seen by waitFlag's
+// periodic look at the global mask (and a block's own maskRank updates its copy). Measured at
+// one rank (PERF.md, eighth session): dispatch -0.3 to -0.7 us, combine -0.1 to -0.2
+// (predicted -1 to -1.5 for the dispatch). Developer switch MOECOMM_LL_MASK_SNAPSHOT=0: as before.
 #ifndef MOECOMM_LL_MASK_SNAPSHOT
-#define MOECOMM_LL_MASK_SNAPSHOT 0
+#define MOECOMM_LL_MASK_SNAPSHOT 1
 #endif
 constexpr bool kMaskSnapshot = MOECOMM_LL_MASK_SNAPSHOT != 0;
 
