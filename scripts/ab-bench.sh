@@ -3,7 +3,8 @@
 # directory $A (an older commit, e.g. `git archive <commit> | tar -x -C ab-old`) and this tree,
 # then runs W-decode benches alternately, A B A B ..., ROUNDS times (default 3), in both combine
 # forms, checked (-c 1), without the NCCL baseline and the roofline (the A/B is against A, on
-# the same GPUs). Prints the kernel-only medians per round; the JSON goes to $OUT/ab-<side>.jsonl, every bench's output to $OUT/bench.txt.
+# the same GPUs). Prints the kernel-only medians per round; the JSON goes to
+# $OUT/ab-<side>.jsonl, every bench's output to $OUT/bench.txt.
 # Env: A (required), ROUNDS, GRID (default 132), NRANKS (default: every GPU), TESTS (a ctest
 # regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4"), A_COMMIT (the
 # commit written into A's JSON; default $A/.bench-commit; B's is ./.bench-commit), A_CMAKE_EXTRA /
@@ -11,7 +12,7 @@
 # switches: B_CMAKE_EXTRA="-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1 -DMOECOMM_LL_DEFERRED_RELEASE=1"
 # with A=. compares this tree with and without them). B_VARIANTS: several B builds of this tree
 # in one call, options separated by ';' (one configure option each, e.g.
-# "-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SEND_UNROLL=1;-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=1"):
+# "-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SEND_UNROLL=4;-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=0"):
 # sides b1, b2, ... built in parallel with A and benched in turn with it; TESTS run on b1.
 # $OUT/variants.txt says which option each side had.
 set -uo pipefail
@@ -29,7 +30,8 @@ else
 fi
 jobs=$(( $(nproc) / ${#sides[@]} )); [ "$jobs" -lt 1 ] && jobs=1
 build() {  # source dir, build dir, log, one extra configure option (or empty)
-  cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON ${4:+"$4"} > "$3" 2>&1 &&
+  # CMAKE_CUDA_FLAGS reset first: a build folder kept from an earlier call keeps its cache.
+  cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON -DCMAKE_CUDA_FLAGS= ${4:+"$4"} > "$3" 2>&1 &&
     cmake --build "$2" -j "$jobs" --target moecomm-run moecomm-bench moecomm_gpu_tests >> "$3" 2>&1
 }
 : > "$out/variants.txt"

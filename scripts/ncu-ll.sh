@@ -7,15 +7,20 @@
 # most warp-state samples, per kernel, with the source line of each where the report has it)
 # and the report itself (ll.ncu-rep). Clocks are left alone (--clock-control none); ncu
 # flushes the caches before each kernel it measures, as the bench's L2 flush does.
-# Env: NRANKS (default 1), SKIP (default 20), CMAKE_EXTRA (one more configure option),
-# BENCH_ARGS (extra bench options, e.g. --ll-per-rank).
+# Also left in $OUT: ncu-run.txt (the bench's output under ncu), source.csv.gz (the whole source
+# page), source.err. The report may be larger than what a device call returns; the text files
+# are what to read. Env: NRANKS (default 1; with more ranks ncu's replay of one rank's kernel,
+# whose peers do not replay theirs, will likely time out on their flags), SKIP (default 20),
+# CMAKE_EXTRA (one more configure option), BENCH_ARGS (extra bench options, e.g. --ll-per-rank).
+# Exits with ncu's status when the profiled run fails.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/ncu-logs}; mkdir -p "$out"
 ncu=${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
 [ -x "$ncu" ] || { echo "ncu not found"; exit 1; }
 "$ncu" --version | tail -1
-cmake -S . -B build-ncu -G Ninja -DCMAKE_BUILD_TYPE=Release ${CMAKE_EXTRA:+"$CMAKE_EXTRA"} > "$out/build.log" 2>&1 &&
+# CMAKE_CUDA_FLAGS reset first: build-ncu may be kept from an earlier call, with its cache.
+cmake -S . -B build-ncu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS= ${CMAKE_EXTRA:+"$CMAKE_EXTRA"} > "$out/build.log" 2>&1 &&
   cmake --build build-ncu -j "$(nproc)" --target moecomm-run moecomm-bench >> "$out/build.log" 2>&1 ||
   { grep -E "error" "$out/build.log" | head; exit 1; }
 rm -f "$out/build.log"
@@ -24,7 +29,9 @@ timeout 400 "$ncu" --clock-control none --target-processes all -k 'regex:dispatc
   --section SourceCounters --section SpeedOfLight --import-source yes -f -o "$out/ll" \
   build-ncu/tools/moecomm-run -n "${NRANKS:-1}" -t 380 build-ncu/tools/bench/moecomm-bench -w W-decode --ll \
   -S 132 -n 30 -W 5 -c 0 --no-baseline --no-roofline ${BENCH_ARGS:-} > "$out/ncu-run.txt" 2>&1
-echo "ncu rc=$?"; tail -5 "$out/ncu-run.txt"
+rc=$?
+echo "ncu rc=$rc"; tail -5 "$out/ncu-run.txt"
+[ "$rc" -eq 0 ] || exit "$rc"
 "$ncu" -i "$out/ll.ncu-rep" --page details > "$out/details.txt" 2>&1
 grep -E "dispatchKernel|combineKernel|Duration|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall|stall" "$out/details.txt" | head -60
 # Per-instruction samples: the source page as CSV, SASS with the CUDA line where ncu knows it.

@@ -153,7 +153,11 @@ __device__ __forceinline__ int loadMaskWord(const LowLatencyParams& p) {
 __device__ __forceinline__ void storeMaskSnapshot(const LowLatencyParams& p, int word) {
   if (kMaskSnapshot && static_cast<int>(threadIdx.x) < p.numRanks) maskSnapshot()[threadIdx.x] = word;
 }
-// Whether the waits skip rank r without looking at its flags.
+// Whether the waits skip rank r without looking at its flags. A rank that another block masked
+// during this kernel is not in this block's copy: its flags are polled until waitFlag's look at
+// the global mask (every 64 polls), and a source that another block masked after the grid
+// agreed on it may still have its rows waited for and used by this block (the agreement
+// already counted them present).
 __device__ __forceinline__ bool maskedForWaits(const LowLatencyParams& p, int r) {
   return kMaskSnapshot ? maskSnapshot()[r] != 0 : loadVolatile(&p.state->rankMask[r]) != 0;
 }
@@ -547,7 +551,9 @@ constexpr bool kListLoads = MOECOMM_LL_LIST_LOADS != 0;
 // after, so the two cold loads overlap (the kernel used to wait for the sequence before it
 // loaded any id), and that pass divides in 32 bits (the 64-bit division has a slow path
 // between the id loads). Measured at one rank (PERF.md, eighth session): "targets seen" 1 us
-// earlier, dispatch -0.7 to -0.8 us. Developer switch MOECOMM_LL_EARLY_SEQUENCE=0: as before.
+// earlier, dispatch -0.7 to -0.8 us. Developer switch MOECOMM_LL_EARLY_SEQUENCE=0: the 64-bit
+// division, and the sequence loaded after the first pass (before the eighth session it was
+// loaded, and waited for, at the kernel's entry).
 #ifndef MOECOMM_LL_EARLY_SEQUENCE
 #define MOECOMM_LL_EARLY_SEQUENCE 1
 #endif
@@ -717,7 +723,10 @@ constexpr bool kLateSentFlags = MOECOMM_LL_LATE_SENT_FLAGS != 0;
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
 // Returns the targets; publishes the sent flags (finishSend) unless `deferSent` (then the
-// receive half does, dispatchReceive).
+// receive half does, dispatchReceive). Reads the slot's sequence from `sequenceWord` (before
+// the first pass over the ids with kEarlySequence, after it otherwise) and returns the
+// operation's sequence (that + 1) in *sequenceOut; stores `maskWord` (loadMaskWord, loaded at
+// the kernel's entry) into the block's mask snapshot before its first wait.
 template <bool kPuts>
 __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord,
                                  uint64_t* sequenceOut, int maskWord, int4* dynamicShared, bool deferSent, bool fp8,
