@@ -323,19 +323,19 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
   }
 }
 
-// Developer experiment, off by default (build with -DMOECOMM_LL_DEFERRED_RELEASE=1; measured at
-// one rank: +2.8 µs per dispatch, PERF.md seventh session): a receive half does not store its released flags at its
-// end, where the release waits for the block's output stores and the flags' own round trip
-// ends the kernel; it records them as pending (LowLatencyParams::pendingReleased), and the
+// Developer experiment, off by default (build with -DMOECOMM_LL_DEFERRED_RELEASE=1; measured at one
+// rank: +2.8 µs per dispatch, PERF.md seventh session): a receive half does not store its released
+// flags at its end, where the release waits for the block's output stores and the flags' own round
+// trip ends the kernel; it records them as pending (LowLatencyParams::pendingReleased), and the
 // next low-latency kernel on the caller's stream stores them at its start, when nothing is
 // outstanding. A peer needs this rank's release of operation n only for operation n + 2 on the
-// slot, which it reaches after this rank's operation n + 1 has started, so the flag always
-// comes in lockstep use (a send-only operation n + 1 included). The release kernel of abandoned
-// halves may run beside a kernel of the stream and takes no part. Prediction: -1 to -1.5 µs
-// per dispatch and per combine. Not safe with moecommEpComplete on another stream than the
-// next operations' (review, seventh session): the pending flags of a receive half completed on
-// stream B are stored only by a later kernel, and a send half of operation n + 2 on stream A
-// that waits for this rank's own release of the slot would time out and mask the rank.
+// slot, which it reaches after this rank's operation n + 1 has started, so the flag always comes in
+// lockstep use (a send-only operation n + 1 included). The release kernel of abandoned halves may
+// run beside a kernel of the stream and takes no part. Prediction: -1 to -1.5 µs per dispatch and
+// per combine. Not safe with moecommEpComplete on another stream than the next operations' (review,
+// seventh session): the pending flags of a receive half completed on stream B are stored only by a
+// later kernel, and a send half of operation n + 2 on stream A that waits for this rank's own
+// release of the slot would time out and mask the rank.
 #ifndef MOECOMM_LL_DEFERRED_RELEASE
 #define MOECOMM_LL_DEFERRED_RELEASE 0
 #endif
@@ -732,17 +732,17 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
 }
 
 // Developer experiment, off by default (scripts/ab-bench.sh with
-// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1; at one rank no gain, on 2+
-// GPUs not yet measured, PERF.md seventh session): when one kernel runs both
-// halves, a block publishes its sent flags after it has placed its first batch of received rows
-// instead of right after its own rows. The release then no longer stalls the block while its
-// row stores drain (~3 µs in the timeline): the receive preparation (agreement on the listed
-// flags, counts, placement) needs only the peers' listed flags, which come before any row, so
-// no rank waits on a flag that waits on it. Prediction: dispatch -2 to -3 µs. Known risk (review,
-// to solve before it becomes the default): with a dead peer that only some ranks have masked,
-// a live rank's sent flags come up to MOECOMM_LL_TIMEOUT late (it waits for the dead peer's
-// listed flags first), so a rank that skipped the dead peer may time out on the live one and
-// mask it; the sent-flag waits then need a second budget for sources whose listed flags came.
+// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1; at one rank no gain, on 2+ GPUs
+// not yet measured, PERF.md seventh session): when one kernel runs both halves, a block publishes
+// its sent flags after it has placed its first batch of received rows instead of right after its
+// own rows. The release then no longer stalls the block while its row stores drain (~3 µs in the
+// timeline): the receive preparation (agreement on the listed flags, counts, placement) needs only
+// the peers' listed flags, which come before any row, so no rank waits on a flag that waits on it.
+// Prediction: dispatch -2 to -3 µs. Known risk (review, to solve before it becomes the default):
+// with a dead peer that only some ranks have masked, a live rank's sent flags come up to
+// MOECOMM_LL_TIMEOUT late (it waits for the dead peer's listed flags first), so a rank that skipped
+// the dead peer may time out on the live one and mask it; the sent-flag waits then need a second
+// budget for sources whose listed flags came.
 #ifndef MOECOMM_LL_LATE_SENT_FLAGS
 #define MOECOMM_LL_LATE_SENT_FLAGS 0
 #endif

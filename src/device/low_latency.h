@@ -64,9 +64,9 @@ constexpr int kLowLatencyKernels = 2;
 // 9 released flags stored; finer points of the dispatch: 10 token ranks computed, 11 T and ids
 // stored, 12 lists stored (before their flags), 13 counts read, 14 rows' flags seen, 15 copies
 // issued (before the end's wait for them; 8 is after it), 16 lists' first pass done, 17 lists'
-// scan done (16 and 17 of the block's last window of list items); in both kernels: 18 sources' flags waited for, 19
-// sources decided (agreeSources); then (not times) the SM clock at events 0 and 9 (slots kLowLatencyProfileTimes and +
-// 1).
+// scan done (16 and 17 of the block's last window of list items); in both kernels: 18 sources'
+// flags waited for, 19 sources decided (agreeSources); then (not times) the SM clock at events
+// 0 and 9 (slots kLowLatencyProfileTimes and + 1).
 constexpr int kLowLatencyProfileTimes = 20;
 constexpr int kLowLatencyProfileEvents = kLowLatencyProfileTimes + 2;
 
