@@ -583,29 +583,7 @@ __device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
   return first;
 }
 
-// Developer switch (-DMOECOMM_LL_EARLY_LISTS=1; off by default, not yet measured): the lists'
-// first window is counted (first pass and scan) before the targets' wait instead of after it,
-// as if every rank were a target: the ids are then still in L1 from the token ranks' pass (each
-// acquire load of the wait invalidates L1), and the count overlaps the wait. The store pass
-// skips the experts of ranks that are not targets; their counts only shift offsets that are
-// taken relative to each expert's own start. Prediction: "lists stored" (e12) and the dispatch
-// 0.7 to 1 us earlier at one rank.
-#ifndef MOECOMM_LL_EARLY_LISTS
-#define MOECOMM_LL_EARLY_LISTS 0
-#endif
-constexpr bool kEarlyLists = MOECOMM_LL_EARLY_LISTS != 0;
-
-// What sendLists carries from counting a window to storing it, per thread.
-struct ListsState {
-  int kept0 = -1;  // kListLoads: k of the thread's first two items of the window
-  int kept1 = -1;
-  int windowRows = 0;    // the window's entries (its scan's total)
-  bool counted = false;  // the first window was counted ahead (countOnly)
-};
-
-// countOnly: counts the first window only (targets: every rank) and returns; the next call
-// with the real targets stores it and does the rest.
-__device__ void sendLists(const LowLatencyParams& p, uint32_t targets, ListsState* state, bool countOnly) {
+__device__ void sendLists(const LowLatencyParams& p, uint32_t targets) {
   __shared__ int itemCount[kItems];
   __shared__ int itemBase[kItems];  // entries of the block before the item (over all windows)
   __shared__ int carriedStart;      // where the expert that runs on into the next window started
@@ -622,7 +600,7 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets, ListsStat
     return reinterpret_cast<int*>(windowSlot(p, e / L) + p.listCountsOffset) + p.rank * L + e % L;
   };
   if (chunks == 0) {
-    for (int j = threadIdx.x; j < myExperts && !countOnly; j += blockDim.x) {
+    for (int j = threadIdx.x; j < myExperts; j += blockDim.x) {
       if (targeted(expertOf(j))) *countOf(expertOf(j)) = 0;
     }
     return;
@@ -631,34 +609,27 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets, ListsStat
   int rowsBefore = 0;
   for (int windowStart = 0; windowStart < totalItems; windowStart += kItems) {
     const int windowItems = min(kItems, totalItems - windowStart);
-    if (windowStart != 0 || !state->counted) {
-      state->kept0 = -1;
-      state->kept1 = -1;
-      for (int i = warp, n = 0; i < windowItems; i += kWarps, ++n) {
-        const int item = windowStart + i;
-        const int e = expertOf(item / chunks);
-        const int t = (item % chunks) * 32 + lane;
-        const int k = targeted(e) && t < T ? firstKOf(p, t, e) : -1;
-        if (kListLoads && n == 0) state->kept0 = k;
-        if (kListLoads && n == 1) state->kept1 = k;
-        const bool selects = k >= 0;
-        const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
-        if (lane == 0) itemCount[i] = __popc(ballot);
-      }
-      __syncthreads();
-      MC_LL_PROFILE(kLlKernelDispatch, 16);
-      const int count = static_cast<int>(threadIdx.x) < windowItems ? itemCount[threadIdx.x] : 0;
-      const int before = blockExclusiveScan(count, &state->windowRows);
-      if (static_cast<int>(threadIdx.x) < windowItems) itemBase[threadIdx.x] = rowsBefore + before;
-      __syncthreads();
-      MC_LL_PROFILE(kLlKernelDispatch, 17);
+    int kept0 = -1;  // kListLoads: k of the thread's first two items of the window
+    int kept1 = -1;
+    for (int i = warp, n = 0; i < windowItems; i += kWarps, ++n) {
+      const int item = windowStart + i;
+      const int e = expertOf(item / chunks);
+      const int t = (item % chunks) * 32 + lane;
+      const int k = targeted(e) && t < T ? firstKOf(p, t, e) : -1;
+      if (kListLoads && n == 0) kept0 = k;
+      if (kListLoads && n == 1) kept1 = k;
+      const bool selects = k >= 0;
+      const uint32_t ballot = __ballot_sync(0xffffffffu, selects);
+      if (lane == 0) itemCount[i] = __popc(ballot);
     }
-    if (countOnly) {
-      state->counted = true;
-      return;
-    }
-    const int kept0 = state->kept0;
-    const int kept1 = state->kept1;
+    __syncthreads();
+    MC_LL_PROFILE(kLlKernelDispatch, 16);
+    const int count = static_cast<int>(threadIdx.x) < windowItems ? itemCount[threadIdx.x] : 0;
+    int windowRows = 0;
+    const int before = blockExclusiveScan(count, &windowRows);
+    if (static_cast<int>(threadIdx.x) < windowItems) itemBase[threadIdx.x] = rowsBefore + before;
+    __syncthreads();
+    MC_LL_PROFILE(kLlKernelDispatch, 17);
     for (int i = warp, n = 0; i < windowItems; i += kWarps, ++n) {
       const int item = windowStart + i;
       const int c = item % chunks;
@@ -682,7 +653,7 @@ __device__ void sendLists(const LowLatencyParams& p, uint32_t targets, ListsStat
       const int first = last - last % chunks;
       if (first >= windowStart) carriedStart = itemBase[first - windowStart];
     }
-    rowsBefore += state->windowRows;
+    rowsBefore += windowRows;
     __syncthreads();
   }
 }
@@ -782,8 +753,6 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
   *sequenceOut = sequence;
   storeMaskSnapshot(p, maskWord);  // (sendTargets syncs the block before it waits)
   MC_LL_PROFILE(kLlKernelDispatch, 10);
-  ListsState lists;
-  if (kEarlyLists) sendLists(p, ~0u, &lists, true);  // before the wait; stored below
   const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   if (blockIdx.x == 0) {
@@ -817,7 +786,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
   MC_LL_PROFILE(kLlKernelDispatch, 11);
   // The lists (and with them the T, ids and weights above) go out first, under the listed
   // flags: receivers place the rows while the rows are cast and in flight.
-  sendLists(p, targets, &lists, false);
+  sendLists(p, targets);
   __syncthreads();
   MC_LL_PROFILE(kLlKernelDispatch, 12);
   if (kPuts && (targets & p.putPeers) != 0) {
