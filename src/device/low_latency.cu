@@ -84,11 +84,9 @@ __device__ __forceinline__ bool formPerRank(int forms, const LowLatencyParams& p
 constexpr int kProfileBlocks = 256;
 __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlocks][kLowLatencyProfileEvents];
 // Slots kLowLatencyProfileTimes and + 1 hold the SM clock (clock64) at events 0 and 9, for the clock rate.
-#define MC_LL_PROFILE(kernel, event) MC_LL_PROFILE_BY(kernel, event, 0)
-// The event from thread `thread` (a group's first thread, kWarpSplit).
-#define MC_LL_PROFILE_BY(kernel, event, thread)                                                    \
+#define MC_LL_PROFILE(kernel, event)                                                               \
   do {                                                                                             \
-    if (static_cast<int>(threadIdx.x) == (thread) && blockIdx.x < kProfileBlocks) {                \
+    if (threadIdx.x == 0 && blockIdx.x < kProfileBlocks) {                                         \
       gLowLatencyProfile[kernel][blockIdx.x][event] = globalTimerNs();                             \
       if ((event) == 0 || (event) == 9)                                                            \
         gLowLatencyProfile[kernel][blockIdx.x][kLowLatencyProfileTimes + ((event) == 0 ? 0 : 1)] = \
@@ -99,11 +97,6 @@ __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlo
 #define MC_LL_PROFILE(kernel, event) \
   do {                               \
     (void)(kernel);                  \
-  } while (0)
-#define MC_LL_PROFILE_BY(kernel, event, thread) \
-  do {                                          \
-    (void)(kernel);                             \
-    (void)(thread);                             \
   } while (0)
 #endif
 
@@ -136,25 +129,6 @@ __device__ __forceinline__ uint32_t allRanks(int numRanks) {
   return numRanks == 32 ? 0xffffffffu : (1u << numRanks) - 1u;
 }
 
-// A set of consecutive warps of the block that works and synchronizes on its own (its own
-// named barrier; barrier 0 is the whole block's __syncthreads). The helpers below take one, so
-// that the dispatch can run its rows and its receive's preparation side by side
-// (kWarpSplit); every other caller passes wholeBlock().
-struct Group {
-  int first;    // the group's first thread
-  int size;     // its threads, a multiple of 32
-  int barrier;  // its named barrier (0: the whole block)
-  __device__ __forceinline__ int rank() const { return static_cast<int>(threadIdx.x) - first; }
-  __device__ __forceinline__ void sync() const {
-    if (barrier == 0) {
-      __syncthreads();
-    } else {
-      asm volatile("bar.sync %0, %1;" ::"r"(barrier), "r"(size) : "memory");
-    }
-  }
-};
-__device__ __forceinline__ Group wholeBlock() { return Group{0, kThreads, 0}; }
-
 // The waits' check of the rank mask before each flag reads a copy of the mask that each block
 // takes at its start (in shared memory), instead of a load from global memory that the flag's
 // own load waited behind. A rank masked after the copy was taken is still seen by waitFlag's
@@ -186,39 +160,6 @@ __device__ __forceinline__ void storeMaskSnapshot(const LowLatencyParams& p, int
 // already counted them present).
 __device__ __forceinline__ bool maskedForWaits(const LowLatencyParams& p, int r) {
   return kMaskSnapshot ? maskSnapshot()[r] != 0 : loadVolatile(&p.state->rankMask[r]) != 0;
-}
-
-// Developer switch (-DMOECOMM_LL_PREFETCH=1; off by default, not yet measured): at a dispatch's
-// or combine's entry, warp 0 of each block asks the L2 for a share of the lines that the kernel
-// reads later and that nothing wrote since the previous operation (so they are in HBM after an
-// L2 flush, and each costs a full HBM round trip in the chain): the slot's released flags (the
-// targets' wait), the agreement words and the blocks-done counter (an atomic whose result
-// thread 0 waits for). Prediction at one rank: dispatch -0.3 to -0.8 us (the targets' wait and
-// the agreement), combine -0.2 to -0.5.
-#ifndef MOECOMM_LL_PREFETCH
-#define MOECOMM_LL_PREFETCH 0
-#endif
-constexpr bool kPrefetch = MOECOMM_LL_PREFETCH != 0;
-
-__device__ __forceinline__ void prefetchL2(const void* address) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
-}
-
-__device__ void prefetchColdLines(const LowLatencyParams& p) {
-  if constexpr (kPrefetch) {
-    if (threadIdx.x >= 32) return;
-    // The released flags of the current slot: R * B words, contiguous; line i by block i % B.
-    const uintptr_t first =
-        reinterpret_cast<uintptr_t>(p.peers[p.rank] + flagOffset(p, p.releasedOffset, 0, 0)) & ~uintptr_t{127};
-    const uintptr_t last =
-        reinterpret_cast<uintptr_t>(p.peers[p.rank] + flagOffset(p, p.releasedOffset, p.numRanks - 1, p.numBlocks - 1));
-    const int lines = static_cast<int>((last - first) / 128) + 1;
-    for (int i = blockIdx.x + threadIdx.x * gridDim.x; i < lines; i += 32 * gridDim.x) {
-      prefetchL2(reinterpret_cast<const void*>(first + 128ull * i));
-    }
-    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) prefetchL2(&p.state->decision[p.slot][0]);
-    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 1) prefetchL2(&p.state->blocksDone[p.slot]);
-  }
 }
 
 __device__ void maskRank(const LowLatencyParams& p, int rank) {
@@ -272,26 +213,24 @@ struct RanksWaited {
 
 // The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` (default:
 // all) that is not masked (flagsOf(r) gives the array).
-// The group g (default: the whole block) waits; only one group of a block may wait at a time.
 template <typename FlagsOf>
-__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u,
-                               Group g = wholeBlock()) {
+__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u) {
   ranks &= allRanks(p.numRanks);
   __shared__ uint32_t missing;
   __shared__ uint32_t failed;
-  if (g.rank() == 0) {
+  if (threadIdx.x == 0) {
     missing = 0;
     failed = 0;
   }
-  g.sync();
+  __syncthreads();
   const int B = p.numBlocks;
-  for (int i = g.rank(); i < p.numRanks * B; i += g.size) {
+  for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x) {
     const int r = i / B;
     if (((ranks >> r) & 1u) == 0) continue;
     const int state = maskedForWaits(p, r) ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r);
     if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
   }
-  g.sync();
+  __syncthreads();
   return RanksWaited{ranks & ~missing & ~failed, failed & ~missing};
 }
 
@@ -316,14 +255,13 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
 // moecommRemoteError (through the async error) and the source stays unmasked.
 // flagsOf(s): the flags that say s's part is here (sent flags; a dispatch's listed flags).
 template <typename FlagsOf>
-__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf, int profileKernel,
-                                 Group g = wholeBlock()) {
+__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf, int profileKernel) {
   __shared__ uint32_t present;
-  const RanksWaited waited = waitAll(p, sequence, flagsOf, ~0u, g);
-  MC_LL_PROFILE_BY(profileKernel, 18, g.first);
-  if (g.rank() == 0) present = 0;
-  g.sync();
-  const int s = g.rank();
+  const RanksWaited waited = waitAll(p, sequence, flagsOf);
+  MC_LL_PROFILE(profileKernel, 18);
+  if (threadIdx.x == 0) present = 0;
+  __syncthreads();
+  const int s = threadIdx.x;
   if (s < p.numRanks) {
     bool mine = ((waited.arrived >> s) & 1u) != 0;
     unsigned long long* word = &p.state->decision[p.slot][s];
@@ -354,16 +292,15 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
       maskRank(p, s);
     }
   }
-  MC_LL_PROFILE_BY(profileKernel, 19, g.first);  // (the group's first thread decided source 0)
-  g.sync();
+  MC_LL_PROFILE(profileKernel, 19);  // (thread 0 decided source 0)
+  __syncthreads();
   return present;
 }
 
 // Threads 0..R-1, after a barrier: this block's flag of `region` (sentOffset, listedOffset)
 // on every target, with kAbsentBit on every other rank.
-__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, uint64_t region,
-                              Group g = wholeBlock()) {
-  const int r = g.rank();
+__device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, uint64_t region) {
+  const int r = threadIdx.x;
   if (r < p.numRanks) {
     const bool target = ((targets >> r) & 1u) != 0;
     if (target || r != p.rank) signalFlag(p, r, region, blockIdx.x, target ? sequence : sequence | kAbsentBit);
@@ -374,11 +311,10 @@ __device__ void signalTargets(const LowLatencyParams& p, uint32_t targets, uint6
 // stores), the flag with kAbsentBit on every other rank (masked: it gets nothing and must not
 // wait for this rank until its timeout), and the slot's sequence from the last block (every
 // block read it on entry).
-// With a group (kWarpSplit: the warps that stored the rows), its barrier orders their stores.
-__device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence, Group g = wholeBlock()) {
-  g.sync();
-  signalTargets(p, targets, sequence, p.sentOffset, g);
-  if (g.rank() == 0) {
+__device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t sequence) {
+  __syncthreads();
+  signalTargets(p, targets, sequence, p.sentOffset);
+  if (threadIdx.x == 0) {
     unsigned int* counter = &p.state->blocksDone[p.slot];
     if (atomicAdd(counter, 1u) == gridDim.x - 1) {
       *counter = 0;
@@ -457,14 +393,12 @@ __device__ __forceinline__ void unpackBf16(const int4& v, uint16_t* out) {
   }
 }
 
-// Exclusive scan of one int per thread of group g (default: the block); returns the prefix of
-// this thread (in the group's thread order) and sets *total. Every thread of the group must
-// call it; only one group of a block may scan at a time.
-__device__ int blockExclusiveScan(int value, int* total, Group g = wholeBlock()) {
+// Block-wide exclusive scan of one int per thread (threadIdx.x < kThreads); returns the
+// prefix of this thread and sets *total. Every thread of the block must call it.
+__device__ int blockExclusiveScan(int value, int* total) {
   __shared__ int warpSums[kWarps];
   const int lane = threadIdx.x & 31;
-  const int warp = g.rank() >> 5;
-  const int warps = g.size >> 5;
+  const int warp = threadIdx.x >> 5;
   int inclusive = value;
 #pragma unroll
   for (int offset = 1; offset < 32; offset <<= 1) {
@@ -472,15 +406,14 @@ __device__ int blockExclusiveScan(int value, int* total, Group g = wholeBlock())
     if (lane >= offset) inclusive += other;
   }
   if (lane == 31) warpSums[warp] = inclusive;
-  g.sync();
+  __syncthreads();
   int before = 0;
   int sum = 0;
   for (int w = 0; w < kWarps; ++w) {
-    if (w >= warps) break;
     if (w < warp) before += warpSums[w];
     sum += warpSums[w];
   }
-  g.sync();  // warpSums may be reused by the next call
+  __syncthreads();  // warpSums may be reused by the next call
   *total = sum;
   return before + inclusive - value;
 }
@@ -501,23 +434,22 @@ static_assert(kSendUnroll >= 1, "MOECOMM_LL_SEND_UNROLL must be at least 1");
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
 // lanes of a 128-channel scale block (never split between tokens, since H % 128 == 0, and in
 // one warp, since chunks per row are a multiple of 8) reduce their amax with shuffles.
-// g: the threads that send (kWarpSplit: the block's row warps), flat over the grid's groups.
-__device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets, Group g) {
+__device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 16;
   const int total = p.numTokens * chunksPerRow;  // < 2^31: checked when the EP is made
-  const int stride = gridDim.x * g.size;
+  const int stride = gridDim.x * blockDim.x;
   const uint64_t rowBase = p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch;
-  for (int base = blockIdx.x * g.size; base < total; base += stride * kSendUnroll) {
+  for (int base = blockIdx.x * blockDim.x; base < total; base += stride * kSendUnroll) {
     int4 raw[kSendUnroll][2];
     uint32_t destinations[kSendUnroll];
     int token[kSendUnroll];
     int chunk[kSendUnroll];
 #pragma unroll
     for (int u = 0; u < kSendUnroll; ++u) {
-      const int f = base + u * stride + g.rank();
-      token[u] = f < total ? f / chunksPerRow : 0;
-      chunk[u] = f < total ? f % chunksPerRow : 0;
-      destinations[u] = f < total ? tokenRanks[token[u]] & targets : 0;
+      const int g = base + u * stride + threadIdx.x;
+      token[u] = g < total ? g / chunksPerRow : 0;
+      chunk[u] = g < total ? g % chunksPerRow : 0;
+      destinations[u] = g < total ? tokenRanks[token[u]] & targets : 0;
       raw[u][0] = make_int4(0, 0, 0, 0);
       raw[u][1] = make_int4(0, 0, 0, 0);
       if (destinations[u] != 0) {
@@ -530,7 +462,7 @@ __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRank
     }
 #pragma unroll
     for (int u = 0; u < kSendUnroll; ++u) {
-      if (base + u * stride >= total) break;  // the same for the whole group
+      if (base + u * stride >= total) break;  // the same for the whole block
       uint16_t values[16];
       unpackBf16(raw[u][0], values);
       unpackBf16(raw[u][1], values + 8);
@@ -567,12 +499,12 @@ __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
-__device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets, Group grp) {
+__device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 8;
   const int total = p.numTokens * chunksPerRow;
-  const int stride = gridDim.x * grp.size;
+  const int stride = gridDim.x * blockDim.x;
   const uint64_t rowBase = p.rowsOffset + static_cast<uint64_t>(p.rank) * p.maxTokens * p.rowPitch;
-  for (int base = blockIdx.x * grp.size + grp.rank(); base < total; base += stride * kSendUnroll) {
+  for (int base = blockIdx.x * blockDim.x + threadIdx.x; base < total; base += stride * kSendUnroll) {
     int4 values[kSendUnroll];
     uint32_t destinations[kSendUnroll];
 #pragma unroll
@@ -787,22 +719,6 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
 #endif
 constexpr bool kLateSentFlags = MOECOMM_LL_LATE_SENT_FLAGS != 0;
 
-// Developer switch (-DMOECOMM_LL_WARP_SPLIT=<warps>, 0 = off, the default; not yet measured):
-// when one kernel runs both halves of a dispatch without puts, the block splits once its listed
-// flags are out: the last <warps> warps prepare the receive (wait for the peers' listed flags,
-// agree on the sources, read and scan the counts, place the first batch of rows) while the
-// others cast and send the rows and publish the sent flags; the block then joins to wait for
-// the rows and copy them. In the one-rank timeline (PERF.md, eighth session) the preparation
-// (~4.2 us) ran after the rows and their sent flags (~3.1 us), and needs neither. Prediction at
-// one rank: dispatch -2 to -3 us with 2 or 4 receive warps (the rows of W-decode fit the 448 row
-// threads of a 132-block grid in one pass; with 384 most threads take two). Overrides
-// kLateSentFlags when it applies.
-#ifndef MOECOMM_LL_WARP_SPLIT
-#define MOECOMM_LL_WARP_SPLIT 0
-#endif
-constexpr int kReceiveWarps = MOECOMM_LL_WARP_SPLIT;
-static_assert(kReceiveWarps >= 0 && kReceiveWarps < kWarps, "MOECOMM_LL_WARP_SPLIT: 0 to 15 warps");
-
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
@@ -811,33 +727,11 @@ static_assert(kReceiveWarps >= 0 && kReceiveWarps < kWarps, "MOECOMM_LL_WARP_SPL
 // the first pass over the ids with kEarlySequence, after it otherwise) and returns the
 // operation's sequence (that + 1) in *sequenceOut; stores `maskWord` (loadMaskWord, loaded at
 // the kernel's entry) into the block's mask snapshot before its first wait.
-// The rows of the send half, by group g (the whole block, or with kWarpSplit its row warps),
-// then the sent flags (finishSend) unless deferSent.
-template <bool kPuts>
-__device__ void sendRows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets, uint64_t sequence,
-                         bool deferSent, bool fp8, Group g) {
-  if (fp8) {
-    sendFp8Rows(p, tokenRanks, targets, g);
-  } else {
-    sendBf16Rows(p, tokenRanks, targets, g);
-  }
-  if (kPuts && (targets & p.putPeers) != 0) {  // (never with kWarpSplit: g is the whole block)
-    __syncthreads();
-    putSentRows(p, tokenRanks, targets, fp8);
-  }
-  MC_LL_PROFILE_BY(kLlKernelDispatch, 3, g.first);
-  if (!deferSent) {
-    finishSend(p, targets, sequence, g);
-    MC_LL_PROFILE_BY(kLlKernelDispatch, 4, g.first);
-  }
-}
-
-// tokenRanks: shared memory for a word per token, kept for the rows. rowsLater: returns once
-// the listed flags are out, and the caller sends the rows (sendRows, kWarpSplit).
 template <bool kPuts>
 __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord,
-                                 uint64_t* sequenceOut, int maskWord, uint32_t* tokenRanks, bool deferSent, bool fp8,
-                                 bool perRank, bool rowsLater) {
+                                 uint64_t* sequenceOut, int maskWord, int4* dynamicShared, bool deferSent, bool fp8,
+                                 bool perRank) {
+  uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
   // kEarlySequence: the slot's sequence is loaded before the ids and used after them.
@@ -911,7 +805,20 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
   }
   signalTargets(p, targets, sequence, p.listedOffset);
   MC_LL_PROFILE(kLlKernelDispatch, 2);
-  if (!rowsLater) sendRows<kPuts>(p, tokenRanks, targets, sequence, deferSent, fp8, wholeBlock());
+  if (fp8) {
+    sendFp8Rows(p, tokenRanks, targets);
+  } else {
+    sendBf16Rows(p, tokenRanks, targets);
+  }
+  if (kPuts && (targets & p.putPeers) != 0) {
+    __syncthreads();
+    putSentRows(p, tokenRanks, targets, fp8);
+  }
+  MC_LL_PROFILE(kLlKernelDispatch, 3);
+  if (!deferSent) {
+    finishSend(p, targets, sequence);
+    MC_LL_PROFILE(kLlKernelDispatch, 4);
+  }
   return targets;
 }
 
@@ -990,12 +897,6 @@ MC_HOST_DEVICE inline uint64_t lowLatencyItemStartBytes(int numRanks, int localE
   return roundUp((static_cast<uint64_t>(numRanks) * localExperts + 1) * sizeof(int), 128);
 }
 
-// Dynamic shared memory of the dispatch's receive half (itemStart, mbarriers, bulk stage).
-MC_HOST_DEVICE inline uint64_t dispatchRecvSharedBytes(int numRanks, int localExperts, int hidden) {
-  return lowLatencyItemStartBytes(numRanks, localExperts) + kBulkSlotsMax * sizeof(uint64_t) +
-         lowLatencyBulkStageBytes(hidden);
-}
-
 __device__ BulkStage bulkStageOf(const LowLatencyParams& p, int* itemStart, bool fp8) {
   uint8_t* base = reinterpret_cast<uint8_t*>(itemStart) + lowLatencyItemStartBytes(p.numRanks, p.localExperts);
   BulkStage stage{reinterpret_cast<uint64_t*>(base), base + kBulkSlotsMax * sizeof(uint64_t), 0, 0};
@@ -1041,14 +942,16 @@ __device__ void bulkCopyBatch(const LowLatencyParams& p, int batch, const uint8_
 // (s, t, k) of a received token: the source's weight, and rowOf = -1 unless the expert is
 // local (the blocks that place the local rows set those). Flat over the grid; also each
 // source's T.
-__device__ void keepSelections(const LowLatencyParams& p, const int* ids, const int* sourceTokens, Group g) {
+__device__ void keepSelections(const LowLatencyParams& p, const int* ids, const int* sourceTokens) {
   const int K = p.topk;
   const int perSource = p.maxTokens * K;
   const int entries = p.numRanks * perSource;
   const int firstLocal = p.rank * p.localExperts;
   const float* weights = reinterpret_cast<const float*>(mySlot(p) + p.weightsOffset);
-  if (blockIdx.x == 0 && g.rank() < p.numRanks) p.routing.sourceTokens[g.rank()] = sourceTokens[g.rank()];
-  for (int i = blockIdx.x * g.size + g.rank(); i < entries; i += gridDim.x * g.size) {
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < p.numRanks) {
+    p.routing.sourceTokens[threadIdx.x] = sourceTokens[threadIdx.x];
+  }
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < entries; i += gridDim.x * blockDim.x) {
     const int s = i / perSource;
     if (i - s * perSource >= sourceTokens[s] * K) continue;
     p.routing.weights[i] = __ldcg(weights + i);
@@ -1076,73 +979,65 @@ __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t 
 // evenly (a contiguous range per block, whatever the experts' sizes); then batches of
 // kBatchRows rows: each thread finds its row's item (a binary search), reads the list entry,
 // writes the routing and the staging address, and the block copies the batch into recvX.
-
-// What the receive's preparation leaves for the copy (the block's shared state).
-struct ReceiveShared {
-  int sourceTokens[kLowLatencyMaxRanks];
-  const uint8_t* batchFrom[kBatchRows];
-  int batchId[kBatchRows];
-  uint32_t sources;  // the present sources (agreed by the grid)
-  int total;         // rows of every local expert
-};
-__device__ __forceinline__ ReceiveShared& receiveShared() {
-  __shared__ ReceiveShared shared;
-  return shared;
-}
-
-// Group g (the whole block, or with kWarpSplit its receive warps, while the others send the
-// rows): agrees on the sources from their listed flags, reads the counts and the sources' T,
-// scans the counts into itemStart, writes the experts' counts and, per rank, the selections.
-// Leaves sources and total in receiveShared().
-__device__ void prepareReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool fp8, bool perRank,
-                               Group g) {
-  ReceiveShared& shared = receiveShared();
+// sentTargets: the send half's targets when it left its sent flags to this half (the same
+// kernel, kLateSentFlags), else 0 with deferredSent false.
+__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool deferredSent,
+                                uint32_t sentTargets, bool fp8, bool perRank) {
+  __shared__ int sourceTokens[kLowLatencyMaxRanks];
+  __shared__ const uint8_t* batchFrom[kBatchRows];
+  __shared__ int batchId[kBatchRows];
   const int R = p.numRanks;
+  const int K = p.topk;
   const int L = p.localExperts;
   const int items = R * L;
+  const int slotsPerExpert = R * p.maxTokens;
+  const BulkStage stage = bulkStageOf(p, itemStart, fp8);
+  uint32_t parity = 0;  // lane 0 of a bulk-copy warp: its mbarrier's phase
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < stage.slots; ++w) mbarrierInit(stage.barriers + w, 1);
+    fenceBarrierInit();
+  }
   // Agreed on the listed flags: everything but the rows is here.
   const uint32_t sources = agreeSources(
-      p, sequence, [&](int r) { return listedFlags(p, r); }, kLlKernelDispatch, g);
-  MC_LL_PROFILE_BY(kLlKernelDispatch, 5, g.first);
+      p, sequence, [&](int r) { return listedFlags(p, r); }, kLlKernelDispatch);
+  MC_LL_PROFILE(kLlKernelDispatch, 5);
   const uint8_t* mine = mySlot(p);
+  const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
+  const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
   // The counts as written (0 for absent sources), in the same round trip as the sources' T.
-  for (int i = g.rank(); i < items; i += g.size) {
+  for (int i = threadIdx.x; i < items; i += blockDim.x) {
     const int s = i % R;
     itemStart[i] = ((sources >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
   }
-  if (g.rank() < R) {
-    const int s = g.rank();
+  if (static_cast<int>(threadIdx.x) < R) {
+    const int s = threadIdx.x;
     const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
     const int word = ((sources >> s) & 1u) != 0 ? __ldcg(tokens + s) : 0;
     // A source whose row format differs from this rank's is absent for this operation.
     const bool agrees = (word >> kLowLatencyFormatShift) == lowLatencyFormat(fp8, p.roundScale, perRank);
-    shared.sourceTokens[s] = agrees ? min(max(word & ((1 << kLowLatencyFormatShift) - 1), 0), p.maxTokens) : 0;
+    sourceTokens[s] = agrees ? min(max(word & ((1 << kLowLatencyFormatShift) - 1), 0), p.maxTokens) : 0;
     if (!agrees && ((sources >> s) & 1u) != 0 && blockIdx.x == 0) {
       atomicOr(p.hostFormatPeers, static_cast<int>(1u << s));
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
     }
   }
-  g.sync();
-  MC_LL_PROFILE_BY(kLlKernelDispatch, 13, g.first);
-  // Exclusive scan of the clamped counts, g.size items at a time (in place: each thread reads
-  // its own item before the scan's first barrier and writes it after the last).
+  __syncthreads();
+  MC_LL_PROFILE(kLlKernelDispatch, 13);
+  // Exclusive scan of the clamped counts, kThreads items at a time (in place: each thread
+  // reads its own item before the scan's first barrier and writes it after the last).
   int total = 0;
-  for (int first = 0; first < items; first += g.size) {
-    const int i = first + g.rank();
-    const int count = i < items ? min(max(itemStart[i], 0), shared.sourceTokens[i % R]) : 0;
+  for (int first = 0; first < items; first += kThreads) {
+    const int i = first + threadIdx.x;
+    const int count = i < items ? min(max(itemStart[i], 0), sourceTokens[i % R]) : 0;
     int chunkTotal = 0;
-    const int before = blockExclusiveScan(count, &chunkTotal, g);
+    const int before = blockExclusiveScan(count, &chunkTotal);
     if (i < items) itemStart[i] = total + before;
     total += chunkTotal;
   }
-  if (g.rank() == 0) {
-    itemStart[items] = total;
-    shared.sources = sources;
-    shared.total = total;
-  }
-  g.sync();
-  if (g.rank() == 0) {
+  if (threadIdx.x == 0) itemStart[items] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
     for (int le = blockIdx.x; le < L; le += gridDim.x) {
       const int rows = itemStart[(le + 1) * R] - itemStart[le * R];
       p.recvCount[le] = rows;
@@ -1150,93 +1045,51 @@ __device__ void prepareReceive(const LowLatencyParams& p, uint64_t sequence, int
       if (p.cumulativeRecvStats != nullptr) atomicAdd(p.cumulativeRecvStats + le, rows);  // no wait
     }
   }
-  if (perRank) keepSelections(p, reinterpret_cast<const int*>(mine + p.topkOffset), shared.sourceTokens, g);
-  MC_LL_PROFILE_BY(kLlKernelDispatch, 6, g.first);
-}
-
-// Group g: the routing of rows [batchStart, batchStart + batch) of the flat order, and their
-// staging addresses and ids in receiveShared().batchFrom / batchId. The caller's barrier follows.
-__device__ void placeBatch(const LowLatencyParams& p, const int* itemStart, int batchStart, int batch, bool perRank,
-                           Group g) {
-  ReceiveShared& shared = receiveShared();
-  const int R = p.numRanks;
-  const int K = p.topk;
-  const int L = p.localExperts;
-  const int items = R * L;
-  const int slotsPerExpert = R * p.maxTokens;
-  const uint8_t* mine = mySlot(p);
-  const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
-  const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
-  for (int j = g.rank(); j < batch; j += g.size) {
-    const int row = batchStart + j;
-    int lo = 0;  // the last item starting at or before row (empty items share a start)
-    int hi = items;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (itemStart[mid] <= row) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
-    const int s = lo % R;
-    const int le = lo / R;
-    const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (row - itemStart[lo]));
-    const int t = min(entry >> 5, p.maxTokens - 1);
-    const int firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
-    const int id = le * slotsPerExpert + row - itemStart[le * R];
-    const int info = s * p.maxTokens + t;
-    p.routing.srcInfo[id] = info;
-    p.routing.firstK[id] = static_cast<uint8_t>(firstK);
-    if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
-    if (perRank) {
-      // Every selection of the token naming this expert reads this row.
-      const int expert = p.rank * L + le;
-      const uint64_t at = static_cast<uint64_t>(info) * K;
-      for (int k = firstK; k < K; ++k) {
-        if (__ldcg(globalIds + at + k) == expert) p.routing.rowOf[at + k] = id;
-      }
-    }
-    shared.batchId[j] = id;
-    shared.batchFrom[j] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
-  }
-}
-
-// The block's share of the rows: [begin, end) of the flat order.
-__device__ __forceinline__ void blockRows(int total, int* begin, int* end) {
+  if (perRank) keepSelections(p, globalIds, sourceTokens);
+  MC_LL_PROFILE(kLlKernelDispatch, 6);
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
-  *begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
-  *end = min(total, *begin + perBlock);
-}
-
-// The whole block. prepared: prepareReceive and the first batch's placeBatch already ran (by
-// the receive warps, kWarpSplit); otherwise the block runs them first. sentTargets: the send
-// half's targets when it left its sent flags to this half (the same kernel, kLateSentFlags),
-// else 0 with deferredSent false.
-__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool prepared,
-                                bool deferredSent, uint32_t sentTargets, bool fp8, bool perRank) {
-  ReceiveShared& shared = receiveShared();
-  const BulkStage stage = bulkStageOf(p, itemStart, fp8);
-  uint32_t parity = 0;  // lane 0 of a bulk-copy warp: its mbarrier's phase
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < stage.slots; ++w) mbarrierInit(stage.barriers + w, 1);
-    fenceBarrierInit();
-  }
-  if (!prepared) {
-    prepareReceive(p, sequence, itemStart, fp8, perRank, wholeBlock());  // (ends on a barrier)
-  }
-  const uint32_t sources = shared.sources;
-  int begin = 0;
-  int end = 0;
-  blockRows(shared.total, &begin, &end);
-  bool first = true;
+  const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
+  const int end = min(total, begin + perBlock);
+  bool profiled = false;
   for (int batchStart = begin; batchStart < end; batchStart += kBatchRows) {
     const int batch = min(kBatchRows, end - batchStart);
-    if (!(first && prepared)) placeBatch(p, itemStart, batchStart, batch, perRank, wholeBlock());
-    __syncthreads();  // (also orders the mbarriers' initialisation before the copy)
-    if (first) {
+    if (static_cast<int>(threadIdx.x) < batch) {
+      const int g = batchStart + threadIdx.x;
+      int lo = 0;  // the last item starting at or before g (empty items share a start)
+      int hi = items;
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (itemStart[mid] <= g) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      const int s = lo % R;
+      const int le = lo / R;
+      const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
+      const int t = min(entry >> 5, p.maxTokens - 1);
+      const int firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
+      const int id = le * slotsPerExpert + g - itemStart[le * R];
+      const int info = s * p.maxTokens + t;
+      p.routing.srcInfo[id] = info;
+      p.routing.firstK[id] = static_cast<uint8_t>(firstK);
+      if (p.recvSrcInfo != nullptr) p.recvSrcInfo[id] = info;
+      if (perRank) {
+        // Every selection of the token naming this expert reads this row.
+        const int expert = p.rank * L + le;
+        const uint64_t at = static_cast<uint64_t>(info) * K;
+        for (int k = firstK; k < K; ++k) {
+          if (__ldcg(globalIds + at + k) == expert) p.routing.rowOf[at + k] = id;
+        }
+      }
+      batchId[threadIdx.x] = id;
+      batchFrom[threadIdx.x] = mine + p.rowsOffset + static_cast<uint64_t>(info) * p.rowPitch;
+    }
+    __syncthreads();
+    if (!profiled) {
       MC_LL_PROFILE(kLlKernelDispatch, 7);
-      first = false;
+      profiled = true;
       if (deferredSent) {
         finishSend(p, sentTargets, sequence);
         deferredSent = false;
@@ -1246,9 +1099,9 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       MC_LL_PROFILE(kLlKernelDispatch, 14);
     }
     if (stage.slots > 0) {
-      bulkCopyBatch(p, batch, shared.batchFrom, shared.batchId, stage, &parity, fp8);
+      bulkCopyBatch(p, batch, batchFrom, batchId, stage, &parity, fp8);
     } else {
-      copyBatch(p, batch, shared.batchFrom, shared.batchId, fp8);
+      copyBatch(p, batch, batchFrom, batchId, fp8);
     }
     __syncthreads();
   }
@@ -1264,48 +1117,25 @@ template <bool kPuts, int kForms>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyParams p) {
   extern __shared__ int4 dispatchShared[];
   MC_LL_PROFILE(kLlKernelDispatch, 0);
-  prefetchColdLines(p);
   const bool fp8 = formFp8(kForms, p);
   const bool perRank = formPerRank(kForms, p);
   flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
-  const bool split = kReceiveWarps > 0 && !kPuts && send && receive;
-  const bool deferSent = kLateSentFlags && send && receive && !split;
-  int* itemStart = reinterpret_cast<int*>(dispatchShared);
-  // The send half's word per token: after the receive's shared memory when both run at once.
-  uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dispatchShared) +
-                         (split ? dispatchRecvSharedBytes(p.numRanks, p.localExperts, p.hidden) / sizeof(uint32_t) : 0);
+  const bool deferSent = kLateSentFlags && send && receive;
   uint32_t targets = 0;
   // The send half reads the slot's sequence itself (kEarlySequence: overlapped with the ids).
   uint64_t sequence = 0;
   const int maskWord = loadMaskWord(p);
   if (send) {
-    targets =
-        dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, maskWord, tokenRanks, deferSent, fp8, perRank, split);
+    targets = dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, maskWord, dispatchShared, deferSent, fp8, perRank);
   } else {
     sequence = currentSequence(p);
     storeMaskSnapshot(p, maskWord);  // (the barrier below comes before any wait)
   }
-  if (split) {
-    // The listed flags are out: the row warps cast and send the rows while the receive warps
-    // wait for the peers' listed flags, agree, count and place the block's first batch.
-    const Group rows{0, kThreads - 32 * kReceiveWarps, 1};
-    const Group prepare{rows.size, 32 * kReceiveWarps, 2};
-    if (static_cast<int>(threadIdx.x) < rows.size) {
-      sendRows<kPuts>(p, tokenRanks, targets, sequence, false, fp8, rows);
-    } else {
-      prepareReceive(p, sequence, itemStart, fp8, perRank, prepare);
-      int begin = 0;
-      int end = 0;
-      blockRows(receiveShared().total, &begin, &end);
-      placeBatch(p, itemStart, begin, min(kBatchRows, end - begin), perRank, prepare);
-    }
-    __syncthreads();
-    dispatchReceive(p, sequence, itemStart, true, false, 0, fp8, perRank);
-  } else if (receive) {
+  if (receive) {
     __syncthreads();  // the send half's shared memory is reused
-    dispatchReceive(p, sequence, itemStart, false, deferSent, targets, fp8, perRank);
+    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), deferSent, targets, fp8, perRank);
   }
 }
 
@@ -1678,7 +1508,6 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
 template <bool kPuts, int kForms>
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
   MC_LL_PROFILE(kLlKernelCombine, 0);
-  prefetchColdLines(p);
   storeMaskSnapshot(p, loadMaskWord(p));  // (every wait starts with a barrier)
   flushPendingReleases(p, false);
   const bool perRank = formPerRank(kForms, p);
@@ -1810,17 +1639,8 @@ int64_t lowLatencyDispatchStaticSharedBytes() {
 }
 
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
-  return dispatchRecvSharedBytes(params.numRanks, params.localExperts, params.hidden);
-}
-
-uint64_t lowLatencyDispatchSharedBytes(const LowLatencyParams& params) {
-  const bool send = (params.phases & kLowLatencyPhaseSend) != 0;
-  const bool receive = (params.phases & kLowLatencyPhaseReceive) != 0;
-  const uint64_t sendBytes = send ? lowLatencyDispatchSendSharedBytes(params) : 0;
-  const uint64_t receiveBytes = receive ? lowLatencyDispatchRecvSharedBytes(params) : 0;
-  // kWarpSplit: both halves' shared memory at once (the kernel's tokenRanks after the receive's).
-  if (kReceiveWarps > 0 && send && receive && params.putPeers == 0) return receiveBytes + sendBytes;
-  return std::max(sendBytes, receiveBytes);
+  return lowLatencyItemStartBytes(params.numRanks, params.localExperts) + kBulkSlotsMax * sizeof(uint64_t) +
+         lowLatencyBulkStageBytes(params.hidden);
 }
 
 template <int kForms>
@@ -1833,7 +1653,12 @@ void launchDispatch(const LowLatencyParams& params, uint64_t shared, CUstream_st
 }
 
 int launchLowLatencyDispatch(const LowLatencyParams& params, CUstream_st* stream) {
-  const uint64_t shared = lowLatencyDispatchSharedBytes(params);
+  uint64_t shared = 0;
+  if ((params.phases & kLowLatencyPhaseSend) != 0) shared = lowLatencyDispatchSendSharedBytes(params);
+  if ((params.phases & kLowLatencyPhaseReceive) != 0) {
+    const uint64_t receive = lowLatencyDispatchRecvSharedBytes(params);
+    if (receive > shared) shared = receive;
+  }
 #if MOECOMM_LL_SPLIT_FORMS
   switch (launchForms(params)) {
     case kDispatchForms[0]:

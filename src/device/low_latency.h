@@ -170,10 +170,8 @@ struct LowLatencyParams {
 };
 
 // Dynamic shared memory of the dispatch kernel: the send half keeps a destination mask per
-// token, the receive half where each (local expert, source) item's rows start.
-// lowLatencyDispatchSharedBytes: what a launch of params.phases takes (the larger of the two,
-// or both with the developer switch MOECOMM_LL_WARP_SPLIT when one kernel runs both halves).
-uint64_t lowLatencyDispatchSharedBytes(const LowLatencyParams& params);
+// token, the receive half where each (local expert, source) item's rows start. The kernel
+// takes the larger of the two.
 uint64_t lowLatencyDispatchSendSharedBytes(const LowLatencyParams& params);
 // The receive half's bulk-copy slots: as many BF16 rows (2H bytes) as fit in 96 KiB, at most
 // one per warp (0 when a row is larger: the receive then copies through registers).

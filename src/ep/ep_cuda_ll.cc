@@ -153,10 +153,8 @@ moecommResult_t CudaLowLatency::init(int numBlocks) {
   const int64_t staticShared = device::lowLatencyDispatchStaticSharedBytes();
   if (staticShared < 0) MC_CUDA(cudaGetLastError());
   const uint64_t sharedLimit = static_cast<uint64_t>(std::max<int64_t>(0, optIn - staticShared));
-  device::LowLatencyParams most = p;  // the launch that takes the most: both halves, no puts
-  most.phases = device::kLowLatencyPhaseSend | device::kLowLatencyPhaseReceive;
-  most.putPeers = 0;
-  const uint64_t dispatchShared = device::lowLatencyDispatchSharedBytes(most);
+  const uint64_t dispatchShared =
+      std::max(device::lowLatencyDispatchSendSharedBytes(p), device::lowLatencyDispatchRecvSharedBytes(p));
   MC_REQUIRE(dispatchShared <= sharedLimit, moecommNotSupported,
              "maxTokensPerRank = %llu or ranks x experts per rank = %llu is too large for the low-latency dispatch "
              "kernels (%llu bytes of shared memory; this GPU allows %llu)",
