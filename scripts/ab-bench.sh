@@ -9,7 +9,7 @@
 # regex run on B's build before the benches, e.g. "gpu_EpCudaLowLatency_n4"), A_COMMIT (the
 # commit written into A's JSON; default $A/.bench-commit; B's is ./.bench-commit), A_CMAKE_EXTRA /
 # B_CMAKE_EXTRA (one configure option of one side, passed as one argument, e.g. developer
-# switches: B_CMAKE_EXTRA="-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1 -DMOECOMM_LL_DEFERRED_RELEASE=1"
+# switches: B_CMAKE_EXTRA="-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_DEFERRED_RELEASE=1 -DMOECOMM_LL_COPY_UNROLL=4"
 # with A=. compares this tree with and without them). B_VARIANTS: several B builds of this tree
 # in one call, options separated by ';' (one configure option each, e.g.
 # "-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SEND_UNROLL=4;-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=0"):

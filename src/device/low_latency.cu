@@ -702,35 +702,16 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
-// Developer experiment, off by default (scripts/ab-bench.sh with
-// B_CMAKE_EXTRA=-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_LATE_SENT_FLAGS=1; at one rank no gain, on 2+ GPUs
-// not yet measured, PERF.md seventh session): when one kernel runs both halves, a block publishes
-// its sent flags after it has placed its first batch of received rows instead of right after its
-// own rows. The release then no longer stalls the block while its row stores drain (~3 µs in the
-// timeline): the receive preparation (agreement on the listed flags, counts, placement) needs only
-// the peers' listed flags, which come before any row, so no rank waits on a flag that waits on it.
-// Prediction: dispatch -2 to -3 µs. Known risk (review, to solve before it becomes the default):
-// with a dead peer that only some ranks have masked, a live rank's sent flags come up to
-// MOECOMM_LL_TIMEOUT late (it waits for the dead peer's listed flags first), so a rank that skipped
-// the dead peer may time out on the live one and mask it; the sent-flag waits then need a second
-// budget for sources whose listed flags came.
-#ifndef MOECOMM_LL_LATE_SENT_FLAGS
-#define MOECOMM_LL_LATE_SENT_FLAGS 0
-#endif
-constexpr bool kLateSentFlags = MOECOMM_LL_LATE_SENT_FLAGS != 0;
-
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
-// Returns the targets; publishes the sent flags (finishSend) unless `deferSent` (then the
-// receive half does, dispatchReceive). Reads the slot's sequence from `sequenceWord` (before
-// the first pass over the ids with kEarlySequence, after it otherwise) and returns the
-// operation's sequence (that + 1) in *sequenceOut; stores `maskWord` (loadMaskWord, loaded at
-// the kernel's entry) into the block's mask snapshot before its first wait.
+// Returns the targets after publishing the sent flags (finishSend). Reads the slot's sequence from `sequenceWord`
+// (before the first pass over the ids with kEarlySequence, after it otherwise) and returns the operation's sequence
+// (that + 1) in *sequenceOut; stores `maskWord` (loadMaskWord, loaded at the kernel's entry) into the block's mask
+// snapshot before its first wait.
 template <bool kPuts>
 __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord,
-                                 uint64_t* sequenceOut, int maskWord, int4* dynamicShared, bool deferSent, bool fp8,
-                                 bool perRank) {
+                                 uint64_t* sequenceOut, int maskWord, int4* dynamicShared, bool fp8, bool perRank) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
@@ -815,10 +796,8 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
     putSentRows(p, tokenRanks, targets, fp8);
   }
   MC_LL_PROFILE(kLlKernelDispatch, 3);
-  if (!deferSent) {
-    finishSend(p, targets, sequence);
-    MC_LL_PROFILE(kLlKernelDispatch, 4);
-  }
+  finishSend(p, targets, sequence);
+  MC_LL_PROFILE(kLlKernelDispatch, 4);
   return targets;
 }
 
@@ -979,10 +958,7 @@ __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t 
 // evenly (a contiguous range per block, whatever the experts' sizes); then batches of
 // kBatchRows rows: each thread finds its row's item (a binary search), reads the list entry,
 // writes the routing and the staging address, and the block copies the batch into recvX.
-// sentTargets: the send half's targets when it left its sent flags to this half (the same
-// kernel, kLateSentFlags), else 0 with deferredSent false.
-__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool deferredSent,
-                                uint32_t sentTargets, bool fp8, bool perRank) {
+__device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, int* itemStart, bool fp8, bool perRank) {
   __shared__ int sourceTokens[kLowLatencyMaxRanks];
   __shared__ const uint8_t* batchFrom[kBatchRows];
   __shared__ int batchId[kBatchRows];
@@ -1090,11 +1066,6 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     if (!profiled) {
       MC_LL_PROFILE(kLlKernelDispatch, 7);
       profiled = true;
-      if (deferredSent) {
-        finishSend(p, sentTargets, sequence);
-        deferredSent = false;
-        MC_LL_PROFILE(kLlKernelDispatch, 4);
-      }
       waitRows(p, sequence, sources);
       MC_LL_PROFILE(kLlKernelDispatch, 14);
     }
@@ -1105,7 +1076,6 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     }
     __syncthreads();
   }
-  if (deferredSent) finishSend(p, sentTargets, sequence);  // a block with no rows to place
   MC_LL_PROFILE(kLlKernelDispatch, 15);
   if ((threadIdx.x & 31) == 0 && static_cast<int>(threadIdx.x >> 5) < stage.slots) bulkWait<0>();  // recvX written
   MC_LL_PROFILE(kLlKernelDispatch, 8);
@@ -1122,20 +1092,19 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyPa
   flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
-  const bool deferSent = kLateSentFlags && send && receive;
   uint32_t targets = 0;
   // The send half reads the slot's sequence itself (kEarlySequence: overlapped with the ids).
   uint64_t sequence = 0;
   const int maskWord = loadMaskWord(p);
   if (send) {
-    targets = dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, maskWord, dispatchShared, deferSent, fp8, perRank);
+    targets = dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, maskWord, dispatchShared, fp8, perRank);
   } else {
     sequence = currentSequence(p);
     storeMaskSnapshot(p, maskWord);  // (the barrier below comes before any wait)
   }
   if (receive) {
     __syncthreads();  // the send half's shared memory is reused
-    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), deferSent, targets, fp8, perRank);
+    dispatchReceive(p, sequence, reinterpret_cast<int*>(dispatchShared), fp8, perRank);
   }
 }
 
