@@ -702,18 +702,17 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
-// Developer switch (-DMOECOMM_LL_ONE_FLAG=1; off by default, not yet measured): the dispatch
-// publishes no listed flags; its lists go out under the sent flags with the rows, and the
-// receive half agrees on the sent flags and then needs no second wait before the copy. Each
-// block of a send half then skips one system-scope release (its list stores' round trip: 1.3
-// us on 2x H200, 0.7 at one rank, ninth session's timelines) before it casts the rows, and each
-// block of a receive half one wait for every source's flags (waitRows: 0.5-0.6 us). What it
-// gives up: placing rows while the peers' rows are still in flight, which the receive half,
-// starting after its own send half's sent flags, barely used (on 2 GPUs the peers' sent flags
-// were there when the placement ended). Prediction: dispatch -1.5 to -2.5 us on 2 GPUs, -1 to
-// -1.3 at one rank.
+// The dispatch publishes no listed flags: its lists go out under the sent flags with the rows,
+// and the receive half agrees on the sent flags and then needs no second wait before the copy.
+// Each block of a send half skips one system-scope release (its list stores' round trip: 1.3
+// us on 2x H200, 0.7 at one rank) before it casts the rows, and each block of a receive half
+// one wait for every source's flags (0.5-0.6 us). It gives up placing rows while the peers'
+// rows are in flight, which the receive half, starting after its own sent flags, barely used.
+// Measured at one rank (PERF.md, ninth session): dispatch -0.9 us, per-rank dispatch -0.3 to
+// -0.7, graph -0.5 to -1.0 (predicted -1 to -1.3; -1.5 to -2.5 on 2 GPUs, not yet measured).
+// Developer switch MOECOMM_LL_ONE_FLAG=0: listed flags before the rows, as before.
 #ifndef MOECOMM_LL_ONE_FLAG
-#define MOECOMM_LL_ONE_FLAG 0
+#define MOECOMM_LL_ONE_FLAG 1
 #endif
 constexpr bool kOneFlag = MOECOMM_LL_ONE_FLAG != 0;
 
