@@ -101,7 +101,7 @@ __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlo
 #endif
 
 // This rank's flags, [0..B) of each source: sent[slot][source], listed[slot][source] (a
-// dispatch's lists, before its rows), released[slot][reader]. Peers' flags are written with
+// dispatch's lists, before its rows; only with kOneFlag off), released[slot][reader]. Peers' flags are written with
 // signalFlag (device/ll_transport.cuh).
 __device__ __forceinline__ const uint64_t* sentFlags(const LowLatencyParams& p, int source) {
   return localFlags(p, p.sentOffset, source);
@@ -533,8 +533,8 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
 // (lists[this rank][le][0..count), listCounts[this rank][le]): the receive half then places
 // rows without scanning any ids. Block b lists experts b, b + B, ... over (expert, 32-token
 // chunk) items in windows of kItems: a ballot per item, a block scan of the counts, the
-// ballot again to place each entry. Runs before the rows (v5): the lists go out under the
-// listed flags, so receivers place rows while the rows are in flight.
+// ballot again to place each entry. Runs before the rows (v5), under the same sent flags
+// (kOneFlag; with it off, under listed flags of their own).
 constexpr int kItems = kThreads;
 
 // The lists' id loads are issued eight at a time (the loop over a runtime K issued them one
@@ -779,8 +779,8 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
     }
   }
   MC_LL_PROFILE(kLlKernelDispatch, 11);
-  // The lists (and with them the T, ids and weights above) go out first, under the listed
-  // flags: receivers place the rows while the rows are cast and in flight.
+  // The lists (and with them the T, ids and weights above) go out first; with kOneFlag off,
+  // under the listed flags, so receivers can place rows while the rows are in flight.
   sendLists(p, targets);
   __syncthreads();
   MC_LL_PROFILE(kLlKernelDispatch, 12);
@@ -953,8 +953,8 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
   }
 }
 
-// The whole block, before it copies any row: every present source's sent flags (its rows are
-// here). A source that sent its lists but not its rows within the budget (it died in between)
+// kOneFlag off, the whole block, before it copies any row: every present source's sent flags
+// (its rows are here). A source that sent its lists but not its rows within the budget (it died in between)
 // is masked and the call reports moecommTimeout: its rows in recvX are not valid.
 __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t sources) {
   const RanksWaited rows = waitAll(
@@ -1537,7 +1537,8 @@ __global__ void __launch_bounds__(kThreads) failedKernel(const LowLatencyParams 
     const int r = i / p.numBlocks;
     const bool target = ((targets >> r) & 1u) != 0;
     if (target || r != p.rank) {
-      // Both kinds: a dispatch's receivers agree on the listed flags, a combine's on the sent.
+      // Both kinds: a dispatch's receivers agree on the listed flags (kOneFlag off) or the
+      // sent ones, a combine's on the sent.
       const uint64_t value = sequence | (target ? kFailedBit : kAbsentBit);
       signalFlag(p, r, p.listedOffset, i % p.numBlocks, value);
       signalFlag(p, r, p.sentOffset, i % p.numBlocks, value);

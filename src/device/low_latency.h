@@ -11,7 +11,8 @@
 //             B flags of d hold it, d's slot may be rewritten;
 //   listed    uint64 [2 slots][R source][B]: like sent, for a dispatch's first part only (T,
 //             counts, lists, ids and weights: everything but the rows), stored before the
-//             block sends its rows, so receivers place rows while the rows are in flight;
+//             block sends its rows; only with the developer switch MOECOMM_LL_ONE_FLAG=0 (by
+//             default the sent flags cover the lists too), and by the failed-call kernel;
 //   slot regions, kLowLatencyDeviceSlots of slotBytes each. A dispatch uses:
 //             tokens  int [R source]: T of each source, with the source's row format in
 //                     bits kLowLatencyFormatShift.. (lowLatencyFormat);
@@ -58,15 +59,14 @@ constexpr int kLowLatencyPhaseReceive = 2;
 constexpr int kLlKernelDispatch = 0;
 constexpr int kLlKernelCombine = 1;
 constexpr int kLowLatencyKernels = 2;
-// Events: 0 entry, 1 targets known, 2 send preamble done (dispatch: T, ids, lists and their
-// listed flags), 3 send data stored, 4 sent flags stored, 5 sources agreed, 6 receive preamble
-// done, 7 rows placed (dispatch; the rows' flags are waited for after it), 8 data consumed,
-// 9 released flags stored; finer points of the dispatch: 10 token ranks computed, 11 T and ids
-// stored, 12 lists stored (before their flags), 13 counts read, 14 rows' flags seen, 15 copies
-// issued (before the end's wait for them; 8 is after it), 16 lists' first pass done, 17 lists'
-// scan done (16 and 17 of the block's last window of list items); in both kernels: 18 sources'
-// flags waited for, 19 sources decided (agreeSources); then (not times) the SM clock at events
-// 0 and 9 (slots kLowLatencyProfileTimes and + 1).
+// Events: 0 entry, 1 targets known, 2 send preamble done (dispatch: T, ids, lists and, with
+// MOECOMM_LL_ONE_FLAG=0, their listed flags), 3 send data stored, 4 sent flags stored, 5 sources agreed, 6 receive
+// preamble done, 7 rows placed (dispatch; the rows' flags are waited for after it), 8 data consumed, 9 released flags
+// stored; finer points of the dispatch: 10 token ranks computed, 11 T and ids stored, 12 lists stored (before their
+// flags), 13 counts read, 14 rows' flags seen, 15 copies issued (before the end's wait for them; 8 is after it), 16
+// lists' first pass done, 17 lists' scan done (16 and 17 of the block's last window of list items); in both kernels: 18
+// sources' flags waited for, 19 sources decided (agreeSources); then (not times) the SM clock at events 0 and 9 (slots
+// kLowLatencyProfileTimes and + 1).
 constexpr int kLowLatencyProfileTimes = 20;
 constexpr int kLowLatencyProfileEvents = kLowLatencyProfileTimes + 2;
 
