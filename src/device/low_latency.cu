@@ -1407,18 +1407,6 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
   MC_LL_PROFILE(kLlKernelCombine, 4);
 }
 
-// Developer switch (-DMOECOMM_LL_EARLY_MARKERS=1; off by default, not yet measured): the
-// receive half reads the markers of its first round of rows before it waits for the sources'
-// sent flags, so the load overlaps the wait; after the wait a row whose early marker already
-// held this operation's sequence needs no second look (markers only move forward, so that value
-// can only come from this operation; the rows themselves are read after the sent flags' acquire
-// as before), the others are read again. Prediction at one rank: combine -0.3 to -0.5 us in both
-// forms (the markers' round trip after the agreement, 0.5-0.6 us in the timelines; 1 us on 2 GPUs).
-#ifndef MOECOMM_LL_EARLY_MARKERS
-#define MOECOMM_LL_EARLY_MARKERS 0
-#endif
-constexpr bool kEarlyMarkers = MOECOMM_LL_EARLY_MARKERS != 0;
-
 // Receive half, both forms. Per token, J rows: one per selection k (default: the expert's row
 // at [t][first k naming it], weight w_k), or one per expert rank r (per-rank form: the partial
 // at [t][r], weight 1, and fmaf(1, p, acc) is exactly acc + p). A row is used only when its
@@ -1448,57 +1436,42 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     ids[threadIdx.x] = static_cast<int>(expert);
     if (!perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
-  const uint8_t* mine = mySlot(p);
-  const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
-  // Threads slotInRound < tokensPerRound, k < J, after a barrier that follows loadRound(round):
-  // the rank that sent row k of the thread's token (-1: none) and its entry, [t][k] or [t][r],
-  // in the slot.
-  auto rowOf = [&](int round, uint64_t* entry) -> int {
-    const int j = round + slotInRound;
-    if (j >= myTokens) return -1;
-    const int t = blockIdx.x + j * gridDim.x;
-    const int* tokenIds = ids + slotInRound * W;
-    if (perRank) {
-      // k is the expert rank: it sent a row if one selection names one of its experts.
-      bool selected = false;
-      for (int i = 0; i < K && !selected; ++i) selected = tokenIds[i] >= 0 && tokenIds[i] / p.localExperts == k;
-      *entry = static_cast<uint64_t>(t) * R + k;
-      return selected ? k : -1;
-    }
-    const int expert = tokenIds[k];
-    int first = k;
-    for (int i = 0; i < k; ++i) {
-      if (tokenIds[i] == expert) {
-        first = i;
-        break;
-      }
-    }
-    *entry = static_cast<uint64_t>(t) * K + first;
-    return expert >= 0 ? expert / p.localExperts : -1;
-  };
-  const bool rowThread = slotInRound < tokensPerRound && k < J;
   if (myTokens > 0) loadRound(0);
-  uint32_t earlyMarker = 0;  // kEarlyMarkers: the first round's marker, read before the wait
-  if (kEarlyMarkers) {
-    __syncthreads();  // ids[] of the first round
-    uint64_t entry = 0;
-    if (rowThread && rowOf(0, &entry) >= 0) earlyMarker = __ldcg(markers + entry);
-  }
   const uint32_t sources = agreeSources(
       p, sequence, [&](int r) { return sentFlags(p, r); }, kLlKernelCombine);
   MC_LL_PROFILE(kLlKernelCombine, 5);
+  const uint8_t* mine = mySlot(p);
+  const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
   for (int round = 0; round < myTokens; round += tokensPerRound) {
     if (round > 0) {
       __syncthreads();
       loadRound(round);
     }
     __syncthreads();
-    if (rowThread) {
-      uint64_t entry = 0;  // valid when present
-      const int rank = rowOf(round, &entry);
-      const bool present = rank >= 0 && ((sources >> rank) & 1u) != 0;
-      const bool marked = present && ((kEarlyMarkers && round == 0 && earlyMarker == static_cast<uint32_t>(sequence)) ||
-                                      __ldcg(markers + entry) == static_cast<uint32_t>(sequence));
+    if (slotInRound < tokensPerRound && k < J) {
+      const int j = round + slotInRound;
+      const int t = blockIdx.x + j * gridDim.x;
+      const int* tokenIds = ids + slotInRound * W;
+      uint64_t entry = 0;  // [t][k] or [t][r] of the slot; valid when present
+      bool present = false;
+      if (j < myTokens && perRank) {
+        // k is the expert rank: present if one selection names one of its experts.
+        for (int i = 0; i < K && !present; ++i) present = tokenIds[i] >= 0 && tokenIds[i] / p.localExperts == k;
+        present = present && ((sources >> k) & 1u) != 0;
+        entry = static_cast<uint64_t>(t) * R + k;
+      } else if (j < myTokens) {
+        const int expert = tokenIds[k];
+        present = expert >= 0 && ((sources >> (expert / p.localExperts)) & 1u) != 0;
+        int first = k;
+        for (int i = 0; i < k; ++i) {
+          if (tokenIds[i] == expert) {
+            first = i;
+            break;
+          }
+        }
+        entry = static_cast<uint64_t>(t) * K + first;
+      }
+      const bool marked = present && __ldcg(markers + entry) == static_cast<uint32_t>(sequence);
       rows[slotInRound * J + k] =
           marked ? reinterpret_cast<const int4*>(mine + p.combineRowsOffset + entry * 2ull * p.hidden) : nullptr;
       if (perRank) weights[slotInRound * J + k] = 1.0f;
