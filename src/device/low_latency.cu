@@ -253,7 +253,8 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
 // in every block of the grid (the first block to decide on a source wins). A source decided
 // absent is masked, unless this block saw its failed-call flag: then the operation reports
 // moecommRemoteError (through the async error) and the source stays unmasked.
-// flagsOf(s): the flags that say s's part is here (sent flags; a dispatch's listed flags).
+// flagsOf(s): the flags that say s's part is here (sent flags; with kOneFlag off, a dispatch's
+// listed flags).
 template <typename FlagsOf>
 __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf, int profileKernel) {
   __shared__ uint32_t present;
@@ -710,7 +711,10 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
 // rows are in flight, which the receive half, starting after its own sent flags, barely used.
 // Measured at one rank (PERF.md, ninth session): dispatch -0.9 us, per-rank dispatch -0.3 to
 // -0.7, graph -0.5 to -1.0 (predicted -1 to -1.3; -1.5 to -2.5 on 2 GPUs, not yet measured).
-// Developer switch MOECOMM_LL_ONE_FLAG=0: listed flags before the rows, as before.
+// Developer switch MOECOMM_LL_ONE_FLAG=0: listed flags before the rows, as before (every rank
+// must run the same protocol: a rank built with it off waits for listed flags that default
+// peers never store, times out and masks them). A source that dies between its lists and its
+// rows is then absent (masked, counts 0) instead of reported as moecommTimeout.
 #ifndef MOECOMM_LL_ONE_FLAG
 #define MOECOMM_LL_ONE_FLAG 1
 #endif
@@ -987,8 +991,8 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     for (int w = 0; w < stage.slots; ++w) mbarrierInit(stage.barriers + w, 1);
     fenceBarrierInit();
   }
-  // Agreed on the listed flags: everything but the rows is here (kOneFlag: on the sent flags,
-  // everything is).
+  // Agreed on the sent flags: everything is here (kOneFlag off: on the listed flags, everything
+  // but the rows).
   const uint32_t sources = agreeSources(
       p, sequence, [&](int r) { return kOneFlag ? sentFlags(p, r) : listedFlags(p, r); }, kLlKernelDispatch);
   MC_LL_PROFILE(kLlKernelDispatch, 5);
