@@ -720,6 +720,20 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
 #endif
 constexpr bool kOneFlag = MOECOMM_LL_ONE_FLAG != 0;
 
+// Developer switch (-DMOECOMM_LL_ROWS_FIRST=1; off by default, not yet measured; needs kOneFlag):
+// the dispatch's send half casts and stores its rows right after the targets' wait, before the
+// T word, ids and lists, so the rows cross the links while the block builds its lists; the one
+// sent flag covers both. With one flag nothing is gained by lists that arrive before the rows.
+// On 2x H200 (ninth session's timeline) the lists took 2.5 us before the rows and the rows'
+// crossing 2.7 us before the sent flags. Prediction: dispatch -1.5 to -2.5 us on 2 GPUs (more
+// on 4, where the rows take longer to cross), within +-0.3 us at one rank (no link). (Profile
+// event 3, rows stored, then comes right after event 2.)
+#ifndef MOECOMM_LL_ROWS_FIRST
+#define MOECOMM_LL_ROWS_FIRST 0
+#endif
+constexpr bool kRowsFirst = MOECOMM_LL_ROWS_FIRST != 0;
+static_assert(!kRowsFirst || kOneFlag, "MOECOMM_LL_ROWS_FIRST needs MOECOMM_LL_ONE_FLAG");
+
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
@@ -754,6 +768,18 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
   MC_LL_PROFILE(kLlKernelDispatch, 10);
   const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
+  auto sendTheRows = [&]() {
+    if (fp8) {
+      sendFp8Rows(p, tokenRanks, targets);
+    } else {
+      sendBf16Rows(p, tokenRanks, targets);
+    }
+    if (kPuts && (targets & p.putPeers) != 0) {
+      __syncthreads();
+      putSentRows(p, tokenRanks, targets, fp8);
+    }
+  };
+  if (kRowsFirst) sendTheRows();  // (they cross the links while the lists are built)
   if (blockIdx.x == 0) {
     const int d = threadIdx.x;
     if (d < p.numRanks && ((targets >> d) & 1u) != 0) {
@@ -804,15 +830,7 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
   }
   if (!kOneFlag) signalTargets(p, targets, sequence, p.listedOffset);
   MC_LL_PROFILE(kLlKernelDispatch, 2);
-  if (fp8) {
-    sendFp8Rows(p, tokenRanks, targets);
-  } else {
-    sendBf16Rows(p, tokenRanks, targets);
-  }
-  if (kPuts && (targets & p.putPeers) != 0) {
-    __syncthreads();
-    putSentRows(p, tokenRanks, targets, fp8);
-  }
+  if (!kRowsFirst) sendTheRows();
   MC_LL_PROFILE(kLlKernelDispatch, 3);
   finishSend(p, targets, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 4);
