@@ -14,7 +14,7 @@
 # in one call, options separated by ';' (one configure option each, e.g.
 # "-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SEND_UNROLL=4;-DCMAKE_CUDA_FLAGS=-DMOECOMM_LL_SPLIT_FORMS=0"):
 # sides b1, b2, ... built in parallel with A and benched in turn with it; TESTS run on b1.
-# $OUT/variants.txt says which option each side had.
+# $OUT/variants.txt says which option each side had; the build logs end up in $OUT/build-logs.tgz.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/ab-logs}; mkdir -p "$out"
@@ -66,3 +66,5 @@ for round in $(seq 1 "${ROUNDS:-3}"); do
   done
 done
 rm -f "$out/run.txt"
+# The build logs as one archive (the device tool brings back few files).
+(cd "$out" && tar czf build-logs.tgz build-*.log && rm -f build-*.log)
