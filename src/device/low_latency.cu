@@ -1339,17 +1339,6 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
 constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
 
-// Developer switch (-DMOECOMM_LL_EARLY_ROUTING=1; off by default, not yet measured): the per-rank
-// combine's send half loads its first round's routing (row and weight of each selection) before
-// it waits for the targets' released flags, so the two round trips overlap (both are cold after
-// the L2 flush); the targets then only decide which of the loaded rows are sent. The sources' T
-// (for the pairs' starts) are loaded by one thread per source and scanned in a warp instead of
-// in one thread's loop. Prediction: per-rank combine -0.5 to -1 us at one rank and on 2 GPUs.
-#ifndef MOECOMM_LL_EARLY_ROUTING
-#define MOECOMM_LL_EARLY_ROUTING 0
-#endif
-constexpr bool kEarlyRouting = MOECOMM_LL_EARLY_ROUTING != 0;
-
 template <bool kPuts>
 __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
@@ -1359,21 +1348,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
   __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
   const int K = p.topk;
-  if (kEarlyRouting) {
-    if (threadIdx.x < 32) {
-      const int s = threadIdx.x;
-      const int count = s < R ? min(max(p.routing.sourceTokens[s], 0), p.maxTokens) : 0;
-      int inclusive = count;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (s >= offset) inclusive += other;
-      }
-      if (s < R) pairStart[s] = inclusive - count;
-      if (s == R - 1) pairStart[R] = inclusive;
-    }
-    __syncthreads();
-  } else if (threadIdx.x == 0) {
+  if (threadIdx.x == 0) {
     int pairs = 0;
     for (int s = 0; s < R; ++s) {
       pairStart[s] = pairs;
@@ -1381,60 +1356,27 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
     }
     pairStart[R] = pairs;
   }
-  // The pairs [begin, end) of this block, of total.
-  auto blockPairs = [&](int* total, int* begin, int* end) {
-    *total = pairStart[R];
-    const int perBlock = (*total + gridDim.x - 1) / gridDim.x;
-    *begin = min(*total, static_cast<int>(blockIdx.x) * perBlock);
-    *end = min(*total, *begin + perBlock);
-  };
-  auto sourceOf = [&](int pair) {
-    int s = 0;
-    while (pairStart[s + 1] <= pair) ++s;
-    return s;
-  };
-  // The routing of selection threadIdx.x % K of pair `pair`: its row id (-1: none) and weight.
-  auto loadRouting = [&](int pair, int* id, float* weight) {
-    const int s = sourceOf(pair);
-    const int i = ((s * p.maxTokens) + (pair - pairStart[s])) * K + static_cast<int>(threadIdx.x) % K;
-    *id = p.routing.rowOf[i];
-    *weight = p.routing.weights[i];
-  };
-  int earlyId = -1;  // kEarlyRouting: the first round's, loaded before the targets' wait
-  float earlyWeight = 0.0f;
-  if constexpr (kEarlyRouting) {
-    int total = 0;
-    int begin = 0;
-    int end = 0;
-    blockPairs(&total, &begin, &end);
-    if (static_cast<int>(threadIdx.x) / K < min(kThreads / K, end - begin)) {
-      loadRouting(begin + static_cast<int>(threadIdx.x) / K, &earlyId, &earlyWeight);
-    }
-  }
   const uint32_t targets = sendTargets(p, sequence);  // syncs the block
   MC_LL_PROFILE(kLlKernelCombine, 1);
-  int total = 0;
-  int begin = 0;
-  int end = 0;
-  blockPairs(&total, &begin, &end);
+  const int total = pairStart[R];
+  const int perBlock = (total + gridDim.x - 1) / gridDim.x;
+  const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
+  const int end = min(total, begin + perBlock);
   const int pairsPerRound = kThreads / K;
   const int slotInRound = threadIdx.x / K;
   const int k = threadIdx.x % K;
   const uint64_t rowBytes = 2ull * p.hidden;
   const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
+  auto sourceOf = [&](int pair) {
+    int s = 0;
+    while (pairStart[s + 1] <= pair) ++s;
+    return s;
+  };
   MC_LL_PROFILE(kLlKernelCombine, 2);
   for (int round = begin; round < end; round += pairsPerRound) {
     const int roundPairs = min(pairsPerRound, end - round);
     __syncthreads();  // the previous round's reduction is done with rows, weights, targets
-    if (kEarlyRouting && slotInRound < roundPairs) {
-      int id = earlyId;
-      float weight = earlyWeight;
-      if (round != begin) loadRouting(round + slotInRound, &id, &weight);
-      const bool target = ((targets >> sourceOf(round + slotInRound)) & 1u) != 0;
-      rows[threadIdx.x] =
-          target && id >= 0 ? reinterpret_cast<const int4*>(outputs + static_cast<uint64_t>(id) * rowBytes) : nullptr;
-      weights[threadIdx.x] = target && id >= 0 ? weight : 0.0f;
-    } else if (slotInRound < roundPairs) {
+    if (slotInRound < roundPairs) {
       const int pair = round + slotInRound;
       const int s = sourceOf(pair);
       const int4* row = nullptr;
