@@ -101,8 +101,8 @@ __device__ unsigned long long gLowLatencyProfile[kLowLatencyKernels][kProfileBlo
 #endif
 
 // This rank's flags, [0..B) of each source: sent[slot][source], listed[slot][source] (a
-// dispatch's lists, before its rows; only with kOneFlag off), released[slot][reader]. Peers' flags are written with
-// signalFlag (device/ll_transport.cuh).
+// dispatch's lists, before its rows; only with kOneFlag off), released[slot][reader]. Peers'
+// flags are written with signalFlag (device/ll_transport.cuh).
 __device__ __forceinline__ const uint64_t* sentFlags(const LowLatencyParams& p, int source) {
   return localFlags(p, p.sentOffset, source);
 }
@@ -738,10 +738,11 @@ static_assert(!kRowsFirst || kOneFlag, "MOECOMM_LL_ROWS_FIRST needs MOECOMM_LL_O
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
-// Returns the targets after publishing the sent flags (finishSend). Reads the slot's sequence from `sequenceWord`
-// (before the first pass over the ids with kEarlySequence, after it otherwise) and returns the operation's sequence
-// (that + 1) in *sequenceOut; stores `maskWord` (loadMaskWord, loaded at the kernel's entry) into the block's mask
-// snapshot before its first wait.
+// Returns the targets after publishing the sent flags (finishSend). Reads the slot's sequence
+// from `sequenceWord` (before the first pass over the ids with kEarlySequence, after it
+// otherwise) and returns the operation's sequence (that + 1) in *sequenceOut; stores `maskWord`
+// (loadMaskWord, loaded at the kernel's entry) into the block's mask snapshot before its first
+// wait.
 template <bool kPuts>
 __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord,
                                  uint64_t* sequenceOut, int maskWord, int4* dynamicShared, bool fp8, bool perRank) {
@@ -977,8 +978,8 @@ __device__ void keepSelections(const LowLatencyParams& p, const int* ids, const 
 }
 
 // kOneFlag off, the whole block, before it copies any row: every present source's sent flags
-// (its rows are here). A source that sent its lists but not its rows within the budget (it died in between)
-// is masked and the call reports moecommTimeout: its rows in recvX are not valid.
+// (its rows are here). A source that sent its lists but not its rows within the budget (it died
+// in between) is masked and the call reports moecommTimeout: its rows in recvX are not valid.
 __device__ void waitRows(const LowLatencyParams& p, uint64_t sequence, uint32_t sources) {
   const RanksWaited rows = waitAll(
       p, sequence, [&](int r) { return sentFlags(p, r); }, sources);

@@ -60,13 +60,15 @@ constexpr int kLlKernelDispatch = 0;
 constexpr int kLlKernelCombine = 1;
 constexpr int kLowLatencyKernels = 2;
 // Events: 0 entry, 1 targets known, 2 send preamble done (dispatch: T, ids, lists and, with
-// MOECOMM_LL_ONE_FLAG=0, their listed flags), 3 send data stored, 4 sent flags stored, 5 sources agreed, 6 receive
-// preamble done, 7 rows placed (dispatch; with MOECOMM_LL_ONE_FLAG=0 the rows' flags are waited for after it), 8 data
-// consumed, 9 released flags stored; finer points of the dispatch: 10 token ranks computed, 11 T and ids stored, 12
-// lists stored, 13 counts read, 14 rows' flags seen (MOECOMM_LL_ONE_FLAG=0; otherwise right after 7), 15 copies issued
-// (before the end's wait for them; 8 is after it), 16 lists' first pass done, 17 lists' scan done (16 and 17 of the
-// block's last window of list items); in both kernels: 18 sources' flags waited for, 19 sources decided (agreeSources);
-// then (not times) the SM clock at events 0 and 9 (slots kLowLatencyProfileTimes and + 1).
+// MOECOMM_LL_ONE_FLAG=0, their listed flags), 3 send data stored, 4 sent flags stored, 5 sources
+// agreed, 6 receive preamble done, 7 rows placed (dispatch; with MOECOMM_LL_ONE_FLAG=0 the rows'
+// flags are waited for after it), 8 data consumed, 9 released flags stored; finer points of the
+// dispatch: 10 token ranks computed, 11 T and ids stored, 12 lists stored, 13 counts read, 14
+// rows' flags seen (MOECOMM_LL_ONE_FLAG=0; otherwise right after 7), 15 copies issued (before the
+// end's wait for them; 8 is after it), 16 lists' first pass done, 17 lists' scan done (16 and 17
+// of the block's last window of list items); in both kernels: 18 sources' flags waited for, 19
+// sources decided (agreeSources); then (not times) the SM clock at events 0 and 9 (slots
+// kLowLatencyProfileTimes and + 1).
 constexpr int kLowLatencyProfileTimes = 20;
 constexpr int kLowLatencyProfileEvents = kLowLatencyProfileTimes + 2;
 
