@@ -1,0 +1,408 @@
+// moecomm-linkbench: a developer micro-benchmark of how fast SMs move rows into a peer GPU's
+// memory (docs/bench.md, "moecomm-linkbench"). The normal-mode senders push rows over NVLink
+// and were measured at 9-18 GB/s per SM; this tool separates the rate one block can reach from
+// the kernels around it. Every case copies `rows` rows of `rowBytes` from a source buffer to a
+// destination buffer, the rows split into contiguous ranges, one per block, and the warps of a
+// block taking rows in turn:
+//   push        each warp loads a row into registers (16-byte non-coherent loads, 16 per lane in
+//               flight) and stores it into the peer GPU's buffer
+//   push-fence  push, plus what a normal-mode channel does every 32 rows: a block barrier, a
+//               system fence and a release store of a flag into the peer
+//   push-bulk   lane 0 of each warp moves rows through a ring of shared-memory stages with
+//               bulk copies (load from local memory, store into the peer's), waiting only until
+//               a stage was read before it is reused
+//   pull        each warp loads a row from the peer GPU's buffer and stores it locally
+//   local       each warp loads a row locally and stores it locally (the receive copy's rate)
+// With two or more GPUs, GPUs 0 and 1 run the same case at once, each towards the other (both
+// link directions loaded, as in a 2-rank dispatch); with one GPU the "peer" buffer is a second
+// buffer on the same GPU and the push and pull cases measure local memory. Reported: the time
+// inside the kernel (last block's end minus first block's start, %globaltimer; the slower GPU),
+// median over the repetitions, and the bytes copied per GPU over it. Nothing here is part of
+// the library.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../../src/device/bulk_copy.cuh"
+
+namespace {
+
+using moecomm::device::bulkCommit;
+using moecomm::device::bulkLoad;
+using moecomm::device::bulkStore;
+using moecomm::device::bulkWait;
+using moecomm::device::bulkWaitRead;
+using moecomm::device::fenceBarrierInit;
+using moecomm::device::mbarrierArriveExpectTx;
+using moecomm::device::mbarrierInit;
+using moecomm::device::mbarrierTryWait;
+
+constexpr int kUnroll = 16;
+constexpr int kFenceBatch = 32;
+constexpr int kMaxStages = 8;
+constexpr size_t kSharedBudget = 200 * 1024;
+
+enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal };
+const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local"};
+
+#define CHECK(call)                                                                                                    \
+  do {                                                                                                                 \
+    const cudaError_t err_ = (call);                                                                                   \
+    if (err_ != cudaSuccess) {                                                                                         \
+      std::fprintf(stderr, "moecomm-linkbench: %s failed: %s (line %d)\n", #call, cudaGetErrorString(err_), __LINE__); \
+      std::exit(1);                                                                                                    \
+    }                                                                                                                  \
+  } while (0)
+
+__device__ __forceinline__ unsigned long long globalTimer() {
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  return now;
+}
+
+__device__ __forceinline__ int4 loadNc(const int4* address) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(address));
+  return v;
+}
+
+// One warp copies one row, kUnroll vectors per lane in flight; every load before any store.
+template <bool kNc>
+__device__ __forceinline__ void warpRow(const int4* src, int4* dst, int chunks, int lane) {
+  for (int base = 0; base < chunks; base += 32 * kUnroll) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int i = base + lane + 32 * j;
+      if (i < chunks) v[j] = kNc ? loadNc(src + i) : src[i];
+    }
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int i = base + lane + 32 * j;
+      if (i < chunks) dst[i] = v[j];
+    }
+  }
+}
+
+__device__ __forceinline__ void blockRows(int rows, int* first, int* last) {
+  const int per = (rows + gridDim.x - 1) / gridDim.x;
+  *first = min(rows, static_cast<int>(blockIdx.x) * per);
+  *last = min(rows, *first + per);
+}
+
+// push / push-fence / pull / local: the register path. `flag` (push-fence) lives in the peer.
+template <bool kFence, bool kNc>
+__global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
+                              unsigned long long* stamps) {
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  const int chunks = rowBytes / 16;
+  int first = 0;
+  int last = 0;
+  blockRows(rows, &first, &last);
+  const int batch = kFence ? kFenceBatch : last - first;
+  for (int base = first; base < last; base += max(batch, 1)) {
+    const int end = min(last, base + batch);
+    for (int r = base + warp; r < end; r += warps) {
+      warpRow<kNc>(reinterpret_cast<const int4*>(src + static_cast<size_t>(r) * rowBytes),
+                   reinterpret_cast<int4*>(dst + static_cast<size_t>(r) * rowBytes), chunks, lane);
+    }
+    if (kFence) {
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence_system();
+        asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag + blockIdx.x), "l"(
+                         static_cast<unsigned long long>(end))
+                     : "memory");
+      }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
+}
+
+// push-bulk: lane 0 of every warp; stages * rowBytes of dynamic shared memory per warp, then
+// one mbarrier per stage. A stage is refilled once the bulk store that read it is done reading.
+__global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, int stages, int* failed,
+                         unsigned long long* stamps) {
+  extern __shared__ __align__(128) uint8_t shared[];
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  uint8_t* ring = shared + static_cast<size_t>(warp) * stages * rowBytes;
+  uint64_t* barriers =
+      reinterpret_cast<uint64_t*>(shared + static_cast<size_t>(warps) * stages * rowBytes) + warp * kMaxStages;
+  int first = 0;
+  int last = 0;
+  blockRows(rows, &first, &last);
+  if (lane == 0) {
+    for (int s = 0; s < stages; ++s) mbarrierInit(&barriers[s], 1);
+    fenceBarrierInit();
+  }
+  __syncwarp();
+  if (lane == 0) {
+    // The warp's k-th row is first + warp + k * warps.
+    const int count = first + warp < last ? (last - first - warp + warps - 1) / warps : 0;
+    auto rowOf = [&](int k) { return first + warp + k * warps; };
+    auto issueLoad = [&](int k) {
+      const int s = k % stages;
+      mbarrierArriveExpectTx(&barriers[s], rowBytes);
+      bulkLoad(ring + static_cast<size_t>(s) * rowBytes, src + static_cast<size_t>(rowOf(k)) * rowBytes, rowBytes,
+               &barriers[s]);
+    };
+    for (int k = 0; k < min(stages, count); ++k) issueLoad(k);
+    for (int k = 0; k < count; ++k) {
+      const int s = k % stages;
+      long spins = 0;
+      while (!mbarrierTryWait(&barriers[s], (k / stages) & 1)) {
+        if (++spins > (1l << 26)) {
+          atomicExch(failed, 1);
+          break;
+        }
+      }
+      bulkStore(dst + static_cast<size_t>(rowOf(k)) * rowBytes, ring + static_cast<size_t>(s) * rowBytes, rowBytes);
+      bulkCommit();
+      if (k >= 1 && k - 1 + stages < count) {
+        bulkWaitRead<1>();  // row k-1's store has read its stage
+        issueLoad(k - 1 + stages);
+      }
+    }
+    bulkWait<0>();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+int argInt(int argc, char** argv, const char* name, int fallback) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
+  }
+  return fallback;
+}
+
+std::vector<int> argList(int argc, char** argv, const char* name, const char* fallback) {
+  std::string text = fallback;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], name) == 0) text = argv[i + 1];
+  }
+  std::vector<int> values;
+  size_t at = 0;
+  while (at < text.size()) {
+    const size_t comma = text.find(',', at);
+    values.push_back(std::atoi(text.substr(at, comma - at).c_str()));
+    if (comma == std::string::npos) break;
+    at = comma + 1;
+  }
+  return values;
+}
+
+struct Gpu {
+  int device = 0;
+  uint8_t* src = nullptr;  // this GPU's rows
+  uint8_t* dst = nullptr;  // this GPU's receive buffer
+  unsigned long long* flags = nullptr;
+  unsigned long long* stamps = nullptr;
+  int* failed = nullptr;
+  cudaStream_t stream = nullptr;
+};
+
+// Where a GPU's copy of a case reads and writes. Alone, the "peer" buffer is the first half
+// of the GPU's destination allocation and the local one the second half.
+struct Ends {
+  const uint8_t* src;
+  uint8_t* dst;
+};
+
+Ends endsOf(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
+  const bool two = gpus.size() == 2;
+  const Gpu& u = gpus[g];
+  const Gpu& peer = gpus[(g + 1) % gpus.size()];
+  uint8_t* peerBuffer = peer.dst;
+  uint8_t* localBuffer = two ? u.dst : u.dst + bytes;
+  switch (mode) {
+    case kPush:
+    case kPushFence:
+    case kPushBulk:
+      return {u.src, peerBuffer};
+    case kPull:
+      return {two ? peer.src : u.dst, localBuffer};
+    default:
+      return {u.src, localBuffer};
+  }
+}
+
+// The first and last rows of a case's destination equal its source's, byte for byte.
+bool sameBytes(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
+  const Ends e = endsOf(gpus, g, mode, bytes);
+  const size_t probe = std::min<size_t>(bytes, 1 << 16);
+  std::vector<uint8_t> a(probe), b(probe);
+  for (size_t at : {size_t{0}, bytes - probe}) {
+    CHECK(cudaMemcpy(a.data(), e.src + at, probe, cudaMemcpyDefault));
+    CHECK(cudaMemcpy(b.data(), e.dst + at, probe, cudaMemcpyDefault));
+    if (a != b) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int rows = argInt(argc, argv, "--rows", 4096);
+  const int rowBytes = argInt(argc, argv, "--row-bytes", 7168);
+  const int reps = argInt(argc, argv, "--reps", 10);
+  const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
+  const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
+  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4");
+  if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
+    std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
+    return 2;
+  }
+  int devices = 0;
+  const cudaError_t counted = cudaGetDeviceCount(&devices);
+  const int n = counted == cudaSuccess ? std::min(devices, 2) : 0;
+  if (n == 0) {
+    std::printf("moecomm-linkbench: no usable CUDA device (%s); nothing to measure\n",
+                counted == cudaSuccess ? "0 devices" : cudaGetErrorString(counted));
+    return 0;
+  }
+  const size_t bytes = static_cast<size_t>(rows) * rowBytes;
+  const int maxGrid = *std::max_element(grids.begin(), grids.end());
+  std::vector<Gpu> gpus(n);
+  for (int g = 0; g < n; ++g) {
+    Gpu& u = gpus[g];
+    u.device = g;
+    CHECK(cudaSetDevice(g));
+    if (n == 2) {
+      int can = 0;
+      CHECK(cudaDeviceCanAccessPeer(&can, g, 1 - g));
+      if (!can) {
+        std::fprintf(stderr, "moecomm-linkbench: GPU %d cannot access GPU %d\n", g, 1 - g);
+        return 1;
+      }
+      CHECK(cudaDeviceEnablePeerAccess(1 - g, 0));
+    }
+    CHECK(cudaMalloc(&u.src, bytes));
+    CHECK(cudaMalloc(&u.dst, n == 2 ? bytes : 2 * bytes));  // one GPU: [peer buffer][local buffer]
+    CHECK(cudaMalloc(&u.flags, 8ull * maxGrid));
+    CHECK(cudaMalloc(&u.stamps, 16ull * maxGrid));
+    CHECK(cudaMalloc(&u.failed, 4));
+    CHECK(cudaMemset(u.src, 0x5a + g, bytes));
+    CHECK(cudaMemset(u.dst, 0x33 + g, n == 2 ? bytes : 2 * bytes));
+    CHECK(cudaMemset(u.failed, 0, 4));
+    CHECK(cudaStreamCreateWithFlags(&u.stream, cudaStreamNonBlocking));
+    CHECK(cudaFuncSetAttribute(copyBulk, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  }
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("# moecomm-linkbench: %s x %d (%s), %d rows of %d B (%.1f MB per GPU), %d reps\n", prop.name, n,
+              n == 2 ? "GPUs 0 and 1 towards each other at once" : "one GPU: the peer buffer is local", rows,
+              rowBytes, bytes / 1e6, reps);
+  std::printf("%-11s %6s %6s %7s %11s %9s %12s\n", "mode", "blocks", "warps", "stages", "kernel_us", "GB/s",
+              "GB/s/block");
+  std::vector<unsigned long long> hostStamps(2ull * maxGrid);
+  for (int mode : modes) {
+    if (mode < kPush || mode > kLocal) continue;
+    for (int warps : warpCounts) {
+      if (warps < 1 || warps > 32) continue;
+      const int stages = std::min<int>(kMaxStages, (kSharedBudget - 64ull * warps * kMaxStages) /
+                                                       (static_cast<size_t>(warps) * rowBytes));
+      if (mode == kPushBulk && stages < 2) {
+        std::printf("%-11s %6s %6d %7s %11s  (rows too large for 2 stages per warp)\n", kModeNames[mode], "-", warps,
+                    "-", "skipped");
+        continue;
+      }
+      for (int grid : grids) {
+        if (grid < 1) continue;
+        std::vector<double> us;
+        for (int r = 0; r < reps + 1; ++r) {
+          const bool last = r == reps;
+          for (int g = 0; g < n; ++g) {
+            Gpu& u = gpus[g];
+            Gpu& peer = gpus[(g + 1) % n];
+            CHECK(cudaSetDevice(u.device));
+            const Ends e = endsOf(gpus, g, mode, bytes);
+            if (last) CHECK(cudaMemsetAsync(e.dst, 0, bytes, u.stream));  // checked after this run
+            const int threads = 32 * warps;
+            switch (mode) {
+              case kPush:
+                copyRegisters<false, true>
+                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                break;
+              case kPushFence:
+                copyRegisters<true, true>
+                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                break;
+              case kPushBulk: {
+                const size_t shared = static_cast<size_t>(warps) * stages * rowBytes + 8ull * warps * kMaxStages;
+                copyBulk<<<grid, threads, shared, u.stream>>>(e.src, e.dst, rows, rowBytes, stages, u.failed,
+                                                              u.stamps);
+                break;
+              }
+              case kPull:
+                copyRegisters<false, false>
+                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, nullptr, u.stamps);
+                break;
+              default:
+                copyRegisters<false, true>
+                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, nullptr, u.stamps);
+                break;
+            }
+            CHECK(cudaGetLastError());
+          }
+          double slowest = 0.0;
+          for (int g = 0; g < n; ++g) {
+            CHECK(cudaSetDevice(gpus[g].device));
+            CHECK(cudaStreamSynchronize(gpus[g].stream));
+            CHECK(cudaMemcpy(hostStamps.data(), gpus[g].stamps, 16ull * grid, cudaMemcpyDeviceToHost));
+            unsigned long long first = ~0ull, last = 0;
+            for (int b = 0; b < grid; ++b) {
+              first = std::min(first, hostStamps[2 * b]);
+              last = std::max(last, hostStamps[2 * b + 1]);
+            }
+            slowest = std::max(slowest, (last - first) / 1000.0);
+          }
+          if (r > 0) us.push_back(slowest);  // the first run warms up
+          if (last) {
+            for (int g = 0; g < n; ++g) {
+              if (!sameBytes(gpus, g, mode, bytes)) {
+                std::fprintf(stderr, "moecomm-linkbench: %s on GPU %d (grid %d, %d warps) copied wrong bytes\n",
+                             kModeNames[mode], g, grid, warps);
+                return 1;
+              }
+            }
+          }
+        }
+        const double t = median(us);
+        std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f\n", kModeNames[mode], grid, warps,
+                    mode == kPushBulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3,
+                    bytes / t / 1e3 / grid);
+      }
+    }
+  }
+  for (int g = 0; g < n; ++g) {
+    int failed = 0;
+    CHECK(cudaSetDevice(gpus[g].device));
+    CHECK(cudaMemcpy(&failed, gpus[g].failed, 4, cudaMemcpyDeviceToHost));
+    if (failed) {
+      std::fprintf(stderr, "moecomm-linkbench: a bulk-copy wait gave up on GPU %d; its rows are wrong\n", g);
+      return 1;
+    }
+  }
+  return 0;
+}
