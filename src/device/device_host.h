@@ -51,7 +51,8 @@ constexpr int kOps = 3;
 constexpr int kDispatchVariantRegisters = 0;  // lanes copy rows out through registers
 constexpr int kDispatchVariantBulk = 1;       // bulk copies staging -> shared ring -> output
 constexpr int kDispatchVariantPrefetch = 2;   // senders prefetch rows into a shared ring by bulk copies
-constexpr int kDispatchVariants = 3;
+constexpr int kDispatchVariantBulkSend = 3;   // as 2, and the senders store rows by bulk copies too
+constexpr int kDispatchVariants = 4;
 constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
 constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory

@@ -596,7 +596,63 @@ __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, i
   __syncwarp();  // every lane read the stage: it may be refilled
 }
 
-template <int kBatch, bool kPrefetch>
+// ---- Dispatch variant 3: senders store their rows by bulk copies too ----------------------
+//
+// As variant 2, but lane 0 also stores each staged row from shared memory into every
+// destination's staging with one bulk copy per destination; the other lanes only keep the
+// ring's counts. A stage is refilled once the bulk stores that read it are done reading (the
+// ring keeps stages - 1 tokens loading while one is stored), and a batch's stores are waited
+// for (writes complete) only before its tail is published.
+
+// Sends token t (the oldest prefetched one) to every rank with posRow[d] >= 0 but this one.
+template <int kBatch>
+__device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
+                              int last, int warp, int lane) {
+  const uint32_t stages = static_cast<uint32_t>(f->ring.stages);
+  // Only before the warp's first store (later refills follow each store below): every stage
+  // filled here is either unused or was read by a store older than the newest one.
+  if (f->consumed > 0 && lane == 0) bulkWaitRead<1>();
+  while (!f->failed && f->issued - f->consumed < stages - 1 && f->nextToken < last) {
+    prefetchToken(p, f, f->nextToken, lane);
+    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
+  }
+  const int stage = static_cast<int>(f->consumed % stages);
+  const uint32_t parity = (f->consumed / stages) & 1;
+  ++f->consumed;
+  if (f->failed) return;
+  const int ok = lane != 0 || waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+  if (!__all_sync(0xffffffffu, ok != 0)) {
+    f->failed = true;
+    return;
+  }
+  if (lane == 0) {
+    uint8_t* buffer = f->ring.buffer(stage);
+    // The parts the loads did not fill: the token, and zero weights when the caller has none.
+    *reinterpret_cast<int*>(buffer + p.rowSrcOffset) = t;
+    if (p.topkWeights == nullptr) {
+      for (int k = 0; k < p.topk; ++k) reinterpret_cast<float*>(buffer + p.rowWeightsOffset)[k] = 0.0f;
+    }
+    fenceProxyAsyncShared();  // those writes, then the bulk stores that read them
+    for (int d = 0; d < p.numRanks; ++d) {
+      const int ordinal = posRow[d];
+      if (ordinal < 0 || d == p.rank) continue;
+      bulkStore(stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal), buffer,
+                static_cast<uint32_t>(p.rowExtent));
+    }
+    bulkCommit();
+    bulkWaitRead<1>();  // the previous token's stores have read its stage: refill it
+  }
+  while (!f->failed && f->issued - f->consumed < stages - 1 && f->nextToken < last) {
+    prefetchToken(p, f, f->nextToken, lane);
+    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
+  }
+}
+
+constexpr int kSendRegisters = 0;  // how dispatchSend moves rows: lanes load and store them
+constexpr int kSendPrefetch = 1;   // bulk loads into a ring, lanes store (variant 2)
+constexpr int kSendBulk = 2;       // bulk loads and bulk stores (variant 3)
+
+template <int kBatch, int kSendMode>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
                              int* posBatch, uint8_t* dynamicShared) {
   const int warp = threadIdx.x >> 5;
@@ -615,6 +671,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
+  constexpr bool kPrefetch = kSendMode != kSendRegisters;
   SendPrefetch prefetch{};
   if (kPrefetch) {
     prefetch.ring = makeWarpRing(p, dynamicShared, warp, kSendWarps, lane);
@@ -636,11 +693,17 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     }
     groupBarrier(kBarrierSend, kSendThreads);
     for (int j = warp; j < n; j += kSendWarps) {
-      if (kPrefetch) {
+      if (kSendMode == kSendBulk) {
+        sendBulkToken<kBatch>(p, &prefetch, channel, base + j, posBatch + j * R, last, warp, lane);
+      } else if (kPrefetch) {
         sendPrefetchedToken<kBatch>(p, &prefetch, channel, base + j, posBatch + j * R, last, warp, lane);
       } else {
         sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
       }
+    }
+    if (kSendMode == kSendBulk && lane == 0) {
+      bulkWait<0>();           // the batch's rows are written
+      fenceProxyAsyncGlobal();  // before the tail below (generic proxy)
     }
     groupBarrier(kBarrierSend, kSendThreads);
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
@@ -1123,10 +1186,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   MC_PROFILE(kOpDispatch, 0, 0);
   if (threadIdx.x < kSendThreads) {
     // Prefetching senders read x, scales and weights by bulk copies (16-byte aligned chunks).
-    if (kVariant == kDispatchVariantPrefetch && aligned16(p.x) && selfPartsBulkOk(p)) {
-      dispatchSend<kBatch, true>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+    const bool bulkOk = aligned16(p.x) && selfPartsBulkOk(p);
+    if (kVariant == kDispatchVariantPrefetch && bulkOk) {
+      dispatchSend<kBatch, kSendPrefetch>(p, channel, sequence, scratch, sent, posBatch,
+                                          reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
+      dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
     } else {
-      dispatchSend<kBatch, false>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+      dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch,
+                                           reinterpret_cast<uint8_t*>(shared));
     }
   } else {
     // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
@@ -1638,7 +1706,9 @@ uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
   int ringWarps = 0;
   if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantBulk)
     ringWarps = kWarps - params.dispatchSendWarps;
-  if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantPrefetch) ringWarps = params.dispatchSendWarps;
+  if (op == kOpDispatch &&
+      (params.dispatchVariant == kDispatchVariantPrefetch || params.dispatchVariant == kDispatchVariantBulkSend))
+    ringWarps = params.dispatchSendWarps;
   if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
   if (ringWarps == 0) return params.sharedIntsBytes;
   return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
@@ -1666,6 +1736,8 @@ int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStrea
     return launchIntranode(dispatchKernel<kDispatchVariantBulk, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantPrefetch)
     return launchIntranode(dispatchKernel<kDispatchVariantPrefetch, kBatch>, params, bytes, stream);
+  if (params.dispatchVariant == kDispatchVariantBulkSend)
+    return launchIntranode(dispatchKernel<kDispatchVariantBulkSend, kBatch>, params, bytes, stream);
   return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
 }
 

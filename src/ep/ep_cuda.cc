@@ -216,7 +216,8 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = target->numTokens;
     p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
     setRowLayout(&p, p.xIsFp8 != 0);
-    if (p.dispatchVariant == device::kDispatchVariantPrefetch) fitSendPrefetch(&p);
+    if (p.dispatchVariant == device::kDispatchVariantPrefetch || p.dispatchVariant == device::kDispatchVariantBulkSend)
+      fitSendPrefetch(&p);
     p.x = args->x;
     p.xScales = args->xScales;
     p.topkIdx = args->topkIdx;
@@ -435,7 +436,7 @@ class CudaEpBackend : public EpBackend {
     return moecommSuccess;
   }
 
-  // Dispatch variant 2 holds one token per stage (a staged row of this call's dtype): as many
+  // Dispatch variants 2 and 3 hold one token per stage (a staged row of this call's dtype): as many
   // stages as fit, at least 2, else the default kernel for this call.
   void fitSendPrefetch(device::IntranodeParams* p) const {
     p->ringStageBytes = static_cast<int>(p->rowExtent);
