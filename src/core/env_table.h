@@ -32,7 +32,7 @@
     "Developer sweep: warps of the 16 per normal-mode combine block that send (1-15); the others reduce.")       \
   X(EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", Int, "0",                                                 \
     "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \
-    "copies.")                                                                                                  \
+    "copies, 3 senders prefetch and store rows by bulk copies.")                                                 \
   X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "1",                                                   \
     "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 2 ranks without bias, else 0; "  \
     "0 registers; 2 bulk copies into shared memory (developer sweep).")                                          \
