@@ -720,8 +720,9 @@ __device__ void putSentRows(const LowLatencyParams& p, const uint32_t* tokenRank
 #endif
 constexpr bool kOneFlag = MOECOMM_LL_ONE_FLAG != 0;
 
-// Developer switch (-DMOECOMM_LL_ROWS_FIRST=1; off by default; needs kOneFlag; measured at one
-// rank -0.5 to -0.9 us per dispatch, PERF.md ninth session, not yet across a link):
+// Rows first (default since the tenth session; -DMOECOMM_LL_ROWS_FIRST=0 turns it off; needs
+// kOneFlag; measured at one rank -0.5 to -0.9 us per dispatch, PERF.md ninth session; every LL
+// suite passed on it at 1, 2 and 4 ranks sharing one GPU; not yet measured across a link):
 // the dispatch's send half casts and stores its rows right after the targets' wait, before the
 // T word, ids and lists, so the rows cross the links while the block builds its lists; the one
 // sent flag covers both. With one flag nothing is gained by lists that arrive before the rows.
@@ -730,7 +731,7 @@ constexpr bool kOneFlag = MOECOMM_LL_ONE_FLAG != 0;
 // on 4, where the rows take longer to cross), within +-0.3 us at one rank (no link). (Profile
 // event 3, rows stored, then comes right after event 2.)
 #ifndef MOECOMM_LL_ROWS_FIRST
-#define MOECOMM_LL_ROWS_FIRST 0
+#define MOECOMM_LL_ROWS_FIRST MOECOMM_LL_ONE_FLAG  // (off with MOECOMM_LL_ONE_FLAG=0)
 #endif
 constexpr bool kRowsFirst = MOECOMM_LL_ROWS_FIRST != 0;
 static_assert(!kRowsFirst || kOneFlag, "MOECOMM_LL_ROWS_FIRST needs MOECOMM_LL_ONE_FLAG");
