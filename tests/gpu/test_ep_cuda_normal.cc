@@ -335,6 +335,8 @@ struct RoundData {
   std::vector<float> recvScales;   // [N, H/128]
   std::vector<uint8_t> recvIdx;    // [N, K] of the case's index type
   std::vector<float> recvWeights;  // [N, K]
+  std::vector<int> srcRank;        // [N] the handle's source of each received row
+  std::vector<int> srcIndex;       // [N]
   std::vector<uint16_t> combined;  // [T, H]
   std::vector<float> combinedW;    // [T, K]
 };
@@ -392,6 +394,10 @@ void MakeRound(const Case& c, const ref::EpShape& shape, const Routing& routing,
   out.recvXScales = c.fp8 ? d->recvScales.data() : nullptr;
   out.recvTopkIdx = recvIdx64.data();
   out.recvTopkWeights = c.dispatchWeights ? d->recvWeights.data() : nullptr;
+  d->srcRank.assign(N, -1);
+  d->srcIndex.assign(N, -1);
+  out.srcRank = d->srcRank.data();
+  out.srcIndex = d->srcIndex.data();
   ref::dispatchGather(shape, me, sources.data(), rowBytes, out);
   d->recvIdx.resize(recvIdx64.size() * (c.idx64 ? 8 : 4));
   ref::narrowTopkIdx(recvIdx64.data(), recvIdx64.size(), c.idx64 ? moecommInt64 : moecommInt32, d->recvIdx.data());
@@ -595,6 +601,7 @@ class CaseRunner {
   bool Dispatch(const std::string& tag, bool passTopkIdx);
   bool Combine(const std::string& tag);
   void CheckDispatch(const std::string& tag);
+  void CheckSources(const std::string& tag);
   void CheckCombine(const std::string& tag);
   int Capacity() const { return c_.exact ? N_ : R_ * c_.tokens; }
 
@@ -835,10 +842,28 @@ void CaseRunner::CheckDispatch(const std::string& tag) {
   if (c_.fp8) {
     Check(CompareOutput(tag + " recvXScales", d_.recvScales.data(), N * spr_ * 4, 4, spr_, recvScales_));
   }
+  CheckSources(tag);
   if (!c_.minimal) {
     Check(CompareOutput(tag + " recvTopkIdx", d_.recvIdx.data(), N * K * idxBytes_, idxBytes_, K, recvIdx_));
     if (c_.dispatchWeights) {
       Check(CompareOutput(tag + " recvTopkWeights", d_.recvWeights.data(), N * K * 4, 4, K, recvW_));
+    }
+  }
+}
+
+// The handle's per-row sources (moecommEpHandleGetSourceInfo) against the host reference's.
+void CaseRunner::CheckSources(const std::string& tag) {
+  std::vector<int> rank(std::max(1, Capacity()), -2), index(std::max(1, Capacity()), -2);
+  if (moecommEpHandleGetSourceInfo(handle_, rank.data(), index.data(), Capacity()) != moecommSuccess) {
+    Fail(tag + " moecommEpHandleGetSourceInfo: " + moecommGetLastError(comm_));
+    return;
+  }
+  for (int n = 0; n < N_; ++n) {
+    if (rank[n] != d_.srcRank[n] || index[n] != d_.srcIndex[n]) {
+      Fail(tag + " source of received row " + std::to_string(n) + " of " + std::to_string(N_) + ": rank " +
+           std::to_string(rank[n]) + " token " + std::to_string(index[n]) + ", expected rank " +
+           std::to_string(d_.srcRank[n]) + " token " + std::to_string(d_.srcIndex[n]));
+      return;
     }
   }
 }
