@@ -5,7 +5,7 @@
 # dispatch variant 3, the bulk-copy senders, at three send/receive splits and with a tail batch
 # of 128), W-prefill FP8 and BF16 at SM 24, checked, the NCCL baseline and the roofline with the
 # first variant. TESTS=1 also runs the bitwise GPU test per variant (longer).
-# LINK_ARGS: extra moecomm-linkbench arguments. Logs under $OUT (default ./link-logs).
+# LINK_ARGS: moecomm-linkbench arguments (default --warps 1,2,4,8,16). Logs under $OUT (default ./link-logs).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/link-logs}; mkdir -p "$out"
 [ -f .bench-commit ] && export MOECOMM_BENCH_COMMIT=$(cat .bench-commit)
@@ -13,7 +13,7 @@ nvidia-smi -L; date -u
 cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release > "$out/configure.log" 2>&1 &&
   cmake --build build-device -j "$(nproc)" --target moecomm-linkbench moecomm-bench moecomm-run moecomm_gpu_tests \
     > "$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head; exit 1; }
-timeout 150 build-device/tools/moecomm-linkbench ${LINK_ARGS:-} > "$out/linkbench.txt" 2>&1
+timeout 150 build-device/tools/moecomm-linkbench ${LINK_ARGS:---warps 1,2,4,8,16} > "$out/linkbench.txt" 2>&1
 echo "linkbench rc=$?"; cat "$out/linkbench.txt"
 P=MOECOMM_EP
 default_variants="base
