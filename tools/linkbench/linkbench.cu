@@ -13,6 +13,7 @@
 //               a stage was read before it is reused
 //   pull        each warp loads a row from the peer GPU's buffer and stores it locally
 //   local       each warp loads a row locally and stores it locally (the receive copy's rate)
+//   store       each warp stores a constant into its rows of the peer's buffer (no loads)
 // With two or more GPUs, GPUs 0 and 1 run the same case at once, each towards the other (both
 // link directions loaded, as in a 2-rank dispatch); with one GPU the "peer" buffer is a second
 // buffer on the same GPU and the push and pull cases measure local memory. Reported: the time
@@ -48,8 +49,8 @@ constexpr int kFenceBatch = 32;
 constexpr int kMaxStages = 8;
 constexpr size_t kSharedBudget = 200 * 1024;
 
-enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal };
-const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local"};
+enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore };
+const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local", "store"};
 
 #define CHECK(call)                                                                                                    \
   do {                                                                                                                 \
@@ -184,6 +185,27 @@ __global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowByte
   if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
 }
 
+// store: every warp stores one 16-byte value (every byte `fill`, the source's own fill, so the
+// destination still equals the source) into its rows of the peer's buffer: the store path
+// alone, without the loads.
+__global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, unsigned long long* stamps) {
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;
+  const int chunks = rowBytes / 16;
+  const int4 v = make_int4(fill, fill, fill, fill);
+  int first = 0;
+  int last = 0;
+  blockRows(rows, &first, &last);
+  for (int r = first + warp; r < last; r += warps) {
+    int4* out = reinterpret_cast<int4*>(dst + static_cast<size_t>(r) * rowBytes);
+    for (int i = lane; i < chunks; i += 32) out[i] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0.0 : v[v.size() / 2];
@@ -239,6 +261,7 @@ Ends endsOf(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
     case kPush:
     case kPushFence:
     case kPushBulk:
+    case kStore:
       return {u.src, peerBuffer};
     case kPull:
       return {two ? peer.src : u.dst, localBuffer};
@@ -268,7 +291,7 @@ int main(int argc, char** argv) {
   const int reps = argInt(argc, argv, "--reps", 10);
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
-  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4");
+  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5");
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
     return 2;
@@ -317,7 +340,7 @@ int main(int argc, char** argv) {
               "GB/s/block");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
   for (int mode : modes) {
-    if (mode < kPush || mode > kLocal) continue;
+    if (mode < kPush || mode > kStore) continue;
     for (int warps : warpCounts) {
       if (warps < 1 || warps > 32) continue;
       const int stages = std::min<int>(kMaxStages, (kSharedBudget - 64ull * warps * kMaxStages) /
@@ -352,6 +375,11 @@ int main(int argc, char** argv) {
                 const size_t shared = static_cast<size_t>(warps) * stages * rowBytes + 8ull * warps * kMaxStages;
                 copyBulk<<<grid, threads, shared, u.stream>>>(e.src, e.dst, rows, rowBytes, stages, u.failed,
                                                               u.stamps);
+                break;
+              }
+              case kStore: {
+                const uint32_t fill = 0x01010101u * static_cast<uint32_t>(0x5a + g);  // the source's bytes
+                storeRows<<<grid, threads, 0, u.stream>>>(e.dst, rows, rowBytes, fill, u.stamps);
                 break;
               }
               case kPull:
