@@ -84,7 +84,15 @@ struct HandleDevice {
   int* srcIndex = nullptr;
   int* numRecv = nullptr;
   int recvCapacity = 0;  // rows the last dispatch with this handle could store
+  // Recorded after every launch that uses the block (outside stream capture): when it has
+  // completed, nothing queued so far reads or writes the block.
+  cudaEvent_t used = nullptr;
+  bool captured = false;  // a launch using the block went into a graph: never pooled
 };
+
+// Routing blocks of destroyed handles kept for the next handles (moecommEpHandleDestroy would
+// otherwise cudaFree, which waits for the whole device, and the next dispatch cudaMalloc).
+constexpr size_t kHandleBlockPool = 8;
 
 class CudaEpBackend : public EpBackend {
  public:
@@ -180,6 +188,7 @@ class CudaEpBackend : public EpBackend {
     p.topkIdx = args->topkIdx;
     p.topkIdxIs64 = args->topkIdxType == moecommInt64 ? 1 : 0;
     moecommResult_t status = launch(device::launchIntranodeNotify(p, stream), "launchIntranodeNotify");
+    if (status == moecommSuccess) status = noteUse(created, stream);
     if (status == moecommSuccess) status = sync(stream);
     if (status != moecommSuccess) {
       destroyHandle(created);
@@ -231,7 +240,8 @@ class CudaEpBackend : public EpBackend {
     p.recvTopkWeights = args->recvTopkWeights;
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
-    const moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
+    moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
+    if (status == moecommSuccess) status = noteUse(target, stream);
     if (status != moecommSuccess) {
       if (route) destroyHandle(target);
       return status;
@@ -263,7 +273,8 @@ class CudaEpBackend : public EpBackend {
     p.bias = args->bias;
     p.combinedX = args->combinedX;
     p.combinedWeights = args->combinedTopkWeights;
-    return launch(device::launchIntranodeCombine(p, stream), "launchIntranodeCombine");
+    MC_CHECK(launch(device::launchIntranodeCombine(p, stream), "launchIntranodeCombine"));
+    return noteUse(handle, stream);
   }
 
   // Low-latency mode lives in ep_cuda_ll.cc (CudaLowLatency, made when the mode has it);
@@ -352,7 +363,12 @@ class CudaEpBackend : public EpBackend {
     auto it = handles_.find(handle);
     if (it == handles_.end()) return;
     DeviceScope scope(ep_->comm->device);
-    if (cudaFree(it->second.block) != cudaSuccess) (void)cudaGetLastError();
+    HandleDevice& d = it->second;
+    if (!d.captured && pool_.size() < kHandleBlockPool) {
+      pool_.push_back(PooledBlock{d.block, d.used});
+    } else {
+      freeHandleBlock(&d);  // cudaFree waits for the device: nothing can still use the block
+    }
     handles_.erase(it);
   }
 
@@ -367,10 +383,18 @@ class CudaEpBackend : public EpBackend {
     lowLatency_.reset();
     if (!handles_.empty()) {
       DeviceScope scope(ep_->comm->device);
-      for (auto& entry : handles_) {
-        if (cudaFree(entry.second.block) != cudaSuccess) (void)cudaGetLastError();
-      }
+      for (auto& entry : handles_) freeHandleBlock(&entry.second);
       handles_.clear();
+    }
+    if (!pool_.empty()) {
+      DeviceScope scope(ep_->comm->device);
+      for (PooledBlock& pooled : pool_) {
+        HandleDevice d;
+        d.block = pooled.block;
+        d.used = pooled.used;
+        freeHandleBlock(&d);
+      }
+      pool_.clear();
     }
     if (host_ != nullptr) {
       if (cudaFreeHost(const_cast<device::EpHostWords*>(host_)) != cudaSuccess) (void)cudaGetLastError();
@@ -529,19 +553,81 @@ class CudaEpBackend : public EpBackend {
 
   // A new handle's device routing starts zeroed (on the call's stream), so a combine after a
   // captured but never replayed dispatch reads zero counts, not garbage.
+  // Every handle's block has the same size (it depends on the EP only): the top-k ids, then
+  // the int arrays (sizes in createHandle).
+  size_t handleIdxBytes() const {
+    return roundUp(static_cast<size_t>(ep_->shape.maxTokensPerRank) * base_.idxStride * sizeof(int64_t), 16);
+  }
+  size_t handleBlockBytes() const {
+    const auto& shape = ep_->shape;
+    const size_t R = shape.numRanks;
+    const size_t C = base_.numChannels;
+    const size_t maxT = shape.maxTokensPerRank;
+    const size_t ints = maxT * R + C * R + C * shape.numExperts + C * base_.chunkRows + 2 * R * C + 2 * R * maxT + 1;
+    return handleIdxBytes() + ints * sizeof(int);
+  }
+
+  // A routing block for a new handle: a pooled one, the stream first waiting (on the device)
+  // for the last launch that used it, or a new allocation. Under stream capture always a new
+  // one (cudaMalloc, as a captured handle never returns to the pool).
+  moecommResult_t takeHandleBlock(moecommStream_t stream, HandleDevice* d) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MC_CUDA(cudaStreamIsCapturing(stream, &capture));
+    if (capture == cudaStreamCaptureStatusNone && !pool_.empty()) {
+      *d = HandleDevice{};
+      d->block = pool_.back().block;
+      d->used = pool_.back().used;
+      pool_.pop_back();
+      if (cudaStreamWaitEvent(stream, d->used, 0) != cudaSuccess) {
+        const cudaError_t err = cudaGetLastError();
+        freeHandleBlock(d);
+        return setError(moecommUnhandledCudaError, "cudaStreamWaitEvent before reusing a routing block failed: %s",
+                        cudaGetErrorString(err));
+      }
+      return moecommSuccess;
+    }
+    MC_CUDA(cudaMalloc(&d->block, handleBlockBytes()));
+    if (cudaEventCreateWithFlags(&d->used, cudaEventDisableTiming) != cudaSuccess) {
+      const cudaError_t err = cudaGetLastError();
+      freeHandleBlock(d);
+      return setError(moecommUnhandledCudaError, "cudaEventCreateWithFlags for a routing block failed: %s",
+                      cudaGetErrorString(err));
+    }
+    return moecommSuccess;
+  }
+
+  void freeHandleBlock(HandleDevice* d) {
+    if (d->block != nullptr && cudaFree(d->block) != cudaSuccess) (void)cudaGetLastError();
+    if (d->used != nullptr && cudaEventDestroy(d->used) != cudaSuccess) (void)cudaGetLastError();
+    d->block = nullptr;
+    d->used = nullptr;
+  }
+
+  // After a launch that uses the handle's block: remember it (or that a graph holds it).
+  moecommResult_t noteUse(moecommEpHandle* handle, moecommStream_t stream) {
+    HandleDevice& d = handles_.at(handle);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MC_CUDA(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      d.captured = true;
+      return moecommSuccess;
+    }
+    MC_CUDA(cudaEventRecord(d.used, stream));
+    return moecommSuccess;
+  }
+
   moecommResult_t createHandle(int numTokens, moecommStream_t stream, moecommEpHandle** out) {
     const auto& shape = ep_->shape;
     const size_t R = shape.numRanks;
     const size_t C = base_.numChannels;
     const size_t maxT = shape.maxTokensPerRank;
-    const size_t idxBytes = roundUp(maxT * base_.idxStride * sizeof(int64_t), 16);
+    const size_t idxBytes = handleIdxBytes();
     const size_t chunkRows = base_.chunkRows;
-    const size_t ints = maxT * R + C * R + C * shape.numExperts + C * chunkRows + 2 * R * C + 2 * R * maxT + 1;
     HandleDevice d;
-    MC_CUDA(cudaMalloc(&d.block, idxBytes + ints * sizeof(int)));
-    if (cudaMemsetAsync(d.block, 0, idxBytes + ints * sizeof(int), stream) != cudaSuccess) {
+    MC_CHECK(takeHandleBlock(stream, &d));
+    if (cudaMemsetAsync(d.block, 0, handleBlockBytes(), stream) != cudaSuccess) {
       const cudaError_t err = cudaGetLastError();
-      if (cudaFree(d.block) != cudaSuccess) (void)cudaGetLastError();
+      freeHandleBlock(&d);
       return setError(moecommUnhandledCudaError, "cudaMemsetAsync of a new handle's routing failed: %s",
                       cudaGetErrorString(err));
     }
@@ -584,6 +670,11 @@ class CudaEpBackend : public EpBackend {
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
+  struct PooledBlock {
+    void* block;
+    cudaEvent_t used;
+  };
+  std::vector<PooledBlock> pool_;               // at most kHandleBlockPool
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode
 };
 

@@ -160,11 +160,14 @@ struct Case {
   bool dispatchWeights = false;  // dispatch topkWeights -> recvTopkWeights
   bool combineWeights = false;   // combine topkWeights -> combinedTopkWeights
   Route route = Route::kRandom;
-  unsigned emptyRanks = 0;   // ranks with T = 0
-  unsigned silentRanks = 0;  // ranks whose tokens have every entry -1
-  int iterations = 1;        // dispatch + combine rounds on one handle, fresh data each round
-  bool minimal = false;      // optional outputs NULL; reused-handle rounds pass topkIdx = NULL
-  int numSms = 0;            // EP config SM budget (0: MOECOMM_EP_NUM_SMS)
+  unsigned emptyRanks = 0;    // ranks with T = 0
+  unsigned silentRanks = 0;   // ranks whose tokens have every entry -1
+  int iterations = 1;         // dispatch + combine rounds on one handle, fresh data each round
+  bool freshRouting = false;  // (worst-case sizing) each round after the first destroys the handle
+                              // and dispatches a new routing on a new one: the EP's pooled routing
+                              // blocks come back with the previous handle's contents
+  bool minimal = false;       // optional outputs NULL; reused-handle rounds pass topkIdx = NULL
+  int numSms = 0;             // EP config SM budget (0: MOECOMM_EP_NUM_SMS)
 
   Case& Fp8() {
     fp8 = true;
@@ -207,6 +210,10 @@ struct Case {
     iterations = n;
     return *this;
   }
+  Case& FreshRouting() {
+    freshRouting = true;
+    return *this;
+  }
   Case& Minimal() {
     minimal = true;
     return *this;
@@ -237,6 +244,7 @@ struct Case {
     if (emptyRanks != 0) name += " empty=" + mask(emptyRanks);
     if (silentRanks != 0) name += " silent=" + mask(silentRanks);
     if (iterations > 1) name += " rounds=" + std::to_string(iterations);
+    if (freshRouting) name += " fresh-routing";
     if (minimal) name += " minimal";
     if (numSms != 0) name += " sms=" + std::to_string(numSms);
     return name;
@@ -595,7 +603,8 @@ class CaseRunner {
   void CheckAsync(const std::string& tag);
   void CheckLayout();
   void Notify();
-  void Prepare(int round);  // fresh data uploaded, outputs poisoned (async on stream_)
+  void Prepare(int round);     // fresh data uploaded, outputs poisoned (async on stream_)
+  void NewRouting(int round);  // Case::freshRouting: the handle destroyed, round's routing uploaded
   moecommEpDispatchArgs_t DispatchArgs(bool passTopkIdx) const;
   moecommEpCombineArgs_t CombineArgs() const;
   bool Dispatch(const std::string& tag, bool passTopkIdx);
@@ -633,6 +642,10 @@ class CaseRunner {
 };
 
 bool CaseRunner::Setup() {
+  if (c_.freshRouting && c_.exact) {
+    Fail("a fresh-routing case needs worst-case sizing (its buffers are sized once)");
+    return false;
+  }
   routing_ = MakeRouting(c_, shape_, seed_);
   T_ = routing_.tokens[me_];
   N_ = routing_.recv[me_];
@@ -764,6 +777,18 @@ void CaseRunner::Notify() {
   }
 }
 
+void CaseRunner::NewRouting(int round) {
+  if (handle_ != nullptr && moecommEpHandleDestroy(handle_) != moecommSuccess) {
+    Fail(std::string("moecommEpHandleDestroy: ") + moecommGetLastError(comm_));
+  }
+  handle_ = nullptr;
+  routing_ = MakeRouting(c_, shape_, seed_ + 7919ull * round);
+  N_ = routing_.recv[me_];
+  std::vector<int32_t> idx32(routing_.idx[me_].begin(), routing_.idx[me_].end());
+  CudaCheck(c_.idx64 ? idx_.Upload(routing_.idx[me_], stream_) : idx_.Upload(idx32, stream_), "upload topkIdx");
+  CudaCheck(cudaStreamSynchronize(stream_), "cudaStreamSynchronize after the topkIdx upload");
+}
+
 void CaseRunner::Prepare(int round) {
   MakeRound(c_, shape_, routing_, me_, seed_, round, &d_);
   for (const DeviceBuffer* b : {&x_, &scales_, &weights_, &bias_, &combineX_, &combineW_, &recvX_, &recvScales_,
@@ -885,6 +910,7 @@ std::string CaseRunner::Run() {
   // leaves the others waiting in a collective.
   for (int round = 0; round < c_.iterations; ++round) {
     const std::string tag = c_.iterations > 1 ? "round " + std::to_string(round) : "dispatch";
+    if (round > 0 && c_.freshRouting) NewRouting(round);
     const bool reused = handle_ != nullptr;
     Prepare(round);
     if (c_.exact && !reused) break;  // the notify failed on every rank
@@ -1142,6 +1168,8 @@ TEST_F(EpCudaNormal, HandleReuse) {
                C(4096, 256, 8, 32).Fp8().Rounds(3).Minimal().Bias().W(true, true),
                C(2048, 256, 1, 16).Routed(Route::kHot).Empty(1u << 1).Rounds(3).W(false, true),
                C(2880, 512, 4, 32).I32().Exact().Routed(Route::kOneExpert).Rounds(3).Bias().W(true, true),
+               C(7168, 512, 8, 64).Fp8().Rounds(4).FreshRouting().W(true, true),
+               C(2048, 256, 4, 32).I32().Routed(Route::kSomeNone).Rounds(3).FreshRouting().Bias().W(false, true),
            });
 }
 
