@@ -32,6 +32,19 @@ __global__ void SpinKernel(uint64_t nanoseconds) {
   }
 }
 
+__global__ void HostGateKernel(const volatile int* flag, volatile int* status, uint64_t nanoseconds) {
+  const uint64_t start = moecomm::device::globalTimerNs();
+  while (*flag == 0) {
+    if (moecomm::device::globalTimerNs() - start > nanoseconds) {
+      *status = 2;
+      __threadfence_system();
+      return;
+    }
+  }
+  *status = 1;
+  __threadfence_system();
+}
+
 int BlocksFor(size_t words) {
   const size_t blocks = (words + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < kMaxBlocks ? (blocks == 0 ? 1 : blocks) : kMaxBlocks);
@@ -52,6 +65,11 @@ int LaunchLoadCopy(const void* source, void* destination, size_t words) {
 
 int LaunchSpin(void* stream, uint64_t microseconds) {
   SpinKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(microseconds * 1000);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int LaunchHostGate(void* stream, const volatile int* flag, volatile int* status, uint64_t timeoutMicroseconds) {
+  HostGateKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(flag, status, timeoutMicroseconds * 1000);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -42,4 +42,9 @@ int LaunchLoadCopy(const void* source, void* destination, size_t words);
 // the stream's later work back, e.g. to show what another stream may run ahead of it.
 int LaunchSpin(void* stream, uint64_t microseconds);
 
+// One thread on `stream` that holds the stream's later work back until the host sets *flag
+// (mapped host memory) to non-zero, or `timeoutMicroseconds` passed; it then stores 1 (released
+// by the host) or 2 (timed out) into *status (mapped host memory).
+int LaunchHostGate(void* stream, const volatile int* flag, volatile int* status, uint64_t timeoutMicroseconds);
+
 }  // namespace moecomm_gpu_test

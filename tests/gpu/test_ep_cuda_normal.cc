@@ -46,6 +46,7 @@
 #include "ep/dtype.h"
 #include "ep/host_reference.h"
 #include "gpu/gpu_common.h"
+#include "gpu/nvlink_kernels.h"
 #include "moecomm.h"
 
 namespace moecomm_gpu_test {
@@ -1194,6 +1195,76 @@ TEST_F(EpCudaNormal, GraphReplay) {
                C(2880, 256, 4, 32).Align(4).W(true, false),
            },
            /*graph=*/true);
+}
+
+// moecommEpHandleDestroy does not wait for the device. This rank's stream is held by a gate
+// kernel that only the host releases (or its 5 s timeout); a fresh dispatch is queued behind it
+// and its handle destroyed, then the host opens the gate. A destroy that waited for the device
+// (cudaFree of the routing) would return only after the gate's timeout, which the gate reports.
+// The next handle takes the pooled routing block behind the queued dispatch; its round must
+// still succeed.
+TEST_F(EpCudaNormal, HandleDestroyDoesNotWaitForTheDevice) {
+  const int T = 64, H = 2048, K = 4, E = 8 * nranks_;
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = E;
+  config.hidden = H;
+  config.maxTokensPerRank = T;
+  config.topk = K;
+  config.numSms = 4;
+  moecommResult_t asyncBefore = moecommSuccess;
+  moecommCommGetAsyncError(comm_, &asyncBefore);
+  moecommEp_t ep = nullptr;
+  ASSERT_EQ(moecommEpCreate(comm_, &config, &ep), moecommSuccess) << moecommGetLastError(comm_);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  DeviceBuffer x, idx, recvX;
+  ASSERT_EQ(x.Allocate(static_cast<size_t>(T) * H * 2), cudaSuccess);
+  ASSERT_EQ(idx.Allocate(static_cast<size_t>(T) * K * 8), cudaSuccess);
+  ASSERT_EQ(recvX.Allocate(static_cast<size_t>(nranks_) * T * H * 2), cudaSuccess);
+  std::vector<int64_t> ids(static_cast<size_t>(T) * K);
+  for (int t = 0; t < T; ++t) {
+    for (int k = 0; k < K; ++k) ids[static_cast<size_t>(t) * K + k] = (t + k * (E / K)) % E;  // distinct per token
+  }
+  ASSERT_EQ(idx.Upload(ids, stream), cudaSuccess);
+  ASSERT_EQ(cudaMemsetAsync(x.get(), 0, x.bytes(), stream), cudaSuccess);
+  int* words = nullptr;  // [0] the gate's flag, [1] its status
+  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&words), 2 * sizeof(int), cudaHostAllocMapped), cudaSuccess);
+  volatile int* flag = words;
+  volatile int* status = words + 1;
+  *flag = 0;
+  *status = 0;
+  int* deviceWords = nullptr;
+  ASSERT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&deviceWords), words, 0), cudaSuccess);
+  moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
+  args.numTokens = T;
+  args.xType = moecommBfloat16;
+  args.x = x.get();
+  args.topkIdx = idx.get();
+  args.topkIdxType = moecommInt64;
+  args.recvCapacity = nranks_ * T;
+  args.recvX = recvX.get();
+  auto round = [&](const char* what, bool gated) {
+    if (gated) {
+      ASSERT_EQ(LaunchHostGate(stream, deviceWords, deviceWords + 1, 5000000), 0) << what;
+    }
+    moecommEpHandle_t handle = nullptr;
+    ASSERT_EQ(moecommEpDispatch(ep, &args, &handle, stream), moecommSuccess)
+        << what << ": " << moecommGetLastError(comm_);
+    ASSERT_EQ(moecommEpHandleDestroy(handle), moecommSuccess) << what << ": " << moecommGetLastError(comm_);
+    if (gated) *flag = 1;
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << what;
+  };
+  round("first round", false);
+  round("gated round", true);
+  EXPECT_EQ(*status, 1) << "moecommEpHandleDestroy returned only after the gate kernel timed out (status " << *status
+                        << "): it waited for the device";
+  round("round after the gate", false);
+  moecommResult_t asyncNow = moecommSuccess;
+  moecommCommGetAsyncError(comm_, &asyncNow);
+  EXPECT_TRUE(asyncNow == moecommSuccess || asyncNow == asyncBefore) << moecommGetErrorString(asyncNow);
+  EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << moecommGetLastError(comm_);
+  EXPECT_EQ(cudaFreeHost(words), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
 // moecommEpGetBufferSizeHint on a CUDA communicator describes the CUDA backend's buffers:
