@@ -36,6 +36,9 @@
   X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "1",                                                   \
     "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 2 ranks without bias, else 0; "  \
     "0 registers; 2 bulk copies into shared memory (developer sweep).")                                          \
+  X(EpPull, "MOECOMM_EP_PULL", Int, "0",                                                                       \
+    "Developer sweep: normal-mode rows that cross a link are pulled by the receivers from the sender's own "    \
+    "staging instead of pushed into the receiver's: 1 dispatch, 2 combine, 3 both, 0 neither.")                 \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \

@@ -118,6 +118,20 @@ __device__ uint8_t* stagingRow(const IntranodeParams& p, int owner, uint64_t off
   return p.peers[owner] + offset + slot * rowBytes;
 }
 
+// Where op's row `ordinal` of channel c from rank `source` to rank `dest` lives. Pushed (the
+// default): in the destination's staging, at the source's slot; the source stores it over the
+// link and the destination reads it locally. Pulled (MOECOMM_EP_PULL, per op): in the source's
+// own staging, at the destination's slot; the source stores it locally and the destination
+// reads it over the link. Either way the source publishes its tail into the destination's
+// control words after the rows, and the destination's ack frees the slots for the next call.
+__device__ uint8_t* exchangeRow(const IntranodeParams& p, int op, int source, int dest, int channel, int ordinal) {
+  const bool dispatch = op == kOpDispatch;
+  const uint64_t offset = dispatch ? p.dispatchOffset : p.combineOffset;
+  const uint64_t rowBytes = dispatch ? p.dispatchRowBytes : p.combineRowBytes;
+  if ((p.pull & (dispatch ? 1 : 2)) != 0) return stagingRow(p, source, offset, rowBytes, dest, channel, ordinal);
+  return stagingRow(p, dest, offset, rowBytes, source, channel, ordinal);
+}
+
 // Bounded spin until done(word) holds; returns the last word read. One thread.
 template <typename Done>
 __device__ uint64_t waitWord(const IntranodeParams& p, const uint64_t* word, Done done, int peer, int channel, int op) {
@@ -267,8 +281,8 @@ __device__ WarpRing makeWarpRing(const IntranodeParams& p, uint8_t* dynamicShare
   ring.stageBytes = p.ringStageBytes;
   uint8_t* ctrlBase = dynamicShared + p.sharedIntsBytes;
   ring.ctrl = ctrlBase + static_cast<int64_t>(recvWarp) * ring.stages * kRingCtrlBytes;
-  ring.buffers = ctrlBase + ringCtrlBytes(recvWarps, ring.stages) +
-                 static_cast<int64_t>(recvWarp) * ring.stages * ring.stageBytes;
+  ring.buffers =
+      ctrlBase + ringCtrlBytes(recvWarps, ring.stages) + static_cast<int64_t>(recvWarp) * ring.stages * ring.stageBytes;
   if (lane == 0) {
     for (int k = 0; k < ring.stages; ++k) mbarrierInit(ring.barrier(k), 1);
     fenceBarrierInit();
@@ -285,8 +299,8 @@ __device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int st
   const uint64_t start = globalTimerNs();
   for (uint32_t spins = 0;; ++spins) {
     if (mbarrierTryWait(ring.barrier(stage), parity)) return true;
-    if ((spins & 63) == 0 && (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 ||
-                              globalTimerNs() - start > p.timeoutNs)) {
+    if ((spins & 63) == 0 &&
+        (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 || globalTimerNs() - start > p.timeoutNs)) {
       raiseError(p, kErrorTimeout, p.rank, channel, op);
       return false;
     }
@@ -464,9 +478,7 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
     scales4 = loadStreaming(reinterpret_cast<const int4*>(p.xScales + static_cast<int64_t>(t) * scalesPerRow) + lane);
   auto rowFor = [&](int d) -> uint8_t* {
     const int ordinal = posRow[d];
-    return ordinal < 0 || d == p.rank
-               ? nullptr
-               : stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal);
+    return ordinal < 0 || d == p.rank ? nullptr : exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
   };
   warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, rowFor, lane);
   for (int d = 0; d < R; ++d) {
@@ -584,8 +596,7 @@ __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, i
     for (int d = 0; d < R; ++d) {
       const int ordinal = posRow[d];
       if (ordinal < 0 || d == p.rank) continue;
-      int4* dst =
-          reinterpret_cast<int4*>(stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal));
+      int4* dst = reinterpret_cast<int4*>(exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal));
 #pragma unroll
       for (int k = 0; k < kVectors; ++k) {
         const int64_t i = i0 + 32 * k;
@@ -636,8 +647,7 @@ __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int cha
     for (int d = 0; d < p.numRanks; ++d) {
       const int ordinal = posRow[d];
       if (ordinal < 0 || d == p.rank) continue;
-      bulkStore(stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal), buffer,
-                static_cast<uint32_t>(p.rowExtent));
+      bulkStore(exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal), buffer, static_cast<uint32_t>(p.rowExtent));
     }
     bulkCommit();
     bulkWaitRead<1>();  // the previous token's stores have read its stage: refill it
@@ -702,7 +712,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       }
     }
     if (kSendMode == kSendBulk && lane == 0) {
-      bulkWait<0>();           // the batch's rows are written
+      bulkWait<0>();            // the batch's rows are written
       fenceProxyAsyncGlobal();  // before the tail below (generic proxy)
     }
     groupBarrier(kBarrierSend, kSendThreads);
@@ -998,9 +1008,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
           row = -1;
           continue;
         }
-        staged = source == p.rank
-                     ? nullptr
-                     : stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, source, channel, ordinal);
+        staged = source == p.rank ? nullptr : exchangeRow(p, kOpDispatch, source, p.rank, channel, ordinal);
         offset = 0;
       }
       // x in pieces of a stage; the small parts ride with the last x piece when they fit, else
@@ -1147,10 +1155,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
       const RowSource src =
-          s == p.rank
-              ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-              : stagedRowSource(p, stagingRow(p, p.rank, p.dispatchOffset, p.dispatchRowBytes, s, channel, ordinal),
-                                recvAligned);
+          s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
+                      : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
       receiveRow(p, src, row, s, scalesVec, lane);
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
@@ -1191,7 +1197,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
       dispatchSend<kBatch, kSendPrefetch>(p, channel, sequence, scratch, sent, posBatch,
                                           reinterpret_cast<uint8_t*>(shared));
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
-      dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, reinterpret_cast<uint8_t*>(shared));
+      dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch,
+                                      reinterpret_cast<uint8_t*>(shared));
     } else {
       dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch,
                                            reinterpret_cast<uint8_t*>(shared));
@@ -1243,7 +1250,7 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
       if (ordinal >= counts[s] || s == p.rank) continue;  // own rows: the receiver reads combineX
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
-      uint8_t* dst = stagingRow(p, s, p.combineOffset, p.combineRowBytes, p.rank, channel, ordinal);
+      uint8_t* dst = exchangeRow(p, kOpCombine, p.rank, s, channel, ordinal);
       float weight = 0.0f;
       // Without weights from this rank, zeros go back (the receiver may sum weights of others).
       const bool weightLane = lane < p.topk;
@@ -1267,7 +1274,7 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
 // Rank r's row for this rank's token, ordinal-th of channel c: its staged row, or for r ==
 // this rank the caller's own combine input (never staged). nullptr: the row was never received.
 __device__ __forceinline__ const uint8_t* combineRowOf(const IntranodeParams& p, int channel, int r, int ordinal) {
-  if (r != p.rank) return stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal);
+  if (r != p.rank) return exchangeRow(p, kOpCombine, r, p.rank, channel, ordinal);
   const int row = p.recvOffset[p.rank * p.numChannels + channel] + ordinal;
   if (row >= p.recvCapacity) return nullptr;
   return static_cast<const uint8_t*>(p.combineX) + static_cast<uint64_t>(row) * p.hidden * 2;
@@ -1276,9 +1283,8 @@ __device__ __forceinline__ const uint8_t* combineRowOf(const IntranodeParams& p,
 // The weights that came back with that row (nullptr: zeros).
 __device__ __forceinline__ const float* combineWeightsOf(const IntranodeParams& p, int channel, int r, int ordinal) {
   if (r != p.rank) {
-    return reinterpret_cast<const float*>(
-        stagingRow(p, p.rank, p.combineOffset, p.combineRowBytes, r, channel, ordinal) +
-        static_cast<uint64_t>(p.hidden) * 2);
+    return reinterpret_cast<const float*>(exchangeRow(p, kOpCombine, r, p.rank, channel, ordinal) +
+                                          static_cast<uint64_t>(p.hidden) * 2);
   }
   const int row = p.recvOffset[p.rank * p.numChannels + channel] + ordinal;
   if (row >= p.recvCapacity || p.combineWeights == nullptr) return nullptr;
@@ -1418,7 +1424,7 @@ __device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int6
 
 // The weights that came back for token t, summed by rank.
 __device__ __forceinline__ void combineTokenWeights(const IntranodeParams& p, int channel, int64_t t, const int* pos,
-                                                   int lane) {
+                                                    int lane) {
   for (int k = lane; k < p.topk; k += 32) {
     float acc = 0.0f;
     for (int r = 0; r < p.numRanks; ++r) {

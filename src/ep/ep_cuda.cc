@@ -430,6 +430,7 @@ class CudaEpBackend : public EpBackend {
     p->dispatchVariant =
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
+    p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     int limit = 0;
@@ -454,9 +455,9 @@ class CudaEpBackend : public EpBackend {
     }
     MC_INFO(kLogEp,
             "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
-            "ring %d x %d bytes",
+            "ring %d x %d bytes, pull %d",
             ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
-            p->ringStages, p->ringStageBytes);
+            p->ringStages, p->ringStageBytes, p->pull);
     return moecommSuccess;
   }
 
