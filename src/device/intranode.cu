@@ -520,10 +520,25 @@ struct SendPrefetch {
   WarpRing ring;
   uint32_t issued;
   uint32_t consumed;
-  int nextToken;  // the warp's next token to load (>= last: none)
-  int nextBase;   // first token of nextToken's batch
-  bool failed;    // a stage wait gave up (timeout): the rest of the tokens are not sent
+  int nextToken;       // the warp's next token to load (>= last: none)
+  int nextBase;        // first token of nextToken's batch
+  bool failed;         // a stage wait gave up (timeout): the rest of the tokens are not sent
+  uint32_t drainFrom;  // (failed) the first token whose load may still be in flight
 };
+
+// A warp whose ring gave up may leave bulk loads in flight, and they write the block's shared
+// memory: lane 0 waits for them before the block exits (loads of local memory; bounded by the
+// kernel timeout, whatever the abort flag says).
+__device__ void drainSendRing(const IntranodeParams& p, const SendPrefetch& f, int lane) {
+  if (!f.failed || lane != 0) return;
+  const uint32_t stages = static_cast<uint32_t>(f.ring.stages);
+  const uint64_t start = globalTimerNs();
+  for (uint32_t k = f.drainFrom; k < f.issued; ++k) {
+    while (!mbarrierTryWait(f.ring.barrier(static_cast<int>(k % stages)), (k / stages) & 1)) {
+      if (globalTimerNs() - start > p.timeoutNs) return;
+    }
+  }
+}
 
 // The warp's token after t in the sending order (batch by batch, warp-strided inside one).
 template <int kBatch>
@@ -575,6 +590,7 @@ __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, i
   const int ok = waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
   if (!__all_sync(0xffffffffu, ok != 0)) {
     f->failed = true;
+    f->drainFrom = f->consumed - 1;
     return;
   }
   uint8_t* buffer = f->ring.buffer(stage);
@@ -620,9 +636,8 @@ template <int kBatch>
 __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
                               int last, int warp, int lane) {
   const uint32_t stages = static_cast<uint32_t>(f->ring.stages);
-  // Only before the warp's first store (later refills follow each store below): every stage
-  // filled here is either unused or was read by a store older than the newest one.
-  if (f->consumed > 0 && lane == 0) bulkWaitRead<1>();
+  // This loop fills stages only before the warp's first store (later refills follow each
+  // store below), so every stage it fills is unused.
   while (!f->failed && f->issued - f->consumed < stages - 1 && f->nextToken < last) {
     prefetchToken(p, f, f->nextToken, lane);
     advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
@@ -634,6 +649,7 @@ __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int cha
   const int ok = lane != 0 || waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
   if (!__all_sync(0xffffffffu, ok != 0)) {
     f->failed = true;
+    f->drainFrom = f->consumed - 1;
     return;
   }
   if (lane == 0) {
@@ -721,6 +737,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
     }
   }
+  if (kPrefetch) drainSendRing(p, prefetch, lane);
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 

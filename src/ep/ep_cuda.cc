@@ -126,6 +126,18 @@ class CudaEpBackend : public EpBackend {
     setShape(shape, channels, &p);
     const uint64_t bytes = planNormalBuffer(&p);
     MC_CHECK(setVariants(&p));
+    // Pulled rows change where rows live (exchangeRow): every rank must agree. The bits every
+    // rank set win.
+    std::vector<int32_t> allPull(R);
+    const int32_t minePull = p.pull;
+    MC_CHECK(ep_->comm->bootstrap->allgather(&minePull, allPull.data(), sizeof(int32_t)));
+    int32_t pull = 3;
+    for (int32_t bits : allPull) pull &= bits;
+    if (pull != p.pull) {
+      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_PULL=%d here, but not on every rank; using %d (the bits every rank set)",
+              ep_->rank, p.pull, pull);
+    }
+    p.pull = pull;
     p.timeoutNs = static_cast<uint64_t>(std::max<int64_t>(1, envInt(Env::KernelTimeout))) * 1000000ull;
 
     MC_CHECK(NvlinkSymmetric::create(ep_->comm, bytes, &buffer_));
@@ -588,6 +600,8 @@ class CudaEpBackend : public EpBackend {
       return moecommSuccess;
     }
     MC_CUDA(cudaMalloc(&d->block, handleBlockBytes()));
+    // A block first touched under capture (its zeroing goes into the graph) is never pooled.
+    d->captured = capture != cudaStreamCaptureStatusNone;
     if (cudaEventCreateWithFlags(&d->used, cudaEventDisableTiming) != cudaSuccess) {
       const cudaError_t err = cudaGetLastError();
       freeHandleBlock(d);
@@ -606,14 +620,24 @@ class CudaEpBackend : public EpBackend {
 
   // After a launch that uses the handle's block: remember it (or that a graph holds it).
   moecommResult_t noteUse(moecommEpHandle* handle, moecommStream_t stream) {
-    HandleDevice& d = handles_.at(handle);
+    return noteUse(&handles_.at(handle), stream);
+  }
+  // A block whose use could not be recorded is never pooled (its destroy frees it with
+  // cudaFree, which waits for the device).
+  moecommResult_t noteUse(HandleDevice* d, moecommStream_t stream) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    MC_CUDA(cudaStreamIsCapturing(stream, &capture));
-    if (capture != cudaStreamCaptureStatusNone) {
-      d.captured = true;
+    cudaError_t err = cudaStreamIsCapturing(stream, &capture);
+    if (err == cudaSuccess && capture != cudaStreamCaptureStatusNone) {
+      d->captured = true;
       return moecommSuccess;
     }
-    MC_CUDA(cudaEventRecord(d.used, stream));
+    if (err == cudaSuccess) err = cudaEventRecord(d->used, stream);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      d->captured = true;
+      return setError(moecommUnhandledCudaError, "recording the use of a handle's routing block failed: %s",
+                      cudaGetErrorString(err));
+    }
     return moecommSuccess;
   }
 
@@ -631,6 +655,12 @@ class CudaEpBackend : public EpBackend {
       freeHandleBlock(&d);
       return setError(moecommUnhandledCudaError, "cudaMemsetAsync of a new handle's routing failed: %s",
                       cudaGetErrorString(err));
+    }
+    // The zeroing is a use too: a handle destroyed before any launch pools the block behind it.
+    if (noteUse(&d, stream) != moecommSuccess) {
+      const std::string why = lastErrorText();
+      freeHandleBlock(&d);
+      return setError(moecommUnhandledCudaError, "%s", why.c_str());
     }
     d.idx = static_cast<int64_t*>(d.block);
     d.pos = reinterpret_cast<int*>(static_cast<uint8_t*>(d.block) + idxBytes);

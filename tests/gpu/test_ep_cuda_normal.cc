@@ -165,8 +165,8 @@ struct Case {
   unsigned silentRanks = 0;   // ranks whose tokens have every entry -1
   int iterations = 1;         // dispatch + combine rounds on one handle, fresh data each round
   bool freshRouting = false;  // (worst-case sizing) each round after the first destroys the handle
-                              // and dispatches a new routing on a new one: the EP's pooled routing
-                              // blocks come back with the previous handle's contents
+                              // and dispatches a new routing on a new one, which takes the
+                              // previous handle's pooled routing block (zeroed again)
   bool minimal = false;       // optional outputs NULL; reused-handle rounds pass topkIdx = NULL
   int numSms = 0;             // EP config SM budget (0: MOECOMM_EP_NUM_SMS)
 
@@ -1198,11 +1198,11 @@ TEST_F(EpCudaNormal, GraphReplay) {
 }
 
 // moecommEpHandleDestroy does not wait for the device. This rank's stream is held by a gate
-// kernel that only the host releases (or its 5 s timeout); a fresh dispatch is queued behind it
-// and its handle destroyed, then the host opens the gate. A destroy that waited for the device
-// (cudaFree of the routing) would return only after the gate's timeout, which the gate reports.
-// The next handle takes the pooled routing block behind the queued dispatch; its round must
-// still succeed.
+// kernel that only the host releases (or its 15 s timeout, long enough for a late peer in the
+// dispatch's agreement); a fresh dispatch is queued behind it and its handle destroyed, then
+// the host opens the gate. A destroy that waited for the device (cudaFree of the routing)
+// would return only after the gate's timeout, which the gate reports. The next handle takes
+// the pooled routing block behind the queued dispatch; its round must still succeed.
 TEST_F(EpCudaNormal, HandleDestroyDoesNotWaitForTheDevice) {
   const int T = 64, H = 2048, K = 4, E = 8 * nranks_;
   moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
@@ -1245,7 +1245,7 @@ TEST_F(EpCudaNormal, HandleDestroyDoesNotWaitForTheDevice) {
   args.recvX = recvX.get();
   auto round = [&](const char* what, bool gated) {
     if (gated) {
-      ASSERT_EQ(LaunchHostGate(stream, deviceWords, deviceWords + 1, 5000000), 0) << what;
+      ASSERT_EQ(LaunchHostGate(stream, deviceWords, deviceWords + 1, 15000000), 0) << what;
     }
     moecommEpHandle_t handle = nullptr;
     ASSERT_EQ(moecommEpDispatch(ep, &args, &handle, stream), moecommSuccess)

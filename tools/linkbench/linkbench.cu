@@ -47,7 +47,7 @@ using moecomm::device::mbarrierTryWait;
 constexpr int kUnroll = 16;
 constexpr int kFenceBatch = 32;
 constexpr int kMaxStages = 8;
-constexpr size_t kSharedBudget = 200 * 1024;
+constexpr size_t kSharedBudget = 200 * 1024;  // bulk ring per block, at most (less if the device has less)
 
 enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore };
 const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local", "store"};
@@ -307,6 +307,7 @@ int main(int argc, char** argv) {
   const size_t bytes = static_cast<size_t>(rows) * rowBytes;
   const int maxGrid = *std::max_element(grids.begin(), grids.end());
   std::vector<Gpu> gpus(n);
+  size_t sharedBudget = kSharedBudget;
   for (int g = 0; g < n; ++g) {
     Gpu& u = gpus[g];
     u.device = g;
@@ -329,7 +330,10 @@ int main(int argc, char** argv) {
     CHECK(cudaMemset(u.dst, 0x33 + g, n == 2 ? bytes : 2 * bytes));
     CHECK(cudaMemset(u.failed, 0, 4));
     CHECK(cudaStreamCreateWithFlags(&u.stream, cudaStreamNonBlocking));
-    CHECK(cudaFuncSetAttribute(copyBulk, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    int optin = 0;
+    CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, g));
+    sharedBudget = std::min(sharedBudget, static_cast<size_t>(optin) - 1024);
+    CHECK(cudaFuncSetAttribute(copyBulk, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
   }
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -343,7 +347,7 @@ int main(int argc, char** argv) {
     if (mode < kPush || mode > kStore) continue;
     for (int warps : warpCounts) {
       if (warps < 1 || warps > 32) continue;
-      const int stages = std::min<int>(kMaxStages, (kSharedBudget - 64ull * warps * kMaxStages) /
+      const int stages = std::min<int>(kMaxStages, (sharedBudget - 64ull * warps * kMaxStages) /
                                                        (static_cast<size_t>(warps) * rowBytes));
       if (mode == kPushBulk && stages < 2) {
         std::printf("%-11s %6s %6d %7s %11s  (rows too large for 2 stages per warp)\n", kModeNames[mode], "-", warps,
