@@ -1197,74 +1197,148 @@ TEST_F(EpCudaNormal, GraphReplay) {
            /*graph=*/true);
 }
 
-// moecommEpHandleDestroy does not wait for the device. This rank's stream is held by a gate
-// kernel that only the host releases (or its 15 s timeout, long enough for a late peer in the
-// dispatch's agreement); a fresh dispatch is queued behind it and its handle destroyed, then
-// the host opens the gate. A destroy that waited for the device (cudaFree of the routing)
-// would return only after the gate's timeout, which the gate reports. The next handle takes
-// the pooled routing block behind the queued dispatch; its round must still succeed.
-TEST_F(EpCudaNormal, HandleDestroyDoesNotWaitForTheDevice) {
-  const int T = 64, H = 2048, K = 4, E = 8 * nranks_;
-  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
-  config.numExperts = E;
-  config.hidden = H;
-  config.maxTokensPerRank = T;
-  config.topk = K;
-  config.numSms = 4;
-  moecommResult_t asyncBefore = moecommSuccess;
-  moecommCommGetAsyncError(comm_, &asyncBefore);
-  moecommEp_t ep = nullptr;
-  ASSERT_EQ(moecommEpCreate(comm_, &config, &ep), moecommSuccess) << moecommGetLastError(comm_);
-  cudaStream_t stream = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-  DeviceBuffer x, idx, recvX;
-  ASSERT_EQ(x.Allocate(static_cast<size_t>(T) * H * 2), cudaSuccess);
-  ASSERT_EQ(idx.Allocate(static_cast<size_t>(T) * K * 8), cudaSuccess);
-  ASSERT_EQ(recvX.Allocate(static_cast<size_t>(nranks_) * T * H * 2), cudaSuccess);
-  std::vector<int64_t> ids(static_cast<size_t>(T) * K);
-  for (int t = 0; t < T; ++t) {
-    for (int k = 0; k < K; ++k) ids[static_cast<size_t>(t) * K + k] = (t + k * (E / K)) % E;  // distinct per token
-  }
-  ASSERT_EQ(idx.Upload(ids, stream), cudaSuccess);
-  ASSERT_EQ(cudaMemsetAsync(x.get(), 0, x.bytes(), stream), cudaSuccess);
-  int* words = nullptr;  // [0] the gate's flag, [1] its status
-  ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&words), 2 * sizeof(int), cudaHostAllocMapped), cudaSuccess);
-  volatile int* flag = words;
-  volatile int* status = words + 1;
-  *flag = 0;
-  *status = 0;
-  int* deviceWords = nullptr;
-  ASSERT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&deviceWords), words, 0), cudaSuccess);
-  moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
-  args.numTokens = T;
-  args.xType = moecommBfloat16;
-  args.x = x.get();
-  args.topkIdx = idx.get();
-  args.topkIdxType = moecommInt64;
-  args.recvCapacity = nranks_ * T;
-  args.recvX = recvX.get();
-  auto round = [&](const char* what, bool gated) {
-    if (gated) {
-      ASSERT_EQ(LaunchHostGate(stream, deviceWords, deviceWords + 1, 15000000), 0) << what;
+// A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
+// distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
+// until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
+class GatedEp {
+ public:
+  static constexpr int kT = 64, kH = 2048, kK = 4;
+
+  explicit GatedEp(moecommComm_t comm) : comm_(comm), nranks_(comm->nranks) {}
+  ~GatedEp() {
+    if (ep_ != nullptr) {
+      EXPECT_EQ(moecommEpDestroy(ep_), moecommSuccess) << moecommGetLastError(comm_);
     }
-    moecommEpHandle_t handle = nullptr;
-    ASSERT_EQ(moecommEpDispatch(ep, &args, &handle, stream), moecommSuccess)
-        << what << ": " << moecommGetLastError(comm_);
-    ASSERT_EQ(moecommEpHandleDestroy(handle), moecommSuccess) << what << ": " << moecommGetLastError(comm_);
-    if (gated) *flag = 1;
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess) << what;
-  };
-  round("first round", false);
-  round("gated round", true);
-  EXPECT_EQ(*status, 1) << "moecommEpHandleDestroy returned only after the gate kernel timed out (status " << *status
-                        << "): it waited for the device";
-  round("round after the gate", false);
-  moecommResult_t asyncNow = moecommSuccess;
-  moecommCommGetAsyncError(comm_, &asyncNow);
-  EXPECT_TRUE(asyncNow == moecommSuccess || asyncNow == asyncBefore) << moecommGetErrorString(asyncNow);
-  EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << moecommGetLastError(comm_);
-  EXPECT_EQ(cudaFreeHost(words), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+    if (words_ != nullptr) {
+      EXPECT_EQ(cudaFreeHost(words_), cudaSuccess);
+    }
+    for (cudaStream_t s : streams_) {
+      if (s != nullptr) {
+        EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+      }
+    }
+  }
+
+  void Setup() {
+    const int E = 8 * nranks_;
+    moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+    config.numExperts = E;
+    config.hidden = kH;
+    config.maxTokensPerRank = kT;
+    config.topk = kK;
+    config.numSms = 4;
+    moecommCommGetAsyncError(comm_, &asyncBefore_);
+    ASSERT_EQ(moecommEpCreate(comm_, &config, &ep_), moecommSuccess) << moecommGetLastError(comm_);
+    for (cudaStream_t& s : streams_) ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+    ASSERT_EQ(x_.Allocate(static_cast<size_t>(kT) * kH * 2), cudaSuccess);
+    ASSERT_EQ(idx_.Allocate(static_cast<size_t>(kT) * kK * 8), cudaSuccess);
+    ASSERT_EQ(recvX_.Allocate(static_cast<size_t>(nranks_) * kT * kH * 2), cudaSuccess);
+    ids_.resize(static_cast<size_t>(kT) * kK);
+    for (int t = 0; t < kT; ++t) {
+      for (int k = 0; k < kK; ++k) ids_[static_cast<size_t>(t) * kK + k] = (t + k * (E / kK)) % E;  // distinct
+    }
+    ASSERT_EQ(idx_.Upload(ids_, streams_[0]), cudaSuccess);
+    ASSERT_EQ(cudaMemsetAsync(x_.get(), 0, x_.bytes(), streams_[0]), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(streams_[0]), cudaSuccess);
+    ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&words_), 2 * sizeof(int), cudaHostAllocMapped), cudaSuccess);
+    words_[0] = 0;  // the gate's flag
+    words_[1] = 0;  // its status: 1 opened by the host, 2 timed out
+    ASSERT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&deviceWords_), words_, 0), cudaSuccess);
+  }
+
+  cudaStream_t Stream(int i) const { return streams_[i]; }
+  void CloseGate(int stream) {
+    words_[0] = 0;
+    words_[1] = 0;
+    ASSERT_EQ(LaunchHostGate(streams_[stream], deviceWords_, deviceWords_ + 1, 15000000), 0);
+  }
+  void OpenGate() { *reinterpret_cast<volatile int*>(&words_[0]) = 1; }
+  int GateStatus() const { return *reinterpret_cast<volatile int*>(&words_[1]); }
+
+  // A dispatch with a new handle on stream `stream`.
+  moecommResult_t Dispatch(int stream, moecommEpHandle_t* handle) {
+    moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
+    args.numTokens = kT;
+    args.xType = moecommBfloat16;
+    args.x = x_.get();
+    args.topkIdx = idx_.get();
+    args.topkIdxType = moecommInt64;
+    args.recvCapacity = nranks_ * kT;
+    args.recvX = recvX_.get();
+    *handle = nullptr;
+    return moecommEpDispatch(ep_, &args, handle, streams_[stream]);
+  }
+
+  // No asynchronous error appeared since Setup.
+  void ExpectNoNewAsyncError() const {
+    moecommResult_t now = moecommSuccess;
+    moecommCommGetAsyncError(comm_, &now);
+    EXPECT_TRUE(now == moecommSuccess || now == asyncBefore_) << moecommGetErrorString(now);
+  }
+
+ private:
+  moecommComm_t comm_;
+  int nranks_;
+  moecommEp_t ep_ = nullptr;
+  cudaStream_t streams_[2] = {nullptr, nullptr};
+  DeviceBuffer x_, idx_, recvX_;
+  std::vector<int64_t> ids_;
+  int* words_ = nullptr;
+  int* deviceWords_ = nullptr;
+  moecommResult_t asyncBefore_ = moecommSuccess;
+};
+
+// moecommEpHandleDestroy does not wait for the device: with the stream held by the gate, a
+// fresh dispatch is queued behind it and its handle destroyed, then the host opens the gate. A
+// destroy that waited for the device (cudaFree of the routing) would return only after the
+// gate's timeout, which the gate reports. The next handle takes the pooled routing block
+// behind the queued dispatch; its round must still succeed.
+TEST_F(EpCudaNormal, HandleDestroyDoesNotWaitForTheDevice) {
+  GatedEp gated(comm_);
+  ASSERT_NO_FATAL_FAILURE(gated.Setup());
+  moecommEpHandle_t handle = nullptr;
+  ASSERT_EQ(gated.Dispatch(0, &handle), moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(moecommEpHandleDestroy(handle), moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(cudaStreamSynchronize(gated.Stream(0)), cudaSuccess);
+  ASSERT_NO_FATAL_FAILURE(gated.CloseGate(0));
+  const moecommResult_t dispatched = gated.Dispatch(0, &handle);
+  const moecommResult_t destroyed = dispatched == moecommSuccess ? moecommEpHandleDestroy(handle) : dispatched;
+  gated.OpenGate();
+  ASSERT_EQ(dispatched, moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(destroyed, moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(cudaStreamSynchronize(gated.Stream(0)), cudaSuccess);
+  EXPECT_EQ(gated.GateStatus(), 1) << "moecommEpHandleDestroy returned only after the gate kernel timed out: it "
+                                      "waited for the device";
+  ASSERT_EQ(gated.Dispatch(0, &handle), moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(moecommEpHandleDestroy(handle), moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(cudaStreamSynchronize(gated.Stream(0)), cudaSuccess);
+  gated.ExpectNoNewAsyncError();
+}
+
+// A pooled routing block taken on another stream waits (on the device) for the last launch
+// that used it: handle A's dispatch is held on stream 0 by the gate and A destroyed; handle B
+// then takes A's block for a dispatch on stream 1, which must not run before the gate opens
+// (after 200 ms stream 1 is still busy), and both finish once it opens.
+TEST_F(EpCudaNormal, PooledRoutingWaitsForItsLastUseOnAnotherStream) {
+  GatedEp gated(comm_);
+  ASSERT_NO_FATAL_FAILURE(gated.Setup());
+  moecommEpHandle_t a = nullptr, b = nullptr;
+  ASSERT_NO_FATAL_FAILURE(gated.CloseGate(0));
+  const moecommResult_t dispatchedA = gated.Dispatch(0, &a);
+  const moecommResult_t destroyedA = dispatchedA == moecommSuccess ? moecommEpHandleDestroy(a) : dispatchedA;
+  const moecommResult_t dispatchedB = destroyedA == moecommSuccess ? gated.Dispatch(1, &b) : destroyedA;
+  usleep(200000);
+  const cudaError_t early = cudaStreamQuery(gated.Stream(1));
+  gated.OpenGate();
+  ASSERT_EQ(dispatchedA, moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(destroyedA, moecommSuccess) << moecommGetLastError(comm_);
+  ASSERT_EQ(dispatchedB, moecommSuccess) << moecommGetLastError(comm_);
+  EXPECT_EQ(early, cudaErrorNotReady) << "stream 1's dispatch ran while the block's last use on stream 0 was held";
+  ASSERT_EQ(cudaStreamSynchronize(gated.Stream(0)), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(gated.Stream(1)), cudaSuccess);
+  EXPECT_EQ(gated.GateStatus(), 1);
+  EXPECT_EQ(moecommEpHandleDestroy(b), moecommSuccess) << moecommGetLastError(comm_);
+  gated.ExpectNoNewAsyncError();
 }
 
 // moecommEpGetBufferSizeHint on a CUDA communicator describes the CUDA backend's buffers:
