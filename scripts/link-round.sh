@@ -3,7 +3,7 @@
 # fast a block pushes rows into the peer: register stores, with fences, bulk copies, pulls;
 # docs/bench.md), then scripts/variant-sweep.sh over VARIANTS (default: the base kernels;
 # dispatch variant 3, the bulk-copy senders, at three send/receive splits and with a tail batch
-# of 128; pulled rows, MOECOMM_EP_PULL=3, at two splits), W-prefill FP8 and BF16 at SM 24,
+# of 128; pulled rows, MOECOMM_EP_PULL=3, at two splits and with the bulk-copy receivers), W-prefill FP8 and BF16 at SM 24,
 # checked, the NCCL baseline and the roofline with the first variant. TESTS=1 also runs the
 # bitwise GPU test per variant (longer).
 # PROFILE=1: build with -DMOECOMM_KERNEL_PROFILE into build-prof instead and run the sweep
@@ -30,6 +30,7 @@ d3-ds4-r6:${P}_DISPATCH_VARIANT=3,${P}_DISPATCH_SEND_WARPS=4,${P}_RING_STAGES=6
 d3-ds8-r3:${P}_DISPATCH_VARIANT=3,${P}_DISPATCH_SEND_WARPS=8,${P}_RING_STAGES=3
 d3-b128:${P}_DISPATCH_VARIANT=3,${P}_SEND_BATCH=128
 pull:${P}_PULL=3
-pull-ds4-cs4:${P}_PULL=3,${P}_DISPATCH_SEND_WARPS=4,${P}_COMBINE_SEND_WARPS=4"
+pull-ds4-cs4:${P}_PULL=3,${P}_DISPATCH_SEND_WARPS=4,${P}_COMBINE_SEND_WARPS=4
+pull-bulk:${P}_PULL=3,${P}_DISPATCH_VARIANT=1,${P}_COMBINE_VARIANT=2"
 BUILD="$build" OUT="$out/sweep" VARIANTS="${VARIANTS:-$default_variants}" TESTS="${TESTS:-0}" BUDGET="${BUDGET:-420}" \
   scripts/variant-sweep.sh

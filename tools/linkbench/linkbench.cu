@@ -14,6 +14,8 @@
 //   pull        each warp loads a row from the peer GPU's buffer and stores it locally
 //   local       each warp loads a row locally and stores it locally (the receive copy's rate)
 //   store       each warp stores a constant into its rows of the peer's buffer (no loads)
+//   pull-bulk   push-bulk's ring the other way: bulk loads from the peer's buffer, bulk stores
+//               into local memory
 // With two or more GPUs, GPUs 0 and 1 run the same case at once, each towards the other (both
 // link directions loaded, as in a 2-rank dispatch); with one GPU the "peer" buffer is a second
 // buffer on the same GPU and the push and pull cases measure local memory. Reported: the time
@@ -49,8 +51,8 @@ constexpr int kFenceBatch = 32;
 constexpr int kMaxStages = 8;
 constexpr size_t kSharedBudget = 200 * 1024;  // bulk ring per block, at most (less if the device has less)
 
-enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore };
-const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local", "store"};
+enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk };
+const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local", "store", "pull-bulk"};
 
 #define CHECK(call)                                                                                                    \
   do {                                                                                                                 \
@@ -264,6 +266,7 @@ Ends endsOf(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
     case kStore:
       return {u.src, peerBuffer};
     case kPull:
+    case kPullBulk:
       return {two ? peer.src : u.dst, localBuffer};
     default:
       return {u.src, localBuffer};
@@ -291,7 +294,7 @@ int main(int argc, char** argv) {
   const int reps = argInt(argc, argv, "--reps", 10);
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
-  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5");
+  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6");
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
     return 2;
@@ -344,12 +347,13 @@ int main(int argc, char** argv) {
               "GB/s/block");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
   for (int mode : modes) {
-    if (mode < kPush || mode > kStore) continue;
+    if (mode < kPush || mode > kPullBulk) continue;
     for (int warps : warpCounts) {
       if (warps < 1 || warps > 32) continue;
       const int stages = std::min<int>(kMaxStages, (sharedBudget - 64ull * warps * kMaxStages) /
                                                        (static_cast<size_t>(warps) * rowBytes));
-      if (mode == kPushBulk && stages < 2) {
+      const bool bulk = mode == kPushBulk || mode == kPullBulk;
+      if (bulk && stages < 2) {
         std::printf("%-11s %6s %6d %7s %11s  (rows too large for 2 stages per warp)\n", kModeNames[mode], "-", warps,
                     "-", "skipped");
         continue;
@@ -375,7 +379,8 @@ int main(int argc, char** argv) {
                 copyRegisters<true, true>
                     <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
                 break;
-              case kPushBulk: {
+              case kPushBulk:
+              case kPullBulk: {
                 const size_t shared = static_cast<size_t>(warps) * stages * rowBytes + 8ull * warps * kMaxStages;
                 copyBulk<<<grid, threads, shared, u.stream>>>(e.src, e.dst, rows, rowBytes, stages, u.failed,
                                                               u.stamps);
@@ -422,7 +427,7 @@ int main(int argc, char** argv) {
         }
         const double t = median(us);
         std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f\n", kModeNames[mode], grid, warps,
-                    mode == kPushBulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3,
+                    bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3,
                     bytes / t / 1e3 / grid);
       }
     }
