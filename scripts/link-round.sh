@@ -3,13 +3,15 @@
 # fast a block pushes rows into the peer: register stores, with fences, bulk copies, pulls;
 # docs/bench.md), then scripts/variant-sweep.sh over VARIANTS (default: the base kernels;
 # dispatch variant 3, the bulk-copy senders, at three send/receive splits and with a tail batch
-# of 128; pulled rows, MOECOMM_EP_PULL=3, at two splits and with the bulk-copy receivers), W-prefill FP8 and BF16 at SM 24,
-# checked, the NCCL baseline and the roofline with the first variant. TESTS=1 also runs the
-# bitwise GPU test per variant (longer).
+# of 128; pulled rows, MOECOMM_EP_PULL=3, at two splits and with the bulk-copy receivers),
+# W-prefill FP8 and BF16 at SM 24, checked, the NCCL baseline and the roofline with the first
+# variant. TESTS=1 also runs the bitwise GPU test per variant (longer).
 # PROFILE=1: build with -DMOECOMM_KERNEL_PROFILE into build-prof instead and run the sweep
 # there with MOECOMM_DEBUG=WARN, so each bench log ends with the kernels' timeline per block
 # (docs/ep-normal-gpu.md, "Developer timeline"); its times include the stamps' cost.
-# LINK_ARGS: moecomm-linkbench arguments (default --warps 1,2,4,8,16). Logs under $OUT (default ./link-logs).
+# LINK_ARGS: moecomm-linkbench arguments (default --warps 1,2,4,8,16).
+# BUDGET: seconds for the sweep (default 420; later variants are skipped past it).
+# Logs under $OUT (default ./link-logs).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/link-logs}; mkdir -p "$out"
 [ -f .bench-commit ] && export MOECOMM_BENCH_COMMIT=$(cat .bench-commit)
