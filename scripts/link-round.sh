@@ -10,7 +10,7 @@
 # there with MOECOMM_DEBUG=WARN, so each bench log ends with the kernels' timeline per block
 # (docs/ep-normal-gpu.md, "Developer timeline"); its times include the stamps' cost.
 # LINK_ARGS: moecomm-linkbench arguments (default --warps 1,2,4,8,16).
-# BUDGET: seconds for the sweep (default 420; later variants are skipped past it).
+# BUDGET: seconds for the sweep (default 360; later variants are skipped past it).
 # Logs under $OUT (default ./link-logs).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/link-logs}; mkdir -p "$out"
@@ -34,5 +34,5 @@ d3-b128:${P}_DISPATCH_VARIANT=3,${P}_SEND_BATCH=128
 pull:${P}_PULL=3
 pull-ds4-cs4:${P}_PULL=3,${P}_DISPATCH_SEND_WARPS=4,${P}_COMBINE_SEND_WARPS=4
 pull-bulk:${P}_PULL=3,${P}_DISPATCH_VARIANT=1,${P}_COMBINE_VARIANT=2"
-BUILD="$build" OUT="$out/sweep" VARIANTS="${VARIANTS:-$default_variants}" TESTS="${TESTS:-0}" BUDGET="${BUDGET:-420}" \
+BUILD="$build" OUT="$out/sweep" VARIANTS="${VARIANTS:-$default_variants}" TESTS="${TESTS:-0}" BUDGET="${BUDGET:-360}" \
   scripts/variant-sweep.sh
