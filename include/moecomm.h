@@ -389,7 +389,11 @@ typedef struct {
 MOECOMM_API moecommResult_t moecommEpCombine(moecommEp_t ep, const moecommEpCombineArgs_t* args,
                                              moecommEpHandle_t handle, moecommStream_t stream);
 
-/* Frees a handle (local). */
+/* Frees a handle (local). It does not wait for the device: the calls already issued with the
+ * handle still run, and the EP reuses the handle's device memory only behind them (normal mode:
+ * on the device, through an event; low-latency mode: in stream order, so keep an EP's
+ * low-latency calls on one stream). A handle captured into a CUDA graph must stay alive while
+ * the graph is replayed. */
 MOECOMM_API moecommResult_t moecommEpHandleDestroy(moecommEpHandle_t handle);
 /* [OUT] numRecvTokens: N as known on the host (exact sizing), or -1 when the counts stayed on
  * the device (worst-case sizing on the CUDA backend). */
