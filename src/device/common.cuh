@@ -22,6 +22,16 @@ __device__ __forceinline__ void storeReleaseSys(uint64_t* address, uint64_t valu
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
 
+// A 16-byte load of memory no one writes during the kernel (the non-coherent path, not kept
+// in L1): rows streamed once.
+__device__ __forceinline__ int4 loadStreaming(const int4* address) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(address));
+  return v;
+}
+
 __device__ __forceinline__ uint64_t globalTimerNs() {
   uint64_t value;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(value));

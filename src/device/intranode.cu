@@ -192,14 +192,6 @@ __device__ __forceinline__ void channelTokens(int numTokens, int numChannels, in
 
 // ---- Row copies --------------------------------------------------------------------------
 
-__device__ __forceinline__ int4 loadStreaming(const int4* address) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(address));
-  return v;
-}
-
 // One warp copies `bytes` (a multiple of 16, both ends 16-byte aligned) from src to every
 // destination dst(d) for which dst returns non-null, d in [0, numDst). The source is read
 // once; kUnroll vectors per lane are in flight. `readOnlySrc`: src is not written during the

@@ -21,25 +21,16 @@
 #include <string>
 #include <vector>
 
+#include "../../src/device/common.cuh"
+#include "../dev_common.h"
+
 namespace {
 
 constexpr int kThreads = 512;
 constexpr int kUnroll = 8;
 
-#define CHECK(call)                                                                                                    \
-  do {                                                                                                                 \
-    const cudaError_t err_ = (call);                                                                                   \
-    if (err_ != cudaSuccess) {                                                                                         \
-      std::fprintf(stderr, "moecomm-copybench: %s failed: %s (line %d)\n", #call, cudaGetErrorString(err_), __LINE__); \
-      std::exit(1);                                                                                                    \
-    }                                                                                                                  \
-  } while (0)
-
-__device__ __forceinline__ unsigned long long globalTimer() {
-  unsigned long long now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-  return now;
-}
+constexpr const char* kToolName = "moecomm-copybench";
+#define CHECK(call) DEV_CHECK(call)
 
 // from[i] / to[i]: byte offsets of row i in src / dst. stamps[2 * block]: start, end.
 __global__ void __launch_bounds__(kThreads)
@@ -47,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
              unsigned long long* stamps) {
   __shared__ const uint8_t* rowFrom[256];
   __shared__ uint8_t* rowTo[256];
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
   const int perBlock = (rows + gridDim.x - 1) / gridDim.x;
   const int begin = min(rows, static_cast<int>(blockIdx.x) * perBlock);
   const int end = min(rows, begin + perBlock);
@@ -75,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
 }
 
 // One load per 64 KiB of every destination row's page range, so its translations are cached.
@@ -98,28 +89,16 @@ __global__ void writeRows(uint8_t* src, const uint64_t* from, int rows, int rowB
 
 __global__ void emptyKernel() {}
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-int argInt(int argc, char** argv, const char* name, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
-  }
-  return fallback;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int rows = argInt(argc, argv, "--rows", 1024);
-  const int rowBytes = argInt(argc, argv, "--row-bytes", 7168);
-  const int experts = argInt(argc, argv, "--experts", 128);
-  const int slots = argInt(argc, argv, "--slots", 256);
-  const int grid = argInt(argc, argv, "--grid", 132);
-  const int reps = argInt(argc, argv, "--reps", 20);
-  const int sources = argInt(argc, argv, "--source-rows", 256);  // staging rows (R * maxT)
+  const int rows = moecomm_dev::argInt(argc, argv, "--rows", 1024);
+  const int rowBytes = moecomm_dev::argInt(argc, argv, "--row-bytes", 7168);
+  const int experts = moecomm_dev::argInt(argc, argv, "--experts", 128);
+  const int slots = moecomm_dev::argInt(argc, argv, "--slots", 256);
+  const int grid = moecomm_dev::argInt(argc, argv, "--grid", 132);
+  const int reps = moecomm_dev::argInt(argc, argv, "--reps", 20);
+  const int sources = moecomm_dev::argInt(argc, argv, "--source-rows", 256);  // staging rows (R * maxT)
   if (rowBytes % 16 != 0 || rows <= 0 || experts <= 0 || rows > experts * slots || sources <= 0) {
     std::fprintf(stderr, "moecomm-copybench: bad arguments\n");
     return 2;
@@ -251,9 +230,9 @@ int main(int argc, char** argv) {
       }
     }
     if (empty) {
-      std::printf("%-44s %12s %12.2f\n", k.name, "-", median(eventUs));
+      std::printf("%-44s %12s %12.2f\n", k.name, "-", moecomm_dev::median(eventUs));
     } else {
-      std::printf("%-44s %12.2f %12.2f\n", k.name, median(kernelUs), median(eventUs));
+      std::printf("%-44s %12.2f %12.2f\n", k.name, moecomm_dev::median(kernelUs), moecomm_dev::median(eventUs));
     }
   }
   return 0;

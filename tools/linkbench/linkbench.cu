@@ -33,6 +33,8 @@
 #include <vector>
 
 #include "../../src/device/bulk_copy.cuh"
+#include "../../src/device/common.cuh"
+#include "../dev_common.h"
 
 namespace {
 
@@ -54,28 +56,8 @@ constexpr size_t kSharedBudget = 200 * 1024;  // bulk ring per block, at most (l
 enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk };
 const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local", "store", "pull-bulk"};
 
-#define CHECK(call)                                                                                                    \
-  do {                                                                                                                 \
-    const cudaError_t err_ = (call);                                                                                   \
-    if (err_ != cudaSuccess) {                                                                                         \
-      std::fprintf(stderr, "moecomm-linkbench: %s failed: %s (line %d)\n", #call, cudaGetErrorString(err_), __LINE__); \
-      std::exit(1);                                                                                                    \
-    }                                                                                                                  \
-  } while (0)
-
-__device__ __forceinline__ unsigned long long globalTimer() {
-  unsigned long long now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-  return now;
-}
-
-__device__ __forceinline__ int4 loadNc(const int4* address) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(address));
-  return v;
-}
+constexpr const char* kToolName = "moecomm-linkbench";
+#define CHECK(call) DEV_CHECK(call)
 
 // One warp copies one row, kUnroll vectors per lane in flight; every load before any store.
 template <bool kNc>
@@ -85,7 +67,7 @@ __device__ __forceinline__ void warpRow(const int4* src, int4* dst, int chunks, 
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
       const int i = base + lane + 32 * j;
-      if (i < chunks) v[j] = kNc ? loadNc(src + i) : src[i];
+      if (i < chunks) v[j] = kNc ? moecomm::device::loadStreaming(src + i) : src[i];
     }
 #pragma unroll
     for (int j = 0; j < kUnroll; ++j) {
@@ -105,7 +87,7 @@ __device__ __forceinline__ void blockRows(int rows, int* first, int* last) {
 template <bool kFence, bool kNc>
 __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
                               unsigned long long* stamps) {
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -124,14 +106,14 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
       __syncthreads();
       if (threadIdx.x == 0) {
         __threadfence_system();
-        asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag + blockIdx.x), "l"(
-                         static_cast<unsigned long long>(end))
+        asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag + blockIdx.x),
+                     "l"(static_cast<unsigned long long>(end))
                      : "memory");
       }
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
 }
 
 // push-bulk: lane 0 of every warp; stages * rowBytes of dynamic shared memory per warp, then
@@ -139,7 +121,7 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
 __global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, int stages, int* failed,
                          unsigned long long* stamps) {
   extern __shared__ __align__(128) uint8_t shared[];
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -184,14 +166,14 @@ __global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowByte
     bulkWait<0>();
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
 }
 
 // store: every warp stores one 16-byte value (every byte `fill`, the source's own fill, so the
 // destination still equals the source) into its rows of the peer's buffer: the store path
 // alone, without the loads.
 __global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, unsigned long long* stamps) {
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = globalTimer();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -205,19 +187,7 @@ __global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, u
     for (int i = lane; i < chunks; i += 32) out[i] = v;
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = globalTimer();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-int argInt(int argc, char** argv, const char* name, int fallback) {
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
-  }
-  return fallback;
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
 }
 
 std::vector<int> argList(int argc, char** argv, const char* name, const char* fallback) {
@@ -289,9 +259,9 @@ bool sameBytes(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int rows = argInt(argc, argv, "--rows", 4096);
-  const int rowBytes = argInt(argc, argv, "--row-bytes", 7168);
-  const int reps = argInt(argc, argv, "--reps", 10);
+  const int rows = moecomm_dev::argInt(argc, argv, "--rows", 4096);
+  const int rowBytes = moecomm_dev::argInt(argc, argv, "--row-bytes", 7168);
+  const int reps = moecomm_dev::argInt(argc, argv, "--reps", 10);
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
   const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6");
@@ -341,8 +311,8 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# moecomm-linkbench: %s x %d (%s), %d rows of %d B (%.1f MB per GPU), %d reps\n", prop.name, n,
-              n == 2 ? "GPUs 0 and 1 towards each other at once" : "one GPU: the peer buffer is local", rows,
-              rowBytes, bytes / 1e6, reps);
+              n == 2 ? "GPUs 0 and 1 towards each other at once" : "one GPU: the peer buffer is local", rows, rowBytes,
+              bytes / 1e6, reps);
   std::printf("%-11s %6s %6s %7s %11s %9s %12s\n", "mode", "blocks", "warps", "stages", "kernel_us", "GB/s",
               "GB/s/block");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
@@ -350,8 +320,8 @@ int main(int argc, char** argv) {
     if (mode < kPush || mode > kPullBulk) continue;
     for (int warps : warpCounts) {
       if (warps < 1 || warps > 32) continue;
-      const int stages = std::min<int>(kMaxStages, (sharedBudget - 64ull * warps * kMaxStages) /
-                                                       (static_cast<size_t>(warps) * rowBytes));
+      const int stages = std::min<int>(
+          kMaxStages, (sharedBudget - 64ull * warps * kMaxStages) / (static_cast<size_t>(warps) * rowBytes));
       const bool bulk = mode == kPushBulk || mode == kPullBulk;
       if (bulk && stages < 2) {
         std::printf("%-11s %6s %6d %7s %11s  (rows too large for 2 stages per warp)\n", kModeNames[mode], "-", warps,
@@ -382,8 +352,7 @@ int main(int argc, char** argv) {
               case kPushBulk:
               case kPullBulk: {
                 const size_t shared = static_cast<size_t>(warps) * stages * rowBytes + 8ull * warps * kMaxStages;
-                copyBulk<<<grid, threads, shared, u.stream>>>(e.src, e.dst, rows, rowBytes, stages, u.failed,
-                                                              u.stamps);
+                copyBulk<<<grid, threads, shared, u.stream>>>(e.src, e.dst, rows, rowBytes, stages, u.failed, u.stamps);
                 break;
               }
               case kStore: {
@@ -425,10 +394,9 @@ int main(int argc, char** argv) {
             }
           }
         }
-        const double t = median(us);
+        const double t = moecomm_dev::median(us);
         std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f\n", kModeNames[mode], grid, warps,
-                    bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3,
-                    bytes / t / 1e3 / grid);
+                    bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3, bytes / t / 1e3 / grid);
       }
     }
   }
