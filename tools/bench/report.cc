@@ -171,6 +171,7 @@ std::string Reporter::JsonLine(const Measurement& m) const {
   field("kernel_p10_us", ok && m.hasKernel ? Number(m.kernel.p10) : "null");
   field("kernel_p90_us", ok && m.hasKernel ? Number(m.kernel.p90) : "null");
   field("kernel_method", Quote(m.kernelMethod));
+  field("host_call_median_us", ok && m.hasHost ? Number(m.host.median) : "null");
   field("bytes", std::to_string(m.bytes));
   field("bytes_rule", Quote(m.bytesRule));
   field("gbps", Number(gbps));

@@ -37,7 +37,9 @@ struct Measurement {
   bool hasKernel = false;
   Stats kernel;              // kernel-only time
   std::string kernelMethod;  // how "kernel" was taken
-  int64_t bytes = 0;         // per DESIGN.md "How to count bandwidth"
+  bool hasHost = false;
+  Stats host;         // host time inside the API call, taken in the kernel-only samples
+  int64_t bytes = 0;  // per DESIGN.md "How to count bandwidth"
   std::string bytesRule;
   double baselineUs = -1.0;   // NCCL median of the comparable op (< 0: none)
   std::string check = "off";  // passed | failed | off | not implemented
