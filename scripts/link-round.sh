@@ -11,6 +11,7 @@
 # (docs/ep-normal-gpu.md, "Developer timeline"); its times include the stamps' cost.
 # LINK_ARGS: moecomm-linkbench arguments (default --warps 1,2,4,8,16).
 # BUDGET: seconds for the sweep (default 360; later variants are skipped past it).
+# LINK_ONLY=1: build and run moecomm-linkbench only (about two minutes of device time).
 # Logs under $OUT (default ./link-logs).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/link-logs}; mkdir -p "$out"
@@ -19,12 +20,14 @@ nvidia-smi -L; date -u
 build=build-device; extra=()
 [ "${PROFILE:-0}" = 1 ] && { build=build-prof; extra=(-DCMAKE_CUDA_FLAGS=-DMOECOMM_KERNEL_PROFILE); export MOECOMM_DEBUG=WARN; }
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${extra[@]}" > "$out/configure.log" 2>&1 &&
-  cmake --build "$build" -j "$(nproc)" --target moecomm-linkbench moecomm-bench moecomm-run moecomm_gpu_tests \
+  cmake --build "$build" -j "$(nproc)" --target moecomm-linkbench \
+    $([ "${LINK_ONLY:-0}" = 1 ] || echo moecomm-bench moecomm-run moecomm_gpu_tests) \
     > "$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head; exit 1; }
 if [ "${PROFILE:-0}" != 1 ]; then
   timeout 150 "$build"/tools/moecomm-linkbench ${LINK_ARGS:---warps 1,2,4,8,16} > "$out/linkbench.txt" 2>&1
   echo "linkbench rc=$?"; cat "$out/linkbench.txt"
 fi
+[ "${LINK_ONLY:-0}" = 1 ] && exit 0
 P=MOECOMM_EP
 default_variants="base
 d3:${P}_DISPATCH_VARIANT=3
