@@ -265,6 +265,7 @@ int main(int argc, char** argv) {
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
   const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6");
+  const bool oneWay = moecomm_dev::argInt(argc, argv, "--one-way", 0) != 0;
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
     return 2;
@@ -278,6 +279,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const size_t bytes = static_cast<size_t>(rows) * rowBytes;
+  const int active = oneWay ? 1 : n;  // GPUs that copy (with --one-way only GPU 0, towards GPU 1)
   const int maxGrid = *std::max_element(grids.begin(), grids.end());
   std::vector<Gpu> gpus(n);
   size_t sharedBudget = kSharedBudget;
@@ -311,8 +313,10 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# moecomm-linkbench: %s x %d (%s), %d rows of %d B (%.1f MB per GPU), %d reps\n", prop.name, n,
-              n == 2 ? "GPUs 0 and 1 towards each other at once" : "one GPU: the peer buffer is local", rows, rowBytes,
-              bytes / 1e6, reps);
+              n == 1   ? "one GPU: the peer buffer is local"
+              : oneWay ? "GPU 0 towards GPU 1 only"
+                       : "GPUs 0 and 1 towards each other at once",
+              rows, rowBytes, bytes / 1e6, reps);
   std::printf("%-11s %6s %6s %7s %11s %9s %12s\n", "mode", "blocks", "warps", "stages", "kernel_us", "GB/s",
               "GB/s/block");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
@@ -333,7 +337,7 @@ int main(int argc, char** argv) {
         std::vector<double> us;
         for (int r = 0; r < reps + 1; ++r) {
           const bool last = r == reps;
-          for (int g = 0; g < n; ++g) {
+          for (int g = 0; g < active; ++g) {
             Gpu& u = gpus[g];
             Gpu& peer = gpus[(g + 1) % n];
             CHECK(cudaSetDevice(u.device));
@@ -372,20 +376,20 @@ int main(int argc, char** argv) {
             CHECK(cudaGetLastError());
           }
           double slowest = 0.0;
-          for (int g = 0; g < n; ++g) {
+          for (int g = 0; g < active; ++g) {
             CHECK(cudaSetDevice(gpus[g].device));
             CHECK(cudaStreamSynchronize(gpus[g].stream));
             CHECK(cudaMemcpy(hostStamps.data(), gpus[g].stamps, 16ull * grid, cudaMemcpyDeviceToHost));
-            unsigned long long first = ~0ull, last = 0;
+            unsigned long long begin = ~0ull, end = 0;
             for (int b = 0; b < grid; ++b) {
-              first = std::min(first, hostStamps[2 * b]);
-              last = std::max(last, hostStamps[2 * b + 1]);
+              begin = std::min(begin, hostStamps[2 * b]);
+              end = std::max(end, hostStamps[2 * b + 1]);
             }
-            slowest = std::max(slowest, (last - first) / 1000.0);
+            slowest = std::max(slowest, (end - begin) / 1000.0);
           }
           if (r > 0) us.push_back(slowest);  // the first run warms up
           if (last) {
-            for (int g = 0; g < n; ++g) {
+            for (int g = 0; g < active; ++g) {
               if (!sameBytes(gpus, g, mode, bytes)) {
                 std::fprintf(stderr, "moecomm-linkbench: %s on GPU %d (grid %d, %d warps) copied wrong bytes\n",
                              kModeNames[mode], g, grid, warps);
