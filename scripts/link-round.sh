@@ -12,6 +12,7 @@
 # LINK_ARGS: moecomm-linkbench arguments (default --warps 1,2,4,8,16).
 # BUDGET: seconds for the sweep (default 360; later variants are skipped past it).
 # LINK_ONLY=1: build and run moecomm-linkbench only (about two minutes of device time).
+# RANKS: ranks of the sweep (default 2, as the link bench uses GPUs 0 and 1; RANKS=4 on 4 GPUs).
 # Logs under $OUT (default ./link-logs).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/link-logs}; mkdir -p "$out"
