@@ -16,6 +16,8 @@
 //   store       each warp stores a constant into its rows of the peer's buffer (no loads)
 //   pull-bulk   push-bulk's ring the other way: bulk loads from the peer's buffer, bulk stores
 //               into local memory
+//   copy-engine one cudaMemcpyAsync of all the rows into the peer's buffer (no SM; timed by
+//               events around it, once, whatever the grids and warps)
 // With two or more GPUs, GPUs 0 and 1 run the same case at once, each towards the other (both
 // link directions loaded, as in a 2-rank dispatch); with one GPU the "peer" buffer is a second
 // buffer on the same GPU and the push and pull cases measure local memory. Reported: the time
@@ -53,8 +55,9 @@ constexpr int kFenceBatch = 32;
 constexpr int kMaxStages = 8;
 constexpr size_t kSharedBudget = 200 * 1024;  // bulk ring per block, at most (less if the device has less)
 
-enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk };
-const char* const kModeNames[] = {"push", "push-fence", "push-bulk", "pull", "local", "store", "pull-bulk"};
+enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk, kCopyEngine };
+const char* const kModeNames[] = {"push",  "push-fence", "push-bulk", "pull",
+                                  "local", "store",      "pull-bulk", "copy-engine"};
 
 constexpr const char* kToolName = "moecomm-linkbench";
 #define CHECK(call) DEV_CHECK(call)
@@ -234,6 +237,7 @@ Ends endsOf(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
     case kPushFence:
     case kPushBulk:
     case kStore:
+    case kCopyEngine:
       return {u.src, peerBuffer};
     case kPull:
     case kPullBulk:
@@ -264,7 +268,7 @@ int main(int argc, char** argv) {
   const int reps = moecomm_dev::argInt(argc, argv, "--reps", 10);
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
-  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6");
+  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7");
   const bool oneWay = moecomm_dev::argInt(argc, argv, "--one-way", 0) != 0;
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
@@ -321,7 +325,7 @@ int main(int argc, char** argv) {
               "GB/s/block");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
   for (int mode : modes) {
-    if (mode < kPush || mode > kPullBulk) continue;
+    if (mode < kPush || mode > kPullBulk) continue;  // (kCopyEngine: after this loop)
     for (int warps : warpCounts) {
       if (warps < 1 || warps > 32) continue;
       const int stages = std::min<int>(
@@ -402,6 +406,49 @@ int main(int argc, char** argv) {
         std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f\n", kModeNames[mode], grid, warps,
                     bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3, bytes / t / 1e3 / grid);
       }
+    }
+  }
+  if (std::find(modes.begin(), modes.end(), static_cast<int>(kCopyEngine)) != modes.end()) {
+    std::vector<cudaEvent_t> begin(active), end(active);
+    for (int g = 0; g < active; ++g) {
+      CHECK(cudaSetDevice(gpus[g].device));
+      CHECK(cudaEventCreate(&begin[g]));
+      CHECK(cudaEventCreate(&end[g]));
+    }
+    std::vector<double> us;
+    for (int r = 0; r < reps + 1; ++r) {
+      const bool last = r == reps;
+      for (int g = 0; g < active; ++g) {
+        CHECK(cudaSetDevice(gpus[g].device));
+        const Ends e = endsOf(gpus, g, kCopyEngine, bytes);
+        if (last) CHECK(cudaMemsetAsync(e.dst, 0, bytes, gpus[g].stream));
+        CHECK(cudaEventRecord(begin[g], gpus[g].stream));
+        CHECK(cudaMemcpyAsync(e.dst, e.src, bytes, cudaMemcpyDefault, gpus[g].stream));
+        CHECK(cudaEventRecord(end[g], gpus[g].stream));
+      }
+      double slowest = 0.0;
+      for (int g = 0; g < active; ++g) {
+        CHECK(cudaSetDevice(gpus[g].device));
+        CHECK(cudaEventSynchronize(end[g]));
+        float ms = 0.0f;
+        CHECK(cudaEventElapsedTime(&ms, begin[g], end[g]));
+        slowest = std::max(slowest, 1000.0 * ms);
+      }
+      if (r > 0) us.push_back(slowest);
+      for (int g = 0; last && g < active; ++g) {
+        if (!sameBytes(gpus, g, kCopyEngine, bytes)) {
+          std::fprintf(stderr, "moecomm-linkbench: copy-engine on GPU %d copied wrong bytes\n", g);
+          return 1;
+        }
+      }
+    }
+    const double t = moecomm_dev::median(us);
+    std::printf("%-11s %6s %6s %7s %11.1f %9.1f %12s\n", kModeNames[kCopyEngine], "-", "-", "-", t, bytes / t / 1e3,
+                "-");
+    for (int g = 0; g < active; ++g) {
+      CHECK(cudaSetDevice(gpus[g].device));
+      CHECK(cudaEventDestroy(begin[g]));
+      CHECK(cudaEventDestroy(end[g]));
     }
   }
   for (int g = 0; g < n; ++g) {
