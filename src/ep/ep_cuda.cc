@@ -237,8 +237,7 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = target->numTokens;
     p.xIsFp8 = args->xType == moecommFloat8E4M3 ? 1 : 0;
     setRowLayout(&p, p.xIsFp8 != 0);
-    if (p.dispatchVariant == device::kDispatchVariantPrefetch || p.dispatchVariant == device::kDispatchVariantBulkSend)
-      fitSendPrefetch(&p);
+    if (device::dispatchSendersUseRing(p.dispatchVariant)) fitSendPrefetch(&p);
     p.x = args->x;
     p.xScales = args->xScales;
     p.topkIdx = args->topkIdx;
@@ -377,7 +376,7 @@ class CudaEpBackend : public EpBackend {
     DeviceScope scope(ep_->comm->device);
     HandleDevice& d = it->second;
     if (!d.captured && pool_.size() < kHandleBlockPool) {
-      pool_.push_back(PooledBlock{d.block, d.used});
+      pool_.push_back(d);
     } else {
       freeHandleBlock(&d);  // cudaFree waits for the device: nothing can still use the block
     }
@@ -400,12 +399,7 @@ class CudaEpBackend : public EpBackend {
     }
     if (!pool_.empty()) {
       DeviceScope scope(ep_->comm->device);
-      for (PooledBlock& pooled : pool_) {
-        HandleDevice d;
-        d.block = pooled.block;
-        d.used = pooled.used;
-        freeHandleBlock(&d);
-      }
+      for (HandleDevice& pooled : pool_) freeHandleBlock(&pooled);
       pool_.clear();
     }
     if (host_ != nullptr) {
@@ -564,8 +558,6 @@ class CudaEpBackend : public EpBackend {
     return moecommSuccess;
   }
 
-  // A new handle's device routing starts zeroed (on the call's stream), so a combine after a
-  // captured but never replayed dispatch reads zero counts, not garbage.
   // Every handle's block has the same size (it depends on the EP only): the top-k ids, then
   // the int arrays (sizes in createHandle).
   size_t handleIdxBytes() const {
@@ -588,7 +580,7 @@ class CudaEpBackend : public EpBackend {
     MC_CUDA(cudaStreamIsCapturing(stream, &capture));
     if (capture == cudaStreamCaptureStatusNone && !pool_.empty()) {
       *d = HandleDevice{};
-      d->block = pool_.back().block;
+      d->block = pool_.back().block;  // (the pooled entry's other fields are its last owner's)
       d->used = pool_.back().used;
       pool_.pop_back();
       if (cudaStreamWaitEvent(stream, d->used, 0) != cudaSuccess) {
@@ -641,6 +633,8 @@ class CudaEpBackend : public EpBackend {
     return moecommSuccess;
   }
 
+  // A new handle's device routing starts zeroed (on the call's stream), so a combine after a
+  // captured but never replayed dispatch reads zero counts, not garbage.
   moecommResult_t createHandle(int numTokens, moecommStream_t stream, moecommEpHandle** out) {
     const auto& shape = ep_->shape;
     const size_t R = shape.numRanks;
@@ -701,11 +695,7 @@ class CudaEpBackend : public EpBackend {
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
-  struct PooledBlock {
-    void* block;
-    cudaEvent_t used;
-  };
-  std::vector<PooledBlock> pool_;               // at most kHandleBlockPool
+  std::vector<HandleDevice> pool_;              // destroyed handles' blocks, at most kHandleBlockPool
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode
 };
 
