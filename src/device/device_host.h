@@ -53,6 +53,10 @@ constexpr int kDispatchVariantBulk = 1;       // bulk copies staging -> shared r
 constexpr int kDispatchVariantPrefetch = 2;   // senders prefetch rows into a shared ring by bulk copies
 constexpr int kDispatchVariantBulkSend = 3;   // as 2, and the senders store rows by bulk copies too
 constexpr int kDispatchVariants = 4;
+// The dispatch variants whose sending warps keep a ring of staged rows in shared memory.
+constexpr bool dispatchSendersUseRing(int variant) {
+  return variant == kDispatchVariantPrefetch || variant == kDispatchVariantBulkSend;
+}
 constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
 constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
@@ -114,7 +118,7 @@ struct IntranodeParams {
   int pull;  // MOECOMM_EP_PULL: bit 0 dispatch, bit 1 combine (see exchangeRow)
   int ringStages;
   int ringStageBytes;
-  uint64_t timeoutNs;        // bound of every spin-wait
+  uint64_t timeoutNs;  // bound of every spin-wait
 
   // The handle's device routing.
   int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)

@@ -566,25 +566,39 @@ __device__ void prefetchToken(const IntranodeParams& p, SendPrefetch* f, int t, 
   }
 }
 
+// Loads the warp's next tokens until `ahead` of them are in flight or loaded (variants 2, 3).
+template <int kBatch>
+__device__ void fillSendRing(const IntranodeParams& p, SendPrefetch* f, uint32_t ahead, int last, int warp, int lane) {
+  while (!f->failed && f->issued - f->consumed < ahead && f->nextToken < last) {
+    prefetchToken(p, f, f->nextToken, lane);
+    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
+  }
+}
+
+// Takes the oldest prefetched token's stage once its loads have landed (every lane waits, or
+// lane 0 alone with `lane0Only`): the stage, or -1 when the ring gave up, now or before.
+__device__ int takeSendStage(const IntranodeParams& p, SendPrefetch* f, int channel, int lane, bool lane0Only) {
+  const int stage = static_cast<int>(f->consumed % f->ring.stages);
+  const uint32_t parity = (f->consumed / f->ring.stages) & 1;
+  ++f->consumed;
+  if (f->failed) return -1;
+  const int ok = (lane0Only && lane != 0) || waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
+  if (!__all_sync(0xffffffffu, ok != 0)) {
+    f->failed = true;
+    f->drainFrom = f->consumed - 1;
+    return -1;
+  }
+  return stage;
+}
+
 // Sends token t (the oldest prefetched one) to every rank with posRow[d] >= 0 but this one.
 template <int kBatch>
 __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
                                     int last, int warp, int lane) {
-  while (!f->failed && f->issued - f->consumed < static_cast<uint32_t>(f->ring.stages) && f->nextToken < last) {
-    prefetchToken(p, f, f->nextToken, lane);
-    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
-  }
+  fillSendRing<kBatch>(p, f, static_cast<uint32_t>(f->ring.stages), last, warp, lane);
   __syncwarp();
-  const int stage = static_cast<int>(f->consumed % f->ring.stages);
-  const uint32_t parity = (f->consumed / f->ring.stages) & 1;
-  ++f->consumed;
-  if (f->failed) return;
-  const int ok = waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
-  if (!__all_sync(0xffffffffu, ok != 0)) {
-    f->failed = true;
-    f->drainFrom = f->consumed - 1;
-    return;
-  }
+  const int stage = takeSendStage(p, f, channel, lane, false);
+  if (stage < 0) return;
   uint8_t* buffer = f->ring.buffer(stage);
   // The parts the loads did not fill: the token, and zero weights when the caller has none.
   if (lane == 0) *reinterpret_cast<int*>(buffer + p.rowSrcOffset) = t;
@@ -627,23 +641,12 @@ __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, i
 template <int kBatch>
 __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
                               int last, int warp, int lane) {
-  const uint32_t stages = static_cast<uint32_t>(f->ring.stages);
-  // This loop fills stages only before the warp's first store (later refills follow each
-  // store below), so every stage it fills is unused.
-  while (!f->failed && f->issued - f->consumed < stages - 1 && f->nextToken < last) {
-    prefetchToken(p, f, f->nextToken, lane);
-    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
-  }
-  const int stage = static_cast<int>(f->consumed % stages);
-  const uint32_t parity = (f->consumed / stages) & 1;
-  ++f->consumed;
-  if (f->failed) return;
-  const int ok = lane != 0 || waitStage(p, f->ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
-  if (!__all_sync(0xffffffffu, ok != 0)) {
-    f->failed = true;
-    f->drainFrom = f->consumed - 1;
-    return;
-  }
+  const uint32_t ahead = static_cast<uint32_t>(f->ring.stages) - 1;  // one stage is being stored
+  // This fills stages only before the warp's first store (later refills follow each store
+  // below), so every stage it fills is unused.
+  fillSendRing<kBatch>(p, f, ahead, last, warp, lane);
+  const int stage = takeSendStage(p, f, channel, lane, true);
+  if (stage < 0) return;
   if (lane == 0) {
     uint8_t* buffer = f->ring.buffer(stage);
     // The parts the loads did not fill: the token, and zero weights when the caller has none.
@@ -660,10 +663,7 @@ __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int cha
     bulkCommit();
     bulkWaitRead<1>();  // the previous token's stores have read its stage: refill it
   }
-  while (!f->failed && f->issued - f->consumed < stages - 1 && f->nextToken < last) {
-    prefetchToken(p, f, f->nextToken, lane);
-    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
-  }
+  fillSendRing<kBatch>(p, f, ahead, last, warp, lane);
 }
 
 constexpr int kSendRegisters = 0;  // how dispatchSend moves rows: lanes load and store them
@@ -1721,9 +1721,7 @@ uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
   int ringWarps = 0;
   if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantBulk)
     ringWarps = kWarps - params.dispatchSendWarps;
-  if (op == kOpDispatch &&
-      (params.dispatchVariant == kDispatchVariantPrefetch || params.dispatchVariant == kDispatchVariantBulkSend))
-    ringWarps = params.dispatchSendWarps;
+  if (op == kOpDispatch && dispatchSendersUseRing(params.dispatchVariant)) ringWarps = params.dispatchSendWarps;
   if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
   if (ringWarps == 0) return params.sharedIntsBytes;
   return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
