@@ -606,6 +606,7 @@ class CaseRunner {
   void Notify();
   void Prepare(int round);     // fresh data uploaded, outputs poisoned (async on stream_)
   void NewRouting(int round);  // Case::freshRouting: the handle destroyed, round's routing uploaded
+  void UploadTopkIdx();
   moecommEpDispatchArgs_t DispatchArgs(bool passTopkIdx) const;
   moecommEpCombineArgs_t CombineArgs() const;
   bool Dispatch(const std::string& tag, bool passTopkIdx);
@@ -679,9 +680,7 @@ bool CaseRunner::Setup() {
       {&layoutInRank_, T * R_},
   };
   for (const Plan& plan : plans) CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
-  std::vector<int32_t> idx32(routing_.idx[me_].begin(), routing_.idx[me_].end());
-  CudaCheck(c_.idx64 ? idx_.Upload(routing_.idx[me_], stream_) : idx_.Upload(idx32, stream_), "upload topkIdx");
-  CudaCheck(cudaStreamSynchronize(stream_), "cudaStreamSynchronize after the uploads");
+  UploadTopkIdx();
   // Local trouble (an allocation) stops the case on every rank before the first collective.
   int bad = -1;
   if (!AllRanks(comm_, why_.empty(), &bad)) {
@@ -785,6 +784,11 @@ void CaseRunner::NewRouting(int round) {
   handle_ = nullptr;
   routing_ = MakeRouting(c_, shape_, seed_ + 7919ull * round);
   N_ = routing_.recv[me_];
+  UploadTopkIdx();
+}
+
+// This rank's topkIdx of routing_, in the case's index type; waits for the copy.
+void CaseRunner::UploadTopkIdx() {
   std::vector<int32_t> idx32(routing_.idx[me_].begin(), routing_.idx[me_].end());
   CudaCheck(c_.idx64 ? idx_.Upload(routing_.idx[me_], stream_) : idx_.Upload(idx32, stream_), "upload topkIdx");
   CudaCheck(cudaStreamSynchronize(stream_), "cudaStreamSynchronize after the topkIdx upload");
