@@ -109,9 +109,7 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
       __syncthreads();
       if (threadIdx.x == 0) {
         __threadfence_system();
-        asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(flag + blockIdx.x),
-                     "l"(static_cast<unsigned long long>(end))
-                     : "memory");
+        moecomm::device::storeReleaseSys(reinterpret_cast<uint64_t*>(flag) + blockIdx.x, static_cast<uint64_t>(end));
       }
     }
   }
