@@ -739,14 +739,14 @@ static_assert(!kRowsFirst || kOneFlag, "MOECOMM_LL_ROWS_FIRST needs MOECOMM_LL_O
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
-// Returns the targets after publishing the sent flags (finishSend). Reads the slot's sequence
+// Ends by publishing the sent flags (finishSend). Reads the slot's sequence
 // from `sequenceWord` (before the first pass over the ids with kEarlySequence, after it
 // otherwise) and returns the operation's sequence (that + 1) in *sequenceOut; stores `maskWord`
 // (loadMaskWord, loaded at the kernel's entry) into the block's mask snapshot before its first
 // wait.
 template <bool kPuts>
-__device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord,
-                                 uint64_t* sequenceOut, int maskWord, int4* dynamicShared, bool fp8, bool perRank) {
+__device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t* sequenceWord, uint64_t* sequenceOut,
+                             int maskWord, int4* dynamicShared, bool fp8, bool perRank) {
   uint32_t* tokenRanks = reinterpret_cast<uint32_t*>(dynamicShared);  // [T]: ranks holding its experts
   const int K = p.topk;
   const int T = p.numTokens;
@@ -837,7 +837,6 @@ __device__ uint32_t dispatchSend(const LowLatencyParams& p, const volatile uint6
   MC_LL_PROFILE(kLlKernelDispatch, 3);
   finishSend(p, targets, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 4);
-  return targets;
 }
 
 // ---- Dispatch receive ---------------------------------------------------------------------
@@ -1132,12 +1131,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyPa
   flushPendingReleases(p, false);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const bool receive = (p.phases & kLowLatencyPhaseReceive) != 0;
-  uint32_t targets = 0;
   // The send half reads the slot's sequence itself (kEarlySequence: overlapped with the ids).
   uint64_t sequence = 0;
   const int maskWord = loadMaskWord(p);
   if (send) {
-    targets = dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, maskWord, dispatchShared, fp8, perRank);
+    dispatchSend<kPuts>(p, sequenceWordOf(p), &sequence, maskWord, dispatchShared, fp8, perRank);
   } else {
     sequence = currentSequence(p);
     storeMaskSnapshot(p, maskWord);  // (the barrier below comes before any wait)
