@@ -50,6 +50,16 @@ constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
 // A sending channel publishes its tail every kBatch tokens (dispatch) or ordinals (combine):
 // a template argument of the dispatch and combine kernels, one of kSendBatches
 // (MOECOMM_EP_SEND_BATCH, default 32; a run-time value costs the default kernel spills).
+
+// Rows a sending channel moves between two tail publishes, given `done` already moved: a
+// multiple of the sending warps (at most `batch`, at least one per warp), so every warp takes
+// the same share of a batch and none idles at the batch's barrier while another sends an extra
+// row. With `ramp`, the first batches are smaller (one row per warp, then doubling), so the
+// receivers start after a few rows instead of a whole batch.
+__device__ __forceinline__ int64_t sendBatchSize(int64_t done, int batch, bool ramp) {
+  const int64_t full = max(kSendWarps, batch / kSendWarps * kSendWarps);
+  return ramp ? min(full, max(static_cast<int64_t>(kSendWarps), done)) : full;
+}
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
 constexpr int kErrorTimeout = 8;          // moecommTimeout
 constexpr int kCtrlCount = 0;
@@ -513,7 +523,6 @@ struct SendPrefetch {
   uint32_t issued;
   uint32_t consumed;
   int nextToken;       // the warp's next token to load (>= last: none)
-  int nextBase;        // first token of nextToken's batch
   bool failed;         // a stage wait gave up (timeout): the rest of the tokens are not sent
   uint32_t drainFrom;  // (failed) the first token whose load may still be in flight
 };
@@ -532,16 +541,9 @@ __device__ void drainSendRing(const IntranodeParams& p, const SendPrefetch& f, i
   }
 }
 
-// The warp's token after t in the sending order (batch by batch, warp-strided inside one).
-template <int kBatch>
-__device__ __forceinline__ void advanceSendToken(int last, int warp, int* token, int* base) {
-  *token += kSendWarps;
-  while (*base < last && *token >= min(*base + kBatch, last)) {
-    *base += kBatch;
-    *token = *base + warp;
-  }
-  if (*base >= last) *token = last;
-}
+// The warp's token after t in the sending order: batches are whole multiples of the sending
+// warps (sendBatchSize), so a warp's tokens are every kSendWarps-th from its first.
+__device__ __forceinline__ void advanceSendToken(int last, int* token) { *token = min(last, *token + kSendWarps); }
 
 __device__ void prefetchToken(const IntranodeParams& p, SendPrefetch* f, int t, int lane) {
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
@@ -567,11 +569,10 @@ __device__ void prefetchToken(const IntranodeParams& p, SendPrefetch* f, int t, 
 }
 
 // Loads the warp's next tokens until `ahead` of them are in flight or loaded (variants 2, 3).
-template <int kBatch>
-__device__ void fillSendRing(const IntranodeParams& p, SendPrefetch* f, uint32_t ahead, int last, int warp, int lane) {
+__device__ void fillSendRing(const IntranodeParams& p, SendPrefetch* f, uint32_t ahead, int last, int lane) {
   while (!f->failed && f->issued - f->consumed < ahead && f->nextToken < last) {
     prefetchToken(p, f, f->nextToken, lane);
-    advanceSendToken<kBatch>(last, warp, &f->nextToken, &f->nextBase);
+    advanceSendToken(last, &f->nextToken);
   }
 }
 
@@ -592,10 +593,9 @@ __device__ int takeSendStage(const IntranodeParams& p, SendPrefetch* f, int chan
 }
 
 // Sends token t (the oldest prefetched one) to every rank with posRow[d] >= 0 but this one.
-template <int kBatch>
 __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
-                                    int last, int warp, int lane) {
-  fillSendRing<kBatch>(p, f, static_cast<uint32_t>(f->ring.stages), last, warp, lane);
+                                    int last, int lane) {
+  fillSendRing(p, f, static_cast<uint32_t>(f->ring.stages), last, lane);
   __syncwarp();
   const int stage = takeSendStage(p, f, channel, lane, false);
   if (stage < 0) return;
@@ -638,13 +638,12 @@ __device__ void sendPrefetchedToken(const IntranodeParams& p, SendPrefetch* f, i
 // for (writes complete) only before its tail is published.
 
 // Sends token t (the oldest prefetched one) to every rank with posRow[d] >= 0 but this one.
-template <int kBatch>
 __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int channel, int t, const int* posRow,
-                              int last, int warp, int lane) {
+                              int last, int lane) {
   const uint32_t ahead = static_cast<uint32_t>(f->ring.stages) - 1;  // one stage is being stored
   // This fills stages only before the warp's first store (later refills follow each store
   // below), so every stage it fills is unused.
-  fillSendRing<kBatch>(p, f, ahead, last, warp, lane);
+  fillSendRing(p, f, ahead, last, lane);
   const int stage = takeSendStage(p, f, channel, lane, true);
   if (stage < 0) return;
   if (lane == 0) {
@@ -663,7 +662,7 @@ __device__ void sendBulkToken(const IntranodeParams& p, SendPrefetch* f, int cha
     bulkCommit();
     bulkWaitRead<1>();  // the previous token's stores have read its stage: refill it
   }
-  fillSendRing<kBatch>(p, f, ahead, last, warp, lane);
+  fillSendRing(p, f, ahead, last, lane);
 }
 
 constexpr int kSendRegisters = 0;  // how dispatchSend moves rows: lanes load and store them
@@ -693,15 +692,12 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   SendPrefetch prefetch{};
   if (kPrefetch) {
     prefetch.ring = makeWarpRing(p, dynamicShared, warp, kSendWarps, lane);
-    prefetch.nextBase = first;
-    prefetch.nextToken = first + warp;
-    prefetch.nextToken -= kSendWarps;  // advance to the warp's first token
-    advanceSendToken<kBatch>(last, warp, &prefetch.nextToken, &prefetch.nextBase);
+    prefetch.nextToken = min(last, first + warp);
     if (lane == 0) fenceProxyAsyncGlobal();  // the ids routeChannel just wrote, read by bulk copies
     __syncwarp();
   }
-  for (int base = first; base < last; base += kBatch) {
-    const int n = min(kBatch, last - base);
+  for (int base = first; base < last;) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(last - base), sendBatchSize(base - first, kBatch, false)));
     // The batch's positions, staged once; sent[d] = rows for d up to the end of the batch.
     groupBarrier(kBarrierSend, kSendThreads);
     for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
@@ -712,9 +708,9 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     groupBarrier(kBarrierSend, kSendThreads);
     for (int j = warp; j < n; j += kSendWarps) {
       if (kSendMode == kSendBulk) {
-        sendBulkToken<kBatch>(p, &prefetch, channel, base + j, posBatch + j * R, last, warp, lane);
+        sendBulkToken(p, &prefetch, channel, base + j, posBatch + j * R, last, lane);
       } else if (kPrefetch) {
-        sendPrefetchedToken<kBatch>(p, &prefetch, channel, base + j, posBatch + j * R, last, warp, lane);
+        sendPrefetchedToken(p, &prefetch, channel, base + j, posBatch + j * R, last, lane);
       } else {
         sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
       }
@@ -728,6 +724,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       __threadfence_system();
       storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
     }
+    base += n;
   }
   if (kPrefetch) drainSendRing(p, prefetch, lane);
   MC_PROFILE(kOpDispatch, 4, 0);
@@ -1245,18 +1242,21 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
     counts[s] = p.recvCount[s * C + channel];
   }
   groupBarrier(kBarrierSend, kSendThreads);
+  // Items are (ordinal, source) pairs of the other ranks only (own rows: the receiver reads
+  // combineX), ordinal-major; item j is ordinal j / (R - 1) of the (j % (R - 1))-th other rank.
+  const int others = R - 1;
   int most = 0;
-  for (int s = 0; s < R; ++s) most = max(most, counts[s]);
+  for (int s = 0; s < R; ++s) most = s == p.rank ? most : max(most, counts[s]);
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * 2;
   const bool aligned = aligned16(p.combineX);
-  const int64_t items = static_cast<int64_t>(most) * R;
-  const int64_t step = static_cast<int64_t>(kBatch) * R;
-  for (int64_t base = 0; base < items; base += step) {
-    const int64_t end = min(items, base + step);
+  const int64_t items = static_cast<int64_t>(most) * others;
+  for (int64_t base = 0; base < items;) {
+    const int64_t end = min(items, base + sendBatchSize(base, kBatch * others, true));
     for (int64_t j = base + warp; j < end; j += kSendWarps) {
-      const int s = static_cast<int>(j % R);
-      const int ordinal = static_cast<int>(j / R);
-      if (ordinal >= counts[s] || s == p.rank) continue;  // own rows: the receiver reads combineX
+      const int k = static_cast<int>(j % others);
+      const int s = k < p.rank ? k : k + 1;
+      const int ordinal = static_cast<int>(j / others);
+      if (ordinal >= counts[s]) continue;
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
       uint8_t* dst = exchangeRow(p, kOpCombine, p.rank, s, channel, ordinal);
@@ -1270,12 +1270,14 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
       if (weightLane) reinterpret_cast<float*>(dst + xBytes)[lane] = weight;
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int s = threadIdx.x; s < R; s += kSendThreads) {
-      const int64_t reach = (end - s + R - 1) / R;  // ordinals i with i * R + s < end
+    for (int k = threadIdx.x; k < others; k += kSendThreads) {
+      const int s = k < p.rank ? k : k + 1;
+      const int64_t reach = (end - k + others - 1) / others;  // ordinals i with i * (R - 1) + k < end
       __threadfence_system();
       storeReleaseSys(ctrlWord(p, s, kCtrlTail, kOpCombine, channel, p.rank),
                       packWord(sequence, static_cast<int>(reach < counts[s] ? reach : counts[s])));
     }
+    base = end;
   }
   MC_PROFILE(kOpCombine, 4, 0);
 }
