@@ -39,6 +39,9 @@
   X(EpPull, "MOECOMM_EP_PULL", Int, "0",                                                                       \
     "Developer sweep: normal-mode rows that cross a link are pulled by the receivers from the sender's own "    \
     "staging instead of pushed into the receiver's: 1 dispatch, 2 combine, 3 both, 0 neither.")                 \
+  X(EpDirectCombine, "MOECOMM_EP_DIRECT_COMBINE", Int, "1",                                                     \
+    "Normal-mode combine reads the peers' expert outputs straight from their memory when every rank's combine "  \
+    "input (and weights) lies in moecommMemAlloc memory at the same offset: 1 when possible, 0 never.")          \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \

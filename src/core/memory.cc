@@ -11,6 +11,7 @@ MemoryRegistry::~MemoryRegistry() = default;
 void MemoryRegistry::addSymmetric(std::unique_ptr<SymmetricMemory> memory) {
   std::lock_guard<std::mutex> lock(mutex_);
   const uintptr_t key = reinterpret_cast<uintptr_t>(memory->local());
+  memory->setId(++symmetricAdded_);
   symmetric_[key] = std::move(memory);
 }
 

@@ -46,6 +46,7 @@ class MemoryRegistry {
   mutable std::mutex mutex_;
   std::map<uintptr_t, std::unique_ptr<SymmetricMemory>> symmetric_;  // local base -> allocation
   std::map<uintptr_t, size_t> registered_;                           // start -> bytes
+  uint64_t symmetricAdded_ = 0;                                      // allocations added so far: the next one's id - 1
 };
 
 }  // namespace moecomm

@@ -156,6 +156,14 @@ struct IntranodeParams {
   const void* bias;
   void* combinedX;
   float* combinedWeights;
+  // Direct combine (docs/ep-normal-gpu.md): every rank's combineX, and its combineWeights
+  // unless no rank passed any, lie in one moecommMemAlloc allocation at the same offset, so
+  // the reducers read the peers' rows where they are and nothing is staged.
+  int combineDirect;
+  void* const* combinePeerX;  // device table [R]: the allocation holding combineX, as this rank maps it
+  uint64_t combineXOffset;
+  void* const* combinePeerWeights;  // likewise for combineWeights; nullptr: no rank passed weights
+  uint64_t combineWeightsOffset;
 };
 
 }  // namespace device

@@ -1282,9 +1282,72 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
   MC_PROFILE(kOpCombine, 4, 0);
 }
 
-// Rank r's row for this rank's token, ordinal-th of channel c: its staged row, or for r ==
-// this rank the caller's own combine input (never staged). nullptr: the row was never received.
+// ---- Direct combine: the peers' rows read where they are ------------------------------
+//
+// When every rank's combineX (and weights) lie in one moecommMemAlloc allocation at the same
+// offset (p.combineDirect), no rank sends: every warp of a block reduces. Block c first tells
+// every other rank s where the rows it received from s on channel c start in its combineX and
+// how many of them it holds (combine count word: first row, tail word: rows, released after
+// the count), which also says that its combineX is final (its kernel started after the work
+// before it on its stream). It then waits for the same two words from every other rank into
+// the block's shared table: [R] first rows, then [R] rows held. The reducers read rank r's
+// row for ordinal i at r's combineX row (first row + i), if i < rows held. Before the block
+// ends it waits for every other rank's ack of this call on the channel: a rank's combineX may
+// be overwritten once its combine finished, so it must not finish while a peer still reads.
+
+__device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64_t sequence, int* table) {
+  const int R = p.numRanks;
+  const int C = p.numChannels;
+  for (int s = threadIdx.x; s < R; s += blockDim.x) {
+    if (s == p.rank) continue;
+    const int first = p.recvOffset[s * C + channel];
+    const int held = max(0, min(p.recvCount[s * C + channel], p.recvCapacity - first));
+    *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, s, kCtrlCount, kOpCombine, channel, p.rank)) =
+        packWord(sequence, first);
+    storeReleaseSys(ctrlWord(p, s, kCtrlTail, kOpCombine, channel, p.rank), packWord(sequence, held));
+  }
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    int first = 0;
+    int held = 0;
+    if (r != p.rank) {
+      const uint64_t word = waitWord(
+          p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
+          [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, r, channel, kOpCombine);
+      held = rowsOf(word, sequence);
+      first = rowsOf(*reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlCount, kOpCombine, channel, r)),
+                     sequence);
+    }
+    table[r] = first;
+    table[R + r] = held;
+  }
+  __syncthreads();
+}
+
+// Waits until every other rank acked this call on the channel (it read this rank's rows).
+__device__ void combineDirectEnd(const IntranodeParams& p, int channel, uint64_t sequence) {
+  for (int r = threadIdx.x; r < p.numRanks; r += blockDim.x) {
+    if (r == p.rank) continue;
+    waitWord(
+        p, ctrlWord(p, p.rank, kCtrlAck, kOpCombine, channel, r), [&](uint64_t v) { return v >= sequence; }, r, channel,
+        kOpCombine);
+  }
+}
+
+// Direct combine: rank r's row `ordinal` of this channel in r's combineX (base: the table of
+// combineDirectBegin), or nullptr when r does not hold it.
+__device__ __forceinline__ const uint8_t* combineDirectRow(const IntranodeParams& p, void* const* bases,
+                                                           uint64_t offset, uint64_t rowBytes, int r, int ordinal) {
+  extern __shared__ __align__(16) int shared[];
+  if (bases == nullptr || ordinal >= shared[p.numRanks + r]) return nullptr;
+  return static_cast<const uint8_t*>(bases[r]) + offset + static_cast<uint64_t>(shared[r] + ordinal) * rowBytes;
+}
+
+// Rank r's row for this rank's token, ordinal-th of channel c: its staged row (or with direct
+// combine its own combineX row), or for r == this rank the caller's own combine input (never
+// staged). nullptr: the row was never received.
 __device__ __forceinline__ const uint8_t* combineRowOf(const IntranodeParams& p, int channel, int r, int ordinal) {
+  if (r != p.rank && p.combineDirect)
+    return combineDirectRow(p, p.combinePeerX, p.combineXOffset, static_cast<uint64_t>(p.hidden) * 2, r, ordinal);
   if (r != p.rank) return exchangeRow(p, kOpCombine, r, p.rank, channel, ordinal);
   const int row = p.recvOffset[p.rank * p.numChannels + channel] + ordinal;
   if (row >= p.recvCapacity) return nullptr;
@@ -1293,6 +1356,10 @@ __device__ __forceinline__ const uint8_t* combineRowOf(const IntranodeParams& p,
 
 // The weights that came back with that row (nullptr: zeros).
 __device__ __forceinline__ const float* combineWeightsOf(const IntranodeParams& p, int channel, int r, int ordinal) {
+  if (r != p.rank && p.combineDirect) {
+    return reinterpret_cast<const float*>(combineDirectRow(p, p.combinePeerWeights, p.combineWeightsOffset,
+                                                           static_cast<uint64_t>(p.topk) * 4, r, ordinal));
+  }
   if (r != p.rank) {
     return reinterpret_cast<const float*>(exchangeRow(p, kOpCombine, r, p.rank, channel, ordinal) +
                                           static_cast<uint64_t>(p.hidden) * 2);
@@ -1472,7 +1539,8 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     // Wait until every rank holding this token has sent its row back (lane r checks rank r).
     for (int r = lane, slot = 0; r < R; r += 32, ++slot) {
       const int ordinal = pos[r];
-      if (ordinal < 0 || r == p.rank || (slot < kKnownSlots && known[slot] > ordinal)) continue;
+      // (Direct combine: combineDirectBegin already waited for every rank's rows.)
+      if (ordinal < 0 || r == p.rank || p.combineDirect || (slot < kKnownSlots && known[slot] > ordinal)) continue;
       const uint64_t word = waitWord(
           p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
           [&](uint64_t v) { return rowsOf(v, sequence) > ordinal; }, r, channel, kOpCombine);
@@ -1675,10 +1743,19 @@ template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
   const int channel = blockIdx.x;
-  setSplit(p.combineSendWarps);
+  setSplit(p.combineDirect ? 0 : p.combineSendWarps);  // direct: nobody sends, every warp reduces
   const uint64_t sequence = readSequence(p, kOpCombine);
   MC_PROFILE(kOpCombine, 0, 0);
-  if (threadIdx.x < kSendThreads) {
+  if (p.combineDirect) {
+    combineDirectBegin(p, channel, sequence, shared);
+    MC_PROFILE(kOpCombine, 1, 0);
+    if (kVariant == kCombineVariantRegisters) {
+      combineReceive<kCombineVariantRegisters>(p, channel, sequence);
+    } else {
+      combineReceive<kCombineVariantDeep>(p, channel, sequence);  // (the bulk variant reads staged rows only)
+    }
+    combineDirectEnd(p, channel, sequence);
+  } else if (threadIdx.x < kSendThreads) {
     combineSend<kBatch>(p, channel, sequence, shared, shared + p.numRanks);
   } else if (kVariant == kCombineVariantBulk && p.numRanks < 32 && combineVectorOk(p)) {
     combineReceiveBulk(p, channel, sequence, reinterpret_cast<uint8_t*>(shared));

@@ -16,6 +16,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/memory.h"
 #include "device/api.h"
 #include "ep/cuda_scope.h"
 #include "ep/ep_args.h"
@@ -272,13 +273,52 @@ class CudaEpBackend : public EpBackend {
                          "this handle has not been used by moecommEpDispatch yet; combine sends back the rows a "
                          "dispatch delivered");
     }
-    MC_CHECK(agree(checked));
+    const int recvCapacity = checked == moecommSuccess ? std::min(ep_->shape.numRanks * ep_->shape.maxTokensPerRank,
+                                                                  handles_.at(handle).recvCapacity)
+                                                       : 0;
+    const SymmetricSpot xSpot =
+        symmetricSpot(args->x, static_cast<uint64_t>(recvCapacity) * ep_->shape.hidden * 2, checked);
+    const SymmetricSpot weightsSpot =
+        symmetricSpot(args->topkWeights, static_cast<uint64_t>(recvCapacity) * ep_->shape.topk * 4, checked);
+    // Direct combine needs the same allocation and offset everywhere (docs/ep-normal-gpu.md).
+    const bool mayDirect = envInt(Env::EpDirectCombine) != 0 && ep_->comm->nranks > 1 && xSpot.table != nullptr &&
+                           (args->topkWeights == nullptr || weightsSpot.table != nullptr);
+    const std::vector<int64_t> spots = {mayDirect ? 1 : 0,
+                                        static_cast<int64_t>(xSpot.id),
+                                        static_cast<int64_t>(xSpot.offset),
+                                        args->topkWeights != nullptr ? 1 : 0,
+                                        static_cast<int64_t>(weightsSpot.id),
+                                        static_cast<int64_t>(weightsSpot.offset)};
+    std::vector<int64_t> allSpots;
+    MC_CHECK(agree(checked, -1, &spots, &allSpots));
+    bool direct = mayDirect;
+    bool anyWeights = false;
+    for (int r = 0; r < ep_->comm->nranks; ++r) {
+      const int64_t* theirs = allSpots.data() + static_cast<size_t>(r) * spots.size();
+      direct = direct && theirs[0] == 1 && theirs[1] == spots[1] && theirs[2] == spots[2];
+      anyWeights = anyWeights || theirs[3] == 1;
+    }
+    // Weights: every rank passes them, from the same place, or none does.
+    for (int r = 0; r < ep_->comm->nranks && anyWeights; ++r) {
+      const int64_t* theirs = allSpots.data() + static_cast<size_t>(r) * spots.size();
+      direct = direct && theirs[3] == 1 && theirs[4] == spots[4] && theirs[5] == spots[5];
+    }
+    if (direct != lastDirect_) {
+      MC_INFO(kLogEp, "rank %d: normal combine %s", ep_->rank,
+              direct ? "reads the peers' rows directly (symmetric combine input)" : "stages the rows it sends");
+      lastDirect_ = direct;
+    }
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     device::IntranodeParams p = base_;
     bindHandle(handle, &p);
     p.numTokens = handle->numTokens;
-    p.recvCapacity = std::min(ep_->shape.numRanks * ep_->shape.maxTokensPerRank, handles_.at(handle).recvCapacity);
+    p.recvCapacity = recvCapacity;
+    p.combineDirect = direct ? 1 : 0;
+    p.combinePeerX = direct ? xSpot.table : nullptr;
+    p.combineXOffset = xSpot.offset;
+    p.combinePeerWeights = direct && anyWeights ? weightsSpot.table : nullptr;
+    p.combineWeightsOffset = weightsSpot.offset;
     p.combineX = args->x;
     p.combineWeights = args->topkWeights;
     p.bias = args->bias;
@@ -522,25 +562,60 @@ class CudaEpBackend : public EpBackend {
 
   // Exchanges every rank's local verdict: a failure anywhere fails every rank. xType >= 0
   // (dispatch): every rank must dispatch the same type, since receivers read rows by their own.
-  moecommResult_t agree(moecommResult_t local, int32_t xType = -1) {
+  // `payload` (the same length on every rank) rides along; `all` gets every rank's, rank-major.
+  moecommResult_t agree(moecommResult_t local, int32_t xType = -1, const std::vector<int64_t>* payload = nullptr,
+                        std::vector<int64_t>* all = nullptr) {
     const std::string text = local != moecommSuccess ? lastErrorText() : "";
     const int nranks = ep_->comm->nranks;
-    std::vector<int32_t> all(2 * static_cast<size_t>(nranks));
-    const int32_t mine[2] = {local, local == moecommSuccess ? xType : -1};
-    const moecommResult_t exchanged = ep_->comm->bootstrap->allgather(mine, all.data(), sizeof(mine));
+    const size_t width = 2 + (payload != nullptr ? payload->size() : 0);
+    std::vector<int64_t> mine(width, 0);
+    mine[0] = local;
+    mine[1] = local == moecommSuccess ? xType : -1;
+    if (payload != nullptr) std::copy(payload->begin(), payload->end(), mine.begin() + 2);
+    std::vector<int64_t> gathered(width * static_cast<size_t>(nranks));
+    const moecommResult_t exchanged =
+        ep_->comm->bootstrap->allgather(mine.data(), gathered.data(), sizeof(int64_t) * width);
     if (local != moecommSuccess) return setError(local, "%s", text.c_str());
     MC_CHECK(exchanged);
     for (int r = 0; r < nranks; ++r) {
-      MC_REQUIRE(all[2 * r] == moecommSuccess, moecommRemoteError,
+      const int64_t verdict = gathered[width * r];
+      MC_REQUIRE(verdict == moecommSuccess, moecommRemoteError,
                  "rank %d rejected its arguments to this EP call (%s); its moecommGetLastError says why", r,
-                 resultName(static_cast<moecommResult_t>(all[2 * r])));
+                 resultName(static_cast<moecommResult_t>(verdict)));
     }
     for (int r = 0; r < nranks && xType >= 0; ++r) {
-      MC_REQUIRE(all[2 * r + 1] == xType, moecommInvalidArgument,
-                 "rank %d dispatches x of type %d but this rank passed type %d: every rank must pass the same xType", r,
-                 all[2 * r + 1], xType);
+      const int64_t theirs = gathered[width * r + 1];
+      MC_REQUIRE(theirs == xType, moecommInvalidArgument,
+                 "rank %d dispatches x of type %lld but this rank passed type %d: every rank must pass the same xType",
+                 r, static_cast<long long>(theirs), xType);
+    }
+    if (all != nullptr) {
+      all->clear();
+      for (int r = 0; r < nranks; ++r) {
+        all->insert(all->end(), gathered.begin() + width * r + 2, gathered.begin() + width * (r + 1));
+      }
     }
     return moecommSuccess;
+  }
+
+  // Where a caller buffer of `bytes` lies in symmetric memory (moecommMemAlloc) with a device
+  // table of the peers' pointers; table nullptr when it does not (or the call was rejected).
+  struct SymmetricSpot {
+    uint64_t id = 0;
+    uint64_t offset = 0;
+    void* const* table = nullptr;
+  };
+  SymmetricSpot symmetricSpot(const void* ptr, uint64_t bytes, moecommResult_t checked) const {
+    SymmetricSpot spot;
+    if (checked != moecommSuccess || ptr == nullptr || bytes == 0) return spot;
+    size_t offset = 0;
+    SymmetricMemory* memory = ep_->comm->memory->findSymmetric(ptr, bytes, &offset);
+    if (memory == nullptr || !memory->isDevice() || memory->devicePeerTable() == nullptr || memory->id() == 0)
+      return spot;
+    spot.id = memory->id();
+    spot.offset = offset;
+    spot.table = memory->devicePeerTable();
+    return spot;
   }
 
   moecommResult_t launch(int err, const char* what) {
@@ -694,6 +769,7 @@ class CudaEpBackend : public EpBackend {
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
+  bool lastDirect_ = false;    // the previous combine read the peers' rows directly (logged on change)
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::vector<HandleDevice> pool_;              // destroyed handles' blocks, at most kHandleBlockPool
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode

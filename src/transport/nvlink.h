@@ -73,6 +73,7 @@ class NvlinkSymmetric : public SymmetricMemory {
   size_t bytes() const override { return bytes_; }
   const char* method() const override { return nvlinkMethodName(method_); }
   bool isDevice() const override { return true; }
+  void* const* devicePeerTable() const override { return detached_ ? nullptr : peerTable_; }
   // Synchronises device() (so no kernel of ours still touches a peer), then unmaps or
   // closes every peer buffer. Idempotent.
   moecommResult_t detachPeers() override;
@@ -92,6 +93,7 @@ class NvlinkSymmetric : public SymmetricMemory {
   size_t allocated_ = 0;
   NvlinkMethod method_ = NvlinkMethod::kAuto;
   bool detached_ = false;
+  void** peerTable_ = nullptr;                        // device copy of pointers_ (see devicePeerTable), or nullptr
   std::vector<void*> pointers_;                       // [nranks], as this rank addresses them
   std::unique_ptr<NvlinkRegion> local_;               // owns this rank's allocation
   std::vector<std::unique_ptr<NvlinkRegion>> peers_;  // owns imported mappings (null for direct pointers)

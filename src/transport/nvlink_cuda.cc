@@ -674,6 +674,7 @@ struct NvlinkBuilder {
 NvlinkSymmetric::~NvlinkSymmetric() {
   DeviceGuard guard;
   if (device_ >= 0 && cudaSetDevice(device_) != cudaSuccess) (void)cudaGetLastError();
+  if (peerTable_ != nullptr && cudaFree(peerTable_) != cudaSuccess) (void)cudaGetLastError();
   peers_.clear();
   local_.reset();
 }
@@ -725,6 +726,22 @@ moecommResult_t NvlinkSymmetric::create(moecommComm* comm, size_t bytes, std::un
     return setError(result, "%s", text.c_str());
   }
   MC_CHECK(builder.run());
+  // The device copy of the peer pointers is optional (kernels that need it fall back without
+  // it), so a failure here is logged, not returned: the collective already succeeded everywhere.
+  void* table = nullptr;
+  const size_t tableBytes = sizeof(void*) * memory->pointers_.size();
+  cudaError_t tableError = cudaMalloc(&table, tableBytes);
+  if (tableError == cudaSuccess)
+    tableError = cudaMemcpy(table, memory->pointers_.data(), tableBytes, cudaMemcpyHostToDevice);
+  if (tableError == cudaSuccess) {
+    memory->peerTable_ = static_cast<void**>(table);
+  } else {
+    (void)cudaGetLastError();
+    if (table != nullptr) (void)cudaFree(table);
+    MC_WARN(kLogMem,
+            "rank %d: no device table of the peers' pointers (%s); EP calls will not read this memory directly",
+            comm->rank, cudaGetErrorString(tableError));
+  }
   MC_INFO(kLogMem, "rank %d: symmetric GPU memory of %zu bytes (%zu allocated) on GPU %d shared with %d ranks via %s",
           comm->rank, bytes, memory->allocated_, comm->device, comm->nranks, memory->method());
   *out = std::move(memory);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "moecomm.h"
 
@@ -30,11 +31,23 @@ class SymmetricMemory {
   virtual const char* method() const = 0;
   // True when the buffers are GPU memory (pointers for kernels, not for the host).
   virtual bool isDevice() const = 0;
+  // GPU memory: a device array of nranks() pointers, peer(r) for every r, for kernels that
+  // address every rank's buffer; nullptr where there is none (host memory, after
+  // detachPeers(), or when making it failed).
+  virtual void* const* devicePeerTable() const { return nullptr; }
+  // Set by the memory registry: the allocation's ordinal among the communicator's
+  // moecommMemAlloc calls, so the same number names the same collective allocation on every
+  // rank (0: not from the registry).
+  uint64_t id() const { return id_; }
+  void setId(uint64_t id) { id_ = id; }
   // First half of a collective free: stops using and unmaps the peers' buffers (after the
   // local device is idle, for GPU memory), keeping the local one. Every rank must call it,
   // then pass a barrier, and only then destroy the object: a buffer must not be freed while a
   // peer still maps it (legacy CUDA IPC makes that undefined behaviour). Idempotent.
   virtual moecommResult_t detachPeers() { return moecommSuccess; }
+
+ private:
+  uint64_t id_ = 0;
 };
 
 }  // namespace moecomm

@@ -62,6 +62,11 @@ namespace ref = moecomm::reference;
 constexpr uint8_t kPoison = 0xA5;
 // Allocated after every device buffer and checked to be still poisoned.
 constexpr size_t kGuardBytes = 256;
+// Case::combineMemory
+constexpr int kCudaMalloc = 0;
+constexpr int kSymmetric = 1;
+constexpr int kSymmetricShifted = 2;
+constexpr int kSymmetricXOnly = 3;
 
 // ---- Deterministic data -----------------------------------------------------------------
 
@@ -169,6 +174,11 @@ struct Case {
                               // previous handle's pooled routing block (zeroed again)
   bool minimal = false;       // optional outputs NULL; reused-handle rounds pass topkIdx = NULL
   int numSms = 0;             // EP config SM budget (0: MOECOMM_EP_NUM_SMS)
+  // Where the combine input and weights live: kCudaMalloc, or moecommMemAlloc memory at the
+  // same offset on every rank (kSymmetric: direct combine), at an offset that differs per
+  // rank (kSymmetricShifted), or the input there and the weights not (kSymmetricXOnly); the
+  // last two must fall back to staged rows. Results must not depend on it.
+  int combineMemory = 0;
 
   Case& Fp8() {
     fp8 = true;
@@ -223,6 +233,10 @@ struct Case {
     numSms = n;
     return *this;
   }
+  Case& CombineIn(int memory) {
+    combineMemory = memory;
+    return *this;
+  }
 
   std::string Name() const {
     static const char* const kRoutes[] = {"random", "hot", "one-expert", "some-none", "all-none"};
@@ -248,6 +262,8 @@ struct Case {
     if (freshRouting) name += " fresh-routing";
     if (minimal) name += " minimal";
     if (numSms != 0) name += " sms=" + std::to_string(numSms);
+    static const char* const kMemory[] = {"", " combine-in=symmetric", " combine-in=shifted", " combine-in=x-only"};
+    name += kMemory[combineMemory];
     return name;
   }
 };
@@ -459,7 +475,11 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   ~DeviceBuffer() {
-    if (ptr_ != nullptr && cudaFree(ptr_) != cudaSuccess) (void)cudaGetLastError();
+    if (symmetricComm_ != nullptr) {
+      (void)moecommMemFree(symmetricComm_, symmetricBase_);  // collective: every rank frees its own
+    } else if (ptr_ != nullptr && cudaFree(ptr_) != cudaSuccess) {
+      (void)cudaGetLastError();
+    }
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
@@ -467,6 +487,16 @@ class DeviceBuffer {
   cudaError_t Allocate(size_t bytes) {
     bytes_ = bytes;
     return cudaMalloc(&ptr_, bytes + kGuardBytes);
+  }
+  // Collective: `bytes` at `shift` bytes into moecommMemAlloc memory of `allocBytes` (the same
+  // on every rank) plus the guard and the shift.
+  cudaError_t AllocateSymmetric(moecommComm_t comm, size_t bytes, size_t allocBytes, size_t shift) {
+    bytes_ = bytes;
+    if (moecommMemAlloc(comm, &symmetricBase_, allocBytes + kGuardBytes + shift) != moecommSuccess)
+      return cudaErrorMemoryAllocation;
+    symmetricComm_ = comm;
+    ptr_ = static_cast<uint8_t*>(symmetricBase_) + shift;
+    return cudaSuccess;
   }
   cudaError_t Poison(cudaStream_t stream) const { return cudaMemsetAsync(ptr_, kPoison, bytes_ + kGuardBytes, stream); }
   template <typename T>
@@ -485,6 +515,8 @@ class DeviceBuffer {
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
+  moecommComm_t symmetricComm_ = nullptr;  // set: ptr_ lies in moecommMemAlloc memory at symmetricBase_
+  void* symmetricBase_ = nullptr;
 };
 
 std::string Hex(const uint8_t* bytes, size_t n) {
@@ -679,7 +711,23 @@ bool CaseRunner::Setup() {
       {&layoutExpert_, 4 * static_cast<size_t>(c_.experts)},
       {&layoutInRank_, T * R_},
   };
-  for (const Plan& plan : plans) CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
+  for (const Plan& plan : plans) {
+    if (c_.combineMemory != kCudaMalloc && (plan.buffer == &combineX_ || plan.buffer == &combineW_)) continue;
+    CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
+  }
+  if (c_.combineMemory != kCudaMalloc) {
+    // Collective allocations, the same size everywhere (room for the largest capacity, R * maxT);
+    // shifted: rank r's buffers start 256 * (r + 1) bytes in, so no two ranks' offsets match.
+    const size_t most = static_cast<size_t>(R_) * c_.tokens;
+    const size_t shift = c_.combineMemory == kSymmetricShifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
+    const size_t room = c_.combineMemory == kSymmetricShifted ? 256 * static_cast<size_t>(R_) : 0;
+    CudaCheck(combineX_.AllocateSymmetric(comm_, cap * H * 2, most * H * 2 + room, shift), "moecommMemAlloc");
+    if (c_.combineMemory == kSymmetricXOnly) {
+      CudaCheck(combineW_.Allocate(cap * K * 4), "cudaMalloc");
+    } else {
+      CudaCheck(combineW_.AllocateSymmetric(comm_, cap * K * 4, most * K * 4 + room, shift), "moecommMemAlloc");
+    }
+  }
   UploadTopkIdx();
   // Local trouble (an allocation) stops the case on every rank before the first collective.
   int bad = -1;
@@ -1197,8 +1245,30 @@ TEST_F(EpCudaNormal, GraphReplay) {
            {
                C(7168, 512, 8, 64).Fp8().I32().Bias().W(true, true),
                C(2880, 256, 4, 32).Align(4).W(true, false),
+               C(7168, 512, 8, 64).Fp8().W(true, true).CombineIn(kSymmetric),
            },
            /*graph=*/true);
+}
+
+// Combine input and weights in moecommMemAlloc memory: read directly by the peers when every
+// rank has them at the same offset (docs/ep-normal-gpu.md, "Direct combine"), staged when the
+// offsets differ or only the input is there; the results are the same either way.
+TEST_F(EpCudaNormal, DirectCombine) {
+  RunCases("DirectCombine",
+           {
+               C(7168, 1024, 8, 64).Fp8().W(true, true).CombineIn(kSymmetric),
+               C(2048, 512, 8, 32).I32().Bias().W(false, true).CombineIn(kSymmetric),
+               C(4096, 512, 4, 32).Exact().Align(4).W(true, false).CombineIn(kSymmetric),
+               C(2048, 512, 8, 64).Routed(Route::kOneExpert).W(true, true).CombineIn(kSymmetric),
+               C(2048, 256, 4, 32).Fp8().Empty(1u << 1).Bias().W(true, true).CombineIn(kSymmetric),
+               C(2880, 512, 4, 32).Rounds(3).W(true, true).CombineIn(kSymmetric),
+               C(7168, 256, 8, 64).Fp8().Rounds(3).FreshRouting().W(false, true).CombineIn(kSymmetric),
+               C(136, 300, 3, 12).I32().Exact().Routed(Route::kSomeNone).Bias().W(true, true).CombineIn(kSymmetric),
+               C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true).CombineIn(kSymmetric),
+               C(2048, 512, 8, 32).W(true, true).CombineIn(kSymmetricShifted),
+               C(2048, 512, 8, 32).Fp8().W(false, true).CombineIn(kSymmetricXOnly),
+               C(2048, 512, 8, 32).W(true, false).CombineIn(kSymmetricXOnly),
+           });
 }
 
 // A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K

@@ -21,6 +21,7 @@ class NormalRunner {
   ~NormalRunner() {
     if (handle_ != nullptr) moecommEpHandleDestroy(handle_);
     if (ep_ != nullptr) moecommEpDestroy(ep_);
+    if (symmetricIn_) (void)moecommMemFree(c_.comm, expertIn_);  // collective, as the allocation
   }
   bool Run();
 
@@ -53,6 +54,7 @@ class NormalRunner {
   uint8_t* packed_ = nullptr;
   void* expertIn_ = nullptr;
   void* combined_ = nullptr;
+  bool symmetricIn_ = false;  // expertIn_ is moecommMemAlloc memory (--combine-in symmetric)
 };
 
 void NormalRunner::Setup() {
@@ -71,7 +73,13 @@ void NormalRunner::Setup() {
   numRecv_ = static_cast<int*>(p_.Alloc(sizeof(int), "num_recv_tokens"));
   tokensPerRank_ = static_cast<int*>(p_.Alloc(sizeof(int) * c_.nranks, "tokens_per_rank"));
   packed_ = static_cast<uint8_t*>(p_.Alloc(capacity_ * DispatchRowBytes(o_.dtype, o_.hidden), "packed rows"));
-  expertIn_ = p_.Alloc(capacity_ * o_.hidden * 2, "combine input");
+  if (o_.combineSymmetric) {
+    const moecommResult_t result = moecommMemAlloc(c_.comm, &expertIn_, capacity_ * o_.hidden * 2);
+    if (result != moecommSuccess) Fail("moecommMemAlloc (combine input)", result);
+    symmetricIn_ = true;
+  } else {
+    expertIn_ = p_.Alloc(capacity_ * o_.hidden * 2, "combine input");
+  }
   combined_ = p_.Alloc(static_cast<size_t>(o_.tokens) * o_.hidden * 2, "combined_x");
   p_.Upload(topkIdx_, routing.topkIdx.data(), routing.topkIdx.size() * 8);
   p_.Upload(x_, tokens.x.data(), tokens.x.size());

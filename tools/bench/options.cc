@@ -30,6 +30,9 @@ void PrintUsage(FILE* out) {
                "  --graph            with --ll: also capture dispatch+combine in a CUDA graph, time replays\n"
                "  --ll-per-rank      with --ll: MOECOMM_LL_PER_RANK_COMBINE (the dispatch takes the weights, the\n"
                "                     combine sums per expert rank and gets topkWeights = NULL)\n"
+               "  --combine-in device|symmetric\n"
+               "                     normal mode: the combine input from cudaMalloc (default) or moecommMemAlloc\n"
+               "                     (then the peers read it directly: docs/ep-normal-gpu.md, \"Direct combine\")\n"
                "  --no-baseline      skip the NCCL baseline\n"
                "  --no-roofline      skip the peer-copy roofline\n"
                "  --no-flush         do not evict the L2 before each sample (warm-cache timings)\n"
@@ -69,6 +72,12 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
     }
     if (flag == "--graph") {
       options->graph = true;
+      continue;
+    }
+    if (flag == "--combine-in") {
+      const std::string value = i + 1 < argc ? argv[++i] : "";
+      if (value != "device" && value != "symmetric") BENCH_FAIL("--combine-in", "takes device or symmetric");
+      options->combineSymmetric = value == "symmetric";
       continue;
     }
     if (flag == "--ll-per-rank") {
@@ -187,6 +196,8 @@ void ResolveWorkload(int nranks, Options* options) {
   if (options->dtype == DispatchType::kFp8 && options->hidden % 128 != 0) BENCH_FAIL("-H", "FP8 needs H % 128 == 0");
   if (nranks > 64) BENCH_FAIL("rank count", "moecomm-bench supports at most 64 ranks");
   if (options->graph && !options->lowLatency) BENCH_FAIL("--graph", "is only implemented with --ll");
+  if (options->combineSymmetric && options->lowLatency)
+    BENCH_FAIL("--combine-in", "applies to the normal-mode combine, not with --ll");
   if (options->llPerRank && !options->lowLatency && !options->hostSmoke)
     BENCH_FAIL("--ll-per-rank", "applies to the low-latency combine: add --ll");
 }

@@ -17,20 +17,21 @@ struct Options {
   double zipf = 0.0;                   // expert popularity exponent (W-skew: 1.2; 0 = uniform)
   DispatchType dtype = DispatchType::kFp8;
   bool dtypeGiven = false;
-  uint64_t seed = 1;        // -s
-  int iters = 50;           // -n
-  int warmup = 10;          // -W
-  int check = 1;            // -c
-  int smBudget = 0;         // -S (0 = the library's default)
-  std::string jsonPath;     // -J
-  bool lowLatency = false;  // --ll
-  bool graph = false;       // --graph
-  bool llPerRank = false;   // --ll-per-rank: MOECOMM_LL_PER_RANK_COMBINE (dispatch takes the weights)
-  bool hostSmoke = false;   // --host-smoke
-  bool host = false;        // --host: the host backend on the workload asked for (no GPU needed)
-  bool baseline = true;     // --no-baseline turns the NCCL baseline off
-  bool roofline = true;     // --no-roofline
-  bool flushL2 = true;      // --no-flush keeps the L2 (and its translations) warm between samples
+  uint64_t seed = 1;              // -s
+  int iters = 50;                 // -n
+  int warmup = 10;                // -W
+  int check = 1;                  // -c
+  int smBudget = 0;               // -S (0 = the library's default)
+  std::string jsonPath;           // -J
+  bool lowLatency = false;        // --ll
+  bool graph = false;             // --graph
+  bool llPerRank = false;         // --ll-per-rank: MOECOMM_LL_PER_RANK_COMBINE (dispatch takes the weights)
+  bool combineSymmetric = false;  // --combine-in symmetric: the normal combine input from moecommMemAlloc
+  bool hostSmoke = false;         // --host-smoke
+  bool host = false;              // --host: the host backend on the workload asked for (no GPU needed)
+  bool baseline = true;           // --no-baseline turns the NCCL baseline off
+  bool roofline = true;           // --no-roofline
+  bool flushL2 = true;            // --no-flush keeps the L2 (and its translations) warm between samples
 };
 
 // Parses argv; prints usage and returns false on -h or a bad flag (exitCode says which).
