@@ -42,6 +42,9 @@
   X(EpDirectCombine, "MOECOMM_EP_DIRECT_COMBINE", Int, "1",                                                     \
     "Normal-mode combine reads the peers' expert outputs straight from their memory when every rank's combine "  \
     "input (and weights) lies in moecommMemAlloc memory at the same offset: 1 when possible, 0 never.")          \
+  X(EpDirectDispatch, "MOECOMM_EP_DIRECT_DISPATCH", Int, "1",                                                   \
+    "Normal-mode dispatch stores x rows straight into the destinations' recvX when every rank's recvX lies in "  \
+    "moecommMemAlloc memory at the same offset (default kernels only): 1 when possible, 0 never.")              \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \

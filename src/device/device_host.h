@@ -45,6 +45,9 @@ constexpr int kOpNotify = 0;
 constexpr int kOpDispatch = 1;
 constexpr int kOpCombine = 2;
 constexpr int kOps = 3;
+// Control word kinds per (op, channel, rank) in the symmetric buffer: count (even and odd
+// sequence), tail, ack, and the direct dispatch's first row and rows held (intranode.cu).
+constexpr int kCtrlKinds = 6;
 
 // Developer variants of the normal-mode receivers (MOECOMM_EP_DISPATCH_VARIANT,
 // MOECOMM_EP_COMBINE_VARIANT; docs/ep-normal-gpu.md, "Variants"). 0 is the default kernel.
@@ -149,6 +152,12 @@ struct IntranodeParams {
   int* outNumRecv;
   int* outPerExpert;
   int route;  // 1: compute the routing from topkIdx first
+  // Direct dispatch (docs/ep-normal-gpu.md): every rank's recvX lies in one moecommMemAlloc
+  // allocation at the same offset, so senders store x rows straight into the destination's
+  // recvX (the rest of a row still goes through the staging area).
+  int dispatchDirect;
+  void* const* recvXPeers;  // device table [R]: the allocation holding recvX, as this rank maps it
+  uint64_t recvXOffset;
 
   // Combine call.
   const void* combineX;

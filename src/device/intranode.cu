@@ -66,6 +66,9 @@ constexpr int kCtrlCount = 0;
 constexpr int kCtrlTail = 1;
 constexpr int kCtrlAck = 2;
 constexpr int kCtrlCountOdd = 3;  // count words of odd sequence numbers (see countWord)
+constexpr int kCtrlBase = 4;      // direct dispatch: the destination's first row of (source, channel)
+constexpr int kCtrlHeld = 5;      // direct dispatch: of those rows, how many fit its recvCapacity
+static_assert(kCtrlHeld < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
 // timer at fixed points of the last call (see intranodeProfile).
@@ -461,7 +464,7 @@ __device__ __forceinline__ bool scalesVectorOk(const IntranodeParams& p, const v
 // normalized top-k ids, weights and the token index. Every load is issued before any store,
 // so a token costs one round trip to memory per kUnroll vectors per lane.
 __device__ void sendToken(const IntranodeParams& p, int channel, int t, const int* posRow, bool xAligned,
-                          bool scalesVec, int lane) {
+                          bool scalesVec, const int* direct, int lane) {
   const int R = p.numRanks;
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
   const int scalesPerRow = p.hidden / 128;
@@ -482,7 +485,15 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
     const int ordinal = posRow[d];
     return ordinal < 0 || d == p.rank ? nullptr : exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
   };
-  warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, rowFor, lane);
+  // Direct dispatch: the x row goes to its place in d's recvX (when it fits there), the rest
+  // through the staging row.
+  auto xFor = [&](int d) -> uint8_t* {
+    if (direct == nullptr) return rowFor(d);
+    const int ordinal = posRow[d];
+    if (ordinal < 0 || d == p.rank || ordinal >= direct[R + d]) return nullptr;
+    return static_cast<uint8_t*>(p.recvXPeers[d]) + p.recvXOffset + static_cast<uint64_t>(direct[d] + ordinal) * xBytes;
+  };
+  warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, xFor, lane);
   for (int d = 0; d < R; ++d) {
     uint8_t* row = rowFor(d);
     if (row == nullptr) continue;
@@ -671,7 +682,7 @@ constexpr int kSendBulk = 2;       // bulk loads and bulk stores (variant 3)
 
 template <int kBatch, int kSendMode>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
-                             int* posBatch, uint8_t* dynamicShared) {
+                             int* posBatch, int* direct, uint8_t* dynamicShared) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int R = p.numRanks;
@@ -686,6 +697,25 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   publishCounts(p, kOpDispatch, channel, sequence);
   MC_PROFILE(kOpDispatch, 3, 0);
   for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
+  if (p.dispatchDirect) {
+    // Direct dispatch: where this channel's rows start in every destination's recvX and how
+    // many fit there, published by the destination's receivers once they have every count
+    // (dispatchReceive); direct[d], direct[R + d]. The first batch's barrier publishes them.
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      int first = 0;
+      int held = 0;
+      if (d != p.rank) {
+        const uint64_t word = waitWord(
+            p, ctrlWord(p, p.rank, kCtrlHeld, kOpDispatch, channel, d),
+            [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, d, channel, kOpDispatch);
+        held = rowsOf(word, sequence);
+        first = rowsOf(*reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlBase, kOpDispatch, channel, d)),
+                       sequence);
+      }
+      direct[d] = first;
+      direct[R + d] = held;
+    }
+  }
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
   constexpr bool kPrefetch = kSendMode != kSendRegisters;
@@ -712,7 +742,8 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       } else if (kPrefetch) {
         sendPrefetchedToken(p, &prefetch, channel, base + j, posBatch + j * R, last, lane);
       } else {
-        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, lane);
+        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? direct : nullptr,
+                  lane);
       }
     }
     if (kSendMode == kSendBulk && lane == 0) {
@@ -1081,6 +1112,14 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     p.recvOffset[s * C + channel] = offsets[s];
     p.recvCount[s * C + channel] = counts[s];
     done[s] = 0;
+    if (p.dispatchDirect && s != p.rank) {
+      // Direct dispatch: tell source s where its rows of this channel go in recvX, and how
+      // many fit (the senders wait for this before their first row; see dispatchSend).
+      const int held = max(0, min(counts[s], p.recvCapacity - offsets[s]));
+      *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, s, kCtrlBase, kOpDispatch, channel, p.rank)) =
+          packWord(sequence, offsets[s]);
+      storeReleaseSys(ctrlWord(p, s, kCtrlHeld, kOpDispatch, channel, p.rank), packWord(sequence, held));
+    }
   }
   if (channel == 0 && p.outPerExpert != nullptr) {
     for (int le = tid; le < localExperts; le += kRecvThreads) {
@@ -1163,7 +1202,11 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       const RowSource src =
           s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
                       : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
-      receiveRow(p, src, row, s, scalesVec, lane);
+      if (p.dispatchDirect && s != p.rank) {
+        receiveRow<false>(p, src, row, s, scalesVec, lane);  // its x row is already in place
+      } else {
+        receiveRow(p, src, row, s, scalesVec, lane);
+      }
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
@@ -1178,7 +1221,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [sendBatch * R], rows of every (channel, source) count word [C * R].
+// a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
+// dispatch's first rows and rows held per destination [2 R].
 template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
@@ -1192,6 +1236,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* avail = done + R;
   int* posBatch = avail + R;
   int* rowsTable = posBatch + p.sendBatch * R;  // the table is sized for the run-time batch
+  int* direct = rowsTable + p.numChannels * R;
   const int channel = blockIdx.x;
   setSplit(p.dispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
@@ -1200,13 +1245,13 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     // Prefetching senders read x, scales and weights by bulk copies (16-byte aligned chunks).
     const bool bulkOk = aligned16(p.x) && selfPartsBulkOk(p);
     if (kVariant == kDispatchVariantPrefetch && bulkOk) {
-      dispatchSend<kBatch, kSendPrefetch>(p, channel, sequence, scratch, sent, posBatch,
+      dispatchSend<kBatch, kSendPrefetch>(p, channel, sequence, scratch, sent, posBatch, direct,
                                           reinterpret_cast<uint8_t*>(shared));
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
-      dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch,
+      dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, direct,
                                       reinterpret_cast<uint8_t*>(shared));
     } else {
-      dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch,
+      dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch, direct,
                                            reinterpret_cast<uint8_t*>(shared));
     }
   } else {
@@ -1791,7 +1836,7 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
 
 uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (5 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
+      (7 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
 }
 

@@ -56,7 +56,7 @@ uint64_t planNormalBuffer(device::IntranodeParams* p) {
   p->combineRowBytes = roundUp(2 * H + 4 * K, 16);
   const uint64_t slots = R * channels * static_cast<uint64_t>(p->chunkRows);
   p->ctrlOffset = 0;
-  p->expertsOffset = roundUp(4ull * device::kOps * channels * R * 8, 16);  // 4 kinds: count (two parities), tail, ack
+  p->expertsOffset = roundUp(static_cast<uint64_t>(device::kCtrlKinds) * device::kOps * channels * R * 8, 16);
   p->dispatchOffset = roundUp(p->expertsOffset + 2ull * 2 * R * channels * L * 4, 16);  // 2 ops x 2 parities
   p->combineOffset = roundUp(p->dispatchOffset + slots * p->dispatchRowBytes, 16);
   return p->combineOffset + slots * p->combineRowBytes;
@@ -223,7 +223,22 @@ class CudaEpBackend : public EpBackend {
                            moecommStream_t stream) override {
     pollErrors();
     const moecommResult_t checked = checkDispatchArgs(*ep_, args, handle);
-    MC_CHECK(agree(checked, checked == moecommSuccess ? static_cast<int32_t>(args->xType) : -1));
+    // Direct dispatch needs every rank's recvX in one allocation at the same offset, and the
+    // default kernels (docs/ep-normal-gpu.md, "Direct dispatch and combine").
+    const uint64_t xRowBytes = checked == moecommSuccess ? static_cast<uint64_t>(ep_->shape.hidden) *
+                                                               (args->xType == moecommFloat8E4M3 ? 1 : 2)
+                                                         : 0;
+    const SymmetricSpot recvSpot =
+        symmetricSpot(args->recvX, static_cast<uint64_t>(std::max(0, args->recvCapacity)) * xRowBytes, checked);
+    const bool mayDirect = envInt(Env::EpDirectDispatch) != 0 && ep_->comm->nranks > 1 && recvSpot.table != nullptr &&
+                           recvSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
+                           (base_.pull & 1) == 0;
+    const std::vector<int64_t> spot = {mayDirect ? 1 : 0, static_cast<int64_t>(recvSpot.id),
+                                       static_cast<int64_t>(recvSpot.offset)};
+    std::vector<int64_t> allSpots;
+    MC_CHECK(agree(checked, checked == moecommSuccess ? static_cast<int32_t>(args->xType) : -1, &spot, &allSpots));
+    const bool direct = sameEverywhere(spot, allSpots);
+    logDirect("dispatch", direct, &lastDirectDispatch_);
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     moecommEpHandle* target = *handle;
@@ -252,6 +267,9 @@ class CudaEpBackend : public EpBackend {
     p.recvTopkWeights = args->recvTopkWeights;
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
+    p.dispatchDirect = direct ? 1 : 0;
+    p.recvXPeers = direct ? recvSpot.table : nullptr;
+    p.recvXOffset = recvSpot.offset;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
     if (status == moecommSuccess) status = noteUse(target, stream);
     if (status != moecommSuccess) {
@@ -291,23 +309,13 @@ class CudaEpBackend : public EpBackend {
                                         static_cast<int64_t>(weightsSpot.offset)};
     std::vector<int64_t> allSpots;
     MC_CHECK(agree(checked, -1, &spots, &allSpots));
-    bool direct = mayDirect;
     bool anyWeights = false;
-    for (int r = 0; r < ep_->comm->nranks; ++r) {
-      const int64_t* theirs = allSpots.data() + static_cast<size_t>(r) * spots.size();
-      direct = direct && theirs[0] == 1 && theirs[1] == spots[1] && theirs[2] == spots[2];
-      anyWeights = anyWeights || theirs[3] == 1;
-    }
-    // Weights: every rank passes them, from the same place, or none does.
-    for (int r = 0; r < ep_->comm->nranks && anyWeights; ++r) {
-      const int64_t* theirs = allSpots.data() + static_cast<size_t>(r) * spots.size();
-      direct = direct && theirs[3] == 1 && theirs[4] == spots[4] && theirs[5] == spots[5];
-    }
-    if (direct != lastDirect_) {
-      MC_INFO(kLogEp, "rank %d: normal combine %s", ep_->rank,
-              direct ? "reads the peers' rows directly (symmetric combine input)" : "stages the rows it sends");
-      lastDirect_ = direct;
-    }
+    for (int r = 0; r < ep_->comm->nranks; ++r) anyWeights = anyWeights || allSpots[r * spots.size() + 3] == 1;
+    // Weights: every rank passes them, from the same place, or none does (then only the
+    // input's place counts).
+    const bool direct = anyWeights ? sameEverywhere(spots, allSpots)
+                                   : sameEverywhere({spots[0], spots[1], spots[2]}, firstOf(allSpots, spots.size(), 3));
+    logDirect("combine", direct, &lastDirectCombine_);
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     device::IntranodeParams p = base_;
@@ -598,6 +606,30 @@ class CudaEpBackend : public EpBackend {
     return moecommSuccess;
   }
 
+  // True when `mine` says "direct is possible here" (mine[0] == 1) and every rank's entry of
+  // `all` (rank-major, mine.size() each) equals it.
+  static bool sameEverywhere(const std::vector<int64_t>& mine, const std::vector<int64_t>& all) {
+    if (mine.empty() || mine[0] != 1 || all.size() % mine.size() != 0) return false;
+    for (size_t i = 0; i < all.size(); ++i) {
+      if (all[i] != mine[i % mine.size()]) return false;
+    }
+    return true;
+  }
+  // The first `keep` of every `width` entries of `all`.
+  static std::vector<int64_t> firstOf(const std::vector<int64_t>& all, size_t width, size_t keep) {
+    std::vector<int64_t> out;
+    for (size_t i = 0; i < all.size(); ++i) {
+      if (i % width < keep) out.push_back(all[i]);
+    }
+    return out;
+  }
+  void logDirect(const char* op, bool direct, bool* last) {
+    if (direct == *last) return;
+    MC_INFO(kLogEp, "rank %d: normal %s %s", ep_->rank, op,
+            direct ? "is direct (symmetric buffers at the same offset on every rank)" : "stages its rows");
+    *last = direct;
+  }
+
   // Where a caller buffer of `bytes` lies in symmetric memory (moecommMemAlloc) with a device
   // table of the peers' pointers; table nullptr when it does not (or the call was rejected).
   struct SymmetricSpot {
@@ -768,8 +800,9 @@ class CudaEpBackend : public EpBackend {
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
-  uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
-  bool lastDirect_ = false;    // the previous combine read the peers' rows directly (logged on change)
+  uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
+  bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
+  bool lastDirectCombine_ = false;
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::vector<HandleDevice> pool_;              // destroyed handles' blocks, at most kHandleBlockPool
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode

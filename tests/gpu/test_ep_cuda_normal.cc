@@ -179,6 +179,8 @@ struct Case {
   // rank (kSymmetricShifted), or the input there and the weights not (kSymmetricXOnly); the
   // last two must fall back to staged rows. Results must not depend on it.
   int combineMemory = 0;
+  // Where recvX lives: kCudaMalloc, kSymmetric (direct dispatch) or kSymmetricShifted (staged).
+  int recvMemory = 0;
 
   Case& Fp8() {
     fp8 = true;
@@ -237,6 +239,10 @@ struct Case {
     combineMemory = memory;
     return *this;
   }
+  Case& RecvIn(int memory) {
+    recvMemory = memory;
+    return *this;
+  }
 
   std::string Name() const {
     static const char* const kRoutes[] = {"random", "hot", "one-expert", "some-none", "all-none"};
@@ -264,6 +270,8 @@ struct Case {
     if (numSms != 0) name += " sms=" + std::to_string(numSms);
     static const char* const kMemory[] = {"", " combine-in=symmetric", " combine-in=shifted", " combine-in=x-only"};
     name += kMemory[combineMemory];
+    static const char* const kRecvMemory[] = {"", " recv-x=symmetric", " recv-x=shifted"};
+    name += kRecvMemory[recvMemory];
     return name;
   }
 };
@@ -488,15 +496,16 @@ class DeviceBuffer {
     bytes_ = bytes;
     return cudaMalloc(&ptr_, bytes + kGuardBytes);
   }
-  // Collective: `bytes` at `shift` bytes into moecommMemAlloc memory of `allocBytes` (the same
-  // on every rank) plus the guard and the shift.
-  cudaError_t AllocateSymmetric(moecommComm_t comm, size_t bytes, size_t allocBytes, size_t shift) {
+  // Collective: `bytes` at `shift` bytes into moecommMemAlloc memory of `allocBytes` plus the
+  // guard (the same size on every rank; shift + bytes must fit in allocBytes). The error text
+  // is moecommGetLastError's.
+  std::string AllocateSymmetric(moecommComm_t comm, size_t bytes, size_t allocBytes, size_t shift) {
     bytes_ = bytes;
-    if (moecommMemAlloc(comm, &symmetricBase_, allocBytes + kGuardBytes + shift) != moecommSuccess)
-      return cudaErrorMemoryAllocation;
+    if (moecommMemAlloc(comm, &symmetricBase_, allocBytes + kGuardBytes) != moecommSuccess)
+      return std::string("moecommMemAlloc: ") + moecommGetLastError(comm);
     symmetricComm_ = comm;
     ptr_ = static_cast<uint8_t*>(symmetricBase_) + shift;
-    return cudaSuccess;
+    return "";
   }
   cudaError_t Poison(cudaStream_t stream) const { return cudaMemsetAsync(ptr_, kPoison, bytes_ + kGuardBytes, stream); }
   template <typename T>
@@ -713,6 +722,7 @@ bool CaseRunner::Setup() {
   };
   for (const Plan& plan : plans) {
     if (c_.combineMemory != kCudaMalloc && (plan.buffer == &combineX_ || plan.buffer == &combineW_)) continue;
+    if (c_.recvMemory != kCudaMalloc && plan.buffer == &recvX_) continue;
     CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
   }
   if (c_.combineMemory != kCudaMalloc) {
@@ -721,12 +731,21 @@ bool CaseRunner::Setup() {
     const size_t most = static_cast<size_t>(R_) * c_.tokens;
     const size_t shift = c_.combineMemory == kSymmetricShifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
     const size_t room = c_.combineMemory == kSymmetricShifted ? 256 * static_cast<size_t>(R_) : 0;
-    CudaCheck(combineX_.AllocateSymmetric(comm_, cap * H * 2, most * H * 2 + room, shift), "moecommMemAlloc");
+    std::string failed = combineX_.AllocateSymmetric(comm_, cap * H * 2, most * H * 2 + room, shift);
     if (c_.combineMemory == kSymmetricXOnly) {
       CudaCheck(combineW_.Allocate(cap * K * 4), "cudaMalloc");
     } else {
-      CudaCheck(combineW_.AllocateSymmetric(comm_, cap * K * 4, most * K * 4 + room, shift), "moecommMemAlloc");
+      const std::string weights = combineW_.AllocateSymmetric(comm_, cap * K * 4, most * K * 4 + room, shift);
+      if (failed.empty()) failed = weights;
     }
+    if (!failed.empty()) Fail(failed);
+  }
+  if (c_.recvMemory != kCudaMalloc) {
+    const size_t most = static_cast<size_t>(R_) * c_.tokens;
+    const size_t shift = c_.recvMemory == kSymmetricShifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
+    const size_t room = c_.recvMemory == kSymmetricShifted ? 256 * static_cast<size_t>(R_) : 0;
+    const std::string failed = recvX_.AllocateSymmetric(comm_, cap * rowBytes_, most * rowBytes_ + room, shift);
+    if (!failed.empty()) Fail(failed);
   }
   UploadTopkIdx();
   // Local trouble (an allocation) stops the case on every rank before the first collective.
@@ -1245,9 +1264,28 @@ TEST_F(EpCudaNormal, GraphReplay) {
            {
                C(7168, 512, 8, 64).Fp8().I32().Bias().W(true, true),
                C(2880, 256, 4, 32).Align(4).W(true, false),
-               C(7168, 512, 8, 64).Fp8().W(true, true).CombineIn(kSymmetric),
+               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).CombineIn(kSymmetric),
            },
            /*graph=*/true);
+}
+
+// recvX in moecommMemAlloc memory: the senders store x rows straight into the destination's
+// recvX when every rank has it at the same offset (docs/ep-normal-gpu.md, "Direct dispatch and
+// combine"), staged when the offsets differ; the results are the same either way.
+TEST_F(EpCudaNormal, DirectDispatch) {
+  RunCases("DirectDispatch",
+           {
+               C(7168, 1024, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).CombineIn(kSymmetric),
+               C(2048, 512, 8, 32).I32().Bias().W(true, false).RecvIn(kSymmetric),
+               C(4096, 512, 4, 32).Exact().Align(4).W(true, true).RecvIn(kSymmetric),
+               C(2048, 512, 8, 64).Routed(Route::kOneExpert).W(true, true).RecvIn(kSymmetric),
+               C(2048, 256, 4, 32).Fp8().Exact().Empty(1u << 1).W(true, true).RecvIn(kSymmetric),
+               C(2880, 512, 4, 32).Rounds(3).W(true, true).RecvIn(kSymmetric).CombineIn(kSymmetric),
+               C(7168, 256, 8, 64).Fp8().Rounds(3).FreshRouting().RecvIn(kSymmetric),
+               C(136, 300, 3, 12).I32().Exact().Routed(Route::kSomeNone).Bias().W(true, true).RecvIn(kSymmetric),
+               C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true).RecvIn(kSymmetric),
+               C(2048, 512, 8, 32).W(true, true).RecvIn(kSymmetricShifted),
+           });
 }
 
 // Combine input and weights in moecommMemAlloc memory: read directly by the peers when every

@@ -15,7 +15,7 @@ import sys
 
 REQUIRED = ["date", "host", "gpu", "gpu_count", "nranks", "rank", "library_version", "commit", "build", "backend",
             "workload", "tokens_per_rank", "hidden", "topk", "experts", "dtype", "seed", "sm_budget", "iters", "warmup",
-            "mode", "ll_combine", "combine_input", "impl", "op", "status", "message", "whole_median_us", "whole_p10_us", "whole_p90_us",
+            "mode", "ll_combine", "buffers", "impl", "op", "status", "message", "whole_median_us", "whole_p10_us", "whole_p90_us",
             "kernel_median_us", "kernel_p10_us", "kernel_p90_us", "kernel_method", "host_call_median_us", "bytes",
             "bytes_rule", "gbps", "roofline_gbps", "ratio_vs_nccl", "check"]
 EXPECTED_OPS = {("libmoecomm", "dispatch"), ("libmoecomm", "dispatch_cached"), ("libmoecomm", "combine"),

@@ -21,7 +21,10 @@ class NormalRunner {
   ~NormalRunner() {
     if (handle_ != nullptr) moecommEpHandleDestroy(handle_);
     if (ep_ != nullptr) moecommEpDestroy(ep_);
-    if (symmetricIn_) (void)moecommMemFree(c_.comm, expertIn_);  // collective, as the allocation
+    if (symmetric_) {  // collective, as the allocations
+      (void)moecommMemFree(c_.comm, expertIn_);
+      (void)moecommMemFree(c_.comm, recvX_);
+    }
   }
   bool Run();
 
@@ -54,7 +57,7 @@ class NormalRunner {
   uint8_t* packed_ = nullptr;
   void* expertIn_ = nullptr;
   void* combined_ = nullptr;
-  bool symmetricIn_ = false;  // expertIn_ is moecommMemAlloc memory (--combine-in symmetric)
+  bool symmetric_ = false;  // recvX_ and expertIn_ are moecommMemAlloc memory (--buffers symmetric)
 };
 
 void NormalRunner::Setup() {
@@ -68,16 +71,17 @@ void NormalRunner::Setup() {
   topkIdx_ = static_cast<int64_t*>(p_.Alloc(routing.topkIdx.size() * 8, "topk_idx"));
   x_ = p_.Alloc(tokens.x.size(), "x");
   scales_ = static_cast<float*>(p_.Alloc(std::max<size_t>(tokens.scales.size() * 4, 4), "x scales"));
-  recvX_ = p_.Alloc(capacity_ * xRowBytes_, "recv_x");
   recvScales_ = static_cast<float*>(p_.Alloc(std::max<size_t>(capacity_ * scaleRowBytes_, 4), "recv_x scales"));
   numRecv_ = static_cast<int*>(p_.Alloc(sizeof(int), "num_recv_tokens"));
   tokensPerRank_ = static_cast<int*>(p_.Alloc(sizeof(int) * c_.nranks, "tokens_per_rank"));
   packed_ = static_cast<uint8_t*>(p_.Alloc(capacity_ * DispatchRowBytes(o_.dtype, o_.hidden), "packed rows"));
-  if (o_.combineSymmetric) {
-    const moecommResult_t result = moecommMemAlloc(c_.comm, &expertIn_, capacity_ * o_.hidden * 2);
-    if (result != moecommSuccess) Fail("moecommMemAlloc (combine input)", result);
-    symmetricIn_ = true;
+  if (o_.symmetricBuffers) {
+    moecommResult_t result = moecommMemAlloc(c_.comm, &recvX_, capacity_ * xRowBytes_);
+    if (result == moecommSuccess) result = moecommMemAlloc(c_.comm, &expertIn_, capacity_ * o_.hidden * 2);
+    if (result != moecommSuccess) Fail("moecommMemAlloc (recv_x, combine input)", result);
+    symmetric_ = true;
   } else {
+    recvX_ = p_.Alloc(capacity_ * xRowBytes_, "recv_x");
     expertIn_ = p_.Alloc(capacity_ * o_.hidden * 2, "combine input");
   }
   combined_ = p_.Alloc(static_cast<size_t>(o_.tokens) * o_.hidden * 2, "combined_x");

@@ -30,9 +30,9 @@ void PrintUsage(FILE* out) {
                "  --graph            with --ll: also capture dispatch+combine in a CUDA graph, time replays\n"
                "  --ll-per-rank      with --ll: MOECOMM_LL_PER_RANK_COMBINE (the dispatch takes the weights, the\n"
                "                     combine sums per expert rank and gets topkWeights = NULL)\n"
-               "  --combine-in device|symmetric\n"
-               "                     normal mode: the combine input from cudaMalloc (default) or moecommMemAlloc\n"
-               "                     (then the peers read it directly: docs/ep-normal-gpu.md, \"Direct combine\")\n"
+               "  --buffers device|symmetric\n"
+               "                     normal mode: recv_x and the combine input from cudaMalloc (default) or\n"
+               "                     moecommMemAlloc (direct dispatch and combine: docs/ep-normal-gpu.md)\n"
                "  --no-baseline      skip the NCCL baseline\n"
                "  --no-roofline      skip the peer-copy roofline\n"
                "  --no-flush         do not evict the L2 before each sample (warm-cache timings)\n"
@@ -74,10 +74,10 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
       options->graph = true;
       continue;
     }
-    if (flag == "--combine-in") {
+    if (flag == "--buffers") {
       const std::string value = i + 1 < argc ? argv[++i] : "";
-      if (value != "device" && value != "symmetric") BENCH_FAIL("--combine-in", "takes device or symmetric");
-      options->combineSymmetric = value == "symmetric";
+      if (value != "device" && value != "symmetric") BENCH_FAIL("--buffers", "takes device or symmetric");
+      options->symmetricBuffers = value == "symmetric";
       continue;
     }
     if (flag == "--ll-per-rank") {
@@ -196,8 +196,8 @@ void ResolveWorkload(int nranks, Options* options) {
   if (options->dtype == DispatchType::kFp8 && options->hidden % 128 != 0) BENCH_FAIL("-H", "FP8 needs H % 128 == 0");
   if (nranks > 64) BENCH_FAIL("rank count", "moecomm-bench supports at most 64 ranks");
   if (options->graph && !options->lowLatency) BENCH_FAIL("--graph", "is only implemented with --ll");
-  if (options->combineSymmetric && options->lowLatency)
-    BENCH_FAIL("--combine-in", "applies to the normal-mode combine, not with --ll");
+  if (options->symmetricBuffers && options->lowLatency)
+    BENCH_FAIL("--buffers", "applies to normal mode, not with --ll");
   if (options->llPerRank && !options->lowLatency && !options->hostSmoke)
     BENCH_FAIL("--ll-per-rank", "applies to the low-latency combine: add --ll");
 }

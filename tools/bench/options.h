@@ -26,7 +26,7 @@ struct Options {
   bool lowLatency = false;        // --ll
   bool graph = false;             // --graph
   bool llPerRank = false;         // --ll-per-rank: MOECOMM_LL_PER_RANK_COMBINE (dispatch takes the weights)
-  bool combineSymmetric = false;  // --combine-in symmetric: the normal combine input from moecommMemAlloc
+  bool symmetricBuffers = false;  // --buffers symmetric: normal-mode recv_x and combine input from moecommMemAlloc
   bool hostSmoke = false;         // --host-smoke
   bool host = false;              // --host: the host backend on the workload asked for (no GPU needed)
   bool baseline = true;           // --no-baseline turns the NCCL baseline off

@@ -159,8 +159,8 @@ std::string Reporter::JsonLine(const Measurement& m) const {
   field("mode", Quote(m.mode));
   // Which low-latency combine form the run used (null outside low-latency mode).
   field("ll_combine", m.mode != "low_latency" ? "null" : Quote(o.llPerRank ? "per_rank" : "per_expert"));
-  // Where the normal combine's input lived (null outside normal mode).
-  field("combine_input", m.mode != "normal" ? "null" : Quote(o.combineSymmetric ? "symmetric" : "device"));
+  // Where normal mode's recv_x and combine input lived (null outside normal mode).
+  field("buffers", m.mode != "normal" ? "null" : Quote(o.symmetricBuffers ? "symmetric" : "device"));
   field("impl", Quote(m.impl));
   field("op", Quote(m.op));
   field("status", Quote(m.status));
