@@ -28,7 +28,7 @@
     "Developer sweep: a normal-mode sending channel publishes its tail every this many tokens: 32, 64 or 128.")  \
   X(EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", Int, "6",                                            \
     "Developer sweep: warps of the 16 per normal-mode dispatch block that send (1-15); the others receive.")     \
-  X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "6",                                              \
+  X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "3",                                              \
     "Developer sweep: warps of the 16 per normal-mode combine block that send (1-15); the others reduce.")       \
   X(EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", Int, "0",                                                 \
     "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \

@@ -480,7 +480,7 @@ class CudaEpBackend : public EpBackend {
     }
     p->sharedIntsBytes = device::intranodeSharedIntsBytes(p->numRanks, p->numChannels, p->sendBatch);
     p->dispatchSendWarps = pick(Env::EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", 1, 15, 6);
-    p->combineSendWarps = pick(Env::EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", 1, 15, 6);
+    p->combineSendWarps = pick(Env::EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", 1, 15, 3);
     p->dispatchVariant =
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
