@@ -30,7 +30,7 @@ if [ -n "${BENCHES:-}" ]; then
     [ -z "$first" ] && continue
     if [[ "$first" == *=* ]]; then
       name=${rest%% *}; args=${rest#* }
-      (IFS=, ; for kv in $first; do export "$kv"; done; bench $name $args)
+      (IFS=, read -r -a kvs <<< "$first"; for kv in "${kvs[@]}"; do export "$kv"; done; bench $name $args)
     else
       bench $first $rest
     fi

@@ -28,8 +28,9 @@
     "Developer sweep: a normal-mode sending channel publishes its tail every this many tokens: 32, 64 or 128.")  \
   X(EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", Int, "6",                                            \
     "Developer sweep: warps of the 16 per normal-mode dispatch block that send (1-15); the others receive.")     \
-  X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "3",                                              \
-    "Developer sweep: warps of the 16 per normal-mode combine block that send (1-15); the others reduce.")       \
+  X(EpCombineSendWarps, "MOECOMM_EP_COMBINE_SEND_WARPS", Int, "0",                                              \
+    "Developer sweep: warps of the 16 per normal-mode combine block that send (1-15; 0: 72 / channels, 3 to "   \
+    "8); the others reduce.")                                                                                    \
   X(EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", Int, "0",                                                 \
     "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \
     "copies, 3 senders prefetch and store rows by bulk copies.")                                                 \
