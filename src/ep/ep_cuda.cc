@@ -268,6 +268,7 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
+    if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;  // (direct runs the default kernels: no rings)
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
@@ -479,7 +480,11 @@ class CudaEpBackend : public EpBackend {
       p->sendBatch = 32;
     }
     p->sharedIntsBytes = device::intranodeSharedIntsBytes(p->numRanks, p->numChannels, p->sendBatch);
-    p->dispatchSendWarps = pick(Env::EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", 1, 15, 6);
+    // 0 (default): 6, or 8 for a direct dispatch (dispatch() sets it per call; measured on 2x
+    // H200, W-prefill FP8: 142.6 -> 138.0 µs at SM 24, 204 -> 190 at SM 12, BF16 unchanged).
+    p->dispatchSendWarps = pick(Env::EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", 0, 15, 0);
+    dispatchSendWarpsAuto_ = p->dispatchSendWarps == 0;
+    if (dispatchSendWarpsAuto_) p->dispatchSendWarps = 6;
     // 0 (default): enough sending warps in all for the links, at ~5 GB/s a warp pushes, ~72 in
     // all; measured at W-prefill on 2x H200: 3 best at 24 channels (240 µs against 245 with 4
     // and 271 with 6), 6 better than 3 at 12 (363 against 394 µs).
@@ -808,6 +813,7 @@ class CudaEpBackend : public EpBackend {
   uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
   bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
   bool lastDirectCombine_ = false;
+  bool dispatchSendWarpsAuto_ = true;  // MOECOMM_EP_DISPATCH_SEND_WARPS unset (0): 6, direct 8
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::vector<HandleDevice> pool_;              // destroyed handles' blocks, at most kHandleBlockPool
   std::unique_ptr<CudaLowLatency> lowLatency_;  // low-latency mode (ep_cuda_ll.cc); null in normal mode
