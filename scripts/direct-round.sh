@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Direct dispatch/combine round on 2 GPUs (developer tool): build; the normal GPU suite; W-prefill
+# Direct dispatch/combine round on 2 GPUs, or RANKS (developer tool): build; the normal GPU suite; W-prefill
 # benches with symmetric buffers (direct paths) and device buffers at SM 24 and 12; the staged
 # combine's send-warp split (COMBINE_SPLITS, default "4 3"); a mutant whose direct dispatch
-# stores x rows one row off (its DirectDispatch cases must fail). Logs in $OUT/direct.tgz.
+# stores x rows one row off (its first recv-x=symmetric case, in GraphReplay, must fail). Logs in $OUT/direct.tgz.
+#   RANKS=4     4 GPUs (default 2)
 #   SHARED4=1   also the normal suite at 4 ranks sharing the GPUs (MOECOMM_TEST_SHARED_GPUS)
 #   BENCHES     lines "name bench-args..." instead of the default list (env assignments may
 #               precede the name as VAR=value,...)        MUTANT=0  skip the mutant
@@ -12,7 +13,7 @@ o=${OUT:-$PWD/direct-logs}/direct; mkdir -p "$o"
 cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null &&
   cmake --build build-device -j "$(nproc)" --target moecomm_gpu_tests moecomm-run moecomm-bench > "$o/build.log" 2>&1 ||
   { grep -B2 -A8 error "$o/build.log" | head -40; exit 1; }
-(cd build-device && timeout 240 ctest -R gpu_EpCudaNormal_n2 --timeout 220 -V) > "$o/test.log" 2>&1
+(cd build-device && timeout 240 ctest -R "^gpu_EpCudaNormal_n${RANKS:-2}\$" --timeout 220 -V) > "$o/test.log" 2>&1
 echo "test rc=$?"; grep -E "FAIL|tests passed" "$o/test.log" | head -12; echo "cases passed (both ranks): $(grep -c ': PASS' "$o/test.log")"
 if [ "${SHARED4:-0}" = 1 ]; then
   (cd build-device && MOECOMM_TEST_SHARED_GPUS=1 timeout 300 ctest -R '^gpu_EpCudaNormal_n4$' --timeout 280 -V) > "$o/test-n4.log" 2>&1
@@ -21,7 +22,7 @@ fi
 b=build-device/tools/bench/moecomm-bench; run=build-device/tools/moecomm-run
 bench() {  # name, then bench arguments
   local name=$1; shift
-  timeout 100 $run -n 2 -t 90 $b -w W-prefill -n 20 -W 5 -c 1 -J "$o/bench.jsonl" "$@" > "$o/bench-$name.txt" 2>&1
+  timeout 100 $run -n "${RANKS:-2}" -t 90 $b -w W-prefill -n 20 -W 5 -c 1 -J "$o/bench.jsonl" "$@" > "$o/bench-$name.txt" 2>&1
   echo "$name rc=$?"
   grep -E "^\[rank 0\] (nccl|libmoecomm)" "$o/bench-$name.txt" | sed 's/^\[rank 0\] //' | awk '{print "   ",$1,$2,$4,$7,$9,$11,$12}'
 }
@@ -51,6 +52,6 @@ sed -i 's/(direct\[d\] + ordinal) \* xBytes/(direct[d] + ordinal + 1) * xBytes/'
 echo "mutated lines: $(grep -c 'direct\[d\] + ordinal + 1' mut/src/device/intranode.cu)"
 cmake -S mut -B mut/b -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null &&
   cmake --build mut/b -j "$(nproc)" --target moecomm_gpu_tests moecomm-run > "$o/mut-build.log" 2>&1 || echo "mutant build failed"
-(cd mut/b && GTEST_FILTER='EpCudaNormal.DirectDispatch' timeout 150 ctest -R gpu_EpCudaNormal_n2 --timeout 140 --output-on-failure) > "$o/mut-test.log" 2>&1
+(cd mut/b && timeout 150 ctest -R "^gpu_EpCudaNormal_n${RANKS:-2}\$" --timeout 140 --output-on-failure) > "$o/mut-test.log" 2>&1
 echo "mutant test rc=$?"; grep -E "rank 0\].*(PASS|FAIL)" "$o/mut-test.log" | sed 's/ (.*//' | cut -c1-150 | head -12
 cd "$o/.." && tar czf direct.tgz direct && rm -rf direct
