@@ -179,6 +179,26 @@ __device__ __forceinline__ int rowsOf(uint64_t word, uint64_t sequence) {
   return (word >> 32) == tagOf(sequence) ? static_cast<int>(word & 0xffffffffull) : 0;
 }
 
+// Direct dispatch and combine: a rank tells `owner` where the rows of (owner, channel) start in
+// its buffer and how many it holds there: the first row plainly, then the rows held with
+// release, both tagged with the call, in the owner's control words of the two kinds.
+__device__ __forceinline__ void publishRowSpan(const IntranodeParams& p, int owner, int firstKind, int heldKind, int op,
+                                               int channel, uint64_t sequence, int first, int held) {
+  *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, owner, firstKind, op, channel, p.rank)) = packWord(sequence, first);
+  storeReleaseSys(ctrlWord(p, owner, heldKind, op, channel, p.rank), packWord(sequence, held));
+}
+
+// Waits for the span rank `from` published into this rank's words (bounded; a timeout leaves
+// 0 rows held): {first row, rows held}.
+__device__ __forceinline__ int2 awaitRowSpan(const IntranodeParams& p, int firstKind, int heldKind, int op, int channel,
+                                             int from, uint64_t sequence) {
+  const uint64_t word = waitWord(
+      p, ctrlWord(p, p.rank, heldKind, op, channel, from), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
+      from, channel, op);
+  const uint64_t first = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, firstKind, op, channel, from));
+  return make_int2(rowsOf(first, sequence), rowsOf(word, sequence));
+}
+
 __device__ uint64_t readSequence(const IntranodeParams& p, int op) {
   return *reinterpret_cast<volatile unsigned long long*>(&p.state->sequence[op]) + 1;
 }
@@ -702,18 +722,10 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     // many fit there, published by the destination's receivers once they have every count
     // (dispatchReceive); direct[d], direct[R + d]. The first batch's barrier publishes them.
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      int first = 0;
-      int held = 0;
-      if (d != p.rank) {
-        const uint64_t word = waitWord(
-            p, ctrlWord(p, p.rank, kCtrlHeld, kOpDispatch, channel, d),
-            [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, d, channel, kOpDispatch);
-        held = rowsOf(word, sequence);
-        first = rowsOf(*reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlBase, kOpDispatch, channel, d)),
-                       sequence);
-      }
-      direct[d] = first;
-      direct[R + d] = held;
+      const int2 span =
+          d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, channel, d, sequence) : make_int2(0, 0);
+      direct[d] = span.x;
+      direct[R + d] = span.y;
     }
   }
   const bool xAligned = aligned16(p.x);
@@ -1116,9 +1128,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       // Direct dispatch: tell source s where its rows of this channel go in recvX, and how
       // many fit (the senders wait for this before their first row; see dispatchSend).
       const int held = max(0, min(counts[s], p.recvCapacity - offsets[s]));
-      *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, s, kCtrlBase, kOpDispatch, channel, p.rank)) =
-          packWord(sequence, offsets[s]);
-      storeReleaseSys(ctrlWord(p, s, kCtrlHeld, kOpDispatch, channel, p.rank), packWord(sequence, held));
+      publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpDispatch, channel, sequence, offsets[s], held);
     }
   }
   if (channel == 0 && p.outPerExpert != nullptr) {
@@ -1347,23 +1357,13 @@ __device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64
     if (s == p.rank) continue;
     const int first = p.recvOffset[s * C + channel];
     const int held = max(0, min(p.recvCount[s * C + channel], p.recvCapacity - first));
-    *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, s, kCtrlCount, kOpCombine, channel, p.rank)) =
-        packWord(sequence, first);
-    storeReleaseSys(ctrlWord(p, s, kCtrlTail, kOpCombine, channel, p.rank), packWord(sequence, held));
+    publishRowSpan(p, s, kCtrlCount, kCtrlTail, kOpCombine, channel, sequence, first, held);
   }
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    int first = 0;
-    int held = 0;
-    if (r != p.rank) {
-      const uint64_t word = waitWord(
-          p, ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, r),
-          [&](uint64_t v) { return (v >> 32) == tagOf(sequence); }, r, channel, kOpCombine);
-      held = rowsOf(word, sequence);
-      first = rowsOf(*reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlCount, kOpCombine, channel, r)),
-                     sequence);
-    }
-    table[r] = first;
-    table[R + r] = held;
+    const int2 span =
+        r != p.rank ? awaitRowSpan(p, kCtrlCount, kCtrlTail, kOpCombine, channel, r, sequence) : make_int2(0, 0);
+    table[r] = span.x;
+    table[R + r] = span.y;
   }
   __syncthreads();
 }
