@@ -46,7 +46,7 @@ constexpr int kOpDispatch = 1;
 constexpr int kOpCombine = 2;
 constexpr int kOps = 3;
 // Control word kinds per (op, channel, rank) in the symmetric buffer: count (even and odd
-// sequence), tail, ack, and the direct dispatch's first row and rows held (intranode.cu).
+// sequence), tail, ack, and the direct paths' first row and rows held (intranode.cu).
 constexpr int kCtrlKinds = 6;
 
 // Developer variants of the normal-mode receivers (MOECOMM_EP_DISPATCH_VARIANT,

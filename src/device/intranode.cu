@@ -37,7 +37,8 @@ __shared__ int sSendWarps;
 #define kRecvWarps (kWarps - sSendWarps)
 #define kSendThreads (sSendWarps * 32)
 #define kRecvThreads ((kWarps - sSendWarps) * 32)
-// Dispatch and combine take theirs from the parameters (MOECOMM_EP_*_SEND_WARPS, default 6).
+// Dispatch and combine take theirs from the parameters (MOECOMM_EP_*_SEND_WARPS; ep_cuda.cc
+// picks the defaults).
 constexpr int kNotifySendWarps = 8;
 
 __device__ __forceinline__ void setSplit(int sendWarps) {
@@ -66,8 +67,11 @@ constexpr int kCtrlCount = 0;
 constexpr int kCtrlTail = 1;
 constexpr int kCtrlAck = 2;
 constexpr int kCtrlCountOdd = 3;  // count words of odd sequence numbers (see countWord)
-constexpr int kCtrlBase = 4;      // direct dispatch: the destination's first row of (source, channel)
-constexpr int kCtrlHeld = 5;      // direct dispatch: of those rows, how many fit its recvCapacity
+// Direct dispatch: the destination's first row of (source, channel) in its recvX and how many of
+// those rows fit its recvCapacity; direct combine: the same for the rows a rank holds in its
+// combineX (publishRowSpan).
+constexpr int kCtrlBase = 4;
+constexpr int kCtrlHeld = 5;
 static_assert(kCtrlHeld < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
@@ -1342,8 +1346,9 @@ __device__ void combineSend(const IntranodeParams& p, int channel, uint64_t sequ
 // When every rank's combineX (and weights) lie in one moecommMemAlloc allocation at the same
 // offset (p.combineDirect), no rank sends: every warp of a block reduces. Block c first tells
 // every other rank s where the rows it received from s on channel c start in its combineX and
-// how many of them it holds (combine count word: first row, tail word: rows, released after
-// the count), which also says that its combineX is final (its kernel started after the work
+// how many of them it holds (the combine's own first-row and rows-held words, the second
+// released after the first; not the tail word, which a staged combine just before may still
+// be reading), which also says that its combineX is final (its kernel started after the work
 // before it on its stream). It then waits for the same two words from every other rank into
 // the block's shared table: [R] first rows, then [R] rows held. The reducers read rank r's
 // row for ordinal i at r's combineX row (first row + i), if i < rows held. Before the block
@@ -1357,11 +1362,11 @@ __device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64
     if (s == p.rank) continue;
     const int first = p.recvOffset[s * C + channel];
     const int held = max(0, min(p.recvCount[s * C + channel], p.recvCapacity - first));
-    publishRowSpan(p, s, kCtrlCount, kCtrlTail, kOpCombine, channel, sequence, first, held);
+    publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpCombine, channel, sequence, first, held);
   }
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     const int2 span =
-        r != p.rank ? awaitRowSpan(p, kCtrlCount, kCtrlTail, kOpCombine, channel, r, sequence) : make_int2(0, 0);
+        r != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpCombine, channel, r, sequence) : make_int2(0, 0);
     table[r] = span.x;
     table[R + r] = span.y;
   }

@@ -176,11 +176,16 @@ struct Case {
   int numSms = 0;             // EP config SM budget (0: MOECOMM_EP_NUM_SMS)
   // Where the combine input and weights live: kCudaMalloc, or moecommMemAlloc memory at the
   // same offset on every rank (kSymmetric: direct combine), at an offset that differs per
-  // rank (kSymmetricShifted), or the input there and the weights not (kSymmetricXOnly); the
-  // last two must fall back to staged rows. Results must not depend on it.
+  // rank (kSymmetricShifted: staged), or the input there and the weights not
+  // (kSymmetricXOnly: staged when the case passes combine weights, direct when it passes
+  // none). Results must not depend on it.
   int combineMemory = 0;
   // Where recvX lives: kCudaMalloc, kSymmetric (direct dispatch) or kSymmetricShifted (staged).
   int recvMemory = 0;
+  // Each round combines twice back to back, with no synchronisation between: first from
+  // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
+  // CombineIn(kSymmetric), direct); both results are checked.
+  bool stagedCombineFirst = false;
 
   Case& Fp8() {
     fp8 = true;
@@ -243,6 +248,10 @@ struct Case {
     recvMemory = memory;
     return *this;
   }
+  Case& StagedCombineFirst() {
+    stagedCombineFirst = true;
+    return *this;
+  }
 
   std::string Name() const {
     static const char* const kRoutes[] = {"random", "hot", "one-expert", "some-none", "all-none"};
@@ -272,6 +281,7 @@ struct Case {
     name += kMemory[combineMemory];
     static const char* const kRecvMemory[] = {"", " recv-x=symmetric", " recv-x=shifted"};
     name += kRecvMemory[recvMemory];
+    if (stagedCombineFirst) name += " staged-combine-first";
     return name;
   }
 };
@@ -649,12 +659,13 @@ class CaseRunner {
   void NewRouting(int round);  // Case::freshRouting: the handle destroyed, round's routing uploaded
   void UploadTopkIdx();
   moecommEpDispatchArgs_t DispatchArgs(bool passTopkIdx) const;
-  moecommEpCombineArgs_t CombineArgs() const;
+  // plain: the cudaMalloc copies of the combine inputs and their own outputs (stagedCombineFirst).
+  moecommEpCombineArgs_t CombineArgs(bool plain = false) const;
   bool Dispatch(const std::string& tag, bool passTopkIdx);
-  bool Combine(const std::string& tag);
+  bool Combine(const std::string& tag, bool plain = false);
   void CheckDispatch(const std::string& tag);
   void CheckSources(const std::string& tag);
-  void CheckCombine(const std::string& tag);
+  void CheckCombine(const std::string& tag, bool plain = false);
   int Capacity() const { return c_.exact ? N_ : R_ * c_.tokens; }
 
   moecommComm_t comm_;
@@ -681,6 +692,8 @@ class CaseRunner {
   DeviceBuffer idx_, x_, scales_, weights_, bias_, combineX_, combineW_;
   // Outputs.
   DeviceBuffer recvX_, recvScales_, recvIdx_, recvW_, numRecv_, perExpert_, combined_, combinedW_;
+  // stagedCombineFirst: cudaMalloc copies of the combine inputs, and that combine's outputs.
+  DeviceBuffer plainX_, plainW_, plainCombined_, plainCombinedW_;
   DeviceBuffer layoutRank_, layoutExpert_, layoutInRank_;
 };
 
@@ -716,6 +729,10 @@ bool CaseRunner::Setup() {
       {&perExpert_, 4 * static_cast<size_t>(L_)},
       {&combined_, T * H * 2},
       {&combinedW_, T * K * 4},
+      {&plainX_, c_.stagedCombineFirst ? cap * H * 2 : 0},
+      {&plainW_, c_.stagedCombineFirst ? cap * K * 4 : 0},
+      {&plainCombined_, c_.stagedCombineFirst ? T * H * 2 : 0},
+      {&plainCombinedW_, c_.stagedCombineFirst ? T * K * 4 : 0},
       {&layoutRank_, 4 * static_cast<size_t>(R_)},
       {&layoutExpert_, 4 * static_cast<size_t>(c_.experts)},
       {&layoutInRank_, T * R_},
@@ -863,8 +880,9 @@ void CaseRunner::UploadTopkIdx() {
 
 void CaseRunner::Prepare(int round) {
   MakeRound(c_, shape_, routing_, me_, seed_, round, &d_);
-  for (const DeviceBuffer* b : {&x_, &scales_, &weights_, &bias_, &combineX_, &combineW_, &recvX_, &recvScales_,
-                                &recvIdx_, &recvW_, &numRecv_, &perExpert_, &combined_, &combinedW_}) {
+  for (const DeviceBuffer* b :
+       {&x_, &scales_, &weights_, &bias_, &combineX_, &combineW_, &recvX_, &recvScales_, &recvIdx_, &recvW_, &numRecv_,
+        &perExpert_, &combined_, &combinedW_, &plainX_, &plainW_, &plainCombined_, &plainCombinedW_}) {
     CudaCheck(b->Poison(stream_), "poison");
   }
   CudaCheck(x_.Upload(d_.x, stream_), "upload x");
@@ -873,6 +891,10 @@ void CaseRunner::Prepare(int round) {
   CudaCheck(bias_.Upload(d_.bias, stream_), "upload bias");
   CudaCheck(combineX_.Upload(d_.combineX, stream_), "upload combine x");
   CudaCheck(combineW_.Upload(d_.combineW, stream_), "upload combine topkWeights");
+  if (c_.stagedCombineFirst) {
+    CudaCheck(plainX_.Upload(d_.combineX, stream_), "upload combine x (plain copy)");
+    CudaCheck(plainW_.Upload(d_.combineW, stream_), "upload combine topkWeights (plain copy)");
+  }
 }
 
 moecommEpDispatchArgs_t CaseRunner::DispatchArgs(bool passTopkIdx) const {
@@ -896,13 +918,13 @@ moecommEpDispatchArgs_t CaseRunner::DispatchArgs(bool passTopkIdx) const {
   return args;
 }
 
-moecommEpCombineArgs_t CaseRunner::CombineArgs() const {
+moecommEpCombineArgs_t CaseRunner::CombineArgs(bool plain) const {
   moecommEpCombineArgs_t args = MOECOMM_EP_COMBINE_ARGS_INIT;
-  args.x = combineX_.get();
-  args.topkWeights = c_.combineWeights ? combineW_.as<float>() : nullptr;
+  args.x = (plain ? plainX_ : combineX_).get();
+  args.topkWeights = c_.combineWeights ? (plain ? plainW_ : combineW_).as<float>() : nullptr;
   args.bias = c_.bias ? bias_.get() : nullptr;
-  args.combinedX = combined_.get();
-  args.combinedTopkWeights = c_.combineWeights ? combinedW_.as<float>() : nullptr;
+  args.combinedX = (plain ? plainCombined_ : combined_).get();
+  args.combinedTopkWeights = c_.combineWeights ? (plain ? plainCombinedW_ : combinedW_).as<float>() : nullptr;
   return args;
 }
 
@@ -918,8 +940,8 @@ bool CaseRunner::Dispatch(const std::string& tag, bool passTopkIdx) {
   return true;
 }
 
-bool CaseRunner::Combine(const std::string& tag) {
-  const moecommEpCombineArgs_t args = CombineArgs();
+bool CaseRunner::Combine(const std::string& tag, bool plain) {
+  const moecommEpCombineArgs_t args = CombineArgs(plain);
   if (moecommEpCombine(ep_, &args, handle_, stream_) != moecommSuccess) {
     Fail(tag + " moecommEpCombine: " + moecommGetLastError(comm_));
     return false;
@@ -965,12 +987,12 @@ void CaseRunner::CheckSources(const std::string& tag) {
   }
 }
 
-void CaseRunner::CheckCombine(const std::string& tag) {
+void CaseRunner::CheckCombine(const std::string& tag, bool plain) {
   Check(CompareOutput(tag + " combinedX", d_.combined.data(), d_.combined.size() * 2, 2, static_cast<size_t>(c_.hidden),
-                      combined_));
+                      plain ? plainCombined_ : combined_));
   if (c_.combineWeights) {
     Check(CompareOutput(tag + " combinedTopkWeights", d_.combinedW.data(), d_.combinedW.size() * 4, 4,
-                        static_cast<size_t>(c_.topk), combinedW_));
+                        static_cast<size_t>(c_.topk), plain ? plainCombinedW_ : combinedW_));
   }
 }
 
@@ -990,9 +1012,12 @@ std::string CaseRunner::Run() {
     CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize after the dispatch");
     CheckAsync(tag + " dispatch");
     CheckDispatch(tag);
+    // stagedCombineFirst: a staged combine, and at once (no sync) the configured one.
+    if (c_.stagedCombineFirst && !Combine(tag + " staged first", true)) break;
     if (!Combine(c_.iterations > 1 ? tag : "combine")) break;
     CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize after the combine");
     CheckAsync(tag + " combine");
+    if (c_.stagedCombineFirst) CheckCombine(tag + " staged first", true);
     CheckCombine(c_.iterations > 1 ? tag : "combine");
   }
   Finish();
@@ -1306,6 +1331,10 @@ TEST_F(EpCudaNormal, DirectCombine) {
                C(2048, 512, 8, 32).W(true, true).CombineIn(kSymmetricShifted),
                C(2048, 512, 8, 32).Fp8().W(false, true).CombineIn(kSymmetricXOnly),
                C(2048, 512, 8, 32).W(true, false).CombineIn(kSymmetricXOnly),
+               // A staged combine right before a direct one on the same EP (no sync between):
+               // the direct one must not disturb the words the staged one's reducers still read.
+               C(7168, 2048, 8, 64).Fp8().W(true, true).CombineIn(kSymmetric).StagedCombineFirst().Rounds(3),
+               C(2048, 512, 4, 32).Bias().W(false, true).CombineIn(kSymmetric).StagedCombineFirst().Rounds(2),
            });
 }
 
