@@ -235,8 +235,9 @@ MOECOMM_API moecommResult_t moecommCommGetTopology(moecommComm_t comm, const cha
  * Every rank passes the same size; the memory starts zeroed.
  * Normal-mode EP calls are faster when every rank's dispatch recvX, or combine x (and
  * topkWeights), lies in one such allocation at the same offset: the senders then write rows
- * straight into the destination's recvX, and the combine reads the peers' rows in place
- * (docs/ep-normal-gpu.md, "Direct dispatch and combine"); anything else works unchanged.
+ * straight into the destination's recvX (with the default kernels), and the combine reads the
+ * peers' rows in place (docs/ep-normal-gpu.md, "Direct dispatch and combine"); anything else
+ * works unchanged, through the staging area.
  * [OUT] ptr local address of this rank's buffer
  * [IN]  bytes > 0 */
 MOECOMM_API moecommResult_t moecommMemAlloc(moecommComm_t comm, void** ptr, size_t bytes);
