@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "core/comm.h"
+#include "core/log.h"
 #include "ep/dtype.h"
 #include "ep/host_reference.h"
 #include "gpu/gpu_common.h"
@@ -604,6 +605,66 @@ const char* EnvText(const char* name) {
   return text != nullptr && *text != '\0' ? text : nullptr;
 }
 
+// The library's EP log of one case, at INFO, into a file of this process: the normal calls log
+// when they start or stop taking the direct paths ("normal combine is direct ..."), which is how
+// a case learns which path ran (the results are the same by design). Inactive when the caller
+// set MOECOMM_DEBUG (its logging is left alone); restores the variables it changed.
+class EpLogCapture {
+ public:
+  explicit EpLogCapture(bool wanted) : active_(wanted && EnvText("MOECOMM_DEBUG") == nullptr) {
+    if (!active_) return;
+    path_ = ::testing::TempDir() + "moecomm_ep_log_" + std::to_string(getpid()) + ".txt";
+    std::remove(path_.c_str());
+    for (const char* name : {"MOECOMM_DEBUG_SUBSYS", "MOECOMM_DEBUG_FILE"}) {
+      const char* old = std::getenv(name);
+      saved_.emplace_back(name, old != nullptr ? std::make_unique<std::string>(old) : nullptr);
+    }
+    setenv("MOECOMM_DEBUG", "INFO", 1);
+    setenv("MOECOMM_DEBUG_SUBSYS", "EP", 1);
+    setenv("MOECOMM_DEBUG_FILE", path_.c_str(), 1);
+    moecomm::logReconfigure();
+  }
+  ~EpLogCapture() { (void)Finish(); }
+  EpLogCapture(const EpLogCapture&) = delete;
+  EpLogCapture& operator=(const EpLogCapture&) = delete;
+  bool active() const { return active_; }
+  // Stops capturing (once) and returns what was logged.
+  std::string Finish() {
+    if (!active_ || finished_) return text_;
+    finished_ = true;
+    unsetenv("MOECOMM_DEBUG");
+    for (const auto& entry : saved_) {
+      if (entry.second != nullptr) {
+        setenv(entry.first.c_str(), entry.second->c_str(), 1);
+      } else {
+        unsetenv(entry.first.c_str());
+      }
+    }
+    moecomm::logReconfigure();  // closes the file: everything is written
+    if (FILE* file = std::fopen(path_.c_str(), "r")) {
+      char buffer[4096];
+      size_t n = 0;
+      while ((n = std::fread(buffer, 1, sizeof(buffer), file)) > 0) text_.append(buffer, n);
+      std::fclose(file);
+    }
+    std::remove(path_.c_str());
+    return text_;
+  }
+
+ private:
+  bool active_ = false;
+  bool finished_ = false;
+  std::string path_;
+  std::string text_;
+  std::vector<std::pair<std::string, std::unique_ptr<std::string>>> saved_;
+};
+
+// An integer environment variable: unset or empty gives `fallback`.
+int EnvIntOr(const char* name, int fallback) {
+  const char* text = EnvText(name);
+  return text != nullptr ? std::atoi(text) : fallback;
+}
+
 int EnvInt(const char* name, int fallback) {
   const char* text = EnvText(name);
   return text != nullptr ? std::atoi(text) : fallback;
@@ -636,6 +697,11 @@ class CaseRunner {
 
   // Dispatch + combine rounds (with the layout check and, for exact sizing, the notify).
   std::string Run();
+  // After Run or RunGraph, given the case's EP log (EpLogCapture): whether the dispatch and
+  // combine took the direct paths exactly when this case's buffers, routing and the
+  // environment say they must (docs/ep-normal-gpu.md, "Direct dispatch and combine"); the
+  // first mismatch, or "".
+  std::string CheckDirectPaths(const std::string& log) const;
   // Eager dispatch + combine, then a captured dispatch (reusing the handle) + combine
   // replayed `replays` times with fresh inputs, then one more eager round.
   std::string RunGraph(int replays, cudaStreamCaptureMode mode);
@@ -996,6 +1062,30 @@ void CaseRunner::CheckCombine(const std::string& tag, bool plain) {
   }
 }
 
+std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
+  // Every rank passes a receive buffer (with exact sizing a rank that receives nothing passes
+  // none, and then no rank goes direct).
+  bool everyRankHolds = true;
+  for (size_t r = 0; r < routing_.recv.size() && c_.exact; ++r) everyRankHolds = everyRankHolds && routing_.recv[r] > 0;
+  const bool combine = R_ > 1 && everyRankHolds && EnvIntOr("MOECOMM_EP_DIRECT_COMBINE", 1) != 0 &&
+                       (c_.combineMemory == kSymmetric || (c_.combineMemory == kSymmetricXOnly && !c_.combineWeights));
+  const bool dispatch = R_ > 1 && everyRankHolds && EnvIntOr("MOECOMM_EP_DIRECT_DISPATCH", 1) != 0 &&
+                        EnvIntOr("MOECOMM_EP_DISPATCH_VARIANT", 0) == 0 && (EnvIntOr("MOECOMM_EP_PULL", 0) & 1) == 0 &&
+                        c_.recvMemory == kSymmetric;
+  const struct {
+    const char* op;
+    bool expected;
+  } ops[] = {{"combine", combine}, {"dispatch", dispatch}};
+  for (const auto& op : ops) {
+    const bool direct = log.find(std::string("normal ") + op.op + " is direct") != std::string::npos;
+    if (direct != op.expected) {
+      return std::string("the ") + op.op + (direct ? " went direct" : " never went direct") + " but this case " +
+             (op.expected ? "should" : "should not") + " (EP log: " + std::to_string(log.size()) + " bytes)";
+    }
+  }
+  return "";
+}
+
 std::string CaseRunner::Run() {
   if (!Setup()) return why_;
   CheckLayout();
@@ -1175,7 +1265,9 @@ class EpCudaNormal : public ::testing::Test {
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
       const auto start = std::chrono::steady_clock::now();
       CaseRunner runner(comm_, c, seed);
-      const std::string why = graph ? runner.RunGraph(replays, mode) : runner.Run();
+      EpLogCapture log(c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc);
+      std::string why = graph ? runner.RunGraph(replays, mode) : runner.Run();
+      if (why.empty() && log.active()) why = runner.CheckDirectPaths(log.Finish());
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::printf("[EpCudaNormal rank %d] %s%s: %s (%.2f s)%s%s\n", rank_, name.c_str(),
                   graph ? (" replays=" + std::to_string(replays)).c_str() : "", why.empty() ? "PASS" : "FAIL", seconds,
