@@ -48,9 +48,9 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
 constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
-// A sending channel publishes its tail every kBatch tokens (dispatch) or ordinals (combine):
-// a template argument of the dispatch and combine kernels, one of kSendBatches
-// (MOECOMM_EP_SEND_BATCH, default 32; a run-time value costs the default kernel spills).
+// kBatch, a template argument of the dispatch and combine kernels (MOECOMM_EP_SEND_BATCH: 32,
+// 64 or 128; a run-time value costs the default kernel spills), bounds the rows a sending
+// channel moves between two tail publishes (sendBatchSize).
 
 // Rows a sending channel moves between two tail publishes, given `done` already moved: a
 // multiple of the sending warps (at most `batch`, at least one per warp), so every warp takes
@@ -201,6 +201,15 @@ __device__ __forceinline__ int2 awaitRowSpan(const IntranodeParams& p, int first
       from, channel, op);
   const uint64_t first = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, firstKind, op, channel, from));
   return make_int2(rowsOf(first, sequence), rowsOf(word, sequence));
+}
+
+// Row `ordinal` of rank r's span in a symmetric buffer (bases: every rank's allocation as this
+// rank maps it, the buffer at `offset` in it), given the spans read by awaitRowSpan: span[r]
+// first rows, span[R + r] rows held. nullptr when r does not hold that row (or no buffer).
+__device__ __forceinline__ uint8_t* spanRow(void* const* bases, uint64_t offset, uint64_t rowBytes, const int* span,
+                                            int R, int r, int ordinal) {
+  if (bases == nullptr || ordinal >= span[R + r]) return nullptr;
+  return static_cast<uint8_t*>(bases[r]) + offset + static_cast<uint64_t>(span[r] + ordinal) * rowBytes;
 }
 
 __device__ uint64_t readSequence(const IntranodeParams& p, int op) {
@@ -514,8 +523,7 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   auto xFor = [&](int d) -> uint8_t* {
     if (direct == nullptr) return rowFor(d);
     const int ordinal = posRow[d];
-    if (ordinal < 0 || d == p.rank || ordinal >= direct[R + d]) return nullptr;
-    return static_cast<uint8_t*>(p.recvXPeers[d]) + p.recvXOffset + static_cast<uint64_t>(direct[d] + ordinal) * xBytes;
+    return ordinal < 0 || d == p.rank ? nullptr : spanRow(p.recvXPeers, p.recvXOffset, xBytes, direct, R, d, ordinal);
   };
   warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, xFor, lane);
   for (int d = 0; d < R; ++d) {
@@ -1383,13 +1391,12 @@ __device__ void combineDirectEnd(const IntranodeParams& p, int channel, uint64_t
   }
 }
 
-// Direct combine: rank r's row `ordinal` of this channel in r's combineX (base: the table of
+// Direct combine: rank r's row `ordinal` of this channel in r's combineX (the spans of
 // combineDirectBegin), or nullptr when r does not hold it.
 __device__ __forceinline__ const uint8_t* combineDirectRow(const IntranodeParams& p, void* const* bases,
                                                            uint64_t offset, uint64_t rowBytes, int r, int ordinal) {
   extern __shared__ __align__(16) int shared[];
-  if (bases == nullptr || ordinal >= shared[p.numRanks + r]) return nullptr;
-  return static_cast<const uint8_t*>(bases[r]) + offset + static_cast<uint64_t>(shared[r] + ordinal) * rowBytes;
+  return spanRow(bases, offset, rowBytes, shared, p.numRanks, r, ordinal);
 }
 
 // Rank r's row for this rank's token, ordinal-th of channel c: its staged row (or with direct
