@@ -310,12 +310,9 @@ class CudaEpBackend : public EpBackend {
                                         static_cast<int64_t>(weightsSpot.offset)};
     std::vector<int64_t> allSpots;
     MC_CHECK(agree(checked, -1, &spots, &allSpots));
-    bool anyWeights = false;
-    for (int r = 0; r < ep_->comm->nranks; ++r) anyWeights = anyWeights || allSpots[r * spots.size() + 3] == 1;
-    // Weights: every rank passes them, from the same place, or none does (then only the
-    // input's place counts).
-    const bool direct = anyWeights ? sameEverywhere(spots, allSpots)
-                                   : sameEverywhere({spots[0], spots[1], spots[2]}, firstOf(allSpots, spots.size(), 3));
+    // Weights: every rank passes them, from the same place, or none does (a rank without
+    // weights has zeros there, so one rank with and one without differ).
+    const bool direct = sameEverywhere(spots, allSpots);
     logDirect("combine", direct, &lastDirectCombine_);
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
@@ -326,7 +323,7 @@ class CudaEpBackend : public EpBackend {
     p.combineDirect = direct ? 1 : 0;
     p.combinePeerX = direct ? xSpot.table : nullptr;
     p.combineXOffset = xSpot.offset;
-    p.combinePeerWeights = direct && anyWeights ? weightsSpot.table : nullptr;
+    p.combinePeerWeights = direct && args->topkWeights != nullptr ? weightsSpot.table : nullptr;
     p.combineWeightsOffset = weightsSpot.offset;
     p.combineX = args->x;
     p.combineWeights = args->topkWeights;
@@ -624,14 +621,6 @@ class CudaEpBackend : public EpBackend {
       if (all[i] != mine[i % mine.size()]) return false;
     }
     return true;
-  }
-  // The first `keep` of every `width` entries of `all`.
-  static std::vector<int64_t> firstOf(const std::vector<int64_t>& all, size_t width, size_t keep) {
-    std::vector<int64_t> out;
-    for (size_t i = 0; i < all.size(); ++i) {
-      if (i % width < keep) out.push_back(all[i]);
-    }
-    return out;
   }
   void logDirect(const char* op, bool direct, bool* last) {
     if (direct == *last) return;
