@@ -803,28 +803,25 @@ bool CaseRunner::Setup() {
     if (c_.recvMemory != kCudaMalloc && plan.buffer == &recvX_) continue;
     CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
   }
-  if (c_.combineMemory != kCudaMalloc) {
-    // Collective allocations, the same size everywhere (room for the largest capacity, R * maxT);
-    // shifted: rank r's buffers start 256 * (r + 1) bytes in, so no two ranks' offsets match.
+  // Collective allocations, the same size everywhere (room for the largest capacity, R * maxT
+  // rows); shifted: rank r's buffer starts 256 * (r + 1) bytes in, so no two ranks' offsets match.
+  auto symmetric = [&](DeviceBuffer* buffer, int memory, size_t rowBytes) {
+    const bool shifted = memory == kSymmetricShifted;
+    const size_t shift = shifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
+    const size_t room = shifted ? 256 * static_cast<size_t>(R_) : 0;
     const size_t most = static_cast<size_t>(R_) * c_.tokens;
-    const size_t shift = c_.combineMemory == kSymmetricShifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
-    const size_t room = c_.combineMemory == kSymmetricShifted ? 256 * static_cast<size_t>(R_) : 0;
-    std::string failed = combineX_.AllocateSymmetric(comm_, cap * H * 2, most * H * 2 + room, shift);
+    const std::string failed = buffer->AllocateSymmetric(comm_, cap * rowBytes, most * rowBytes + room, shift);
+    if (!failed.empty()) Fail(failed);
+  };
+  if (c_.combineMemory != kCudaMalloc) {
+    symmetric(&combineX_, c_.combineMemory, H * 2);
     if (c_.combineMemory == kSymmetricXOnly) {
       CudaCheck(combineW_.Allocate(cap * K * 4), "cudaMalloc");
     } else {
-      const std::string weights = combineW_.AllocateSymmetric(comm_, cap * K * 4, most * K * 4 + room, shift);
-      if (failed.empty()) failed = weights;
+      symmetric(&combineW_, c_.combineMemory, K * 4);
     }
-    if (!failed.empty()) Fail(failed);
   }
-  if (c_.recvMemory != kCudaMalloc) {
-    const size_t most = static_cast<size_t>(R_) * c_.tokens;
-    const size_t shift = c_.recvMemory == kSymmetricShifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
-    const size_t room = c_.recvMemory == kSymmetricShifted ? 256 * static_cast<size_t>(R_) : 0;
-    const std::string failed = recvX_.AllocateSymmetric(comm_, cap * rowBytes_, most * rowBytes_ + room, shift);
-    if (!failed.empty()) Fail(failed);
-  }
+  if (c_.recvMemory != kCudaMalloc) symmetric(&recvX_, c_.recvMemory, rowBytes_);
   UploadTopkIdx();
   // Local trouble (an allocation) stops the case on every rank before the first collective.
   int bad = -1;
