@@ -74,12 +74,6 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
       options->graph = true;
       continue;
     }
-    if (flag == "--buffers") {
-      const std::string value = i + 1 < argc ? argv[++i] : "";
-      if (value != "device" && value != "symmetric") BENCH_FAIL("--buffers", "takes device or symmetric");
-      options->symmetricBuffers = value == "symmetric";
-      continue;
-    }
     if (flag == "--ll-per-rank") {
       options->llPerRank = true;
       continue;
@@ -104,8 +98,8 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
       options->roofline = false;
       continue;
     }
-    static const char* const kValueFlags[] = {"-w", "--workload", "--dtype", "-J", "-s", "-T", "-H",
-                                              "-K", "-E",         "-n",      "-W", "-c", "-S"};
+    static const char* const kValueFlags[] = {"-w", "--workload", "--dtype", "--buffers", "-J", "-s", "-T",
+                                              "-H", "-K",         "-E",      "-n",        "-W", "-c", "-S"};
     if (std::find(std::begin(kValueFlags), std::end(kValueFlags), flag) == std::end(kValueFlags))
       return bad("unknown flag");
     if (i + 1 >= argc) return bad("needs a value");
@@ -122,6 +116,10 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
         return bad("expected fp8 or bf16");
       }
       options->dtypeGiven = true;
+    } else if (flag == "--buffers") {
+      if (std::strcmp(value, "device") != 0 && std::strcmp(value, "symmetric") != 0)
+        return bad("expected device or symmetric");
+      options->symmetricBuffers = std::strcmp(value, "symmetric") == 0;
     } else if (flag == "-J") {
       options->jsonPath = value;
     } else if (flag == "-s") {
