@@ -1122,9 +1122,19 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   MC_LL_PROFILE(kLlKernelDispatch, 9);
 }
 
+// Developer measurement, off by default (build with -DMOECOMM_LL_EMPTY_BODY=1; results are
+// wrong, bench with -c 0): the dispatch and combine kernels return at once, so their kernel-only
+// time is the launch cost of these kernels' shape (grid, registers, shared memory, parameters)
+// against the bench's plain empty kernel.
+#ifndef MOECOMM_LL_EMPTY_BODY
+#define MOECOMM_LL_EMPTY_BODY 0
+#endif
+
 template <bool kPuts, int kForms>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(const LowLatencyParams p) {
   extern __shared__ int4 dispatchShared[];
+  if (MOECOMM_LL_EMPTY_BODY && p.numBlocks > 0)
+    return;  // (a run-time test: the body, its registers and shared memory stay)
   MC_LL_PROFILE(kLlKernelDispatch, 0);
   const bool fp8 = formFp8(kForms, p);
   const bool perRank = formPerRank(kForms, p);
@@ -1394,6 +1404,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
       weights[threadIdx.x] = weight;
     }
     __syncthreads();
+    if (round == begin) MC_LL_PROFILE(kLlKernelCombine, 10);
     if (static_cast<int>(threadIdx.x) < roundPairs) {
       const int pair = round + threadIdx.x;
       // The pair's local selections to the front, k order kept: its loads then go out together.
@@ -1417,7 +1428,9 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
       pairTarget[threadIdx.x] = to;
     }
     __syncthreads();
+    if (round == begin) MC_LL_PROFILE(kLlKernelCombine, 11);
     reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
+    if (round == begin) MC_LL_PROFILE(kLlKernelCombine, 12);
     if (kPuts && (targets & p.putPeers) != 0) {
       __syncthreads();
       for (int i = threadIdx.x >> 5; i < roundPairs; i += kWarps) {
@@ -1514,6 +1527,8 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
 
 template <bool kPuts, int kForms>
 __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams p) {
+  if (MOECOMM_LL_EMPTY_BODY && p.numBlocks > 0)
+    return;  // (a run-time test: the body, its registers and shared memory stay)
   MC_LL_PROFILE(kLlKernelCombine, 0);
   storeMaskSnapshot(p, loadMaskWord(p));  // (every wait starts with a barrier)
   flushPendingReleases(p, false);

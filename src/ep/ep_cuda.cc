@@ -321,6 +321,7 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = handle->numTokens;
     p.recvCapacity = recvCapacity;
     p.combineDirect = direct ? 1 : 0;
+    if (direct && p.combineVariant == device::kCombineVariantBulk) fitDirectCombineRings(&p);
     p.combinePeerX = direct ? xSpot.table : nullptr;
     p.combineXOffset = xSpot.offset;
     p.combinePeerWeights = direct && args->topkWeights != nullptr ? weightsSpot.table : nullptr;
@@ -531,7 +532,14 @@ class CudaEpBackend : public EpBackend {
       p->dispatchVariant = device::kDispatchVariantRegisters;
   }
 
-  // Offsets inside a dispatch row for one dtype (see device::IntranodeParams).
+  // A direct combine with the bulk variant gives every warp a ring (no warp sends): as many
+  // stages as fit, at least 2, else the deep register kernel for this call.
+  void fitDirectCombineRings(device::IntranodeParams* p) const {
+    while (p->ringStages > 2 && device::intranodeSharedBytes(*p, device::kOpCombine) > sharedBudget_) --p->ringStages;
+    if (device::intranodeSharedBytes(*p, device::kOpCombine) > sharedBudget_)
+      p->combineVariant = device::kCombineVariantDeep;
+  }
+
   // Builds with -DMOECOMM_KERNEL_PROFILE only: the timeline of the last dispatch and combine,
   // per event the earliest, median and latest block, in microseconds after the earliest start.
   void logProfile() {
