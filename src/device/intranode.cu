@@ -78,11 +78,18 @@ static_assert(kCtrlHeld < kCtrlKinds, "the buffer layout (planNormalBuffer) hold
 // timer at fixed points of the last call (see intranodeProfile).
 #ifdef MOECOMM_KERNEL_PROFILE
 constexpr int kProfileBlocks = 256;
-constexpr int kProfileEvents = 10;
+constexpr int kProfileEvents = 11;  // events 0-9, then the block's SM id (taken at event 0)
 __device__ unsigned long long gProfile[kOps][kProfileBlocks][kProfileEvents];
-#define MC_PROFILE(op, event, leader)                                                                              \
-  do {                                                                                                             \
-    if (threadIdx.x == (leader) && blockIdx.x < kProfileBlocks) gProfile[op][blockIdx.x][event] = globalTimerNs(); \
+#define MC_PROFILE(op, event, leader)                             \
+  do {                                                            \
+    if (threadIdx.x == (leader) && blockIdx.x < kProfileBlocks) { \
+      gProfile[op][blockIdx.x][event] = globalTimerNs();          \
+      if ((event) == 0) {                                         \
+        unsigned sm;                                              \
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));           \
+        gProfile[op][blockIdx.x][kProfileEvents - 1] = sm;        \
+      }                                                           \
+    }                                                             \
   } while (0)
 #else
 #define MC_PROFILE(op, event, leader) \

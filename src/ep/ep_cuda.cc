@@ -551,6 +551,20 @@ class CudaEpBackend : public EpBackend {
       const std::string line = profileLine(stamps.data(), blocks, events, profileOrigin(stamps.data(), blocks, events));
       MC_WARN(kLogEp, "rank %d profile %s (us min/median/max over %d blocks):%s", ep_->rank,
               op == device::kOpDispatch ? "dispatch" : "combine", blocks, line.c_str());
+      // Per block: the SM it ran on (the last slot) and when it ended (the last event it stamped).
+      const unsigned long long origin = profileOrigin(stamps.data(), blocks, events);
+      std::string ends;
+      for (int b = 0; b < blocks; ++b) {
+        const unsigned long long* row = stamps.data() + static_cast<size_t>(b) * events;
+        unsigned long long last = 0;
+        for (int e = 0; e + 1 < events; ++e)
+          if (row[e] >= origin && row[e] - origin < 10000000000ull) last = std::max(last, row[e] - origin);
+        char text[48];
+        std::snprintf(text, sizeof(text), " %d@sm%llu=%.1f", b, row[events - 1], last / 1000.0);
+        ends += text;
+      }
+      MC_WARN(kLogEp, "rank %d profile %s, block@SM=end us:%s", ep_->rank,
+              op == device::kOpDispatch ? "dispatch" : "combine", ends.c_str());
     }
   }
 
