@@ -1668,12 +1668,11 @@ __device__ CombinePlan planCombineToken(const IntranodeParams& p, int channel, i
 }
 
 // Waits for the tails behind token t's staged rows (lane r: rank r), then makes them visible
-// to the bulk-copy engine in the lanes that will issue the copies. (Direct combine: the rows
-// are the peers' own combineX, final since combineDirectBegin; only the proxy fence is left.)
+// to the bulk-copy engine in the lanes that will issue the copies.
 __device__ void combineAwaitToken(const IntranodeParams& p, int channel, uint64_t sequence, int64_t t,
                                   const CombinePlan& plan, int lane, int* known) {
   const int R = p.numRanks;
-  if (lane < R && lane != p.rank && !p.combineDirect) {
+  if (lane < R && lane != p.rank) {
     const int ordinal = p.pos[t * R + lane];
     if (ordinal >= 0 && *known <= ordinal) {
       const uint64_t word = waitWord(
@@ -1691,7 +1690,7 @@ __device__ bool combineTokenArrived(const IntranodeParams& p, int channel, uint6
                                     int* known) {
   const int R = p.numRanks;
   bool arrived = true;
-  if (lane < R && lane != p.rank && !p.combineDirect) {
+  if (lane < R && lane != p.rank) {
     const int ordinal = p.pos[t * R + lane];
     if (ordinal >= 0 && *known <= ordinal) {
       const int rows = rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpCombine, channel, lane)), sequence);
@@ -1814,11 +1813,11 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   if (p.combineDirect) {
     combineDirectBegin(p, channel, sequence, shared);
     MC_PROFILE(kOpCombine, 1, 0);
-    if (kVariant == kCombineVariantBulk && p.numRanks < 32 && combineVectorOk(p)) {
-      combineReceiveBulk(p, channel, sequence, reinterpret_cast<uint8_t*>(shared));  // rings after the table
-    } else if (kVariant == kCombineVariantRegisters) {
+    if (kVariant == kCombineVariantRegisters) {
       combineReceive<kCombineVariantRegisters>(p, channel, sequence);
     } else {
+      // (the bulk variant reads staged rows only: through the rings a direct combine measured 352 µs
+      // against 196, PERF.md twelfth session)
       combineReceive<kCombineVariantDeep>(p, channel, sequence);
     }
     combineDirectEnd(p, channel, sequence);
@@ -1868,8 +1867,7 @@ uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
   if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantBulk)
     ringWarps = kWarps - params.dispatchSendWarps;
   if (op == kOpDispatch && dispatchSendersUseRing(params.dispatchVariant)) ringWarps = params.dispatchSendWarps;
-  if (op == kOpCombine && params.combineVariant == kCombineVariantBulk)
-    ringWarps = params.combineDirect ? kWarps : kWarps - params.combineSendWarps;  // direct: no senders
+  if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
   if (ringWarps == 0) return params.sharedIntsBytes;
   return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
          static_cast<uint64_t>(ringWarps) * params.ringStages * params.ringStageBytes;

@@ -321,7 +321,6 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = handle->numTokens;
     p.recvCapacity = recvCapacity;
     p.combineDirect = direct ? 1 : 0;
-    if (direct && p.combineVariant == device::kCombineVariantBulk) fitDirectCombineRings(&p);
     p.combinePeerX = direct ? xSpot.table : nullptr;
     p.combineXOffset = xSpot.offset;
     p.combinePeerWeights = direct && args->topkWeights != nullptr ? weightsSpot.table : nullptr;
@@ -530,14 +529,6 @@ class CudaEpBackend : public EpBackend {
     while (p->ringStages > 2 && device::intranodeSharedBytes(*p, device::kOpDispatch) > sharedBudget_) --p->ringStages;
     if (device::intranodeSharedBytes(*p, device::kOpDispatch) > sharedBudget_)
       p->dispatchVariant = device::kDispatchVariantRegisters;
-  }
-
-  // A direct combine with the bulk variant gives every warp a ring (no warp sends): as many
-  // stages as fit, at least 2, else the deep register kernel for this call.
-  void fitDirectCombineRings(device::IntranodeParams* p) const {
-    while (p->ringStages > 2 && device::intranodeSharedBytes(*p, device::kOpCombine) > sharedBudget_) --p->ringStages;
-    if (device::intranodeSharedBytes(*p, device::kOpCombine) > sharedBudget_)
-      p->combineVariant = device::kCombineVariantDeep;
   }
 
   // Builds with -DMOECOMM_KERNEL_PROFILE only: the timeline of the last dispatch and combine,
