@@ -122,6 +122,14 @@ struct IntranodeParams {
   int ringStages;
   int ringStageBytes;
   uint64_t timeoutNs;  // bound of every spin-wait
+  // MOECOMM_EP_DISPATCH_STEAL (default kernels only): dispatch blocks take batches from any
+  // channel (intranode.cu, dispatchSendStealing). EP device memory: per channel the claim word,
+  // per (channel, batch) the done flag and per destination the rows the batch reaches.
+  int dispatchSteal;
+  int stealBatches;                // batches per channel the arrays hold (chunkRows: a batch has at least one row)
+  unsigned long long* stealClaim;  // [C]
+  unsigned long long* stealDone;   // [C, stealBatches]
+  int* stealRows;                  // [C, stealBatches, R]
 
   // The handle's device routing.
   int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)

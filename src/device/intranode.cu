@@ -792,6 +792,217 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
+// ---- Dispatch senders that take batches from any channel (MOECOMM_EP_DISPATCH_STEAL) --------
+//
+// Profiles on 2x H200 show a few blocks ending ~20 µs after the rest although every channel
+// pushes about the same rows (PERF.md, twelfth session). Here a block sends its own channel's
+// batches, then helps the channels that still have some. A channel's batches are handed out
+// in order by one claim word per channel in the EP's device memory (tag of the call, next
+// batch), opened by the channel's own block once its routing (pos) is written. Whoever sends
+// batch b of channel c records, per destination, the rows of c up to the end of b (stealRows)
+// and then marks b done. Only c's own block publishes c's tails, each time a longer prefix of
+// c's batches is done, so a tail never goes back and covers only rows that are stored:
+// the batch's rows -> block barrier -> fence.sys -> done flag (gpu scope) -> the owner's
+// acquire of the flag -> barrier -> fence.sys -> release of the tail. The owner waits (bounded)
+// at the end for its channel's batches that others took. All blocks of the grid are resident
+// at once (one per SM of the budget), so no block waits for one that cannot run.
+
+__device__ __forceinline__ uint64_t claimTag(uint64_t sequence) {
+  return ((sequence & 0x7fffffffull) | 0x80000000ull) << 32;
+}
+
+__device__ __forceinline__ uint64_t loadAcquireGpu(const unsigned long long* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void storeReleaseGpu(unsigned long long* address, uint64_t value) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+// Batches of channel c (sendBatchSize rows of tokens each, the last one shorter).
+__device__ __forceinline__ int channelBatches(const IntranodeParams& p, int c, int batch) {
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, c, &first, &last);
+  return (last - first + batch - 1) / batch;
+}
+
+// Thread 0: takes the next batch of channel c if it is open and has one left. Returns the
+// batch, -1 when it has none left, -2 when it is not open yet.
+__device__ int claimBatch(const IntranodeParams& p, int c, uint64_t sequence, int batches) {
+  const uint64_t tag = claimTag(sequence);
+  unsigned long long* word = p.stealClaim + c;
+  uint64_t seen = loadAcquireGpu(word);
+  for (;;) {
+    if ((seen & 0xffffffff00000000ull) != tag) return -2;
+    const int next = static_cast<int>(seen & 0xffffffffull);
+    if (next >= batches) return -1;
+    const uint64_t before = atomicCAS(word, seen, seen + 1);
+    if (before == seen) return next;
+    seen = before;
+  }
+}
+
+// The owner's publish: the longest prefix of its channel's batches that are done, and the tails
+// for it (sent[d]: rows for d so far). Returns the new prefix. Every sending thread calls it.
+__device__ int publishOwnPrefix(const IntranodeParams& p, int channel, uint64_t sequence, int published, int batches,
+                                int* sent, int* shared) {
+  const int R = p.numRanks;
+  if (threadIdx.x == 0) {
+    int n = published;
+    while (n < batches && loadAcquireGpu(p.stealDone + static_cast<int64_t>(channel) * p.stealBatches + n) == sequence)
+      ++n;
+    *shared = n;
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  const int prefix = *shared;
+  if (prefix > published) {
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      int rows = sent[d];
+      for (int b = published; b < prefix; ++b)
+        rows = max(rows, p.stealRows[(static_cast<int64_t>(channel) * p.stealBatches + b) * R + d]);
+      sent[d] = rows;
+      __threadfence_system();
+      storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
+    }
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  return prefix;
+}
+
+template <int kBatch>
+__device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
+                                     int* posBatch, int* direct, int* batchRows, int* otherDirect) {
+  __shared__ int claimed[2];  // channel, batch (-1: nothing left anywhere)
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int R = p.numRanks;
+  const int C = p.numChannels;
+  for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
+  groupBarrier(kBarrierSend, kSendThreads);
+  MC_PROFILE(kOpDispatch, 1, 0);
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  if (p.route) routeChannel(p, channel, first, last, scratch);
+  MC_PROFILE(kOpDispatch, 2, 0);
+  publishCounts(p, kOpDispatch, channel, sequence);
+  MC_PROFILE(kOpDispatch, 3, 0);
+  for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
+  if (p.dispatchDirect) {
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      const int2 span =
+          d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, channel, d, sequence) : make_int2(0, 0);
+      direct[d] = span.x;
+      direct[R + d] = span.y;
+    }
+  }
+  const int batch = static_cast<int>(sendBatchSize(0, kBatch, false));
+  const int ownBatches = channelBatches(p, channel, batch);
+  // Open this channel: its pos is written (routeChannel's barriers, this one for publishCounts).
+  groupBarrier(kBarrierSend, kSendThreads);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    storeReleaseGpu(p.stealClaim + channel, claimTag(sequence));
+  }
+  const bool xAligned = aligned16(p.x);
+  const bool scalesVec = scalesVectorOk(p, p.xScales);
+  int published = 0;
+  const uint64_t start = globalTimerNs();
+  for (int victim = 0;;) {
+    // Thread 0 finds a batch: this channel first, then the others in turn from the next one.
+    if (threadIdx.x == 0) {
+      int c = -1;
+      int b = -1;
+      bool waiting = false;
+      for (; victim < C; ++victim) {
+        const int candidate = (channel + victim) % C;
+        b = claimBatch(p, candidate, sequence, channelBatches(p, candidate, batch));
+        if (b >= 0) {
+          c = candidate;
+          break;
+        }
+        if (b == -2) {  // not open yet: its block is still routing; look again later
+          waiting = true;
+          break;
+        }
+      }
+      if (waiting &&
+          (globalTimerNs() - start > p.timeoutNs || *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0)) {
+        raiseError(p, kErrorTimeout, p.rank, (channel + victim) % C, kOpDispatch);
+        waiting = false;
+        victim = C;
+      }
+      claimed[0] = waiting ? -2 : c;
+      claimed[1] = b;
+    }
+    groupBarrier(kBarrierSend, kSendThreads);
+    const int c = claimed[0];
+    const int b = claimed[1];
+    groupBarrier(kBarrierSend, kSendThreads);  // claimed[] may be rewritten next round
+    if (c == -2) {
+      if (published < ownBatches)
+        published = publishOwnPrefix(p, channel, sequence, published, ownBatches, sent, scratch);
+      continue;
+    }
+    if (c < 0) break;
+    int cFirst = 0;
+    int cLast = 0;
+    channelTokens(p.numTokens, p.numChannels, c, &cFirst, &cLast);
+    const int base = cFirst + b * batch;
+    const int n = min(cLast - base, batch);
+    const int* spans = direct;
+    if (p.dispatchDirect && c != channel) {
+      for (int d = threadIdx.x; d < R; d += kSendThreads) {
+        const int2 span =
+            d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, c, d, sequence) : make_int2(0, 0);
+        otherDirect[d] = span.x;
+        otherDirect[R + d] = span.y;
+      }
+      spans = otherDirect;
+    }
+    for (int d = threadIdx.x; d < R; d += kSendThreads) batchRows[d] = 0;
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
+      const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
+      posBatch[i] = ordinal;
+      if (ordinal >= 0) atomicMax(&batchRows[i % R], ordinal + 1);
+    }
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int j = warp; j < n; j += kSendWarps)
+      sendToken(p, c, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? spans : nullptr, lane);
+    // The batch's rows, then what they reach per destination, then the done flag.
+    groupBarrier(kBarrierSend, kSendThreads);
+    for (int d = threadIdx.x; d < R; d += kSendThreads)
+      p.stealRows[(static_cast<int64_t>(c) * p.stealBatches + b) * R + d] = batchRows[d];
+    groupBarrier(kBarrierSend, kSendThreads);
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      storeReleaseGpu(p.stealDone + static_cast<int64_t>(c) * p.stealBatches + b, sequence);
+    }
+    if (c == channel) published = publishOwnPrefix(p, channel, sequence, published, ownBatches, sent, scratch);
+  }
+  // Batches of this channel that other blocks took: wait until they are done (bounded).
+  while (published < ownBatches) {
+    published = publishOwnPrefix(p, channel, sequence, published, ownBatches, sent, scratch);
+    if (published >= ownBatches) break;
+    if (threadIdx.x == 0) {
+      claimed[0] = 0;
+      if (globalTimerNs() - start > p.timeoutNs || *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) {
+        raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
+        claimed[0] = 1;
+      }
+    }
+    groupBarrier(kBarrierSend, kSendThreads);
+    const bool giveUp = claimed[0] != 0;
+    groupBarrier(kBarrierSend, kSendThreads);
+    if (giveUp) break;
+  }
+  MC_PROFILE(kOpDispatch, 4, 0);
+}
+
 // Where one received row's parts are read from: a staged row, or (rows a rank sends itself)
 // the caller's own inputs, which never pass through the staging area.
 struct RowSource {
@@ -1266,6 +1477,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* posBatch = avail + R;
   int* rowsTable = posBatch + p.sendBatch * R;  // the table is sized for the run-time batch
   int* direct = rowsTable + p.numChannels * R;
+  int* batchRows = direct + 2 * R;   // dispatchSendStealing: rows per destination of a batch
+  int* otherDirect = batchRows + R;  // and the direct spans of another channel
   const int channel = blockIdx.x;
   setSplit(p.dispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
@@ -1279,6 +1492,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
       dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, direct,
                                       reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kDispatchVariantRegisters && p.dispatchSteal) {
+      dispatchSendStealing<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, batchRows, otherDirect);
     } else {
       dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch, direct,
                                            reinterpret_cast<uint8_t*>(shared));
@@ -1857,7 +2072,7 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
 
 uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (7 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
+      (10 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
 }
 

@@ -153,6 +153,18 @@ class CudaEpBackend : public EpBackend {
         reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + roundUp(sizeof(device::EpDeviceState), 16));
     MC_CUDA(cudaMemcpy(devicePeers, peers.data(), sizeof(uint8_t*) * R, cudaMemcpyHostToDevice));
     p.peers = devicePeers;
+    if (p.dispatchSteal != 0) {
+      // Claim words, done flags and rows per (channel, batch, destination); zero is never a
+      // call's tag or sequence.
+      p.stealBatches = p.chunkRows;
+      const size_t words = static_cast<size_t>(channels) * (1 + static_cast<size_t>(p.stealBatches));
+      const size_t bytes = words * 8 + static_cast<size_t>(channels) * p.stealBatches * R * sizeof(int);
+      MC_CUDA(cudaMalloc(&stealBlock_, bytes));
+      MC_CUDA(cudaMemset(stealBlock_, 0, bytes));
+      p.stealClaim = static_cast<unsigned long long*>(stealBlock_);
+      p.stealDone = p.stealClaim + channels;
+      p.stealRows = reinterpret_cast<int*>(p.stealClaim + words);
+    }
     const size_t hostBytes = sizeof(device::EpHostWords) + sizeof(int) * L;
     void* host = nullptr;
     MC_CUDA(cudaHostAlloc(&host, hostBytes, cudaHostAllocMapped));
@@ -452,6 +464,11 @@ class CudaEpBackend : public EpBackend {
       if (cudaFreeHost(const_cast<device::EpHostWords*>(host_)) != cudaSuccess) (void)cudaGetLastError();
       host_ = nullptr;
     }
+    if (stealBlock_ != nullptr) {
+      DeviceScope scope(ep_->comm->device);
+      if (cudaFree(stealBlock_) != cudaSuccess) (void)cudaGetLastError();
+      stealBlock_ = nullptr;
+    }
     if (deviceBlock_ != nullptr) {
       DeviceScope scope(ep_->comm->device);
       if (cudaFree(deviceBlock_) != cudaSuccess) (void)cudaGetLastError();
@@ -492,6 +509,7 @@ class CudaEpBackend : public EpBackend {
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
+    p->dispatchSteal = pick(Env::EpDispatchSteal, "MOECOMM_EP_DISPATCH_STEAL", 0, 1, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     int limit = 0;
@@ -811,6 +829,7 @@ class CudaEpBackend : public EpBackend {
   std::unique_ptr<NvlinkSymmetric> buffer_;
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
+  void* stealBlock_ = nullptr;                    // MOECOMM_EP_DISPATCH_STEAL's claim words, flags and rows
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
   bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
