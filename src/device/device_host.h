@@ -64,6 +64,7 @@ constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes i
 constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
 constexpr int kCombineVariants = 3;
+constexpr int kStealMaxChannels = 256;  // MOECOMM_EP_DISPATCH_STEAL: channels a block's table covers
 
 // Device-resident per-EP state.
 struct EpDeviceState {
@@ -125,7 +126,7 @@ struct IntranodeParams {
   // MOECOMM_EP_DISPATCH_STEAL (default kernels only): dispatch blocks take batches from any
   // channel (intranode.cu, dispatchSendStealing). EP device memory: per channel the claim word,
   // per (channel, batch) the done flag and per destination the rows the batch reaches.
-  int dispatchSteal;
+  int dispatchSteal;               // only with numChannels <= kStealMaxChannels
   int stealBatches;                // batches per channel the arrays hold (chunkRows: a batch has at least one row)
   unsigned long long* stealClaim;  // [C]
   unsigned long long* stealDone;   // [C, stealBatches]

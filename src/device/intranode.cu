@@ -801,19 +801,22 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
 // batch), opened by the channel's own block once its routing (pos) is written. Whoever sends
 // batch b of channel c records, per destination, the rows of c up to the end of b (stealRows)
 // and then marks b done. Only c's own block publishes c's tails, each time a longer prefix of
-// c's batches is done, so a tail never goes back and covers only rows that are stored:
-// the batch's rows -> block barrier -> fence.sys -> done flag (gpu scope) -> the owner's
-// acquire of the flag -> barrier -> fence.sys -> release of the tail. The owner waits (bounded)
-// at the end for its channel's batches that others took. All blocks of the grid are resident
-// at once (one per SM of the budget), so no block waits for one that cannot run.
+// c's batches is done (it looks after every batch it sends, its own or not), so a tail never
+// goes back and covers only rows that are stored: the batch's rows -> block barrier ->
+// fence.sys -> done flag (gpu scope) -> the owner's acquire of the flag -> barrier ->
+// fence.sys -> release of the tail. The owner waits (bounded) at the end for its channel's
+// batches that others took; if it gives up (timeout, or an abort), it still publishes whole
+// tails, as the default senders always do, so no peer waits on them. All blocks of the grid
+// are resident at once (one per SM of the budget), so no block waits for one that cannot run.
+// Polls are relaxed loads with back-off, and an acquire fence follows a successful one.
 
 __device__ __forceinline__ uint64_t claimTag(uint64_t sequence) {
   return ((sequence & 0x7fffffffull) | 0x80000000ull) << 32;
 }
 
-__device__ __forceinline__ uint64_t loadAcquireGpu(const unsigned long long* address) {
+__device__ __forceinline__ uint64_t loadRelaxedGpu(const unsigned long long* address) {
   uint64_t value;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
   return value;
 }
 
@@ -821,7 +824,9 @@ __device__ __forceinline__ void storeReleaseGpu(unsigned long long* address, uin
   asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
 
-// Batches of channel c (sendBatchSize rows of tokens each, the last one shorter).
+__device__ __forceinline__ void fenceAcquireGpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// Batches of channel c (`batch` tokens each, the last one shorter).
 __device__ __forceinline__ int channelBatches(const IntranodeParams& p, int c, int batch) {
   int first = 0;
   int last = 0;
@@ -834,53 +839,55 @@ __device__ __forceinline__ int channelBatches(const IntranodeParams& p, int c, i
 __device__ int claimBatch(const IntranodeParams& p, int c, uint64_t sequence, int batches) {
   const uint64_t tag = claimTag(sequence);
   unsigned long long* word = p.stealClaim + c;
-  uint64_t seen = loadAcquireGpu(word);
+  uint64_t seen = loadRelaxedGpu(word);
   for (;;) {
     if ((seen & 0xffffffff00000000ull) != tag) return -2;
     const int next = static_cast<int>(seen & 0xffffffffull);
     if (next >= batches) return -1;
     const uint64_t before = atomicCAS(word, seen, seen + 1);
-    if (before == seen) return next;
+    if (before == seen) {
+      fenceAcquireGpu();  // with the load that saw the tag: after the owner's routing
+      return next;
+    }
     seen = before;
   }
 }
 
-// The owner's publish: the longest prefix of its channel's batches that are done, and the tails
-// for it (sent[d]: rows for d so far). Returns the new prefix. Every sending thread calls it.
-__device__ int publishOwnPrefix(const IntranodeParams& p, int channel, uint64_t sequence, int published, int batches,
-                                int* sent, int* shared) {
+// Thread 0: how many of the owner's batches are done from `published` on (no waiting).
+__device__ int donePrefix(const IntranodeParams& p, int channel, uint64_t sequence, int published, int batches) {
+  const unsigned long long* done = p.stealDone + static_cast<int64_t>(channel) * p.stealBatches;
+  int n = published;
+  while (n < batches && loadRelaxedGpu(done + n) == sequence) ++n;
+  if (n > published) fenceAcquireGpu();
+  return n;
+}
+
+// Every sending thread: publishes the tails for the done prefix `prefix` (> published) of this
+// channel's batches; sent[d] holds the rows for d so far.
+__device__ void publishTails(const IntranodeParams& p, int channel, uint64_t sequence, int published, int prefix,
+                             int* sent) {
   const int R = p.numRanks;
-  if (threadIdx.x == 0) {
-    int n = published;
-    while (n < batches && loadAcquireGpu(p.stealDone + static_cast<int64_t>(channel) * p.stealBatches + n) == sequence)
-      ++n;
-    *shared = n;
+  for (int d = threadIdx.x; d < R; d += kSendThreads) {
+    int rows = sent[d];
+    for (int b = published; b < prefix; ++b)
+      rows = max(rows, p.stealRows[(static_cast<int64_t>(channel) * p.stealBatches + b) * R + d]);
+    sent[d] = rows;
+    __threadfence_system();
+    storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
   }
-  groupBarrier(kBarrierSend, kSendThreads);
-  const int prefix = *shared;
-  if (prefix > published) {
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      int rows = sent[d];
-      for (int b = published; b < prefix; ++b)
-        rows = max(rows, p.stealRows[(static_cast<int64_t>(channel) * p.stealBatches + b) * R + d]);
-      sent[d] = rows;
-      __threadfence_system();
-      storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
-    }
-  }
-  groupBarrier(kBarrierSend, kSendThreads);
-  return prefix;
 }
 
 template <int kBatch>
 __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
                                      int* posBatch, int* direct, int* batchRows, int* otherDirect) {
-  __shared__ int claimed[2];  // channel, batch (-1: nothing left anywhere)
+  __shared__ int answer[3];  // thread 0's answer: channel (-1: none left), batch, own done prefix
+  __shared__ unsigned char exhausted[kStealMaxChannels];
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int R = p.numRanks;
   const int C = p.numChannels;
   for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
+  for (int c = threadIdx.x; c < C; c += kSendThreads) exhausted[c] = 0;
   groupBarrier(kBarrierSend, kSendThreads);
   MC_PROFILE(kOpDispatch, 1, 0);
   int first = 0;
@@ -890,6 +897,9 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
   MC_PROFILE(kOpDispatch, 2, 0);
   publishCounts(p, kOpDispatch, channel, sequence);
   MC_PROFILE(kOpDispatch, 3, 0);
+  // Open this channel: its pos is written (routeChannel's barriers, this one for publishCounts).
+  groupBarrier(kBarrierSend, kSendThreads);
+  if (threadIdx.x == 0) storeReleaseGpu(p.stealClaim + channel, claimTag(sequence));
   for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
   if (p.dispatchDirect) {
     for (int d = threadIdx.x; d < R; d += kSendThreads) {
@@ -901,51 +911,53 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
   }
   const int batch = static_cast<int>(sendBatchSize(0, kBatch, false));
   const int ownBatches = channelBatches(p, channel, batch);
-  // Open this channel: its pos is written (routeChannel's barriers, this one for publishCounts).
-  groupBarrier(kBarrierSend, kSendThreads);
-  if (threadIdx.x == 0) {
-    __threadfence();
-    storeReleaseGpu(p.stealClaim + channel, claimTag(sequence));
-  }
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
   int published = 0;
-  const uint64_t start = globalTimerNs();
-  for (int victim = 0;;) {
-    // Thread 0 finds a batch: this channel first, then the others in turn from the next one.
+  int spansOf = channel;  // whose spans otherDirect holds (channel: none yet)
+  for (;;) {
+    // Thread 0 finds a batch: this channel first, then the others from the next one on. A
+    // channel not open yet (its block still routing) is passed over and looked at again.
     if (threadIdx.x == 0) {
       int c = -1;
       int b = -1;
-      bool waiting = false;
-      for (; victim < C; ++victim) {
-        const int candidate = (channel + victim) % C;
-        b = claimBatch(p, candidate, sequence, channelBatches(p, candidate, batch));
-        if (b >= 0) {
-          c = candidate;
+      uint64_t since = globalTimerNs();
+      for (uint32_t spins = 0;; ++spins) {
+        bool pending = false;
+        for (int i = 0; i < C && c < 0; ++i) {
+          const int candidate = (channel + i) % C;
+          if (exhausted[candidate]) continue;
+          const int batches = channelBatches(p, candidate, batch);
+          const int got = batches > 0 ? claimBatch(p, candidate, sequence, batches) : -1;
+          if (got >= 0) {
+            c = candidate;
+            b = got;
+          } else if (got == -1) {
+            exhausted[candidate] = 1;
+          } else {
+            pending = true;
+          }
+        }
+        if (c >= 0 || !pending) break;
+        if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) break;
+        if (globalTimerNs() - since > p.timeoutNs) {
+          raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
           break;
         }
-        if (b == -2) {  // not open yet: its block is still routing; look again later
-          waiting = true;
-          break;
-        }
+        __nanosleep(spins < 8 ? 64u : 512u);
       }
-      if (waiting &&
-          (globalTimerNs() - start > p.timeoutNs || *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0)) {
-        raiseError(p, kErrorTimeout, p.rank, (channel + victim) % C, kOpDispatch);
-        waiting = false;
-        victim = C;
-      }
-      claimed[0] = waiting ? -2 : c;
-      claimed[1] = b;
+      answer[0] = c;
+      answer[1] = b;
+      answer[2] = published < ownBatches ? donePrefix(p, channel, sequence, published, ownBatches) : published;
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    const int c = claimed[0];
-    const int b = claimed[1];
-    groupBarrier(kBarrierSend, kSendThreads);  // claimed[] may be rewritten next round
-    if (c == -2) {
-      if (published < ownBatches)
-        published = publishOwnPrefix(p, channel, sequence, published, ownBatches, sent, scratch);
-      continue;
+    const int c = answer[0];
+    const int b = answer[1];
+    const int prefix = answer[2];
+    groupBarrier(kBarrierSend, kSendThreads);  // answer[] is rewritten next time
+    if (prefix > published) {
+      publishTails(p, channel, sequence, published, prefix, sent);
+      published = prefix;
     }
     if (c < 0) break;
     int cFirst = 0;
@@ -953,16 +965,16 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
     channelTokens(p.numTokens, p.numChannels, c, &cFirst, &cLast);
     const int base = cFirst + b * batch;
     const int n = min(cLast - base, batch);
-    const int* spans = direct;
-    if (p.dispatchDirect && c != channel) {
+    if (p.dispatchDirect && c != channel && c != spansOf) {
       for (int d = threadIdx.x; d < R; d += kSendThreads) {
         const int2 span =
             d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, c, d, sequence) : make_int2(0, 0);
         otherDirect[d] = span.x;
         otherDirect[R + d] = span.y;
       }
-      spans = otherDirect;
+      spansOf = c;
     }
+    const int* spans = c == channel ? direct : otherDirect;
     for (int d = threadIdx.x; d < R; d += kSendThreads) batchRows[d] = 0;
     groupBarrier(kBarrierSend, kSendThreads);
     for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
@@ -982,23 +994,44 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
       __threadfence_system();
       storeReleaseGpu(p.stealDone + static_cast<int64_t>(c) * p.stealBatches + b, sequence);
     }
-    if (c == channel) published = publishOwnPrefix(p, channel, sequence, published, ownBatches, sent, scratch);
   }
-  // Batches of this channel that other blocks took: wait until they are done (bounded).
-  while (published < ownBatches) {
-    published = publishOwnPrefix(p, channel, sequence, published, ownBatches, sent, scratch);
-    if (published >= ownBatches) break;
+  // Batches of this channel that other blocks took: wait until they are done (bounded; the
+  // clock restarts whenever one is done). Giving up still publishes whole tails.
+  bool gaveUp = false;
+  while (published < ownBatches && !gaveUp) {
     if (threadIdx.x == 0) {
-      claimed[0] = 0;
-      if (globalTimerNs() - start > p.timeoutNs || *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) {
-        raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
-        claimed[0] = 1;
+      int prefix = published;
+      const uint64_t since = globalTimerNs();
+      for (uint32_t spins = 0;; ++spins) {
+        prefix = donePrefix(p, channel, sequence, published, ownBatches);
+        if (prefix > published) break;
+        if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) {
+          prefix = -1;
+          break;
+        }
+        if (globalTimerNs() - since > p.timeoutNs) {
+          raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
+          prefix = -1;
+          break;
+        }
+        __nanosleep(spins < 8 ? 64u : 512u);
       }
+      answer[2] = prefix;
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    const bool giveUp = claimed[0] != 0;
+    const int prefix = answer[2];
     groupBarrier(kBarrierSend, kSendThreads);
-    if (giveUp) break;
+    if (prefix < 0) {
+      gaveUp = true;
+      for (int d = threadIdx.x; d < R; d += kSendThreads) {
+        __threadfence_system();
+        storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank),
+                        packWord(sequence, p.chanCount[channel * R + d]));
+      }
+    } else {
+      publishTails(p, channel, sequence, published, prefix, sent);
+      published = prefix;
+    }
   }
   MC_PROFILE(kOpDispatch, 4, 0);
 }
@@ -1462,7 +1495,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
 // a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
-// dispatch's first rows and rows held per destination [2 R].
+// dispatch's first rows and rows held per destination [2 R], and for the stealing senders a
+// batch's rows per destination [R] and another channel's direct spans [2 R].
 template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];

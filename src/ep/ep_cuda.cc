@@ -510,6 +510,11 @@ class CudaEpBackend : public EpBackend {
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->dispatchSteal = pick(Env::EpDispatchSteal, "MOECOMM_EP_DISPATCH_STEAL", 0, 1, 0);
+    if (p->dispatchSteal != 0 && p->numChannels > device::kStealMaxChannels) {
+      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_DISPATCH_STEAL needs at most %d channels, not %d; off", ep_->rank,
+              device::kStealMaxChannels, p->numChannels);
+      p->dispatchSteal = 0;
+    }
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     int limit = 0;
@@ -534,9 +539,9 @@ class CudaEpBackend : public EpBackend {
     }
     MC_INFO(kLogEp,
             "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
-            "ring %d x %d bytes, pull %d",
+            "ring %d x %d bytes, pull %d, dispatch steal %d",
             ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
-            p->ringStages, p->ringStageBytes, p->pull);
+            p->ringStages, p->ringStageBytes, p->pull, p->dispatchSteal);
     return moecommSuccess;
   }
 
