@@ -18,12 +18,15 @@
 //               into local memory
 //   copy-engine one cudaMemcpyAsync of all the rows into the peer's buffer (no SM; timed by
 //               events around it, once, whatever the grids and warps)
+//   push-wfence push, plus per warp every 32 / warps rows of its own: __syncwarp, then lane 0's
+//               system fence and release store of the warp's flag in the peer (no block barrier)
 // With two or more GPUs, GPUs 0 and 1 run the same case at once, each towards the other (both
 // link directions loaded, as in a 2-rank dispatch); with one GPU the "peer" buffer is a second
 // buffer on the same GPU and the push and pull cases measure local memory. Reported: the time
 // inside the kernel (last block's end minus first block's start, %globaltimer; the slower GPU),
-// median over the repetitions, and the bytes copied per GPU over it. Nothing here is part of
-// the library.
+// median over the repetitions, and the bytes copied per GPU over it, and how much later than
+// the median block the last block ended (end_spread_us: every block has the same rows, so a
+// spread says some SMs move bytes slower than others). Nothing here is part of the library.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -55,9 +58,9 @@ constexpr int kFenceBatch = 32;
 constexpr int kMaxStages = 8;
 constexpr size_t kSharedBudget = 200 * 1024;  // bulk ring per block, at most (less if the device has less)
 
-enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk, kCopyEngine };
-const char* const kModeNames[] = {"push",  "push-fence", "push-bulk", "pull",
-                                  "local", "store",      "pull-bulk", "copy-engine"};
+enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk, kCopyEngine, kPushWarpFence };
+const char* const kModeNames[] = {"push",  "push-fence", "push-bulk",   "pull",       "local",
+                                  "store", "pull-bulk",  "copy-engine", "push-wfence"};
 
 constexpr const char* kToolName = "moecomm-linkbench";
 #define CHECK(call) DEV_CHECK(call)
@@ -86,8 +89,9 @@ __device__ __forceinline__ void blockRows(int rows, int* first, int* last) {
   *last = min(rows, *first + per);
 }
 
-// push / push-fence / pull / local: the register path. `flag` (push-fence) lives in the peer.
-template <bool kFence, bool kNc>
+// push / push-fence / push-wfence / pull / local: the register path. `flag` (push-fence: one
+// per block; push-wfence: one per warp) lives in the peer.
+template <bool kFence, bool kNc, bool kWarpFence = false>
 __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
                               unsigned long long* stamps) {
   if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
@@ -98,12 +102,20 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
   int first = 0;
   int last = 0;
   blockRows(rows, &first, &last);
-  const int batch = kFence ? kFenceBatch : last - first;
+  const int batch = kFence || kWarpFence ? kFenceBatch : last - first;
   for (int base = first; base < last; base += max(batch, 1)) {
     const int end = min(last, base + batch);
     for (int r = base + warp; r < end; r += warps) {
       warpRow<kNc>(reinterpret_cast<const int4*>(src + static_cast<size_t>(r) * rowBytes),
                    reinterpret_cast<int4*>(dst + static_cast<size_t>(r) * rowBytes), chunks, lane);
+    }
+    if (kWarpFence) {
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence_system();
+        moecomm::device::storeReleaseSys(reinterpret_cast<uint64_t*>(flag) + blockIdx.x * warps + warp,
+                                         static_cast<uint64_t>(end));
+      }
     }
     if (kFence) {
       __syncthreads();
@@ -233,6 +245,7 @@ Ends endsOf(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
   switch (mode) {
     case kPush:
     case kPushFence:
+    case kPushWarpFence:
     case kPushBulk:
     case kStore:
     case kCopyEngine:
@@ -266,7 +279,7 @@ int main(int argc, char** argv) {
   const int reps = moecomm_dev::argInt(argc, argv, "--reps", 10);
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
-  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7");
+  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7,8");
   const bool oneWay = moecomm_dev::argInt(argc, argv, "--one-way", 0) != 0;
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
@@ -300,7 +313,7 @@ int main(int argc, char** argv) {
     }
     CHECK(cudaMalloc(&u.src, bytes));
     CHECK(cudaMalloc(&u.dst, n == 2 ? bytes : 2 * bytes));  // one GPU: [peer buffer][local buffer]
-    CHECK(cudaMalloc(&u.flags, 8ull * maxGrid));
+    CHECK(cudaMalloc(&u.flags, 8ull * maxGrid * 32));       // push-wfence: one per warp
     CHECK(cudaMalloc(&u.stamps, 16ull * maxGrid));
     CHECK(cudaMalloc(&u.failed, 4));
     CHECK(cudaMemset(u.src, 0x5a + g, bytes));
@@ -319,11 +332,11 @@ int main(int argc, char** argv) {
               : oneWay ? "GPU 0 towards GPU 1 only"
                        : "GPUs 0 and 1 towards each other at once",
               rows, rowBytes, bytes / 1e6, reps);
-  std::printf("%-11s %6s %6s %7s %11s %9s %12s\n", "mode", "blocks", "warps", "stages", "kernel_us", "GB/s",
-              "GB/s/block");
+  std::printf("%-11s %6s %6s %7s %11s %9s %12s %14s\n", "mode", "blocks", "warps", "stages", "kernel_us", "GB/s",
+              "GB/s/block", "end_spread_us");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
   for (int mode : modes) {
-    if (mode < kPush || mode > kPullBulk) continue;  // (kCopyEngine: after this loop)
+    if (mode < kPush || mode > kPushWarpFence || mode == kCopyEngine) continue;  // (kCopyEngine: after this loop)
     for (int warps : warpCounts) {
       if (warps < 1 || warps > 32) continue;
       const int stages = std::min<int>(
@@ -336,7 +349,7 @@ int main(int argc, char** argv) {
       }
       for (int grid : grids) {
         if (grid < 1) continue;
-        std::vector<double> us;
+        std::vector<double> us, spreads;
         for (int r = 0; r < reps + 1; ++r) {
           const bool last = r == reps;
           for (int g = 0; g < active; ++g) {
@@ -353,6 +366,10 @@ int main(int argc, char** argv) {
                 break;
               case kPushFence:
                 copyRegisters<true, true>
+                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                break;
+              case kPushWarpFence:
+                copyRegisters<false, true, true>
                     <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
                 break;
               case kPushBulk:
@@ -378,18 +395,26 @@ int main(int argc, char** argv) {
             CHECK(cudaGetLastError());
           }
           double slowest = 0.0;
+          double spread = 0.0;
           for (int g = 0; g < active; ++g) {
             CHECK(cudaSetDevice(gpus[g].device));
             CHECK(cudaStreamSynchronize(gpus[g].stream));
             CHECK(cudaMemcpy(hostStamps.data(), gpus[g].stamps, 16ull * grid, cudaMemcpyDeviceToHost));
             unsigned long long begin = ~0ull, end = 0;
+            std::vector<unsigned long long> ends(grid);
             for (int b = 0; b < grid; ++b) {
               begin = std::min(begin, hostStamps[2 * b]);
               end = std::max(end, hostStamps[2 * b + 1]);
+              ends[b] = hostStamps[2 * b + 1];
             }
+            std::sort(ends.begin(), ends.end());
             slowest = std::max(slowest, (end - begin) / 1000.0);
+            spread = std::max(spread, (end - ends[grid / 2]) / 1000.0);
           }
-          if (r > 0) us.push_back(slowest);  // the first run warms up
+          if (r > 0) {  // the first run warms up
+            us.push_back(slowest);
+            spreads.push_back(spread);
+          }
           if (last) {
             for (int g = 0; g < active; ++g) {
               if (!sameBytes(gpus, g, mode, bytes)) {
@@ -401,8 +426,9 @@ int main(int argc, char** argv) {
           }
         }
         const double t = moecomm_dev::median(us);
-        std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f\n", kModeNames[mode], grid, warps,
-                    bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3, bytes / t / 1e3 / grid);
+        std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f %14.1f\n", kModeNames[mode], grid, warps,
+                    bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3, bytes / t / 1e3 / grid,
+                    moecomm_dev::median(spreads));
       }
     }
   }
@@ -441,8 +467,8 @@ int main(int argc, char** argv) {
       }
     }
     const double t = moecomm_dev::median(us);
-    std::printf("%-11s %6s %6s %7s %11.1f %9.1f %12s\n", kModeNames[kCopyEngine], "-", "-", "-", t, bytes / t / 1e3,
-                "-");
+    std::printf("%-11s %6s %6s %7s %11.1f %9.1f %12s %14s\n", kModeNames[kCopyEngine], "-", "-", "-", t,
+                bytes / t / 1e3, "-", "-");
     for (int g = 0; g < active; ++g) {
       CHECK(cudaSetDevice(gpus[g].device));
       CHECK(cudaEventDestroy(begin[g]));
