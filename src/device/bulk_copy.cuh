@@ -31,8 +31,12 @@ __device__ __forceinline__ void fenceBarrierInit() {
 
 __device__ __forceinline__ void fenceProxyAsyncGlobal() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
-__device__ __forceinline__ void fenceProxyAsyncShared() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+__device__ __forceinline__ void fenceProxyAsyncShared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// One arrival (release at CTA scope: the arriving thread's earlier writes are visible to a
+// thread whose wait sees the phase complete).
+__device__ __forceinline__ void mbarrierArrive(uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(sharedAddress(barrier)) : "memory");
 }
 
 // One arrival that also announces `bytes` of bulk copies completing on this phase.
@@ -59,11 +63,10 @@ __device__ __forceinline__ bool mbarrierTryWait(uint64_t* barrier, uint32_t pari
 // Global -> this CTA's shared memory; completes `bytes` on barrier. bytes % 16 == 0, both
 // addresses 16-byte aligned.
 __device__ __forceinline__ void bulkLoad(void* sharedDst, const void* globalSrc, uint32_t bytes, uint64_t* barrier) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          sharedAddress(sharedDst)),
-      "l"(globalSrc), "r"(bytes), "r"(sharedAddress(barrier))
-      : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   sharedAddress(sharedDst)),
+               "l"(globalSrc), "r"(bytes), "r"(sharedAddress(barrier))
+               : "memory");
 }
 
 // Shared memory -> global, tracked by the issuing thread's bulk groups.

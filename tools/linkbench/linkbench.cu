@@ -20,6 +20,10 @@
 //               events around it, once, whatever the grids and warps)
 //   push-wfence push, plus per warp every 32 / warps rows of its own: __syncwarp, then lane 0's
 //               system fence and release store of the warp's flag in the peer (no block barrier)
+//   push-afence push-fence's flag every 32 rows, released by a warp that copies nothing while
+//               the others go on: the copying warps arrive on a shared-memory barrier per batch
+//               and move on (at most one batch ahead of the flag), the last warp waits on it,
+//               fences and releases (so warps - 1 warps copy)
 // With two or more GPUs, GPUs 0 and 1 run the same case at once, each towards the other (both
 // link directions loaded, as in a 2-rank dispatch); with one GPU the "peer" buffer is a second
 // buffer on the same GPU and the push and pull cases measure local memory. Reported: the time
@@ -49,6 +53,7 @@ using moecomm::device::bulkStore;
 using moecomm::device::bulkWait;
 using moecomm::device::bulkWaitRead;
 using moecomm::device::fenceBarrierInit;
+using moecomm::device::mbarrierArrive;
 using moecomm::device::mbarrierArriveExpectTx;
 using moecomm::device::mbarrierInit;
 using moecomm::device::mbarrierTryWait;
@@ -58,9 +63,20 @@ constexpr int kFenceBatch = 32;
 constexpr int kMaxStages = 8;
 constexpr size_t kSharedBudget = 200 * 1024;  // bulk ring per block, at most (less if the device has less)
 
-enum Mode { kPush, kPushFence, kPushBulk, kPull, kLocal, kStore, kPullBulk, kCopyEngine, kPushWarpFence };
-const char* const kModeNames[] = {"push",  "push-fence", "push-bulk",   "pull",       "local",
-                                  "store", "pull-bulk",  "copy-engine", "push-wfence"};
+enum Mode {
+  kPush,
+  kPushFence,
+  kPushBulk,
+  kPull,
+  kLocal,
+  kStore,
+  kPullBulk,
+  kCopyEngine,
+  kPushWarpFence,
+  kPushAsyncFence
+};
+const char* const kModeNames[] = {"push",  "push-fence", "push-bulk",   "pull",        "local",
+                                  "store", "pull-bulk",  "copy-engine", "push-wfence", "push-afence"};
 
 constexpr const char* kToolName = "moecomm-linkbench";
 #define CHECK(call) DEV_CHECK(call)
@@ -123,6 +139,58 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
         __threadfence_system();
         moecomm::device::storeReleaseSys(reinterpret_cast<uint64_t*>(flag) + blockIdx.x, static_cast<uint64_t>(end));
       }
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
+}
+
+// push-afence: warps - 1 warps copy the block's rows batch by batch (kFenceBatch rows) and
+// arrive on full[batch % 2]; the last warp waits on it, fences, releases the block's flag with
+// the batch's end and arrives on empty[batch % 2], which the copying warps wait on before they
+// reuse that barrier two batches later.
+__global__ void copyAsyncFence(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
+                               unsigned long long* stamps) {
+  __shared__ uint64_t full[2], empty[2];
+  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int copiers = (blockDim.x >> 5) - 1;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      mbarrierInit(&full[i], copiers);
+      mbarrierInit(&empty[i], 1);
+    }
+    fenceBarrierInit();
+  }
+  __syncthreads();
+  const int chunks = rowBytes / 16;
+  int first = 0;
+  int last = 0;
+  blockRows(rows, &first, &last);
+  const int batches = (last - first + kFenceBatch - 1) / kFenceBatch;
+  for (int k = 0; k < batches; ++k) {
+    const int slot = k & 1;
+    const int base = first + k * kFenceBatch;
+    const int end = min(last, base + kFenceBatch);
+    if (warp < copiers) {
+      if (k >= 2)
+        while (!mbarrierTryWait(&empty[slot], ((k >> 1) - 1) & 1)) {
+        }
+      for (int r = base + warp; r < end; r += copiers)
+        warpRow<true>(reinterpret_cast<const int4*>(src + static_cast<size_t>(r) * rowBytes),
+                      reinterpret_cast<int4*>(dst + static_cast<size_t>(r) * rowBytes), chunks, lane);
+      __syncwarp();
+      if (lane == 0) mbarrierArrive(&full[slot]);
+    } else {
+      while (!mbarrierTryWait(&full[slot], (k >> 1) & 1)) {
+      }
+      if (lane == 0) {
+        __threadfence_system();
+        moecomm::device::storeReleaseSys(reinterpret_cast<uint64_t*>(flag) + blockIdx.x, static_cast<uint64_t>(end));
+        mbarrierArrive(&empty[slot]);
+      }
+      __syncwarp();
     }
   }
   __syncthreads();
@@ -246,6 +314,7 @@ Ends endsOf(const std::vector<Gpu>& gpus, int g, int mode, size_t bytes) {
     case kPush:
     case kPushFence:
     case kPushWarpFence:
+    case kPushAsyncFence:
     case kPushBulk:
     case kStore:
     case kCopyEngine:
@@ -279,7 +348,7 @@ int main(int argc, char** argv) {
   const int reps = moecomm_dev::argInt(argc, argv, "--reps", 10);
   const std::vector<int> grids = argList(argc, argv, "--grids", "1,2,4,8,12,24,48");
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
-  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7,8");
+  const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7,8,9");
   const bool oneWay = moecomm_dev::argInt(argc, argv, "--one-way", 0) != 0;
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
@@ -336,9 +405,9 @@ int main(int argc, char** argv) {
               "GB/s/block", "end_spread_us");
   std::vector<unsigned long long> hostStamps(2ull * maxGrid);
   for (int mode : modes) {
-    if (mode < kPush || mode > kPushWarpFence || mode == kCopyEngine) continue;  // (kCopyEngine: after this loop)
+    if (mode < kPush || mode > kPushAsyncFence || mode == kCopyEngine) continue;  // (kCopyEngine: after this loop)
     for (int warps : warpCounts) {
-      if (warps < 1 || warps > 32) continue;
+      if (warps < 1 || warps > 32 || (mode == kPushAsyncFence && warps < 2)) continue;
       const int stages = std::min<int>(
           kMaxStages, (sharedBudget - 64ull * warps * kMaxStages) / (static_cast<size_t>(warps) * rowBytes));
       const bool bulk = mode == kPushBulk || mode == kPullBulk;
@@ -371,6 +440,9 @@ int main(int argc, char** argv) {
               case kPushWarpFence:
                 copyRegisters<false, true, true>
                     <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                break;
+              case kPushAsyncFence:
+                copyAsyncFence<<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
                 break;
               case kPushBulk:
               case kPullBulk: {
