@@ -126,7 +126,10 @@ struct IntranodeParams {
   // MOECOMM_EP_DISPATCH_STEAL (default kernels only): dispatch blocks take batches from any
   // channel (intranode.cu, dispatchSendStealing). EP device memory: per channel the claim word,
   // per (channel, batch) the done flag and per destination the rows the batch reaches.
-  int dispatchSteal;               // only with numChannels <= kStealMaxChannels
+  int dispatchSteal;  // only with numChannels <= kStealMaxChannels
+  // MOECOMM_EP_DISPATCH_ASYNC_TAILS (default kernels only; before stealing): one sending warp
+  // publishes the tails while the others send (intranode.cu, dispatchSendAsyncTails).
+  int dispatchAsyncTails;
   int stealBatches;                // batches per channel the arrays hold (chunkRows: a batch has at least one row)
   unsigned long long* stealClaim;  // [C]
   unsigned long long* stealDone;   // [C, stealBatches]

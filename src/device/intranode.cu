@@ -47,7 +47,8 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 }
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
-constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
+constexpr int kBarrierCopy = 3;  // the copying warps of dispatchSendAsyncTails
+constexpr int kUnroll = 16;      // 16-byte vectors in flight per lane in a row copy
 // kBatch, a template argument of the dispatch and combine kernels (MOECOMM_EP_SEND_BATCH: 32,
 // 64 or 128; a run-time value costs the default kernel spills), bounds the rows a sending
 // channel moves between two tail publishes (sendBatchSize).
@@ -348,6 +349,22 @@ __device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int st
         (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 || globalTimerNs() - start > p.timeoutNs)) {
       raiseError(p, kErrorTimeout, p.rank, channel, op);
       return false;
+    }
+  }
+}
+
+// Bounded wait of a thread for an mbarrier phase of the dispatch's own warps; once one wait
+// gave up (*failed), later ones return at once.
+__device__ void waitMbarrier(const IntranodeParams& p, uint64_t* barrier, uint32_t parity, int channel, bool* failed) {
+  if (*failed || mbarrierTryWait(barrier, parity)) return;
+  const uint64_t start = globalTimerNs();
+  for (uint32_t spins = 0;; ++spins) {
+    if (mbarrierTryWait(barrier, parity)) return;
+    if ((spins & 63) == 0 &&
+        (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 || globalTimerNs() - start > p.timeoutNs)) {
+      raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
+      *failed = true;
+      return;
     }
   }
 }
@@ -789,6 +806,91 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     base += n;
   }
   if (kPrefetch) drainSendRing(p, prefetch, lane);
+  MC_PROFILE(kOpDispatch, 4, 0);
+}
+
+// ---- Dispatch senders whose tails a warp of their own publishes (MOECOMM_EP_DISPATCH_ASYNC_TAILS)
+//
+// The default senders publish each batch's tails after a block barrier and a system fence,
+// which every sending warp waits for: moecomm-linkbench measures that at -18 % of what the
+// warps push to local memory (push-fence against push), and a warp that fences and releases
+// while the others copy on gives half of it back (push-afence). Here the last sending warp
+// copies nothing: the others (copiers) send batch after batch and arrive on full[k % 2] with
+// the batch's rows per destination in snap[k % 2]; the publisher waits on it, fences and
+// releases the tails, then arrives on empty[k % 2], which the copiers wait on before they use
+// that slot again two batches later. Rows and tails are the default path's.
+template <int kBatch>
+__device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch,
+                                       int* sent, int* posBatch, int* direct, int* snap) {
+  __shared__ uint64_t full[2], empty[2];
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int R = p.numRanks;
+  const int copiers = kSendWarps - 1;
+  for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      mbarrierInit(&full[i], copiers);
+      mbarrierInit(&empty[i], 1);
+    }
+    fenceBarrierInit();
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  MC_PROFILE(kOpDispatch, 1, 0);
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  if (p.route) routeChannel(p, channel, first, last, scratch);
+  MC_PROFILE(kOpDispatch, 2, 0);
+  publishCounts(p, kOpDispatch, channel, sequence);
+  MC_PROFILE(kOpDispatch, 3, 0);
+  for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
+  if (p.dispatchDirect) {
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      const int2 span =
+          d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, channel, d, sequence) : make_int2(0, 0);
+      direct[d] = span.x;
+      direct[R + d] = span.y;
+    }
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  const bool xAligned = aligned16(p.x);
+  const bool scalesVec = scalesVectorOk(p, p.xScales);
+  const int batch = max(copiers, kBatch / copiers * copiers);
+  const int batches = (last - first + batch - 1) / batch;
+  const int copyThreads = copiers * 32;
+  bool failed = false;  // (publisher) a wait gave up: no more waits, the tails still go out
+  for (int k = 0; k < batches; ++k) {
+    const int slot = k & 1;
+    const int base = first + k * batch;
+    const int n = min(last - base, batch);
+    if (warp < copiers) {
+      if (k >= 2) waitMbarrier(p, &empty[slot], ((k >> 1) - 1) & 1, channel, &failed);
+      groupBarrier(kBarrierCopy, copyThreads);  // every copier is done with the last batch's posBatch
+      for (int i = threadIdx.x; i < n * R; i += copyThreads) {
+        const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
+        posBatch[i] = ordinal;
+        if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
+      }
+      groupBarrier(kBarrierCopy, copyThreads);
+      for (int d = threadIdx.x; d < R; d += copyThreads) snap[slot * R + d] = sent[d];
+      for (int j = warp; j < n; j += copiers)
+        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? direct : nullptr,
+                  lane);
+      __syncwarp();
+      if (lane == 0) mbarrierArrive(&full[slot]);
+    } else {
+      waitMbarrier(p, &full[slot], (k >> 1) & 1, channel, &failed);
+      for (int d = lane; d < R; d += 32) {
+        __threadfence_system();
+        storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank),
+                        packWord(sequence, snap[slot * R + d]));
+      }
+      __syncwarp();
+      if (lane == 0) mbarrierArrive(&empty[slot]);
+    }
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1526,6 +1628,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
       dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, direct,
                                       reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kDispatchVariantRegisters && p.dispatchAsyncTails && kSendWarps >= 2) {
+      dispatchSendAsyncTails<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, otherDirect);
     } else if (kVariant == kDispatchVariantRegisters && p.dispatchSteal) {
       dispatchSendStealing<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, batchRows, otherDirect);
     } else {

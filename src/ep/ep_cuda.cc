@@ -280,7 +280,8 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
-    if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;  // (direct runs the default kernels: no rings)
+    // (direct runs the default kernels: no rings; the async tails' publishing warp sends no rows)
+    if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = p.dispatchAsyncTails != 0 ? 9 : 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
@@ -510,6 +511,8 @@ class CudaEpBackend : public EpBackend {
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->dispatchSteal = pick(Env::EpDispatchSteal, "MOECOMM_EP_DISPATCH_STEAL", 0, 1, 0);
+    p->dispatchAsyncTails = pick(Env::EpDispatchAsyncTails, "MOECOMM_EP_DISPATCH_ASYNC_TAILS", 0, 1, 0);
+    if (p->dispatchAsyncTails != 0 && dispatchSendWarpsAuto_) p->dispatchSendWarps = 7;  // 6 send rows, 1 publishes
     if (p->dispatchSteal != 0 && p->numChannels > device::kStealMaxChannels) {
       MC_WARN(kLogEp, "rank %d: MOECOMM_EP_DISPATCH_STEAL needs at most %d channels, not %d; off", ep_->rank,
               device::kStealMaxChannels, p->numChannels);
@@ -539,9 +542,9 @@ class CudaEpBackend : public EpBackend {
     }
     MC_INFO(kLogEp,
             "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
-            "ring %d x %d bytes, pull %d, dispatch steal %d",
+            "ring %d x %d bytes, pull %d, dispatch steal %d, async tails %d",
             ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
-            p->ringStages, p->ringStageBytes, p->pull, p->dispatchSteal);
+            p->ringStages, p->ringStageBytes, p->pull, p->dispatchSteal, p->dispatchAsyncTails);
     return moecommSuccess;
   }
 
