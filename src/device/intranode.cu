@@ -736,6 +736,32 @@ constexpr int kSendRegisters = 0;  // how dispatchSend moves rows: lanes load an
 constexpr int kSendPrefetch = 1;   // bulk loads into a ring, lanes store (variant 2)
 constexpr int kSendBulk = 2;       // bulk loads and bulk stores (variant 3)
 
+// Sending threads, after the acks: channel c's routing (when this call computes it) and counts,
+// sent[] zeroed; [first, last) its tokens.
+__device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
+                              int* first, int* last) {
+  MC_PROFILE(kOpDispatch, 1, 0);
+  channelTokens(p.numTokens, p.numChannels, channel, first, last);
+  if (p.route) routeChannel(p, channel, *first, *last, scratch);
+  MC_PROFILE(kOpDispatch, 2, 0);
+  publishCounts(p, kOpDispatch, channel, sequence);
+  MC_PROFILE(kOpDispatch, 3, 0);
+  for (int d = threadIdx.x; d < p.numRanks; d += kSendThreads) sent[d] = 0;
+}
+
+// Direct dispatch: where channel c's rows start in every destination's recvX and how many fit
+// there, published by the destination's receivers once they have every count
+// (dispatchReceive): table[d], table[R + d]. Sending threads; a barrier publishes them.
+__device__ void loadDirectSpans(const IntranodeParams& p, int c, uint64_t sequence, int* table) {
+  const int R = p.numRanks;
+  for (int d = threadIdx.x; d < R; d += kSendThreads) {
+    const int2 span =
+        d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, c, d, sequence) : make_int2(0, 0);
+    table[d] = span.x;
+    table[R + d] = span.y;
+  }
+}
+
 template <int kBatch, int kSendMode>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
                              int* posBatch, int* direct, uint8_t* dynamicShared) {
@@ -744,26 +770,10 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   const int R = p.numRanks;
   for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
   groupBarrier(kBarrierSend, kSendThreads);
-  MC_PROFILE(kOpDispatch, 1, 0);
   int first = 0;
   int last = 0;
-  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
-  if (p.route) routeChannel(p, channel, first, last, scratch);
-  MC_PROFILE(kOpDispatch, 2, 0);
-  publishCounts(p, kOpDispatch, channel, sequence);
-  MC_PROFILE(kOpDispatch, 3, 0);
-  for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
-  if (p.dispatchDirect) {
-    // Direct dispatch: where this channel's rows start in every destination's recvX and how
-    // many fit there, published by the destination's receivers once they have every count
-    // (dispatchReceive); direct[d], direct[R + d]. The first batch's barrier publishes them.
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      const int2 span =
-          d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, channel, d, sequence) : make_int2(0, 0);
-      direct[d] = span.x;
-      direct[R + d] = span.y;
-    }
-  }
+  routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
+  if (p.dispatchDirect) loadDirectSpans(p, channel, sequence, direct);  // (the first batch's barrier publishes them)
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
   constexpr bool kPrefetch = kSendMode != kSendRegisters;
@@ -836,23 +846,10 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
     fenceBarrierInit();
   }
   groupBarrier(kBarrierSend, kSendThreads);
-  MC_PROFILE(kOpDispatch, 1, 0);
   int first = 0;
   int last = 0;
-  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
-  if (p.route) routeChannel(p, channel, first, last, scratch);
-  MC_PROFILE(kOpDispatch, 2, 0);
-  publishCounts(p, kOpDispatch, channel, sequence);
-  MC_PROFILE(kOpDispatch, 3, 0);
-  for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
-  if (p.dispatchDirect) {
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      const int2 span =
-          d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, channel, d, sequence) : make_int2(0, 0);
-      direct[d] = span.x;
-      direct[R + d] = span.y;
-    }
-  }
+  routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
+  if (p.dispatchDirect) loadDirectSpans(p, channel, sequence, direct);
   groupBarrier(kBarrierSend, kSendThreads);
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
@@ -991,26 +988,13 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
   for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
   for (int c = threadIdx.x; c < C; c += kSendThreads) exhausted[c] = 0;
   groupBarrier(kBarrierSend, kSendThreads);
-  MC_PROFILE(kOpDispatch, 1, 0);
   int first = 0;
   int last = 0;
-  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
-  if (p.route) routeChannel(p, channel, first, last, scratch);
-  MC_PROFILE(kOpDispatch, 2, 0);
-  publishCounts(p, kOpDispatch, channel, sequence);
-  MC_PROFILE(kOpDispatch, 3, 0);
+  routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
   // Open this channel: its pos is written (routeChannel's barriers, this one for publishCounts).
   groupBarrier(kBarrierSend, kSendThreads);
   if (threadIdx.x == 0) storeReleaseGpu(p.stealClaim + channel, claimTag(sequence));
-  for (int d = threadIdx.x; d < R; d += kSendThreads) sent[d] = 0;
-  if (p.dispatchDirect) {
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      const int2 span =
-          d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, channel, d, sequence) : make_int2(0, 0);
-      direct[d] = span.x;
-      direct[R + d] = span.y;
-    }
-  }
+  if (p.dispatchDirect) loadDirectSpans(p, channel, sequence, direct);
   const int batch = static_cast<int>(sendBatchSize(0, kBatch, false));
   const int ownBatches = channelBatches(p, channel, batch);
   const bool xAligned = aligned16(p.x);
@@ -1068,12 +1052,7 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
     const int base = cFirst + b * batch;
     const int n = min(cLast - base, batch);
     if (p.dispatchDirect && c != channel && c != spansOf) {
-      for (int d = threadIdx.x; d < R; d += kSendThreads) {
-        const int2 span =
-            d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, c, d, sequence) : make_int2(0, 0);
-        otherDirect[d] = span.x;
-        otherDirect[R + d] = span.y;
-      }
+      loadDirectSpans(p, c, sequence, otherDirect);
       spansOf = c;
     }
     const int* spans = c == channel ? direct : otherDirect;
