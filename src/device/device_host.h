@@ -63,7 +63,17 @@ constexpr bool dispatchSendersUseRing(int variant) {
 constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
 constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
-constexpr int kCombineVariants = 3;
+constexpr int kCombineVariantAsync = 3;      // direct combine: each thread streams its chunks through cp.async stages
+constexpr int kCombineVariants = 4;
+// Combine variant 3: ranks it serves, stages per thread for R ranks (R + 1 slots of 16 bytes a
+// stage: the ranks' chunks and the bias's), from a budget of shared bytes per thread.
+constexpr int kAsyncMaxRanks = 4;
+constexpr int kAsyncThreadBytes = 384;
+constexpr int asyncStages(int ranks) {
+  return (kAsyncThreadBytes / ((ranks + 1) * 16)) < 2   ? 2
+         : (kAsyncThreadBytes / ((ranks + 1) * 16)) > 8 ? 8
+                                                        : kAsyncThreadBytes / ((ranks + 1) * 16);
+}
 constexpr int kStealMaxChannels = 256;  // MOECOMM_EP_DISPATCH_STEAL: channels a block's table covers
 
 // Device-resident per-EP state.

@@ -1959,6 +1959,144 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
+// ---- Combine variant 3 (direct combine): each thread streams its chunks through cp.async ----
+//
+// The register paths keep 2 x 4-6 chunks per lane in flight and then stop to sum them, so at
+// SM 12 a block pulls ~17.5 GB/s of peer rows where the link bench's pulls reach ~40 with the
+// same bytes in flight (PERF.md, eleventh and twelfth sessions). Here every thread walks its own
+// items (its warp's tokens, its lane's chunks) with asyncStages(R) stages of R + 1 slots in
+// shared memory: each stage holds one chunk of every rank's row (and the bias's), copied by
+// cp.async; the thread waits for its oldest stage, sums it (ranks ascending from +0.0f, then
+// the bias: the default path's order), stores the chunk and refills the stage with the item
+// asyncStages(R) ahead, across token boundaries. A thread reads only the slots it filled, so
+// no barrier is needed; slots are laid out stage-, slot-, then thread-major (no bank conflicts).
+
+// A thread's place in its items: token t (>= last: done), chunk c, the ranks whose row exists
+// (mask) and, for the issuing cursor, those rows.
+struct AsyncCursor {
+  int64_t t;
+  int c;
+  uint32_t mask;
+};
+struct AsyncRows {
+  const uint4* row[kAsyncMaxRanks];
+};
+
+// The cursor's token's rows (rows may be nullptr: only the mask).
+__device__ __forceinline__ void asyncCursorRows(const IntranodeParams& p, int channel, int64_t last, AsyncCursor* k,
+                                                AsyncRows* rows) {
+  k->mask = 0;
+#pragma unroll
+  for (int r = 0; r < kAsyncMaxRanks; ++r) {
+    const uint4* row = nullptr;
+    if (r < p.numRanks && k->t < last) {
+      const int ordinal = p.pos[k->t * p.numRanks + r];
+      if (ordinal >= 0) row = reinterpret_cast<const uint4*>(combineRowOf(p, channel, r, ordinal));
+    }
+    if (row != nullptr) k->mask |= 1u << r;
+    if (rows != nullptr) rows->row[r] = row;
+  }
+}
+
+__device__ __forceinline__ void asyncCursorNext(const IntranodeParams& p, int channel, int64_t last, int chunks,
+                                                int warps, int lane, AsyncCursor* k, AsyncRows* rows) {
+  k->c += 32;
+  if (k->c < chunks) return;
+  k->c = lane;
+  k->t += warps;
+  asyncCursorRows(p, channel, last, k, rows);
+}
+
+__device__ __forceinline__ void copyAsyncWaitBelow(int stages) {  // at most stages - 1 groups pending
+  if (stages <= 2) {
+    copyAsyncWait<1>();
+  } else if (stages == 3) {
+    copyAsyncWait<2>();
+  } else if (stages == 4) {
+    copyAsyncWait<3>();
+  } else if (stages == 5) {
+    copyAsyncWait<4>();
+  } else if (stages == 6) {
+    copyAsyncWait<5>();
+  } else if (stages == 7) {
+    copyAsyncWait<6>();
+  } else {
+    copyAsyncWait<7>();
+  }
+}
+
+__device__ void combineReceiveAsync(const IntranodeParams& p, int channel, uint64_t sequence, uint8_t* dynamicShared) {
+  const int R = p.numRanks;
+  const int stages = asyncStages(R);
+  const int slots = R + 1;
+  const int lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5;  // a direct combine: every warp reduces
+  const int chunks = p.hidden / 8;
+  int first = 0;
+  int last = 0;
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
+  uint4* ring = reinterpret_cast<uint4*>(dynamicShared + p.sharedIntsBytes);
+  auto slotAt = [&](int stage, int slot) {
+    return ring + (static_cast<int64_t>(stage) * slots + slot) * blockDim.x + threadIdx.x;
+  };
+  const uint4* bias = static_cast<const uint4*>(p.bias);
+  uint4* out = static_cast<uint4*>(p.combinedX);
+  AsyncCursor in;
+  AsyncRows rows;
+  in.t = lane < chunks ? first + (threadIdx.x >> 5) : last;
+  in.c = lane;
+  asyncCursorRows(p, channel, last, &in, &rows);
+  AsyncCursor sum = in;
+  auto issue = [&](int stage) {
+    if (in.t < last) {
+#pragma unroll
+      for (int r = 0; r < kAsyncMaxRanks; ++r)
+        if ((in.mask >> r) & 1u) copyAsync16(slotAt(stage, r), rows.row[r] + in.c);
+      if (bias != nullptr) copyAsync16(slotAt(stage, R), bias + in.t * chunks + in.c);
+      asyncCursorNext(p, channel, last, chunks, warps, lane, &in, &rows);
+    }
+    copyAsyncCommit();  // (empty groups too: the count of groups stays one per stage)
+  };
+  for (int stage = 0; stage < stages; ++stage) issue(stage);
+  for (int stage = 0; sum.t < last; stage = stage + 1 == stages ? 0 : stage + 1) {
+    copyAsyncWaitBelow(stages);
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kAsyncMaxRanks; ++r) {
+      if (((sum.mask >> r) & 1u) == 0) continue;
+      const uint4 v = *slotAt(stage, r);
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+    }
+    if (bias != nullptr) {
+      const uint4 v = *slotAt(stage, R);
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+    }
+    uint4 result;
+    uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
+    out[sum.t * chunks + sum.c] = result;
+    asyncCursorNext(p, channel, last, chunks, warps, lane, &sum, nullptr);
+    issue(stage);  // the stage was read above: refill it with the item `stages` ahead
+  }
+  copyAsyncWait<0>();
+  if (p.combinedWeights != nullptr) {
+    __syncwarp();
+    for (int64_t t = first + (threadIdx.x >> 5); t < last; t += warps)
+      combineTokenWeights(p, channel, t, p.pos + t * R, lane);
+  }
+  groupBarrier(kBarrierRecv, kRecvThreads);
+  MC_PROFILE(kOpCombine, 7, kSendThreads);
+  for (int r = threadIdx.x; r < R; r += kRecvThreads)
+    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+}
+
 // ---- Combine variant 2: rows staged through shared memory by the bulk-copy engine ---------
 //
 // Each receiving warp owns a ring of stages. A stage holds one slice (a run of 16-byte
@@ -2145,7 +2283,9 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   if (p.combineDirect) {
     combineDirectBegin(p, channel, sequence, shared);
     MC_PROFILE(kOpCombine, 1, 0);
-    if (kVariant == kCombineVariantRegisters) {
+    if (kVariant == kCombineVariantAsync && p.numRanks <= kAsyncMaxRanks && combineVectorOk(p)) {
+      combineReceiveAsync(p, channel, sequence, reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kCombineVariantRegisters) {
       combineReceive<kCombineVariantRegisters>(p, channel, sequence);
     } else {
       // (the bulk variant reads staged rows only: through the rings a direct combine measured 352 µs
@@ -2200,6 +2340,11 @@ uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
     ringWarps = kWarps - params.dispatchSendWarps;
   if (op == kOpDispatch && dispatchSendersUseRing(params.dispatchVariant)) ringWarps = params.dispatchSendWarps;
   if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
+  if (op == kOpCombine && params.combineVariant == kCombineVariantAsync && params.combineDirect &&
+      params.numRanks <= kAsyncMaxRanks) {
+    return params.sharedIntsBytes +
+           static_cast<uint64_t>(kThreads) * asyncStages(params.numRanks) * (params.numRanks + 1) * 16;
+  }
   if (ringWarps == 0) return params.sharedIntsBytes;
   return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
          static_cast<uint64_t>(ringWarps) * params.ringStages * params.ringStageBytes;
@@ -2238,6 +2383,8 @@ int launchCombineBatch(const IntranodeParams& params, uint64_t bytes, cudaStream
       return launchIntranode(combineKernel<kCombineVariantDeep, kBatch>, params, bytes, stream);
     case kCombineVariantBulk:
       return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
+    case kCombineVariantAsync:
+      return launchIntranode(combineKernel<kCombineVariantAsync, kBatch>, params, bytes, stream);
     default:
       return launchIntranode(combineKernel<kCombineVariantRegisters, kBatch>, params, bytes, stream);
   }

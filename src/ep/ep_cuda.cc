@@ -334,6 +334,10 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = handle->numTokens;
     p.recvCapacity = recvCapacity;
     p.combineDirect = direct ? 1 : 0;
+    // Combine variant 3 streams through shared memory sized for the call; else the deep path.
+    if (p.combineVariant == device::kCombineVariantAsync &&
+        device::intranodeSharedBytes(p, device::kOpCombine) > sharedBudget_)
+      p.combineVariant = device::kCombineVariantDeep;
     p.combinePeerX = direct ? xSpot.table : nullptr;
     p.combineXOffset = xSpot.offset;
     p.combinePeerWeights = direct && args->topkWeights != nullptr ? weightsSpot.table : nullptr;
