@@ -3,7 +3,8 @@
 # scripts/direct-round.sh the normal suite, then W-prefill benches of the default senders, the
 # stealing ones (MOECOMM_EP_DISPATCH_STEAL=1) and the async tails (MOECOMM_EP_DISPATCH_ASYNC_TAILS=1):
 # FP8 with symmetric buffers at SM 24 (two rounds) and 12, FP8 with device buffers and BF16 at
-# SM 24, and tail batches of 128; the normal suite with each switch on; a profile build (per
+# SM 24, tail batches of 128, and the direct combine's variant 3 (SM 24, 12); the normal suite
+# with each switch on; a profile build (per
 # block: SM id and end) of the direct FP8 dispatch for each; moecomm-linkbench push, push-fence
 # and push-afence at 12 and 24 blocks (rates, how late the last block ends). Logs in
 # $OUT/direct.tgz and $OUT/p.tgz; carry .bench-commit. QUICK=1 (about 3 device minutes): the
@@ -36,7 +37,9 @@ ${pre}S24-fp8-dev$suffix --dtype fp8 -S 24 $N
 ${pre}S24-bf16-sym$suffix --dtype bf16 -S 24 --buffers symmetric $N"
 done
 lines="$lines
-MOECOMM_EP_SEND_BATCH=128 S24-fp8-sym-b128 --dtype fp8 -S 24 --buffers symmetric $N"
+MOECOMM_EP_SEND_BATCH=128 S24-fp8-sym-b128 --dtype fp8 -S 24 --buffers symmetric $N
+MOECOMM_EP_COMBINE_VARIANT=3 S24-fp8-sym-cv3 --dtype fp8 -S 24 --buffers symmetric $N
+MOECOMM_EP_COMBINE_VARIANT=3 S12-fp8-sym-cv3 --dtype fp8 -S 12 --buffers symmetric $N"
 export BENCHES="$lines"
 MUTANT=0 OUT="$out" bash scripts/direct-round.sh
 for v in "$S" "$A"; do
