@@ -1959,6 +1959,20 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
+// acc[i] += the i-th BF16 value of v (8 channels, __fadd_rn), and the 8 sums rounded to BF16.
+__device__ __forceinline__ void addBf16x8(float* acc, const uint4& v) {
+  const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
+}
+__device__ __forceinline__ uint4 roundBf16x8(const float* acc) {
+  uint4 result;
+  uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
+  return result;
+}
+
 // ---- Combine variant 3 (direct combine): each thread streams its chunks through cp.async ----
 //
 // The register paths keep 2 x 4-6 chunks per lane in flight and then stop to sum them, so at
@@ -2064,24 +2078,10 @@ __device__ void combineReceiveAsync(const IntranodeParams& p, int channel, uint6
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
 #pragma unroll
-    for (int r = 0; r < kAsyncMaxRanks; ++r) {
-      if (((sum.mask >> r) & 1u) == 0) continue;
-      const uint4 v = *slotAt(stage, r);
-      const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
-    }
-    if (bias != nullptr) {
-      const uint4 v = *slotAt(stage, R);
-      const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
-    }
-    uint4 result;
-    uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
-    out[sum.t * chunks + sum.c] = result;
+    for (int r = 0; r < kAsyncMaxRanks; ++r)
+      if ((sum.mask >> r) & 1u) addBf16x8(acc, *slotAt(stage, r));
+    if (bias != nullptr) addBf16x8(acc, *slotAt(stage, R));
+    out[sum.t * chunks + sum.c] = roundBf16x8(acc);
     asyncCursorNext(p, channel, last, chunks, warps, lane, &sum, nullptr);
     issue(stage);  // the stage was read above: refill it with the item `stages` ahead
   }
@@ -2206,17 +2206,8 @@ __device__ int64_t combineReduceSlice(const IntranodeParams& p, const WarpRing& 
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (int src = 0; src < sources; ++src) {
-      const uint4 v = staged[src * sliceChunks + c];
-      const uint16_t* values = reinterpret_cast<const uint16_t*>(&v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], bf16ToFloat(values[i]));
-    }
-    uint4 result;
-    uint16_t* rounded = reinterpret_cast<uint16_t*>(&result);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) rounded[i] = floatToBf16(acc[i]);
-    out[c] = result;
+    for (int src = 0; src < sources; ++src) addBf16x8(acc, staged[src * sliceChunks + c]);
+    out[c] = roundBf16x8(acc);
   }
   __syncwarp();  // every lane read the stage: it may be refilled
   return firstChunk + n == chunks ? t : -1;
