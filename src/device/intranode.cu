@@ -353,15 +353,15 @@ __device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int st
   }
 }
 
-// Bounded wait of a thread for an mbarrier phase of the dispatch's own warps; once one wait
-// gave up (*failed), later ones return at once.
+// Bounded wait of a thread for an mbarrier phase of its own block's warps (who never wait
+// without bound in between, so an abort elsewhere is not a reason to stop: only the timeout is,
+// as a safety net); once one wait gave up (*failed), later ones return at once.
 __device__ void waitMbarrier(const IntranodeParams& p, uint64_t* barrier, uint32_t parity, int channel, bool* failed) {
   if (*failed || mbarrierTryWait(barrier, parity)) return;
   const uint64_t start = globalTimerNs();
   for (uint32_t spins = 0;; ++spins) {
     if (mbarrierTryWait(barrier, parity)) return;
-    if ((spins & 63) == 0 &&
-        (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 || globalTimerNs() - start > p.timeoutNs)) {
+    if ((spins & 63) == 0 && globalTimerNs() - start > p.timeoutNs) {
       raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
       *failed = true;
       return;
@@ -833,12 +833,14 @@ template <int kBatch>
 __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch,
                                        int* sent, int* posBatch, int* direct, int* snap) {
   __shared__ uint64_t full[2], empty[2];
+  __shared__ int gaveUp;  // a wait of this block timed out: the tails go out exact at the end
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int R = p.numRanks;
   const int copiers = kSendWarps - 1;
   for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
   if (threadIdx.x == 0) {
+    gaveUp = 0;
     for (int i = 0; i < 2; ++i) {
       mbarrierInit(&full[i], copiers);
       mbarrierInit(&empty[i], 1);
@@ -856,13 +858,14 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
   const int batch = max(copiers, kBatch / copiers * copiers);
   const int batches = (last - first + batch - 1) / batch;
   const int copyThreads = copiers * 32;
-  bool failed = false;  // (publisher) a wait gave up: no more waits, the tails still go out
+  bool failed = false;  // a wait of this thread gave up: no more waits (gaveUp says it to all)
   for (int k = 0; k < batches; ++k) {
     const int slot = k & 1;
     const int base = first + k * batch;
     const int n = min(last - base, batch);
     if (warp < copiers) {
       if (k >= 2) waitMbarrier(p, &empty[slot], ((k >> 1) - 1) & 1, channel, &failed);
+      if (failed) gaveUp = 1;
       groupBarrier(kBarrierCopy, copyThreads);  // every copier is done with the last batch's posBatch
       for (int i = threadIdx.x; i < n * R; i += copyThreads) {
         const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
@@ -878,7 +881,10 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
       if (lane == 0) mbarrierArrive(&full[slot]);
     } else {
       waitMbarrier(p, &full[slot], (k >> 1) & 1, channel, &failed);
-      for (int d = lane; d < R; d += 32) {
+      if (failed) gaveUp = 1;
+      // After a failed wait the snapshot may be unwritten or ahead of the rows: publish nothing
+      // until the end.
+      for (int d = lane; d < R && !failed; d += 32) {
         __threadfence_system();
         storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank),
                         packWord(sequence, snap[slot * R + d]));
@@ -888,6 +894,14 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
     }
   }
   groupBarrier(kBarrierSend, kSendThreads);
+  // A wait gave up (a safety net that should never fire): every row is stored now, so the
+  // tails go out exact, as the default senders' always do.
+  if (gaveUp) {
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      __threadfence_system();
+      storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
+    }
+  }
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1577,8 +1591,16 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
 // a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
 // dispatch's first rows and rows held per destination [2 R], and for the stealing senders a
-// batch's rows per destination [R] and another channel's direct spans [2 R].
-template <int kVariant, int kBatch>
+// batch's rows per destination [R] and another channel's direct spans [2 R] (the async-tail
+// senders' two snapshots of rows per destination there instead).
+// kSender (default kernels only): kSenderDefault, kSenderSteal (MOECOMM_EP_DISPATCH_STEAL) or
+// kSenderAsyncTails (MOECOMM_EP_DISPATCH_ASYNC_TAILS); each its own kernel, so the opt-in paths
+// add no registers to the default one.
+constexpr int kSenderDefault = 0;
+constexpr int kSenderSteal = 1;
+constexpr int kSenderAsyncTails = 2;
+
+template <int kVariant, int kBatch, int kSender = kSenderDefault>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
   __shared__ int scratch[kWarps];
@@ -1607,9 +1629,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
       dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, direct,
                                       reinterpret_cast<uint8_t*>(shared));
-    } else if (kVariant == kDispatchVariantRegisters && p.dispatchAsyncTails && kSendWarps >= 2) {
+    } else if (kSender == kSenderAsyncTails && kSendWarps >= 2) {
       dispatchSendAsyncTails<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, otherDirect);
-    } else if (kVariant == kDispatchVariantRegisters && p.dispatchSteal) {
+    } else if (kSender == kSenderSteal) {
       dispatchSendStealing<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, batchRows, otherDirect);
     } else {
       dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch, direct,
@@ -2291,7 +2313,8 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   } else if (kVariant == kCombineVariantBulk) {
     combineReceive<kCombineVariantRegisters>(p, channel, sequence);  // unaligned buffers or > 31 ranks
   } else {
-    combineReceive<kVariant>(p, channel, sequence);
+    constexpr int kRegisters = kVariant == kCombineVariantAsync ? kCombineVariantDeep : kVariant;  // (3: direct only)
+    combineReceive<kRegisters>(p, channel, sequence);
   }
   finishCall(p, kOpCombine, sequence);
   MC_PROFILE(kOpCombine, 8, 0);
@@ -2364,6 +2387,10 @@ int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStrea
     return launchIntranode(dispatchKernel<kDispatchVariantPrefetch, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantBulkSend)
     return launchIntranode(dispatchKernel<kDispatchVariantBulkSend, kBatch>, params, bytes, stream);
+  if (params.dispatchAsyncTails)
+    return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch, kSenderAsyncTails>, params, bytes, stream);
+  if (params.dispatchSteal)
+    return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch, kSenderSteal>, params, bytes, stream);
   return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
 }
 

@@ -516,6 +516,14 @@ class CudaEpBackend : public EpBackend {
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->dispatchSteal = pick(Env::EpDispatchSteal, "MOECOMM_EP_DISPATCH_STEAL", 0, 1, 0);
     p->dispatchAsyncTails = pick(Env::EpDispatchAsyncTails, "MOECOMM_EP_DISPATCH_ASYNC_TAILS", 0, 1, 0);
+    if (p->dispatchVariant != device::kDispatchVariantRegisters) p->dispatchAsyncTails = p->dispatchSteal = 0;
+    if (p->dispatchAsyncTails != 0 && p->dispatchSteal != 0) {
+      MC_WARN(kLogEp,
+              "rank %d: MOECOMM_EP_DISPATCH_ASYNC_TAILS and MOECOMM_EP_DISPATCH_STEAL are both set; using "
+              "the async tails",
+              ep_->rank);
+      p->dispatchSteal = 0;
+    }
     if (p->dispatchAsyncTails != 0 && dispatchSendWarpsAuto_) p->dispatchSendWarps = 7;  // 6 send rows, 1 publishes
     if (p->dispatchSteal != 0 && p->numChannels > device::kStealMaxChannels) {
       MC_WARN(kLogEp, "rank %d: MOECOMM_EP_DISPATCH_STEAL needs at most %d channels, not %d; off", ep_->rank,
