@@ -70,9 +70,8 @@ constexpr int kCombineVariants = 4;
 constexpr int kAsyncMaxRanks = 4;
 constexpr int kAsyncThreadBytes = 384;
 constexpr int asyncStages(int ranks) {
-  return (kAsyncThreadBytes / ((ranks + 1) * 16)) < 2   ? 2
-         : (kAsyncThreadBytes / ((ranks + 1) * 16)) > 8 ? 8
-                                                        : kAsyncThreadBytes / ((ranks + 1) * 16);
+  const int stages = kAsyncThreadBytes / ((ranks + 1) * 16);
+  return stages < 2 ? 2 : stages > 8 ? 8 : stages;
 }
 constexpr int kStealMaxChannels = 256;  // MOECOMM_EP_DISPATCH_STEAL: channels a block's table covers
 

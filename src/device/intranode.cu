@@ -58,8 +58,9 @@ constexpr int kUnroll = 16;      // 16-byte vectors in flight per lane in a row 
 // the same share of a batch and none idles at the batch's barrier while another sends an extra
 // row. With `ramp`, the first batches are smaller (one row per warp, then doubling), so the
 // receivers start after a few rows instead of a whole batch.
+__device__ __forceinline__ int wholeBatch(int warps, int batch) { return max(warps, batch / warps * warps); }
 __device__ __forceinline__ int64_t sendBatchSize(int64_t done, int batch, bool ramp) {
-  const int64_t full = max(kSendWarps, batch / kSendWarps * kSendWarps);
+  const int64_t full = wholeBatch(kSendWarps, batch);
   return ramp ? min(full, max(static_cast<int64_t>(kSendWarps), done)) : full;
 }
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
@@ -749,17 +750,37 @@ __device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t se
   for (int d = threadIdx.x; d < p.numRanks; d += kSendThreads) sent[d] = 0;
 }
 
-// Direct dispatch: where channel c's rows start in every destination's recvX and how many fit
-// there, published by the destination's receivers once they have every count
-// (dispatchReceive): table[d], table[R + d]. Sending threads; a barrier publishes them.
-__device__ void loadDirectSpans(const IntranodeParams& p, int c, uint64_t sequence, int* table) {
+// The spans every other rank published for op on channel c (awaitRowSpan; this rank's own:
+// zeros) into table[r] (first rows) and table[R + r] (rows held), by threads 0..threads-1; a
+// barrier publishes them. Direct dispatch: where c's rows go in each destination's recvX;
+// direct combine: where each rank holds the rows it received from this one.
+__device__ void awaitSpans(const IntranodeParams& p, int op, int c, uint64_t sequence, int* table, int threads) {
   const int R = p.numRanks;
-  for (int d = threadIdx.x; d < R; d += kSendThreads) {
-    const int2 span =
-        d != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, c, d, sequence) : make_int2(0, 0);
-    table[d] = span.x;
-    table[R + d] = span.y;
+  for (int r = threadIdx.x; r < R; r += threads) {
+    const int2 span = r != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, op, c, r, sequence) : make_int2(0, 0);
+    table[r] = span.x;
+    table[R + r] = span.y;
   }
+}
+__device__ __forceinline__ void loadDirectSpans(const IntranodeParams& p, int c, uint64_t sequence, int* table) {
+  awaitSpans(p, kOpDispatch, c, sequence, table, kSendThreads);
+}
+
+// A batch's positions, staged once into posBatch by threads 0..threads-1; rows[d] is raised to
+// the rows for d up to the end of the batch (ordinals grow with the token).
+__device__ void stageBatch(const IntranodeParams& p, int base, int n, int* posBatch, int* rows, int threads) {
+  const int R = p.numRanks;
+  for (int i = threadIdx.x; i < n * R; i += threads) {
+    const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
+    posBatch[i] = ordinal;
+    if (ordinal >= 0) atomicMax(&rows[i % R], ordinal + 1);
+  }
+}
+
+// Releases channel c's dispatch tail for d: `rows` rows of this rank are stored there.
+__device__ __forceinline__ void releaseTail(const IntranodeParams& p, int channel, int d, uint64_t sequence, int rows) {
+  __threadfence_system();
+  storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
 }
 
 template <int kBatch, int kSendMode>
@@ -788,11 +809,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     const int n = static_cast<int>(min(static_cast<int64_t>(last - base), sendBatchSize(base - first, kBatch, false)));
     // The batch's positions, staged once; sent[d] = rows for d up to the end of the batch.
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
-      const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
-      posBatch[i] = ordinal;
-      if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
-    }
+    stageBatch(p, base, n, posBatch, sent, kSendThreads);
     groupBarrier(kBarrierSend, kSendThreads);
     for (int j = warp; j < n; j += kSendWarps) {
       if (kSendMode == kSendBulk) {
@@ -809,10 +826,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       fenceProxyAsyncGlobal();  // before the tail below (generic proxy)
     }
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      __threadfence_system();
-      storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
-    }
+    for (int d = threadIdx.x; d < R; d += kSendThreads) releaseTail(p, channel, d, sequence, sent[d]);
     base += n;
   }
   if (kPrefetch) drainSendRing(p, prefetch, lane);
@@ -855,7 +869,7 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
   groupBarrier(kBarrierSend, kSendThreads);
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
-  const int batch = max(copiers, kBatch / copiers * copiers);
+  const int batch = wholeBatch(copiers, kBatch);
   const int batches = (last - first + batch - 1) / batch;
   const int copyThreads = copiers * 32;
   bool failed = false;  // a wait of this thread gave up: no more waits (gaveUp says it to all)
@@ -867,11 +881,7 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
       if (k >= 2) waitMbarrier(p, &empty[slot], ((k >> 1) - 1) & 1, channel, &failed);
       if (failed) gaveUp = 1;
       groupBarrier(kBarrierCopy, copyThreads);  // every copier is done with the last batch's posBatch
-      for (int i = threadIdx.x; i < n * R; i += copyThreads) {
-        const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
-        posBatch[i] = ordinal;
-        if (ordinal >= 0) atomicMax(&sent[i % R], ordinal + 1);
-      }
+      stageBatch(p, base, n, posBatch, sent, copyThreads);
       groupBarrier(kBarrierCopy, copyThreads);
       for (int d = threadIdx.x; d < R; d += copyThreads) snap[slot * R + d] = sent[d];
       for (int j = warp; j < n; j += copiers)
@@ -884,11 +894,7 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
       if (failed) gaveUp = 1;
       // After a failed wait the snapshot may be unwritten or ahead of the rows: publish nothing
       // until the end.
-      for (int d = lane; d < R && !failed; d += 32) {
-        __threadfence_system();
-        storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank),
-                        packWord(sequence, snap[slot * R + d]));
-      }
+      for (int d = lane; d < R && !failed; d += 32) releaseTail(p, channel, d, sequence, snap[slot * R + d]);
       __syncwarp();
       if (lane == 0) mbarrierArrive(&empty[slot]);
     }
@@ -897,10 +903,7 @@ __device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, ui
   // A wait gave up (a safety net that should never fire): every row is stored now, so the
   // tails go out exact, as the default senders' always do.
   if (gaveUp) {
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      __threadfence_system();
-      storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, sent[d]));
-    }
+    for (int d = threadIdx.x; d < R; d += kSendThreads) releaseTail(p, channel, d, sequence, sent[d]);
   }
   MC_PROFILE(kOpDispatch, 4, 0);
 }
@@ -985,8 +988,7 @@ __device__ void publishTails(const IntranodeParams& p, int channel, uint64_t seq
     for (int b = published; b < prefix; ++b)
       rows = max(rows, p.stealRows[(static_cast<int64_t>(channel) * p.stealBatches + b) * R + d]);
     sent[d] = rows;
-    __threadfence_system();
-    storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
+    releaseTail(p, channel, d, sequence, rows);
   }
 }
 
@@ -1072,11 +1074,7 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
     const int* spans = c == channel ? direct : otherDirect;
     for (int d = threadIdx.x; d < R; d += kSendThreads) batchRows[d] = 0;
     groupBarrier(kBarrierSend, kSendThreads);
-    for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
-      const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
-      posBatch[i] = ordinal;
-      if (ordinal >= 0) atomicMax(&batchRows[i % R], ordinal + 1);
-    }
+    stageBatch(p, base, n, posBatch, batchRows, kSendThreads);
     groupBarrier(kBarrierSend, kSendThreads);
     for (int j = warp; j < n; j += kSendWarps)
       sendToken(p, c, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? spans : nullptr, lane);
@@ -1118,11 +1116,8 @@ __device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint
     groupBarrier(kBarrierSend, kSendThreads);
     if (prefix < 0) {
       gaveUp = true;
-      for (int d = threadIdx.x; d < R; d += kSendThreads) {
-        __threadfence_system();
-        storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank),
-                        packWord(sequence, p.chanCount[channel * R + d]));
-      }
+      for (int d = threadIdx.x; d < R; d += kSendThreads)
+        releaseTail(p, channel, d, sequence, p.chanCount[channel * R + d]);
     } else {
       publishTails(p, channel, sequence, published, prefix, sent);
       published = prefix;
@@ -1733,12 +1728,7 @@ __device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64
     const int held = max(0, min(p.recvCount[s * C + channel], p.recvCapacity - first));
     publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpCombine, channel, sequence, first, held);
   }
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    const int2 span =
-        r != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpCombine, channel, r, sequence) : make_int2(0, 0);
-    table[r] = span.x;
-    table[R + r] = span.y;
-  }
+  awaitSpans(p, kOpCombine, channel, sequence, table, blockDim.x);
   __syncthreads();
 }
 
@@ -1937,6 +1927,16 @@ __device__ __forceinline__ bool combineVectorOk(const IntranodeParams& p) {
   return aligned16(p.combinedX) && aligned16(p.bias) && aligned16(p.combineX) && p.hidden % 8 == 0;
 }
 
+// The reducers' end: once all of them are done with every rank's rows of this call on the
+// channel, each rank is told (its combine ack), so it may reuse what it sent or holds.
+__device__ void ackCombine(const IntranodeParams& p, int channel, uint64_t sequence) {
+  groupBarrier(kBarrierRecv, kRecvThreads);
+  MC_PROFILE(kOpCombine, 7, kSendThreads);
+  const int tid = threadIdx.x - kSendThreads;
+  for (int r = tid; r < p.numRanks; r += kRecvThreads)
+    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+}
+
 // Receiving warps (variants 0 and 1): one warp per token, rows read through registers.
 template <int kVariant>
 __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t sequence) {
@@ -1975,10 +1975,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     }
     if (p.combinedWeights != nullptr) combineTokenWeights(p, channel, t, pos, lane);
   }
-  groupBarrier(kBarrierRecv, kRecvThreads);
-  MC_PROFILE(kOpCombine, 7, kSendThreads);
-  for (int r = tid; r < R; r += kRecvThreads)
-    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+  ackCombine(p, channel, sequence);
 }
 
 // acc[i] += the i-th BF16 value of v (8 channels, __fadd_rn), and the 8 sums rounded to BF16.
@@ -2113,10 +2110,7 @@ __device__ void combineReceiveAsync(const IntranodeParams& p, int channel, uint6
     for (int64_t t = first + (threadIdx.x >> 5); t < last; t += warps)
       combineTokenWeights(p, channel, t, p.pos + t * R, lane);
   }
-  groupBarrier(kBarrierRecv, kRecvThreads);
-  MC_PROFILE(kOpCombine, 7, kSendThreads);
-  for (int r = threadIdx.x; r < R; r += kRecvThreads)
-    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+  ackCombine(p, channel, sequence);
 }
 
 // ---- Combine variant 2: rows staged through shared memory by the bulk-copy engine ---------
@@ -2280,10 +2274,7 @@ __device__ void combineReceiveBulk(const IntranodeParams& p, int channel, uint64
     if (finished >= 0 && p.combinedWeights != nullptr)
       combineTokenWeights(p, channel, finished, p.pos + finished * R, lane);
   }
-  groupBarrier(kBarrierRecv, kRecvThreads);
-  MC_PROFILE(kOpCombine, 7, kSendThreads);
-  for (int r = tid; r < R; r += kRecvThreads)
-    storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
+  ackCombine(p, channel, sequence);
 }
 
 template <int kVariant, int kBatch>
