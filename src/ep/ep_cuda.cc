@@ -587,7 +587,7 @@ class CudaEpBackend : public EpBackend {
         const unsigned long long* row = stamps.data() + static_cast<size_t>(b) * events;
         unsigned long long last = 0;
         for (int e = 0; e + 1 < events; ++e)
-          if (row[e] >= origin && row[e] - origin < 10000000000ull) last = std::max(last, row[e] - origin);
+          if (profileStampOfCall(row[e], origin)) last = std::max(last, row[e] - origin);
         char text[48];
         std::snprintf(text, sizeof(text), " %d@sm%llu=%.1f", b, row[events - 1], last / 1000.0);
         ends += text;

@@ -16,6 +16,11 @@ inline unsigned long long profileOrigin(const unsigned long long* stamps, int bl
   return origin;
 }
 
+// A stamp of this call (not zero, not stale, not an SM id in a slot of its own): true.
+inline bool profileStampOfCall(unsigned long long v, unsigned long long origin) {
+  return v >= origin && v - origin < 10000000000ull;
+}
+
 // " eN=min/median/max" per event, in microseconds after origin, over the blocks that recorded
 // it (a zero or stale stamp is left out).
 inline std::string profileLine(const unsigned long long* stamps, int blocks, int events, unsigned long long origin) {
@@ -24,7 +29,7 @@ inline std::string profileLine(const unsigned long long* stamps, int blocks, int
     std::vector<double> at;
     for (int b = 0; b < blocks; ++b) {
       const unsigned long long v = stamps[static_cast<size_t>(b) * events + e];
-      if (v >= origin && v - origin < 10000000000ull) at.push_back((v - origin) / 1000.0);
+      if (profileStampOfCall(v, origin)) at.push_back((v - origin) / 1000.0);
     }
     if (at.empty()) continue;
     std::sort(at.begin(), at.end());
