@@ -4,7 +4,7 @@
 # stealing ones (MOECOMM_EP_DISPATCH_STEAL=1) and the async tails (MOECOMM_EP_DISPATCH_ASYNC_TAILS=1):
 # FP8 with symmetric buffers at SM 24 (two rounds) and 12, FP8 with device buffers and BF16 at
 # SM 24, tail batches of 128, and the direct combine's variant 3 (SM 24, 12); the normal suite
-# with each switch on; a profile build (per
+# with each switch on (and with combine variant 3); a profile build (per
 # block: SM id and end) of the direct FP8 dispatch for each; moecomm-linkbench push, push-fence
 # and push-afence at 12 and 24 blocks (rates, how late the last block ends). Logs in
 # $OUT/direct.tgz and $OUT/p.tgz; carry .bench-commit. QUICK=1 (about 3 device minutes): the
@@ -42,7 +42,7 @@ MOECOMM_EP_COMBINE_VARIANT=3 S24-fp8-sym-cv3 --dtype fp8 -S 24 --buffers symmetr
 MOECOMM_EP_COMBINE_VARIANT=3 S12-fp8-sym-cv3 --dtype fp8 -S 12 --buffers symmetric $N"
 export BENCHES="$lines"
 MUTANT=0 OUT="$out" bash scripts/direct-round.sh
-for v in "$S" "$A"; do
+for v in "$S" "$A" MOECOMM_EP_COMBINE_VARIANT=3; do
   [ "${QUICK:-0}" = 1 ] && break
   (cd build-device && env "$v" timeout 150 ctest -R "^gpu_EpCudaNormal_n${RANKS:-2}\$" --timeout 140 -V \
     > "$out/p/test-${v%%=*}.log" 2>&1; echo "suite with $v rc=$? case lines PASS: $(grep -c ': PASS' "$out/p/test-${v%%=*}.log")")
