@@ -49,12 +49,9 @@
   X(EpDirectDispatch, "MOECOMM_EP_DIRECT_DISPATCH", Int, "1",                                                   \
     "Normal-mode dispatch stores x rows straight into the destinations' recvX when every rank's recvX lies in "  \
     "moecommMemAlloc memory at the same offset (default kernels only): 1 when possible, 0 never.")              \
-  X(EpDispatchAsyncTails, "MOECOMM_EP_DISPATCH_ASYNC_TAILS", Int, "0",                                          \
-    "Developer switch: one warp of each normal-mode dispatch block publishes the tails while the others "       \
-    "send (default kernels; a direct dispatch then has 9 sending warps by default): 1 on, 0 off.")              \
-  X(EpDispatchSteal, "MOECOMM_EP_DISPATCH_STEAL", Int, "0",                                                     \
-    "Developer switch: normal-mode dispatch blocks that finished their own channel send batches of channels "   \
-    "that still have some (default kernels only): 1 on, 0 off.")                                                \
+  X(EpDispatchOneTail, "MOECOMM_EP_DISPATCH_ONE_TAIL", Int, "0",                                                \
+    "Developer switch: the senders of a direct normal-mode dispatch (default kernels) publish one tail per "    \
+    "destination when all their rows are stored instead of one per batch: 1 on, 0 off.")                        \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \

@@ -63,17 +63,7 @@ constexpr bool dispatchSendersUseRing(int variant) {
 constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
 constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
-constexpr int kCombineVariantAsync = 3;      // direct combine: each thread streams its chunks through cp.async stages
-constexpr int kCombineVariants = 4;
-// Combine variant 3: ranks it serves, stages per thread for R ranks (R + 1 slots of 16 bytes a
-// stage: the ranks' chunks and the bias's), from a budget of shared bytes per thread.
-constexpr int kAsyncMaxRanks = 4;
-constexpr int kAsyncThreadBytes = 384;
-constexpr int asyncStages(int ranks) {
-  const int stages = kAsyncThreadBytes / ((ranks + 1) * 16);
-  return stages < 2 ? 2 : stages > 8 ? 8 : stages;
-}
-constexpr int kStealMaxChannels = 256;  // MOECOMM_EP_DISPATCH_STEAL: channels a block's table covers
+constexpr int kCombineVariants = 3;
 
 // Device-resident per-EP state.
 struct EpDeviceState {
@@ -132,17 +122,9 @@ struct IntranodeParams {
   int ringStages;
   int ringStageBytes;
   uint64_t timeoutNs;  // bound of every spin-wait
-  // MOECOMM_EP_DISPATCH_STEAL (default kernels only): dispatch blocks take batches from any
-  // channel (intranode.cu, dispatchSendStealing). EP device memory: per channel the claim word,
-  // per (channel, batch) the done flag and per destination the rows the batch reaches.
-  int dispatchSteal;  // only with numChannels <= kStealMaxChannels
-  // MOECOMM_EP_DISPATCH_ASYNC_TAILS (default kernels only; before stealing): one sending warp
-  // publishes the tails while the others send (intranode.cu, dispatchSendAsyncTails).
-  int dispatchAsyncTails;
-  int stealBatches;                // batches per channel the arrays hold (chunkRows: a batch has at least one row)
-  unsigned long long* stealClaim;  // [C]
-  unsigned long long* stealDone;   // [C, stealBatches]
-  int* stealRows;                  // [C, stealBatches, R]
+  // MOECOMM_EP_DISPATCH_ONE_TAIL (direct dispatch with the default kernels): the senders publish
+  // one tail per destination at the end instead of one per batch (intranode.cu, dispatchSendOneTail).
+  int dispatchOneTail;
 
   // The handle's device routing.
   int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)

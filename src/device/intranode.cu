@@ -47,8 +47,7 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 }
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
-constexpr int kBarrierCopy = 3;  // the copying warps of dispatchSendAsyncTails
-constexpr int kUnroll = 16;      // 16-byte vectors in flight per lane in a row copy
+constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
 // kBatch, a template argument of the dispatch and combine kernels (MOECOMM_EP_SEND_BATCH: 32,
 // 64 or 128; a run-time value costs the default kernel spills), bounds the rows a sending
 // channel moves between two tail publishes (sendBatchSize).
@@ -350,22 +349,6 @@ __device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int st
         (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0 || globalTimerNs() - start > p.timeoutNs)) {
       raiseError(p, kErrorTimeout, p.rank, channel, op);
       return false;
-    }
-  }
-}
-
-// Bounded wait of a thread for an mbarrier phase of its own block's warps (who never wait
-// without bound in between, so an abort elsewhere is not a reason to stop: only the timeout is,
-// as a safety net); once one wait gave up (*failed), later ones return at once.
-__device__ void waitMbarrier(const IntranodeParams& p, uint64_t* barrier, uint32_t parity, int channel, bool* failed) {
-  if (*failed || mbarrierTryWait(barrier, parity)) return;
-  const uint64_t start = globalTimerNs();
-  for (uint32_t spins = 0;; ++spins) {
-    if (mbarrierTryWait(barrier, parity)) return;
-    if ((spins & 63) == 0 && globalTimerNs() - start > p.timeoutNs) {
-      raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
-      *failed = true;
-      return;
     }
   }
 }
@@ -833,296 +816,50 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
-// ---- Dispatch senders whose tails a warp of their own publishes (MOECOMM_EP_DISPATCH_ASYNC_TAILS)
+// ---- Direct dispatch senders with one tail (MOECOMM_EP_DISPATCH_ONE_TAIL) --------------------
 //
-// The default senders publish each batch's tails after a block barrier and a system fence,
-// which every sending warp waits for: moecomm-linkbench measures that at -18 % of what the
-// warps push to local memory (push-fence against push), and a warp that fences and releases
-// while the others copy on gives half of it back (push-afence). Here the last sending warp
-// copies nothing: the others (copiers) send batch after batch and arrive on full[k % 2] with
-// the batch's rows per destination in snap[k % 2]; the publisher waits on it, fences and
-// releases the tails, then arrives on empty[k % 2], which the copiers wait on before they use
-// that slot again two batches later. Rows and tails are the default path's.
-template <int kBatch>
-__device__ void dispatchSendAsyncTails(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch,
-                                       int* sent, int* posBatch, int* direct, int* snap) {
-  __shared__ uint64_t full[2], empty[2];
-  __shared__ int gaveUp;  // a wait of this block timed out: the tails go out exact at the end
+// In a direct dispatch the x rows go straight to their place in each destination's recvX; the
+// receivers only move each staged row's small parts (scales, ids, weights, token). The default
+// senders stop every batch: all sending warps wait at a barrier while a thread's system fence
+// drains the block's stores in flight, then the tails go out. Here each warp walks its own
+// tokens (every kSendWarps-th of the channel) with no barrier, reading each token's positions
+// itself (the next token's while this one is sent), and one fence and one tail per
+// destination at the end carry every row; the receivers then move all the rows' small parts at
+// once (dispatchReceive, several rows per warp).
+__device__ void dispatchSendOneTail(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
+                                    int* posWarps, int* direct) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int R = p.numRanks;
-  const int copiers = kSendWarps - 1;
   for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
-  if (threadIdx.x == 0) {
-    gaveUp = 0;
-    for (int i = 0; i < 2; ++i) {
-      mbarrierInit(&full[i], copiers);
-      mbarrierInit(&empty[i], 1);
-    }
-    fenceBarrierInit();
-  }
   groupBarrier(kBarrierSend, kSendThreads);
   int first = 0;
   int last = 0;
   routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
-  if (p.dispatchDirect) loadDirectSpans(p, channel, sequence, direct);
-  groupBarrier(kBarrierSend, kSendThreads);
+  loadDirectSpans(p, channel, sequence, direct);
+  groupBarrier(kBarrierSend, kSendThreads);  // the spans (and routeChannel's positions) for every warp
   const bool xAligned = aligned16(p.x);
   const bool scalesVec = scalesVectorOk(p, p.xScales);
-  const int batch = wholeBatch(copiers, kBatch);
-  const int batches = (last - first + batch - 1) / batch;
-  const int copyThreads = copiers * 32;
-  bool failed = false;  // a wait of this thread gave up: no more waits (gaveUp says it to all)
-  for (int k = 0; k < batches; ++k) {
-    const int slot = k & 1;
-    const int base = first + k * batch;
-    const int n = min(last - base, batch);
-    if (warp < copiers) {
-      if (k >= 2) waitMbarrier(p, &empty[slot], ((k >> 1) - 1) & 1, channel, &failed);
-      if (failed) gaveUp = 1;
-      groupBarrier(kBarrierCopy, copyThreads);  // every copier is done with the last batch's posBatch
-      stageBatch(p, base, n, posBatch, sent, copyThreads);
-      groupBarrier(kBarrierCopy, copyThreads);
-      for (int d = threadIdx.x; d < R; d += copyThreads) snap[slot * R + d] = sent[d];
-      for (int j = warp; j < n; j += copiers)
-        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? direct : nullptr,
-                  lane);
-      __syncwarp();
-      if (lane == 0) mbarrierArrive(&full[slot]);
-    } else {
-      waitMbarrier(p, &full[slot], (k >> 1) & 1, channel, &failed);
-      if (failed) gaveUp = 1;
-      // After a failed wait the snapshot may be unwritten or ahead of the rows: publish nothing
-      // until the end.
-      for (int d = lane; d < R && !failed; d += 32) releaseTail(p, channel, d, sequence, snap[slot * R + d]);
-      __syncwarp();
-      if (lane == 0) mbarrierArrive(&empty[slot]);
-    }
+  // Two rows of positions per warp: the next token's are copied in (cp.async) while this one
+  // is sent.
+  int* positions = posWarps + warp * 2 * R;
+  const auto fetchPositions = [&](int t, int* into) {
+    if (t < last)
+      for (int d = lane; d < R; d += 32) copyAsync4(into + d, p.pos + static_cast<int64_t>(t) * R + d);
+    copyAsyncCommit();
+  };
+  fetchPositions(first + warp, positions);
+  for (int t = first + warp, k = 0; t < last; t += kSendWarps, k ^= 1) {
+    fetchPositions(t + kSendWarps, positions + (k ^ 1) * R);  // (the warp was done with it: below)
+    copyAsyncWait<1>();
+    __syncwarp();
+    sendToken(p, channel, t, positions + k * R, xAligned, scalesVec, direct, lane);
+    __syncwarp();
   }
+  copyAsyncWait<0>();
   groupBarrier(kBarrierSend, kSendThreads);
-  // A wait gave up (a safety net that should never fire): every row is stored now, so the
-  // tails go out exact, as the default senders' always do.
-  if (gaveUp) {
-    for (int d = threadIdx.x; d < R; d += kSendThreads) releaseTail(p, channel, d, sequence, sent[d]);
-  }
-  MC_PROFILE(kOpDispatch, 4, 0);
-}
-
-// ---- Dispatch senders that take batches from any channel (MOECOMM_EP_DISPATCH_STEAL) --------
-//
-// Profiles on 2x H200 show a few blocks ending ~20 µs after the rest although every channel
-// pushes about the same rows (PERF.md, twelfth session). Here a block sends its own channel's
-// batches, then helps the channels that still have some. A channel's batches are handed out
-// in order by one claim word per channel in the EP's device memory (tag of the call, next
-// batch), opened by the channel's own block once its routing (pos) is written. Whoever sends
-// batch b of channel c records, per destination, the rows of c up to the end of b (stealRows)
-// and then marks b done. Only c's own block publishes c's tails, each time a longer prefix of
-// c's batches is done (it looks after every batch it sends, its own or not), so a tail never
-// goes back and covers only rows that are stored: the batch's rows -> block barrier ->
-// fence.sys -> done flag (gpu scope) -> the owner's acquire of the flag -> barrier ->
-// fence.sys -> release of the tail. The owner waits (bounded) at the end for its channel's
-// batches that others took; if it gives up (timeout, or an abort), it still publishes whole
-// tails, as the default senders always do, so no peer waits on them. All blocks of the grid
-// are resident at once (one per SM of the budget), so no block waits for one that cannot run.
-// Polls are relaxed loads with back-off, and an acquire fence follows a successful one.
-
-__device__ __forceinline__ uint64_t claimTag(uint64_t sequence) {
-  return ((sequence & 0x7fffffffull) | 0x80000000ull) << 32;
-}
-
-__device__ __forceinline__ uint64_t loadRelaxedGpu(const unsigned long long* address) {
-  uint64_t value;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-  return value;
-}
-
-__device__ __forceinline__ void storeReleaseGpu(unsigned long long* address, uint64_t value) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ void fenceAcquireGpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-
-// Batches of channel c (`batch` tokens each, the last one shorter).
-__device__ __forceinline__ int channelBatches(const IntranodeParams& p, int c, int batch) {
-  int first = 0;
-  int last = 0;
-  channelTokens(p.numTokens, p.numChannels, c, &first, &last);
-  return (last - first + batch - 1) / batch;
-}
-
-// Thread 0: takes the next batch of channel c if it is open and has one left. Returns the
-// batch, -1 when it has none left, -2 when it is not open yet.
-__device__ int claimBatch(const IntranodeParams& p, int c, uint64_t sequence, int batches) {
-  const uint64_t tag = claimTag(sequence);
-  unsigned long long* word = p.stealClaim + c;
-  uint64_t seen = loadRelaxedGpu(word);
-  for (;;) {
-    if ((seen & 0xffffffff00000000ull) != tag) return -2;
-    const int next = static_cast<int>(seen & 0xffffffffull);
-    if (next >= batches) return -1;
-    const uint64_t before = atomicCAS(word, seen, seen + 1);
-    if (before == seen) {
-      fenceAcquireGpu();  // with the load that saw the tag: after the owner's routing
-      return next;
-    }
-    seen = before;
-  }
-}
-
-// Thread 0: how many of the owner's batches are done from `published` on (no waiting).
-__device__ int donePrefix(const IntranodeParams& p, int channel, uint64_t sequence, int published, int batches) {
-  const unsigned long long* done = p.stealDone + static_cast<int64_t>(channel) * p.stealBatches;
-  int n = published;
-  while (n < batches && loadRelaxedGpu(done + n) == sequence) ++n;
-  if (n > published) fenceAcquireGpu();
-  return n;
-}
-
-// Every sending thread: publishes the tails for the done prefix `prefix` (> published) of this
-// channel's batches; sent[d] holds the rows for d so far.
-__device__ void publishTails(const IntranodeParams& p, int channel, uint64_t sequence, int published, int prefix,
-                             int* sent) {
-  const int R = p.numRanks;
-  for (int d = threadIdx.x; d < R; d += kSendThreads) {
-    int rows = sent[d];
-    for (int b = published; b < prefix; ++b)
-      rows = max(rows, p.stealRows[(static_cast<int64_t>(channel) * p.stealBatches + b) * R + d]);
-    sent[d] = rows;
-    releaseTail(p, channel, d, sequence, rows);
-  }
-}
-
-template <int kBatch>
-__device__ void dispatchSendStealing(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
-                                     int* posBatch, int* direct, int* batchRows, int* otherDirect) {
-  __shared__ int answer[3];  // thread 0's answer: channel (-1: none left), batch, own done prefix
-  __shared__ unsigned char exhausted[kStealMaxChannels];
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int R = p.numRanks;
-  const int C = p.numChannels;
-  for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
-  for (int c = threadIdx.x; c < C; c += kSendThreads) exhausted[c] = 0;
-  groupBarrier(kBarrierSend, kSendThreads);
-  int first = 0;
-  int last = 0;
-  routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
-  // Open this channel: its pos is written (routeChannel's barriers, this one for publishCounts).
-  groupBarrier(kBarrierSend, kSendThreads);
-  if (threadIdx.x == 0) storeReleaseGpu(p.stealClaim + channel, claimTag(sequence));
-  if (p.dispatchDirect) loadDirectSpans(p, channel, sequence, direct);
-  const int batch = static_cast<int>(sendBatchSize(0, kBatch, false));
-  const int ownBatches = channelBatches(p, channel, batch);
-  const bool xAligned = aligned16(p.x);
-  const bool scalesVec = scalesVectorOk(p, p.xScales);
-  int published = 0;
-  int spansOf = channel;  // whose spans otherDirect holds (channel: none yet)
-  for (;;) {
-    // Thread 0 finds a batch: this channel first, then the others from the next one on. A
-    // channel not open yet (its block still routing) is passed over and looked at again.
-    if (threadIdx.x == 0) {
-      int c = -1;
-      int b = -1;
-      uint64_t since = globalTimerNs();
-      for (uint32_t spins = 0;; ++spins) {
-        bool pending = false;
-        for (int i = 0; i < C && c < 0; ++i) {
-          const int candidate = (channel + i) % C;
-          if (exhausted[candidate]) continue;
-          const int batches = channelBatches(p, candidate, batch);
-          const int got = batches > 0 ? claimBatch(p, candidate, sequence, batches) : -1;
-          if (got >= 0) {
-            c = candidate;
-            b = got;
-          } else if (got == -1) {
-            exhausted[candidate] = 1;
-          } else {
-            pending = true;
-          }
-        }
-        if (c >= 0 || !pending) break;
-        if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) break;
-        if (globalTimerNs() - since > p.timeoutNs) {
-          raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
-          break;
-        }
-        __nanosleep(spins < 8 ? 64u : 512u);
-      }
-      answer[0] = c;
-      answer[1] = b;
-      answer[2] = published < ownBatches ? donePrefix(p, channel, sequence, published, ownBatches) : published;
-    }
-    groupBarrier(kBarrierSend, kSendThreads);
-    const int c = answer[0];
-    const int b = answer[1];
-    const int prefix = answer[2];
-    groupBarrier(kBarrierSend, kSendThreads);  // answer[] is rewritten next time
-    if (prefix > published) {
-      publishTails(p, channel, sequence, published, prefix, sent);
-      published = prefix;
-    }
-    if (c < 0) break;
-    int cFirst = 0;
-    int cLast = 0;
-    channelTokens(p.numTokens, p.numChannels, c, &cFirst, &cLast);
-    const int base = cFirst + b * batch;
-    const int n = min(cLast - base, batch);
-    if (p.dispatchDirect && c != channel && c != spansOf) {
-      loadDirectSpans(p, c, sequence, otherDirect);
-      spansOf = c;
-    }
-    const int* spans = c == channel ? direct : otherDirect;
-    for (int d = threadIdx.x; d < R; d += kSendThreads) batchRows[d] = 0;
-    groupBarrier(kBarrierSend, kSendThreads);
-    stageBatch(p, base, n, posBatch, batchRows, kSendThreads);
-    groupBarrier(kBarrierSend, kSendThreads);
-    for (int j = warp; j < n; j += kSendWarps)
-      sendToken(p, c, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? spans : nullptr, lane);
-    // The batch's rows, then what they reach per destination, then the done flag.
-    groupBarrier(kBarrierSend, kSendThreads);
-    for (int d = threadIdx.x; d < R; d += kSendThreads)
-      p.stealRows[(static_cast<int64_t>(c) * p.stealBatches + b) * R + d] = batchRows[d];
-    groupBarrier(kBarrierSend, kSendThreads);
-    if (threadIdx.x == 0) {
-      __threadfence_system();
-      storeReleaseGpu(p.stealDone + static_cast<int64_t>(c) * p.stealBatches + b, sequence);
-    }
-  }
-  // Batches of this channel that other blocks took: wait until they are done (bounded; the
-  // clock restarts whenever one is done). Giving up still publishes whole tails.
-  bool gaveUp = false;
-  while (published < ownBatches && !gaveUp) {
-    if (threadIdx.x == 0) {
-      int prefix = published;
-      const uint64_t since = globalTimerNs();
-      for (uint32_t spins = 0;; ++spins) {
-        prefix = donePrefix(p, channel, sequence, published, ownBatches);
-        if (prefix > published) break;
-        if (*reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) {
-          prefix = -1;
-          break;
-        }
-        if (globalTimerNs() - since > p.timeoutNs) {
-          raiseError(p, kErrorTimeout, p.rank, channel, kOpDispatch);
-          prefix = -1;
-          break;
-        }
-        __nanosleep(spins < 8 ? 64u : 512u);
-      }
-      answer[2] = prefix;
-    }
-    groupBarrier(kBarrierSend, kSendThreads);
-    const int prefix = answer[2];
-    groupBarrier(kBarrierSend, kSendThreads);
-    if (prefix < 0) {
-      gaveUp = true;
-      for (int d = threadIdx.x; d < R; d += kSendThreads)
-        releaseTail(p, channel, d, sequence, p.chanCount[channel * R + d]);
-    } else {
-      publishTails(p, channel, sequence, published, prefix, sent);
-      published = prefix;
-    }
-  }
+  for (int d = threadIdx.x; d < R; d += kSendThreads)
+    releaseTail(p, channel, d, sequence, p.chanCount[channel * R + d]);
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1163,58 +900,83 @@ __device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAli
   return src;
 }
 
-// One warp copies a received row out to the caller's buffers (received row `row` from source
-// rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
-// row (the bulk-copy variant moves that).
-template <bool kCopyX = true>
-__device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int row, int source, bool scalesVec,
-                           int lane) {
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+// A received row's small parts in one lane's registers: lane k < topk its id and weight, lane
+// 0 the source token, lanes < scales / 4 a vector of scales (when they move as vectors).
+struct RowParts {
+  int64_t id;
+  float weight;
+  int srcToken;
+  int4 scales4;
+};
+
+__device__ __forceinline__ RowParts loadRowParts(const IntranodeParams& p, const RowSource& src, bool scalesVec,
+                                                 int lane) {
+  RowParts parts{-1, 0.0f, 0, make_int4(0, 0, 0, 0)};
+  if (lane < p.topk) {
+    parts.id = src.idx[lane];
+    parts.weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
+  }
+  parts.srcToken = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
+  const bool scalesLane = p.xIsFp8 && p.recvXScales != nullptr && scalesVec && src.vector && lane < p.hidden / 128 / 4;
+  if (scalesLane) parts.scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
+  return parts;
+}
+
+// Where storeRowParts reads the scales of a row whose scales do not move as vectors (else
+// nullptr: they are in the parts).
+__device__ __forceinline__ const float* scalarScalesOf(const RowSource& src, bool scalesVec) {
+  return scalesVec && src.vector ? nullptr : src.scales;
+}
+
+// Writes the parts to row `row` of the outputs (received from rank `source`); scales from
+// `scalarScales` when not null (scalarScalesOf), else from the parts.
+__device__ __forceinline__ void storeRowParts(const IntranodeParams& p, const RowParts& parts,
+                                              const float* scalarScales, int row, int source, int lane) {
   const int scalesPerRow = p.hidden / 128;
   const int localExperts = p.numExperts / p.numRanks;
   const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-  int64_t id = -1;
-  float weight = 0.0f;
-  if (lane < p.topk) {
-    id = src.idx[lane];
-    weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
-  }
-  const int srcToken = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
-  const bool wantScales = p.xIsFp8 && p.recvXScales != nullptr;
-  const bool vectorScales = scalesVec && src.vector;
-  const bool scalesLane = wantScales && vectorScales && lane < scalesPerRow / 4;
-  int4 scales4 = make_int4(0, 0, 0, 0);
-  if (scalesLane) scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
-  if (kCopyX) {
-    uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
-    warpCopy<false>(
-        src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
-  }
-  if (wantScales) {
-    if (vectorScales) {
-      if (scalesLane) reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = scales4;
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    if (scalarScales == nullptr) {
+      if (lane < scalesPerRow / 4)
+        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = parts.scales4;
     } else {
       for (int k = lane; k < scalesPerRow; k += 32)
-        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scalarScales[k];
     }
   }
   if (lane < p.topk) {
-    const bool local = id >= firstLocal && id < firstLocal + localExperts;
+    const bool local = parts.id >= firstLocal && parts.id < firstLocal + localExperts;
     const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
     if (p.recvTopkIdx != nullptr) {
-      const int64_t localId = local ? id - firstLocal : -1;
+      const int64_t localId = local ? parts.id - firstLocal : -1;
       if (p.topkIdxIs64) {
         static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
       } else {
         static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
       }
     }
-    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? parts.weight : 0.0f;
   }
   if (lane == 0) {
     p.srcRank[row] = source;
-    p.srcIndex[row] = srcToken;
+    p.srcIndex[row] = parts.srcToken;
   }
+}
+
+// One warp copies a received row out to the caller's buffers (received row `row` from source
+// rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
+// row (the bulk-copy variant and a direct dispatch move that).
+template <bool kCopyX = true>
+__device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int row, int source, bool scalesVec,
+                           int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+  const RowParts parts = loadRowParts(p, src, scalesVec, lane);
+  if (kCopyX) {
+    uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
+    warpCopy<false>(
+        src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
+  }
+  storeRowParts(p, parts, scalarScalesOf(src, scalesVec), row, source, lane);
 }
 
 // ---- Dispatch variant 1: rows copied out by the bulk-copy engine ------------------------
@@ -1432,7 +1194,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-template <int kVariant>
+template <int kVariant, int kGroup = 1>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
@@ -1552,24 +1314,56 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     if (bulkRows) {
       dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
-    for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
+    // Pending row j: its source and ordinal.
+    const auto locate = [&](int j, int* source) {
       int s = 0;
-      int i = j;
-      while (i >= avail[s] - done[s]) {
-        i -= avail[s] - done[s];
+      while (j >= avail[s] - done[s]) {
+        j -= avail[s] - done[s];
         ++s;
       }
-      const int ordinal = done[s] + i;
+      *source = s;
+      return done[s] + j;
+    };
+    const auto sourceOf = [&](int s, int ordinal) {
+      return s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
+                         : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
+    };
+    // kGroup > 1 (one-tail senders): the rows a peer stored directly are left to the loop
+    // below, which loads the small parts of kGroup of them per warp before it writes any.
+    for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
+      int s = 0;
+      const int ordinal = locate(j, &s);
       const int row = offsets[s] + ordinal;
-      if (row >= p.recvCapacity) continue;
-      const RowSource src =
-          s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                      : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
-      if (p.dispatchDirect && s != p.rank) {
-        receiveRow<false>(p, src, row, s, scalesVec, lane);  // its x row is already in place
+      const bool partsOnly = p.dispatchDirect && s != p.rank;  // its x row is already in place
+      if (row >= p.recvCapacity || (partsOnly && kGroup > 1)) continue;
+      if (partsOnly) {
+        receiveRow<false>(p, sourceOf(s, ordinal), row, s, scalesVec, lane);
       } else {
-        receiveRow(p, src, row, s, scalesVec, lane);
+        receiveRow(p, sourceOf(s, ordinal), row, s, scalesVec, lane);
       }
+    }
+    for (int j0 = kGroup > 1 && p.dispatchDirect ? warp * kGroup : pending; j0 < pending; j0 += kRecvWarps * kGroup) {
+      RowParts parts[kGroup];
+      int rowAt[kGroup];
+      int sourceAt[kGroup];
+      const float* scalarScalesAt[kGroup];
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        rowAt[g] = -1;
+        if (j0 + g >= pending) continue;
+        int s = 0;
+        const int ordinal = locate(j0 + g, &s);
+        const int row = offsets[s] + ordinal;
+        if (s == p.rank || row >= p.recvCapacity) continue;
+        const RowSource src = sourceOf(s, ordinal);
+        parts[g] = loadRowParts(p, src, scalesVec, lane);
+        rowAt[g] = row;
+        sourceAt[g] = s;
+        scalarScalesAt[g] = scalarScalesOf(src, scalesVec);
+      }
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g)
+        if (rowAt[g] >= 0) storeRowParts(p, parts[g], scalarScalesAt[g], rowAt[g], sourceAt[g], lane);
     }
     groupBarrier(kBarrierRecv, kRecvThreads);
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
@@ -1584,16 +1378,12 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
-// dispatch's first rows and rows held per destination [2 R], and for the stealing senders a
-// batch's rows per destination [R] and another channel's direct spans [2 R] (the async-tail
-// senders' two snapshots of rows per destination there instead).
-// kSender (default kernels only): kSenderDefault, kSenderSteal (MOECOMM_EP_DISPATCH_STEAL) or
-// kSenderAsyncTails (MOECOMM_EP_DISPATCH_ASYNC_TAILS); each its own kernel, so the opt-in paths
-// add no registers to the default one.
+// a batch [sendBatch * R] (the one-tail senders: two tokens' per warp), rows of every (channel,
+// source) count word [C * R], the direct dispatch's first rows and rows held per destination
+// [2 R]. kSender (default kernels only): kSenderDefault, or kSenderOneTail
+// (MOECOMM_EP_DISPATCH_ONE_TAIL, direct dispatch), each its own kernel.
 constexpr int kSenderDefault = 0;
-constexpr int kSenderSteal = 1;
-constexpr int kSenderAsyncTails = 2;
+constexpr int kSenderOneTail = 1;
 
 template <int kVariant, int kBatch, int kSender = kSenderDefault>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
@@ -1609,8 +1399,6 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* posBatch = avail + R;
   int* rowsTable = posBatch + p.sendBatch * R;  // the table is sized for the run-time batch
   int* direct = rowsTable + p.numChannels * R;
-  int* batchRows = direct + 2 * R;   // dispatchSendStealing: rows per destination of a batch
-  int* otherDirect = batchRows + R;  // and the direct spans of another channel
   const int channel = blockIdx.x;
   setSplit(p.dispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
@@ -1624,10 +1412,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
       dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, direct,
                                       reinterpret_cast<uint8_t*>(shared));
-    } else if (kSender == kSenderAsyncTails && kSendWarps >= 2) {
-      dispatchSendAsyncTails<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, otherDirect);
-    } else if (kSender == kSenderSteal) {
-      dispatchSendStealing<kBatch>(p, channel, sequence, scratch, sent, posBatch, direct, batchRows, otherDirect);
+    } else if (kSender == kSenderOneTail && p.dispatchDirect) {
+      dispatchSendOneTail(p, channel, sequence, scratch, sent, posBatch, direct);
     } else {
       dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch, direct,
                                            reinterpret_cast<uint8_t*>(shared));
@@ -1640,8 +1426,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
       dispatchReceive<kDispatchVariantBulk>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
                                             reinterpret_cast<uint8_t*>(shared));
     } else {
-      dispatchReceive<kDispatchVariantRegisters>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
-                                                 reinterpret_cast<uint8_t*>(shared));
+      constexpr int kGroup = kSender == kSenderOneTail ? 4 : 1;
+      dispatchReceive<kDispatchVariantRegisters, kGroup>(p, channel, sequence, offsets, counts, done, avail, &flag,
+                                                         rowsTable, reinterpret_cast<uint8_t*>(shared));
     }
   }
   finishCall(p, kOpDispatch, sequence);
@@ -1992,127 +1779,6 @@ __device__ __forceinline__ uint4 roundBf16x8(const float* acc) {
   return result;
 }
 
-// ---- Combine variant 3 (direct combine): each thread streams its chunks through cp.async ----
-//
-// The register paths keep 2 x 4-6 chunks per lane in flight and then stop to sum them, so at
-// SM 12 a block pulls ~17.5 GB/s of peer rows where the link bench's pulls reach ~40 with the
-// same bytes in flight (PERF.md, eleventh and twelfth sessions). Here every thread walks its own
-// items (its warp's tokens, its lane's chunks) with asyncStages(R) stages of R + 1 slots in
-// shared memory: each stage holds one chunk of every rank's row (and the bias's), copied by
-// cp.async; the thread waits for its oldest stage, sums it (ranks ascending from +0.0f, then
-// the bias: the default path's order), stores the chunk and refills the stage with the item
-// asyncStages(R) ahead, across token boundaries. A thread reads only the slots it filled, so
-// no barrier is needed; slots are laid out stage-, slot-, then thread-major (no bank conflicts).
-
-// A thread's place in its items: token t (>= last: done), chunk c, the ranks whose row exists
-// (mask) and, for the issuing cursor, those rows.
-struct AsyncCursor {
-  int64_t t;
-  int c;
-  uint32_t mask;
-};
-struct AsyncRows {
-  const uint4* row[kAsyncMaxRanks];
-};
-
-// The cursor's token's rows (rows may be nullptr: only the mask).
-__device__ __forceinline__ void asyncCursorRows(const IntranodeParams& p, int channel, int64_t last, AsyncCursor* k,
-                                                AsyncRows* rows) {
-  k->mask = 0;
-#pragma unroll
-  for (int r = 0; r < kAsyncMaxRanks; ++r) {
-    const uint4* row = nullptr;
-    if (r < p.numRanks && k->t < last) {
-      const int ordinal = p.pos[k->t * p.numRanks + r];
-      if (ordinal >= 0) row = reinterpret_cast<const uint4*>(combineRowOf(p, channel, r, ordinal));
-    }
-    if (row != nullptr) k->mask |= 1u << r;
-    if (rows != nullptr) rows->row[r] = row;
-  }
-}
-
-__device__ __forceinline__ void asyncCursorNext(const IntranodeParams& p, int channel, int64_t last, int chunks,
-                                                int warps, int lane, AsyncCursor* k, AsyncRows* rows) {
-  k->c += 32;
-  if (k->c < chunks) return;
-  k->c = lane;
-  k->t += warps;
-  asyncCursorRows(p, channel, last, k, rows);
-}
-
-__device__ __forceinline__ void copyAsyncWaitBelow(int stages) {  // at most stages - 1 groups pending
-  if (stages <= 2) {
-    copyAsyncWait<1>();
-  } else if (stages == 3) {
-    copyAsyncWait<2>();
-  } else if (stages == 4) {
-    copyAsyncWait<3>();
-  } else if (stages == 5) {
-    copyAsyncWait<4>();
-  } else if (stages == 6) {
-    copyAsyncWait<5>();
-  } else if (stages == 7) {
-    copyAsyncWait<6>();
-  } else {
-    copyAsyncWait<7>();
-  }
-}
-
-__device__ void combineReceiveAsync(const IntranodeParams& p, int channel, uint64_t sequence, uint8_t* dynamicShared) {
-  const int R = p.numRanks;
-  const int stages = asyncStages(R);
-  const int slots = R + 1;
-  const int lane = threadIdx.x & 31;
-  const int warps = blockDim.x >> 5;  // a direct combine: every warp reduces
-  const int chunks = p.hidden / 8;
-  int first = 0;
-  int last = 0;
-  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
-  uint4* ring = reinterpret_cast<uint4*>(dynamicShared + p.sharedIntsBytes);
-  auto slotAt = [&](int stage, int slot) {
-    return ring + (static_cast<int64_t>(stage) * slots + slot) * blockDim.x + threadIdx.x;
-  };
-  const uint4* bias = static_cast<const uint4*>(p.bias);
-  uint4* out = static_cast<uint4*>(p.combinedX);
-  AsyncCursor in;
-  AsyncRows rows;
-  in.t = lane < chunks ? first + (threadIdx.x >> 5) : last;
-  in.c = lane;
-  asyncCursorRows(p, channel, last, &in, &rows);
-  AsyncCursor sum = in;
-  auto issue = [&](int stage) {
-    if (in.t < last) {
-#pragma unroll
-      for (int r = 0; r < kAsyncMaxRanks; ++r)
-        if ((in.mask >> r) & 1u) copyAsync16(slotAt(stage, r), rows.row[r] + in.c);
-      if (bias != nullptr) copyAsync16(slotAt(stage, R), bias + in.t * chunks + in.c);
-      asyncCursorNext(p, channel, last, chunks, warps, lane, &in, &rows);
-    }
-    copyAsyncCommit();  // (empty groups too: the count of groups stays one per stage)
-  };
-  for (int stage = 0; stage < stages; ++stage) issue(stage);
-  for (int stage = 0; sum.t < last; stage = stage + 1 == stages ? 0 : stage + 1) {
-    copyAsyncWaitBelow(stages);
-    float acc[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-#pragma unroll
-    for (int r = 0; r < kAsyncMaxRanks; ++r)
-      if ((sum.mask >> r) & 1u) addBf16x8(acc, *slotAt(stage, r));
-    if (bias != nullptr) addBf16x8(acc, *slotAt(stage, R));
-    out[sum.t * chunks + sum.c] = roundBf16x8(acc);
-    asyncCursorNext(p, channel, last, chunks, warps, lane, &sum, nullptr);
-    issue(stage);  // the stage was read above: refill it with the item `stages` ahead
-  }
-  copyAsyncWait<0>();
-  if (p.combinedWeights != nullptr) {
-    __syncwarp();
-    for (int64_t t = first + (threadIdx.x >> 5); t < last; t += warps)
-      combineTokenWeights(p, channel, t, p.pos + t * R, lane);
-  }
-  ackCombine(p, channel, sequence);
-}
-
 // ---- Combine variant 2: rows staged through shared memory by the bulk-copy engine ---------
 //
 // Each receiving warp owns a ring of stages. A stage holds one slice (a run of 16-byte
@@ -2287,9 +1953,7 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   if (p.combineDirect) {
     combineDirectBegin(p, channel, sequence, shared);
     MC_PROFILE(kOpCombine, 1, 0);
-    if (kVariant == kCombineVariantAsync && p.numRanks <= kAsyncMaxRanks && combineVectorOk(p)) {
-      combineReceiveAsync(p, channel, sequence, reinterpret_cast<uint8_t*>(shared));
-    } else if (kVariant == kCombineVariantRegisters) {
+    if (kVariant == kCombineVariantRegisters) {
       combineReceive<kCombineVariantRegisters>(p, channel, sequence);
     } else {
       // (the bulk variant reads staged rows only: through the rings a direct combine measured 352 µs
@@ -2304,8 +1968,7 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   } else if (kVariant == kCombineVariantBulk) {
     combineReceive<kCombineVariantRegisters>(p, channel, sequence);  // unaligned buffers or > 31 ranks
   } else {
-    constexpr int kRegisters = kVariant == kCombineVariantAsync ? kCombineVariantDeep : kVariant;  // (3: direct only)
-    combineReceive<kRegisters>(p, channel, sequence);
+    combineReceive<kVariant>(p, channel, sequence);
   }
   finishCall(p, kOpCombine, sequence);
   MC_PROFILE(kOpCombine, 8, 0);
@@ -2334,7 +1997,7 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
 
 uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (10 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
+      (7 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
 }
 
@@ -2345,11 +2008,6 @@ uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
     ringWarps = kWarps - params.dispatchSendWarps;
   if (op == kOpDispatch && dispatchSendersUseRing(params.dispatchVariant)) ringWarps = params.dispatchSendWarps;
   if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
-  if (op == kOpCombine && params.combineVariant == kCombineVariantAsync && params.combineDirect &&
-      params.numRanks <= kAsyncMaxRanks) {
-    return params.sharedIntsBytes +
-           static_cast<uint64_t>(kThreads) * asyncStages(params.numRanks) * (params.numRanks + 1) * 16;
-  }
   if (ringWarps == 0) return params.sharedIntsBytes;
   return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
          static_cast<uint64_t>(ringWarps) * params.ringStages * params.ringStageBytes;
@@ -2378,10 +2036,9 @@ int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStrea
     return launchIntranode(dispatchKernel<kDispatchVariantPrefetch, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantBulkSend)
     return launchIntranode(dispatchKernel<kDispatchVariantBulkSend, kBatch>, params, bytes, stream);
-  if (params.dispatchAsyncTails)
-    return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch, kSenderAsyncTails>, params, bytes, stream);
-  if (params.dispatchSteal)
-    return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch, kSenderSteal>, params, bytes, stream);
+  // (the one-tail senders have no batches: one instantiation serves every MOECOMM_EP_SEND_BATCH)
+  if (params.dispatchOneTail && params.dispatchDirect)
+    return launchIntranode(dispatchKernel<kDispatchVariantRegisters, 32, kSenderOneTail>, params, bytes, stream);
   return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
 }
 
@@ -2392,8 +2049,6 @@ int launchCombineBatch(const IntranodeParams& params, uint64_t bytes, cudaStream
       return launchIntranode(combineKernel<kCombineVariantDeep, kBatch>, params, bytes, stream);
     case kCombineVariantBulk:
       return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
-    case kCombineVariantAsync:
-      return launchIntranode(combineKernel<kCombineVariantAsync, kBatch>, params, bytes, stream);
     default:
       return launchIntranode(combineKernel<kCombineVariantRegisters, kBatch>, params, bytes, stream);
   }

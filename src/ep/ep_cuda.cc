@@ -153,18 +153,6 @@ class CudaEpBackend : public EpBackend {
         reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + roundUp(sizeof(device::EpDeviceState), 16));
     MC_CUDA(cudaMemcpy(devicePeers, peers.data(), sizeof(uint8_t*) * R, cudaMemcpyHostToDevice));
     p.peers = devicePeers;
-    if (p.dispatchSteal != 0) {
-      // Claim words, done flags and rows per (channel, batch, destination); zero is never a
-      // call's tag or sequence.
-      p.stealBatches = p.chunkRows;
-      const size_t words = static_cast<size_t>(channels) * (1 + static_cast<size_t>(p.stealBatches));
-      const size_t bytes = words * 8 + static_cast<size_t>(channels) * p.stealBatches * R * sizeof(int);
-      MC_CUDA(cudaMalloc(&stealBlock_, bytes));
-      MC_CUDA(cudaMemset(stealBlock_, 0, bytes));
-      p.stealClaim = static_cast<unsigned long long*>(stealBlock_);
-      p.stealDone = p.stealClaim + channels;
-      p.stealRows = reinterpret_cast<int*>(p.stealClaim + words);
-    }
     const size_t hostBytes = sizeof(device::EpHostWords) + sizeof(int) * L;
     void* host = nullptr;
     MC_CUDA(cudaHostAlloc(&host, hostBytes, cudaHostAllocMapped));
@@ -280,8 +268,8 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
-    // (direct runs the default kernels: no rings; the async tails' publishing warp sends no rows)
-    if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = p.dispatchAsyncTails != 0 ? 9 : 8;
+    // (direct runs the default kernels: no rings)
+    if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
@@ -334,10 +322,6 @@ class CudaEpBackend : public EpBackend {
     p.numTokens = handle->numTokens;
     p.recvCapacity = recvCapacity;
     p.combineDirect = direct ? 1 : 0;
-    // Combine variant 3 streams through shared memory sized for the call; else the deep path.
-    if (p.combineVariant == device::kCombineVariantAsync &&
-        device::intranodeSharedBytes(p, device::kOpCombine) > sharedBudget_)
-      p.combineVariant = device::kCombineVariantDeep;
     p.combinePeerX = direct ? xSpot.table : nullptr;
     p.combineXOffset = xSpot.offset;
     p.combinePeerWeights = direct && args->topkWeights != nullptr ? weightsSpot.table : nullptr;
@@ -469,11 +453,6 @@ class CudaEpBackend : public EpBackend {
       if (cudaFreeHost(const_cast<device::EpHostWords*>(host_)) != cudaSuccess) (void)cudaGetLastError();
       host_ = nullptr;
     }
-    if (stealBlock_ != nullptr) {
-      DeviceScope scope(ep_->comm->device);
-      if (cudaFree(stealBlock_) != cudaSuccess) (void)cudaGetLastError();
-      stealBlock_ = nullptr;
-    }
     if (deviceBlock_ != nullptr) {
       DeviceScope scope(ep_->comm->device);
       if (cudaFree(deviceBlock_) != cudaSuccess) (void)cudaGetLastError();
@@ -514,22 +493,7 @@ class CudaEpBackend : public EpBackend {
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
-    p->dispatchSteal = pick(Env::EpDispatchSteal, "MOECOMM_EP_DISPATCH_STEAL", 0, 1, 0);
-    p->dispatchAsyncTails = pick(Env::EpDispatchAsyncTails, "MOECOMM_EP_DISPATCH_ASYNC_TAILS", 0, 1, 0);
-    if (p->dispatchVariant != device::kDispatchVariantRegisters) p->dispatchAsyncTails = p->dispatchSteal = 0;
-    if (p->dispatchAsyncTails != 0 && p->dispatchSteal != 0) {
-      MC_WARN(kLogEp,
-              "rank %d: MOECOMM_EP_DISPATCH_ASYNC_TAILS and MOECOMM_EP_DISPATCH_STEAL are both set; using "
-              "the async tails",
-              ep_->rank);
-      p->dispatchSteal = 0;
-    }
-    if (p->dispatchAsyncTails != 0 && dispatchSendWarpsAuto_) p->dispatchSendWarps = 7;  // 6 send rows, 1 publishes
-    if (p->dispatchSteal != 0 && p->numChannels > device::kStealMaxChannels) {
-      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_DISPATCH_STEAL needs at most %d channels, not %d; off", ep_->rank,
-              device::kStealMaxChannels, p->numChannels);
-      p->dispatchSteal = 0;
-    }
+    p->dispatchOneTail = pick(Env::EpDispatchOneTail, "MOECOMM_EP_DISPATCH_ONE_TAIL", 0, 1, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     int limit = 0;
@@ -554,9 +518,9 @@ class CudaEpBackend : public EpBackend {
     }
     MC_INFO(kLogEp,
             "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
-            "ring %d x %d bytes, pull %d, dispatch steal %d, async tails %d",
+            "ring %d x %d bytes, pull %d, one tail %d",
             ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
-            p->ringStages, p->ringStageBytes, p->pull, p->dispatchSteal, p->dispatchAsyncTails);
+            p->ringStages, p->ringStageBytes, p->pull, p->dispatchOneTail);
     return moecommSuccess;
   }
 
@@ -849,7 +813,6 @@ class CudaEpBackend : public EpBackend {
   std::unique_ptr<NvlinkSymmetric> buffer_;
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
-  void* stealBlock_ = nullptr;                    // MOECOMM_EP_DISPATCH_STEAL's claim words, flags and rows
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
   bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
