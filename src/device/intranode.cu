@@ -823,9 +823,9 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
 // senders stop every batch: all sending warps wait at a barrier while a thread's system fence
 // drains the block's stores in flight, then the tails go out. Here each warp walks its own
 // tokens (every kSendWarps-th of the channel) with no barrier, reading each token's positions
-// itself (the next token's while this one is sent), and one fence and one tail per
+// itself (the next token's copied in while this one is sent), and one fence and one tail per
 // destination at the end carry every row; the receivers then move all the rows' small parts at
-// once (dispatchReceive, several rows per warp).
+// once (receivePeerParts, one thread per part).
 __device__ void dispatchSendOneTail(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
                                     int* posWarps, int* direct) {
   const int warp = threadIdx.x >> 5;
@@ -900,83 +900,152 @@ __device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAli
   return src;
 }
 
-// A received row's small parts in one lane's registers: lane k < topk its id and weight, lane
-// 0 the source token, lanes < scales / 4 a vector of scales (when they move as vectors).
-struct RowParts {
-  int64_t id;
-  float weight;
-  int srcToken;
-  int4 scales4;
-};
-
-__device__ __forceinline__ RowParts loadRowParts(const IntranodeParams& p, const RowSource& src, bool scalesVec,
-                                                 int lane) {
-  RowParts parts{-1, 0.0f, 0, make_int4(0, 0, 0, 0)};
-  if (lane < p.topk) {
-    parts.id = src.idx[lane];
-    parts.weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
-  }
-  parts.srcToken = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
-  const bool scalesLane = p.xIsFp8 && p.recvXScales != nullptr && scalesVec && src.vector && lane < p.hidden / 128 / 4;
-  if (scalesLane) parts.scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
-  return parts;
-}
-
-// Where storeRowParts reads the scales of a row whose scales do not move as vectors (else
-// nullptr: they are in the parts).
-__device__ __forceinline__ const float* scalarScalesOf(const RowSource& src, bool scalesVec) {
-  return scalesVec && src.vector ? nullptr : src.scales;
-}
-
-// Writes the parts to row `row` of the outputs (received from rank `source`); scales from
-// `scalarScales` when not null (scalarScalesOf), else from the parts.
-__device__ __forceinline__ void storeRowParts(const IntranodeParams& p, const RowParts& parts,
-                                              const float* scalarScales, int row, int source, int lane) {
+// One warp copies a received row out to the caller's buffers (received row `row` from source
+// rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
+// row (the bulk-copy variant moves that).
+template <bool kCopyX = true>
+__device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int row, int source, bool scalesVec,
+                           int lane) {
+  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
   const int scalesPerRow = p.hidden / 128;
   const int localExperts = p.numExperts / p.numRanks;
   const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-  if (p.xIsFp8 && p.recvXScales != nullptr) {
-    if (scalarScales == nullptr) {
-      if (lane < scalesPerRow / 4)
-        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = parts.scales4;
+  int64_t id = -1;
+  float weight = 0.0f;
+  if (lane < p.topk) {
+    id = src.idx[lane];
+    weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
+  }
+  const int srcToken = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
+  const bool wantScales = p.xIsFp8 && p.recvXScales != nullptr;
+  const bool vectorScales = scalesVec && src.vector;
+  const bool scalesLane = wantScales && vectorScales && lane < scalesPerRow / 4;
+  int4 scales4 = make_int4(0, 0, 0, 0);
+  if (scalesLane) scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
+  if (kCopyX) {
+    uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
+    warpCopy<false>(
+        src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
+  }
+  if (wantScales) {
+    if (vectorScales) {
+      if (scalesLane) reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = scales4;
     } else {
       for (int k = lane; k < scalesPerRow; k += 32)
-        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scalarScales[k];
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
     }
   }
   if (lane < p.topk) {
-    const bool local = parts.id >= firstLocal && parts.id < firstLocal + localExperts;
+    const bool local = id >= firstLocal && id < firstLocal + localExperts;
     const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
     if (p.recvTopkIdx != nullptr) {
-      const int64_t localId = local ? parts.id - firstLocal : -1;
+      const int64_t localId = local ? id - firstLocal : -1;
       if (p.topkIdxIs64) {
         static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
       } else {
         static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
       }
     }
-    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? parts.weight : 0.0f;
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
   }
   if (lane == 0) {
     p.srcRank[row] = source;
-    p.srcIndex[row] = parts.srcToken;
+    p.srcIndex[row] = srcToken;
   }
 }
 
-// One warp copies a received row out to the caller's buffers (received row `row` from source
-// rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
-// row (the bulk-copy variant and a direct dispatch move that).
-template <bool kCopyX = true>
-__device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int row, int source, bool scalesVec,
-                           int lane) {
-  const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
-  const RowParts parts = loadRowParts(p, src, scalesVec, lane);
-  if (kCopyX) {
-    uint8_t* out = static_cast<uint8_t*>(p.recvX) + row * xBytes;
-    warpCopy<false>(
-        src.x, xBytes, src.vector, 1, [&](int) { return out; }, lane);
+// Direct dispatch with one tail: the small parts of the peers' rows of this round ([done[s],
+// avail[s]) of every source s but this rank), one thread per part: a vector of 4 scales (or one
+// scale), one top-k entry, the source token. Each thread loads kAtOnce parts before it stores
+// any: after the one tail these parts are the whole round, and a warp per row would cost a
+// round trip per row. The outputs are receiveRow's.
+__device__ void receivePeerParts(const IntranodeParams& p, int channel, const int* offsets, const int* done,
+                                 const int* avail, bool vectorScales, int tid) {
+  const int R = p.numRanks;
+  const int scalesPerRow = p.hidden / 128;
+  const int scaleUnits = p.xIsFp8 && p.recvXScales != nullptr ? (vectorScales ? scalesPerRow / 4 : scalesPerRow) : 0;
+  const int units = scaleUnits + p.topk + 1;
+  int rows = 0;
+  for (int s = 0; s < R; ++s) rows += s != p.rank ? avail[s] - done[s] : 0;
+  const int total = rows * units;
+  // Part e: its unit, source and ordinal.
+  const auto locate = [&](int e, int* source, int* ordinal) {
+    int j = e / units;
+    const int unit = e - j * units;
+    int s = 0;
+    for (;; ++s) {
+      const int n = s != p.rank ? avail[s] - done[s] : 0;
+      if (j < n) break;
+      j -= n;
+    }
+    *source = s;
+    *ordinal = done[s] + j;
+    return unit;
+  };
+  const int localExperts = p.numExperts / R;
+  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  constexpr int kAtOnce = 4;
+  for (int e0 = tid; e0 < total; e0 += kRecvThreads * kAtOnce) {
+    int4 v[kAtOnce];
+#pragma unroll
+    for (int a = 0; a < kAtOnce; ++a) {
+      const int e = e0 + a * kRecvThreads;
+      if (e >= total) continue;
+      int s = 0;
+      int ordinal = 0;
+      const int unit = locate(e, &s, &ordinal);
+      const uint8_t* staged = exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal);
+      if (unit < scaleUnits) {
+        if (vectorScales) {
+          v[a] = reinterpret_cast<const int4*>(staged + p.rowScalesOffset)[unit];
+        } else {
+          v[a].x = reinterpret_cast<const int*>(staged + p.rowScalesOffset)[unit];
+        }
+      } else if (unit < scaleUnits + p.topk) {
+        const int k = unit - scaleUnits;
+        const int64_t id = reinterpret_cast<const int64_t*>(staged + p.rowIdxOffset)[k];
+        v[a].x = static_cast<int>(id & 0xffffffff);
+        v[a].y = static_cast<int>(id >> 32);
+        v[a].z = reinterpret_cast<const int*>(staged + p.rowWeightsOffset)[k];
+      } else {
+        v[a].x = *reinterpret_cast<const int*>(staged + p.rowSrcOffset);
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kAtOnce; ++a) {
+      const int e = e0 + a * kRecvThreads;
+      if (e >= total) continue;
+      int s = 0;
+      int ordinal = 0;
+      const int unit = locate(e, &s, &ordinal);
+      const int row = offsets[s] + ordinal;
+      if (row >= p.recvCapacity) continue;
+      if (unit < scaleUnits) {
+        if (vectorScales) {
+          reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[unit] = v[a];
+        } else {
+          reinterpret_cast<int*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[unit] = v[a].x;
+        }
+      } else if (unit < scaleUnits + p.topk) {
+        const int k = unit - scaleUnits;
+        const int64_t id = static_cast<int64_t>(static_cast<uint32_t>(v[a].x)) | (static_cast<int64_t>(v[a].y) << 32);
+        const bool local = id >= firstLocal && id < firstLocal + localExperts;
+        const int64_t o = static_cast<int64_t>(row) * p.topk + k;
+        if (p.recvTopkIdx != nullptr) {
+          const int64_t localId = local ? id - firstLocal : -1;
+          if (p.topkIdxIs64) {
+            static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+          } else {
+            static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+          }
+        }
+        if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? __int_as_float(v[a].z) : 0.0f;
+      } else {
+        p.srcRank[row] = s;
+        p.srcIndex[row] = v[a].x;
+      }
+    }
   }
-  storeRowParts(p, parts, scalarScalesOf(src, scalesVec), row, source, lane);
 }
 
 // ---- Dispatch variant 1: rows copied out by the bulk-copy engine ------------------------
@@ -1194,7 +1263,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-template <int kVariant, int kGroup = 1>
+template <int kVariant, bool kPeerParts = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
@@ -1314,57 +1383,29 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     if (bulkRows) {
       dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
-    // Pending row j: its source and ordinal.
-    const auto locate = [&](int j, int* source) {
-      int s = 0;
-      while (j >= avail[s] - done[s]) {
-        j -= avail[s] - done[s];
-        ++s;
-      }
-      *source = s;
-      return done[s] + j;
-    };
-    const auto sourceOf = [&](int s, int ordinal) {
-      return s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                         : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
-    };
-    // kGroup > 1 (one-tail senders): the rows a peer stored directly are left to the loop
-    // below, which loads the small parts of kGroup of them per warp before it writes any.
+    // kPeerParts (one-tail senders): the rows a peer stored directly are left to
+    // receivePeerParts, which moves their small parts one thread per part.
     for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
       int s = 0;
-      const int ordinal = locate(j, &s);
+      int i = j;
+      while (i >= avail[s] - done[s]) {
+        i -= avail[s] - done[s];
+        ++s;
+      }
+      const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
-      const bool partsOnly = p.dispatchDirect && s != p.rank;  // its x row is already in place
-      if (row >= p.recvCapacity || (partsOnly && kGroup > 1)) continue;
-      if (partsOnly) {
-        receiveRow<false>(p, sourceOf(s, ordinal), row, s, scalesVec, lane);
+      if (row >= p.recvCapacity || (kPeerParts && p.dispatchDirect && s != p.rank)) continue;
+      const RowSource src =
+          s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
+                      : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
+      if (p.dispatchDirect && s != p.rank) {
+        receiveRow<false>(p, src, row, s, scalesVec, lane);  // its x row is already in place
       } else {
-        receiveRow(p, sourceOf(s, ordinal), row, s, scalesVec, lane);
+        receiveRow(p, src, row, s, scalesVec, lane);
       }
     }
-    for (int j0 = kGroup > 1 && p.dispatchDirect ? warp * kGroup : pending; j0 < pending; j0 += kRecvWarps * kGroup) {
-      RowParts parts[kGroup];
-      int rowAt[kGroup];
-      int sourceAt[kGroup];
-      const float* scalarScalesAt[kGroup];
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        rowAt[g] = -1;
-        if (j0 + g >= pending) continue;
-        int s = 0;
-        const int ordinal = locate(j0 + g, &s);
-        const int row = offsets[s] + ordinal;
-        if (s == p.rank || row >= p.recvCapacity) continue;
-        const RowSource src = sourceOf(s, ordinal);
-        parts[g] = loadRowParts(p, src, scalesVec, lane);
-        rowAt[g] = row;
-        sourceAt[g] = s;
-        scalarScalesAt[g] = scalarScalesOf(src, scalesVec);
-      }
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g)
-        if (rowAt[g] >= 0) storeRowParts(p, parts[g], scalarScalesAt[g], rowAt[g], sourceAt[g], lane);
-    }
+    if (kPeerParts && p.dispatchDirect)
+      receivePeerParts(p, channel, offsets, done, avail, scalesVec && recvAligned, tid);
     groupBarrier(kBarrierRecv, kRecvThreads);
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
     groupBarrier(kBarrierRecv, kRecvThreads);
@@ -1426,9 +1467,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
       dispatchReceive<kDispatchVariantBulk>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
                                             reinterpret_cast<uint8_t*>(shared));
     } else {
-      constexpr int kGroup = kSender == kSenderOneTail ? 4 : 1;
-      dispatchReceive<kDispatchVariantRegisters, kGroup>(p, channel, sequence, offsets, counts, done, avail, &flag,
-                                                         rowsTable, reinterpret_cast<uint8_t*>(shared));
+      dispatchReceive<kDispatchVariantRegisters, kSender == kSenderOneTail>(
+          p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable, reinterpret_cast<uint8_t*>(shared));
     }
   }
   finishCall(p, kOpDispatch, sequence);
