@@ -1242,7 +1242,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
           continue;
         }
         staged = source == p.rank ? nullptr : exchangeRow(p, kOpDispatch, source, p.rank, channel, ordinal);
-        offset = 0;
+        offset = p.dispatchDirect && source != p.rank ? xBytes : 0;  // (direct: its x row is in place)
       }
       // x in pieces of a stage; the small parts ride with the last x piece when they fit, else
       // they come alone (a piece with no x bytes).

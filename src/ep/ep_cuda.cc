@@ -231,7 +231,9 @@ class CudaEpBackend : public EpBackend {
     const SymmetricSpot recvSpot =
         symmetricSpot(args->recvX, static_cast<uint64_t>(std::max(0, args->recvCapacity)) * xRowBytes, checked);
     const bool mayDirect = envInt(Env::EpDirectDispatch) != 0 && ep_->comm->nranks > 1 && recvSpot.table != nullptr &&
-                           recvSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
+                           recvSpot.offset % 16 == 0 &&
+                           (base_.dispatchVariant == device::kDispatchVariantRegisters ||
+                            base_.dispatchVariant == device::kDispatchVariantBulk) &&
                            (base_.pull & 1) == 0;
     const std::vector<int64_t> spot = {mayDirect ? 1 : 0, static_cast<int64_t>(recvSpot.id),
                                        static_cast<int64_t>(recvSpot.offset)};
@@ -268,7 +270,7 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
-    // (direct runs the default kernels: no rings)
+    // (direct runs the default senders: no rings)
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
