@@ -153,6 +153,10 @@ class CudaEpBackend : public EpBackend {
         reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + roundUp(sizeof(device::EpDeviceState), 16));
     MC_CUDA(cudaMemcpy(devicePeers, peers.data(), sizeof(uint8_t*) * R, cudaMemcpyHostToDevice));
     p.peers = devicePeers;
+    // The one-tail dispatch's claim words (zero is never a call's tag).
+    MC_CUDA(cudaMalloc(&claimWords_, sizeof(unsigned long long) * channels));
+    MC_CUDA(cudaMemset(claimWords_, 0, sizeof(unsigned long long) * channels));
+    p.claim = static_cast<unsigned long long*>(claimWords_);
     const size_t hostBytes = sizeof(device::EpHostWords) + sizeof(int) * L;
     void* host = nullptr;
     MC_CUDA(cudaHostAlloc(&host, hostBytes, cudaHostAllocMapped));
@@ -274,6 +278,9 @@ class CudaEpBackend : public EpBackend {
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
+    // The one-tail kernels' tables and parts buffer must fit in shared memory; else batch tails.
+    if (p.dispatchOneTail != 0 && device::intranodeSharedBytes(p, device::kOpDispatch) > sharedBudget_)
+      p.dispatchOneTail = 0;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
     if (status == moecommSuccess) status = noteUse(target, stream);
     if (status != moecommSuccess) {
@@ -454,6 +461,11 @@ class CudaEpBackend : public EpBackend {
     if (host_ != nullptr) {
       if (cudaFreeHost(const_cast<device::EpHostWords*>(host_)) != cudaSuccess) (void)cudaGetLastError();
       host_ = nullptr;
+    }
+    if (claimWords_ != nullptr) {
+      DeviceScope scope(ep_->comm->device);
+      if (cudaFree(claimWords_) != cudaSuccess) (void)cudaGetLastError();
+      claimWords_ = nullptr;
     }
     if (deviceBlock_ != nullptr) {
       DeviceScope scope(ep_->comm->device);
@@ -815,6 +827,7 @@ class CudaEpBackend : public EpBackend {
   std::unique_ptr<NvlinkSymmetric> buffer_;
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
+  void* claimWords_ = nullptr;                    // MOECOMM_EP_DISPATCH_ONE_TAIL: a claim word per channel
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
   bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
