@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A dispatch sender switch against the default on 2 GPUs, or RANKS (developer tool): through
 # scripts/direct-round.sh the normal suite, then W-prefill benches of the default senders and
-# of SWITCH (default MOECOMM_EP_DISPATCH_ONE_TAIL=1) side by side: FP8 with symmetric buffers
+# of SWITCH (a VAR=value the kernels read, e.g. MOECOMM_EP_SEND_BATCH=64) side by side: FP8 with symmetric buffers
 # at SM 24 (two rounds) and 12, BF16 at SM 24; the normal suite with SWITCH on; a profile build
 # (per block: SM id and end) of the direct FP8 dispatch with and without it. Logs in
 # $OUT/direct.tgz and $OUT/p.tgz; carry .bench-commit. QUICK=1: no BF16, no suite with SWITCH.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 out=${OUT:-$PWD/dispatch-logs}; mkdir -p "$out/p"
-sw=${SWITCH:-MOECOMM_EP_DISPATCH_ONE_TAIL=1}
+sw=${SWITCH:?"SWITCH=VAR=value: the setting to measure against the default"}
 nvidia-smi -L
 (cmake -S . -B build-prof -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS=-DMOECOMM_KERNEL_PROFILE > /dev/null &&
   cmake --build build-prof -j 8 --target moecomm-run moecomm-bench > "$out/p/prof-build.log" 2>&1 ||

@@ -49,9 +49,6 @@
   X(EpDirectDispatch, "MOECOMM_EP_DIRECT_DISPATCH", Int, "1",                                                   \
     "Normal-mode dispatch stores x rows straight into the destinations' recvX when every rank's recvX lies in "  \
     "moecommMemAlloc memory at the same offset (default kernels only): 1 when possible, 0 never.")              \
-  X(EpDispatchOneTail, "MOECOMM_EP_DISPATCH_ONE_TAIL", Int, "0",                                                \
-    "Developer switch: the senders of a direct normal-mode dispatch (default kernels) publish one tail per "    \
-    "destination when all their rows are stored instead of one per batch: 1 on, 0 off.")                        \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \

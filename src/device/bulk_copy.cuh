@@ -33,18 +33,6 @@ __device__ __forceinline__ void fenceProxyAsyncGlobal() { asm volatile("fence.pr
 
 __device__ __forceinline__ void fenceProxyAsyncShared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// One thread's 16-byte asynchronous copy global -> shared (cp.async, L2 only), its commit
-// groups, and the wait until at most N of this thread's groups are pending (the copies of the
-// older ones are then in shared memory and visible to this thread; a barrier shares them).
-__device__ __forceinline__ void copyAsync16(void* sharedDst, const void* globalSrc) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sharedAddress(sharedDst)), "l"(globalSrc) : "memory");
-}
-__device__ __forceinline__ void copyAsyncCommit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void copyAsyncWait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // One arrival (release at CTA scope: the arriving thread's earlier writes are visible to a
 // thread whose wait sees the phase complete).
 __device__ __forceinline__ void mbarrierArrive(uint64_t* barrier) {

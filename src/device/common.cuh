@@ -22,21 +22,6 @@ __device__ __forceinline__ void storeReleaseSys(uint64_t* address, uint64_t valu
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
 
-// System-scope release add to a 64-bit counter (peer visible).
-__device__ __forceinline__ void addReleaseSys(uint64_t* address, uint64_t value) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-// GPU-scope acquire load / release store (words only this GPU's blocks share).
-__device__ __forceinline__ uint64_t loadAcquireGpu(const unsigned long long* address) {
-  uint64_t value;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-  return value;
-}
-__device__ __forceinline__ void storeReleaseGpu(unsigned long long* address, uint64_t value) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
 // A 16-byte load of memory no one writes during the kernel (the non-coherent path, not kept
 // in L1): rows streamed once.
 __device__ __forceinline__ int4 loadStreaming(const int4* address) {

@@ -46,9 +46,8 @@ constexpr int kOpDispatch = 1;
 constexpr int kOpCombine = 2;
 constexpr int kOps = 3;
 // Control word kinds per (op, channel, rank) in the symmetric buffer: count (even and odd
-// sequence), tail, ack, the direct paths' first row and rows held, and the one-tail dispatch's
-// rows delivered (intranode.cu).
-constexpr int kCtrlKinds = 7;
+// sequence), tail, ack, and the direct paths' first row and rows held (intranode.cu).
+constexpr int kCtrlKinds = 6;
 
 // Developer variants of the normal-mode receivers (MOECOMM_EP_DISPATCH_VARIANT,
 // MOECOMM_EP_COMBINE_VARIANT; docs/ep-normal-gpu.md, "Variants"). 0 is the default kernel.
@@ -123,11 +122,6 @@ struct IntranodeParams {
   int ringStages;
   int ringStageBytes;
   uint64_t timeoutNs;  // bound of every spin-wait
-  // MOECOMM_EP_DISPATCH_ONE_TAIL (direct dispatch with the default kernels): the sending warps
-  // take tokens of any channel and count the rows they delivered into the destinations' words
-  // at the end, instead of per-batch tails (intranode.cu, dispatchSendOneTail).
-  int dispatchOneTail;
-  unsigned long long* claim;  // [C]: the one-tail senders' claim word per channel (EP device memory)
 
   // The handle's device routing.
   int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)

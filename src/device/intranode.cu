@@ -73,8 +73,7 @@ constexpr int kCtrlCountOdd = 3;  // count words of odd sequence numbers (see co
 // combineX (publishRowSpan).
 constexpr int kCtrlBase = 4;
 constexpr int kCtrlHeld = 5;
-constexpr int kCtrlDelivered = 6;  // one-tail dispatch: rows of (source, channel) delivered this call
-static_assert(kCtrlDelivered < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
+static_assert(kCtrlHeld < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
 // timer at fixed points of the last call (see intranodeProfile).
@@ -817,107 +816,6 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
-// ---- Direct dispatch senders with one tail (MOECOMM_EP_DISPATCH_ONE_TAIL) --------------------
-//
-// In a direct dispatch the x rows go straight to their place in each destination's recvX; the
-// receivers only move each staged row's small parts (scales, ids, weights, token). The default
-// senders stop every batch: all sending warps wait at a barrier while a thread's system fence
-// drains the block's stores in flight, then the tails go out; and the kernel lasts as long as
-// its slowest block, some SMs pushing across the link slower than others. Here no warp stops:
-// each takes tokens one at a time from a claim word per channel (its own channel first, then
-// the others in turn; the next token claimed while this one is sent) and counts the rows it
-// stores per (channel, destination). At the end the block fences once and adds its counts to
-// the destinations' delivered words, which the receivers wait on instead of tails; a channel's
-// receiver then moves all its peers' rows' small parts (receivePeerParts) and resets the words
-// before its ack. A block opens its channel's claim word (the call's tag, index 0) once its
-// routing is written; a warp that steals from channel c first waits for that and for c's acks.
-__device__ __forceinline__ uint64_t claimTag(uint64_t sequence) { return (sequence & 0xffffffffull) << 32; }
-
-// Lane 0: the next token of channel c (first, last), or -1 when none is left.
-__device__ __forceinline__ int claimToken(const IntranodeParams& p, int c, int first, int last) {
-  const uint64_t old = atomicAdd(p.claim + c, 1ull);
-  const int t = first + static_cast<int>(old & 0xffffffffull);
-  return t < last ? t : -1;
-}
-
-__device__ void dispatchSendOneTail(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
-                                    int* posWarps, int* spans, int* delivered) {
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int R = p.numRanks;
-  const int C = p.numChannels;
-  for (int dest = threadIdx.x; dest < R; dest += kSendThreads) waitAck(p, kOpDispatch, channel, dest, sequence);
-  for (int i = threadIdx.x; i < C * R; i += kSendThreads) delivered[i] = 0;
-  groupBarrier(kBarrierSend, kSendThreads);
-  int first = 0;
-  int last = 0;
-  routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
-  groupBarrier(kBarrierSend, kSendThreads);  // the channel's positions are written
-  if (threadIdx.x == 0) {
-    __threadfence();
-    storeReleaseGpu(p.claim + channel, claimTag(sequence));
-  }
-  // Every channel's spans: where its rows go in each destination's recvX.
-  for (int i = threadIdx.x; i < C * R; i += kSendThreads) {
-    const int c = i / R;
-    const int r = i % R;
-    const int2 span =
-        r != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, kOpDispatch, c, r, sequence) : make_int2(0, 0);
-    spans[c * 2 * R + r] = span.x;
-    spans[c * 2 * R + R + r] = span.y;
-  }
-  groupBarrier(kBarrierSend, kSendThreads);
-  const bool xAligned = aligned16(p.x);
-  const bool scalesVec = scalesVectorOk(p, p.xScales);
-  int* posRow = posWarps + warp * R;
-  int c = channel;
-  int cFirst = first;
-  int cLast = last;
-  int t = lane == 0 ? claimToken(p, c, cFirst, cLast) : 0;
-  for (int visited = 1;;) {
-    t = __shfl_sync(0xffffffffu, t, 0);
-    if (t < 0) {
-      // Channel c is done: the next one that has tokens left (open it first: its block
-      // routes, and its destinations acked the last call on it).
-      if (visited == C) break;
-      c = (channel + visited) % C;
-      ++visited;
-      channelTokens(p.numTokens, C, c, &cFirst, &cLast);
-      if (cFirst >= cLast) continue;
-      if (lane == 0) {
-        const uint64_t start = globalTimerNs();
-        while ((loadAcquireGpu(p.claim + c) & 0xffffffff00000000ull) != claimTag(sequence)) {
-          if (globalTimerNs() - start > p.timeoutNs ||
-              *reinterpret_cast<volatile unsigned int*>(&p.state->abort) != 0) {
-            raiseError(p, kErrorTimeout, p.rank, c, kOpDispatch);
-            break;
-          }
-        }
-      }
-      __syncwarp();
-      for (int d = lane; d < R; d += 32) waitAck(p, kOpDispatch, c, d, sequence);
-      __syncwarp();
-      t = lane == 0 ? claimToken(p, c, cFirst, cLast) : 0;
-      continue;
-    }
-    const int next = lane == 0 ? claimToken(p, c, cFirst, cLast) : 0;  // (used after this token)
-    for (int d = lane; d < R; d += 32) posRow[d] = p.pos[static_cast<int64_t>(t) * R + d];
-    __syncwarp();
-    sendToken(p, c, t, posRow, xAligned, scalesVec, spans + c * 2 * R, lane);
-    for (int d = lane; d < R; d += 32)
-      if (d != p.rank && posRow[d] >= 0) atomicAdd(&delivered[c * R + d], 1);
-    __syncwarp();
-    t = next;
-  }
-  groupBarrier(kBarrierSend, kSendThreads);
-  for (int i = threadIdx.x; i < C * R; i += kSendThreads) {
-    if (delivered[i] == 0) continue;
-    __threadfence_system();
-    addReleaseSys(ctrlWord(p, i % R, kCtrlDelivered, kOpDispatch, i / R, p.rank), static_cast<uint64_t>(delivered[i]));
-  }
-  MC_PROFILE(kOpDispatch, 4, 0);
-}
-
 // Where one received row's parts are read from: a staged row, or (rows a rank sends itself)
 // the caller's own inputs, which never pass through the staging area.
 struct RowSource {
@@ -1006,103 +904,6 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
   if (lane == 0) {
     p.srcRank[row] = source;
     p.srcIndex[row] = srcToken;
-  }
-}
-
-// One-tail dispatch: the small parts of the peers' rows of this round ([done[s], avail[s]) of
-// every source s but this rank; after the one tail that is all of them). kPartsRows rows at a
-// time, the receiving threads copy the rows' parts ([scales][ids][weights][token], contiguous
-// in a staged row) into shared memory with cp.async, then write them out one thread per part
-// (a vector of 4 scales or one scale, one top-k entry, the source token) as receiveRow does.
-constexpr int kPartsRows = 64;
-__host__ __device__ __forceinline__ uint32_t peerPartsBytes(const IntranodeParams& p) {
-  return static_cast<uint32_t>(p.rowExtent - p.rowScalesOffset);
-}
-// The one-tail kernels run for a direct dispatch with the default kernels and the switch on.
-__host__ __device__ __forceinline__ bool dispatchOneTailApplies(const IntranodeParams& p) {
-  return p.dispatchOneTail != 0 && p.dispatchDirect != 0 && p.dispatchVariant == kDispatchVariantRegisters &&
-         p.claim != nullptr;
-}
-// The one-tail senders' tables (spans [C, 2 R], rows delivered [C, R]), 16-byte rounded.
-__host__ __device__ __forceinline__ uint64_t oneTailTablesBytes(const IntranodeParams& p) {
-  return (3ull * p.numChannels * p.numRanks * sizeof(int) + 15) / 16 * 16;
-}
-
-__device__ void receivePeerParts(const IntranodeParams& p, int channel, const int* offsets, const int* done,
-                                 const int* avail, bool vectorScales, int tid, uint8_t* buffer) {
-  const int R = p.numRanks;
-  const int scalesPerRow = p.hidden / 128;
-  const int scaleUnits = p.xIsFp8 && p.recvXScales != nullptr ? (vectorScales ? scalesPerRow / 4 : scalesPerRow) : 0;
-  const int units = scaleUnits + p.topk + 1;
-  const uint32_t partBytes = peerPartsBytes(p);
-  const int chunks = static_cast<int>(partBytes / 16);
-  const uint32_t idxAt = static_cast<uint32_t>(p.rowIdxOffset - p.rowScalesOffset);
-  const uint32_t weightsAt = static_cast<uint32_t>(p.rowWeightsOffset - p.rowScalesOffset);
-  const uint32_t srcAt = static_cast<uint32_t>(p.rowSrcOffset - p.rowScalesOffset);
-  const int localExperts = p.numExperts / R;
-  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-  int rows = 0;
-  for (int s = 0; s < R; ++s) rows += s != p.rank ? avail[s] - done[s] : 0;
-  // The j-th peer row of the round: its source and ordinal.
-  const auto locate = [&](int j, int* source) {
-    int s = 0;
-    for (;; ++s) {
-      const int n = s != p.rank ? avail[s] - done[s] : 0;
-      if (j < n) break;
-      j -= n;
-    }
-    *source = s;
-    return done[s] + j;
-  };
-  for (int r0 = 0; r0 < rows; r0 += kPartsRows) {
-    const int n = min(kPartsRows, rows - r0);
-    for (int i = tid; i < n * chunks; i += kRecvThreads) {
-      const int r = i / chunks;
-      const int k = i - r * chunks;
-      int s = 0;
-      const int ordinal = locate(r0 + r, &s);
-      const uint8_t* staged = exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal) + p.rowScalesOffset;
-      copyAsync16(buffer + static_cast<uint32_t>(r) * partBytes + k * 16, staged + k * 16);
-    }
-    copyAsyncCommit();
-    copyAsyncWait<0>();
-    groupBarrier(kBarrierRecv, kRecvThreads);
-    for (int e = tid; e < n * units; e += kRecvThreads) {
-      const int r = e / units;
-      const int unit = e - r * units;
-      int s = 0;
-      const int ordinal = locate(r0 + r, &s);
-      const int row = offsets[s] + ordinal;
-      if (row >= p.recvCapacity) continue;
-      const uint8_t* parts = buffer + static_cast<uint32_t>(r) * partBytes;
-      if (unit < scaleUnits) {
-        if (vectorScales) {
-          reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[unit] =
-              reinterpret_cast<const int4*>(parts)[unit];
-        } else {
-          p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + unit] = reinterpret_cast<const float*>(parts)[unit];
-        }
-      } else if (unit < scaleUnits + p.topk) {
-        const int k = unit - scaleUnits;
-        const int64_t id = reinterpret_cast<const int64_t*>(parts + idxAt)[k];
-        const bool local = id >= firstLocal && id < firstLocal + localExperts;
-        const int64_t o = static_cast<int64_t>(row) * p.topk + k;
-        if (p.recvTopkIdx != nullptr) {
-          const int64_t localId = local ? id - firstLocal : -1;
-          if (p.topkIdxIs64) {
-            static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-          } else {
-            static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-          }
-        }
-        if (p.recvTopkWeights != nullptr)
-          p.recvTopkWeights[o] = local ? reinterpret_cast<const float*>(parts + weightsAt)[k] : 0.0f;
-      } else {
-        p.srcRank[row] = s;
-        p.srcIndex[row] = *reinterpret_cast<const int*>(parts + srcAt);
-      }
-    }
-    groupBarrier(kBarrierRecv, kRecvThreads);  // the buffer is refilled next
   }
 }
 
@@ -1300,7 +1101,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
           continue;
         }
         staged = source == p.rank ? nullptr : exchangeRow(p, kOpDispatch, source, p.rank, channel, ordinal);
-        offset = p.dispatchDirect && source != p.rank ? xBytes : 0;  // (direct: its x row is in place)
+        offset = 0;
       }
       // x in pieces of a stage; the small parts ride with the last x piece when they fit, else
       // they come alone (a piece with no x bytes).
@@ -1321,7 +1122,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-template <int kVariant, bool kPeerParts = false>
+template <int kVariant>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
@@ -1399,15 +1200,10 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
         bool complete = true;
         for (int s = lane; s < R; s += 32) {
           // A rank's rows to itself are read straight from its inputs: all available at once.
-          // (One-tail senders: a peer's rows arrive all at once, when its delivered word holds
-          // them all.)
-          const int n = s == p.rank || done[s] >= counts[s] ? (s == p.rank ? counts[s] : done[s])
-                        : kPeerParts
-                            ? (loadAcquireSys(ctrlWord(p, p.rank, kCtrlDelivered, kOpDispatch, channel, s)) >=
-                                       static_cast<uint64_t>(counts[s])
-                                   ? counts[s]
-                                   : done[s])
-                            : rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, channel, s)), sequence);
+          const int n = s == p.rank ? counts[s]
+                        : done[s] < counts[s]
+                            ? rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, channel, s)), sequence)
+                            : done[s];
           avail[s] = min(n, counts[s]);
           progress = progress || avail[s] > done[s];
           complete = complete && avail[s] >= counts[s];
@@ -1446,8 +1242,6 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     if (bulkRows) {
       dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
-    // kPeerParts (one-tail senders): the rows a peer stored directly are left to
-    // receivePeerParts, which moves their small parts one thread per part.
     for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
       int s = 0;
       int i = j;
@@ -1457,7 +1251,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       }
       const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
-      if (row >= p.recvCapacity || (kPeerParts && s != p.rank)) continue;
+      if (row >= p.recvCapacity) continue;
       const RowSource src =
           s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
                       : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
@@ -1467,9 +1261,6 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
         receiveRow(p, src, row, s, scalesVec, lane);
       }
     }
-    if (kPeerParts)
-      receivePeerParts(p, channel, offsets, done, avail, scalesVec && recvAligned, tid,
-                       dynamicShared + p.sharedIntsBytes + oneTailTablesBytes(p));
     groupBarrier(kBarrierRecv, kRecvThreads);
     for (int s = tid; s < R; s += kRecvThreads) done[s] = avail[s];
     groupBarrier(kBarrierRecv, kRecvThreads);
@@ -1478,24 +1269,14 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   if (bulkRows && lane == 0) bulkWait<0>();
   MC_PROFILE(kOpDispatch, 7, kSendThreads);
   // This channel's staging of this call is consumed: let every source reuse it.
-  for (int s = tid; s < R; s += kRecvThreads) {
-    // (One-tail: every row of this call was counted; the next call's counts start from zero,
-    // and no sender of it adds before this ack.)
-    if (kPeerParts)
-      *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlDelivered, kOpDispatch, channel, s)) = 0;
+  for (int s = tid; s < R; s += kRecvThreads)
     storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
-  }
 }
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [sendBatch * R] (the one-tail senders: two tokens' per warp), rows of every (channel,
-// source) count word [C * R], the direct dispatch's first rows and rows held per destination
-// [2 R]. kSender (default kernels only): kSenderDefault, or kSenderOneTail
-// (MOECOMM_EP_DISPATCH_ONE_TAIL, direct dispatch), each its own kernel.
-constexpr int kSenderDefault = 0;
-constexpr int kSenderOneTail = 1;
-
-template <int kVariant, int kBatch, int kSender = kSenderDefault>
+// a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
+// dispatch's first rows and rows held per destination [2 R].
+template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
   __shared__ int scratch[kWarps];
@@ -1509,10 +1290,6 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   int* posBatch = avail + R;
   int* rowsTable = posBatch + p.sendBatch * R;  // the table is sized for the run-time batch
   int* direct = rowsTable + p.numChannels * R;
-  // One-tail kernels, after the ints: every channel's spans [C, 2 R], the rows delivered [C, R]
-  // and the receivers' parts buffer (oneTailSharedBytes).
-  int* spans = reinterpret_cast<int*>(reinterpret_cast<uint8_t*>(shared) + p.sharedIntsBytes);
-  int* delivered = spans + 2 * p.numChannels * R;
   const int channel = blockIdx.x;
   setSplit(p.dispatchSendWarps);
   const uint64_t sequence = readSequence(p, kOpDispatch);
@@ -1526,8 +1303,6 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
       dispatchSend<kBatch, kSendBulk>(p, channel, sequence, scratch, sent, posBatch, direct,
                                       reinterpret_cast<uint8_t*>(shared));
-    } else if (kSender == kSenderOneTail && p.dispatchDirect) {
-      dispatchSendOneTail(p, channel, sequence, scratch, sent, posBatch, spans, delivered);
     } else {
       dispatchSend<kBatch, kSendRegisters>(p, channel, sequence, scratch, sent, posBatch, direct,
                                            reinterpret_cast<uint8_t*>(shared));
@@ -1540,8 +1315,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
       dispatchReceive<kDispatchVariantBulk>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
                                             reinterpret_cast<uint8_t*>(shared));
     } else {
-      dispatchReceive<kDispatchVariantRegisters, kSender == kSenderOneTail>(
-          p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable, reinterpret_cast<uint8_t*>(shared));
+      dispatchReceive<kDispatchVariantRegisters>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
+                                                 reinterpret_cast<uint8_t*>(shared));
     }
   }
   finishCall(p, kOpDispatch, sequence);
@@ -2115,9 +1890,6 @@ uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) 
 }
 
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
-  if (op == kOpDispatch && dispatchOneTailApplies(params))
-    return params.sharedIntsBytes + oneTailTablesBytes(params) +
-           static_cast<uint64_t>(kPartsRows) * peerPartsBytes(params);
   // Rings per receiving warp (bulk variants) or per sending warp (dispatch prefetch).
   int ringWarps = 0;
   if (op == kOpDispatch && params.dispatchVariant == kDispatchVariantBulk)
@@ -2152,9 +1924,6 @@ int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStrea
     return launchIntranode(dispatchKernel<kDispatchVariantPrefetch, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantBulkSend)
     return launchIntranode(dispatchKernel<kDispatchVariantBulkSend, kBatch>, params, bytes, stream);
-  // (the one-tail senders have no batches: one instantiation serves every MOECOMM_EP_SEND_BATCH)
-  if (dispatchOneTailApplies(params))
-    return launchIntranode(dispatchKernel<kDispatchVariantRegisters, 32, kSenderOneTail>, params, bytes, stream);
   return launchIntranode(dispatchKernel<kDispatchVariantRegisters, kBatch>, params, bytes, stream);
 }
 

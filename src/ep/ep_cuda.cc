@@ -153,10 +153,6 @@ class CudaEpBackend : public EpBackend {
         reinterpret_cast<uint8_t**>(static_cast<uint8_t*>(deviceBlock_) + roundUp(sizeof(device::EpDeviceState), 16));
     MC_CUDA(cudaMemcpy(devicePeers, peers.data(), sizeof(uint8_t*) * R, cudaMemcpyHostToDevice));
     p.peers = devicePeers;
-    // The one-tail dispatch's claim words (zero is never a call's tag).
-    MC_CUDA(cudaMalloc(&claimWords_, sizeof(unsigned long long) * channels));
-    MC_CUDA(cudaMemset(claimWords_, 0, sizeof(unsigned long long) * channels));
-    p.claim = static_cast<unsigned long long*>(claimWords_);
     const size_t hostBytes = sizeof(device::EpHostWords) + sizeof(int) * L;
     void* host = nullptr;
     MC_CUDA(cudaHostAlloc(&host, hostBytes, cudaHostAllocMapped));
@@ -235,9 +231,7 @@ class CudaEpBackend : public EpBackend {
     const SymmetricSpot recvSpot =
         symmetricSpot(args->recvX, static_cast<uint64_t>(std::max(0, args->recvCapacity)) * xRowBytes, checked);
     const bool mayDirect = envInt(Env::EpDirectDispatch) != 0 && ep_->comm->nranks > 1 && recvSpot.table != nullptr &&
-                           recvSpot.offset % 16 == 0 &&
-                           (base_.dispatchVariant == device::kDispatchVariantRegisters ||
-                            base_.dispatchVariant == device::kDispatchVariantBulk) &&
+                           recvSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
                            (base_.pull & 1) == 0;
     const std::vector<int64_t> spot = {mayDirect ? 1 : 0, static_cast<int64_t>(recvSpot.id),
                                        static_cast<int64_t>(recvSpot.offset)};
@@ -274,13 +268,10 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
-    // (direct runs the default senders: no rings)
+    // (direct runs the default kernels: no rings)
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
-    // The one-tail kernels' tables and parts buffer must fit in shared memory; else batch tails.
-    if (p.dispatchOneTail != 0 && device::intranodeSharedBytes(p, device::kOpDispatch) > sharedBudget_)
-      p.dispatchOneTail = 0;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
     if (status == moecommSuccess) status = noteUse(target, stream);
     if (status != moecommSuccess) {
@@ -462,11 +453,6 @@ class CudaEpBackend : public EpBackend {
       if (cudaFreeHost(const_cast<device::EpHostWords*>(host_)) != cudaSuccess) (void)cudaGetLastError();
       host_ = nullptr;
     }
-    if (claimWords_ != nullptr) {
-      DeviceScope scope(ep_->comm->device);
-      if (cudaFree(claimWords_) != cudaSuccess) (void)cudaGetLastError();
-      claimWords_ = nullptr;
-    }
     if (deviceBlock_ != nullptr) {
       DeviceScope scope(ep_->comm->device);
       if (cudaFree(deviceBlock_) != cudaSuccess) (void)cudaGetLastError();
@@ -507,7 +493,6 @@ class CudaEpBackend : public EpBackend {
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
-    p->dispatchOneTail = pick(Env::EpDispatchOneTail, "MOECOMM_EP_DISPATCH_ONE_TAIL", 0, 1, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     int limit = 0;
@@ -532,9 +517,9 @@ class CudaEpBackend : public EpBackend {
     }
     MC_INFO(kLogEp,
             "rank %d: normal mode: tail batch %d, send warps dispatch %d combine %d, variants dispatch %d combine %d, "
-            "ring %d x %d bytes, pull %d, one tail %d",
+            "ring %d x %d bytes, pull %d",
             ep_->rank, p->sendBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant, p->combineVariant,
-            p->ringStages, p->ringStageBytes, p->pull, p->dispatchOneTail);
+            p->ringStages, p->ringStageBytes, p->pull);
     return moecommSuccess;
   }
 
@@ -827,7 +812,6 @@ class CudaEpBackend : public EpBackend {
   std::unique_ptr<NvlinkSymmetric> buffer_;
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
-  void* claimWords_ = nullptr;                    // MOECOMM_EP_DISPATCH_ONE_TAIL: a claim word per channel
   bool errorLogged_ = false;
   uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
   bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
