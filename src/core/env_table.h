@@ -38,8 +38,7 @@
     "copies, 3 senders prefetch and store rows by bulk copies.")                                                 \
   X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "1",                                                   \
     "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 2 ranks without bias, else 0; "  \
-    "0 registers; 2 bulk copies into shared memory; 3 (direct combine) cp.async streams per thread "            \
-    "(developer sweep).")                                                                                       \
+    "0 registers; 2 bulk copies into shared memory (developer sweep).")                                          \
   X(EpPull, "MOECOMM_EP_PULL", Int, "0",                                                                       \
     "Developer sweep: normal-mode rows that cross a link are pulled by the receivers from the sender's own "    \
     "staging instead of pushed into the receiver's: 1 dispatch, 2 combine, 3 both, 0 neither.")                 \
