@@ -57,9 +57,8 @@ constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
 // the same share of a batch and none idles at the batch's barrier while another sends an extra
 // row. With `ramp`, the first batches are smaller (one row per warp, then doubling), so the
 // receivers start after a few rows instead of a whole batch.
-__device__ __forceinline__ int wholeBatch(int warps, int batch) { return max(warps, batch / warps * warps); }
 __device__ __forceinline__ int64_t sendBatchSize(int64_t done, int batch, bool ramp) {
-  const int64_t full = wholeBatch(kSendWarps, batch);
+  const int64_t full = max(kSendWarps, batch / kSendWarps * kSendWarps);
   return ramp ? min(full, max(static_cast<int64_t>(kSendWarps), done)) : full;
 }
 constexpr int kErrorInvalidArgument = 4;  // moecommInvalidArgument
@@ -749,11 +748,11 @@ __device__ __forceinline__ void loadDirectSpans(const IntranodeParams& p, int c,
   awaitSpans(p, kOpDispatch, c, sequence, table, kSendThreads);
 }
 
-// A batch's positions, staged once into posBatch by threads 0..threads-1; rows[d] is raised to
+// A batch's positions, staged once into posBatch by the sending threads; rows[d] is raised to
 // the rows for d up to the end of the batch (ordinals grow with the token).
-__device__ void stageBatch(const IntranodeParams& p, int base, int n, int* posBatch, int* rows, int threads) {
+__device__ void stageBatch(const IntranodeParams& p, int base, int n, int* posBatch, int* rows) {
   const int R = p.numRanks;
-  for (int i = threadIdx.x; i < n * R; i += threads) {
+  for (int i = threadIdx.x; i < n * R; i += kSendThreads) {
     const int ordinal = p.pos[static_cast<int64_t>(base) * R + i];
     posBatch[i] = ordinal;
     if (ordinal >= 0) atomicMax(&rows[i % R], ordinal + 1);
@@ -792,7 +791,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     const int n = static_cast<int>(min(static_cast<int64_t>(last - base), sendBatchSize(base - first, kBatch, false)));
     // The batch's positions, staged once; sent[d] = rows for d up to the end of the batch.
     groupBarrier(kBarrierSend, kSendThreads);
-    stageBatch(p, base, n, posBatch, sent, kSendThreads);
+    stageBatch(p, base, n, posBatch, sent);
     groupBarrier(kBarrierSend, kSendThreads);
     for (int j = warp; j < n; j += kSendWarps) {
       if (kSendMode == kSendBulk) {
