@@ -145,12 +145,23 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
   if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
 }
 
+// Spins on an mbarrier phase, at most 2^26 tries; then flags *failed (the rows are wrong) and
+// gives up, so no case hangs.
+__device__ void waitPhase(uint64_t* barrier, uint32_t parity, int* failed) {
+  for (long spins = 0; !mbarrierTryWait(barrier, parity);) {
+    if (++spins > (1l << 26)) {
+      atomicExch(failed, 1);
+      return;
+    }
+  }
+}
+
 // push-afence: warps - 1 warps copy the block's rows batch by batch (kFenceBatch rows) and
 // arrive on full[batch % 2]; the last warp waits on it, fences, releases the block's flag with
 // the batch's end and arrives on empty[batch % 2], which the copying warps wait on before they
 // reuse that barrier two batches later.
 __global__ void copyAsyncFence(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
-                               unsigned long long* stamps) {
+                               int* failed, unsigned long long* stamps) {
   __shared__ uint64_t full[2], empty[2];
   if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
   const int warp = threadIdx.x >> 5;
@@ -174,17 +185,14 @@ __global__ void copyAsyncFence(const uint8_t* src, uint8_t* dst, int rows, int r
     const int base = first + k * kFenceBatch;
     const int end = min(last, base + kFenceBatch);
     if (warp < copiers) {
-      if (k >= 2)
-        while (!mbarrierTryWait(&empty[slot], ((k >> 1) - 1) & 1)) {
-        }
+      if (k >= 2) waitPhase(&empty[slot], ((k >> 1) - 1) & 1, failed);
       for (int r = base + warp; r < end; r += copiers)
         warpRow<true>(reinterpret_cast<const int4*>(src + static_cast<size_t>(r) * rowBytes),
                       reinterpret_cast<int4*>(dst + static_cast<size_t>(r) * rowBytes), chunks, lane);
       __syncwarp();
       if (lane == 0) mbarrierArrive(&full[slot]);
     } else {
-      while (!mbarrierTryWait(&full[slot], (k >> 1) & 1)) {
-      }
+      waitPhase(&full[slot], (k >> 1) & 1, failed);
       if (lane == 0) {
         __threadfence_system();
         moecomm::device::storeReleaseSys(reinterpret_cast<uint64_t*>(flag) + blockIdx.x, static_cast<uint64_t>(end));
@@ -230,13 +238,7 @@ __global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowByte
     for (int k = 0; k < min(stages, count); ++k) issueLoad(k);
     for (int k = 0; k < count; ++k) {
       const int s = k % stages;
-      long spins = 0;
-      while (!mbarrierTryWait(&barriers[s], (k / stages) & 1)) {
-        if (++spins > (1l << 26)) {
-          atomicExch(failed, 1);
-          break;
-        }
-      }
+      waitPhase(&barriers[s], (k / stages) & 1, failed);
       bulkStore(dst + static_cast<size_t>(rowOf(k)) * rowBytes, ring + static_cast<size_t>(s) * rowBytes, rowBytes);
       bulkCommit();
       if (k >= 1 && k - 1 + stages < count) {
@@ -442,7 +444,8 @@ int main(int argc, char** argv) {
                     <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
                 break;
               case kPushAsyncFence:
-                copyAsyncFence<<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                copyAsyncFence<<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.failed,
+                                                               u.stamps);
                 break;
               case kPushBulk:
               case kPullBulk: {
@@ -552,7 +555,8 @@ int main(int argc, char** argv) {
     CHECK(cudaSetDevice(gpus[g].device));
     CHECK(cudaMemcpy(&failed, gpus[g].failed, 4, cudaMemcpyDeviceToHost));
     if (failed) {
-      std::fprintf(stderr, "moecomm-linkbench: a bulk-copy wait gave up on GPU %d; its rows are wrong\n", g);
+      std::fprintf(stderr, "moecomm-linkbench: a shared-memory barrier wait gave up on GPU %d; its rows are wrong\n",
+                   g);
       return 1;
     }
   }
