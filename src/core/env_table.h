@@ -37,7 +37,7 @@
     "Developer sweep: normal-mode dispatch, 0 default, 1 bulk-copy copy-out, 2 senders prefetch rows by bulk "   \
     "copies, 3 senders prefetch and store rows by bulk copies.")                                                 \
   X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "1",                                                   \
-    "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 2 ranks without bias, else 0; "  \
+    "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 8 ranks without bias, else 0; "  \
     "0 registers; 2 bulk copies into shared memory (developer sweep).")                                          \
   X(EpPull, "MOECOMM_EP_PULL", Int, "0",                                                                       \
     "Developer sweep: normal-mode rows that cross a link are pulled by the receivers from the sender's own "    \

@@ -1538,47 +1538,76 @@ __device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_
   }
 }
 
-// Deeper register pipeline (combine variant 1) for at most 2 ranks and no bias: one pass
-// loads kGroup chunks of both rows (2 x 6 vectors in flight per lane, 1.5x the default; 7
-// spills under the kernel's 128-register cap) and finishes each sum at once, so no
-// accumulator outlives a pass. Order per element: +0.0f, then rank 0, then rank 1, as the
-// default path and the host reference.
-__device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
-  constexpr int kGroup = 6;
+// Deeper register pipeline (combine variant 1, no bias): one pass loads kGroup chunks of the
+// rows of all kRanks ranks (kRanks >= the rank count; slots past it hold no row): 8 to 12
+// vectors of 16 bytes in flight per lane in one round trip, where the default path keeps 8 per
+// pair of ranks and needs a round trip per pair. Each sum finishes at once, so no accumulator
+// outlives a pass. kRanks x kGroup is bounded by the kernel's 128-register cap (12 x 1 and
+// 8 x 2 spill). Order per element: +0.0f, then the ranks ascending, as the default path and
+// the host reference.
+template <int kRanks, int kGroup>
+__device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
   const int chunks = p.hidden / 8;
   uint4* out = static_cast<uint4*>(p.combinedX) + t * chunks;
-  const int o0 = pos[0];
-  const int o1 = p.numRanks > 1 ? pos[1] : -1;
-  const uint4* row0 = o0 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 0, o0));
-  const uint4* row1 = o1 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 1, o1));
+  const uint4* rows[kRanks];
+#pragma unroll
+  for (int r = 0; r < kRanks; ++r) {
+    const int ordinal = r < p.numRanks ? pos[r] : -1;
+    rows[r] = ordinal < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, r, ordinal));
+  }
   // A missing row reads as -0.0f (0x8000): +0.0f + -0.0f == +0.0f and x + -0.0f == x, so adding
   // it changes no bit of any sum, NaN payloads included; the loads then need no branches.
   const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
 #pragma unroll 1
   for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
-    uint4 v0[kGroup], v1[kGroup];
+    uint4 v[kRanks][kGroup];
 #pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      const int c = c0 + 32 * g;
-      v0[g] = c < chunks && row0 != nullptr ? row0[c] : negativeZeros;
-      v1[g] = c < chunks && row1 != nullptr ? row1[c] : negativeZeros;
+    for (int r = 0; r < kRanks; ++r) {
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        const int c = c0 + 32 * g;
+        v[r][g] = c < chunks && rows[r] != nullptr ? rows[r][c] : negativeZeros;
+      }
     }
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       const int c = c0 + 32 * g;
       if (c >= chunks) continue;
-      const uint32_t* a = reinterpret_cast<const uint32_t*>(&v0[g]);
-      const uint32_t* b = reinterpret_cast<const uint32_t*>(&v1[g]);
       uint32_t packed[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float low = __fadd_rn(__fadd_rn(0.0f, __uint_as_float(a[i] << 16)), __uint_as_float(b[i] << 16));
-        const float high =
-            __fadd_rn(__fadd_rn(0.0f, __uint_as_float(a[i] & 0xffff0000u)), __uint_as_float(b[i] & 0xffff0000u));
+        float low = 0.0f;
+        float high = 0.0f;
+#pragma unroll
+        for (int r = 0; r < kRanks; ++r) {
+          const uint32_t word = reinterpret_cast<const uint32_t*>(&v[r][g])[i];
+          low = __fadd_rn(low, __uint_as_float(word << 16));
+          high = __fadd_rn(high, __uint_as_float(word & 0xffff0000u));
+        }
         packed[i] = static_cast<uint32_t>(floatToBf16(low)) | (static_cast<uint32_t>(floatToBf16(high)) << 16);
       }
       out[c] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
+  }
+}
+
+// The ranks the deep path covers (combineTokenDeepAny); more take the default path.
+constexpr int kCombineDeepMaxRanks = 8;
+
+// Combine variant 1 for any rank count up to kCombineDeepMaxRanks: the narrowest instance
+// that holds every rank (12 loads per lane per pass up to 6 ranks, 8 for 7 or 8).
+__device__ void combineTokenDeepAny(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+  const int R = p.numRanks;
+  if (R <= 2) {
+    combineTokenDeep<2, 6>(p, channel, t, pos, lane);
+  } else if (R <= 3) {
+    combineTokenDeep<3, 4>(p, channel, t, pos, lane);
+  } else if (R <= 4) {
+    combineTokenDeep<4, 3>(p, channel, t, pos, lane);
+  } else if (R <= 6) {
+    combineTokenDeep<6, 2>(p, channel, t, pos, lane);
+  } else {
+    combineTokenDeep<8, 1>(p, channel, t, pos, lane);
   }
 }
 
@@ -1619,7 +1648,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   const int warp = tid >> 5;
   const int R = p.numRanks;
   const bool aligned = combineVectorOk(p);
-  const bool deep = kVariant == kCombineVariantDeep && R <= 2 && p.bias == nullptr;
+  const bool deep = kVariant == kCombineVariantDeep && R <= kCombineDeepMaxRanks && p.bias == nullptr;
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
@@ -1643,7 +1672,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     if (!aligned) {
       combineTokenScalar(p, channel, t, pos, lane);
     } else if (deep) {
-      combineTokenPairDeep(p, channel, t, pos, lane);
+      combineTokenDeepAny(p, channel, t, pos, lane);
     } else {
       combineToken(p, channel, t, pos, lane);
     }
