@@ -22,6 +22,9 @@ namespace ref = moecomm::reference;
 uint64_t BaseSeed();
 // splitmix64's finaliser.
 uint64_t Mix(uint64_t x);
+// `experts` rounded up to a multiple of `nranks`, so any rank count runs every shape.
+int ExpertsFor(int experts, int nranks);
+// The shape of a test; its expert count is ExpertsFor(experts, nranks).
 ref::EpShape MakeShape(int nranks, int experts, int hidden, int topk, int maxTokens);
 
 // One rank's inputs. T differs between ranks (odd ranks send half), some entries are -1, a
