@@ -1560,14 +1560,14 @@ __device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t 
   const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
 #pragma unroll 1
   for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
+    // Loads issued chunk by chunk, every rank's for each (the order of the 2-rank path this
+    // replaced: rank-major issue measured 1.3 % slower on 2 ranks).
     uint4 v[kRanks][kGroup];
 #pragma unroll
-    for (int r = 0; r < kRanks; ++r) {
+    for (int g = 0; g < kGroup; ++g) {
+      const int c = c0 + 32 * g;
 #pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        const int c = c0 + 32 * g;
-        v[r][g] = c < chunks && rows[r] != nullptr ? rows[r][c] : negativeZeros;
-      }
+      for (int r = 0; r < kRanks; ++r) v[r][g] = c < chunks && rows[r] != nullptr ? rows[r][c] : negativeZeros;
     }
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
