@@ -24,9 +24,10 @@
   X(TopoDumpFile, "MOECOMM_TOPO_DUMP_FILE", String, "",                                                           \
     "Write the discovered topology as JSON to this file when a communicator is created.")                         \
   X(EpNumSms, "MOECOMM_EP_NUM_SMS", Int, "24", "SM budget of the EP kernels when the EP config leaves it 0.")     \
-  X(EpSendBatch, "MOECOMM_EP_SEND_BATCH", Int, "32",                                                            \
-    "Developer sweep: a normal-mode sending channel publishes its tail every this many rows (32, 64 or 128; "     \
-    "rounded down to a multiple of the sending warps; the combine ramps up to it).")                            \
+  X(EpSendBatch, "MOECOMM_EP_SEND_BATCH", Int, "0",                                                             \
+    "A normal-mode sending channel publishes its tail every this many rows: 0 (default) the dispatch 64 on 4 "  \
+    "or more ranks, else 32, the combine 32; 32, 64 or 128 set both (developer sweep; rounded down to a "       \
+    "multiple of the sending warps; the combine ramps up to it).")                                              \
   X(EpDispatchSendWarps, "MOECOMM_EP_DISPATCH_SEND_WARPS", Int, "0",                                            \
     "Developer sweep: warps of the 16 per normal-mode dispatch block that send (1-15; 0: 6, 8 for a direct "    \
     "dispatch); the others receive.")                                                                            \

@@ -113,7 +113,8 @@ struct IntranodeParams {
   // Fixed when the EP is created (environment): the tail batch, how many of a block's 16 warps
   // send (the rest receive), the receivers' variants, and the shared-memory ring of the bulk-copy variants
   // (ringStages stages of ringStageBytes per receiving warp, after the int tables).
-  int sendBatch;  // a sending channel publishes its tail every this many tokens / ordinals
+  int sendBatch;     // a dispatch sending channel publishes its tail every this many tokens
+  int combineBatch;  // a combine sending channel, every this many ordinals (after its ramp)
   int dispatchSendWarps;
   int combineSendWarps;
   int dispatchVariant;

@@ -1982,7 +1982,7 @@ int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream) 
 
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream) {
   const uint64_t bytes = intranodeSharedBytes(params, kOpCombine);
-  switch (params.sendBatch) {
+  switch (params.combineBatch) {
     case 64:
       return launchCombineBatch<64>(params, bytes, stream);
     case 128:
