@@ -61,7 +61,7 @@ constexpr bool dispatchSendersUseRing(int variant) {
   return variant == kDispatchVariantPrefetch || variant == kDispatchVariantBulkSend;
 }
 constexpr int kCombineVariantRegisters = 0;  // 4 chunks x 2 ranks of 16 bytes in flight per lane
-constexpr int kCombineVariantDeep = 1;       // 8 chunks x 2 ranks per lane (R <= 2, no bias; else 0)
+constexpr int kCombineVariantDeep = 1;       // every rank's row in one pass (R <= 8, no bias; else 0)
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
 constexpr int kCombineVariants = 3;
 

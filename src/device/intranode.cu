@@ -1591,16 +1591,19 @@ __device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t 
   }
 }
 
-// The ranks the deep path covers (combineTokenDeepAny); more take the default path.
+// The ranks the deep path covers; more take the default path.
 constexpr int kCombineDeepMaxRanks = 8;
+// Combine variant 1 runs as two kernels: kCombineVariantDeep for 1 or 2 ranks, which holds
+// only the 2-rank instance, and this one (internal, not a MOECOMM_EP_COMBINE_VARIANT value)
+// for 3 to 8. One kernel inlining all five instances measured 1.5 % slower on 2 ranks (199.5
+// against 196.5 µs, 2x H200, W-prefill), whichever order the loads were issued in.
+constexpr int kCombineVariantDeepWide = kCombineVariants;
 
-// Combine variant 1 for any rank count up to kCombineDeepMaxRanks: the narrowest instance
-// that holds every rank (12 loads per lane per pass up to 6 ranks, 8 for 7 or 8).
-__device__ void combineTokenDeepAny(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+// Combine variant 1 on 3 to kCombineDeepMaxRanks ranks: the narrowest instance that holds
+// every rank (12 loads per lane per pass up to 6 ranks, 8 for 7 or 8).
+__device__ void combineTokenDeepWide(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
   const int R = p.numRanks;
-  if (R <= 2) {
-    combineTokenDeep<2, 6>(p, channel, t, pos, lane);
-  } else if (R <= 3) {
+  if (R <= 3) {
     combineTokenDeep<3, 4>(p, channel, t, pos, lane);
   } else if (R <= 4) {
     combineTokenDeep<4, 3>(p, channel, t, pos, lane);
@@ -1648,7 +1651,8 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   const int warp = tid >> 5;
   const int R = p.numRanks;
   const bool aligned = combineVectorOk(p);
-  const bool deep = kVariant == kCombineVariantDeep && R <= kCombineDeepMaxRanks && p.bias == nullptr;
+  const bool deep = p.bias == nullptr && ((kVariant == kCombineVariantDeep && R <= 2) ||
+                                          (kVariant == kCombineVariantDeepWide && R <= kCombineDeepMaxRanks));
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
@@ -1672,7 +1676,11 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
     if (!aligned) {
       combineTokenScalar(p, channel, t, pos, lane);
     } else if (deep) {
-      combineTokenDeepAny(p, channel, t, pos, lane);
+      if (kVariant == kCombineVariantDeep) {
+        combineTokenDeep<2, 6>(p, channel, t, pos, lane);
+      } else {
+        combineTokenDeepWide(p, channel, t, pos, lane);
+      }
     } else {
       combineToken(p, channel, t, pos, lane);
     }
@@ -1869,8 +1877,8 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   if (p.combineDirect) {
     combineDirectBegin(p, channel, sequence, shared);
     MC_PROFILE(kOpCombine, 1, 0);
-    if (kVariant == kCombineVariantRegisters) {
-      combineReceive<kCombineVariantRegisters>(p, channel, sequence);
+    if (kVariant == kCombineVariantRegisters || kVariant == kCombineVariantDeepWide) {
+      combineReceive<kVariant>(p, channel, sequence);
     } else {
       // (the bulk variant reads staged rows only: through the rings a direct combine measured 352 µs
       // against 196, PERF.md twelfth session)
@@ -1959,6 +1967,8 @@ template <int kBatch>
 int launchCombineBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
   switch (params.combineVariant) {
     case kCombineVariantDeep:
+      if (params.numRanks > 2)
+        return launchIntranode(combineKernel<kCombineVariantDeepWide, kBatch>, params, bytes, stream);
       return launchIntranode(combineKernel<kCombineVariantDeep, kBatch>, params, bytes, stream);
     case kCombineVariantBulk:
       return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
