@@ -1538,6 +1538,51 @@ __device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_
   }
 }
 
+// Combine variant 1 on 1 or 2 ranks (no bias): one pass loads kGroup chunks of both rows (2 x
+// 6 vectors in flight per lane, 1.5x the default; 7 spill under the kernel's 128-register cap)
+// and finishes each sum at once, so no accumulator outlives a pass. Order per element: +0.0f,
+// then rank 0, then rank 1, as the default path and the host reference. The same sums as
+// combineTokenDeep<2, 6> below, kept as its own code: that instance measured 1.5 % slower at SM
+// 24 and 3.5 % at SM 12 on 2x H200 (PERF.md, fourteenth session).
+__device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+  constexpr int kGroup = 6;
+  const int chunks = p.hidden / 8;
+  uint4* out = static_cast<uint4*>(p.combinedX) + t * chunks;
+  const int o0 = pos[0];
+  const int o1 = p.numRanks > 1 ? pos[1] : -1;
+  const uint4* row0 = o0 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 0, o0));
+  const uint4* row1 = o1 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 1, o1));
+  // A missing row reads as -0.0f (0x8000): +0.0f + -0.0f == +0.0f and x + -0.0f == x, so adding
+  // it changes no bit of any sum, NaN payloads included; the loads then need no branches.
+  const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
+#pragma unroll 1
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
+    uint4 v0[kGroup], v1[kGroup];
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int c = c0 + 32 * g;
+      v0[g] = c < chunks && row0 != nullptr ? row0[c] : negativeZeros;
+      v1[g] = c < chunks && row1 != nullptr ? row1[c] : negativeZeros;
+    }
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      const int c = c0 + 32 * g;
+      if (c >= chunks) continue;
+      const uint32_t* a = reinterpret_cast<const uint32_t*>(&v0[g]);
+      const uint32_t* b = reinterpret_cast<const uint32_t*>(&v1[g]);
+      uint32_t packed[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float low = __fadd_rn(__fadd_rn(0.0f, __uint_as_float(a[i] << 16)), __uint_as_float(b[i] << 16));
+        const float high =
+            __fadd_rn(__fadd_rn(0.0f, __uint_as_float(a[i] & 0xffff0000u)), __uint_as_float(b[i] & 0xffff0000u));
+        packed[i] = static_cast<uint32_t>(floatToBf16(low)) | (static_cast<uint32_t>(floatToBf16(high)) << 16);
+      }
+      out[c] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+  }
+}
+
 // Deeper register pipeline (combine variant 1, no bias): one pass loads kGroup chunks of the
 // rows of all kRanks ranks (kRanks >= the rank count; slots past it hold no row): 8 to 12
 // vectors of 16 bytes in flight per lane in one round trip, where the default path keeps 8 per
@@ -1560,8 +1605,7 @@ __device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t 
   const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
 #pragma unroll 1
   for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
-    // Loads issued chunk by chunk, every rank's for each (the order of the 2-rank path this
-    // replaced: rank-major issue measured 1.3 % slower on 2 ranks).
+    // Loads issued chunk by chunk, every rank's for each.
     uint4 v[kRanks][kGroup];
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
@@ -1594,13 +1638,15 @@ __device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t 
 // The ranks the deep path covers; more take the default path.
 constexpr int kCombineDeepMaxRanks = 8;
 // Combine variant 1 runs as two kernels: kCombineVariantDeep for 1 or 2 ranks, which holds
-// only the 2-rank instance, and this one (internal, not a MOECOMM_EP_COMBINE_VARIANT value)
-// for 3 to 8. One kernel inlining all five instances measured 1.5 % slower on 2 ranks (199.5
-// against 196.5 µs, 2x H200, W-prefill), whichever order the loads were issued in.
+// only combineTokenPairDeep, and this one (internal, not a MOECOMM_EP_COMBINE_VARIANT value)
+// for 3 to 8 (combineTokenDeepWide). With the template's instances in the 2-rank kernel, the
+// 2-rank combine measured slower (2x H200, W-prefill: 199.5 against 196.5 µs at SM 24 with
+// all five inlined, 288-290 against 279 at SM 12 with the 2-rank one alone).
 constexpr int kCombineVariantDeepWide = kCombineVariants;
 
 // Combine variant 1 on 3 to kCombineDeepMaxRanks ranks: the narrowest instance that holds
-// every rank (12 loads per lane per pass up to 6 ranks, 8 for 7 or 8).
+// every rank (12 loads per lane per pass up to 6 ranks, 8 for 7 or 8; 1-2 ranks take
+// combineTokenPairDeep).
 __device__ void combineTokenDeepWide(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
   const int R = p.numRanks;
   if (R <= 3) {
@@ -1677,7 +1723,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
       combineTokenScalar(p, channel, t, pos, lane);
     } else if (deep) {
       if (kVariant == kCombineVariantDeep) {
-        combineTokenDeep<2, 6>(p, channel, t, pos, lane);
+        combineTokenPairDeep(p, channel, t, pos, lane);
       } else {
         combineTokenDeepWide(p, channel, t, pos, lane);
       }
