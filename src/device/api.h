@@ -22,9 +22,9 @@ uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch);
 // All dynamic shared memory a dispatch (op = kOpDispatch) or combine launch of these
 // parameters needs, bulk-copy rings included.
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op);
-// Developer timeline of the last call of op (kOp*) for `blocks` blocks: fills out[blocks][N]
-// with global-timer stamps and returns N, or -1 when the library was built without
-// -DMOECOMM_KERNEL_PROFILE.
+// Developer timeline of the last call of op (kOp*, or kProfileDispatchRouted: the last
+// dispatch with a new handle) for `blocks` blocks: fills out[blocks][N] with global-timer
+// stamps and returns N, or -1 when the library was built without -DMOECOMM_KERNEL_PROFILE.
 int intranodeProfile(int op, int blocks, unsigned long long* out);
 
 }  // namespace device

@@ -45,6 +45,9 @@ constexpr int kOpNotify = 0;
 constexpr int kOpDispatch = 1;
 constexpr int kOpCombine = 2;
 constexpr int kOps = 3;
+// Developer timelines (intranodeProfile) also keep the last dispatch that computed its routing
+// (a new handle) apart from the last dispatch of any kind.
+constexpr int kProfileDispatchRouted = kOps;
 // Control word kinds per (op, channel, rank) in the symmetric buffer: count (even and odd
 // sequence), tail, ack, and the direct paths' first row and rows held (intranode.cu).
 constexpr int kCtrlKinds = 6;

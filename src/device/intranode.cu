@@ -79,7 +79,7 @@ static_assert(kCtrlHeld < kCtrlKinds, "the buffer layout (planNormalBuffer) hold
 #ifdef MOECOMM_KERNEL_PROFILE
 constexpr int kProfileBlocks = 256;
 constexpr int kProfileEvents = 11;  // events 0-9, then the block's SM id (taken at event 0)
-__device__ unsigned long long gProfile[kOps][kProfileBlocks][kProfileEvents];
+__device__ unsigned long long gProfile[kOps + 1][kProfileBlocks][kProfileEvents];
 #define MC_PROFILE(op, event, leader)                             \
   do {                                                            \
     if (threadIdx.x == (leader) && blockIdx.x < kProfileBlocks) { \
@@ -91,9 +91,22 @@ __device__ unsigned long long gProfile[kOps][kProfileBlocks][kProfileEvents];
       }                                                           \
     }                                                             \
   } while (0)
+// After a dispatch block's last stamp (thread 0, past finishCall's barrier, so every thread's
+// stamps are visible): a call that computed its routing copies the block's row to the routed
+// slot, so a run of new and reused handles shows both timelines.
+#define MC_PROFILE_KEEP_ROUTED(routed)                                                          \
+  do {                                                                                          \
+    if ((routed) && threadIdx.x == 0 && blockIdx.x < kProfileBlocks) {                          \
+      for (int e = 0; e < kProfileEvents; ++e)                                                  \
+        gProfile[kProfileDispatchRouted][blockIdx.x][e] = gProfile[kOpDispatch][blockIdx.x][e]; \
+    }                                                                                           \
+  } while (0)
 #else
 #define MC_PROFILE(op, event, leader) \
   do {                                \
+  } while (0)
+#define MC_PROFILE_KEEP_ROUTED(routed) \
+  do {                                 \
   } while (0)
 #endif
 
@@ -1320,6 +1333,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   }
   finishCall(p, kOpDispatch, sequence);
   MC_PROFILE(kOpDispatch, 8, 0);
+  MC_PROFILE_KEEP_ROUTED(p.route);
 }
 
 // ---- Combine -----------------------------------------------------------------------------
@@ -1948,7 +1962,7 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
 
 int intranodeProfile(int op, int blocks, unsigned long long* out) {
 #ifdef MOECOMM_KERNEL_PROFILE
-  if (op < 0 || op >= kOps || blocks > kProfileBlocks) return -1;
+  if (op < 0 || op > kProfileDispatchRouted || blocks > kProfileBlocks) return -1;
   const cudaError_t err = cudaMemcpyFromSymbol(out, gProfile, sizeof(unsigned long long) * blocks * kProfileEvents,
                                                sizeof(unsigned long long) * op * kProfileBlocks * kProfileEvents);
   return err == cudaSuccess ? kProfileEvents : -1;

@@ -542,19 +542,24 @@ class CudaEpBackend : public EpBackend {
       p->dispatchVariant = device::kDispatchVariantRegisters;
   }
 
-  // Builds with -DMOECOMM_KERNEL_PROFILE only: the timeline of the last dispatch and combine,
-  // per event the earliest, median and latest block, in microseconds after the earliest start.
+  // Builds with -DMOECOMM_KERNEL_PROFILE only: the timeline of the last dispatch, the last
+  // dispatch with a new handle ("dispatch-routed") and the last combine, per event the
+  // earliest, median and latest block, in microseconds after the earliest start.
   void logProfile() {
     const int blocks = base_.numChannels;
-    for (int op : {device::kOpDispatch, device::kOpCombine}) {
+    for (int op : {device::kOpDispatch, device::kProfileDispatchRouted, device::kOpCombine}) {
+      const char* name = op == device::kOpDispatch  ? "dispatch"
+                         : op == device::kOpCombine ? "combine"
+                                                    : "dispatch-routed";
       std::vector<unsigned long long> stamps(static_cast<size_t>(blocks) * 16);
       const int events = device::intranodeProfile(op, blocks, stamps.data());
       if (events <= 0) return;
-      const std::string line = profileLine(stamps.data(), blocks, events, profileOrigin(stamps.data(), blocks, events));
-      MC_WARN(kLogEp, "rank %d profile %s (us min/median/max over %d blocks):%s", ep_->rank,
-              op == device::kOpDispatch ? "dispatch" : "combine", blocks, line.c_str());
-      // Per block: the SM it ran on (the last slot) and when it ended (the last event it stamped).
       const unsigned long long origin = profileOrigin(stamps.data(), blocks, events);
+      if (origin == 0) continue;  // no such call ran
+      const std::string line = profileLine(stamps.data(), blocks, events, origin);
+      MC_WARN(kLogEp, "rank %d profile %s (us min/median/max over %d blocks):%s", ep_->rank, name, blocks,
+              line.c_str());
+      // Per block: the SM it ran on (the last slot) and when it ended (the last event it stamped).
       std::string ends;
       for (int b = 0; b < blocks; ++b) {
         const unsigned long long* row = stamps.data() + static_cast<size_t>(b) * events;
@@ -565,8 +570,7 @@ class CudaEpBackend : public EpBackend {
         std::snprintf(text, sizeof(text), " %d@sm%llu=%.1f", b, row[events - 1], last / 1000.0);
         ends += text;
       }
-      MC_WARN(kLogEp, "rank %d profile %s, block@SM=end us:%s", ep_->rank,
-              op == device::kOpDispatch ? "dispatch" : "combine", ends.c_str());
+      MC_WARN(kLogEp, "rank %d profile %s, block@SM=end us:%s", ep_->rank, name, ends.c_str());
     }
   }
 
