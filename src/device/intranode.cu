@@ -48,9 +48,10 @@ __device__ __forceinline__ void setSplit(int sendWarps) {
 constexpr int kBarrierSend = 1;  // named barriers of the two warp groups (0 is __syncthreads)
 constexpr int kBarrierRecv = 2;
 constexpr int kUnroll = 16;  // 16-byte vectors in flight per lane in a row copy
-// kBatch, a template argument of the dispatch and combine kernels (MOECOMM_EP_SEND_BATCH: 32,
-// 64 or 128; a run-time value costs the default kernel spills), bounds the rows a sending
-// channel moves between two tail publishes (sendBatchSize).
+// kBatch, a template argument of the dispatch and combine kernels (32, 64 or 128: the
+// dispatch's IntranodeParams::sendBatch, the combine's combineBatch; a run-time value costs the
+// default kernel spills), bounds the rows a sending channel moves between two tail publishes
+// (sendBatchSize).
 
 // Rows a sending channel moves between two tail publishes, given `done` already moved: a
 // multiple of the sending warps (at most `batch`, at least one per warp), so every warp takes
@@ -1553,7 +1554,7 @@ __device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_
 }
 
 // Combine variant 1 on 1 or 2 ranks (no bias): one pass loads kGroup chunks of both rows (2 x
-// 6 vectors in flight per lane, 1.5x the default; 7 spill under the kernel's 128-register cap)
+// 6 vectors in flight per lane, 1.5x the default; 7 chunks would spill under the kernel's 128-register cap)
 // and finishes each sum at once, so no accumulator outlives a pass. Order per element: +0.0f,
 // then rank 0, then rank 1, as the default path and the host reference. The same sums as
 // combineTokenDeep<2, 6> below, kept as its own code: that instance measured 1.5 % slower at SM
@@ -2026,12 +2027,15 @@ int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStrea
 template <int kBatch>
 int launchCombineBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
   switch (params.combineVariant) {
+    case kCombineVariantBulk:
+      // The bulk reducer reads staged rows only; a direct combine reduces as variant 1 does.
+      if (!params.combineDirect)
+        return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
+      [[fallthrough]];
     case kCombineVariantDeep:
       if (params.numRanks > 2)
         return launchIntranode(combineKernel<kCombineVariantDeepWide, kBatch>, params, bytes, stream);
       return launchIntranode(combineKernel<kCombineVariantDeep, kBatch>, params, bytes, stream);
-    case kCombineVariantBulk:
-      return launchIntranode(combineKernel<kCombineVariantBulk, kBatch>, params, bytes, stream);
     default:
       return launchIntranode(combineKernel<kCombineVariantRegisters, kBatch>, params, bytes, stream);
   }

@@ -1269,7 +1269,7 @@ class EpCudaNormal : public ::testing::Test {
       Case c = cases[i];
       if (maxTokens > 0) c.tokens = std::min(c.tokens, maxTokens);
       // Any rank count runs every case: the expert count is rounded up to a multiple of it
-      // (3 or 6 ranks change most cases, 2, 4 and 8 only E12).
+      // (3 or 6 ranks change most cases, 8 ranks only E12).
       if (c.experts % nranks_ != 0) c.experts += nranks_ - c.experts % nranks_;
       const std::string name = (graph ? "graph " : "") + c.Name();
       if (filterText != nullptr && !std::regex_search(name, filter)) continue;
