@@ -162,6 +162,13 @@ struct IntranodeParams {
   int dispatchDirect;
   void* const* recvXPeers;  // device table [R]: the allocation holding recvX, as this rank maps it
   uint64_t recvXOffset;
+  // Pulled dispatch (MOECOMM_EP_DISPATCH_PULL_X; docs/ep-normal-gpu.md): every rank's x lies in
+  // one moecommMemAlloc allocation at the same offset, so the senders push only each row's
+  // small parts and the receivers read the x rows from the source's x; a sending channel ends
+  // only when every destination acked the call (its x may change after that).
+  int dispatchPullX;
+  void* const* xPeers;  // device table [R]: the allocation holding x, as this rank maps it
+  uint64_t xOffset;
 
   // Combine call.
   const void* combineX;

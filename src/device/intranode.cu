@@ -516,7 +516,9 @@ __device__ __forceinline__ bool scalesVectorOk(const IntranodeParams& p, const v
 
 // One warp sends token t to every rank with posRow[d] >= 0: the x row, its scales, the
 // normalized top-k ids, weights and the token index. Every load is issued before any store,
-// so a token costs one round trip to memory per kUnroll vectors per lane.
+// so a token costs one round trip to memory per kUnroll vectors per lane. kPullX: the pulled
+// dispatch, whose receivers read the x row themselves.
+template <bool kPullX = false>
 __device__ void sendToken(const IntranodeParams& p, int channel, int t, const int* posRow, bool xAligned,
                           bool scalesVec, const int* direct, int lane) {
   const int R = p.numRanks;
@@ -546,7 +548,7 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
     const int ordinal = posRow[d];
     return ordinal < 0 || d == p.rank ? nullptr : spanRow(p.recvXPeers, p.recvXOffset, xBytes, direct, R, d, ordinal);
   };
-  warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, xFor, lane);
+  if (!kPullX) warpCopy<true>(static_cast<const uint8_t*>(p.x) + t * xBytes, xBytes, xAligned, R, xFor, lane);
   for (int d = 0; d < R; ++d) {
     uint8_t* row = rowFor(d);
     if (row == nullptr) continue;
@@ -779,7 +781,7 @@ __device__ __forceinline__ void releaseTail(const IntranodeParams& p, int channe
   storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
 }
 
-template <int kBatch, int kSendMode>
+template <int kBatch, int kSendMode, bool kPullX = false>
 __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
                              int* posBatch, int* direct, uint8_t* dynamicShared) {
   const int warp = threadIdx.x >> 5;
@@ -813,8 +815,8 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
       } else if (kPrefetch) {
         sendPrefetchedToken(p, &prefetch, channel, base + j, posBatch + j * R, last, lane);
       } else {
-        sendToken(p, channel, base + j, posBatch + j * R, xAligned, scalesVec, p.dispatchDirect ? direct : nullptr,
-                  lane);
+        sendToken<kPullX>(p, channel, base + j, posBatch + j * R, xAligned, scalesVec,
+                          p.dispatchDirect ? direct : nullptr, lane);
       }
     }
     if (kSendMode == kSendBulk && lane == 0) {
@@ -826,6 +828,16 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     base += n;
   }
   if (kPrefetch) drainSendRing(p, prefetch, lane);
+  if (kPullX) {
+    // The destinations read this channel's x rows from this rank's x, which may change once
+    // the kernel ended: wait until every one of them acked this call on the channel.
+    for (int d = threadIdx.x; d < R; d += kSendThreads) {
+      if (d == p.rank) continue;
+      waitWord(
+          p, ctrlWord(p, p.rank, kCtrlAck, kOpDispatch, channel, d), [&](uint64_t v) { return v >= sequence; }, d,
+          channel, kOpDispatch);
+    }
+  }
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1135,7 +1147,7 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-template <int kVariant>
+template <int kVariant, bool kPullX = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
@@ -1265,10 +1277,16 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
-      const RowSource src =
-          s == p.rank ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                      : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
-      if (p.dispatchDirect && s != p.rank) {
+      RowSource src = s == p.rank
+                          ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
+                          : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
+      if (kPullX && s != p.rank) {
+        // Pulled dispatch: the x row is the source's own, at the token its staged row names
+        // (every lane reads the token; the host checked that x is 16-byte aligned everywhere).
+        const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
+        src.x = static_cast<const uint8_t*>(p.xPeers[s]) + p.xOffset + static_cast<uint64_t>(*src.tokenAt) * xBytes;
+        receiveRow(p, src, row, s, scalesVec, lane);
+      } else if (p.dispatchDirect && s != p.rank) {
         receiveRow<false>(p, src, row, s, scalesVec, lane);  // its x row is already in place
       } else {
         receiveRow(p, src, row, s, scalesVec, lane);
@@ -1289,6 +1307,11 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
 // a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
 // dispatch's first rows and rows held per destination [2 R].
+// The pulled dispatch (IntranodeParams::dispatchPullX) runs as a kernel of its own, so that
+// its code does not change the default kernel's registers: an internal variant number, not a
+// MOECOMM_EP_DISPATCH_VARIANT value.
+constexpr int kDispatchVariantPullX = kDispatchVariants;
+
 template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
@@ -1310,7 +1333,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   if (threadIdx.x < kSendThreads) {
     // Prefetching senders read x, scales and weights by bulk copies (16-byte aligned chunks).
     const bool bulkOk = aligned16(p.x) && selfPartsBulkOk(p);
-    if (kVariant == kDispatchVariantPrefetch && bulkOk) {
+    if (kVariant == kDispatchVariantPullX) {
+      dispatchSend<kBatch, kSendRegisters, true>(p, channel, sequence, scratch, sent, posBatch, direct,
+                                                 reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kDispatchVariantPrefetch && bulkOk) {
       dispatchSend<kBatch, kSendPrefetch>(p, channel, sequence, scratch, sent, posBatch, direct,
                                           reinterpret_cast<uint8_t*>(shared));
     } else if (kVariant == kDispatchVariantBulkSend && bulkOk) {
@@ -1323,8 +1349,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   } else {
     // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
     // itself the caller's x and scales (the register path falls back to bytes).
-    if (kVariant == kDispatchVariantBulk && aligned16(p.recvX) && aligned16(p.x) && selfPartsBulkOk(p) &&
-        p.rowExtent - static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2) <= static_cast<uint64_t>(p.ringStageBytes)) {
+    if (kVariant == kDispatchVariantPullX) {
+      dispatchReceive<kDispatchVariantRegisters, true>(p, channel, sequence, offsets, counts, done, avail, &flag,
+                                                       rowsTable, reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kDispatchVariantBulk && aligned16(p.recvX) && aligned16(p.x) && selfPartsBulkOk(p) &&
+               p.rowExtent - static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2) <=
+                   static_cast<uint64_t>(p.ringStageBytes)) {
       dispatchReceive<kDispatchVariantBulk>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
                                             reinterpret_cast<uint8_t*>(shared));
     } else {
@@ -2015,6 +2045,8 @@ int launchIntranode(Kernel kernel, const IntranodeParams& params, uint64_t share
 namespace {
 template <int kBatch>
 int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
+  if (params.dispatchPullX)
+    return launchIntranode(dispatchKernel<kDispatchVariantPullX, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantBulk)
     return launchIntranode(dispatchKernel<kDispatchVariantBulk, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantPrefetch)

@@ -233,12 +233,28 @@ class CudaEpBackend : public EpBackend {
     const bool mayDirect = envInt(Env::EpDirectDispatch) != 0 && ep_->comm->nranks > 1 && recvSpot.table != nullptr &&
                            recvSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
                            (base_.pull & 1) == 0;
-    const std::vector<int64_t> spot = {mayDirect ? 1 : 0, static_cast<int64_t>(recvSpot.id),
-                                       static_cast<int64_t>(recvSpot.offset)};
+    // Pulled dispatch (opt-in) needs every rank's x in one allocation at the same offset (a rank
+    // with no tokens still passes its x there) and the default kernels; it replaces the direct one.
+    const SymmetricSpot xSpot = symmetricSpot(
+        args->x, static_cast<uint64_t>(std::max(1, checked == moecommSuccess ? args->numTokens : 0)) * xRowBytes,
+        checked);
+    const bool mayPull = envInt(Env::EpDispatchPullX) != 0 && ep_->comm->nranks > 1 && xSpot.table != nullptr &&
+                         xSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
+                         (base_.pull & 1) == 0;
+    const std::vector<int64_t> spot = {
+        mayDirect ? 1 : 0, static_cast<int64_t>(recvSpot.id), static_cast<int64_t>(recvSpot.offset),
+        mayPull ? 1 : 0,   static_cast<int64_t>(xSpot.id),    static_cast<int64_t>(xSpot.offset)};
     std::vector<int64_t> allSpots;
     MC_CHECK(agree(checked, checked == moecommSuccess ? static_cast<int32_t>(args->xType) : -1, &spot, &allSpots));
-    const bool direct = sameEverywhere(spot, allSpots);
+    const bool pull = sameEverywhere(spot, allSpots, 3, 3);
+    const bool direct = !pull && sameEverywhere(spot, allSpots, 0, 3);
     logDirect("dispatch", direct, &lastDirectDispatch_);
+    if (pull != lastPullDispatch_) {
+      MC_INFO(kLogEp, "rank %d: normal dispatch %s", ep_->rank,
+              pull ? "pulls x rows from the sources (x in symmetric memory at the same offset on every rank)"
+                   : "pushes x rows");
+      lastPullDispatch_ = pull;
+    }
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     moecommEpHandle* target = *handle;
@@ -272,6 +288,11 @@ class CudaEpBackend : public EpBackend {
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
     p.recvXOffset = recvSpot.offset;
+    // Pulled: the senders push a few hundred bytes per row, the receivers pull the x rows.
+    p.dispatchPullX = pull ? 1 : 0;
+    if (pull && dispatchSendWarpsAuto_) p.dispatchSendWarps = 4;
+    p.xPeers = pull ? xSpot.table : nullptr;
+    p.xOffset = xSpot.offset;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
     if (status == moecommSuccess) status = noteUse(target, stream);
     if (status != moecommSuccess) {
@@ -643,10 +664,15 @@ class CudaEpBackend : public EpBackend {
 
   // True when `mine` says "direct is possible here" (mine[0] == 1) and every rank's entry of
   // `all` (rank-major, mine.size() each) equals it.
-  static bool sameEverywhere(const std::vector<int64_t>& mine, const std::vector<int64_t>& all) {
-    if (mine.empty() || mine[0] != 1 || all.size() % mine.size() != 0) return false;
+  // Whether entries [first, first + count) of every rank's payload (all: the ranks' payloads one
+  // after another) equal this rank's, the first of them being 1 (this rank may go direct).
+  static bool sameEverywhere(const std::vector<int64_t>& mine, const std::vector<int64_t>& all, size_t first = 0,
+                             size_t count = SIZE_MAX) {
+    count = std::min(count, mine.size() - std::min(first, mine.size()));
+    if (count == 0 || mine[first] != 1 || all.size() % mine.size() != 0) return false;
     for (size_t i = 0; i < all.size(); ++i) {
-      if (all[i] != mine[i % mine.size()]) return false;
+      const size_t j = i % mine.size();
+      if (j >= first && j < first + count && all[i] != mine[j]) return false;
     }
     return true;
   }
@@ -827,8 +853,10 @@ class CudaEpBackend : public EpBackend {
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
-  uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
-  bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
+  uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
+  bool lastDirectDispatch_ = false;
+  bool lastPullDispatch_ = false;  // the previous dispatch pulled x rows (logged on change)  // the previous dispatch /
+                                   // combine was direct (logged on change)
   bool lastDirectCombine_ = false;
   bool dispatchSendWarpsAuto_ = true;  // MOECOMM_EP_DISPATCH_SEND_WARPS unset (0): 6, direct 8
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;

@@ -184,6 +184,11 @@ struct Case {
   int combineMemory = 0;
   // Where recvX lives: kCudaMalloc, kSymmetric (direct dispatch) or kSymmetricShifted (staged).
   int recvMemory = 0;
+  // Where x lives (kCudaMalloc, kSymmetric, kSymmetricShifted), and whether the case runs with
+  // MOECOMM_EP_DISPATCH_PULL_X=1: with x at the same offset everywhere the receivers then pull
+  // the x rows (pulled dispatch), else the senders push them.
+  int xMemory = 0;
+  bool pullX = false;
   // Each round combines twice back to back, with no synchronisation between: first from
   // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
   // CombineIn(kSymmetric), direct); both results are checked.
@@ -250,6 +255,11 @@ struct Case {
     recvMemory = memory;
     return *this;
   }
+  Case& PullX(int memory) {
+    xMemory = memory;
+    pullX = true;
+    return *this;
+  }
   Case& StagedCombineFirst() {
     stagedCombineFirst = true;
     return *this;
@@ -283,6 +293,8 @@ struct Case {
     name += kMemory[combineMemory];
     static const char* const kRecvMemory[] = {"", " recv-x=symmetric", " recv-x=shifted"};
     name += kRecvMemory[recvMemory];
+    static const char* const kXMemory[] = {"", " x=symmetric", " x=shifted"};
+    if (pullX) name += std::string(" pull-x") + kXMemory[xMemory];
     if (stagedCombineFirst) name += " staged-combine-first";
     return name;
   }
@@ -660,6 +672,31 @@ class EpLogCapture {
   std::vector<std::pair<std::string, std::unique_ptr<std::string>>> saved_;
 };
 
+// Sets an environment variable for its lifetime (name nullptr: nothing), then restores it.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name != nullptr ? name : "") {
+    if (name == nullptr) return;
+    const char* old = std::getenv(name);
+    if (old != nullptr) old_ = std::make_unique<std::string>(old);
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (name_.empty()) return;
+    if (old_ != nullptr) {
+      setenv(name_.c_str(), old_->c_str(), 1);
+    } else {
+      unsetenv(name_.c_str());
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::unique_ptr<std::string> old_;
+};
+
 int EnvInt(const char* name, int fallback) {
   const char* text = EnvText(name);
   return text != nullptr ? std::atoi(text) : fallback;
@@ -801,6 +838,7 @@ bool CaseRunner::Setup() {
   for (const Plan& plan : plans) {
     if (c_.combineMemory != kCudaMalloc && (plan.buffer == &combineX_ || plan.buffer == &combineW_)) continue;
     if (c_.recvMemory != kCudaMalloc && plan.buffer == &recvX_) continue;
+    if (c_.xMemory != kCudaMalloc && plan.buffer == &x_) continue;
     CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
   }
   // Collective allocations, the same size everywhere (room for the largest capacity, R * maxT
@@ -822,6 +860,15 @@ bool CaseRunner::Setup() {
     }
   }
   if (c_.recvMemory != kCudaMalloc) symmetric(&recvX_, c_.recvMemory, rowBytes_);
+  if (c_.xMemory != kCudaMalloc) {
+    // This rank's T rows, in an allocation sized for the most tokens any rank has.
+    const bool shifted = c_.xMemory == kSymmetricShifted;
+    const size_t shift = shifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
+    const size_t room = shifted ? 256 * static_cast<size_t>(R_) : 0;
+    const std::string failed =
+        x_.AllocateSymmetric(comm_, T * rowBytes_, static_cast<size_t>(c_.tokens) * rowBytes_ + room, shift);
+    if (!failed.empty()) Fail(failed);
+  }
   UploadTopkIdx();
   // Local trouble (an allocation) stops the case on every rank before the first collective.
   int bad = -1;
@@ -1066,8 +1113,16 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
   // Developer kernel variants decide direct dispatch too (and may be changed by the library
   // when their rings do not fit): with either set, the dispatch is not checked.
   const bool variantsSet = EnvText("MOECOMM_EP_DISPATCH_VARIANT") != nullptr || EnvText("MOECOMM_EP_PULL") != nullptr;
-  const bool dispatch =
-      R_ > 1 && everyRankHolds && moecomm::envInt(moecomm::Env::EpDirectDispatch) != 0 && c_.recvMemory == kSymmetric;
+  // The pulled dispatch (x at the same offset everywhere, switched on) replaces the direct one.
+  const bool pull =
+      R_ > 1 && !variantsSet && moecomm::envInt(moecomm::Env::EpDispatchPullX) != 0 && c_.xMemory == kSymmetric;
+  const bool dispatch = R_ > 1 && everyRankHolds && moecomm::envInt(moecomm::Env::EpDirectDispatch) != 0 &&
+                        c_.recvMemory == kSymmetric && !pull;
+  const bool pulled = log.find("normal dispatch pulls x rows") != std::string::npos;
+  if (pulled != pull && !variantsSet) {
+    return std::string("the dispatch ") + (pulled ? "pulled x rows" : "never pulled x rows") + " but this case " +
+           (pull ? "should" : "should not");
+  }
   const struct {
     const char* op;
     bool expected;
@@ -1275,8 +1330,9 @@ class EpCudaNormal : public ::testing::Test {
       if (filterText != nullptr && !std::regex_search(name, filter)) continue;
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
       const auto start = std::chrono::steady_clock::now();
+      const ScopedEnv pullX(c.pullX ? "MOECOMM_EP_DISPATCH_PULL_X" : nullptr, "1");
       CaseRunner runner(comm_, c, seed);
-      const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc;
+      const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc || c.xMemory != kCudaMalloc;
       EpLogCapture log(symmetric);
       if (symmetric && !log.active() && rank_ == 0)
         std::printf("[EpCudaNormal] %s: MOECOMM_DEBUG is set, so which path ran is not checked\n", name.c_str());
@@ -1417,6 +1473,31 @@ TEST_F(EpCudaNormal, DirectDispatch) {
                C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true).RecvIn(kSymmetric),
                C(2048, 512, 8, 32).W(true, true).RecvIn(kSymmetricShifted),
            });
+}
+
+// x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
+// from the sources' x when every rank has it at the same offset (docs/ep-normal-gpu.md,
+// "Pulled dispatch"), the senders push them when the offsets differ; the results are the same
+// either way.
+TEST_F(EpCudaNormal, PulledDispatch) {
+  RunCases("PulledDispatch",
+           {
+               C(7168, 1024, 8, 64).Fp8().W(true, true).PullX(kSymmetric).CombineIn(kSymmetric),
+               C(2048, 512, 8, 32).I32().Bias().W(true, false).PullX(kSymmetric),
+               C(4096, 512, 4, 32).Exact().Align(4).W(true, true).PullX(kSymmetric),
+               C(2048, 512, 8, 64).Routed(Route::kOneExpert).W(true, true).PullX(kSymmetric),
+               C(2048, 256, 4, 32).Fp8().Exact().Empty(1u << 1).W(true, true).PullX(kSymmetric),
+               C(2880, 512, 4, 32).Rounds(3).W(true, true).PullX(kSymmetric).RecvIn(kSymmetric),
+               C(7168, 256, 8, 64).Fp8().Rounds(3).FreshRouting().PullX(kSymmetric),
+               C(136, 300, 3, 12).I32().Exact().Routed(Route::kSomeNone).Bias().W(true, true).PullX(kSymmetric),
+               C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true).PullX(kSymmetric),
+               C(2048, 512, 8, 32).W(true, true).PullX(kSymmetricShifted),
+           });
+  RunCases("PulledDispatch",
+           {
+               C(7168, 512, 8, 64).Fp8().W(true, true).PullX(kSymmetric).CombineIn(kSymmetric),
+           },
+           /*graph=*/true);
 }
 
 // Combine input and weights in moecommMemAlloc memory: read directly by the peers when every
