@@ -22,6 +22,7 @@ class NormalRunner {
     if (handle_ != nullptr) moecommEpHandleDestroy(handle_);
     if (ep_ != nullptr) moecommEpDestroy(ep_);
     if (symmetric_) {  // collective, as the allocations
+      if (o_.symmetricX) (void)moecommMemFree(c_.comm, x_);
       (void)moecommMemFree(c_.comm, expertIn_);
       (void)moecommMemFree(c_.comm, recvX_);
     }
@@ -69,7 +70,7 @@ void NormalRunner::Setup() {
   const Routing routing = GenerateRouting(o_, c_.rank);
   const Tokens tokens = GenerateTokens(o_, o_.dtype, c_.rank);
   topkIdx_ = static_cast<int64_t*>(p_.Alloc(routing.topkIdx.size() * 8, "topk_idx"));
-  x_ = p_.Alloc(tokens.x.size(), "x");
+  if (!o_.symmetricX) x_ = p_.Alloc(tokens.x.size(), "x");
   scales_ = static_cast<float*>(p_.Alloc(std::max<size_t>(tokens.scales.size() * 4, 4), "x scales"));
   recvScales_ = static_cast<float*>(p_.Alloc(std::max<size_t>(capacity_ * scaleRowBytes_, 4), "recv_x scales"));
   numRecv_ = static_cast<int*>(p_.Alloc(sizeof(int), "num_recv_tokens"));
@@ -78,7 +79,9 @@ void NormalRunner::Setup() {
   if (o_.symmetricBuffers) {
     moecommResult_t result = moecommMemAlloc(c_.comm, &recvX_, capacity_ * xRowBytes_);
     if (result == moecommSuccess) result = moecommMemAlloc(c_.comm, &expertIn_, capacity_ * o_.hidden * 2);
-    if (result != moecommSuccess) Fail("moecommMemAlloc (recv_x, combine input)", result);
+    // (every rank has the same T, so x sits at the same offset everywhere: the pulled dispatch)
+    if (result == moecommSuccess && o_.symmetricX) result = moecommMemAlloc(c_.comm, &x_, tokens.x.size());
+    if (result != moecommSuccess) Fail("moecommMemAlloc (recv_x, combine input, x)", result);
     symmetric_ = true;
   } else {
     recvX_ = p_.Alloc(capacity_ * xRowBytes_, "recv_x");

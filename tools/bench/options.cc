@@ -30,9 +30,10 @@ void PrintUsage(FILE* out) {
                "  --graph            with --ll: also capture dispatch+combine in a CUDA graph, time replays\n"
                "  --ll-per-rank      with --ll: MOECOMM_LL_PER_RANK_COMBINE (the dispatch takes the weights, the\n"
                "                     combine sums per expert rank and gets topkWeights = NULL)\n"
-               "  --buffers device|symmetric\n"
+               "  --buffers device|symmetric|symmetric-x\n"
                "                     normal mode: recv_x and the combine input from cudaMalloc (default) or\n"
-               "                     moecommMemAlloc (direct dispatch and combine: docs/ep-normal-gpu.md)\n"
+               "                     moecommMemAlloc (direct dispatch and combine: docs/ep-normal-gpu.md);\n"
+               "                     symmetric-x: x there too (with MOECOMM_EP_DISPATCH_PULL_X=1 the pulled dispatch)\n"
                "  --no-baseline      skip the NCCL baseline\n"
                "  --no-roofline      skip the peer-copy roofline\n"
                "  --no-flush         do not evict the L2 before each sample (warm-cache timings)\n"
@@ -117,9 +118,11 @@ bool ParseOptions(int argc, char** argv, Options* options, int* exitCode) {
       }
       options->dtypeGiven = true;
     } else if (flag == "--buffers") {
-      if (std::strcmp(value, "device") != 0 && std::strcmp(value, "symmetric") != 0)
-        return bad("expected device or symmetric");
-      options->symmetricBuffers = std::strcmp(value, "symmetric") == 0;
+      if (std::strcmp(value, "device") != 0 && std::strcmp(value, "symmetric") != 0 &&
+          std::strcmp(value, "symmetric-x") != 0)
+        return bad("expected device, symmetric or symmetric-x");
+      options->symmetricBuffers = std::strcmp(value, "device") != 0;
+      options->symmetricX = std::strcmp(value, "symmetric-x") == 0;
     } else if (flag == "-J") {
       options->jsonPath = value;
     } else if (flag == "-s") {

@@ -27,6 +27,7 @@ struct Options {
   bool graph = false;             // --graph
   bool llPerRank = false;         // --ll-per-rank: MOECOMM_LL_PER_RANK_COMBINE (dispatch takes the weights)
   bool symmetricBuffers = false;  // --buffers symmetric: normal-mode recv_x and combine input from moecommMemAlloc
+  bool symmetricX = false;        // --buffers symmetric-x: x from moecommMemAlloc too
   bool hostSmoke = false;         // --host-smoke
   bool host = false;              // --host: the host backend on the workload asked for (no GPU needed)
   bool baseline = true;           // --no-baseline turns the NCCL baseline off

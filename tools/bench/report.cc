@@ -160,7 +160,10 @@ std::string Reporter::JsonLine(const Measurement& m) const {
   // Which low-latency combine form the run used (null outside low-latency mode).
   field("ll_combine", m.mode != "low_latency" ? "null" : Quote(o.llPerRank ? "per_rank" : "per_expert"));
   // Where normal mode's recv_x and combine input lived (null outside normal mode).
-  field("buffers", m.mode != "normal" ? "null" : Quote(o.symmetricBuffers ? "symmetric" : "device"));
+  field("buffers", m.mode != "normal" ? "null"
+                                      : Quote(o.symmetricX         ? "symmetric-x"
+                                              : o.symmetricBuffers ? "symmetric"
+                                                                   : "device"));
   field("impl", Quote(m.impl));
   field("op", Quote(m.op));
   field("status", Quote(m.status));
