@@ -1456,43 +1456,45 @@ TEST_F(EpCudaNormal, GraphReplay) {
            /*graph=*/true);
 }
 
+// The shapes of the direct and pulled dispatch suites; `place` puts each case's buffers where
+// its suite wants them (fallback: the last case, whose buffers sit at offsets that differ per
+// rank, so that every rank falls back to the pushed or staged path).
+std::vector<Case> PlacedDispatchCases(const std::function<void(Case*, bool fallback, size_t i)>& place) {
+  std::vector<Case> cases = {
+      C(7168, 1024, 8, 64).Fp8().W(true, true).CombineIn(kSymmetric),
+      C(2048, 512, 8, 32).I32().Bias().W(true, false),
+      C(4096, 512, 4, 32).Exact().Align(4).W(true, true),
+      C(2048, 512, 8, 64).Routed(Route::kOneExpert).W(true, true),
+      C(2048, 256, 4, 32).Fp8().Exact().Empty(1u << 1).W(true, true),
+      C(2880, 512, 4, 32).Rounds(3).W(true, true).CombineIn(kSymmetric),
+      C(7168, 256, 8, 64).Fp8().Rounds(3).FreshRouting(),
+      C(136, 300, 3, 12).I32().Exact().Routed(Route::kSomeNone).Bias().W(true, true),
+      C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true),
+      C(2048, 512, 8, 32).W(true, true),
+  };
+  for (size_t i = 0; i < cases.size(); ++i) place(&cases[i], i + 1 == cases.size(), i);
+  return cases;
+}
+
 // recvX in moecommMemAlloc memory: the senders store x rows straight into the destination's
 // recvX when every rank has it at the same offset (docs/ep-normal-gpu.md, "Direct dispatch and
 // combine"), staged when the offsets differ; the results are the same either way.
 TEST_F(EpCudaNormal, DirectDispatch) {
-  RunCases("DirectDispatch",
-           {
-               C(7168, 1024, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).CombineIn(kSymmetric),
-               C(2048, 512, 8, 32).I32().Bias().W(true, false).RecvIn(kSymmetric),
-               C(4096, 512, 4, 32).Exact().Align(4).W(true, true).RecvIn(kSymmetric),
-               C(2048, 512, 8, 64).Routed(Route::kOneExpert).W(true, true).RecvIn(kSymmetric),
-               C(2048, 256, 4, 32).Fp8().Exact().Empty(1u << 1).W(true, true).RecvIn(kSymmetric),
-               C(2880, 512, 4, 32).Rounds(3).W(true, true).RecvIn(kSymmetric).CombineIn(kSymmetric),
-               C(7168, 256, 8, 64).Fp8().Rounds(3).FreshRouting().RecvIn(kSymmetric),
-               C(136, 300, 3, 12).I32().Exact().Routed(Route::kSomeNone).Bias().W(true, true).RecvIn(kSymmetric),
-               C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true).RecvIn(kSymmetric),
-               C(2048, 512, 8, 32).W(true, true).RecvIn(kSymmetricShifted),
-           });
+  RunCases("DirectDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
+             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric);
+           }));
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
 // from the sources' x when every rank has it at the same offset (docs/ep-normal-gpu.md,
 // "Pulled dispatch"), the senders push them when the offsets differ; the results are the same
-// either way.
+// either way. Every other case also has recvX where a direct dispatch could use it (the pulled
+// one takes precedence).
 TEST_F(EpCudaNormal, PulledDispatch) {
-  RunCases("PulledDispatch",
-           {
-               C(7168, 1024, 8, 64).Fp8().W(true, true).PullX(kSymmetric).CombineIn(kSymmetric),
-               C(2048, 512, 8, 32).I32().Bias().W(true, false).PullX(kSymmetric),
-               C(4096, 512, 4, 32).Exact().Align(4).W(true, true).PullX(kSymmetric),
-               C(2048, 512, 8, 64).Routed(Route::kOneExpert).W(true, true).PullX(kSymmetric),
-               C(2048, 256, 4, 32).Fp8().Exact().Empty(1u << 1).W(true, true).PullX(kSymmetric),
-               C(2880, 512, 4, 32).Rounds(3).W(true, true).PullX(kSymmetric).RecvIn(kSymmetric),
-               C(7168, 256, 8, 64).Fp8().Rounds(3).FreshRouting().PullX(kSymmetric),
-               C(136, 300, 3, 12).I32().Exact().Routed(Route::kSomeNone).Bias().W(true, true).PullX(kSymmetric),
-               C(1024, 1000, 6, 48).Fp8().Sms(2).W(true, true).PullX(kSymmetric),
-               C(2048, 512, 8, 32).W(true, true).PullX(kSymmetricShifted),
-           });
+  RunCases("PulledDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t i) {
+             c->PullX(fallback ? kSymmetricShifted : kSymmetric);
+             if (!fallback && i % 2 == 1) c->RecvIn(kSymmetric);
+           }));
   RunCases("PulledDispatch",
            {
                C(7168, 512, 8, 64).Fp8().W(true, true).PullX(kSymmetric).CombineIn(kSymmetric),
