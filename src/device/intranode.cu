@@ -1252,7 +1252,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
           }
           if (__shfl_sync(0xffffffffu, give, 0) != 0) {
             for (int s = lane; s < R; s += 32) avail[s] = counts[s];  // give up: treat as arrived
-            if (lane == 0) *flag = 0;
+            // (2: the rows are garbage, so the pulled dispatch must not follow their tokens)
+            if (lane == 0) *flag = kPullX ? 2 : 0;
             break;
           }
         }
@@ -1280,7 +1281,9 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       RowSource src = s == p.rank
                           ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
                           : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
-      if (kPullX && s != p.rank) {
+      if (kPullX && s != p.rank && *flag == 2) {
+        receiveRow<false>(p, src, row, s, scalesVec, lane);  // gave up waiting: no token to follow
+      } else if (kPullX && s != p.rank) {
         // Pulled dispatch: the x row is the source's own, at the token its staged row names
         // (every lane reads the token; the host checked that x is 16-byte aligned everywhere).
         const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);

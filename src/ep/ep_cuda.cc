@@ -853,11 +853,10 @@ class CudaEpBackend : public EpBackend {
   volatile device::EpHostWords* host_ = nullptr;  // mapped, followed by the notify counts
   void* deviceBlock_ = nullptr;                   // EpDeviceState, then the peer pointer array
   bool errorLogged_ = false;
-  uint64_t sharedBudget_ = 0;  // dynamic shared memory a kernel of this EP may use
-  bool lastDirectDispatch_ = false;
-  bool lastPullDispatch_ = false;  // the previous dispatch pulled x rows (logged on change)  // the previous dispatch /
-                                   // combine was direct (logged on change)
+  uint64_t sharedBudget_ = 0;        // dynamic shared memory a kernel of this EP may use
+  bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
   bool lastDirectCombine_ = false;
+  bool lastPullDispatch_ = false;      // the previous dispatch pulled x rows (logged on change)
   bool dispatchSendWarpsAuto_ = true;  // MOECOMM_EP_DISPATCH_SEND_WARPS unset (0): 6, direct 8
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::vector<HandleDevice> pool_;              // destroyed handles' blocks, at most kHandleBlockPool

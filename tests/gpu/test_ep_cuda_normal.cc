@@ -1118,11 +1118,14 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
       R_ > 1 && !variantsSet && moecomm::envInt(moecomm::Env::EpDispatchPullX) != 0 && c_.xMemory == kSymmetric;
   const bool dispatch = R_ > 1 && everyRankHolds && moecomm::envInt(moecomm::Env::EpDirectDispatch) != 0 &&
                         c_.recvMemory == kSymmetric && !pull;
+  // (logged when it changes, the first call included)
   const bool pulled = log.find("normal dispatch pulls x rows") != std::string::npos;
+  const bool pushedAfter = log.find("normal dispatch pushes x rows") != std::string::npos;
   if (pulled != pull && !variantsSet) {
     return std::string("the dispatch ") + (pulled ? "pulled x rows" : "never pulled x rows") + " but this case " +
            (pull ? "should" : "should not");
   }
+  if (pull && pushedAfter && !variantsSet) return "the dispatch pulled x rows but pushed them again in a later call";
   const struct {
     const char* op;
     bool expected;
