@@ -1492,11 +1492,11 @@ TEST_F(EpCudaNormal, DirectDispatch) {
 // from the sources' x when every rank has it at the same offset (docs/ep-normal-gpu.md,
 // "Pulled dispatch"), the senders push them when the offsets differ; the results are the same
 // either way. Every other case also has recvX where a direct dispatch could use it (the pulled
-// one takes precedence).
+// one takes precedence), and so does the fallback case (which then goes direct).
 TEST_F(EpCudaNormal, PulledDispatch) {
   RunCases("PulledDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t i) {
              c->PullX(fallback ? kSymmetricShifted : kSymmetric);
-             if (!fallback && i % 2 == 1) c->RecvIn(kSymmetric);
+             if (fallback || i % 2 == 1) c->RecvIn(kSymmetric);
            }));
   RunCases("PulledDispatch",
            {
