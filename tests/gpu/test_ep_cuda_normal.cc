@@ -1112,7 +1112,9 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
                        (c_.combineMemory == kSymmetric || (c_.combineMemory == kSymmetricXOnly && !c_.combineWeights));
   // Developer kernel variants decide direct dispatch too (and may be changed by the library
   // when their rings do not fit): with either set, the dispatch is not checked.
-  const bool variantsSet = EnvText("MOECOMM_EP_DISPATCH_VARIANT") != nullptr || EnvText("MOECOMM_EP_PULL") != nullptr;
+  // (set anywhere the library looks: the environment or MOECOMM_CONFIG_FILE)
+  const auto setAnywhere = [](moecomm::Env id) { return std::strcmp(moecomm::envLookup(id).source, "default") != 0; };
+  const bool variantsSet = setAnywhere(moecomm::Env::EpDispatchVariant) || setAnywhere(moecomm::Env::EpPull);
   // The pulled dispatch (x at the same offset everywhere, switched on) replaces the direct one.
   const bool pull =
       R_ > 1 && !variantsSet && moecomm::envInt(moecomm::Env::EpDispatchPullX) != 0 && c_.xMemory == kSymmetric;
