@@ -193,6 +193,17 @@ __device__ uint64_t waitWord(const IntranodeParams& p, const uint64_t* word, Don
   }
 }
 
+// Threads 0..threads-1 wait until every other rank acked this call of op on the channel: a rank
+// whose own memory the peers read in place (a direct combine's input, a pulled dispatch's x)
+// must not end its call while they may still read it.
+__device__ void waitCallAcked(const IntranodeParams& p, int op, int channel, uint64_t sequence, int threads) {
+  for (int r = threadIdx.x; r < p.numRanks; r += threads) {
+    if (r == p.rank) continue;
+    waitWord(
+        p, ctrlWord(p, p.rank, kCtrlAck, op, channel, r), [&](uint64_t v) { return v >= sequence; }, r, channel, op);
+  }
+}
+
 __device__ void waitAck(const IntranodeParams& p, int op, int channel, int dest, uint64_t sequence) {
   waitWord(
       p, ctrlWord(p, p.rank, kCtrlAck, op, channel, dest), [&](uint64_t v) { return v + 1 >= sequence; }, dest, channel,
@@ -828,16 +839,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
     base += n;
   }
   if (kPrefetch) drainSendRing(p, prefetch, lane);
-  if (kPullX) {
-    // The destinations read this channel's x rows from this rank's x, which may change once
-    // the kernel ended: wait until every one of them acked this call on the channel.
-    for (int d = threadIdx.x; d < R; d += kSendThreads) {
-      if (d == p.rank) continue;
-      waitWord(
-          p, ctrlWord(p, p.rank, kCtrlAck, kOpDispatch, channel, d), [&](uint64_t v) { return v >= sequence; }, d,
-          channel, kOpDispatch);
-    }
-  }
+  if (kPullX) waitCallAcked(p, kOpDispatch, channel, sequence, kSendThreads);  // the peers read this rank's x
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1454,16 +1456,6 @@ __device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64
   __syncthreads();
 }
 
-// Waits until every other rank acked this call on the channel (it read this rank's rows).
-__device__ void combineDirectEnd(const IntranodeParams& p, int channel, uint64_t sequence) {
-  for (int r = threadIdx.x; r < p.numRanks; r += blockDim.x) {
-    if (r == p.rank) continue;
-    waitWord(
-        p, ctrlWord(p, p.rank, kCtrlAck, kOpCombine, channel, r), [&](uint64_t v) { return v >= sequence; }, r, channel,
-        kOpCombine);
-  }
-}
-
 // Direct combine: rank r's row `ordinal` of this channel in r's combineX (the spans of
 // combineDirectBegin), or nullptr when r does not hold it.
 __device__ __forceinline__ const uint8_t* combineDirectRow(const IntranodeParams& p, void* const* bases,
@@ -1971,14 +1963,10 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
   if (p.combineDirect) {
     combineDirectBegin(p, channel, sequence, shared);
     MC_PROFILE(kOpCombine, 1, 0);
-    if (kVariant == kCombineVariantRegisters || kVariant == kCombineVariantDeepWide) {
-      combineReceive<kVariant>(p, channel, sequence);
-    } else {
-      // (the bulk variant reads staged rows only: through the rings a direct combine measured 352 µs
-      // against 196, PERF.md twelfth session)
-      combineReceive<kCombineVariantDeep>(p, channel, sequence);
-    }
-    combineDirectEnd(p, channel, sequence);
+    // (a direct combine under variant 2 launches variant 1's kernels: the bulk reducer reads
+    // staged rows only, and through its rings a direct combine measured 352 µs against 196)
+    combineReceive<kVariant == kCombineVariantBulk ? kCombineVariantDeep : kVariant>(p, channel, sequence);
+    waitCallAcked(p, kOpCombine, channel, sequence, blockDim.x);  // the peers read this rank's input
   } else if (threadIdx.x < kSendThreads) {
     combineSend<kBatch>(p, channel, sequence, shared, shared + p.numRanks);
   } else if (kVariant == kCombineVariantBulk && p.numRanks < 32 && combineVectorOk(p)) {
