@@ -249,12 +249,8 @@ class CudaEpBackend : public EpBackend {
     const bool pull = sameEverywhere(spot, allSpots, 3, 3);
     const bool direct = !pull && sameEverywhere(spot, allSpots, 0, 3);
     logDirect("dispatch", direct, &lastDirectDispatch_);
-    if (pull != lastPullDispatch_) {
-      MC_INFO(kLogEp, "rank %d: normal dispatch %s", ep_->rank,
-              pull ? "pulls x rows from the sources (x in symmetric memory at the same offset on every rank)"
-                   : "pushes x rows");
-      lastPullDispatch_ = pull;
-    }
+    logPath("dispatch", pull, &lastPullDispatch_,
+            "pulls x rows from the sources (x in symmetric memory at the same offset on every rank)", "pushes x rows");
     DeviceScope scope(ep_->comm->device);
     if (args->waitEvent != nullptr) MC_CUDA(cudaStreamWaitEvent(stream, args->waitEvent, 0));
     moecommEpHandle* target = *handle;
@@ -676,11 +672,15 @@ class CudaEpBackend : public EpBackend {
     }
     return true;
   }
+  // Logs "normal <op> <yes or no>" when `now` differs from *last (the GPU tests read these lines
+  // to learn which path ran).
+  void logPath(const char* op, bool now, bool* last, const char* yes, const char* no) {
+    if (now == *last) return;
+    MC_INFO(kLogEp, "rank %d: normal %s %s", ep_->rank, op, now ? yes : no);
+    *last = now;
+  }
   void logDirect(const char* op, bool direct, bool* last) {
-    if (direct == *last) return;
-    MC_INFO(kLogEp, "rank %d: normal %s %s", ep_->rank, op,
-            direct ? "is direct (symmetric buffers at the same offset on every rank)" : "stages its rows");
-    *last = direct;
+    logPath(op, direct, last, "is direct (symmetric buffers at the same offset on every rank)", "stages its rows");
   }
 
   // Where a caller buffer of `bytes` lies in symmetric memory (moecommMemAlloc) with a device
