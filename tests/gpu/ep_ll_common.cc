@@ -29,10 +29,6 @@ uint64_t Mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-int ExpertsFor(int experts, int nranks) {
-  return experts % nranks == 0 ? experts : experts + nranks - experts % nranks;
-}
-
 ref::EpShape MakeShape(int nranks, int experts, int hidden, int topk, int maxTokens) {
   ref::EpShape shape;
   shape.numRanks = nranks;

@@ -22,8 +22,6 @@ namespace ref = moecomm::reference;
 uint64_t BaseSeed();
 // splitmix64's finaliser.
 uint64_t Mix(uint64_t x);
-// `experts` rounded up to a multiple of `nranks`, so any rank count runs every shape.
-int ExpertsFor(int experts, int nranks);
 // The shape of a test; its expert count is ExpertsFor(experts, nranks).
 ref::EpShape MakeShape(int nranks, int experts, int hidden, int topk, int maxTokens);
 

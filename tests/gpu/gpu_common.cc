@@ -93,6 +93,10 @@ uint64_t FreshSeed() {
   return (static_cast<uint64_t>(entropy()) << 32) ^ entropy();
 }
 
+int ExpertsFor(int experts, int nranks) {
+  return experts % nranks == 0 ? experts : experts + nranks - experts % nranks;
+}
+
 bool CuMemUsable(int device, std::string* why) { return moecomm::nvlinkCuMemSupported(device, why); }
 
 std::string ExerciseSymmetric(moecommComm_t comm, void* ptr, uint64_t seed, std::string* method) {

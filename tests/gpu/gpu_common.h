@@ -77,6 +77,8 @@ void DeviceMemory(size_t* free_bytes, size_t* total_bytes);
 int OpenFdCount();
 // A fresh random seed.
 uint64_t FreshSeed();
+// `experts` rounded up to a multiple of `nranks`: the EP suites run every case at any rank count.
+int ExpertsFor(int experts, int nranks);
 // Whether cumem sharing is usable on this device, with the reason when not.
 bool CuMemUsable(int device, std::string* why);
 

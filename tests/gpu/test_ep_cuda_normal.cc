@@ -841,34 +841,28 @@ bool CaseRunner::Setup() {
     if (c_.xMemory != kCudaMalloc && plan.buffer == &x_) continue;
     CudaCheck(plan.buffer->Allocate(plan.bytes), "cudaMalloc");
   }
-  // Collective allocations, the same size everywhere (room for the largest capacity, R * maxT
-  // rows); shifted: rank r's buffer starts 256 * (r + 1) bytes in, so no two ranks' offsets match.
-  auto symmetric = [&](DeviceBuffer* buffer, int memory, size_t rowBytes) {
+  // Collective allocations of `rows` rows, the same size everywhere (room for `most` rows, the
+  // most any rank can need); shifted: rank r's buffer starts 256 * (r + 1) bytes in, so no two
+  // ranks' offsets match.
+  auto symmetric = [&](DeviceBuffer* buffer, int memory, size_t rowBytes, size_t rows, size_t most) {
     const bool shifted = memory == kSymmetricShifted;
     const size_t shift = shifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
     const size_t room = shifted ? 256 * static_cast<size_t>(R_) : 0;
-    const size_t most = static_cast<size_t>(R_) * c_.tokens;
-    const std::string failed = buffer->AllocateSymmetric(comm_, cap * rowBytes, most * rowBytes + room, shift);
+    const std::string failed = buffer->AllocateSymmetric(comm_, rows * rowBytes, most * rowBytes + room, shift);
     if (!failed.empty()) Fail(failed);
   };
+  const size_t mostRecv = static_cast<size_t>(R_) * c_.tokens;  // the largest capacity, R * maxT rows
   if (c_.combineMemory != kCudaMalloc) {
-    symmetric(&combineX_, c_.combineMemory, H * 2);
+    symmetric(&combineX_, c_.combineMemory, H * 2, cap, mostRecv);
     if (c_.combineMemory == kSymmetricXOnly) {
       CudaCheck(combineW_.Allocate(cap * K * 4), "cudaMalloc");
     } else {
-      symmetric(&combineW_, c_.combineMemory, K * 4);
+      symmetric(&combineW_, c_.combineMemory, K * 4, cap, mostRecv);
     }
   }
-  if (c_.recvMemory != kCudaMalloc) symmetric(&recvX_, c_.recvMemory, rowBytes_);
-  if (c_.xMemory != kCudaMalloc) {
-    // This rank's T rows, in an allocation sized for the most tokens any rank has.
-    const bool shifted = c_.xMemory == kSymmetricShifted;
-    const size_t shift = shifted ? 256 * static_cast<size_t>(me_ + 1) : 0;
-    const size_t room = shifted ? 256 * static_cast<size_t>(R_) : 0;
-    const std::string failed =
-        x_.AllocateSymmetric(comm_, T * rowBytes_, static_cast<size_t>(c_.tokens) * rowBytes_ + room, shift);
-    if (!failed.empty()) Fail(failed);
-  }
+  if (c_.recvMemory != kCudaMalloc) symmetric(&recvX_, c_.recvMemory, rowBytes_, cap, mostRecv);
+  // x: this rank's T rows, room for the most tokens any rank has
+  if (c_.xMemory != kCudaMalloc) symmetric(&x_, c_.xMemory, rowBytes_, T, c_.tokens);
   UploadTopkIdx();
   // Local trouble (an allocation) stops the case on every rank before the first collective.
   int bad = -1;
@@ -1330,7 +1324,7 @@ class EpCudaNormal : public ::testing::Test {
       if (maxTokens > 0) c.tokens = std::min(c.tokens, maxTokens);
       // Any rank count runs every case: the expert count is rounded up to a multiple of it
       // (3 or 6 ranks change most cases, 8 ranks only E12).
-      if (c.experts % nranks_ != 0) c.experts += nranks_ - c.experts % nranks_;
+      c.experts = ExpertsFor(c.experts, nranks_);
       const std::string name = (graph ? "graph " : "") + c.Name();
       if (filterText != nullptr && !std::regex_search(name, filter)) continue;
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
