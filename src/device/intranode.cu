@@ -401,6 +401,16 @@ __device__ int sendGroupScan(int value, int* total, int* scratch) {
   return before + inclusive - value;
 }
 
+// A token's expert ids [k0, k0 + kRouteIds) (-1 past topk), all loaded before any is used: one
+// round trip to memory for the group rather than one per id (the stores that follow each load
+// could alias the next id, so the compiler would not hoist the loads itself).
+constexpr int kRouteIds = 8;
+template <typename Load>
+__device__ __forceinline__ void loadRouteIds(int64_t (&ids)[kRouteIds], int k0, int topk, Load load) {
+#pragma unroll
+  for (int u = 0; u < kRouteIds; ++u) ids[u] = k0 + u < topk ? load(k0 + u) : -1;
+}
+
 // Computes channel c's routing into the handle: normalized ids, per-rank ordinals (pos),
 // per-rank counts and per-expert counts. Sending threads only.
 __device__ void routeChannel(const IntranodeParams& p, int channel, int first, int last, int* scratch) {
@@ -409,13 +419,18 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
   for (int e = threadIdx.x; e < p.numExperts; e += kSendThreads) chanExpert[e] = 0;
   groupBarrier(kBarrierSend, kSendThreads);
   for (int t = first + threadIdx.x; t < last; t += kSendThreads) {
-    for (int k = 0; k < p.topk; ++k) {
-      const int64_t index = static_cast<int64_t>(t) * p.topk + k;
-      const int64_t e = loadExpertId(p.topkIdx, p.topkIdxIs64, index);
-      const bool valid = e >= 0 && e < p.numExperts;
-      if (e < -1 || e >= p.numExperts) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
-      p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k] = valid ? e : -1;
-      if (valid) atomicAdd(&chanExpert[e], 1);
+    for (int k0 = 0; k0 < p.topk; k0 += kRouteIds) {
+      int64_t ids[kRouteIds];
+      loadRouteIds(ids, k0, p.topk,
+                   [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k); });
+#pragma unroll
+      for (int u = 0; u < kRouteIds && k0 + u < p.topk; ++u) {
+        const int64_t e = ids[u];
+        const bool valid = e >= 0 && e < p.numExperts;
+        if (e < -1 || e >= p.numExperts) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
+        p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k0 + u] = valid ? e : -1;
+        if (valid) atomicAdd(&chanExpert[e], 1);
+      }
     }
   }
   groupBarrier(kBarrierSend, kSendThreads);
@@ -424,11 +439,11 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
     for (int base = first; base < last; base += kSendThreads) {
       const int t = base + threadIdx.x;
       int goes = 0;
-      if (t < last) {
-        for (int k = 0; k < p.topk; ++k) {
-          const int64_t e = p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k];
-          goes |= (e >= 0 && e / localExperts == dest) ? 1 : 0;
-        }
+      for (int k0 = 0; t < last && k0 < p.topk; k0 += kRouteIds) {
+        int64_t ids[kRouteIds];
+        loadRouteIds(ids, k0, p.topk, [&](int k) { return p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k]; });
+#pragma unroll
+        for (int u = 0; u < kRouteIds; ++u) goes |= (ids[u] >= 0 && ids[u] / localExperts == dest) ? 1 : 0;
       }
       int total = 0;
       const int before = sendGroupScan(goes, &total, scratch);
