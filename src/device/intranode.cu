@@ -379,19 +379,20 @@ __device__ bool waitStage(const IntranodeParams& p, const WarpRing& ring, int st
 
 // ---- Routing (sending warps of one channel) ----------------------------------------------
 
-// Exclusive prefix over the sending group's threads; *total gets the sum.
-__device__ int sendGroupScan(int value, int* total, int* scratch) {
+// Exclusive prefix over the sending group's threads of four 16-bit counters packed in one word
+// (each thread adds at most 1 to each, so no field carries into the next); *total gets the sums.
+__device__ uint64_t sendGroupScan4(uint64_t value, uint64_t* total, uint64_t* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  int inclusive = value;
+  uint64_t inclusive = value;
   for (int offset = 1; offset < 32; offset <<= 1) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    const uint64_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
     if (lane >= offset) inclusive += other;
   }
   if (lane == 31) scratch[warp] = inclusive;
   groupBarrier(kBarrierSend, kSendThreads);
-  int before = 0;
-  int sum = 0;
+  uint64_t before = 0;
+  uint64_t sum = 0;
   for (int w = 0; w < kSendWarps; ++w) {
     if (w < warp) before += scratch[w];
     sum += scratch[w];
@@ -399,6 +400,9 @@ __device__ int sendGroupScan(int value, int* total, int* scratch) {
   groupBarrier(kBarrierSend, kSendThreads);
   *total = sum;
   return before + inclusive - value;
+}
+__device__ __forceinline__ int field16(uint64_t packed, int j) {
+  return static_cast<int>((packed >> (16 * j)) & 0xffff);
 }
 
 // A token's expert ids [k0, k0 + kRouteIds) (-1 past topk), all loaded before any is used: one
@@ -413,7 +417,7 @@ __device__ __forceinline__ void loadRouteIds(int64_t (&ids)[kRouteIds], int k0, 
 
 // Computes channel c's routing into the handle: normalized ids, per-rank ordinals (pos),
 // per-rank counts and per-expert counts. Sending threads only.
-__device__ void routeChannel(const IntranodeParams& p, int channel, int first, int last, int* scratch) {
+__device__ void routeChannel(const IntranodeParams& p, int channel, int first, int last, uint64_t* scratch) {
   const int localExperts = p.numExperts / p.numRanks;
   int* chanExpert = p.chanExpert + static_cast<int64_t>(channel) * p.numExperts;
   for (int e = threadIdx.x; e < p.numExperts; e += kSendThreads) chanExpert[e] = 0;
@@ -434,26 +438,39 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
     }
   }
   groupBarrier(kBarrierSend, kSendThreads);
-  for (int dest = 0; dest < p.numRanks; ++dest) {
-    int running = 0;
+  // Each destination's tokens in order, four destinations per pass: one scan of packed flags
+  // gives a token its ordinal at all four.
+  for (int d0 = 0; d0 < p.numRanks; d0 += 4) {
+    int running[4] = {0, 0, 0, 0};
     for (int base = first; base < last; base += kSendThreads) {
       const int t = base + threadIdx.x;
-      int goes = 0;
+      uint64_t goes = 0;
       for (int k0 = 0; t < last && k0 < p.topk; k0 += kRouteIds) {
         int64_t ids[kRouteIds];
         loadRouteIds(ids, k0, p.topk, [&](int k) { return p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k]; });
 #pragma unroll
-        for (int u = 0; u < kRouteIds; ++u) goes |= (ids[u] >= 0 && ids[u] / localExperts == dest) ? 1 : 0;
+        for (int u = 0; u < kRouteIds; ++u) {
+          const int64_t d = ids[u] >= 0 ? ids[u] / localExperts - d0 : -1;
+          if (d >= 0 && d < 4) goes |= 1ull << (16 * d);
+        }
       }
-      int total = 0;
-      const int before = sendGroupScan(goes, &total, scratch);
-      if (t < last) {
-        p.pos[static_cast<int64_t>(t) * p.numRanks + dest] = goes ? running + before : -1;
-        if (goes && dest == p.rank) p.selfToken[channel * p.chunkRows + running + before] = t;
+      uint64_t total = 0;
+      const uint64_t before = sendGroupScan4(goes, &total, scratch);
+#pragma unroll
+      for (int j = 0; j < 4 && d0 + j < p.numRanks; ++j) {
+        const int dest = d0 + j;
+        const int ordinal = running[j] + field16(before, j);
+        if (t < last) {
+          const bool to = field16(goes, j) != 0;
+          p.pos[static_cast<int64_t>(t) * p.numRanks + dest] = to ? ordinal : -1;
+          if (to && dest == p.rank) p.selfToken[channel * p.chunkRows + ordinal] = t;
+        }
+        running[j] += field16(total, j);
       }
-      running += total;
     }
-    if (threadIdx.x == 0) p.chanCount[channel * p.numRanks + dest] = running;
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < 4 && d0 + j < p.numRanks; ++j) p.chanCount[channel * p.numRanks + d0 + j] = running[j];
+    }
   }
   groupBarrier(kBarrierSend, kSendThreads);
 }
@@ -479,7 +496,7 @@ __device__ void publishCounts(const IntranodeParams& p, int op, int channel, uin
 // ---- Notify ------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
-  __shared__ int scratch[kWarps];
+  __shared__ uint64_t scratch[kWarps];
   __shared__ int totalRows;
   int* total = &totalRows;
   const int channel = blockIdx.x;
@@ -763,7 +780,7 @@ constexpr int kSendBulk = 2;       // bulk loads and bulk stores (variant 3)
 
 // Sending threads, after the acks: channel c's routing (when this call computes it) and counts,
 // sent[] zeroed; [first, last) its tokens.
-__device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
+__device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch, int* sent,
                               int* first, int* last) {
   MC_PROFILE(kOpDispatch, 1, 0);
   channelTokens(p.numTokens, p.numChannels, channel, first, last);
@@ -808,7 +825,7 @@ __device__ __forceinline__ void releaseTail(const IntranodeParams& p, int channe
 }
 
 template <int kBatch, int kSendMode, bool kPullX = false>
-__device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, int* scratch, int* sent,
+__device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch, int* sent,
                              int* posBatch, int* direct, uint8_t* dynamicShared) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -1335,7 +1352,7 @@ constexpr int kDispatchVariantPullX = kDispatchVariants;
 template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
   extern __shared__ __align__(16) int shared[];
-  __shared__ int scratch[kWarps];
+  __shared__ uint64_t scratch[kWarps];
   __shared__ int flag;
   const int R = p.numRanks;
   int* sent = shared;
