@@ -11,6 +11,7 @@ namespace device {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kIdsAtOnce = 8;  // expert ids of a token loaded together
 
 __global__ void layoutKernel(LayoutParams p) {
   extern __shared__ int sharedCounts[];  // [numExperts] then [numRanks]
@@ -22,24 +23,39 @@ __global__ void layoutKernel(LayoutParams p) {
   const int expertsPerRank = p.numExperts / p.numRanks;
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < p.numTokens; t += gridDim.x * blockDim.x) {
     const int64_t row = static_cast<int64_t>(t) * p.topk;
-    for (int k = 0; k < p.topk; ++k) {
-      const int64_t expert = loadExpertId(p.topkIdx, p.topkIdxIs64, row + k);
-      if (expert == -1) continue;
-      if (expert < -1 || expert >= p.numExperts) {
-        atomicCAS(p.badEntry, 0, static_cast<int>(row + k) + 1);
-        continue;
-      }
-      atomicAdd(&expertCounts[expert], 1);
-      const int rank = static_cast<int>(expert / expertsPerRank);
-      // A token goes to a rank once, however many of its experts live there.
-      bool seen = false;
-      for (int j = 0; j < k && !seen; ++j) {
-        const int64_t other = loadExpertId(p.topkIdx, p.topkIdxIs64, row + j);
-        seen = other >= 0 && other < p.numExperts && other / expertsPerRank == rank;
-      }
-      if (!seen) {
-        atomicAdd(&rankCounts[rank], 1);
-        if (p.isTokenInRank) p.isTokenInRank[static_cast<int64_t>(t) * p.numRanks + rank] = 1;
+    uint64_t ranksSeen = 0;  // up to 64 ranks: the ranks this token's earlier entries go to
+    for (int k0 = 0; k0 < p.topk; k0 += kIdsAtOnce) {
+      // A group of ids loaded before any is used: one round trip to memory, not one per id.
+      int64_t ids[kIdsAtOnce];
+#pragma unroll
+      for (int u = 0; u < kIdsAtOnce; ++u)
+        ids[u] = k0 + u < p.topk ? loadExpertId(p.topkIdx, p.topkIdxIs64, row + k0 + u) : -1;
+#pragma unroll
+      for (int u = 0; u < kIdsAtOnce; ++u) {
+        const int k = k0 + u;
+        const int64_t expert = ids[u];
+        if (k >= p.topk || expert == -1) continue;
+        if (expert < -1 || expert >= p.numExperts) {
+          atomicCAS(p.badEntry, 0, static_cast<int>(row + k) + 1);
+          continue;
+        }
+        atomicAdd(&expertCounts[expert], 1);
+        const int rank = static_cast<int>(expert / expertsPerRank);
+        // A token goes to a rank once, however many of its experts live there.
+        bool seen = false;
+        if (p.numRanks <= 64) {
+          seen = ((ranksSeen >> rank) & 1) != 0;
+          ranksSeen |= 1ull << rank;
+        } else {
+          for (int j = 0; j < k && !seen; ++j) {
+            const int64_t other = loadExpertId(p.topkIdx, p.topkIdxIs64, row + j);
+            seen = other >= 0 && other < p.numExperts && other / expertsPerRank == rank;
+          }
+        }
+        if (!seen) {
+          atomicAdd(&rankCounts[rank], 1);
+          if (p.isTokenInRank) p.isTokenInRank[static_cast<int64_t>(t) * p.numRanks + rank] = 1;
+        }
       }
     }
   }
