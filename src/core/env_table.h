@@ -50,9 +50,9 @@
     "Normal-mode dispatch stores x rows straight into the destinations' recvX when every rank's recvX lies in "  \
     "moecommMemAlloc memory at the same offset (default kernels only): 1 when possible, 0 never.")              \
   X(EpDispatchPullX, "MOECOMM_EP_DISPATCH_PULL_X", Int, "0",                                                    \
-    "Developer, not yet measured: 1 makes the normal-mode receivers read x rows from the sources' x when "      \
-    "every rank's x lies in moecommMemAlloc memory at the same offset (the senders push only scales, ids, "     \
-    "weights and token; default kernels only); 0 never.")                                                       \
+    "Developer, measured slower on 2 GPUs: 1 makes the normal-mode receivers read x rows from the sources' x "  \
+    "when every rank's x lies in moecommMemAlloc memory at the same offset (the senders push only scales, "     \
+    "ids, weights and token; default kernels only); 0 never.")                                                  \
   X(EpRingStages, "MOECOMM_EP_RING_STAGES", Int, "4",                                                           \
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \
