@@ -786,7 +786,7 @@ __device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t se
   channelTokens(p.numTokens, p.numChannels, channel, first, last);
   if (p.route) routeChannel(p, channel, *first, *last, scratch);
   MC_PROFILE(kOpDispatch, 2, 0);
-  if (!p.countsKnown) publishCounts(p, kOpDispatch, channel, sequence);  // (else the receivers know them)
+  publishCounts(p, kOpDispatch, channel, sequence);
   MC_PROFILE(kOpDispatch, 3, 0);
   for (int d = threadIdx.x; d < p.numRanks; d += kSendThreads) sent[d] = 0;
 }
@@ -1190,17 +1190,23 @@ __device__ __forceinline__ void publishDispatchSpan(const IntranodeParams& p, in
   publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpDispatch, channel, sequence, first, held);
 }
 
-// Receiving threads: every (channel, source) count word of this call, then this channel's
-// offsets[s] and counts[s] (kept in the handle as recvOffset / recvCount), done[s] zeroed, the
-// call's totals (channel 0), and for the direct dispatch every source told where its rows go.
-__device__ void receiveCounts(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets,
-                                           int* counts, int* done, int* rowsTable) {
+template <int kVariant, bool kPullX = false>
+__device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
+                                int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
+  const int lane = threadIdx.x & 31;
+  const int warp = tid >> 5;
   const int R = p.numRanks;
   const int C = p.numChannels;
   const int localExperts = p.numExperts / R;
-  // The row offsets need all of them. The rows of each go to rowsTable[c * R + s], so the
-  // offsets below read shared memory only.
+  if (p.dispatchDirect && p.spansKnown) {
+    for (int s = tid; s < R; s += kRecvThreads) {
+      if (s != p.rank)
+        publishDispatchSpan(p, s, channel, sequence, p.recvOffset[s * C + channel], p.recvCount[s * C + channel]);
+    }
+  }
+  // Every (channel, source) count word of this call: the row offsets need all of them. The
+  // rows of each go to rowsTable[c * R + s], so the offsets below read shared memory only.
   for (int i = tid; i < C * R; i += kRecvThreads) {
     const int c = i / R;
     const int s = i % R;
@@ -1235,7 +1241,8 @@ __device__ void receiveCounts(const IntranodeParams& p, int channel, uint64_t se
     p.recvOffset[s * C + channel] = offsets[s];
     p.recvCount[s * C + channel] = counts[s];
     done[s] = 0;
-    if (p.dispatchDirect && s != p.rank) publishDispatchSpan(p, s, channel, sequence, offsets[s], counts[s]);
+    if (p.dispatchDirect && !p.spansKnown && s != p.rank)
+      publishDispatchSpan(p, s, channel, sequence, offsets[s], counts[s]);
   }
   if (channel == 0 && p.outPerExpert != nullptr) {
     for (int le = tid; le < localExperts; le += kRecvThreads) {
@@ -1245,34 +1252,6 @@ __device__ void receiveCounts(const IntranodeParams& p, int channel, uint64_t se
       }
       p.outPerExpert[le] = (sum + p.alignment - 1) / p.alignment * p.alignment;
     }
-  }
-}
-
-template <int kVariant, bool kPullX = false>
-__device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
-                                int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
-  const int tid = threadIdx.x - kSendThreads;
-  const int lane = threadIdx.x & 31;
-  const int warp = tid >> 5;
-  const int R = p.numRanks;
-  const int C = p.numChannels;
-  if (p.countsKnown) {
-    // A dispatch with this handle ran before: its offsets and counts stand (no count exchange),
-    // and the direct dispatch's sources learn at once where their rows go.
-    for (int s = tid; s < R; s += kRecvThreads) {
-      offsets[s] = p.recvOffset[s * C + channel];
-      counts[s] = p.recvCount[s * C + channel];
-      done[s] = 0;
-      if (p.dispatchDirect && s != p.rank) publishDispatchSpan(p, s, channel, sequence, offsets[s], counts[s]);
-    }
-    if (channel == 0 && tid == 0) {
-      const int rows = *p.numRecv;
-      if (p.outNumRecv != nullptr) *p.outNumRecv = rows;
-      if (rows > p.recvCapacity) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
-    }
-    MC_PROFILE(kOpDispatch, 5, kSendThreads);
-  } else {
-    receiveCounts(p, channel, sequence, offsets, counts, done, rowsTable);
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
 

@@ -280,7 +280,7 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
-    p.countsKnown = target->sourceInfoKnown && args->recvTokensPerExpert == nullptr ? 1 : 0;
+    p.spansKnown = target->sourceInfoKnown ? 1 : 0;
     // (direct runs the default kernels: no rings)
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
