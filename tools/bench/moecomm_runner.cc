@@ -21,10 +21,10 @@ class NormalRunner {
   ~NormalRunner() {
     if (handle_ != nullptr) moecommEpHandleDestroy(handle_);
     if (ep_ != nullptr) moecommEpDestroy(ep_);
-    if (symmetric_) {  // collective, as the allocations
-      if (o_.symmetricX) (void)moecommMemFree(c_.comm, x_);
-      (void)moecommMemFree(c_.comm, expertIn_);
-      (void)moecommMemFree(c_.comm, recvX_);
+    if (symmetric_) {  // collective, as the allocations (those made before a failed one too)
+      if (o_.symmetricX && x_ != nullptr) (void)moecommMemFree(c_.comm, x_);
+      if (expertIn_ != nullptr) (void)moecommMemFree(c_.comm, expertIn_);
+      if (recvX_ != nullptr) (void)moecommMemFree(c_.comm, recvX_);
     }
   }
   bool Run();
@@ -77,12 +77,12 @@ void NormalRunner::Setup() {
   tokensPerRank_ = static_cast<int*>(p_.Alloc(sizeof(int) * c_.nranks, "tokens_per_rank"));
   packed_ = static_cast<uint8_t*>(p_.Alloc(capacity_ * DispatchRowBytes(o_.dtype, o_.hidden), "packed rows"));
   if (o_.symmetricBuffers) {
+    symmetric_ = true;
     moecommResult_t result = moecommMemAlloc(c_.comm, &recvX_, capacity_ * xRowBytes_);
     if (result == moecommSuccess) result = moecommMemAlloc(c_.comm, &expertIn_, capacity_ * o_.hidden * 2);
     // (every rank has the same T, so x sits at the same offset everywhere: the pulled dispatch)
     if (result == moecommSuccess && o_.symmetricX) result = moecommMemAlloc(c_.comm, &x_, tokens.x.size());
     if (result != moecommSuccess) Fail("moecommMemAlloc (recv_x, combine input, x)", result);
-    symmetric_ = true;
   } else {
     recvX_ = p_.Alloc(capacity_ * xRowBytes_, "recv_x");
     expertIn_ = p_.Alloc(capacity_ * o_.hidden * 2, "combine input");
