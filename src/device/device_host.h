@@ -160,9 +160,6 @@ struct IntranodeParams {
   // allocation at the same offset, so senders store x rows straight into the destination's
   // recvX (the rest of a row still goes through the staging area).
   int dispatchDirect;
-  // A dispatch with this handle ran before, so recvOffset / recvCount already hold where its rows
-  // go: the direct dispatch's receivers tell the sources at once instead of after the counts.
-  int spansKnown;
   void* const* recvXPeers;  // device table [R]: the allocation holding recvX, as this rank maps it
   uint64_t recvXOffset;
   // Pulled dispatch (MOECOMM_EP_DISPATCH_PULL_X; docs/ep-normal-gpu.md): every rank's x lies in

@@ -1181,15 +1181,6 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-// Direct dispatch: tells source s where its rows of this channel go in recvX (from row
-// `first`, `count` of them), and how many fit; the senders wait for this before their first row
-// (dispatchSend).
-__device__ __forceinline__ void publishDispatchSpan(const IntranodeParams& p, int s, int channel, uint64_t sequence,
-                                                    int first, int count) {
-  const int held = max(0, min(count, p.recvCapacity - first));
-  publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpDispatch, channel, sequence, first, held);
-}
-
 template <int kVariant, bool kPullX = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
@@ -1199,12 +1190,6 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   const int R = p.numRanks;
   const int C = p.numChannels;
   const int localExperts = p.numExperts / R;
-  if (p.dispatchDirect && p.spansKnown) {
-    for (int s = tid; s < R; s += kRecvThreads) {
-      if (s != p.rank)
-        publishDispatchSpan(p, s, channel, sequence, p.recvOffset[s * C + channel], p.recvCount[s * C + channel]);
-    }
-  }
   // Every (channel, source) count word of this call: the row offsets need all of them. The
   // rows of each go to rowsTable[c * R + s], so the offsets below read shared memory only.
   for (int i = tid; i < C * R; i += kRecvThreads) {
@@ -1241,8 +1226,12 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     p.recvOffset[s * C + channel] = offsets[s];
     p.recvCount[s * C + channel] = counts[s];
     done[s] = 0;
-    if (p.dispatchDirect && !p.spansKnown && s != p.rank)
-      publishDispatchSpan(p, s, channel, sequence, offsets[s], counts[s]);
+    if (p.dispatchDirect && s != p.rank) {
+      // Direct dispatch: tell source s where its rows of this channel go in recvX, and how
+      // many fit (the senders wait for this before their first row; see dispatchSend).
+      const int held = max(0, min(counts[s], p.recvCapacity - offsets[s]));
+      publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpDispatch, channel, sequence, offsets[s], held);
+    }
   }
   if (channel == 0 && p.outPerExpert != nullptr) {
     for (int le = tid; le < localExperts; le += kRecvThreads) {

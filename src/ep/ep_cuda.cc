@@ -280,7 +280,6 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
-    p.spansKnown = target->sourceInfoKnown ? 1 : 0;
     // (direct runs the default kernels: no rings)
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
