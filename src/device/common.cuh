@@ -11,6 +11,16 @@ __device__ __forceinline__ int64_t loadExpertId(const void* topkIdx, int topkIdx
                      : static_cast<int64_t>(static_cast<const int32_t*>(topkIdx)[index]);
 }
 
+// A token's expert ids [k0, k0 + kIdGroup) (-1 past topk), all loaded before any is used: one
+// round trip to memory for the group, not one per id (where a store or an atomic follows each
+// id, the compiler would not hoist the next loads above it). load(k) reads id k.
+constexpr int kIdGroup = 8;
+template <typename Load>
+__device__ __forceinline__ void loadIdGroup(int64_t (&ids)[kIdGroup], int k0, int topk, Load load) {
+#pragma unroll
+  for (int u = 0; u < kIdGroup; ++u) ids[u] = k0 + u < topk ? load(k0 + u) : -1;
+}
+
 // System-scope acquire load / release store of a 64-bit flag (peer or host visible).
 __device__ __forceinline__ uint64_t loadAcquireSys(const uint64_t* address) {
   uint64_t value;

@@ -405,16 +405,6 @@ __device__ __forceinline__ int field16(uint64_t packed, int j) {
   return static_cast<int>((packed >> (16 * j)) & 0xffff);
 }
 
-// A token's expert ids [k0, k0 + kRouteIds) (-1 past topk), all loaded before any is used: one
-// round trip to memory for the group rather than one per id (the stores that follow each load
-// could alias the next id, so the compiler would not hoist the loads itself).
-constexpr int kRouteIds = 8;
-template <typename Load>
-__device__ __forceinline__ void loadRouteIds(int64_t (&ids)[kRouteIds], int k0, int topk, Load load) {
-#pragma unroll
-  for (int u = 0; u < kRouteIds; ++u) ids[u] = k0 + u < topk ? load(k0 + u) : -1;
-}
-
 // Computes channel c's routing into the handle: normalized ids, per-rank ordinals (pos),
 // per-rank counts and per-expert counts. Sending threads only.
 __device__ void routeChannel(const IntranodeParams& p, int channel, int first, int last, uint64_t* scratch) {
@@ -423,12 +413,12 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
   for (int e = threadIdx.x; e < p.numExperts; e += kSendThreads) chanExpert[e] = 0;
   groupBarrier(kBarrierSend, kSendThreads);
   for (int t = first + threadIdx.x; t < last; t += kSendThreads) {
-    for (int k0 = 0; k0 < p.topk; k0 += kRouteIds) {
-      int64_t ids[kRouteIds];
-      loadRouteIds(ids, k0, p.topk,
-                   [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k); });
+    for (int k0 = 0; k0 < p.topk; k0 += kIdGroup) {
+      int64_t ids[kIdGroup];
+      loadIdGroup(ids, k0, p.topk,
+                  [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, static_cast<int64_t>(t) * p.topk + k); });
 #pragma unroll
-      for (int u = 0; u < kRouteIds && k0 + u < p.topk; ++u) {
+      for (int u = 0; u < kIdGroup && k0 + u < p.topk; ++u) {
         const int64_t e = ids[u];
         const bool valid = e >= 0 && e < p.numExperts;
         if (e < -1 || e >= p.numExperts) raiseError(p, kErrorInvalidArgument, p.rank, channel, kOpDispatch);
@@ -445,11 +435,11 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
     for (int base = first; base < last; base += kSendThreads) {
       const int t = base + threadIdx.x;
       uint64_t goes = 0;
-      for (int k0 = 0; t < last && k0 < p.topk; k0 += kRouteIds) {
-        int64_t ids[kRouteIds];
-        loadRouteIds(ids, k0, p.topk, [&](int k) { return p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k]; });
+      for (int k0 = 0; t < last && k0 < p.topk; k0 += kIdGroup) {
+        int64_t ids[kIdGroup];
+        loadIdGroup(ids, k0, p.topk, [&](int k) { return p.handleIdx[static_cast<int64_t>(t) * p.idxStride + k]; });
 #pragma unroll
-        for (int u = 0; u < kRouteIds; ++u) {
+        for (int u = 0; u < kIdGroup; ++u) {
           const int64_t d = ids[u] >= 0 ? ids[u] / localExperts - d0 : -1;
           if (d >= 0 && d < 4) goes |= 1ull << (16 * d);
         }

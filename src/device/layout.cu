@@ -11,7 +11,6 @@ namespace device {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kIdsAtOnce = 8;  // expert ids of a token loaded together
 
 __global__ void layoutKernel(LayoutParams p) {
   extern __shared__ int sharedCounts[];  // [numExperts] then [numRanks]
@@ -24,14 +23,11 @@ __global__ void layoutKernel(LayoutParams p) {
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < p.numTokens; t += gridDim.x * blockDim.x) {
     const int64_t row = static_cast<int64_t>(t) * p.topk;
     uint64_t ranksSeen = 0;  // up to 64 ranks: the ranks this token's earlier entries go to
-    for (int k0 = 0; k0 < p.topk; k0 += kIdsAtOnce) {
-      // A group of ids loaded before any is used: one round trip to memory, not one per id.
-      int64_t ids[kIdsAtOnce];
+    for (int k0 = 0; k0 < p.topk; k0 += kIdGroup) {
+      int64_t ids[kIdGroup];
+      loadIdGroup(ids, k0, p.topk, [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, row + k); });
 #pragma unroll
-      for (int u = 0; u < kIdsAtOnce; ++u)
-        ids[u] = k0 + u < p.topk ? loadExpertId(p.topkIdx, p.topkIdxIs64, row + k0 + u) : -1;
-#pragma unroll
-      for (int u = 0; u < kIdsAtOnce; ++u) {
+      for (int u = 0; u < kIdGroup; ++u) {
         const int k = k0 + u;
         const int64_t expert = ids[u];
         if (k >= p.topk || expert == -1) continue;

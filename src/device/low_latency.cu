@@ -564,14 +564,11 @@ constexpr bool kEarlySequence = MOECOMM_LL_EARLY_SEQUENCE != 0;
 __device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
   const int64_t row = static_cast<int64_t>(t) * p.topk;
   if constexpr (kListLoads) {
-    constexpr int kGroup = 8;
-    for (int k0 = 0; k0 < p.topk; k0 += kGroup) {
-      int64_t ids[kGroup];
+    for (int k0 = 0; k0 < p.topk; k0 += kIdGroup) {
+      int64_t ids[kIdGroup];
+      loadIdGroup(ids, k0, p.topk, [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, row + k); });
 #pragma unroll
-      for (int j = 0; j < kGroup; ++j)
-        ids[j] = k0 + j < p.topk ? loadExpertId(p.topkIdx, p.topkIdxIs64, row + k0 + j) : -1;
-#pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
+      for (int j = 0; j < kIdGroup; ++j) {
         if (ids[j] == expert) return k0 + j;
       }
     }
