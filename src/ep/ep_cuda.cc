@@ -658,8 +658,6 @@ class CudaEpBackend : public EpBackend {
     return moecommSuccess;
   }
 
-  // True when `mine` says "direct is possible here" (mine[0] == 1) and every rank's entry of
-  // `all` (rank-major, mine.size() each) equals it.
   // Whether entries [first, first + count) of every rank's payload (all: the ranks' payloads one
   // after another) equal this rank's, the first of them being 1 (this rank may go direct).
   static bool sameEverywhere(const std::vector<int64_t>& mine, const std::vector<int64_t>& all, size_t first = 0,
