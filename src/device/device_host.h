@@ -49,8 +49,9 @@ constexpr int kOps = 3;
 // (a new handle) apart from the last dispatch of any kind.
 constexpr int kProfileDispatchRouted = kOps;
 // Control word kinds per (op, channel, rank) in the symmetric buffer: count (even and odd
-// sequence), tail, ack, and the direct paths' first row and rows held (intranode.cu).
-constexpr int kCtrlKinds = 6;
+// sequence), tail, ack, and the direct paths' first row and rows held (even and odd sequence;
+// intranode.cu).
+constexpr int kCtrlKinds = 8;
 
 // Developer variants of the normal-mode receivers (MOECOMM_EP_DISPATCH_VARIANT,
 // MOECOMM_EP_COMBINE_VARIANT; docs/ep-normal-gpu.md, "Variants"). 0 is the default kernel.
@@ -160,6 +161,10 @@ struct IntranodeParams {
   // allocation at the same offset, so senders store x rows straight into the destination's
   // recvX (the rest of a row still goes through the staging area).
   int dispatchDirect;
+  // A dispatch with this handle ran before (launched outside stream capture, so recvOffset /
+  // recvCount hold its layout by the time this kernel runs): the direct dispatch's receivers
+  // tell the sources where their rows go at once instead of after the count exchange.
+  int spansKnown;
   void* const* recvXPeers;  // device table [R]: the allocation holding recvX, as this rank maps it
   uint64_t recvXOffset;
   // Pulled dispatch (MOECOMM_EP_DISPATCH_PULL_X; docs/ep-normal-gpu.md): every rank's x lies in

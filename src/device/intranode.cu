@@ -70,10 +70,12 @@ constexpr int kCtrlAck = 2;
 constexpr int kCtrlCountOdd = 3;  // count words of odd sequence numbers (see countWord)
 // Direct dispatch: the destination's first row of (source, channel) in its recvX and how many of
 // those rows fit its recvCapacity; direct combine: the same for the rows a rank holds in its
-// combineX (publishRowSpan).
+// combineX (publishRowSpan). Two pairs, for even and odd sequence numbers (see spanKinds).
 constexpr int kCtrlBase = 4;
 constexpr int kCtrlHeld = 5;
-static_assert(kCtrlHeld < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
+constexpr int kCtrlBaseOdd = 6;
+constexpr int kCtrlHeldOdd = 7;
+static_assert(kCtrlHeldOdd < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
 // timer at fixed points of the last call (see intranodeProfile).
@@ -215,23 +217,34 @@ __device__ __forceinline__ int rowsOf(uint64_t word, uint64_t sequence) {
   return (word >> 32) == tagOf(sequence) ? static_cast<int>(word & 0xffffffffull) : 0;
 }
 
+// The span words of a call: {first row, rows held} kinds, a pair per sequence parity. A direct
+// dispatch's receiver with a reused handle publishes call n+1's span at its kernel's start,
+// when a source that sends it no rows on the channel may not have read call n's yet; call
+// n+2's may overwrite call n's, because the receiver's call n+1 waited for every source's count
+// words of n+1, published after the source's whole kernel of call n.
+__device__ __forceinline__ int2 spanKinds(uint64_t sequence) {
+  return (sequence & 1) != 0 ? make_int2(kCtrlBaseOdd, kCtrlHeldOdd) : make_int2(kCtrlBase, kCtrlHeld);
+}
+
 // Direct dispatch and combine: a rank tells `owner` where the rows of (owner, channel) start in
 // its buffer and how many it holds there: the first row plainly, then the rows held with
-// release, both tagged with the call, in the owner's control words of the two kinds.
-__device__ __forceinline__ void publishRowSpan(const IntranodeParams& p, int owner, int firstKind, int heldKind, int op,
-                                               int channel, uint64_t sequence, int first, int held) {
-  *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, owner, firstKind, op, channel, p.rank)) = packWord(sequence, first);
-  storeReleaseSys(ctrlWord(p, owner, heldKind, op, channel, p.rank), packWord(sequence, held));
+// release, both tagged with the call, in the owner's span words of the call (spanKinds).
+__device__ __forceinline__ void publishRowSpan(const IntranodeParams& p, int owner, int op, int channel,
+                                               uint64_t sequence, int first, int held) {
+  const int2 kinds = spanKinds(sequence);
+  *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, owner, kinds.x, op, channel, p.rank)) = packWord(sequence, first);
+  storeReleaseSys(ctrlWord(p, owner, kinds.y, op, channel, p.rank), packWord(sequence, held));
 }
 
 // Waits for the span rank `from` published into this rank's words (bounded; a timeout leaves
 // 0 rows held): {first row, rows held}.
-__device__ __forceinline__ int2 awaitRowSpan(const IntranodeParams& p, int firstKind, int heldKind, int op, int channel,
-                                             int from, uint64_t sequence) {
+__device__ __forceinline__ int2 awaitRowSpan(const IntranodeParams& p, int op, int channel, int from,
+                                             uint64_t sequence) {
+  const int2 kinds = spanKinds(sequence);
   const uint64_t word = waitWord(
-      p, ctrlWord(p, p.rank, heldKind, op, channel, from), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
+      p, ctrlWord(p, p.rank, kinds.y, op, channel, from), [&](uint64_t v) { return (v >> 32) == tagOf(sequence); },
       from, channel, op);
-  const uint64_t first = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, firstKind, op, channel, from));
+  const uint64_t first = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kinds.x, op, channel, from));
   return make_int2(rowsOf(first, sequence), rowsOf(word, sequence));
 }
 
@@ -788,7 +801,7 @@ __device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t se
 __device__ void awaitSpans(const IntranodeParams& p, int op, int c, uint64_t sequence, int* table, int threads) {
   const int R = p.numRanks;
   for (int r = threadIdx.x; r < R; r += threads) {
-    const int2 span = r != p.rank ? awaitRowSpan(p, kCtrlBase, kCtrlHeld, op, c, r, sequence) : make_int2(0, 0);
+    const int2 span = r != p.rank ? awaitRowSpan(p, op, c, r, sequence) : make_int2(0, 0);
     table[r] = span.x;
     table[R + r] = span.y;
   }
@@ -1171,6 +1184,15 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
+// Direct dispatch: tells source s where its rows of this channel go in recvX (from row
+// `first`, `count` of them), and how many fit; the senders wait for this before their first row
+// (dispatchSend).
+__device__ __forceinline__ void publishDispatchSpan(const IntranodeParams& p, int s, int channel, uint64_t sequence,
+                                                    int first, int count) {
+  const int held = max(0, min(count, p.recvCapacity - first));
+  publishRowSpan(p, s, kOpDispatch, channel, sequence, first, held);
+}
+
 template <int kVariant, bool kPullX = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
@@ -1180,6 +1202,14 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   const int R = p.numRanks;
   const int C = p.numChannels;
   const int localExperts = p.numExperts / R;
+  // A handle whose offsets an earlier dispatch left on the device (the same layout, so the same
+  // offsets as the counts below give): the spans go out at once, not after every count word.
+  if (p.dispatchDirect && p.spansKnown) {
+    for (int s = tid; s < R; s += kRecvThreads) {
+      if (s != p.rank)
+        publishDispatchSpan(p, s, channel, sequence, p.recvOffset[s * C + channel], p.recvCount[s * C + channel]);
+    }
+  }
   // Every (channel, source) count word of this call: the row offsets need all of them. The
   // rows of each go to rowsTable[c * R + s], so the offsets below read shared memory only.
   for (int i = tid; i < C * R; i += kRecvThreads) {
@@ -1216,12 +1246,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     p.recvOffset[s * C + channel] = offsets[s];
     p.recvCount[s * C + channel] = counts[s];
     done[s] = 0;
-    if (p.dispatchDirect && s != p.rank) {
-      // Direct dispatch: tell source s where its rows of this channel go in recvX, and how
-      // many fit (the senders wait for this before their first row; see dispatchSend).
-      const int held = max(0, min(counts[s], p.recvCapacity - offsets[s]));
-      publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpDispatch, channel, sequence, offsets[s], held);
-    }
+    if (p.dispatchDirect && !p.spansKnown && s != p.rank)
+      publishDispatchSpan(p, s, channel, sequence, offsets[s], counts[s]);
   }
   if (channel == 0 && p.outPerExpert != nullptr) {
     for (int le = tid; le < localExperts; le += kRecvThreads) {
@@ -1472,7 +1498,7 @@ __device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64
     if (s == p.rank) continue;
     const int first = p.recvOffset[s * C + channel];
     const int held = max(0, min(p.recvCount[s * C + channel], p.recvCapacity - first));
-    publishRowSpan(p, s, kCtrlBase, kCtrlHeld, kOpCombine, channel, sequence, first, held);
+    publishRowSpan(p, s, kOpCombine, channel, sequence, first, held);
   }
   awaitSpans(p, kOpCombine, channel, sequence, table, blockDim.x);
   __syncthreads();

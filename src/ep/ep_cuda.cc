@@ -89,6 +89,9 @@ struct HandleDevice {
   // completed, nothing queued so far reads or writes the block.
   cudaEvent_t used = nullptr;
   bool captured = false;  // a launch using the block went into a graph: never pooled
+  // A dispatch with this handle was launched outside stream capture: recvOffset / recvCount
+  // hold its layout for every later launch (a captured one fills them only when replayed).
+  bool layoutOnDevice = false;
 };
 
 // Routing blocks of destroyed handles kept for the next handles (moecommEpHandleDestroy would
@@ -280,6 +283,7 @@ class CudaEpBackend : public EpBackend {
     p.outNumRecv = args->numRecvTokens;
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
+    p.spansKnown = direct && handles_.at(target).layoutOnDevice ? 1 : 0;
     // (direct runs the default kernels: no rings)
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
@@ -296,7 +300,11 @@ class CudaEpBackend : public EpBackend {
       return status;
     }
     target->sourceInfoKnown = true;
-    handles_.at(target).recvCapacity = args->recvCapacity;
+    HandleDevice& device = handles_.at(target);
+    device.recvCapacity = args->recvCapacity;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusActive;
+    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) (void)cudaGetLastError();
+    if (capture == cudaStreamCaptureStatusNone) device.layoutOnDevice = true;
     if (route) *handle = target;
     return moecommSuccess;
   }
