@@ -1243,6 +1243,12 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   }
   groupBarrier(kBarrierRecv, kRecvThreads);
   for (int s = tid; s < R; s += kRecvThreads) {
+    // Early spans came from the handle: a source that routes differently (the ranks did not
+    // reuse handles of the same routing) got a wrong one, so its rows are misplaced. Said, not
+    // hidden (the rows stay inside recvX: a source stores only the rows the span holds).
+    if (p.dispatchDirect && p.spansKnown && s != p.rank &&
+        (p.recvOffset[s * C + channel] != offsets[s] || p.recvCount[s * C + channel] != counts[s]))
+      raiseError(p, kErrorInvalidArgument, s, channel, kOpDispatch);
     p.recvOffset[s * C + channel] = offsets[s];
     p.recvCount[s * C + channel] = counts[s];
     done[s] = 0;

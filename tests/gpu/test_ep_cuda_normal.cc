@@ -1715,5 +1715,75 @@ TEST_F(EpCudaNormal, BufferSizeHint) {
   EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << moecommGetLastError(comm_);
 }
 
+// Ranks that reuse handles of different routings (a misuse, docs/ep-semantics.md) are told:
+// two handles are made, routing A (every rank's tokens spread over all ranks) and routing B
+// (every token to rank 0's experts); then rank 0 dispatches again with A and the others with
+// B, recvX in moecommMemAlloc memory at one offset (direct dispatch, whose receivers take the
+// spans from the handle). Every receiver finds counts other than its handle's and reports
+// moecommInvalidArgument; the call still ends (no timeout). Kept last: the communicator's
+// asynchronous error stays set.
+TEST_F(EpCudaNormal, MismatchedHandlesAreReported) {
+  constexpr int kT = 64, kH = 2048, kK = 4;
+  const int E = 8 * nranks_;
+  moecommResult_t before = moecommSuccess;
+  moecommCommGetAsyncError(comm_, &before);
+  ASSERT_EQ(before, moecommSuccess) << "an earlier test left an asynchronous error; this one needs none";
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = E;
+  config.hidden = kH;
+  config.maxTokensPerRank = kT;
+  config.topk = kK;
+  config.numSms = 4;
+  moecommEp_t ep = nullptr;
+  ASSERT_EQ(moecommEpCreate(comm_, &config, &ep), moecommSuccess) << moecommGetLastError(comm_);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  {
+    DeviceBuffer x, idxA, idxB, recvX;
+    const size_t recvBytes = static_cast<size_t>(nranks_) * kT * kH * 2;
+    ASSERT_EQ(x.Allocate(static_cast<size_t>(kT) * kH * 2), cudaSuccess);
+    ASSERT_EQ(idxA.Allocate(static_cast<size_t>(kT) * kK * 8), cudaSuccess);
+    ASSERT_EQ(idxB.Allocate(static_cast<size_t>(kT) * kK * 8), cudaSuccess);
+    ASSERT_EQ(recvX.AllocateSymmetric(comm_, recvBytes, recvBytes, 0), "");
+    std::vector<int64_t> a(static_cast<size_t>(kT) * kK), b(a.size());
+    for (int t = 0; t < kT; ++t) {
+      for (int k = 0; k < kK; ++k) {
+        a[static_cast<size_t>(t) * kK + k] = (t + k * (E / kK)) % E;  // distinct, over every rank
+        b[static_cast<size_t>(t) * kK + k] = k;                       // rank 0's experts only
+      }
+    }
+    ASSERT_EQ(idxA.Upload(a, stream), cudaSuccess);
+    ASSERT_EQ(idxB.Upload(b, stream), cudaSuccess);
+    ASSERT_EQ(cudaMemsetAsync(x.get(), 0, x.bytes(), stream), cudaSuccess);
+    auto dispatch = [&](const DeviceBuffer* idx, moecommEpHandle_t* handle) {
+      moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
+      args.numTokens = kT;
+      args.xType = moecommBfloat16;
+      args.x = x.get();
+      args.topkIdx = idx != nullptr ? idx->get() : nullptr;
+      args.topkIdxType = moecommInt64;
+      args.recvCapacity = nranks_ * kT;
+      args.recvX = recvX.get();
+      return moecommEpDispatch(ep, &args, handle, stream);
+    };
+    moecommEpHandle_t handleA = nullptr, handleB = nullptr;
+    ASSERT_EQ(dispatch(&idxA, &handleA), moecommSuccess) << moecommGetLastError(comm_);
+    ASSERT_EQ(dispatch(&idxB, &handleB), moecommSuccess) << moecommGetLastError(comm_);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    moecommResult_t now = moecommSuccess;
+    moecommCommGetAsyncError(comm_, &now);
+    ASSERT_EQ(now, moecommSuccess) << "the two routing dispatches reported " << moecommGetErrorString(now);
+    moecommEpHandle_t mine = rank_ == 0 ? handleA : handleB;
+    EXPECT_EQ(dispatch(nullptr, &mine), moecommSuccess) << moecommGetLastError(comm_);
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    moecommCommGetAsyncError(comm_, &now);
+    EXPECT_EQ(now, moecommInvalidArgument) << moecommGetErrorString(now);
+    EXPECT_EQ(moecommEpHandleDestroy(handleA), moecommSuccess);
+    EXPECT_EQ(moecommEpHandleDestroy(handleB), moecommSuccess);
+  }
+  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+  EXPECT_EQ(moecommEpDestroy(ep), moecommSuccess) << moecommGetLastError(comm_);
+}
+
 }  // namespace
 }  // namespace moecomm_gpu_test
