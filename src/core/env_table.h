@@ -40,9 +40,6 @@
   X(EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", Int, "1",                                                   \
     "Normal-mode combine reduction: 1 (default) deeper register pipeline on <= 8 ranks without bias, else 0; "  \
     "0 registers; 2 bulk copies into shared memory (developer sweep).")                                          \
-  X(EpCombineShare, "MOECOMM_EP_COMBINE_SHARE", Int, "0",                                                        \
-    "Developer sweep: how a direct combine (variant 1) shares a channel's tokens among its warps: 0 one token "  \
-    "per warp in turn; 1 a contiguous run of row passes per warp; 2 row passes dealt out in turn.")              \
   X(EpPull, "MOECOMM_EP_PULL", Int, "0",                                                                       \
     "Developer sweep: normal-mode rows that cross a link are pulled by the receivers from the sender's own "    \
     "staging instead of pushed into the receiver's: 1 dispatch, 2 combine, 3 both, 0 neither.")                 \

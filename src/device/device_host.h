@@ -124,8 +124,7 @@ struct IntranodeParams {
   int combineSendWarps;
   int dispatchVariant;
   int combineVariant;
-  int combineShare;  // MOECOMM_EP_COMBINE_SHARE (combineDirectShare)
-  int pull;          // MOECOMM_EP_PULL: bit 0 dispatch, bit 1 combine (see exchangeRow)
+  int pull;  // MOECOMM_EP_PULL: bit 0 dispatch, bit 1 combine (see exchangeRow)
   int ringStages;
   int ringStageBytes;
   uint64_t timeoutNs;  // bound of every spin-wait

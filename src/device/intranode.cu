@@ -1793,13 +1793,12 @@ __device__ void ackCombine(const IntranodeParams& p, int channel, uint64_t seque
     storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
-// Direct combine, variant 1 (every row already in place, so no waits), with
-// MOECOMM_EP_COMBINE_SHARE 1 or 2: the channel's tokens cut into passes of combineDeepGroup x
-// 32 chunks of a row (one round trip of loads each), shared by the warps as 1: a contiguous
-// run of passes each, the same number (+-1) for every warp; 2: dealt out in turn (warp w takes
-// passes w, w + warps, ...). One token per warp in turn (0, the old way) leaves warps idle at
-// the end: 170 tokens a channel at SM 24 (W-prefill, 2 ranks) gave 10 of 16 warps an 11th
-// token alone. Each output chunk is still one warp's sum, in the same order.
+// Direct combine, variant 1 (every row already in place, so no waits): the channel's tokens
+// cut into passes of combineDeepGroup x 32 chunks of a row (one round trip of loads each), and
+// each warp reduces a contiguous run of them, the same number (+-1) for every warp. One token
+// per warp left some warps idle at the end: 170 tokens a channel at SM 24 (W-prefill, 2
+// ranks) gave 10 of 16 warps an 11th token alone. Each output chunk is still one warp's sum,
+// in the same order.
 template <int kVariant>
 __device__ void combineDirectShare(const IntranodeParams& p, int channel, int first, int last, int warp, int lane) {
   const int R = p.numRanks;
@@ -1807,14 +1806,12 @@ __device__ void combineDirectShare(const IntranodeParams& p, int channel, int fi
   const int passChunks = 32 * combineDeepGroup(R);
   const int passes = (chunks + passChunks - 1) / passChunks;
   const int64_t units = static_cast<int64_t>(last - first) * passes;
-  const bool runs = p.combineShare == 1;
-  const int64_t end = runs ? units * (warp + 1) / kRecvWarps : units;
+  const int64_t end = units * (warp + 1) / kRecvWarps;
   MC_PROFILE(kOpCombine, 6, kSendThreads);
-  for (int64_t unit = runs ? units * warp / kRecvWarps : warp; unit < end;) {
+  for (int64_t unit = units * warp / kRecvWarps; unit < end;) {
     const int64_t token = unit / passes;
     const int pass = static_cast<int>(unit - token * passes);
-    // This warp's passes of the token end at `stop` (one pass when dealt out in turn).
-    const int64_t stop = runs ? min(end, (token + 1) * passes) : unit + 1;
+    const int64_t stop = min(end, (token + 1) * passes);  // this warp's passes of the token end here
     const int64_t t = first + token;
     const int* pos = p.pos + t * R;
     const int chunkEnd = min(chunks, static_cast<int>(stop - token * passes) * passChunks);
@@ -1824,7 +1821,7 @@ __device__ void combineDirectShare(const IntranodeParams& p, int channel, int fi
       combineTokenDeepWide(p, channel, t, pos, lane, pass * passChunks, chunkEnd);
     }
     if (pass == 0 && p.combinedWeights != nullptr) combineTokenWeights(p, channel, t, pos, lane);
-    unit = runs ? stop : unit + kRecvWarps;
+    unit = stop;
   }
 }
 
@@ -1842,7 +1839,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
   if constexpr (kVariant == kCombineVariantDeep || kVariant == kCombineVariantDeepWide) {
-    if (p.combineDirect && deep && aligned && p.combineShare != 0) {
+    if (p.combineDirect && deep && aligned) {
       combineDirectShare<kVariant>(p, channel, first, last, warp, lane);
       ackCombine(p, channel, sequence);
       return;

@@ -527,7 +527,6 @@ class CudaEpBackend : public EpBackend {
     p->dispatchVariant =
         pick(Env::EpDispatchVariant, "MOECOMM_EP_DISPATCH_VARIANT", 0, device::kDispatchVariants - 1, 0);
     p->combineVariant = pick(Env::EpCombineVariant, "MOECOMM_EP_COMBINE_VARIANT", 0, device::kCombineVariants - 1, 1);
-    p->combineShare = pick(Env::EpCombineShare, "MOECOMM_EP_COMBINE_SHARE", 0, 2, 0);
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
