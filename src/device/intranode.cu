@@ -1632,18 +1632,16 @@ __device__ void combineTokenScalar(const IntranodeParams& p, int channel, int64_
   }
 }
 
-// Combine variant 1 on 1 or 2 ranks (no bias), chunks [chunkBegin, chunkEnd) of token t's row
-// (chunkBegin a multiple of 32 x kGroup): one pass loads kGroup chunks of both rows (2 x
+// Combine variant 1 on 1 or 2 ranks (no bias): one pass loads kGroup chunks of both rows (2 x
 // 6 vectors in flight per lane, 1.5x the default; 7 chunks would spill under the kernel's 128-register cap)
 // and finishes each sum at once, so no accumulator outlives a pass. Order per element: +0.0f,
 // then rank 0, then rank 1, as the default path and the host reference. The same sums as
 // combineTokenDeep<2, 6> below, kept as its own code: that instance measured 1.5 % slower at SM
 // 24 and 3.5 % at SM 12 on 2x H200 (PERF.md, fourteenth session).
-constexpr int kCombinePairGroup = 6;
-__device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane,
-                                     int chunkBegin, int chunkEnd) {
-  constexpr int kGroup = kCombinePairGroup;
-  uint4* out = static_cast<uint4*>(p.combinedX) + t * (p.hidden / 8);
+__device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+  constexpr int kGroup = 6;
+  const int chunks = p.hidden / 8;
+  uint4* out = static_cast<uint4*>(p.combinedX) + t * chunks;
   const int o0 = pos[0];
   const int o1 = p.numRanks > 1 ? pos[1] : -1;
   const uint4* row0 = o0 < 0 ? nullptr : reinterpret_cast<const uint4*>(combineRowOf(p, channel, 0, o0));
@@ -1652,18 +1650,18 @@ __device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int6
   // it changes no bit of any sum, NaN payloads included; the loads then need no branches.
   const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
 #pragma unroll 1
-  for (int c0 = chunkBegin + lane; c0 < chunkEnd; c0 += 32 * kGroup) {
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
     uint4 v0[kGroup], v1[kGroup];
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       const int c = c0 + 32 * g;
-      v0[g] = c < chunkEnd && row0 != nullptr ? row0[c] : negativeZeros;
-      v1[g] = c < chunkEnd && row1 != nullptr ? row1[c] : negativeZeros;
+      v0[g] = c < chunks && row0 != nullptr ? row0[c] : negativeZeros;
+      v1[g] = c < chunks && row1 != nullptr ? row1[c] : negativeZeros;
     }
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       const int c = c0 + 32 * g;
-      if (c >= chunkEnd) continue;
+      if (c >= chunks) continue;
       const uint32_t* a = reinterpret_cast<const uint32_t*>(&v0[g]);
       const uint32_t* b = reinterpret_cast<const uint32_t*>(&v1[g]);
       uint32_t packed[4];
@@ -1679,8 +1677,7 @@ __device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int6
   }
 }
 
-// Deeper register pipeline (combine variant 1, no bias), chunks [chunkBegin, chunkEnd) of token
-// t's row (chunkBegin a multiple of 32 x kGroup): one pass loads kGroup chunks of the
+// Deeper register pipeline (combine variant 1, no bias): one pass loads kGroup chunks of the
 // rows of all kRanks ranks (kRanks >= the rank count; slots past it hold no row): 8 to 12
 // vectors of 16 bytes in flight per lane in one round trip, where the default path keeps 8 per
 // pair of ranks and needs a round trip per pair. Each sum finishes at once, so no accumulator
@@ -1688,9 +1685,9 @@ __device__ void combineTokenPairDeep(const IntranodeParams& p, int channel, int6
 // 8 x 2 spill). Order per element: +0.0f, then the ranks ascending, as the default path and
 // the host reference.
 template <int kRanks, int kGroup>
-__device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane,
-                                 int chunkBegin, int chunkEnd) {
-  uint4* out = static_cast<uint4*>(p.combinedX) + t * (p.hidden / 8);
+__device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
+  const int chunks = p.hidden / 8;
+  uint4* out = static_cast<uint4*>(p.combinedX) + t * chunks;
   const uint4* rows[kRanks];
 #pragma unroll
   for (int r = 0; r < kRanks; ++r) {
@@ -1701,19 +1698,19 @@ __device__ void combineTokenDeep(const IntranodeParams& p, int channel, int64_t 
   // it changes no bit of any sum, NaN payloads included; the loads then need no branches.
   const uint4 negativeZeros = make_uint4(0x80008000u, 0x80008000u, 0x80008000u, 0x80008000u);
 #pragma unroll 1
-  for (int c0 = chunkBegin + lane; c0 < chunkEnd; c0 += 32 * kGroup) {
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kGroup) {
     // Loads issued chunk by chunk, every rank's for each.
     uint4 v[kRanks][kGroup];
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       const int c = c0 + 32 * g;
 #pragma unroll
-      for (int r = 0; r < kRanks; ++r) v[r][g] = c < chunkEnd && rows[r] != nullptr ? rows[r][c] : negativeZeros;
+      for (int r = 0; r < kRanks; ++r) v[r][g] = c < chunks && rows[r] != nullptr ? rows[r][c] : negativeZeros;
     }
 #pragma unroll
     for (int g = 0; g < kGroup; ++g) {
       const int c = c0 + 32 * g;
-      if (c >= chunkEnd) continue;
+      if (c >= chunks) continue;
       uint32_t packed[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -1741,26 +1738,19 @@ constexpr int kCombineDeepMaxRanks = 8;
 // all five inlined, 288-290 against 279 at SM 12 with the 2-rank one alone).
 constexpr int kCombineVariantDeepWide = kCombineVariants;
 
-// The chunks per lane that one pass of combine variant 1 loads of each row on R ranks (R <=
-// kCombineDeepMaxRanks): kCombinePairGroup, or combineTokenDeepWide's kGroup.
-__device__ __forceinline__ int combineDeepGroup(int R) {
-  return R <= 2 ? kCombinePairGroup : R <= 3 ? 4 : R <= 4 ? 3 : R <= 6 ? 2 : 1;
-}
-
 // Combine variant 1 on 3 to kCombineDeepMaxRanks ranks: the narrowest instance that holds
 // every rank (12 loads per lane per pass up to 6 ranks, 8 for 7 or 8; 1-2 ranks take
 // combineTokenPairDeep).
-__device__ void combineTokenDeepWide(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane,
-                                     int chunkBegin, int chunkEnd) {
+__device__ void combineTokenDeepWide(const IntranodeParams& p, int channel, int64_t t, const int* pos, int lane) {
   const int R = p.numRanks;
   if (R <= 3) {
-    combineTokenDeep<3, 4>(p, channel, t, pos, lane, chunkBegin, chunkEnd);
+    combineTokenDeep<3, 4>(p, channel, t, pos, lane);
   } else if (R <= 4) {
-    combineTokenDeep<4, 3>(p, channel, t, pos, lane, chunkBegin, chunkEnd);
+    combineTokenDeep<4, 3>(p, channel, t, pos, lane);
   } else if (R <= 6) {
-    combineTokenDeep<6, 2>(p, channel, t, pos, lane, chunkBegin, chunkEnd);
+    combineTokenDeep<6, 2>(p, channel, t, pos, lane);
   } else {
-    combineTokenDeep<8, 1>(p, channel, t, pos, lane, chunkBegin, chunkEnd);
+    combineTokenDeep<8, 1>(p, channel, t, pos, lane);
   }
 }
 
@@ -1793,38 +1783,6 @@ __device__ void ackCombine(const IntranodeParams& p, int channel, uint64_t seque
     storeReleaseSys(ctrlWord(p, r, kCtrlAck, kOpCombine, channel, p.rank), sequence);
 }
 
-// Direct combine, variant 1 (every row already in place, so no waits): the channel's tokens
-// cut into passes of combineDeepGroup x 32 chunks of a row (one round trip of loads each), and
-// each warp reduces a contiguous run of them, the same number (+-1) for every warp. One token
-// per warp left some warps idle at the end: 170 tokens a channel at SM 24 (W-prefill, 2
-// ranks) gave 10 of 16 warps an 11th token alone. Each output chunk is still one warp's sum,
-// in the same order.
-template <int kVariant>
-__device__ void combineDirectShare(const IntranodeParams& p, int channel, int first, int last, int warp, int lane) {
-  const int R = p.numRanks;
-  const int chunks = p.hidden / 8;
-  const int passChunks = 32 * combineDeepGroup(R);
-  const int passes = (chunks + passChunks - 1) / passChunks;
-  const int64_t units = static_cast<int64_t>(last - first) * passes;
-  const int64_t end = units * (warp + 1) / kRecvWarps;
-  MC_PROFILE(kOpCombine, 6, kSendThreads);
-  for (int64_t unit = units * warp / kRecvWarps; unit < end;) {
-    const int64_t token = unit / passes;
-    const int pass = static_cast<int>(unit - token * passes);
-    const int64_t stop = min(end, (token + 1) * passes);  // this warp's passes of the token end here
-    const int64_t t = first + token;
-    const int* pos = p.pos + t * R;
-    const int chunkEnd = min(chunks, static_cast<int>(stop - token * passes) * passChunks);
-    if (kVariant == kCombineVariantDeep) {
-      combineTokenPairDeep(p, channel, t, pos, lane, pass * passChunks, chunkEnd);
-    } else {
-      combineTokenDeepWide(p, channel, t, pos, lane, pass * passChunks, chunkEnd);
-    }
-    if (pass == 0 && p.combinedWeights != nullptr) combineTokenWeights(p, channel, t, pos, lane);
-    unit = stop;
-  }
-}
-
 // Receiving warps (variants 0 and 1): one warp per token, rows read through registers.
 template <int kVariant>
 __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t sequence) {
@@ -1838,13 +1796,6 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
   int first = 0;
   int last = 0;
   channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
-  if constexpr (kVariant == kCombineVariantDeep || kVariant == kCombineVariantDeepWide) {
-    if (p.combineDirect && deep && aligned) {
-      combineDirectShare<kVariant>(p, channel, first, last, warp, lane);
-      ackCombine(p, channel, sequence);
-      return;
-    }
-  }
   // known[r / 32] in lane r % 32: rows of rank r known to have arrived (tails only grow).
   constexpr int kKnownSlots = 4;
   int known[kKnownSlots] = {0, 0, 0, 0};
@@ -1866,9 +1817,9 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
       combineTokenScalar(p, channel, t, pos, lane);
     } else if (deep) {
       if (kVariant == kCombineVariantDeep) {
-        combineTokenPairDeep(p, channel, t, pos, lane, 0, p.hidden / 8);
+        combineTokenPairDeep(p, channel, t, pos, lane);
       } else {
-        combineTokenDeepWide(p, channel, t, pos, lane, 0, p.hidden / 8);
+        combineTokenDeepWide(p, channel, t, pos, lane);
       }
     } else {
       combineToken(p, channel, t, pos, lane);
@@ -2067,10 +2018,8 @@ __global__ void __launch_bounds__(kThreads, 1) combineKernel(IntranodeParams p) 
     combineDirectBegin(p, channel, sequence, shared);
     MC_PROFILE(kOpCombine, 1, 0);
     // (a direct combine under variant 2 launches variant 1's kernels: the bulk reducer reads
-    // staged rows only, and through its rings a direct combine measured 352 µs against 196; so
-    // this kernel's direct branch never runs, and holds the smallest reducer, which keeps
-    // variant 1's code out of its registers)
-    combineReceive<kVariant == kCombineVariantBulk ? kCombineVariantRegisters : kVariant>(p, channel, sequence);
+    // staged rows only, and through its rings a direct combine measured 352 µs against 196)
+    combineReceive<kVariant == kCombineVariantBulk ? kCombineVariantDeep : kVariant>(p, channel, sequence);
     waitCallAcked(p, kOpCombine, channel, sequence, blockDim.x);  // the peers read this rank's input
   } else if (threadIdx.x < kSendThreads) {
     combineSend<kBatch>(p, channel, sequence, shared, shared + p.numRanks);
