@@ -478,18 +478,25 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
   groupBarrier(kBarrierSend, kSendThreads);
 }
 
-// Sending threads: publish channel c's counts (per-local-expert, then the row count with the
-// call's tag) into every destination.
-__device__ void publishCounts(const IntranodeParams& p, int op, int channel, uint64_t sequence) {
+// Publish channel c's counts (per-local-expert, then the row count with the call's tag) into
+// every destination, by the `threads` threads of one warp group (tid: the thread's index in it,
+// barrier: the group's named barrier): the sending threads after a new handle's routing, the
+// receiving ones with a reused handle (dispatchReceive), so the senders start at once. Neither
+// waits for the destination's ack first: the words are double-buffered by the sequence's parity
+// (countWord), and call n+2's may overwrite call n's once this rank's call n+1 ended, which
+// needed the destination's rows of n+1, so its kernel of n had ended (every channel of it read
+// call n's words).
+__device__ void publishCounts(const IntranodeParams& p, int op, int channel, uint64_t sequence, int tid, int threads,
+                              int barrier) {
   const int localExperts = p.numExperts / p.numRanks;
   const int* chanExpert = p.chanExpert + static_cast<int64_t>(channel) * p.numExperts;
-  for (int i = threadIdx.x; i < p.numRanks * localExperts; i += kSendThreads) {
+  for (int i = tid; i < p.numRanks * localExperts; i += threads) {
     const int dest = i / localExperts;
     const int j = i % localExperts;
     expertCounts(p, dest, op, sequence, p.rank, channel)[j] = chanExpert[dest * localExperts + j];
   }
-  groupBarrier(kBarrierSend, kSendThreads);
-  for (int dest = threadIdx.x; dest < p.numRanks; dest += kSendThreads) {
+  groupBarrier(barrier, threads);
+  for (int dest = tid; dest < p.numRanks; dest += threads) {
     __threadfence_system();
     storeReleaseSys(countWord(p, dest, op, sequence, channel, p.rank),
                     packWord(sequence, p.chanCount[channel * p.numRanks + dest]));
@@ -512,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
     int last = 0;
     channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
     routeChannel(p, channel, first, last, scratch);
-    publishCounts(p, kOpNotify, channel, sequence);
+    publishCounts(p, kOpNotify, channel, sequence, threadIdx.x, kSendThreads, kBarrierSend);
   } else if (channel == 0) {
     // Channel 0's receiving threads total every source's counts for this rank.
     const int tid = threadIdx.x - kSendThreads;
@@ -781,15 +788,16 @@ constexpr int kSendRegisters = 0;  // how dispatchSend moves rows: lanes load an
 constexpr int kSendPrefetch = 1;   // bulk loads into a ring, lanes store (variant 2)
 constexpr int kSendBulk = 2;       // bulk loads and bulk stores (variant 3)
 
-// Sending threads, after the acks: channel c's routing (when this call computes it) and counts,
-// sent[] zeroed; [first, last) its tokens.
+// Sending threads, after the acks: channel c's routing and counts when this call computes the
+// routing (a reused handle's counts are published by the receiving threads), sent[] zeroed;
+// [first, last) its tokens.
 __device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch, int* sent,
                               int* first, int* last) {
   MC_PROFILE(kOpDispatch, 1, 0);
   channelTokens(p.numTokens, p.numChannels, channel, first, last);
   if (p.route) routeChannel(p, channel, *first, *last, scratch);
   MC_PROFILE(kOpDispatch, 2, 0);
-  publishCounts(p, kOpDispatch, channel, sequence);
+  if (p.route) publishCounts(p, kOpDispatch, channel, sequence, threadIdx.x, kSendThreads, kBarrierSend);
   MC_PROFILE(kOpDispatch, 3, 0);
   for (int d = threadIdx.x; d < p.numRanks; d += kSendThreads) sent[d] = 0;
 }
@@ -1210,6 +1218,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
         publishDispatchSpan(p, s, channel, sequence, p.recvOffset[s * C + channel], p.recvCount[s * C + channel]);
     }
   }
+  // A reused handle's counts are known: this rank's, as a source, go out from here.
+  if (!p.route) publishCounts(p, kOpDispatch, channel, sequence, tid, kRecvThreads, kBarrierRecv);
   // Every (channel, source) count word of this call: the row offsets need all of them. The
   // rows of each go to rowsTable[c * R + s], so the offsets below read shared memory only.
   for (int i = tid; i < C * R; i += kRecvThreads) {
