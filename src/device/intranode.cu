@@ -481,11 +481,12 @@ __device__ void routeChannel(const IntranodeParams& p, int channel, int first, i
 // Publish channel c's counts (per-local-expert, then the row count with the call's tag) into
 // every destination, by the `threads` threads of one warp group (tid: the thread's index in it,
 // barrier: the group's named barrier): the sending threads after a new handle's routing, the
-// receiving ones with a reused handle (dispatchReceive), so the senders start at once. Neither
-// waits for the destination's ack first: the words are double-buffered by the sequence's parity
-// (countWord), and call n+2's may overwrite call n's once this rank's call n+1 ended, which
-// needed the destination's rows of n+1, so its kernel of n had ended (every channel of it read
-// call n's words).
+// receiving ones with a reused handle (dispatchReceive), so the senders start at once. The
+// words need no ack of the destination first (the senders wait for it anyway, for their rows):
+// they are double-buffered by the sequence's parity (countWord), and call n+2's may overwrite
+// call n's once this rank's call n+1 ended, which waited for every count word of n+1, the
+// destination's too, so the destination's kernel of n had ended (every channel of it read call
+// n's words).
 __device__ void publishCounts(const IntranodeParams& p, int op, int channel, uint64_t sequence, int tid, int threads,
                               int barrier) {
   const int localExperts = p.numExperts / p.numRanks;
