@@ -1529,9 +1529,23 @@ TEST_F(EpCudaNormal, DirectCombine) {
 // A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
 // distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
 // until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
+constexpr int kSmallT = 64, kSmallH = 2048, kSmallK = 4;
+
+// The small EP of the handle tests: T kSmallT, H kSmallH, top-kSmallK of 8 experts per rank,
+// 4 SMs.
+moecommEpConfig_t SmallEpConfig(int nranks) {
+  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
+  config.numExperts = 8 * nranks;
+  config.hidden = kSmallH;
+  config.maxTokensPerRank = kSmallT;
+  config.topk = kSmallK;
+  config.numSms = 4;
+  return config;
+}
+
 class GatedEp {
  public:
-  static constexpr int kT = 64, kH = 2048, kK = 4;
+  static constexpr int kT = kSmallT, kH = kSmallH, kK = kSmallK;
 
   explicit GatedEp(moecommComm_t comm) : comm_(comm), nranks_(comm->nranks) {}
   ~GatedEp() {
@@ -1549,13 +1563,8 @@ class GatedEp {
   }
 
   void Setup() {
-    const int E = 8 * nranks_;
-    moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
-    config.numExperts = E;
-    config.hidden = kH;
-    config.maxTokensPerRank = kT;
-    config.topk = kK;
-    config.numSms = 4;
+    const moecommEpConfig_t config = SmallEpConfig(nranks_);
+    const int E = config.numExperts;
     moecommCommGetAsyncError(comm_, &asyncBefore_);
     ASSERT_EQ(moecommEpCreate(comm_, &config, &ep_), moecommSuccess) << moecommGetLastError(comm_);
     for (cudaStream_t& s : streams_) ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
@@ -1724,17 +1733,12 @@ TEST_F(EpCudaNormal, BufferSizeHint) {
 // report moecommInvalidArgument. A rank in between finds what its handle says, so no error.
 // The call still ends (no timeout). Kept last: the communicator's asynchronous error stays set.
 TEST_F(EpCudaNormal, MismatchedHandlesAreReported) {
-  constexpr int kT = 64, kH = 2048, kK = 4;
-  const int E = 8 * nranks_;
+  constexpr int kT = kSmallT, kH = kSmallH, kK = kSmallK;
   moecommResult_t before = moecommSuccess;
   moecommCommGetAsyncError(comm_, &before);
   ASSERT_EQ(before, moecommSuccess) << "an earlier test left an asynchronous error; this one needs none";
-  moecommEpConfig_t config = MOECOMM_EP_CONFIG_INIT;
-  config.numExperts = E;
-  config.hidden = kH;
-  config.maxTokensPerRank = kT;
-  config.topk = kK;
-  config.numSms = 4;
+  const moecommEpConfig_t config = SmallEpConfig(nranks_);
+  const int E = config.numExperts;
   moecommEp_t ep = nullptr;
   ASSERT_EQ(moecommEpCreate(comm_, &config, &ep), moecommSuccess) << moecommGetLastError(comm_);
   cudaStream_t stream = nullptr;
