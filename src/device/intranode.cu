@@ -227,10 +227,13 @@ __device__ __forceinline__ int2 spanKinds(uint64_t sequence) {
 }
 
 // Direct dispatch and combine: a rank tells `owner` where the rows of (owner, channel) start in
-// its buffer and how many it holds there: the first row plainly, then the rows held with
-// release, both tagged with the call, in the owner's span words of the call (spanKinds).
+// its buffer (`first`) and how many it holds there (of the `count` rows, those below
+// recvCapacity): the first row plainly, then the rows held with release, both tagged with the
+// call, in the owner's span words of the call (spanKinds). The senders of a direct dispatch
+// wait for this before their first row (dispatchSend).
 __device__ __forceinline__ void publishRowSpan(const IntranodeParams& p, int owner, int op, int channel,
-                                               uint64_t sequence, int first, int held) {
+                                               uint64_t sequence, int first, int count) {
+  const int held = max(0, min(count, p.recvCapacity - first));
   const int2 kinds = spanKinds(sequence);
   *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, owner, kinds.x, op, channel, p.rank)) = packWord(sequence, first);
   storeReleaseSys(ctrlWord(p, owner, kinds.y, op, channel, p.rank), packWord(sequence, held));
@@ -1193,15 +1196,6 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-// Direct dispatch: tells source s where its rows of this channel go in recvX (from row
-// `first`, `count` of them), and how many fit; the senders wait for this before their first row
-// (dispatchSend).
-__device__ __forceinline__ void publishDispatchSpan(const IntranodeParams& p, int s, int channel, uint64_t sequence,
-                                                    int first, int count) {
-  const int held = max(0, min(count, p.recvCapacity - first));
-  publishRowSpan(p, s, kOpDispatch, channel, sequence, first, held);
-}
-
 template <int kVariant, bool kPullX = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
@@ -1216,7 +1210,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   if (p.dispatchDirect && p.spansKnown) {
     for (int s = tid; s < R; s += kRecvThreads) {
       if (s != p.rank)
-        publishDispatchSpan(p, s, channel, sequence, p.recvOffset[s * C + channel], p.recvCount[s * C + channel]);
+        publishRowSpan(p, s, kOpDispatch, channel, sequence, p.recvOffset[s * C + channel],
+                       p.recvCount[s * C + channel]);
     }
   }
   // A reused handle's counts are known: this rank's, as a source, go out from here.
@@ -1264,7 +1259,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     p.recvCount[s * C + channel] = counts[s];
     done[s] = 0;
     if (p.dispatchDirect && !p.spansKnown && s != p.rank)
-      publishDispatchSpan(p, s, channel, sequence, offsets[s], counts[s]);
+      publishRowSpan(p, s, kOpDispatch, channel, sequence, offsets[s], counts[s]);
   }
   if (channel == 0 && p.outPerExpert != nullptr) {
     for (int le = tid; le < localExperts; le += kRecvThreads) {
@@ -1513,9 +1508,7 @@ __device__ void combineDirectBegin(const IntranodeParams& p, int channel, uint64
   const int C = p.numChannels;
   for (int s = threadIdx.x; s < R; s += blockDim.x) {
     if (s == p.rank) continue;
-    const int first = p.recvOffset[s * C + channel];
-    const int held = max(0, min(p.recvCount[s * C + channel], p.recvCapacity - first));
-    publishRowSpan(p, s, kOpCombine, channel, sequence, first, held);
+    publishRowSpan(p, s, kOpCombine, channel, sequence, p.recvOffset[s * C + channel], p.recvCount[s * C + channel]);
   }
   awaitSpans(p, kOpCombine, channel, sequence, table, blockDim.x);
   __syncthreads();
