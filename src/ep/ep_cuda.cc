@@ -294,7 +294,8 @@ class CudaEpBackend : public EpBackend {
     p.xPeers = pull ? xSpot.table : nullptr;
     p.xOffset = xSpot.offset;
     moecommResult_t status = launch(device::launchIntranodeDispatch(p, stream), "launchIntranodeDispatch");
-    if (status == moecommSuccess) status = noteUse(target, stream);
+    bool eager = false;  // launched outside stream capture
+    if (status == moecommSuccess) status = noteUse(&handles_.at(target), stream, &eager);
     if (status != moecommSuccess) {
       if (route) destroyHandle(target);
       return status;
@@ -302,9 +303,7 @@ class CudaEpBackend : public EpBackend {
     target->sourceInfoKnown = true;
     HandleDevice& device = handles_.at(target);
     device.recvCapacity = args->recvCapacity;
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusActive;
-    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) (void)cudaGetLastError();
-    if (capture == cudaStreamCaptureStatusNone) device.layoutOnDevice = true;
+    if (eager) device.layoutOnDevice = true;
     if (route) *handle = target;
     return moecommSuccess;
   }
@@ -781,8 +780,10 @@ class CudaEpBackend : public EpBackend {
     return noteUse(&handles_.at(handle), stream);
   }
   // A block whose use could not be recorded is never pooled (its destroy frees it with
-  // cudaFree, which waits for the device).
-  moecommResult_t noteUse(HandleDevice* d, moecommStream_t stream) {
+  // cudaFree, which waits for the device). *eager (if given): the launch ran outside stream
+  // capture and its use was recorded.
+  moecommResult_t noteUse(HandleDevice* d, moecommStream_t stream, bool* eager = nullptr) {
+    if (eager != nullptr) *eager = false;
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     cudaError_t err = cudaStreamIsCapturing(stream, &capture);
     if (err == cudaSuccess && capture != cudaStreamCaptureStatusNone) {
@@ -796,6 +797,7 @@ class CudaEpBackend : public EpBackend {
       return setError(moecommUnhandledCudaError, "recording the use of a handle's routing block failed: %s",
                       cudaGetErrorString(err));
     }
+    if (eager != nullptr) *eager = true;
     return moecommSuccess;
   }
 
