@@ -1526,9 +1526,6 @@ TEST_F(EpCudaNormal, DirectCombine) {
            });
 }
 
-// A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
-// distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
-// until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
 constexpr int kSmallT = 64, kSmallH = 2048, kSmallK = 4;
 
 // The small EP of the handle tests: T kSmallT, H kSmallH, top-kSmallK of 8 experts per rank,
@@ -1543,6 +1540,9 @@ moecommEpConfig_t SmallEpConfig(int nranks) {
   return config;
 }
 
+// A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
+// distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
+// until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
 class GatedEp {
  public:
   static constexpr int kT = kSmallT, kH = kSmallH, kK = kSmallK;
