@@ -249,32 +249,50 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
   return ready;
 }
 
-// Every block, on entry to a receive half: the sources whose send half arrived, the same set
-// in every block of the grid (the first block to decide on a source wins). A source decided
-// absent is masked, unless this block saw its failed-call flag: then the operation reports
-// moecommRemoteError (through the async error) and the source stays unmasked.
+// The agreement's first compare-and-swap expects the slot's previous operation's decision
+// (sequence - 1, present) instead of loading the word first: one round trip instead of two when
+// that guess holds (a wrong guess only costs the retry with the value returned). Developer
+// switch MOECOMM_LL_CAS_GUESS=0: the word is loaded first, as before.
+#ifndef MOECOMM_LL_CAS_GUESS
+#define MOECOMM_LL_CAS_GUESS 1
+#endif
+constexpr bool kCasGuess = MOECOMM_LL_CAS_GUESS != 0;
+
+// Every block, on entry to a receive half, after waitAll: the sources whose send half arrived,
+// the same set in every block of the grid (the first block to decide on a source wins). A
+// source decided absent is masked, unless this block saw its failed-call flag: then the
+// operation reports moecommRemoteError (through the async error) and the source stays unmasked.
 // flagsOf(s): the flags that say s's part is here (sent flags; with kOneFlag off, a dispatch's
-// listed flags).
-template <typename FlagsOf>
-__device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, FlagsOf flagsOf, int profileKernel) {
+// listed flags). overlap() runs on every thread while the decisions' atomics are in flight (a
+// receive issues there the loads it can start before knowing the sources); the barrier that
+// ends this function also ends it. The result differs from waited.arrived only when another
+// block decided otherwise (a source that arrived as a block timed out).
+template <typename FlagsOf, typename Overlap>
+__device__ uint32_t decideSources(const LowLatencyParams& p, uint64_t sequence, const RanksWaited& waited,
+                                  FlagsOf flagsOf, Overlap overlap) {
   __shared__ uint32_t present;
-  const RanksWaited waited = waitAll(p, sequence, flagsOf);
-  MC_LL_PROFILE(profileKernel, 18);
   if (threadIdx.x == 0) present = 0;
   __syncthreads();
   const int s = threadIdx.x;
-  if (s < p.numRanks) {
-    bool mine = ((waited.arrived >> s) & 1u) != 0;
-    unsigned long long* word = &p.state->decision[p.slot][s];
-    const unsigned long long proposal = (sequence << 2) | (mine ? kDecidedPresent : kDecidedAbsent);
-    unsigned long long seen = *reinterpret_cast<volatile unsigned long long*>(word);
+  const bool decides = s < p.numRanks;
+  bool mine = decides && ((waited.arrived >> s) & 1u) != 0;
+  unsigned long long* word = decides ? &p.state->decision[p.slot][s] : nullptr;
+  const unsigned long long proposal = (sequence << 2) | (mine ? kDecidedPresent : kDecidedAbsent);
+  unsigned long long seen = 0;
+  unsigned long long before = 0;
+  if (decides) {
+    seen = kCasGuess ? ((sequence - 1) << 2) | kDecidedPresent : *reinterpret_cast<volatile unsigned long long*>(word);
+    before = (seen >> 2) != sequence ? atomicCAS(word, seen, proposal) : seen;
+  }
+  overlap();
+  if (decides) {
     while ((seen >> 2) != sequence) {
-      const unsigned long long before = atomicCAS(word, seen, proposal);
       if (before == seen) {
         seen = proposal;
         break;
       }
       seen = before;
+      if ((seen >> 2) != sequence) before = atomicCAS(word, seen, proposal);
     }
     const bool decided = (seen & 3u) == kDecidedPresent;
     if (decided && !mine) {
@@ -293,10 +311,21 @@ __device__ uint32_t agreeSources(const LowLatencyParams& p, uint64_t sequence, F
       maskRank(p, s);
     }
   }
-  MC_LL_PROFILE(profileKernel, 19);  // (thread 0 decided source 0)
   __syncthreads();
   return present;
 }
+
+// What a receive half can load before it knows the sources (the dispatch's counts and T words;
+// the combine's first round of rows: their markers and first chunks) is loaded while the
+// agreement's atomics are in flight (decideSources' overlap), for the sources this block saw
+// arrive, and loaded again when the grid decided otherwise. Prediction on 2 GPUs: combine -1 to
+// -1.8 us (the markers' round trip and the rows' first loads no longer follow the agreement's),
+// dispatch -0.4 to -0.7 (the counts' round trip). Developer switch
+// MOECOMM_LL_OVERLAP_AGREEMENT=0: loaded after the agreement, as before.
+#ifndef MOECOMM_LL_OVERLAP_AGREEMENT
+#define MOECOMM_LL_OVERLAP_AGREEMENT 1
+#endif
+constexpr bool kOverlapAgreement = MOECOMM_LL_OVERLAP_AGREEMENT != 0;
 
 // Threads 0..R-1, after a barrier: this block's flag of `region` (sentOffset, listedOffset)
 // on every target, with kAbsentBit on every other rank.
@@ -1008,24 +1037,35 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
     for (int w = 0; w < stage.slots; ++w) mbarrierInit(stage.barriers + w, 1);
     fenceBarrierInit();
   }
-  // Agreed on the sent flags: everything is here (kOneFlag off: on the listed flags, everything
-  // but the rows).
-  const uint32_t sources = agreeSources(
-      p, sequence, [&](int r) { return kOneFlag ? sentFlags(p, r) : listedFlags(p, r); }, kLlKernelDispatch);
-  MC_LL_PROFILE(kLlKernelDispatch, 5);
   const uint8_t* mine = mySlot(p);
   const int* globalIds = reinterpret_cast<const int*>(mine + p.topkOffset);
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
   const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
-  // The counts as written (0 for absent sources), in the same round trip as the sources' T.
-  for (int i = threadIdx.x; i < items; i += blockDim.x) {
-    const int s = i % R;
-    itemStart[i] = ((sources >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
-  }
+  const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
+  // The sources' T words (threads s < R) and the counts as written (0 for absent sources), in
+  // one round trip (T first: the counts' stores to shared memory wait for their loads).
+  int word = 0;
+  auto loadCounts = [&](uint32_t from) {
+    if (static_cast<int>(threadIdx.x) < R) word = ((from >> threadIdx.x) & 1u) != 0 ? __ldcg(tokens + threadIdx.x) : 0;
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+      const int s = i % R;
+      itemStart[i] = ((from >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
+    }
+  };
+  // Agreed on the sent flags: everything is here (kOneFlag off: on the listed flags, everything
+  // but the rows). With kOverlapAgreement the counts of the sources this block saw arrive are
+  // loaded while the agreement's atomics are in flight, and again if the grid decided otherwise.
+  const auto flagsOf = [&](int r) { return kOneFlag ? sentFlags(p, r) : listedFlags(p, r); };
+  const RanksWaited waited = waitAll(p, sequence, flagsOf);
+  MC_LL_PROFILE(kLlKernelDispatch, 18);
+  const uint32_t sources = decideSources(p, sequence, waited, flagsOf, [&] {
+    if (kOverlapAgreement) loadCounts(waited.arrived);
+  });
+  MC_LL_PROFILE(kLlKernelDispatch, 19);
+  MC_LL_PROFILE(kLlKernelDispatch, 5);
+  if (!kOverlapAgreement || sources != waited.arrived) loadCounts(sources);
   if (static_cast<int>(threadIdx.x) < R) {
     const int s = threadIdx.x;
-    const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
-    const int word = ((sources >> s) & 1u) != 0 ? __ldcg(tokens + s) : 0;
     // A source whose row format differs from this rank's is absent for this operation.
     const bool agrees = (word >> kLowLatencyFormatShift) == lowLatencyFormat(fp8, p.roundScale, perRank);
     sourceTokens[s] = agrees ? min(max(word & ((1 << kLowLatencyFormatShift) - 1), 0), p.maxTokens) : 0;
@@ -1269,10 +1309,13 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
 // stores bf16(acc) with acc = fmaf(weight, row, acc) over j ascending from +0.0f into target(i)
 // (a BF16 row of H channels, or nullptr for none), flat over (item, 8-channel chunk):
 // kChunks chunks per thread at a time, kRows rows of each loaded before any is added, so
-// kChunks * kRows loads are in flight.
+// kChunks * kRows loads are in flight, in `loaded`. With usePre, `loaded` holds the first batch
+// already (this thread's first kChunks chunks, rows 0..kRows-1), loaded by preloadRows from rows
+// that are the final ones wherever these are not nullptr.
 template <int kChunks, int kRows, typename Target>
-__device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts, const int4* const* rows,
-                           const float* weights, Target target) {
+__device__ __forceinline__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts,
+                                           const int4* const* rows, const float* weights, Target target, bool usePre,
+                                           int4 (&loaded)[kChunks][kRows]) {
   const int chunks = p.hidden / 8;
   const int total = count * chunks;
   for (int f0 = threadIdx.x; f0 < total; f0 += kChunks * blockDim.x) {
@@ -1292,11 +1335,12 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
       most = max(most, n[h]);
     }
     for (int j0 = 0; j0 < most; j0 += kRows) {
-      int4 loaded[kChunks][kRows];
+      const bool preloaded = usePre && j0 == 0 && f0 == static_cast<int>(threadIdx.x);
 #pragma unroll
       for (int h = 0; h < kChunks; ++h) {
 #pragma unroll
         for (int u = 0; u < kRows; ++u) {
+          if (preloaded) continue;
           const int4* row = j0 + u < n[h] ? rows[item[h] * J + j0 + u] : nullptr;
           loaded[h][u] = row != nullptr ? __ldcg(row + c[h]) : make_int4(0, 0, 0, 0);
         }
@@ -1327,6 +1371,36 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
       }
       to[c[h]] = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
                            static_cast<int>(words[3]));
+    }
+  }
+}
+
+template <int kChunks, int kRows, typename Target>
+__device__ __forceinline__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts,
+                                           const int4* const* rows, const float* weights, Target target) {
+  int4 loaded[kChunks][kRows];
+  reduceRows<kChunks, kRows>(p, count, J, rowCounts, rows, weights, target, false, loaded);
+}
+
+// reduceRows' first batch for items i < count of J rows each, rowOf(i, j) giving the row (or
+// nullptr): the same chunks and rows that reduceRows loads first, into pre, so their loads can be
+// in flight before the rows are final (reduceRows then uses pre where its row is not nullptr,
+// which must be rowOf's row there).
+template <int kChunks, int kRows, typename RowOf>
+__device__ __forceinline__ void preloadRows(const LowLatencyParams& p, int count, int J, RowOf rowOf,
+                                            int4 (&pre)[kChunks][kRows]) {
+  const int chunks = p.hidden / 8;
+  const int total = count * chunks;
+#pragma unroll
+  for (int h = 0; h < kChunks; ++h) {
+    const int f = static_cast<int>(threadIdx.x) + h * static_cast<int>(blockDim.x);
+    const int item = min(f, total - 1) / chunks;
+    const int c = f % chunks;
+    const int n = f < total ? J : 0;
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      const int4* row = u < n ? rowOf(item, u) : nullptr;
+      pre[h][u] = row != nullptr ? __ldcg(row + c) : make_int4(0, 0, 0, 0);
     }
   }
 }
@@ -1445,10 +1519,35 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
 // at [t][r], weight 1, and fmaf(1, p, acc) is exactly acc + p). A row is used only when its
 // rank is present and its marker holds this operation (else the rank did not receive the
 // token: it had masked this rank).
+
+// The slot entry of row j of a token (its ids tokenIds[0..K)), or -1 when the row does not exist
+// or its rank is not in `sources`.
+__device__ __forceinline__ int receiveEntry(const LowLatencyParams& p, const int* tokenIds, int t, int j, bool perRank,
+                                            uint32_t sources) {
+  const int K = p.topk;
+  if (perRank) {
+    // j is the expert rank: present if one selection names one of its experts.
+    bool present = false;
+    for (int i = 0; i < K && !present; ++i) present = tokenIds[i] >= 0 && tokenIds[i] / p.localExperts == j;
+    return present && ((sources >> j) & 1u) != 0 ? t * p.numRanks + j : -1;
+  }
+  const int expert = tokenIds[j];
+  if (expert < 0 || ((sources >> (expert / p.localExperts)) & 1u) == 0) return -1;
+  int first = j;
+  for (int i = 0; i < j; ++i) {
+    if (tokenIds[i] == expert) {
+      first = i;
+      break;
+    }
+  }
+  return t * K + first;
+}
+
 __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, bool perRank) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int ids[kThreads];
+  __shared__ int entries[kThreads];
   const int K = p.topk;
   const int R = p.numRanks;
   const int T = p.numTokens;
@@ -1458,6 +1557,10 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
   const int myTokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
   const int slotInRound = threadIdx.x / W;
   const int k = threadIdx.x % W;
+  const bool rowThread = slotInRound < tokensPerRound && k < J;
+  const uint8_t* mine = mySlot(p);
+  const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
+  const uint64_t rowBytes = 2ull * p.hidden;
   // ids[] (and, default form, weights[]) of the round starting at token `round`.
   auto loadRound = [&](int round) {
     if (slotInRound >= tokensPerRound || k >= K) return;
@@ -1469,53 +1572,68 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     ids[threadIdx.x] = static_cast<int>(expert);
     if (!perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
+  // Row threads: entries[] of the round, for `sources` (after ids[] of the round are stored).
+  auto findRound = [&](int round, uint32_t sources) {
+    if (!rowThread) return;
+    const int j = round + slotInRound;
+    const int t = blockIdx.x + j * gridDim.x;
+    entries[slotInRound * J + k] = j < myTokens ? receiveEntry(p, ids + slotInRound * W, t, k, perRank, sources) : -1;
+  };
+  auto rowAt = [&](int entry) {
+    return reinterpret_cast<const int4*>(mine + p.combineRowsOffset + static_cast<uint64_t>(entry) * rowBytes);
+  };
+  // Row threads: rows[] and weights[] of the round from entries[] and the markers.
+  auto markRound = [&]() {
+    if (!rowThread) return;
+    const int entry = entries[slotInRound * J + k];
+    const bool marked = entry >= 0 && __ldcg(markers + entry) == static_cast<uint32_t>(sequence);
+    rows[slotInRound * J + k] = marked ? rowAt(entry) : nullptr;
+    if (perRank) weights[slotInRound * J + k] = 1.0f;
+  };
   if (myTokens > 0) loadRound(0);
-  const uint32_t sources = agreeSources(
-      p, sequence, [&](int r) { return sentFlags(p, r); }, kLlKernelCombine);
+  const auto flagsOf = [&](int r) { return sentFlags(p, r); };
+  const RanksWaited waited = waitAll(p, sequence, flagsOf);  // (ends with a barrier: ids[] are stored)
+  MC_LL_PROFILE(kLlKernelCombine, 18);
+  int4 pre[2][8];
+  const int firstTokens = min(tokensPerRound, myTokens);
+  if (kOverlapAgreement) {
+    findRound(0, waited.arrived);
+    __syncthreads();
+  }
+  const uint32_t sources = decideSources(p, sequence, waited, flagsOf, [&] {
+    if (!kOverlapAgreement || firstTokens == 0) return;
+    preloadRows<2, 8>(
+        p, firstTokens, J,
+        [&](int i, int j) {
+          const int entry = entries[i * J + j];
+          return entry >= 0 ? rowAt(entry) : nullptr;
+        },
+        pre);
+    markRound();
+  });
+  MC_LL_PROFILE(kLlKernelCombine, 19);
   MC_LL_PROFILE(kLlKernelCombine, 5);
-  const uint8_t* mine = mySlot(p);
-  const uint32_t* markers = reinterpret_cast<const uint32_t*>(mine + p.markersOffset);
+  const bool early = kOverlapAgreement && sources == waited.arrived;  // round 0's rows are final
   for (int round = 0; round < myTokens; round += tokensPerRound) {
     if (round > 0) {
       __syncthreads();
       loadRound(round);
+      __syncthreads();
     }
-    __syncthreads();
-    if (slotInRound < tokensPerRound && k < J) {
-      const int j = round + slotInRound;
-      const int t = blockIdx.x + j * gridDim.x;
-      const int* tokenIds = ids + slotInRound * W;
-      uint64_t entry = 0;  // [t][k] or [t][r] of the slot; valid when present
-      bool present = false;
-      if (j < myTokens && perRank) {
-        // k is the expert rank: present if one selection names one of its experts.
-        for (int i = 0; i < K && !present; ++i) present = tokenIds[i] >= 0 && tokenIds[i] / p.localExperts == k;
-        present = present && ((sources >> k) & 1u) != 0;
-        entry = static_cast<uint64_t>(t) * R + k;
-      } else if (j < myTokens) {
-        const int expert = tokenIds[k];
-        present = expert >= 0 && ((sources >> (expert / p.localExperts)) & 1u) != 0;
-        int first = k;
-        for (int i = 0; i < k; ++i) {
-          if (tokenIds[i] == expert) {
-            first = i;
-            break;
-          }
-        }
-        entry = static_cast<uint64_t>(t) * K + first;
-      }
-      const bool marked = present && __ldcg(markers + entry) == static_cast<uint32_t>(sequence);
-      rows[slotInRound * J + k] =
-          marked ? reinterpret_cast<const int4*>(mine + p.combineRowsOffset + entry * 2ull * p.hidden) : nullptr;
-      if (perRank) weights[slotInRound * J + k] = 1.0f;
+    if (round > 0 || !early) {
+      findRound(round, sources);
+      markRound();
+      __syncthreads();
     }
-    __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    reduceRows<2, 8>(p, roundTokens, J, nullptr, rows, weights, [&](int i) {
-      const int t = blockIdx.x + (round + i) * gridDim.x;
-      return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
-    });
+    reduceRows<2, 8>(
+        p, roundTokens, J, nullptr, rows, weights,
+        [&](int i) {
+          const int t = blockIdx.x + (round + i) * gridDim.x;
+          return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
+        },
+        round == 0 && early, pre);
   }
   MC_LL_PROFILE(kLlKernelCombine, 8);
   finishReceive(p, sequence);
