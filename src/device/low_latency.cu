@@ -1596,10 +1596,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
   MC_LL_PROFILE(kLlKernelCombine, 18);
   int4 pre[2][8];
   const int firstTokens = min(tokensPerRound, myTokens);
-  if (kOverlapAgreement) {
-    findRound(0, waited.arrived);
-    __syncthreads();
-  }
+  if (kOverlapAgreement) findRound(0, waited.arrived);  // (read by other threads after decideSources' first barrier)
   const uint32_t sources = decideSources(p, sequence, waited, flagsOf, [&] {
     if (!kOverlapAgreement || firstTokens == 0) return;
     preloadRows<2, 8>(

@@ -67,7 +67,8 @@ constexpr int kLowLatencyKernels = 2;
 // rows' flags seen (MOECOMM_LL_ONE_FLAG=0; otherwise right after 7), 15 copies issued (before the
 // end's wait for them; 8 is after it), 16 lists' first pass done, 17 lists' scan done (16 and 17
 // of the block's last window of list items); in both kernels: 18 sources' flags waited for, 19
-// sources decided (agreeSources); then (not times) the SM clock at events 0 and 9 (slots
+// sources decided, after decideSources' last barrier (with MOECOMM_LL_OVERLAP_AGREEMENT, the
+// loads overlapped with the decision issued); then (not times) the SM clock at events 0 and 9 (slots
 // kLowLatencyProfileTimes and + 1).
 constexpr int kLowLatencyProfileTimes = 20;
 constexpr int kLowLatencyProfileEvents = kLowLatencyProfileTimes + 2;
