@@ -251,7 +251,8 @@ __device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
 
 // The agreement's first compare-and-swap expects the slot's previous operation's decision
 // (sequence - 1, present) instead of loading the word first: one round trip instead of two when
-// that guess holds (a wrong guess only costs the retry with the value returned). Developer
+// that guess holds (a wrong guess only costs the retry with the value returned). Measured on 2x
+// H200 (PERF.md, seventeenth session): dispatch -0.1 to -0.2 us, combine unchanged. Developer
 // switch MOECOMM_LL_CAS_GUESS=0: the word is loaded first, as before.
 #ifndef MOECOMM_LL_CAS_GUESS
 #define MOECOMM_LL_CAS_GUESS 1
@@ -315,13 +316,13 @@ __device__ uint32_t decideSources(const LowLatencyParams& p, uint64_t sequence, 
   return present;
 }
 
-// What a receive half can load before it knows the sources (the dispatch's counts and T words;
-// the combine's first round of rows: their markers and first chunks) is loaded while the
-// agreement's atomics are in flight (decideSources' overlap), for the sources this block saw
-// arrive, and loaded again when the grid decided otherwise. Prediction on 2 GPUs: combine -1 to
-// -1.8 us (the markers' round trip and the rows' first loads no longer follow the agreement's),
-// dispatch -0.4 to -0.7 (the counts' round trip). Developer switch
-// MOECOMM_LL_OVERLAP_AGREEMENT=0: loaded after the agreement, as before.
+// The dispatch's receive half loads the sources' T words and counts while the agreement's
+// atomics are in flight (decideSources' overlap), for the sources this block saw arrive, and
+// again when the grid decided otherwise. Measured on 2x H200 (PERF.md, seventeenth session):
+// dispatch -0.3 to -0.4 us beyond the CAS guess (predicted -0.4 to -0.7 for both). The same for
+// the combine (its first round's markers and first row chunks preloaded) changed nothing there
+// (the rows' loads, ~2.5 us from HBM, are the step, not the round trips before them) and was
+// removed. Developer switch MOECOMM_LL_OVERLAP_AGREEMENT=0: loaded after the agreement.
 #ifndef MOECOMM_LL_OVERLAP_AGREEMENT
 #define MOECOMM_LL_OVERLAP_AGREEMENT 1
 #endif
@@ -464,7 +465,39 @@ static_assert(kSendUnroll >= 1, "MOECOMM_LL_SEND_UNROLL must be at least 1");
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
 // lanes of a 128-channel scale block (never split between tokens, since H % 128 == 0, and in
 // one warp, since chunks per row are a multiple of 8) reduce their amax with shuffles.
-__device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
+// The thread's first chunk of x (what sendFp8Rows / sendBf16Rows load first: 32 bytes for FP8,
+// 16 for BF16), loaded at the kernel's entry, before the token ranks and the targets' wait, so
+// the HBM round trip overlaps them (x is the caller's input, final when the kernel starts).
+// Prediction on 2 GPUs: dispatch -1 to -2 us (the rows were cast ~2.5 us after the targets'
+// wait, most of it the x loads). Developer switch MOECOMM_LL_EARLY_X=0: loaded after the wait.
+#ifndef MOECOMM_LL_EARLY_X
+#define MOECOMM_LL_EARLY_X 1
+#endif
+constexpr bool kEarlyX = MOECOMM_LL_EARLY_X != 0;
+
+struct EarlyX {
+  int4 raw[2];
+};
+__device__ __forceinline__ EarlyX loadEarlyX(const LowLatencyParams& p, bool fp8) {
+  EarlyX early{};
+  if (!kEarlyX) return early;
+  const int chunksPerRow = fp8 ? p.hidden / 16 : p.hidden / 8;
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g < p.numTokens * chunksPerRow) {
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
+                                                    static_cast<uint64_t>(g / chunksPerRow) * p.hidden * 2);
+    if (fp8) {
+      early.raw[0] = row[2 * (g % chunksPerRow)];
+      early.raw[1] = row[2 * (g % chunksPerRow) + 1];
+    } else {
+      early.raw[0] = row[g % chunksPerRow];
+    }
+  }
+  return early;
+}
+
+__device__ __forceinline__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets,
+                                            EarlyX early) {
   const int chunksPerRow = p.hidden / 16;
   const int total = p.numTokens * chunksPerRow;  // < 2^31: checked when the EP is made
   const int stride = gridDim.x * blockDim.x;
@@ -482,7 +515,10 @@ __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRank
       destinations[u] = g < total ? tokenRanks[token[u]] & targets : 0;
       raw[u][0] = make_int4(0, 0, 0, 0);
       raw[u][1] = make_int4(0, 0, 0, 0);
-      if (destinations[u] != 0) {
+      if (kEarlyX && u == 0 && base == static_cast<int>(blockIdx.x * blockDim.x)) {
+        raw[u][0] = early.raw[0];  // (loadEarlyX's chunk, g, whatever its destinations)
+        raw[u][1] = early.raw[1];
+      } else if (destinations[u] != 0) {
         const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
                                                            static_cast<uint64_t>(token[u]) * p.hidden * 2) +
                              2 * chunk[u];
@@ -529,7 +565,8 @@ __device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRank
   }
 }
 
-__device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
+__device__ __forceinline__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets,
+                                             EarlyX early) {
   const int chunksPerRow = p.hidden / 8;
   const int total = p.numTokens * chunksPerRow;
   const int stride = gridDim.x * blockDim.x;
@@ -541,7 +578,9 @@ __device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRan
     for (int u = 0; u < kSendUnroll; ++u) {
       const int g = base + u * stride;
       destinations[u] = g < total ? tokenRanks[g / chunksPerRow] & targets : 0;
-      if (destinations[u] != 0) {
+      if (kEarlyX && u == 0 && base == static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x)) {
+        values[u] = early.raw[0];
+      } else if (destinations[u] != 0) {
         values[u] =
             reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
                                           static_cast<uint64_t>(g / chunksPerRow) * p.hidden * 2)[g % chunksPerRow];
@@ -777,6 +816,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   const int K = p.topk;
   const int T = p.numTokens;
   // kEarlySequence: the slot's sequence is loaded before the ids and used after them.
+  const EarlyX earlyX = loadEarlyX(p, fp8);
   const uint64_t early = kEarlySequence ? *sequenceWord : 0;
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
@@ -799,9 +839,9 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   auto sendTheRows = [&]() {
     if (fp8) {
-      sendFp8Rows(p, tokenRanks, targets);
+      sendFp8Rows(p, tokenRanks, targets, earlyX);
     } else {
-      sendBf16Rows(p, tokenRanks, targets);
+      sendBf16Rows(p, tokenRanks, targets, earlyX);
     }
     if (kPuts && (targets & p.putPeers) != 0) {
       __syncthreads();
@@ -1309,13 +1349,10 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
 // stores bf16(acc) with acc = fmaf(weight, row, acc) over j ascending from +0.0f into target(i)
 // (a BF16 row of H channels, or nullptr for none), flat over (item, 8-channel chunk):
 // kChunks chunks per thread at a time, kRows rows of each loaded before any is added, so
-// kChunks * kRows loads are in flight, in `loaded`. With usePre, `loaded` holds the first batch
-// already (this thread's first kChunks chunks, rows 0..kRows-1), loaded by preloadRows from rows
-// that are the final ones wherever these are not nullptr.
+// kChunks * kRows loads are in flight.
 template <int kChunks, int kRows, typename Target>
-__device__ __forceinline__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts,
-                                           const int4* const* rows, const float* weights, Target target, bool usePre,
-                                           int4 (&loaded)[kChunks][kRows]) {
+__device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts, const int4* const* rows,
+                           const float* weights, Target target) {
   const int chunks = p.hidden / 8;
   const int total = count * chunks;
   for (int f0 = threadIdx.x; f0 < total; f0 += kChunks * blockDim.x) {
@@ -1335,12 +1372,11 @@ __device__ __forceinline__ void reduceRows(const LowLatencyParams& p, int count,
       most = max(most, n[h]);
     }
     for (int j0 = 0; j0 < most; j0 += kRows) {
-      const bool preloaded = usePre && j0 == 0 && f0 == static_cast<int>(threadIdx.x);
+      int4 loaded[kChunks][kRows];
 #pragma unroll
       for (int h = 0; h < kChunks; ++h) {
 #pragma unroll
         for (int u = 0; u < kRows; ++u) {
-          if (preloaded) continue;
           const int4* row = j0 + u < n[h] ? rows[item[h] * J + j0 + u] : nullptr;
           loaded[h][u] = row != nullptr ? __ldcg(row + c[h]) : make_int4(0, 0, 0, 0);
         }
@@ -1371,36 +1407,6 @@ __device__ __forceinline__ void reduceRows(const LowLatencyParams& p, int count,
       }
       to[c[h]] = make_int4(static_cast<int>(words[0]), static_cast<int>(words[1]), static_cast<int>(words[2]),
                            static_cast<int>(words[3]));
-    }
-  }
-}
-
-template <int kChunks, int kRows, typename Target>
-__device__ __forceinline__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts,
-                                           const int4* const* rows, const float* weights, Target target) {
-  int4 loaded[kChunks][kRows];
-  reduceRows<kChunks, kRows>(p, count, J, rowCounts, rows, weights, target, false, loaded);
-}
-
-// reduceRows' first batch for items i < count of J rows each, rowOf(i, j) giving the row (or
-// nullptr): the same chunks and rows that reduceRows loads first, into pre, so their loads can be
-// in flight before the rows are final (reduceRows then uses pre where its row is not nullptr,
-// which must be rowOf's row there).
-template <int kChunks, int kRows, typename RowOf>
-__device__ __forceinline__ void preloadRows(const LowLatencyParams& p, int count, int J, RowOf rowOf,
-                                            int4 (&pre)[kChunks][kRows]) {
-  const int chunks = p.hidden / 8;
-  const int total = count * chunks;
-#pragma unroll
-  for (int h = 0; h < kChunks; ++h) {
-    const int f = static_cast<int>(threadIdx.x) + h * static_cast<int>(blockDim.x);
-    const int item = min(f, total - 1) / chunks;
-    const int c = f % chunks;
-    const int n = f < total ? J : 0;
-#pragma unroll
-    for (int u = 0; u < kRows; ++u) {
-      const int4* row = u < n ? rowOf(item, u) : nullptr;
-      pre[h][u] = row != nullptr ? __ldcg(row + c) : make_int4(0, 0, 0, 0);
     }
   }
 }
@@ -1547,7 +1553,6 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int ids[kThreads];
-  __shared__ int entries[kThreads];
   const int K = p.topk;
   const int R = p.numRanks;
   const int T = p.numTokens;
@@ -1572,65 +1577,39 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     ids[threadIdx.x] = static_cast<int>(expert);
     if (!perRank) weights[threadIdx.x] = mapped && expert >= 0 ? p.topkWeights[base + k] : 0.0f;
   };
-  // Row threads: entries[] of the round, for `sources` (after ids[] of the round are stored).
-  auto findRound = [&](int round, uint32_t sources) {
+  // Row threads: rows[] and weights[] of the round (after its ids[] are stored), for `sources`.
+  auto markRound = [&](int round, uint32_t sources) {
     if (!rowThread) return;
     const int j = round + slotInRound;
     const int t = blockIdx.x + j * gridDim.x;
-    entries[slotInRound * J + k] = j < myTokens ? receiveEntry(p, ids + slotInRound * W, t, k, perRank, sources) : -1;
-  };
-  auto rowAt = [&](int entry) {
-    return reinterpret_cast<const int4*>(mine + p.combineRowsOffset + static_cast<uint64_t>(entry) * rowBytes);
-  };
-  // Row threads: rows[] and weights[] of the round from entries[] and the markers.
-  auto markRound = [&]() {
-    if (!rowThread) return;
-    const int entry = entries[slotInRound * J + k];
+    const int entry = j < myTokens ? receiveEntry(p, ids + slotInRound * W, t, k, perRank, sources) : -1;
     const bool marked = entry >= 0 && __ldcg(markers + entry) == static_cast<uint32_t>(sequence);
-    rows[slotInRound * J + k] = marked ? rowAt(entry) : nullptr;
+    rows[slotInRound * J + k] =
+        marked ? reinterpret_cast<const int4*>(mine + p.combineRowsOffset + static_cast<uint64_t>(entry) * rowBytes)
+               : nullptr;
     if (perRank) weights[slotInRound * J + k] = 1.0f;
   };
   if (myTokens > 0) loadRound(0);
   const auto flagsOf = [&](int r) { return sentFlags(p, r); };
-  const RanksWaited waited = waitAll(p, sequence, flagsOf);  // (ends with a barrier: ids[] are stored)
+  const RanksWaited waited = waitAll(p, sequence, flagsOf);
   MC_LL_PROFILE(kLlKernelCombine, 18);
-  int4 pre[2][8];
-  const int firstTokens = min(tokensPerRound, myTokens);
-  if (kOverlapAgreement) findRound(0, waited.arrived);  // (read by other threads after decideSources' first barrier)
-  const uint32_t sources = decideSources(p, sequence, waited, flagsOf, [&] {
-    if (!kOverlapAgreement || firstTokens == 0) return;
-    preloadRows<2, 8>(
-        p, firstTokens, J,
-        [&](int i, int j) {
-          const int entry = entries[i * J + j];
-          return entry >= 0 ? rowAt(entry) : nullptr;
-        },
-        pre);
-    markRound();
-  });
+  const uint32_t sources = decideSources(p, sequence, waited, flagsOf, [] {});
   MC_LL_PROFILE(kLlKernelCombine, 19);
   MC_LL_PROFILE(kLlKernelCombine, 5);
-  const bool early = kOverlapAgreement && sources == waited.arrived;  // round 0's rows are final
   for (int round = 0; round < myTokens; round += tokensPerRound) {
     if (round > 0) {
       __syncthreads();
       loadRound(round);
       __syncthreads();
     }
-    if (round > 0 || !early) {
-      findRound(round, sources);
-      markRound();
-      __syncthreads();
-    }
+    markRound(round, sources);
+    __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    reduceRows<2, 8>(
-        p, roundTokens, J, nullptr, rows, weights,
-        [&](int i) {
-          const int t = blockIdx.x + (round + i) * gridDim.x;
-          return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
-        },
-        round == 0 && early, pre);
+    reduceRows<2, 8>(p, roundTokens, J, nullptr, rows, weights, [&](int i) {
+      const int t = blockIdx.x + (round + i) * gridDim.x;
+      return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
+    });
   }
   MC_LL_PROFILE(kLlKernelCombine, 8);
   finishReceive(p, sequence);
