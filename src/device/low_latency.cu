@@ -465,39 +465,7 @@ static_assert(kSendUnroll >= 1, "MOECOMM_LL_SEND_UNROLL must be at least 1");
 // and the FP32 scales into every destination's staging row. A thread owns 16 channels; the 8
 // lanes of a 128-channel scale block (never split between tokens, since H % 128 == 0, and in
 // one warp, since chunks per row are a multiple of 8) reduce their amax with shuffles.
-// The thread's first chunk of x (what sendFp8Rows / sendBf16Rows load first: 32 bytes for FP8,
-// 16 for BF16), loaded at the kernel's entry, before the token ranks and the targets' wait, so
-// the HBM round trip overlaps them (x is the caller's input, final when the kernel starts).
-// Prediction on 2 GPUs: dispatch -1 to -2 us (the rows were cast ~2.5 us after the targets'
-// wait, most of it the x loads). Developer switch MOECOMM_LL_EARLY_X=0: loaded after the wait.
-#ifndef MOECOMM_LL_EARLY_X
-#define MOECOMM_LL_EARLY_X 1
-#endif
-constexpr bool kEarlyX = MOECOMM_LL_EARLY_X != 0;
-
-struct EarlyX {
-  int4 raw[2];
-};
-__device__ __forceinline__ EarlyX loadEarlyX(const LowLatencyParams& p, bool fp8) {
-  EarlyX early{};
-  if (!kEarlyX) return early;
-  const int chunksPerRow = fp8 ? p.hidden / 16 : p.hidden / 8;
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g < p.numTokens * chunksPerRow) {
-    const int4* row = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
-                                                    static_cast<uint64_t>(g / chunksPerRow) * p.hidden * 2);
-    if (fp8) {
-      early.raw[0] = row[2 * (g % chunksPerRow)];
-      early.raw[1] = row[2 * (g % chunksPerRow) + 1];
-    } else {
-      early.raw[0] = row[g % chunksPerRow];
-    }
-  }
-  return early;
-}
-
-__device__ __forceinline__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets,
-                                            EarlyX early) {
+__device__ void sendFp8Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 16;
   const int total = p.numTokens * chunksPerRow;  // < 2^31: checked when the EP is made
   const int stride = gridDim.x * blockDim.x;
@@ -515,10 +483,7 @@ __device__ __forceinline__ void sendFp8Rows(const LowLatencyParams& p, const uin
       destinations[u] = g < total ? tokenRanks[token[u]] & targets : 0;
       raw[u][0] = make_int4(0, 0, 0, 0);
       raw[u][1] = make_int4(0, 0, 0, 0);
-      if (kEarlyX && u == 0 && base == static_cast<int>(blockIdx.x * blockDim.x)) {
-        raw[u][0] = early.raw[0];  // (loadEarlyX's chunk, g, whatever its destinations)
-        raw[u][1] = early.raw[1];
-      } else if (destinations[u] != 0) {
+      if (destinations[u] != 0) {
         const int4* source = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
                                                            static_cast<uint64_t>(token[u]) * p.hidden * 2) +
                              2 * chunk[u];
@@ -565,8 +530,7 @@ __device__ __forceinline__ void sendFp8Rows(const LowLatencyParams& p, const uin
   }
 }
 
-__device__ __forceinline__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets,
-                                             EarlyX early) {
+__device__ void sendBf16Rows(const LowLatencyParams& p, const uint32_t* tokenRanks, uint32_t targets) {
   const int chunksPerRow = p.hidden / 8;
   const int total = p.numTokens * chunksPerRow;
   const int stride = gridDim.x * blockDim.x;
@@ -578,9 +542,7 @@ __device__ __forceinline__ void sendBf16Rows(const LowLatencyParams& p, const ui
     for (int u = 0; u < kSendUnroll; ++u) {
       const int g = base + u * stride;
       destinations[u] = g < total ? tokenRanks[g / chunksPerRow] & targets : 0;
-      if (kEarlyX && u == 0 && base == static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x)) {
-        values[u] = early.raw[0];
-      } else if (destinations[u] != 0) {
+      if (destinations[u] != 0) {
         values[u] =
             reinterpret_cast<const int4*>(static_cast<const uint8_t*>(p.x) +
                                           static_cast<uint64_t>(g / chunksPerRow) * p.hidden * 2)[g % chunksPerRow];
@@ -816,7 +778,6 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   const int K = p.topk;
   const int T = p.numTokens;
   // kEarlySequence: the slot's sequence is loaded before the ids and used after them.
-  const EarlyX earlyX = loadEarlyX(p, fp8);
   const uint64_t early = kEarlySequence ? *sequenceWord : 0;
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
@@ -839,9 +800,9 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   auto sendTheRows = [&]() {
     if (fp8) {
-      sendFp8Rows(p, tokenRanks, targets, earlyX);
+      sendFp8Rows(p, tokenRanks, targets);
     } else {
-      sendBf16Rows(p, tokenRanks, targets, earlyX);
+      sendBf16Rows(p, tokenRanks, targets);
     }
     if (kPuts && (targets & p.putPeers) != 0) {
       __syncthreads();
