@@ -1388,81 +1388,63 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
 constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
 
-// The per-rank send enumerates the pairs source by source starting with the rank after this one
-// (this rank's own pairs last) and deals them to the blocks in turn (block b takes pairs b, b +
-// B, ...), so each block reduces the pairs that cross a link first and its own rank's while those
-// partials are on the link. With contiguous shares in source order, half the blocks reduced
-// only pairs bound for a link, as fast as the rest, and the link's last bytes left when every
-// block was done (2x H200: partials stored 9.9 us after the start, sent flags 12.2).
-// Prediction on 2 GPUs: per-rank combine -1.5 to -2.5 us. Developer switch
-// MOECOMM_LL_REMOTE_FIRST=0: contiguous shares in source order, as before.
-#ifndef MOECOMM_LL_REMOTE_FIRST
-#define MOECOMM_LL_REMOTE_FIRST 1
-#endif
-constexpr bool kRemoteFirst = MOECOMM_LL_REMOTE_FIRST != 0;
-
 template <bool kPuts>
 __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
   __shared__ int pairRows[kThreads];                  // local selections of the pair, compacted to the front
-  __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of the sources enumerated before the i-th
+  __shared__ int pairStart[kLowLatencyMaxRanks + 1];  // pairs of sources before s
   const int R = p.numRanks;
   const int K = p.topk;
-  const int G = gridDim.x;
-  const int b = blockIdx.x;
-  auto sourceAt = [&](int i) { return kRemoteFirst ? (p.rank + 1 + i) % R : i; };  // the i-th source enumerated
   if (threadIdx.x == 0) {
     int pairs = 0;
-    for (int i = 0; i < R; ++i) {
-      pairStart[i] = pairs;
-      pairs += min(max(p.routing.sourceTokens[sourceAt(i)], 0), p.maxTokens);
+    for (int s = 0; s < R; ++s) {
+      pairStart[s] = pairs;
+      pairs += min(max(p.routing.sourceTokens[s], 0), p.maxTokens);
     }
     pairStart[R] = pairs;
   }
   const uint32_t targets = sendTargets(p, sequence);  // syncs the block
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int total = pairStart[R];
-  const int perBlock = (total + G - 1) / G;
-  const int begin = min(total, b * perBlock);
-  const int myPairs = kRemoteFirst ? (total > b ? (total - b + G - 1) / G : 0) : min(total, begin + perBlock) - begin;
-  auto pairAt = [&](int j) { return kRemoteFirst ? b + j * G : begin + j; };  // the block's j-th pair
+  const int perBlock = (total + gridDim.x - 1) / gridDim.x;
+  const int begin = min(total, static_cast<int>(blockIdx.x) * perBlock);
+  const int end = min(total, begin + perBlock);
   const int pairsPerRound = kThreads / K;
   const int slotInRound = threadIdx.x / K;
   const int k = threadIdx.x % K;
   const uint64_t rowBytes = 2ull * p.hidden;
   const uint8_t* outputs = static_cast<const uint8_t*>(p.expertOutputs);
-  auto positionOf = [&](int pair) {  // i with pairStart[i] <= pair < pairStart[i + 1]
-    int i = 0;
-    while (pairStart[i + 1] <= pair) ++i;
-    return i;
+  auto sourceOf = [&](int pair) {
+    int s = 0;
+    while (pairStart[s + 1] <= pair) ++s;
+    return s;
   };
   MC_LL_PROFILE(kLlKernelCombine, 2);
-  for (int round = 0; round < myPairs; round += pairsPerRound) {
-    const int roundPairs = min(pairsPerRound, myPairs - round);
+  for (int round = begin; round < end; round += pairsPerRound) {
+    const int roundPairs = min(pairsPerRound, end - round);
     __syncthreads();  // the previous round's reduction is done with rows, weights, targets
     if (slotInRound < roundPairs) {
-      const int pair = pairAt(round + slotInRound);
-      const int i = positionOf(pair);
-      const int s = sourceAt(i);
+      const int pair = round + slotInRound;
+      const int s = sourceOf(pair);
       const int4* row = nullptr;
       float weight = 0.0f;
       if (((targets >> s) & 1u) != 0) {
-        const int at = ((s * p.maxTokens) + (pair - pairStart[i])) * K + k;
-        const int id = p.routing.rowOf[at];
+        const int i = ((s * p.maxTokens) + (pair - pairStart[s])) * K + k;
+        const int id = p.routing.rowOf[i];
         if (id >= 0) {
           row = reinterpret_cast<const int4*>(outputs + static_cast<uint64_t>(id) * rowBytes);
-          weight = p.routing.weights[at];
+          weight = p.routing.weights[i];
         }
       }
       rows[threadIdx.x] = row;
       weights[threadIdx.x] = weight;
     }
     __syncthreads();
-    if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 10);
+    if (round == begin) MC_LL_PROFILE(kLlKernelCombine, 10);
     if (static_cast<int>(threadIdx.x) < roundPairs) {
-      const int pair = pairAt(round + threadIdx.x);
+      const int pair = round + threadIdx.x;
       // The pair's local selections to the front, k order kept: its loads then go out together.
       int found = 0;
       for (int j = 0; j < K; ++j) {
@@ -1475,24 +1457,22 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
       pairRows[threadIdx.x] = found;
       int4* to = nullptr;
       if (found > 0) {
-        const int i = positionOf(pair);
-        const uint64_t entry = static_cast<uint64_t>(pair - pairStart[i]) * R + p.rank;
-        uint8_t* base = windowSlot(p, sourceAt(i));
+        const int s = sourceOf(pair);
+        const uint64_t entry = static_cast<uint64_t>(pair - pairStart[s]) * R + p.rank;
+        uint8_t* base = windowSlot(p, s);
         to = reinterpret_cast<int4*>(base + p.combineRowsOffset + entry * rowBytes);
         reinterpret_cast<uint32_t*>(base + p.markersOffset)[entry] = static_cast<uint32_t>(sequence);
       }
       pairTarget[threadIdx.x] = to;
     }
     __syncthreads();
-    if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 11);
+    if (round == begin) MC_LL_PROFILE(kLlKernelCombine, 11);
     reduceRows<kSendItems, kSendRows>(p, roundPairs, K, pairRows, rows, weights, [&](int i) { return pairTarget[i]; });
-    if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 12);
+    if (round == begin) MC_LL_PROFILE(kLlKernelCombine, 12);
     if (kPuts && (targets & p.putPeers) != 0) {
       __syncthreads();
       for (int i = threadIdx.x >> 5; i < roundPairs; i += kWarps) {
-        if (pairTarget[i] != nullptr) {
-          putCombineRow(p, sourceAt(positionOf(pairAt(round + i))), pairTarget[i], threadIdx.x & 31);
-        }
+        if (pairTarget[i] != nullptr) putCombineRow(p, sourceOf(round + i), pairTarget[i], threadIdx.x & 31);
       }
     }
   }
