@@ -763,6 +763,23 @@ constexpr bool kOneFlag = MOECOMM_LL_ONE_FLAG != 0;
 constexpr bool kRowsFirst = MOECOMM_LL_ROWS_FIRST != 0;
 static_assert(!kRowsFirst || kOneFlag, "MOECOMM_LL_ROWS_FIRST needs MOECOMM_LL_ONE_FLAG");
 
+// Receiver-built lists (developer switch, off by default; -DMOECOMM_LL_RECEIVER_LISTS=1, every
+// rank must be built alike): the dispatch's send half writes no lists; it stores its expert ids
+// into every target in both forms (the per-rank form did already), and each block of the
+// receive half builds a bitmap per (local expert, source) of the tokens that select it from
+// the sources' ids (loaded while the agreement's atomics are in flight), counts the bits, and
+// finds each row's token as the i-th set bit and its first k from the ids. The sender's lists
+// (2.4 us between the rows and the sent flags on 2x H200, seventeenth session's profile) leave
+// the senders' path; the receiver loads the ids instead of the counts and the list entries
+// (the same number of round trips, plus the bitmap's shared atomics). Needs
+// R x E/R x ceil(maxT / 32) words of shared memory more. Prediction on 2 GPUs: dispatch -1.5 to
+// -2.5 us, both forms. Not yet run on a GPU.
+#ifndef MOECOMM_LL_RECEIVER_LISTS
+#define MOECOMM_LL_RECEIVER_LISTS 0
+#endif
+constexpr bool kReceiverLists = MOECOMM_LL_RECEIVER_LISTS != 0;
+static_assert(!kReceiverLists || kOneFlag, "MOECOMM_LL_RECEIVER_LISTS needs MOECOMM_LL_ONE_FLAG");
+
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
@@ -829,31 +846,31 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
       expert = -1;
     }
-    if (!perRank) continue;
-    const float weight = p.topkWeights[g];
+    if (!perRank && !kReceiverLists) continue;
+    const float weight = perRank ? p.topkWeights[g] : 0.0f;
     const uint64_t at = static_cast<uint64_t>(p.rank) * p.maxTokens * K + g;
     for (uint32_t left = targets; left != 0; left &= left - 1) {
       uint8_t* target = windowSlot(p, __ffs(left) - 1);
       reinterpret_cast<int*>(target + p.topkOffset)[at] = static_cast<int>(expert);
-      reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
+      if (perRank) reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
   MC_LL_PROFILE(kLlKernelDispatch, 11);
   // The lists (and with them the T, ids and weights above) go out first; with kOneFlag off,
   // under the listed flags, so receivers can place rows while the rows are in flight.
-  sendLists(p, targets);
+  if (!kReceiverLists) sendLists(p, targets);
   __syncthreads();
   MC_LL_PROFILE(kLlKernelDispatch, 12);
   if (kPuts && (targets & p.putPeers) != 0) {
-    putLists(p, targets);
-    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; perRank && first < entries;
+    if (!kReceiverLists) putLists(p, targets);
+    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; (perRank || kReceiverLists) && first < entries;
          first += entryStride) {
       const uint64_t at = (static_cast<uint64_t>(p.rank) * p.maxTokens * K + first) * sizeof(int);
       const uint64_t bytes =
           static_cast<uint64_t>(min(entries - first, static_cast<int64_t>(blockDim.x))) * sizeof(int);
       for (uint32_t left = targets; left != 0; left &= left - 1) {
         putRange(p, __ffs(left) - 1, p.topkOffset + at, bytes, threadIdx.x, blockDim.x);
-        putRange(p, __ffs(left) - 1, p.weightsOffset + at, bytes, threadIdx.x, blockDim.x);
+        if (perRank) putRange(p, __ffs(left) - 1, p.weightsOffset + at, bytes, threadIdx.x, blockDim.x);
       }
     }
     __syncthreads();
@@ -1043,16 +1060,54 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
   const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
   const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
+  // kReceiverLists: a bit per (item, token), words [items][wordsPerItem], after the bulk stage.
+  const int wordsPerItem = (p.maxTokens + 31) / 32;
+  uint32_t* listBits =
+      reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(itemStart) + lowLatencyItemStartBytes(R, L) +
+                                  kBulkSlotsMax * sizeof(uint64_t) + lowLatencyBulkStageBytes(p.hidden));
+  auto clearBits = [&]() {
+    for (int i = threadIdx.x; i < items * wordsPerItem; i += blockDim.x) listBits[i] = 0;
+  };
+  // kReceiverLists: every id of the sources in `from` that names a local expert sets its token's
+  // bit, for tokens up to maxT (those past a source's T are masked when the bits are counted).
+  // Ids are loaded kIdGroup per thread before any bit is set, so their round trips overlap.
+  auto markIds = [&](uint32_t from) {
+    const int perSource = p.maxTokens * K;
+    const int all = R * perSource;
+    const int firstLocal = p.rank * L;
+    for (int base = 0; base < all; base += kIdGroup * static_cast<int>(blockDim.x)) {
+      int ids[kIdGroup];
+#pragma unroll
+      for (int u = 0; u < kIdGroup; ++u) {
+        const int i = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+        ids[u] = i < all && ((from >> (i / perSource)) & 1u) != 0 ? __ldcg(globalIds + i) - firstLocal : -1;
+      }
+#pragma unroll
+      for (int u = 0; u < kIdGroup; ++u) {
+        if (ids[u] < 0 || ids[u] >= L) continue;
+        const int i = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+        const int src = i / perSource;
+        const int t = (i - src * perSource) / K;
+        atomicOr(listBits + (ids[u] * R + src) * wordsPerItem + t / 32, 1u << (t % 32));
+      }
+    }
+  };
   // The sources' T words (threads s < R) and the counts as written (0 for absent sources), in
-  // one round trip (T first: the counts' stores to shared memory wait for their loads).
+  // one round trip (T first: the counts' stores to shared memory wait for their loads); with
+  // kReceiverLists the ids' bits instead of the counts.
   int word = 0;
   auto loadCounts = [&](uint32_t from) {
     if (static_cast<int>(threadIdx.x) < R) word = ((from >> threadIdx.x) & 1u) != 0 ? __ldcg(tokens + threadIdx.x) : 0;
+    if (kReceiverLists) {
+      markIds(from);
+      return;
+    }
     for (int i = threadIdx.x; i < items; i += blockDim.x) {
       const int s = i % R;
       itemStart[i] = ((from >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
     }
   };
+  if (kReceiverLists) clearBits();  // (before waitAll's first barrier)
   // Agreed on the sent flags: everything is here (kOneFlag off: on the listed flags, everything
   // but the rows). With kOverlapAgreement the counts of the sources this block saw arrive are
   // loaded while the agreement's atomics are in flight, and again if the grid decided otherwise.
@@ -1064,7 +1119,13 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   });
   MC_LL_PROFILE(kLlKernelDispatch, 19);
   MC_LL_PROFILE(kLlKernelDispatch, 5);
-  if (!kOverlapAgreement || sources != waited.arrived) loadCounts(sources);
+  if (!kOverlapAgreement || sources != waited.arrived) {
+    if (kReceiverLists && kOverlapAgreement) {  // the bits of waited.arrived are set: again
+      clearBits();
+      __syncthreads();
+    }
+    loadCounts(sources);
+  }
   if (static_cast<int>(threadIdx.x) < R) {
     const int s = threadIdx.x;
     // A source whose row format differs from this rank's is absent for this operation.
@@ -1082,7 +1143,16 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   int total = 0;
   for (int first = 0; first < items; first += kThreads) {
     const int i = first + threadIdx.x;
-    const int count = i < items ? min(max(itemStart[i], 0), sourceTokens[i % R]) : 0;
+    int count = 0;
+    if (i < items && kReceiverLists) {
+      const int tokensOf = sourceTokens[i % R];  // bits of tokens at or past it are not counted
+      for (int w = 0; w < wordsPerItem && w * 32 < tokensOf; ++w) {
+        const int left = tokensOf - w * 32;
+        count += __popc(listBits[i * wordsPerItem + w] & (left >= 32 ? 0xffffffffu : (1u << left) - 1u));
+      }
+    } else if (i < items) {
+      count = min(max(itemStart[i], 0), sourceTokens[i % R]);
+    }
     int chunkTotal = 0;
     const int before = blockExclusiveScan(count, &chunkTotal);
     if (i < items) itemStart[i] = total + before;
@@ -1120,9 +1190,40 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       }
       const int s = lo % R;
       const int le = lo / R;
-      const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
-      const int t = min(entry >> 5, p.maxTokens - 1);
-      const int firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
+      int t = 0;
+      int firstK = 0;
+      if (kReceiverLists) {
+        // The token: the (g - start)-th set bit of the item (every counted bit is below the
+        // source's T, and bits past it come after them). Its first k: from the ids.
+        const uint32_t* bits = listBits + lo * wordsPerItem;
+        int rank = g - itemStart[lo];
+        int w = 0;
+        uint32_t bitWord = 0;
+        for (; w < wordsPerItem; ++w) {
+          bitWord = bits[w];
+          const int n = __popc(bitWord);
+          if (rank < n) break;
+          rank -= n;
+        }
+        for (; rank > 0; --rank) bitWord &= bitWord - 1u;
+        t = min(w * 32 + max(__ffs(bitWord) - 1, 0), p.maxTokens - 1);
+        const int* row = globalIds + (static_cast<uint64_t>(s) * p.maxTokens + t) * K;
+        const int expert = p.rank * L + le;
+        firstK = -1;
+        for (int k0 = 0; k0 < K && firstK < 0; k0 += kIdGroup) {
+          int64_t ids[kIdGroup];
+          loadIdGroup(ids, k0, K, [&](int k) { return static_cast<int64_t>(__ldcg(row + k)); });
+#pragma unroll
+          for (int u = kIdGroup - 1; u >= 0; --u) {
+            if (ids[u] == expert) firstK = k0 + u;
+          }
+        }
+        firstK = max(firstK, 0);
+      } else {
+        const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
+        t = min(entry >> 5, p.maxTokens - 1);
+        firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
+      }
       const int id = le * slotsPerExpert + g - itemStart[le * R];
       const int info = s * p.maxTokens + t;
       p.routing.srcInfo[id] = info;
@@ -1714,8 +1815,11 @@ int64_t lowLatencyDispatchStaticSharedBytes() {
 }
 
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
+  const uint64_t listBits = kReceiverLists ? static_cast<uint64_t>(params.numRanks) * params.localExperts *
+                                                 ((params.maxTokens + 31) / 32) * sizeof(uint32_t)
+                                           : 0;
   return lowLatencyItemStartBytes(params.numRanks, params.localExperts) + kBulkSlotsMax * sizeof(uint64_t) +
-         lowLatencyBulkStageBytes(params.hidden);
+         lowLatencyBulkStageBytes(params.hidden) + listBits;
 }
 
 template <int kForms>
