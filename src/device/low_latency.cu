@@ -1412,12 +1412,19 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
 // (a BF16 row of H channels, or nullptr for none), flat over (item, 8-channel chunk):
 // kChunks chunks per thread at a time, kRows rows of each loaded before any is added, so
 // kChunks * kRows loads are in flight.
-template <int kChunks, int kRows, typename Target>
+// With onePass (count * H / 8 <= kChunks * blockDim.x, the same for the whole block) every thread
+// makes exactly one pass, chunks or none, and calls beforeStores() once between its loads and
+// its stores (a barrier there is safe); otherwise beforeStores() runs before each pass's stores.
+struct NoHook {
+  __device__ void operator()() const {}
+};
+template <int kChunks, int kRows, typename Target, typename BeforeStores = NoHook>
 __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts, const int4* const* rows,
-                           const float* weights, Target target) {
+                           const float* weights, Target target, bool onePass = false,
+                           BeforeStores beforeStores = NoHook{}) {
   const int chunks = p.hidden / 8;
   const int total = count * chunks;
-  for (int f0 = threadIdx.x; f0 < total; f0 += kChunks * blockDim.x) {
+  for (int f0 = threadIdx.x; onePass ? f0 == static_cast<int>(threadIdx.x) : f0 < total; f0 += kChunks * blockDim.x) {
     float acc[kChunks][8];
     int item[kChunks];
     int c[kChunks];
@@ -1456,6 +1463,7 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
         }
       }
     }
+    beforeStores();
 #pragma unroll
     for (int h = 0; h < kChunks; ++h) {
       if (f0 + h * static_cast<int>(blockDim.x) >= total) continue;
@@ -1611,6 +1619,19 @@ __device__ __forceinline__ int receiveEntry(const LowLatencyParams& p, const int
   return t * K + first;
 }
 
+// Early release in the combine (developer switch, off by default; -DMOECOMM_LL_COMBINE_EARLY_RELEASE=1;
+// not yet run on a GPU): a receive block whose tokens take one pass of reduceRows (W-decode: one
+// token per block) stores its released flags once every row is loaded and summed, before it
+// stores its outputs, so the flags' system-scope release does not wait for those stores and the
+// flags and the stores drain together at the kernel's end (1.1-1.4 us from the last load to the
+// released flags on 2x H200, seventeenth session). Prediction: combine -0.4 to -1 us, both forms.
+// (The dispatch's counterpart, EARLY_RELEASE of the eighth session, was mixed at one rank; its
+// copies are 500 times the combine's outputs.)
+#ifndef MOECOMM_LL_COMBINE_EARLY_RELEASE
+#define MOECOMM_LL_COMBINE_EARLY_RELEASE 0
+#endif
+constexpr bool kCombineEarlyRelease = MOECOMM_LL_COMBINE_EARLY_RELEASE != 0;
+
 __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, bool perRank) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
@@ -1651,6 +1672,9 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
                : nullptr;
     if (perRank) weights[slotInRound * J + k] = 1.0f;
   };
+  // kCombineEarlyRelease: a block with one round of one pass releases its slot between its loads
+  // and its stores.
+  const bool onePass = kCombineEarlyRelease && myTokens <= tokensPerRound && myTokens * (p.hidden / 8) <= 2 * kThreads;
   if (myTokens > 0) loadRound(0);
   const auto flagsOf = [&](int r) { return sentFlags(p, r); };
   const RanksWaited waited = waitAll(p, sequence, flagsOf);
@@ -1668,13 +1692,19 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    reduceRows<2, 8>(p, roundTokens, J, nullptr, rows, weights, [&](int i) {
-      const int t = blockIdx.x + (round + i) * gridDim.x;
-      return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
-    });
+    reduceRows<2, 8>(
+        p, roundTokens, J, nullptr, rows, weights,
+        [&](int i) {
+          const int t = blockIdx.x + (round + i) * gridDim.x;
+          return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
+        },
+        onePass,
+        [&]() {
+          if (onePass) finishReceive(p, sequence);  // every row read and summed: the slot is free
+        });
   }
   MC_LL_PROFILE(kLlKernelCombine, 8);
-  finishReceive(p, sequence);
+  if (!onePass || myTokens == 0) finishReceive(p, sequence);
   MC_LL_PROFILE(kLlKernelCombine, 9);
 }
 
