@@ -1098,11 +1098,8 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   int word = 0;
   auto loadCounts = [&](uint32_t from) {
     if (static_cast<int>(threadIdx.x) < R) word = ((from >> threadIdx.x) & 1u) != 0 ? __ldcg(tokens + threadIdx.x) : 0;
-    if (kReceiverLists) {
-      markIds(from);
-      return;
-    }
-    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+    if (kReceiverLists) markIds(from);
+    for (int i = threadIdx.x; i < items && !kReceiverLists; i += blockDim.x) {
       const int s = i % R;
       itemStart[i] = ((from >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
     }
