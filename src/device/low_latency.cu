@@ -187,12 +187,39 @@ enum FlagState : int { kFlagArrived = 0, kFlagMissing = 1, kFlagFailed = 2 };
 // caller knows the operation's data arrived (another block saw all of its flags) and a later
 // flag can only be one that does not write data here (a sender that masked this rank). An
 // older operation's flag is waited past. After the budget the flag gets one last look.
+// Early targets (developer switch, off by default; -DMOECOMM_LL_EARLY_TARGETS=1; not yet run on a
+// GPU): a send half loads the released flags it will wait for at the kernel's entry, beside the
+// slot's sequence (which gives their target), instead of after it and after the ids (dispatch),
+// the sources' T (per-rank combine) or the received counts (per-expert combine); the wait then
+// starts from those values and polls again only for flags not yet there. waitAll deals the flags
+// to the threads from the last one down, so the threads that load the ids or the counts are
+// not the ones stalled on the flags' acquire loads. On 2x H200 the targets were known 1.0 us
+// after the token ranks (dispatch) and ~1.6 us after the start (combines): two or three round
+// trips in a row. Prediction: dispatch -0.7 to -1 us, combines -0.5 to -0.9.
+#ifndef MOECOMM_LL_EARLY_TARGETS
+#define MOECOMM_LL_EARLY_TARGETS 0
+#endif
+constexpr bool kEarlyTargets = MOECOMM_LL_EARLY_TARGETS != 0;
+
+// A flag's value loaded (acquire) before the wait that needs it (kEarlyTargets).
+struct Polled {
+  uint64_t value;
+  bool valid;
+};
+
+// The first flag index of this thread in waitAll (then + blockDim.x, ...).
+__device__ __forceinline__ int firstWaitIndex() {
+  return kEarlyTargets ? static_cast<int>(blockDim.x - 1 - threadIdx.x) : static_cast<int>(threadIdx.x);
+}
+
+// `first`: the flag's value loaded earlier, used as the first poll (values only move forward,
+// so what it says is what a poll at that time would have said).
 __device__ int waitFlag(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, int peer,
-                        bool laterCounts = false) {
+                        bool laterCounts = false, Polled first = Polled{0, false}) {
   const uint64_t start = globalTimerNs();
   bool lastLook = false;
   for (uint32_t polls = 0;; ++polls) {
-    const uint64_t value = loadAcquireSys(flag);
+    const uint64_t value = polls == 0 && first.valid ? first.value : loadAcquireSys(flag);
     if (value == target) return kFlagArrived;
     if (value == (target | kFailedBit)) return kFlagFailed;
     if ((value & ~kFlagBits) > target && laterCounts) return kFlagArrived;
@@ -214,7 +241,8 @@ struct RanksWaited {
 // The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` (default:
 // all) that is not masked (flagsOf(r) gives the array).
 template <typename FlagsOf>
-__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u) {
+__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u,
+                               Polled first = Polled{0, false}) {
   ranks &= allRanks(p.numRanks);
   __shared__ uint32_t missing;
   __shared__ uint32_t failed;
@@ -224,10 +252,13 @@ __device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, Flags
   }
   __syncthreads();
   const int B = p.numBlocks;
-  for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x) {
+  const int start = firstWaitIndex();
+  for (int i = start; i < p.numRanks * B; i += blockDim.x) {
     const int r = i / B;
     if (((ranks >> r) & 1u) == 0) continue;
-    const int state = maskedForWaits(p, r) ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r);
+    const int state = maskedForWaits(p, r)
+                          ? kFlagMissing
+                          : waitFlag(p, flagsOf(r) + i % B, target, r, false, i == start ? first : Polled{0, false});
     if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
   }
   __syncthreads();
@@ -243,8 +274,18 @@ __device__ void maskAllBut(const LowLatencyParams& p, uint32_t ready) {
 // Every block, on entry to a send half: the ranks it may write to, i.e. the unmasked ones all
 // of whose blocks finished reading what the previous operation on this slot put there. Ranks
 // that fail are masked; the others will see this block's flag missing and mask this rank.
-__device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
-  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, r); }).arrived;
+// kEarlyTargets, at a send half's entry: this thread's first released flag of waitAll (the
+// flags are this rank's, whatever the operation's sequence).
+__device__ __forceinline__ Polled pollReleasedEarly(const LowLatencyParams& p) {
+  const int i = firstWaitIndex();
+  if (!kEarlyTargets || i >= p.numRanks * p.numBlocks) return Polled{0, false};
+  return Polled{loadAcquireSys(releasedFlags(p, i / p.numBlocks) + i % p.numBlocks), true};
+}
+
+__device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence, Polled first = Polled{0, false}) {
+  const uint32_t ready = waitAll(
+                             p, sequence - 1, [&](int r) { return releasedFlags(p, r); }, ~0u, first)
+                             .arrived;
   maskAllBut(p, ready);
   return ready;
 }
@@ -796,6 +837,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   const int T = p.numTokens;
   // kEarlySequence: the slot's sequence is loaded before the ids and used after them.
   const uint64_t early = kEarlySequence ? *sequenceWord : 0;
+  const Polled released = pollReleasedEarly(p);  // (kEarlyTargets; else nothing)
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
@@ -813,7 +855,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   *sequenceOut = sequence;
   storeMaskSnapshot(p, maskWord);  // (sendTargets syncs the block before it waits)
   MC_LL_PROFILE(kLlKernelDispatch, 10);
-  const uint32_t targets = sendTargets(p, sequence);
+  const uint32_t targets = sendTargets(p, sequence, released);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   auto sendTheRows = [&]() {
     if (fp8) {
@@ -1305,7 +1347,7 @@ __device__ void putCombineRow(const LowLatencyParams& p, int peer, const int4* r
 }
 
 template <bool kPuts>
-__device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
+__device__ void combineSend(const LowLatencyParams& p, uint64_t sequence, Polled released) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
   __shared__ int expertStart[kLowLatencyMaxLocalExperts + 1];  // received rows before expert le
@@ -1322,7 +1364,7 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
     total += chunkTotal;
   }
   if (threadIdx.x == 0) expertStart[L] = total;
-  const uint32_t targets = sendTargets(p, sequence);
+  const uint32_t targets = sendTargets(p, sequence, released);
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int K = p.topk;
   const int slotsPerExpert = p.numRanks * p.maxTokens;
@@ -1495,7 +1537,7 @@ constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
 
 template <bool kPuts>
-__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
+__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence, Polled released) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
@@ -1511,7 +1553,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence)
     }
     pairStart[R] = pairs;
   }
-  const uint32_t targets = sendTargets(p, sequence);  // syncs the block
+  const uint32_t targets = sendTargets(p, sequence, released);  // syncs the block
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int total = pairStart[R];
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
@@ -1715,10 +1757,11 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
   const bool perRank = formPerRank(kForms, p);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
+  const Polled released = send ? pollReleasedEarly(p) : Polled{0, false};  // (kEarlyTargets)
   if (send && perRank) {
-    combineSendPerRank<kPuts>(p, sequence);
+    combineSendPerRank<kPuts>(p, sequence, released);
   } else if (send) {
-    combineSend<kPuts>(p, sequence);
+    combineSend<kPuts>(p, sequence, released);
   }
   if ((p.phases & kLowLatencyPhaseReceive) != 0) {
     __syncthreads();
