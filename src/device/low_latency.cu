@@ -414,13 +414,16 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
 constexpr bool kDeferredRelease = MOECOMM_LL_DEFERRED_RELEASE != 0;
 
 // Every block at the end of its receive half: it has read all it needed from its slot.
-__device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence) {
+// fromLast: the flags go out from the last threads down (thread blockDim - 1 - r for rank r), so
+// that their system-scope fences stall the warp with the fewest stores after them (the
+// combine's early release).
+__device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence, bool fromLast = false) {
   __syncthreads();
   if (kDeferredRelease) {
     if (threadIdx.x == 0) p.pendingReleased[static_cast<uint64_t>(p.slot) * p.numBlocks + blockIdx.x] = sequence;
     return;
   }
-  const int r = threadIdx.x;
+  const int r = fromLast ? static_cast<int>(blockDim.x - 1 - threadIdx.x) : static_cast<int>(threadIdx.x);
   if (r < p.numRanks) signalFlag(p, r, p.releasedOffset, blockIdx.x, sequence);
 }
 
@@ -1665,7 +1668,8 @@ __device__ __forceinline__ int receiveEntry(const LowLatencyParams& p, const int
 // flags and the stores drain together at the kernel's end (1.1-1.4 us from the last load to the
 // released flags on 2x H200, seventeenth session). Prediction: combine -0.4 to -1 us, both forms.
 // (The dispatch's counterpart, EARLY_RELEASE of the eighth session, was mixed at one rank; its
-// copies are 500 times the combine's outputs.)
+// copies are 500 times the combine's outputs.) Profile event 8 then comes after the released
+// flags, not before them.
 #ifndef MOECOMM_LL_COMBINE_EARLY_RELEASE
 #define MOECOMM_LL_COMBINE_EARLY_RELEASE 0
 #endif
@@ -1739,7 +1743,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
         },
         onePass,
         [&]() {
-          if (onePass) finishReceive(p, sequence);  // every row read and summed: the slot is free
+          if (onePass) finishReceive(p, sequence, true);  // every row read and summed: the slot is free
         });
   }
   MC_LL_PROFILE(kLlKernelCombine, 8);
