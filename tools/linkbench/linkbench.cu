@@ -30,7 +30,10 @@
 // inside the kernel (last block's end minus first block's start, %globaltimer; the slower GPU),
 // median over the repetitions, and the bytes copied per GPU over it, and how much later than
 // the median block the last block ended (end_spread_us: every block has the same rows, so a
-// spread says some SMs move bytes slower than others). Nothing here is part of the library.
+// spread says some SMs move bytes slower than others), and the blocks split by TPC: how many ran
+// on an SM whose TPC twin (SM id ^ 1) ran a block of the same launch too (paired), and the median
+// block time of those and of the others (paired_us, alone_us: whether two SMs of one TPC
+// sharing its path to the memory system push slower). Nothing here is part of the library.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -99,6 +102,19 @@ __device__ __forceinline__ void warpRow(const int4* src, int4* dst, int chunks, 
   }
 }
 
+// Per block: its start and end (%globaltimer) and the SM it ran on.
+constexpr int kStampWords = 3;
+__device__ __forceinline__ void stampStart(unsigned long long* stamps) {
+  if (threadIdx.x != 0) return;
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  stamps[kStampWords * blockIdx.x] = moecomm::device::globalTimerNs();
+  stamps[kStampWords * blockIdx.x + 2] = sm;
+}
+__device__ __forceinline__ void stampEnd(unsigned long long* stamps) {
+  if (threadIdx.x == 0) stamps[kStampWords * blockIdx.x + 1] = moecomm::device::globalTimerNs();
+}
+
 __device__ __forceinline__ void blockRows(int rows, int* first, int* last) {
   const int per = (rows + gridDim.x - 1) / gridDim.x;
   *first = min(rows, static_cast<int>(blockIdx.x) * per);
@@ -110,7 +126,7 @@ __device__ __forceinline__ void blockRows(int rows, int* first, int* last) {
 template <bool kFence, bool kNc, bool kWarpFence = false>
 __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
                               unsigned long long* stamps) {
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
+  stampStart(stamps);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -142,7 +158,7 @@ __global__ void copyRegisters(const uint8_t* src, uint8_t* dst, int rows, int ro
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
+  stampEnd(stamps);
 }
 
 // Spins on an mbarrier phase, at most 2^26 tries; then flags *failed (the rows are wrong) and
@@ -163,7 +179,7 @@ __device__ void waitPhase(uint64_t* barrier, uint32_t parity, int* failed) {
 __global__ void copyAsyncFence(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, unsigned long long* flag,
                                int* failed, unsigned long long* stamps) {
   __shared__ uint64_t full[2], empty[2];
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
+  stampStart(stamps);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int copiers = (blockDim.x >> 5) - 1;
@@ -202,7 +218,7 @@ __global__ void copyAsyncFence(const uint8_t* src, uint8_t* dst, int rows, int r
     }
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
+  stampEnd(stamps);
 }
 
 // push-bulk: lane 0 of every warp; stages * rowBytes of dynamic shared memory per warp, then
@@ -210,7 +226,7 @@ __global__ void copyAsyncFence(const uint8_t* src, uint8_t* dst, int rows, int r
 __global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowBytes, int stages, int* failed,
                          unsigned long long* stamps) {
   extern __shared__ __align__(128) uint8_t shared[];
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
+  stampStart(stamps);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -249,14 +265,14 @@ __global__ void copyBulk(const uint8_t* src, uint8_t* dst, int rows, int rowByte
     bulkWait<0>();
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
+  stampEnd(stamps);
 }
 
 // store: every warp stores one 16-byte value (every byte `fill`, the source's own fill, so the
 // destination still equals the source) into its rows of the peer's buffer: the store path
 // alone, without the loads.
 __global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, unsigned long long* stamps) {
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x] = moecomm::device::globalTimerNs();
+  stampStart(stamps);
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int warps = blockDim.x >> 5;
@@ -270,7 +286,7 @@ __global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, u
     for (int i = lane; i < chunks; i += 32) out[i] = v;
   }
   __syncthreads();
-  if (threadIdx.x == 0) stamps[2 * blockIdx.x + 1] = moecomm::device::globalTimerNs();
+  stampEnd(stamps);
 }
 
 std::vector<int> argList(int argc, char** argv, const char* name, const char* fallback) {
@@ -385,7 +401,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&u.src, bytes));
     CHECK(cudaMalloc(&u.dst, n == 2 ? bytes : 2 * bytes));  // one GPU: [peer buffer][local buffer]
     CHECK(cudaMalloc(&u.flags, 8ull * maxGrid * 32));       // push-wfence: one per warp
-    CHECK(cudaMalloc(&u.stamps, 16ull * maxGrid));
+    CHECK(cudaMalloc(&u.stamps, 8ull * kStampWords * maxGrid));
     CHECK(cudaMalloc(&u.failed, 4));
     CHECK(cudaMemset(u.src, 0x5a + g, bytes));
     CHECK(cudaMemset(u.dst, 0x33 + g, n == 2 ? bytes : 2 * bytes));
@@ -403,9 +419,9 @@ int main(int argc, char** argv) {
               : oneWay ? "GPU 0 towards GPU 1 only"
                        : "GPUs 0 and 1 towards each other at once",
               rows, rowBytes, bytes / 1e6, reps);
-  std::printf("%-11s %6s %6s %7s %11s %9s %12s %14s\n", "mode", "blocks", "warps", "stages", "kernel_us", "GB/s",
-              "GB/s/block", "end_spread_us");
-  std::vector<unsigned long long> hostStamps(2ull * maxGrid);
+  std::printf("%-11s %6s %6s %7s %11s %9s %12s %14s %7s %10s %10s\n", "mode", "blocks", "warps", "stages", "kernel_us",
+              "GB/s", "GB/s/block", "end_spread_us", "paired", "paired_us", "alone_us");
+  std::vector<unsigned long long> hostStamps(static_cast<size_t>(kStampWords) * maxGrid);
   for (int mode : modes) {
     if (mode < kPush || mode > kPushAsyncFence || mode == kCopyEngine) continue;  // (kCopyEngine: after this loop)
     for (int warps : warpCounts) {
@@ -421,6 +437,8 @@ int main(int argc, char** argv) {
       for (int grid : grids) {
         if (grid < 1) continue;
         std::vector<double> us, spreads;
+        std::vector<double> pairedUs, aloneUs;  // block times: SMs whose TPC twin (SM id ^ 1) ran a block too, or not
+        int paired = 0;
         for (int r = 0; r < reps + 1; ++r) {
           const bool last = r == reps;
           for (int g = 0; g < active; ++g) {
@@ -474,13 +492,23 @@ int main(int argc, char** argv) {
           for (int g = 0; g < active; ++g) {
             CHECK(cudaSetDevice(gpus[g].device));
             CHECK(cudaStreamSynchronize(gpus[g].stream));
-            CHECK(cudaMemcpy(hostStamps.data(), gpus[g].stamps, 16ull * grid, cudaMemcpyDeviceToHost));
+            CHECK(cudaMemcpy(hostStamps.data(), gpus[g].stamps, 8ull * kStampWords * grid, cudaMemcpyDeviceToHost));
             unsigned long long begin = ~0ull, end = 0;
             std::vector<unsigned long long> ends(grid);
+            std::vector<char> used(4096, 0);  // SM ids that ran a block of this launch
             for (int b = 0; b < grid; ++b) {
-              begin = std::min(begin, hostStamps[2 * b]);
-              end = std::max(end, hostStamps[2 * b + 1]);
-              ends[b] = hostStamps[2 * b + 1];
+              begin = std::min(begin, hostStamps[kStampWords * b]);
+              end = std::max(end, hostStamps[kStampWords * b + 1]);
+              ends[b] = hostStamps[kStampWords * b + 1];
+              used[hostStamps[kStampWords * b + 2] % used.size()] = 1;
+            }
+            paired = 0;
+            for (int b = 0; b < grid && r > 0; ++b) {
+              const unsigned long long sm = hostStamps[kStampWords * b + 2] % used.size();
+              const double blockUs = (hostStamps[kStampWords * b + 1] - hostStamps[kStampWords * b]) / 1000.0;
+              const bool twin = used[sm ^ 1] != 0;
+              paired += twin ? 1 : 0;
+              (twin ? pairedUs : aloneUs).push_back(blockUs);
             }
             std::sort(ends.begin(), ends.end());
             slowest = std::max(slowest, (end - begin) / 1000.0);
@@ -501,9 +529,9 @@ int main(int argc, char** argv) {
           }
         }
         const double t = moecomm_dev::median(us);
-        std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f %14.1f\n", kModeNames[mode], grid, warps,
+        std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f %14.1f %7d %10.1f %10.1f\n", kModeNames[mode], grid, warps,
                     bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3, bytes / t / 1e3 / grid,
-                    moecomm_dev::median(spreads));
+                    moecomm_dev::median(spreads), paired, moecomm_dev::median(pairedUs), moecomm_dev::median(aloneUs));
       }
     }
   }
