@@ -634,19 +634,25 @@ constexpr bool kListLoads = MOECOMM_LL_LIST_LOADS != 0;
 #endif
 constexpr bool kEarlySequence = MOECOMM_LL_EARLY_SEQUENCE != 0;
 
+// The first k < topk whose id (load(k)) names expert, or -1; ids loaded kIdGroup at a time.
+template <typename Load>
+__device__ __forceinline__ int firstKNaming(int topk, int64_t expert, Load load) {
+  for (int k0 = 0; k0 < topk; k0 += kIdGroup) {
+    int64_t ids[kIdGroup];
+    loadIdGroup(ids, k0, topk, load);
+#pragma unroll
+    for (int j = 0; j < kIdGroup; ++j) {
+      if (ids[j] == expert) return k0 + j;
+    }
+  }
+  return -1;
+}
+
 // The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).
 __device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
   const int64_t row = static_cast<int64_t>(t) * p.topk;
   if constexpr (kListLoads) {
-    for (int k0 = 0; k0 < p.topk; k0 += kIdGroup) {
-      int64_t ids[kIdGroup];
-      loadIdGroup(ids, k0, p.topk, [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, row + k); });
-#pragma unroll
-      for (int j = 0; j < kIdGroup; ++j) {
-        if (ids[j] == expert) return k0 + j;
-      }
-    }
-    return -1;
+    return firstKNaming(p.topk, expert, [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, row + k); });
   }
   int first = -1;
   for (int k = p.topk - 1; k >= 0; --k) {
@@ -1107,9 +1113,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
   // kReceiverLists: a bit per (item, token), words [items][wordsPerItem], after the bulk stage.
   const int wordsPerItem = (p.maxTokens + 31) / 32;
-  uint32_t* listBits =
-      reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(itemStart) + lowLatencyItemStartBytes(R, L) +
-                                  kBulkSlotsMax * sizeof(uint64_t) + lowLatencyBulkStageBytes(p.hidden));
+  uint32_t* listBits = reinterpret_cast<uint32_t*>(stage.data + lowLatencyBulkStageBytes(p.hidden));
   auto clearBits = [&]() {
     for (int i = threadIdx.x; i < items * wordsPerItem; i += blockDim.x) listBits[i] = 0;
   };
@@ -1250,17 +1254,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
         for (; rank > 0; --rank) bitWord &= bitWord - 1u;
         t = min(w * 32 + max(__ffs(bitWord) - 1, 0), p.maxTokens - 1);
         const int* row = globalIds + (static_cast<uint64_t>(s) * p.maxTokens + t) * K;
-        const int expert = p.rank * L + le;
-        firstK = -1;
-        for (int k0 = 0; k0 < K && firstK < 0; k0 += kIdGroup) {
-          int64_t ids[kIdGroup];
-          loadIdGroup(ids, k0, K, [&](int k) { return static_cast<int64_t>(__ldcg(row + k)); });
-#pragma unroll
-          for (int u = kIdGroup - 1; u >= 0; --u) {
-            if (ids[u] == expert) firstK = k0 + u;
-          }
-        }
-        firstK = max(firstK, 0);
+        firstK = max(firstKNaming(K, p.rank * L + le, [&](int k) { return static_cast<int64_t>(__ldcg(row + k)); }), 0);
       } else {
         const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
         t = min(entry >> 5, p.maxTokens - 1);
@@ -1675,6 +1669,9 @@ __device__ __forceinline__ int receiveEntry(const LowLatencyParams& p, const int
 #endif
 constexpr bool kCombineEarlyRelease = MOECOMM_LL_COMBINE_EARLY_RELEASE != 0;
 
+// The combine receive's reduceRows: chunks per thread in a pass (onePass above depends on it).
+constexpr int kReceiveChunks = 2;
+
 __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, bool perRank) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
@@ -1717,7 +1714,8 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
   };
   // kCombineEarlyRelease: a block with one round of one pass releases its slot between its loads
   // and its stores.
-  const bool onePass = kCombineEarlyRelease && myTokens <= tokensPerRound && myTokens * (p.hidden / 8) <= 2 * kThreads;
+  const bool onePass =
+      kCombineEarlyRelease && myTokens <= tokensPerRound && myTokens * (p.hidden / 8) <= kReceiveChunks * kThreads;
   if (myTokens > 0) loadRound(0);
   const auto flagsOf = [&](int r) { return sentFlags(p, r); };
   const RanksWaited waited = waitAll(p, sequence, flagsOf);
@@ -1735,7 +1733,7 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    reduceRows<2, 8>(
+    reduceRows<kReceiveChunks, 8>(
         p, roundTokens, J, nullptr, rows, weights,
         [&](int i) {
           const int t = blockIdx.x + (round + i) * gridDim.x;
