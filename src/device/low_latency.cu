@@ -187,39 +187,12 @@ enum FlagState : int { kFlagArrived = 0, kFlagMissing = 1, kFlagFailed = 2 };
 // caller knows the operation's data arrived (another block saw all of its flags) and a later
 // flag can only be one that does not write data here (a sender that masked this rank). An
 // older operation's flag is waited past. After the budget the flag gets one last look.
-// Early targets (developer switch, off by default; -DMOECOMM_LL_EARLY_TARGETS=1; not yet run on a
-// GPU): a send half loads the released flags it will wait for at the kernel's entry, beside the
-// slot's sequence (which gives their target), instead of after it and after the ids (dispatch),
-// the sources' T (per-rank combine) or the received counts (per-expert combine); the wait then
-// starts from those values and polls again only for flags not yet there. waitAll deals the flags
-// to the threads from the last one down, so the threads that load the ids or the counts are
-// not the ones stalled on the flags' acquire loads. On 2x H200 the targets were known 1.0 us
-// after the token ranks (dispatch) and ~1.6 us after the start (combines): two or three round
-// trips in a row. Prediction: dispatch -0.7 to -1 us, combines -0.5 to -0.9.
-#ifndef MOECOMM_LL_EARLY_TARGETS
-#define MOECOMM_LL_EARLY_TARGETS 0
-#endif
-constexpr bool kEarlyTargets = MOECOMM_LL_EARLY_TARGETS != 0;
-
-// A flag's value loaded (acquire) before the wait that needs it (kEarlyTargets).
-struct Polled {
-  uint64_t value;
-  bool valid;
-};
-
-// The first flag index of this thread in waitAll (then + blockDim.x, ...).
-__device__ __forceinline__ int firstWaitIndex() {
-  return kEarlyTargets ? static_cast<int>(blockDim.x - 1 - threadIdx.x) : static_cast<int>(threadIdx.x);
-}
-
-// `first`: the flag's value loaded earlier, used as the first poll (values only move forward,
-// so what it says is what a poll at that time would have said).
 __device__ int waitFlag(const LowLatencyParams& p, const uint64_t* flag, uint64_t target, int peer,
-                        bool laterCounts = false, Polled first = Polled{0, false}) {
+                        bool laterCounts = false) {
   const uint64_t start = globalTimerNs();
   bool lastLook = false;
   for (uint32_t polls = 0;; ++polls) {
-    const uint64_t value = polls == 0 && first.valid ? first.value : loadAcquireSys(flag);
+    const uint64_t value = loadAcquireSys(flag);
     if (value == target) return kFlagArrived;
     if (value == (target | kFailedBit)) return kFlagFailed;
     if ((value & ~kFlagBits) > target && laterCounts) return kFlagArrived;
@@ -241,8 +214,7 @@ struct RanksWaited {
 // The whole block: waits for flags[r][0..B) == target for every rank r of `ranks` (default:
 // all) that is not masked (flagsOf(r) gives the array).
 template <typename FlagsOf>
-__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u,
-                               Polled first = Polled{0, false}) {
+__device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, FlagsOf flagsOf, uint32_t ranks = ~0u) {
   ranks &= allRanks(p.numRanks);
   __shared__ uint32_t missing;
   __shared__ uint32_t failed;
@@ -252,13 +224,10 @@ __device__ RanksWaited waitAll(const LowLatencyParams& p, uint64_t target, Flags
   }
   __syncthreads();
   const int B = p.numBlocks;
-  const int start = firstWaitIndex();
-  for (int i = start; i < p.numRanks * B; i += blockDim.x) {
+  for (int i = threadIdx.x; i < p.numRanks * B; i += blockDim.x) {
     const int r = i / B;
     if (((ranks >> r) & 1u) == 0) continue;
-    const int state = maskedForWaits(p, r)
-                          ? kFlagMissing
-                          : waitFlag(p, flagsOf(r) + i % B, target, r, false, i == start ? first : Polled{0, false});
+    const int state = maskedForWaits(p, r) ? kFlagMissing : waitFlag(p, flagsOf(r) + i % B, target, r);
     if (state != kFlagArrived) atomicOr(state == kFlagFailed ? &failed : &missing, 1u << r);
   }
   __syncthreads();
@@ -274,18 +243,8 @@ __device__ void maskAllBut(const LowLatencyParams& p, uint32_t ready) {
 // Every block, on entry to a send half: the ranks it may write to, i.e. the unmasked ones all
 // of whose blocks finished reading what the previous operation on this slot put there. Ranks
 // that fail are masked; the others will see this block's flag missing and mask this rank.
-// kEarlyTargets, at a send half's entry: this thread's first released flag of waitAll (the
-// flags are this rank's, whatever the operation's sequence).
-__device__ __forceinline__ Polled pollReleasedEarly(const LowLatencyParams& p) {
-  const int i = firstWaitIndex();
-  if (!kEarlyTargets || i >= p.numRanks * p.numBlocks) return Polled{0, false};
-  return Polled{loadAcquireSys(releasedFlags(p, i / p.numBlocks) + i % p.numBlocks), true};
-}
-
-__device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence, Polled first = Polled{0, false}) {
-  const uint32_t ready = waitAll(
-                             p, sequence - 1, [&](int r) { return releasedFlags(p, r); }, ~0u, first)
-                             .arrived;
+__device__ uint32_t sendTargets(const LowLatencyParams& p, uint64_t sequence) {
+  const uint32_t ready = waitAll(p, sequence - 1, [&](int r) { return releasedFlags(p, r); }).arrived;
   maskAllBut(p, ready);
   return ready;
 }
@@ -414,16 +373,13 @@ __device__ void finishSend(const LowLatencyParams& p, uint32_t targets, uint64_t
 constexpr bool kDeferredRelease = MOECOMM_LL_DEFERRED_RELEASE != 0;
 
 // Every block at the end of its receive half: it has read all it needed from its slot.
-// fromLast: the flags go out from the last threads down (thread blockDim - 1 - r for rank r), so
-// that their system-scope fences stall the warp with the fewest stores after them (the
-// combine's early release).
-__device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence, bool fromLast = false) {
+__device__ void finishReceive(const LowLatencyParams& p, uint64_t sequence) {
   __syncthreads();
   if (kDeferredRelease) {
     if (threadIdx.x == 0) p.pendingReleased[static_cast<uint64_t>(p.slot) * p.numBlocks + blockIdx.x] = sequence;
     return;
   }
-  const int r = fromLast ? static_cast<int>(blockDim.x - 1 - threadIdx.x) : static_cast<int>(threadIdx.x);
+  const int r = threadIdx.x;
   if (r < p.numRanks) signalFlag(p, r, p.releasedOffset, blockIdx.x, sequence);
 }
 
@@ -634,25 +590,19 @@ constexpr bool kListLoads = MOECOMM_LL_LIST_LOADS != 0;
 #endif
 constexpr bool kEarlySequence = MOECOMM_LL_EARLY_SEQUENCE != 0;
 
-// The first k < topk whose id (load(k)) names expert, or -1; ids loaded kIdGroup at a time.
-template <typename Load>
-__device__ __forceinline__ int firstKNaming(int topk, int64_t expert, Load load) {
-  for (int k0 = 0; k0 < topk; k0 += kIdGroup) {
-    int64_t ids[kIdGroup];
-    loadIdGroup(ids, k0, topk, load);
-#pragma unroll
-    for (int j = 0; j < kIdGroup; ++j) {
-      if (ids[j] == expert) return k0 + j;
-    }
-  }
-  return -1;
-}
-
 // The first k of token t's ids naming expert, or -1 (the caller's ids; a bad id names nothing).
 __device__ int firstKOf(const LowLatencyParams& p, int t, int expert) {
   const int64_t row = static_cast<int64_t>(t) * p.topk;
   if constexpr (kListLoads) {
-    return firstKNaming(p.topk, expert, [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, row + k); });
+    for (int k0 = 0; k0 < p.topk; k0 += kIdGroup) {
+      int64_t ids[kIdGroup];
+      loadIdGroup(ids, k0, p.topk, [&](int k) { return loadExpertId(p.topkIdx, p.topkIdxIs64, row + k); });
+#pragma unroll
+      for (int j = 0; j < kIdGroup; ++j) {
+        if (ids[j] == expert) return k0 + j;
+      }
+    }
+    return -1;
   }
   int first = -1;
   for (int k = p.topk - 1; k >= 0; --k) {
@@ -813,23 +763,6 @@ constexpr bool kOneFlag = MOECOMM_LL_ONE_FLAG != 0;
 constexpr bool kRowsFirst = MOECOMM_LL_ROWS_FIRST != 0;
 static_assert(!kRowsFirst || kOneFlag, "MOECOMM_LL_ROWS_FIRST needs MOECOMM_LL_ONE_FLAG");
 
-// Receiver-built lists (developer switch, off by default; -DMOECOMM_LL_RECEIVER_LISTS=1, every
-// rank must be built alike): the dispatch's send half writes no lists; it stores its expert ids
-// into every target in both forms (the per-rank form did already), and each block of the
-// receive half builds a bitmap per (local expert, source) of the tokens that select it from
-// the sources' ids (loaded while the agreement's atomics are in flight), counts the bits, and
-// finds each row's token as the i-th set bit and its first k from the ids. The sender's lists
-// (2.4 us between the rows and the sent flags on 2x H200, seventeenth session's profile) leave
-// the senders' path; the receiver loads the ids instead of the counts and the list entries
-// (the same number of round trips, plus the bitmap's shared atomics). Needs
-// R x E/R x ceil(maxT / 32) words of shared memory more. Prediction on 2 GPUs: dispatch -1.5 to
-// -2.5 us, both forms. Not yet run on a GPU.
-#ifndef MOECOMM_LL_RECEIVER_LISTS
-#define MOECOMM_LL_RECEIVER_LISTS 0
-#endif
-constexpr bool kReceiverLists = MOECOMM_LL_RECEIVER_LISTS != 0;
-static_assert(!kReceiverLists || kOneFlag, "MOECOMM_LL_RECEIVER_LISTS needs MOECOMM_LL_ONE_FLAG");
-
 // kPuts: the instantiation for transports with puts (p.putPeers != 0); without, the put code
 // is not compiled in at all, so the nvlink kernels keep the code of the kernels before the
 // transport interface (a cold branch in the same kernel cost ~2 µs per combine, measured).
@@ -846,7 +779,6 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   const int T = p.numTokens;
   // kEarlySequence: the slot's sequence is loaded before the ids and used after them.
   const uint64_t early = kEarlySequence ? *sequenceWord : 0;
-  const Polled released = pollReleasedEarly(p);  // (kEarlyTargets; else nothing)
   // From the caller's ids only, so it overlaps the wait for the targets (which syncs the block).
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
     uint32_t ranks = 0;
@@ -864,7 +796,7 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
   *sequenceOut = sequence;
   storeMaskSnapshot(p, maskWord);  // (sendTargets syncs the block before it waits)
   MC_LL_PROFILE(kLlKernelDispatch, 10);
-  const uint32_t targets = sendTargets(p, sequence, released);
+  const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelDispatch, 1);
   auto sendTheRows = [&]() {
     if (fp8) {
@@ -897,31 +829,31 @@ __device__ void dispatchSend(const LowLatencyParams& p, const volatile uint64_t*
       atomicCAS(p.hostError, 0, kErrorInvalidArgument);
       expert = -1;
     }
-    if (!perRank && !kReceiverLists) continue;
-    const float weight = perRank ? p.topkWeights[g] : 0.0f;
+    if (!perRank) continue;
+    const float weight = p.topkWeights[g];
     const uint64_t at = static_cast<uint64_t>(p.rank) * p.maxTokens * K + g;
     for (uint32_t left = targets; left != 0; left &= left - 1) {
       uint8_t* target = windowSlot(p, __ffs(left) - 1);
       reinterpret_cast<int*>(target + p.topkOffset)[at] = static_cast<int>(expert);
-      if (perRank) reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
+      reinterpret_cast<float*>(target + p.weightsOffset)[at] = weight;
     }
   }
   MC_LL_PROFILE(kLlKernelDispatch, 11);
   // The lists (and with them the T, ids and weights above) go out first; with kOneFlag off,
   // under the listed flags, so receivers can place rows while the rows are in flight.
-  if (!kReceiverLists) sendLists(p, targets);
+  sendLists(p, targets);
   __syncthreads();
   MC_LL_PROFILE(kLlKernelDispatch, 12);
   if (kPuts && (targets & p.putPeers) != 0) {
-    if (!kReceiverLists) putLists(p, targets);
-    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; (perRank || kReceiverLists) && first < entries;
+    putLists(p, targets);
+    for (int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x; perRank && first < entries;
          first += entryStride) {
       const uint64_t at = (static_cast<uint64_t>(p.rank) * p.maxTokens * K + first) * sizeof(int);
       const uint64_t bytes =
           static_cast<uint64_t>(min(entries - first, static_cast<int64_t>(blockDim.x))) * sizeof(int);
       for (uint32_t left = targets; left != 0; left &= left - 1) {
         putRange(p, __ffs(left) - 1, p.topkOffset + at, bytes, threadIdx.x, blockDim.x);
-        if (perRank) putRange(p, __ffs(left) - 1, p.weightsOffset + at, bytes, threadIdx.x, blockDim.x);
+        putRange(p, __ffs(left) - 1, p.weightsOffset + at, bytes, threadIdx.x, blockDim.x);
       }
     }
     __syncthreads();
@@ -1111,49 +1043,16 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   const int* listCounts = reinterpret_cast<const int*>(mine + p.listCountsOffset);
   const int* lists = reinterpret_cast<const int*>(mine + p.listsOffset);
   const int* tokens = reinterpret_cast<const int*>(mine + p.tokensOffset);
-  // kReceiverLists: a bit per (item, token), words [items][wordsPerItem], after the bulk stage.
-  const int wordsPerItem = (p.maxTokens + 31) / 32;
-  uint32_t* listBits = reinterpret_cast<uint32_t*>(stage.data + lowLatencyBulkStageBytes(p.hidden));
-  auto clearBits = [&]() {
-    for (int i = threadIdx.x; i < items * wordsPerItem; i += blockDim.x) listBits[i] = 0;
-  };
-  // kReceiverLists: every id of the sources in `from` that names a local expert sets its token's
-  // bit, for tokens up to maxT (those past a source's T are masked when the bits are counted).
-  // Ids are loaded kIdGroup per thread before any bit is set, so their round trips overlap.
-  auto markIds = [&](uint32_t from) {
-    const int perSource = p.maxTokens * K;
-    const int all = R * perSource;
-    const int firstLocal = p.rank * L;
-    for (int base = 0; base < all; base += kIdGroup * static_cast<int>(blockDim.x)) {
-      int ids[kIdGroup];
-#pragma unroll
-      for (int u = 0; u < kIdGroup; ++u) {
-        const int i = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
-        ids[u] = i < all && ((from >> (i / perSource)) & 1u) != 0 ? __ldcg(globalIds + i) - firstLocal : -1;
-      }
-#pragma unroll
-      for (int u = 0; u < kIdGroup; ++u) {
-        if (ids[u] < 0 || ids[u] >= L) continue;
-        const int i = base + u * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
-        const int src = i / perSource;
-        const int t = (i - src * perSource) / K;
-        atomicOr(listBits + (ids[u] * R + src) * wordsPerItem + t / 32, 1u << (t % 32));
-      }
-    }
-  };
   // The sources' T words (threads s < R) and the counts as written (0 for absent sources), in
-  // one round trip (T first: the counts' stores to shared memory wait for their loads); with
-  // kReceiverLists the ids' bits instead of the counts.
+  // one round trip (T first: the counts' stores to shared memory wait for their loads).
   int word = 0;
   auto loadCounts = [&](uint32_t from) {
     if (static_cast<int>(threadIdx.x) < R) word = ((from >> threadIdx.x) & 1u) != 0 ? __ldcg(tokens + threadIdx.x) : 0;
-    if (kReceiverLists) markIds(from);
-    for (int i = threadIdx.x; i < items && !kReceiverLists; i += blockDim.x) {
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
       const int s = i % R;
       itemStart[i] = ((from >> s) & 1u) != 0 ? __ldcg(listCounts + s * L + i / R) : 0;
     }
   };
-  if (kReceiverLists) clearBits();  // (before waitAll's first barrier)
   // Agreed on the sent flags: everything is here (kOneFlag off: on the listed flags, everything
   // but the rows). With kOverlapAgreement the counts of the sources this block saw arrive are
   // loaded while the agreement's atomics are in flight, and again if the grid decided otherwise.
@@ -1165,13 +1064,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   });
   MC_LL_PROFILE(kLlKernelDispatch, 19);
   MC_LL_PROFILE(kLlKernelDispatch, 5);
-  if (!kOverlapAgreement || sources != waited.arrived) {
-    if (kReceiverLists && kOverlapAgreement) {  // the bits of waited.arrived are set: again
-      clearBits();
-      __syncthreads();
-    }
-    loadCounts(sources);
-  }
+  if (!kOverlapAgreement || sources != waited.arrived) loadCounts(sources);
   if (static_cast<int>(threadIdx.x) < R) {
     const int s = threadIdx.x;
     // A source whose row format differs from this rank's is absent for this operation.
@@ -1189,16 +1082,7 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
   int total = 0;
   for (int first = 0; first < items; first += kThreads) {
     const int i = first + threadIdx.x;
-    int count = 0;
-    if (i < items && kReceiverLists) {
-      const int tokensOf = sourceTokens[i % R];  // bits of tokens at or past it are not counted
-      for (int w = 0; w < wordsPerItem && w * 32 < tokensOf; ++w) {
-        const int left = tokensOf - w * 32;
-        count += __popc(listBits[i * wordsPerItem + w] & (left >= 32 ? 0xffffffffu : (1u << left) - 1u));
-      }
-    } else if (i < items) {
-      count = min(max(itemStart[i], 0), sourceTokens[i % R]);
-    }
+    const int count = i < items ? min(max(itemStart[i], 0), sourceTokens[i % R]) : 0;
     int chunkTotal = 0;
     const int before = blockExclusiveScan(count, &chunkTotal);
     if (i < items) itemStart[i] = total + before;
@@ -1236,30 +1120,9 @@ __device__ void dispatchReceive(const LowLatencyParams& p, uint64_t sequence, in
       }
       const int s = lo % R;
       const int le = lo / R;
-      int t = 0;
-      int firstK = 0;
-      if (kReceiverLists) {
-        // The token: the (g - start)-th set bit of the item (every counted bit is below the
-        // source's T, and bits past it come after them). Its first k: from the ids.
-        const uint32_t* bits = listBits + lo * wordsPerItem;
-        int rank = g - itemStart[lo];
-        int w = 0;
-        uint32_t bitWord = 0;
-        for (; w < wordsPerItem; ++w) {
-          bitWord = bits[w];
-          const int n = __popc(bitWord);
-          if (rank < n) break;
-          rank -= n;
-        }
-        for (; rank > 0; --rank) bitWord &= bitWord - 1u;
-        t = min(w * 32 + max(__ffs(bitWord) - 1, 0), p.maxTokens - 1);
-        const int* row = globalIds + (static_cast<uint64_t>(s) * p.maxTokens + t) * K;
-        firstK = max(firstKNaming(K, p.rank * L + le, [&](int k) { return static_cast<int64_t>(__ldcg(row + k)); }), 0);
-      } else {
-        const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
-        t = min(entry >> 5, p.maxTokens - 1);
-        firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
-      }
+      const int entry = __ldcg(lists + (static_cast<uint64_t>(s) * L + le) * p.maxTokens + (g - itemStart[lo]));
+      const int t = min(entry >> 5, p.maxTokens - 1);
+      const int firstK = min(entry & 31, K - 1);  // a bad entry must not index past the token's row
       const int id = le * slotsPerExpert + g - itemStart[le * R];
       const int info = s * p.maxTokens + t;
       p.routing.srcInfo[id] = info;
@@ -1344,7 +1207,7 @@ __device__ void putCombineRow(const LowLatencyParams& p, int peer, const int4* r
 }
 
 template <bool kPuts>
-__device__ void combineSend(const LowLatencyParams& p, uint64_t sequence, Polled released) {
+__device__ void combineSend(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* batchFrom[kBatchRows];
   __shared__ int4* batchTo[kBatchRows];
   __shared__ int expertStart[kLowLatencyMaxLocalExperts + 1];  // received rows before expert le
@@ -1361,7 +1224,7 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence, Polled
     total += chunkTotal;
   }
   if (threadIdx.x == 0) expertStart[L] = total;
-  const uint32_t targets = sendTargets(p, sequence, released);
+  const uint32_t targets = sendTargets(p, sequence);
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int K = p.topk;
   const int slotsPerExpert = p.numRanks * p.maxTokens;
@@ -1448,19 +1311,12 @@ __device__ void combineSend(const LowLatencyParams& p, uint64_t sequence, Polled
 // (a BF16 row of H channels, or nullptr for none), flat over (item, 8-channel chunk):
 // kChunks chunks per thread at a time, kRows rows of each loaded before any is added, so
 // kChunks * kRows loads are in flight.
-// With onePass (count * H / 8 <= kChunks * blockDim.x, the same for the whole block) every thread
-// makes exactly one pass, chunks or none, and calls beforeStores() once between its loads and
-// its stores (a barrier there is safe); otherwise beforeStores() runs before each pass's stores.
-struct NoHook {
-  __device__ void operator()() const {}
-};
-template <int kChunks, int kRows, typename Target, typename BeforeStores = NoHook>
+template <int kChunks, int kRows, typename Target>
 __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const int* rowCounts, const int4* const* rows,
-                           const float* weights, Target target, bool onePass = false,
-                           BeforeStores beforeStores = NoHook{}) {
+                           const float* weights, Target target) {
   const int chunks = p.hidden / 8;
   const int total = count * chunks;
-  for (int f0 = threadIdx.x; onePass ? f0 == static_cast<int>(threadIdx.x) : f0 < total; f0 += kChunks * blockDim.x) {
+  for (int f0 = threadIdx.x; f0 < total; f0 += kChunks * blockDim.x) {
     float acc[kChunks][8];
     int item[kChunks];
     int c[kChunks];
@@ -1499,7 +1355,6 @@ __device__ void reduceRows(const LowLatencyParams& p, int count, int J, const in
         }
       }
     }
-    beforeStores();
 #pragma unroll
     for (int h = 0; h < kChunks; ++h) {
       if (f0 + h * static_cast<int>(blockDim.x) >= total) continue;
@@ -1534,7 +1389,7 @@ constexpr int kSendItems = MOECOMM_LL_SEND_ITEMS;
 constexpr int kSendRows = MOECOMM_LL_SEND_ROWS;
 
 template <bool kPuts>
-__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence, Polled released) {
+__device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
   __shared__ int4* pairTarget[kThreads];
@@ -1550,7 +1405,7 @@ __device__ void combineSendPerRank(const LowLatencyParams& p, uint64_t sequence,
     }
     pairStart[R] = pairs;
   }
-  const uint32_t targets = sendTargets(p, sequence, released);  // syncs the block
+  const uint32_t targets = sendTargets(p, sequence);  // syncs the block
   MC_LL_PROFILE(kLlKernelCombine, 1);
   const int total = pairStart[R];
   const int perBlock = (total + gridDim.x - 1) / gridDim.x;
@@ -1655,23 +1510,6 @@ __device__ __forceinline__ int receiveEntry(const LowLatencyParams& p, const int
   return t * K + first;
 }
 
-// Early release in the combine (developer switch, off by default; -DMOECOMM_LL_COMBINE_EARLY_RELEASE=1;
-// not yet run on a GPU): a receive block whose tokens take one pass of reduceRows (W-decode: one
-// token per block) stores its released flags once every row is loaded and summed, before it
-// stores its outputs, so the flags' system-scope release does not wait for those stores and the
-// flags and the stores drain together at the kernel's end (1.1-1.4 us from the last load to the
-// released flags on 2x H200, seventeenth session). Prediction: combine -0.4 to -1 us, both forms.
-// (The dispatch's counterpart, EARLY_RELEASE of the eighth session, was mixed at one rank; its
-// copies are 500 times the combine's outputs.) Profile event 8 then comes after the released
-// flags, not before them.
-#ifndef MOECOMM_LL_COMBINE_EARLY_RELEASE
-#define MOECOMM_LL_COMBINE_EARLY_RELEASE 0
-#endif
-constexpr bool kCombineEarlyRelease = MOECOMM_LL_COMBINE_EARLY_RELEASE != 0;
-
-// The combine receive's reduceRows: chunks per thread in a pass (onePass above depends on it).
-constexpr int kReceiveChunks = 2;
-
 __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, bool perRank) {
   __shared__ const int4* rows[kThreads];
   __shared__ float weights[kThreads];
@@ -1712,10 +1550,6 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
                : nullptr;
     if (perRank) weights[slotInRound * J + k] = 1.0f;
   };
-  // kCombineEarlyRelease: a block with one round of one pass releases its slot between its loads
-  // and its stores.
-  const bool onePass =
-      kCombineEarlyRelease && myTokens <= tokensPerRound && myTokens * (p.hidden / 8) <= kReceiveChunks * kThreads;
   if (myTokens > 0) loadRound(0);
   const auto flagsOf = [&](int r) { return sentFlags(p, r); };
   const RanksWaited waited = waitAll(p, sequence, flagsOf);
@@ -1733,19 +1567,13 @@ __device__ void combineReceive(const LowLatencyParams& p, uint64_t sequence, boo
     __syncthreads();
     if (round == 0) MC_LL_PROFILE(kLlKernelCombine, 6);
     const int roundTokens = min(tokensPerRound, myTokens - round);
-    reduceRows<kReceiveChunks, 8>(
-        p, roundTokens, J, nullptr, rows, weights,
-        [&](int i) {
-          const int t = blockIdx.x + (round + i) * gridDim.x;
-          return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
-        },
-        onePass,
-        [&]() {
-          if (onePass) finishReceive(p, sequence, true);  // every row read and summed: the slot is free
-        });
+    reduceRows<2, 8>(p, roundTokens, J, nullptr, rows, weights, [&](int i) {
+      const int t = blockIdx.x + (round + i) * gridDim.x;
+      return reinterpret_cast<int4*>(static_cast<uint8_t*>(p.out) + static_cast<uint64_t>(t) * p.hidden * 2);
+    });
   }
   MC_LL_PROFILE(kLlKernelCombine, 8);
-  if (!onePass || myTokens == 0) finishReceive(p, sequence);
+  finishReceive(p, sequence);
   MC_LL_PROFILE(kLlKernelCombine, 9);
 }
 
@@ -1759,11 +1587,10 @@ __global__ void __launch_bounds__(kThreads) combineKernel(const LowLatencyParams
   const bool perRank = formPerRank(kForms, p);
   const bool send = (p.phases & kLowLatencyPhaseSend) != 0;
   const uint64_t sequence = currentSequence(p) + (send ? 1 : 0);
-  const Polled released = send ? pollReleasedEarly(p) : Polled{0, false};  // (kEarlyTargets)
   if (send && perRank) {
-    combineSendPerRank<kPuts>(p, sequence, released);
+    combineSendPerRank<kPuts>(p, sequence);
   } else if (send) {
-    combineSend<kPuts>(p, sequence, released);
+    combineSend<kPuts>(p, sequence);
   }
   if ((p.phases & kLowLatencyPhaseReceive) != 0) {
     __syncthreads();
@@ -1887,11 +1714,8 @@ int64_t lowLatencyDispatchStaticSharedBytes() {
 }
 
 uint64_t lowLatencyDispatchRecvSharedBytes(const LowLatencyParams& params) {
-  const uint64_t listBits = kReceiverLists ? static_cast<uint64_t>(params.numRanks) * params.localExperts *
-                                                 ((params.maxTokens + 31) / 32) * sizeof(uint32_t)
-                                           : 0;
   return lowLatencyItemStartBytes(params.numRanks, params.localExperts) + kBulkSlotsMax * sizeof(uint64_t) +
-         lowLatencyBulkStageBytes(params.hidden) + listBits;
+         lowLatencyBulkStageBytes(params.hidden);
 }
 
 template <int kForms>

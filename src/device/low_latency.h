@@ -21,9 +21,7 @@
 //             lists   int [R source][E_local][maxT]: those tokens, ascending, as t * 32 + the
 //                     first k of the token's row naming the expert;
 //             topk    int32 [R source][maxT][K]: each source's expert ids (-1 for bad ones) and
-//             weights float [R source][maxT][K]: its weights (both per-rank combine only; the
-//                     ids in both forms with the developer switch MOECOMM_LL_RECEIVER_LISTS,
-//                     which writes no counts or lists);
+//             weights float [R source][maxT][K]: its weights (both per-rank combine only);
 //             rows    [R source][maxT] rows of rowPitch bytes: each token once per destination
 //                     rank (FP8 e4m3 bytes [H] then FP32 scales [H/128], or BF16 [H]);
 //           and a combine uses the same bytes as:
