@@ -10,6 +10,9 @@
 #   TESTS   a ctest regex run first (e.g. '^gpu_EpCudaNormal_n2$'), with each side's settings
 #           of TEST_SIDE (a side's name; default none: the defaults).
 #   INFO=1  the first run of each side logs at MOECOMM_DEBUG=INFO (the EP's settings).
+#   PROFILE=1  build with -DMOECOMM_KERNEL_PROFILE (build-prof) instead: every run's log ends
+#           with the kernels' timeline and each block's SM and end (docs/ep-normal-gpu.md,
+#           "Developer timeline"), copied into sweep.txt; its times include the stamps' cost.
 # Output: $OUT/sweep.txt (every line printed), $OUT/bench.jsonl, and $OUT/sweep-logs.tgz.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -23,8 +26,10 @@ commit=$(cat .bench-commit 2>/dev/null || echo unknown)
 IFS=';' read -r -a sides <<< "${SIDES:?set SIDES}"
 say() { echo "$*" | tee -a "$root/sweep.txt"; }
 start=$(date +%s)
-if ! cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON > "$o/configure.log" 2>&1 ||
-  ! cmake --build build-device -j "$(nproc)" --target moecomm_gpu_tests moecomm-run moecomm-bench > "$o/build.log" 2>&1; then
+build="build-device"; flags=""
+[ "${PROFILE:-0}" = 1 ] && { build="build-prof"; flags="-DMOECOMM_KERNEL_PROFILE"; }
+if ! cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECOMM_BUILD_TESTS=ON -DCMAKE_CUDA_FLAGS="$flags" > "$o/configure.log" 2>&1 ||
+  ! cmake --build "$build" -j "$(nproc)" --target moecomm_gpu_tests moecomm-run moecomm-bench > "$o/build.log" 2>&1; then
   tail -5 "$o/configure.log"; grep -A5 error "$o/build.log" | head -30; exit 1
 fi
 say "built $commit in $(($(date +%s) - start)) s, $gpus GPUs"
@@ -39,7 +44,7 @@ if [ -n "${TESTS:-}" ]; then
   test_envs="DEFAULT=1"
   for side in "${sides[@]}"; do [ "${side%%:*}" = "${TEST_SIDE:-}" ] && test_envs=$(envs_of "$side"); done
   # shellcheck disable=SC2086
-  (cd build-device && env $test_envs timeout 400 ctest -R "$TESTS" --timeout 280 -V) > "$o/tests.log" 2>&1
+  (cd "$build" && env $test_envs timeout 400 ctest -R "$TESTS" --timeout 280 -V) > "$o/tests.log" 2>&1
   say "tests ($test_envs) rc=$? $(grep -E 'tests passed|tests failed' "$o/tests.log") case lines PASS $(grep -c ': PASS' "$o/tests.log")"
 fi
 i=0
@@ -56,9 +61,10 @@ while read -r ranks args; do
       log="$o/c$i-$name-r$round.txt"
       # shellcheck disable=SC2046,SC2086
       env $(envs_of "$side") MOECOMM_DEBUG=$debug MOECOMM_BENCH_COMMIT="$commit" MOECOMM_BENCH_BUILD="$name" \
-        timeout 100 build-device/tools/moecomm-run -n "$ranks" -t 90 build-device/tools/bench/moecomm-bench \
+        timeout 100 "$build"/tools/moecomm-run -n "$ranks" -t 90 "$build"/tools/bench/moecomm-bench \
         -w W-prefill -n 20 -W 5 -c 1 --no-baseline --no-roofline -J "$root/bench.jsonl" $args > "$log" 2>&1
       rc=$?
+      [ "${PROFILE:-0}" = 1 ] && grep -hE "profile" "$log" | sed 's/^/  /' >> "$root/sweep.txt"
       [ "$debug" = INFO ] && grep -hE "light channels|normal mode:" "$log" | sed 's/^/  /' | tee -a "$root/sweep.txt"
       say "c$i r$round $name rc=$rc $(grep -E '^\[rank 0\] libmoecomm' "$log" | awk '{printf "%s %s | ", $4, $9}')$(grep -c 'check failed' "$log") check failures"
     done
