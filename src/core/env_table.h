@@ -57,10 +57,6 @@
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \
     "Bulk-copy variants: bytes per stage, a multiple of 16 from 512 to 65536.")                                 \
-  X(EpLightShare, "MOECOMM_EP_LIGHT_SHARE", Int, "80",                                                          \
-    "Normal mode: percent of a channel's tokens that a light channel takes (its block shares a TPC with "       \
-    "another block of the grid, found by a placement probe when the EP is created), 1-100; 100: all alike. "    \
-    "Every rank must use the same value (the staging depends on it).")                                          \
   X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
     "Milliseconds a low-latency operation waits for a peer before masking it.")                                   \
   X(LlTransport, "MOECOMM_LL_TRANSPORT", String, "nvlink",                                                        \

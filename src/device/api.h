@@ -22,10 +22,6 @@ uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch);
 // All dynamic shared memory a dispatch (op = kOpDispatch) or combine launch of these
 // parameters needs, bulk-copy rings included.
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op);
-// The SM each block of a grid of `blocks` blocks of kThreads threads, one block per SM, ran
-// on (a launch on the legacy default stream, waited for): sms[blocks], host memory. Returns a
-// cudaError_t value.
-int intranodePlacementProbe(int blocks, int* sms);
 // Developer timeline of the last call of op (kOp*, or kProfileDispatchRouted: the last
 // dispatch with a new handle) for `blocks` blocks: fills out[blocks][N] with global-timer
 // stamps and returns N, or -1 when the library was built without -DMOECOMM_KERNEL_PROFILE.

@@ -4,8 +4,6 @@
 
 #include <cstdint>
 
-#include "core/host_device.h"
-
 namespace moecomm {
 namespace device {
 
@@ -27,8 +25,8 @@ struct LayoutParams {
 // Intranode normal-mode EP (intranode.cu). One struct for every kernel of the family; the
 // fields a kernel does not use are ignored.
 //
-// Channels: a call's tokens are split into numChannels contiguous ranges (channelTokenRange,
-// below), one per block of the grid (grid size = numChannels = the SM budget). In every block half the warps send and
+// Channels: a call's tokens are split into numChannels contiguous ranges, one per block of
+// the grid (grid size = numChannels = the SM budget). In every block half the warps send and
 // half receive, so pushing rows over NVLink and copying them out of the staging area overlap.
 //
 // Symmetric buffer of every rank (offsets from its base, identical on every rank):
@@ -72,61 +70,6 @@ constexpr int kCombineVariantDeep = 1;       // every rank's row in one pass (R 
 constexpr int kCombineVariantBulk = 2;       // bulk copies into a shared ring, reduced from shared memory
 constexpr int kCombineVariants = 3;
 
-// Channel weights of the normal mode. A channel's share of a call's tokens is kChannelUnits,
-// or lightShare units (lightShare < kChannelUnits) for a light channel: the channels whose block
-// shares its TPC with another block of the grid, as a placement probe at the EP's creation found
-// them (docs/ep-normal-gpu.md, "Light channels"; such blocks push across the links more slowly).
-// Only channels below kMaxLightChannels may be light, and at most half of them, which bounds the
-// staging rows per channel (chunkRowsBound). The kernels see the weights as a table of
-// cumulative units, units[c] = the units of channels [0, c) for c <= kMaxLightChannels.
-// Which channels are light is private to a rank: only the rank that owns a channel's tokens
-// splits them (its dispatch sends, its combine reduces them); the peers see counts per channel.
-constexpr int kChannelUnits = 100;
-constexpr int kMaxLightChannels = 256;
-
-// units[0..kMaxLightChannels] of a light set: light[kMaxLightChannels], nonzero for a light
-// channel, or nullptr for none.
-inline void fillChannelUnits(const uint8_t* light, int lightShare, int* units) {
-  units[0] = 0;
-  for (int c = 0; c < kMaxLightChannels; ++c)
-    units[c + 1] = units[c] + (light != nullptr && light[c] != 0 ? lightShare : kChannelUnits);
-}
-
-// Units of channels [0, c).
-MC_HOST_DEVICE inline int64_t channelUnitsBelow(const int* units, int c) {
-  return c <= kMaxLightChannels
-             ? units[c]
-             : units[kMaxLightChannels] + static_cast<int64_t>(c - kMaxLightChannels) * kChannelUnits;
-}
-
-// Token range [first, last) of channel c out of numTokens: contiguous, ascending in c, covering
-// every token. (Each range holds at most chunkRowsBound(maxTokens, ...) tokens for any
-// numTokens <= maxTokens and any light set of at most maxLightChannels channels.) In double
-// precision (no 64-bit integer division routine in the kernels): numTokens x units is exact
-// below 2^53, and a quotient that is not a whole number lies at least 1 / total from one, far
-// beyond the division's rounding, so the floor is the integer one.
-MC_HOST_DEVICE inline void channelTokenRange(const int* units, int numTokens, int numChannels, int c, int* first,
-                                             int* last) {
-  const double total = static_cast<double>(channelUnitsBelow(units, numChannels));
-  const double tokens = static_cast<double>(numTokens);
-  *first = static_cast<int>(tokens * static_cast<double>(channelUnitsBelow(units, c)) / total);
-  *last = static_cast<int>(tokens * static_cast<double>(channelUnitsBelow(units, c + 1)) / total);
-}
-
-// Most light channels a rank may have (half of them, and none from kMaxLightChannels on).
-MC_HOST_DEVICE inline int maxLightChannels(int numChannels) {
-  return numChannels / 2 < kMaxLightChannels ? numChannels / 2 : kMaxLightChannels;
-}
-
-// Staging rows per (source, channel): the most tokens one channel can take, numTokens <=
-// maxTokens, whatever the light set (a channel of full weight when as many as allowed are
-// light: floor(x) - floor(y) <= ceil(x - y)). lightShare == kChannelUnits gives ceil(maxT / C).
-MC_HOST_DEVICE inline int chunkRowsBound(int maxTokens, int numChannels, int lightShare) {
-  const int64_t least = static_cast<int64_t>(numChannels) * kChannelUnits -
-                        static_cast<int64_t>(maxLightChannels(numChannels)) * (kChannelUnits - lightShare);
-  return static_cast<int>((static_cast<int64_t>(maxTokens) * kChannelUnits + least - 1) / least);
-}
-
 // Device-resident per-EP state.
 struct EpDeviceState {
   unsigned long long sequence[kOps];  // last completed call per op
@@ -155,7 +98,7 @@ struct IntranodeParams {
   int topk;
   int maxTokens;
   int numChannels;  // grid size (the SM budget)
-  int chunkRows;    // staging rows per (source, channel): chunkRowsBound(maxTokens, numChannels, lightShare)
+  int chunkRows;    // staging rows per (source, channel): ceil(maxTokens / numChannels)
   uint64_t ctrlOffset;
   uint64_t expertsOffset;
   uint64_t dispatchOffset;
@@ -185,10 +128,6 @@ struct IntranodeParams {
   int ringStages;
   int ringStageBytes;
   uint64_t timeoutNs;  // bound of every spin-wait
-  // Light channels (channelTokenRange): the same share on every rank (the staging depends on
-  // it), each rank's own set, as cumulative units (fillChannelUnits).
-  int lightShare;
-  int channelUnits[kMaxLightChannels + 1];
 
   // The handle's device routing.
   int64_t* handleIdx;  // [maxT, idxStride] normalized expert ids (-1: none)

@@ -277,9 +277,11 @@ __device__ void finishCall(const IntranodeParams& p, int op, uint64_t sequence) 
   }
 }
 
-// Token range of channel c: [first, last) (light channels take fewer; device_host.h).
-__device__ __forceinline__ void channelTokens(const IntranodeParams& p, int channel, int* first, int* last) {
-  channelTokenRange(p.channelUnits, p.numTokens, p.numChannels, channel, first, last);
+// Token range of channel c: [first, last).
+__device__ __forceinline__ void channelTokens(int numTokens, int numChannels, int channel, int* first, int* last) {
+  const int chunk = (numTokens + numChannels - 1) / numChannels;
+  *first = min(numTokens, channel * chunk);
+  *last = min(numTokens, *first + chunk);
 }
 
 // ---- Row copies --------------------------------------------------------------------------
@@ -519,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, 1) notifyKernel(IntranodeParams p) {
     groupBarrier(kBarrierSend, kSendThreads);
     int first = 0;
     int last = 0;
-    channelTokens(p, channel, &first, &last);
+    channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
     routeChannel(p, channel, first, last, scratch);
     publishCounts(p, kOpNotify, channel, sequence, threadIdx.x, kSendThreads, kBarrierSend);
   } else if (channel == 0) {
@@ -796,7 +798,7 @@ constexpr int kSendBulk = 2;       // bulk loads and bulk stores (variant 3)
 __device__ void routeAndCount(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch, int* sent,
                               int* first, int* last) {
   MC_PROFILE(kOpDispatch, 1, 0);
-  channelTokens(p, channel, first, last);
+  channelTokens(p.numTokens, p.numChannels, channel, first, last);
   if (p.route) routeChannel(p, channel, *first, *last, scratch);
   MC_PROFILE(kOpDispatch, 2, 0);
   if (p.route) publishCounts(p, kOpDispatch, channel, sequence, threadIdx.x, kSendThreads, kBarrierSend);
@@ -1797,7 +1799,7 @@ __device__ void combineReceive(const IntranodeParams& p, int channel, uint64_t s
                                           (kVariant == kCombineVariantDeepWide && R <= kCombineDeepMaxRanks));
   int first = 0;
   int last = 0;
-  channelTokens(p, channel, &first, &last);
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
   // known[r / 32] in lane r % 32: rows of rank r known to have arrived (tails only grow).
   constexpr int kKnownSlots = 4;
   int known[kKnownSlots] = {0, 0, 0, 0};
@@ -1968,7 +1970,7 @@ __device__ void combineReceiveBulk(const IntranodeParams& p, int channel, uint64
   const int R = p.numRanks;
   int first = 0;
   int last = 0;
-  channelTokens(p, channel, &first, &last);
+  channelTokens(p.numTokens, p.numChannels, channel, &first, &last);
   const WarpRing ring = makeWarpRing(p, dynamicShared, warp, kRecvWarps, lane);
   const int stageChunks = ring.stageBytes / 16;
   int known = 0;  // rows of rank `lane` known to have arrived
@@ -2050,40 +2052,6 @@ int intranodeProfile(int op, int blocks, unsigned long long* out) {
   (void)out;
   return -1;
 #endif
-}
-
-namespace {
-// Placement probe: every block stores the SM it runs on.
-__global__ void __launch_bounds__(kThreads, 1) placementProbeKernel(int* sms) {
-  if (threadIdx.x == 0) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    sms[blockIdx.x] = static_cast<int>(sm);
-  }
-}
-}  // namespace
-
-int intranodePlacementProbe(int blocks, int* sms) {
-  // As many shared bytes as a block may take, so that no two blocks share an SM, as no two
-  // blocks of the dispatch and combine kernels do (their registers and shared tables).
-  int device = 0;
-  int optin = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(placementProbeKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-  int* deviceSms = nullptr;
-  if (err == cudaSuccess) err = cudaMalloc(&deviceSms, sizeof(int) * blocks);
-  if (err == cudaSuccess) {
-    placementProbeKernel<<<blocks, kThreads, optin>>>(deviceSms);
-    err = cudaGetLastError();
-  }
-  if (err == cudaSuccess) err = cudaMemcpy(sms, deviceSms, sizeof(int) * blocks, cudaMemcpyDeviceToHost);
-  if (deviceSms != nullptr) {
-    const cudaError_t freed = cudaFree(deviceSms);
-    if (err == cudaSuccess) err = freed;
-  }
-  return err;
 }
 
 int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {

@@ -38,13 +38,7 @@ void setRowLayout(device::IntranodeParams* p, bool fp8) {
   p->rowExtent = p->rowSrcOffset + 16;
 }
 
-// The light channels' share (MOECOMM_EP_LIGHT_SHARE, percent; out of range: the default).
-int lightShareFromEnv() {
-  const int64_t share = envInt(Env::EpLightShare);
-  return share >= 1 && share <= device::kChannelUnits ? static_cast<int>(share) : 80;
-}
-
-// The normal-mode buffer layout for p's shape, channel count and light share (set by the caller): row
+// The normal-mode buffer layout for p's shape and channel count (set by the caller): row
 // sizes and region offsets into p; returns the symmetric bytes per rank.
 uint64_t planNormalBuffer(device::IntranodeParams* p) {
   const uint64_t R = static_cast<uint64_t>(p->numRanks);
@@ -53,7 +47,7 @@ uint64_t planNormalBuffer(device::IntranodeParams* p) {
   const uint64_t maxT = static_cast<uint64_t>(p->maxTokens);
   const uint64_t H = static_cast<uint64_t>(p->hidden);
   const uint64_t K = static_cast<uint64_t>(p->topk);
-  p->chunkRows = device::chunkRowsBound(static_cast<int>(maxT), static_cast<int>(channels), p->lightShare);
+  p->chunkRows = static_cast<int>((maxT + channels - 1) / channels);
   p->idxStride = static_cast<int>((K + 1) / 2 * 2);
   setRowLayout(p, false);
   const uint64_t bf16Extent = p->rowExtent;
@@ -75,7 +69,6 @@ void setShape(const reference::EpShape& shape, int channels, device::IntranodePa
   p->topk = shape.topk;
   p->maxTokens = shape.maxTokensPerRank;
   p->numChannels = channels;
-  p->lightShare = lightShareFromEnv();
 }
 
 // Device buffers of one handle's routing (one allocation).
@@ -135,18 +128,8 @@ class CudaEpBackend : public EpBackend {
     std::memset(&p, 0, sizeof(p));
     p.rank = ep_->rank;
     setShape(shape, channels, &p);
-    // The staging rows per channel depend on the light share: the smallest over the ranks wins.
-    std::vector<int32_t> allShares(R);
-    const int32_t mineShare = p.lightShare;
-    MC_CHECK(ep_->comm->bootstrap->allgather(&mineShare, allShares.data(), sizeof(int32_t)));
-    p.lightShare = *std::min_element(allShares.begin(), allShares.end());
-    if (p.lightShare != mineShare) {
-      MC_WARN(kLogEp, "rank %d: MOECOMM_EP_LIGHT_SHARE=%d here, but %d on another rank; using %d", ep_->rank, mineShare,
-              p.lightShare, p.lightShare);
-    }
     const uint64_t bytes = planNormalBuffer(&p);
     MC_CHECK(setVariants(&p));
-    MC_CHECK(setLightChannels(&p));
     // Pulled rows change where rows live (exchangeRow): every rank must agree. The bits every
     // rank set win.
     std::vector<int32_t> allPull(R);
@@ -571,47 +554,6 @@ class CudaEpBackend : public EpBackend {
             "dispatch %d combine %d, ring %d x %d bytes, pull %d",
             ep_->rank, p->sendBatch, p->combineBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant,
             p->combineVariant, p->ringStages, p->ringStageBytes, p->pull);
-    return moecommSuccess;
-  }
-
-  // Light channels (device_host.h, channelTokenRange): the blocks that share a TPC with another
-  // block of a grid of numChannels blocks, in three placement probes (a block counts when it
-  // did in two), up to half the channels; none when every block shares (all alike then) or the
-  // share is 100 %. Only the speed depends on it: a later launch placed otherwise still splits
-  // its tokens correctly.
-  moecommResult_t setLightChannels(device::IntranodeParams* p) {
-    const int C = p->numChannels;
-    std::vector<uint8_t> light(device::kMaxLightChannels, 0);
-    device::fillChannelUnits(nullptr, p->lightShare, p->channelUnits);
-    if (p->lightShare >= device::kChannelUnits) return moecommSuccess;
-    std::vector<int> sms(static_cast<size_t>(C));
-    std::vector<int> votes(static_cast<size_t>(C), 0);
-    constexpr int kProbes = 3;
-    for (int probe = 0; probe < kProbes; ++probe) {
-      const int err = device::intranodePlacementProbe(C, sms.data());
-      if (err != 0) {
-        return setError(moecommUnhandledCudaError, "rank %d: the placement probe failed: %s", ep_->rank,
-                        cudaGetErrorString(static_cast<cudaError_t>(err)));
-      }
-      std::unordered_map<int, int> blocksOnTpc;
-      for (int sm : sms) ++blocksOnTpc[sm / 2];
-      for (int b = 0; b < C; ++b) votes[b] += blocksOnTpc[sms[b] / 2] > 1 ? 1 : 0;
-    }
-    std::vector<int> shared;
-    for (int b = 0; b < C; ++b)
-      if (votes[b] * 2 > kProbes) shared.push_back(b);
-    std::string list;
-    if (static_cast<int>(shared.size()) < C) {
-      int taken = 0;
-      for (int b : shared) {
-        if (taken == device::maxLightChannels(C) || b >= device::kMaxLightChannels) break;
-        light[b] = 1;
-        list += (taken++ == 0 ? "" : ",") + std::to_string(b);
-      }
-    }
-    device::fillChannelUnits(light.data(), p->lightShare, p->channelUnits);
-    MC_INFO(kLogEp, "rank %d: %zu of %d blocks share a TPC; light channels (%d %%): %s", ep_->rank, shared.size(), C,
-            p->lightShare, list.empty() ? "none" : list.c_str());
     return moecommSuccess;
   }
 
