@@ -1543,6 +1543,21 @@ moecommEpConfig_t SmallEpConfig(int nranks) {
 // A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
 // distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
 // until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
+// A BF16 dispatch of numTokens tokens with int64 ids into recvX (capacity nranks x numTokens
+// rows); idx nullptr: again with *handle's routing.
+moecommResult_t DispatchBf16(moecommEp_t ep, int nranks, int numTokens, const void* x, const void* idx, void* recvX,
+                             moecommEpHandle_t* handle, cudaStream_t stream) {
+  moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
+  args.numTokens = numTokens;
+  args.xType = moecommBfloat16;
+  args.x = x;
+  args.topkIdx = idx;
+  args.topkIdxType = moecommInt64;
+  args.recvCapacity = nranks * numTokens;
+  args.recvX = recvX;
+  return moecommEpDispatch(ep, &args, handle, stream);
+}
+
 class GatedEp {
  public:
   static constexpr int kT = kSmallT, kH = kSmallH, kK = kSmallK;
@@ -1595,16 +1610,8 @@ class GatedEp {
 
   // A dispatch with a new handle on stream `stream`.
   moecommResult_t Dispatch(int stream, moecommEpHandle_t* handle) {
-    moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
-    args.numTokens = kT;
-    args.xType = moecommBfloat16;
-    args.x = x_.get();
-    args.topkIdx = idx_.get();
-    args.topkIdxType = moecommInt64;
-    args.recvCapacity = nranks_ * kT;
-    args.recvX = recvX_.get();
     *handle = nullptr;
-    return moecommEpDispatch(ep_, &args, handle, streams_[stream]);
+    return DispatchBf16(ep_, nranks_, kT, x_.get(), idx_.get(), recvX_.get(), handle, streams_[stream]);
   }
 
   // No asynchronous error appeared since Setup.
@@ -1761,15 +1768,7 @@ TEST_F(EpCudaNormal, MismatchedHandlesAreReported) {
     ASSERT_EQ(idxB.Upload(b, stream), cudaSuccess);
     ASSERT_EQ(cudaMemsetAsync(x.get(), 0, x.bytes(), stream), cudaSuccess);
     auto dispatch = [&](const DeviceBuffer* idx, moecommEpHandle_t* handle) {
-      moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
-      args.numTokens = kT;
-      args.xType = moecommBfloat16;
-      args.x = x.get();
-      args.topkIdx = idx != nullptr ? idx->get() : nullptr;
-      args.topkIdxType = moecommInt64;
-      args.recvCapacity = nranks_ * kT;
-      args.recvX = recvX.get();
-      return moecommEpDispatch(ep, &args, handle, stream);
+      return DispatchBf16(ep, nranks_, kT, x.get(), idx != nullptr ? idx->get() : nullptr, recvX.get(), handle, stream);
     };
     moecommEpHandle_t handleA = nullptr, handleB = nullptr;
     ASSERT_EQ(dispatch(&idxA, &handleA), moecommSuccess) << moecommGetLastError(comm_);
