@@ -33,7 +33,9 @@
 // spread says some SMs move bytes slower than others), and the blocks split by TPC: how many ran
 // on an SM whose TPC twin (SM id ^ 1) ran a block of the same launch too (paired), and the median
 // block time of those and of the others (paired_us, alone_us: whether two SMs of one TPC
-// sharing its path to the memory system push slower). Nothing here is part of the library.
+// sharing its path to the memory system push slower). With --blocks 1, each case is followed
+// by every block's SM and time of the last repetition, per GPU (b@smS=µs), to see which SMs
+// are slow. Nothing here is part of the library.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -368,6 +370,7 @@ int main(int argc, char** argv) {
   const std::vector<int> warpCounts = argList(argc, argv, "--warps", "4,8,16");
   const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7,8,9");
   const bool oneWay = moecomm_dev::argInt(argc, argv, "--one-way", 0) != 0;
+  const bool perBlock = moecomm_dev::argInt(argc, argv, "--blocks", 0) != 0;
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
     return 2;
@@ -439,6 +442,7 @@ int main(int argc, char** argv) {
         std::vector<double> us, spreads;
         std::vector<double> pairedUs, aloneUs;  // block times: SMs whose TPC twin (SM id ^ 1) ran a block too, or not
         int paired = 0;
+        std::vector<std::string> blockLines(active);  // --blocks: the last repetition's blocks, per GPU
         for (int r = 0; r < reps + 1; ++r) {
           const bool last = r == reps;
           for (int g = 0; g < active; ++g) {
@@ -509,6 +513,11 @@ int main(int argc, char** argv) {
               const bool twin = used[sm ^ 1] != 0;
               paired += twin ? 1 : 0;
               (twin ? pairedUs : aloneUs).push_back(blockUs);
+              if (last && perBlock) {
+                char text[48];
+                std::snprintf(text, sizeof(text), " %d@sm%llu=%.1f", b, sm, blockUs);
+                blockLines[g] += text;
+              }
             }
             std::sort(ends.begin(), ends.end());
             slowest = std::max(slowest, (end - begin) / 1000.0);
@@ -532,6 +541,7 @@ int main(int argc, char** argv) {
         std::printf("%-11s %6d %6d %7s %11.1f %9.1f %12.2f %14.1f %7d %10.1f %10.1f\n", kModeNames[mode], grid, warps,
                     bulk ? std::to_string(stages).c_str() : "-", t, bytes / t / 1e3, bytes / t / 1e3 / grid,
                     moecomm_dev::median(spreads), paired, moecomm_dev::median(pairedUs), moecomm_dev::median(aloneUs));
+        for (int g = 0; g < active && perBlock; ++g) std::printf("  GPU %d blocks:%s\n", g, blockLines[g].c_str());
       }
     }
   }
