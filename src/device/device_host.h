@@ -127,6 +127,7 @@ struct IntranodeParams {
   int pull;  // MOECOMM_EP_PULL: bit 0 dispatch, bit 1 combine (see exchangeRow)
   int ringStages;
   int ringStageBytes;
+  int cluster;         // MOECOMM_EP_CLUSTER: dispatch and combine in clusters of this many blocks (1: plain)
   uint64_t timeoutNs;  // bound of every spin-wait
 
   // The handle's device routing.

@@ -529,6 +529,7 @@ class CudaEpBackend : public EpBackend {
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
+    p->cluster = pick(Env::EpCluster, "MOECOMM_EP_CLUSTER", 1, 8, 1);
     int limit = 0;
     MC_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ep_->comm->device));
     // Static shared memory of the kernels is well under 1 KiB.
@@ -551,9 +552,9 @@ class CudaEpBackend : public EpBackend {
     }
     MC_INFO(kLogEp,
             "rank %d: normal mode: tail batch dispatch %d combine %d, send warps dispatch %d combine %d, variants "
-            "dispatch %d combine %d, ring %d x %d bytes, pull %d",
+            "dispatch %d combine %d, ring %d x %d bytes, pull %d, cluster %d",
             ep_->rank, p->sendBatch, p->combineBatch, p->dispatchSendWarps, p->combineSendWarps, p->dispatchVariant,
-            p->combineVariant, p->ringStages, p->ringStageBytes, p->pull);
+            p->combineVariant, p->ringStages, p->ringStageBytes, p->pull, p->cluster);
     return moecommSuccess;
   }
 

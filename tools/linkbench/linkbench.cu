@@ -291,6 +291,25 @@ __global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, u
   stampEnd(stamps);
 }
 
+// A launch in thread-block clusters of `cluster` blocks (1: a plain launch), which the hardware
+// places in one GPC each: does that spread the blocks over the GPCs differently?
+template <typename... KernelArgs, typename... Args>
+cudaError_t launchClustered(void (*kernel)(KernelArgs...), int grid, int threads, int cluster, cudaStream_t stream,
+                            Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 std::vector<int> argList(int argc, char** argv, const char* name, const char* fallback) {
   std::string text = fallback;
   for (int i = 1; i + 1 < argc; ++i) {
@@ -371,6 +390,11 @@ int main(int argc, char** argv) {
   const std::vector<int> modes = argList(argc, argv, "--modes", "0,1,2,3,4,5,6,7,8,9");
   const bool oneWay = moecomm_dev::argInt(argc, argv, "--one-way", 0) != 0;
   const bool perBlock = moecomm_dev::argInt(argc, argv, "--blocks", 0) != 0;
+  const int cluster = moecomm_dev::argInt(argc, argv, "--cluster", 1);
+  if (cluster < 1 || cluster > 8) {
+    std::fprintf(stderr, "moecomm-linkbench: --cluster must be 1 to 8\n");
+    return 1;
+  }
   if (rowBytes % 16 != 0 || rowBytes <= 0 || rows <= 0 || reps <= 0) {
     std::fprintf(stderr, "moecomm-linkbench: --row-bytes must be a positive multiple of 16, --rows and --reps > 0\n");
     return 2;
@@ -422,6 +446,7 @@ int main(int argc, char** argv) {
               : oneWay ? "GPU 0 towards GPU 1 only"
                        : "GPUs 0 and 1 towards each other at once",
               rows, rowBytes, bytes / 1e6, reps);
+  if (cluster > 1) std::printf("# push and push-fence launched in clusters of %d blocks\n", cluster);
   std::printf("%-11s %6s %6s %7s %11s %9s %12s %14s %7s %10s %10s\n", "mode", "blocks", "warps", "stages", "kernel_us",
               "GB/s", "GB/s/block", "end_spread_us", "paired", "paired_us", "alone_us");
   std::vector<unsigned long long> hostStamps(static_cast<size_t>(kStampWords) * maxGrid);
@@ -439,6 +464,7 @@ int main(int argc, char** argv) {
       }
       for (int grid : grids) {
         if (grid < 1) continue;
+        if (grid % cluster != 0 && (mode == kPush || mode == kPushFence)) continue;  // (clusters: push modes only)
         std::vector<double> us, spreads;
         std::vector<double> pairedUs, aloneUs;  // block times: SMs whose TPC twin (SM id ^ 1) ran a block too, or not
         int paired = 0;
@@ -454,12 +480,12 @@ int main(int argc, char** argv) {
             const int threads = 32 * warps;
             switch (mode) {
               case kPush:
-                copyRegisters<false, true>
-                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                CHECK(launchClustered(copyRegisters<false, true>, grid, threads, cluster, u.stream, e.src, e.dst, rows,
+                                      rowBytes, peer.flags, u.stamps));
                 break;
               case kPushFence:
-                copyRegisters<true, true>
-                    <<<grid, threads, 0, u.stream>>>(e.src, e.dst, rows, rowBytes, peer.flags, u.stamps);
+                CHECK(launchClustered(copyRegisters<true, true>, grid, threads, cluster, u.stream, e.src, e.dst, rows,
+                                      rowBytes, peer.flags, u.stamps));
                 break;
               case kPushWarpFence:
                 copyRegisters<false, true, true>
