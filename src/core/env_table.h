@@ -57,10 +57,10 @@
     "Bulk-copy variants: shared-memory stages per receiving warp, 2-32 (fewer if they do not fit).")            \
   X(EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", Int, "4096",                                               \
     "Bulk-copy variants: bytes per stage, a multiple of 16 from 512 to 65536.")                                 \
-  X(EpCluster, "MOECOMM_EP_CLUSTER", Int, "1",                                                                  \
-    "Developer sweep: normal-mode dispatch and combine launched in thread-block clusters of this many blocks "  \
-    "(1-8; 1: a plain launch; a channel count it does not divide: plain), which changes how the hardware "      \
-    "places the blocks over the GPCs.")                                                                         \
+  X(EpCluster, "MOECOMM_EP_CLUSTER", Int, "2",                                                                  \
+    "Normal-mode dispatch and combine launched in thread-block clusters of this many blocks (1-8; 1: a plain "  \
+    "launch; a channel count it does not divide: plain): the hardware then spreads the blocks over the GPCs "   \
+    "instead of crowding eight on one (2x H200, W-prefill BF16 dispatch 8 % faster).")                          \
   X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
     "Milliseconds a low-latency operation waits for a peer before masking it.")                                   \
   X(LlTransport, "MOECOMM_LL_TRANSPORT", String, "nvlink",                                                        \

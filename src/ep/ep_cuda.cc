@@ -529,7 +529,10 @@ class CudaEpBackend : public EpBackend {
     p->pull = pick(Env::EpPull, "MOECOMM_EP_PULL", 0, 3, 0);
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
-    p->cluster = pick(Env::EpCluster, "MOECOMM_EP_CLUSTER", 1, 8, 1);
+    // Clusters of 2 (default): on 2x H200 at SM 24 the plain launch puts blocks 0-7 on SMs
+    // 124-131 (one crowded GPC) and those push 1.4x slower; clustered, the blocks spread and
+    // the BF16 dispatch is 8 % faster, FP8 1-2 % (PERF.md, eighteenth session).
+    p->cluster = pick(Env::EpCluster, "MOECOMM_EP_CLUSTER", 1, 8, 2);
     int limit = 0;
     MC_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ep_->comm->device));
     // Static shared memory of the kernels is well under 1 KiB.
