@@ -533,6 +533,9 @@ class CudaEpBackend : public EpBackend {
     // 124-131 (one crowded GPC) and those push 1.4x slower; clustered, the blocks spread and
     // the BF16 dispatch is 8 % faster, FP8 1-2 % (PERF.md, eighteenth session).
     p->cluster = pick(Env::EpCluster, "MOECOMM_EP_CLUSTER", 1, 8, 2);
+    int clusterLaunch = 0;  // (devices before Hopper have no clusters: a plain launch there)
+    MC_CUDA(cudaDeviceGetAttribute(&clusterLaunch, cudaDevAttrClusterLaunch, ep_->comm->device));
+    if (clusterLaunch == 0) p->cluster = 1;
     int limit = 0;
     MC_CUDA(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, ep_->comm->device));
     // Static shared memory of the kernels is well under 1 KiB.
