@@ -59,8 +59,8 @@
     "Bulk-copy variants: bytes per stage, a multiple of 16 from 512 to 65536.")                                 \
   X(EpCluster, "MOECOMM_EP_CLUSTER", Int, "2",                                                                  \
     "Normal-mode dispatch and combine launched in thread-block clusters of this many blocks (1-8; 1: a plain "  \
-    "launch; a channel count it does not divide: plain): the hardware then spreads the blocks over the GPCs "   \
-    "instead of crowding eight on one (2x H200, W-prefill BF16 dispatch 8 % faster).")                          \
+    "launch; a channel count it does not divide, or a device without clusters: plain). It changes where the "   \
+    "hardware places the blocks: fewer land on SMs that push slowly (2x H200: BF16 dispatch 8 % faster).")      \
   X(LlTimeout, "MOECOMM_LL_TIMEOUT", Int, "10000",                                                                \
     "Milliseconds a low-latency operation waits for a peer before masking it.")                                   \
   X(LlTransport, "MOECOMM_LL_TRANSPORT", String, "nvlink",                                                        \

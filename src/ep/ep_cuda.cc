@@ -530,8 +530,9 @@ class CudaEpBackend : public EpBackend {
     p->ringStages = pick(Env::EpRingStages, "MOECOMM_EP_RING_STAGES", 2, 32, 4);
     p->ringStageBytes = pick(Env::EpRingStageBytes, "MOECOMM_EP_RING_STAGE_BYTES", 512, 65536, 4096) / 16 * 16;
     // Clusters of 2 (default): on 2x H200 at SM 24 the plain launch puts blocks 0-7 on SMs
-    // 124-131 (one crowded GPC) and those push 1.4x slower; clustered, the blocks spread and
-    // the BF16 dispatch is 8 % faster, FP8 1-2 % (PERF.md, eighteenth session).
+    // 124-131, two per TPC, and a pair on SMs 0 and 16, and those push ~1.45x slower;
+    // clustered, fewer blocks land there and the BF16 dispatch is 8 % faster, FP8 1-2 %
+    // (PERF.md, eighteenth session).
     p->cluster = pick(Env::EpCluster, "MOECOMM_EP_CLUSTER", 1, 8, 2);
     int clusterLaunch = 0;  // (devices before Hopper have no clusters: a plain launch there)
     MC_CUDA(cudaDeviceGetAttribute(&clusterLaunch, cudaDevAttrClusterLaunch, ep_->comm->device));
