@@ -1,10 +1,32 @@
 // Device helpers shared by every kernel family.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 namespace moecomm {
 namespace device {
+
+// A launch of `grid` blocks in thread-block clusters of `cluster` blocks along x (1: a plain
+// launch; the caller checks that cluster divides grid and that the device has clusters).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launchInClusters(void (*kernel)(KernelArgs...), int grid, int threads, uint64_t sharedBytes, int cluster,
+                             cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = sharedBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = cluster > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
 
 __device__ __forceinline__ int64_t loadExpertId(const void* topkIdx, int topkIdxIs64, int64_t index) {
   return topkIdxIs64 ? static_cast<const int64_t*>(topkIdx)[index]

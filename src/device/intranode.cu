@@ -2086,23 +2086,9 @@ int launchIntranode(Kernel kernel, const IntranodeParams& params, uint64_t share
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(sharedBytes));
     if (err != cudaSuccess) return err;
   }
-  if (params.cluster > 1 && params.numChannels % params.cluster == 0) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(params.numChannels);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = sharedBytes;
-    config.stream = stream;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = params.cluster;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, params);
-  }
-  kernel<<<params.numChannels, kThreads, sharedBytes, stream>>>(params);
-  return cudaGetLastError();
+  // (MOECOMM_EP_CLUSTER; a channel count the cluster does not divide: a plain launch)
+  const int cluster = params.cluster > 1 && params.numChannels % params.cluster == 0 ? params.cluster : 1;
+  return launchInClusters(kernel, params.numChannels, kThreads, sharedBytes, cluster, stream, params);
 }
 }  // namespace
 

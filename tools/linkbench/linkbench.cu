@@ -291,25 +291,6 @@ __global__ void storeRows(uint8_t* dst, int rows, int rowBytes, uint32_t fill, u
   stampEnd(stamps);
 }
 
-// A launch in thread-block clusters of `cluster` blocks (1: a plain launch), which the hardware
-// places in one GPC each: does that spread the blocks over the GPCs differently?
-template <typename... KernelArgs, typename... Args>
-cudaError_t launchClustered(void (*kernel)(KernelArgs...), int grid, int threads, int cluster, cudaStream_t stream,
-                            Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(threads);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = cluster > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, args...);
-}
-
 std::vector<int> argList(int argc, char** argv, const char* name, const char* fallback) {
   std::string text = fallback;
   for (int i = 1; i + 1 < argc; ++i) {
@@ -480,12 +461,12 @@ int main(int argc, char** argv) {
             const int threads = 32 * warps;
             switch (mode) {
               case kPush:
-                CHECK(launchClustered(copyRegisters<false, true>, grid, threads, cluster, u.stream, e.src, e.dst, rows,
-                                      rowBytes, peer.flags, u.stamps));
+                CHECK(moecomm::device::launchInClusters(copyRegisters<false, true>, grid, threads, 0, cluster, u.stream,
+                                                        e.src, e.dst, rows, rowBytes, peer.flags, u.stamps));
                 break;
               case kPushFence:
-                CHECK(launchClustered(copyRegisters<true, true>, grid, threads, cluster, u.stream, e.src, e.dst, rows,
-                                      rowBytes, peer.flags, u.stamps));
+                CHECK(moecomm::device::launchInClusters(copyRegisters<true, true>, grid, threads, 0, cluster, u.stream,
+                                                        e.src, e.dst, rows, rowBytes, peer.flags, u.stamps));
                 break;
               case kPushWarpFence:
                 copyRegisters<false, true, true>
