@@ -1540,9 +1540,6 @@ moecommEpConfig_t SmallEpConfig(int nranks) {
   return config;
 }
 
-// A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
-// distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
-// until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
 // A BF16 dispatch of numTokens tokens with int64 ids into recvX (capacity nranks x numTokens
 // rows); idx nullptr: again with *handle's routing.
 moecommResult_t DispatchBf16(moecommEp_t ep, int nranks, int numTokens, const void* x, const void* idx, void* recvX,
@@ -1558,6 +1555,9 @@ moecommResult_t DispatchBf16(moecommEp_t ep, int nranks, int numTokens, const vo
   return moecommEpDispatch(ep, &args, handle, stream);
 }
 
+// A small normal-mode EP for the handle-lifetime tests: BF16 x of zeros, every token to K
+// distinct experts, worst-case sizing; two streams, and a gate kernel that holds a stream
+// until the host opens it (or 15 s pass, long enough for a late peer in a call's agreement).
 class GatedEp {
  public:
   static constexpr int kT = kSmallT, kH = kSmallH, kK = kSmallK;
