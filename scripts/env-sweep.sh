@@ -65,7 +65,7 @@ while read -r ranks args; do
         -w W-prefill -n 20 -W 5 -c 1 --no-baseline --no-roofline -J "$root/bench.jsonl" $args > "$log" 2>&1
       rc=$?
       [ "${PROFILE:-0}" = 1 ] && grep -hE "profile" "$log" | sed 's/^/  /' >> "$root/sweep.txt"
-      [ "$debug" = INFO ] && grep -hE "light channels|normal mode:" "$log" | sed 's/^/  /' | tee -a "$root/sweep.txt"
+      [ "$debug" = INFO ] && grep -hE "normal mode:" "$log" | sed 's/^/  /' | tee -a "$root/sweep.txt"
       say "c$i r$round $name rc=$rc $(grep -E '^\[rank 0\] libmoecomm' "$log" | awk '{printf "%s %s | ", $4, $9}')$(grep -c 'check failed' "$log") check failures"
     done
   done
