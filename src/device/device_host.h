@@ -75,6 +75,7 @@ struct EpDeviceState {
   unsigned long long sequence[kOps];  // last completed call per op
   unsigned int finishedBlocks[kOps];  // blocks of the running call that finished
   unsigned int abort;                 // set on the first timeout: later waits give up at once
+  unsigned int dispatchClaim;         // balanced dispatch: the next token a sending warp claims
 };
 
 // Mapped host words of the EP (written by kernels, read by the host).
@@ -167,6 +168,12 @@ struct IntranodeParams {
   // recvCount hold its layout by the time this kernel runs): the direct dispatch's receivers
   // tell the sources where their rows go at once instead of after the count exchange.
   int spansKnown;
+  // Balanced dispatch (MOECOMM_EP_BALANCED_DISPATCH; a direct dispatch only): the sending warps
+  // of every block claim the rank's tokens one at a time from a counter (EpDeviceState), so a
+  // block on an SM that pushes slowly sends fewer rows; a row's small parts go to the staging
+  // slot of its received row, and a receiver copies them out once every block of the source
+  // published its tail.
+  int dispatchBalanced;
   void* const* recvXPeers;  // device table [R]: the allocation holding recvX, as this rank maps it
   uint64_t recvXOffset;
   // Pulled dispatch (MOECOMM_EP_DISPATCH_PULL_X; docs/ep-normal-gpu.md): every rank's x lies in

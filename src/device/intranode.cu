@@ -271,6 +271,7 @@ __device__ void finishCall(const IntranodeParams& p, int op, uint64_t sequence) 
     __threadfence();
     if (atomicAdd(&p.state->finishedBlocks[op], 1u) == gridDim.x - 1) {
       p.state->finishedBlocks[op] = 0;
+      if (op == kOpDispatch) p.state->dispatchClaim = 0;  // every block is past its claims
       p.state->sequence[op] = sequence;
       __threadfence();
     }
@@ -571,13 +572,22 @@ __device__ __forceinline__ bool scalesVectorOk(const IntranodeParams& p, const v
   return scalesPerRow % 4 == 0 && scalesPerRow <= 128 && aligned16(user);
 }
 
+// Balanced dispatch: the staging slot of destination d's received row `row` holds the row's
+// small parts (the x part of the slot is unused). The dispatch staging has R x C x chunkRows
+// slots, at least R x maxTokens, so every received row has one.
+__device__ __forceinline__ uint8_t* balancedPartsRow(const IntranodeParams& p, int d, int row) {
+  return p.peers[d] + p.dispatchOffset + static_cast<uint64_t>(row) * p.dispatchRowBytes;
+}
+
 // One warp sends token t to every rank with posRow[d] >= 0: the x row, its scales, the
 // normalized top-k ids, weights and the token index. Every load is issued before any store,
 // so a token costs one round trip to memory per kUnroll vectors per lane. kPullX: the pulled
-// dispatch, whose receivers read the x row themselves.
-template <bool kPullX = false>
+// dispatch, whose receivers read the x row themselves. kBalanced: the balanced dispatch
+// (`direct` is then the span table of t's channel, and the small parts go to the destination's
+// received row, balancedPartsRow); lane 0 counts the rows for each destination in sent[d].
+template <bool kPullX = false, bool kBalanced = false>
 __device__ void sendToken(const IntranodeParams& p, int channel, int t, const int* posRow, bool xAligned,
-                          bool scalesVec, const int* direct, int lane) {
+                          bool scalesVec, const int* direct, int lane, int* sent = nullptr) {
   const int R = p.numRanks;
   const uint64_t xBytes = static_cast<uint64_t>(p.hidden) * (p.xIsFp8 ? 1 : 2);
   const int scalesPerRow = p.hidden / 128;
@@ -596,7 +606,9 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
     scales4 = loadStreaming(reinterpret_cast<const int4*>(p.xScales + static_cast<int64_t>(t) * scalesPerRow) + lane);
   auto rowFor = [&](int d) -> uint8_t* {
     const int ordinal = posRow[d];
-    return ordinal < 0 || d == p.rank ? nullptr : exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
+    if (ordinal < 0 || d == p.rank) return nullptr;
+    if (kBalanced) return ordinal < direct[R + d] ? balancedPartsRow(p, d, direct[d] + ordinal) : nullptr;
+    return exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
   };
   // Direct dispatch: the x row goes to its place in d's recvX (when it fits there), the rest
   // through the staging row.
@@ -622,6 +634,11 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
       reinterpret_cast<float*>(row + p.rowWeightsOffset)[lane] = weight;
     }
     if (lane == 0) *reinterpret_cast<int*>(row + p.rowSrcOffset) = t;
+  }
+  if (kBalanced && lane == 0) {
+    for (int d = 0; d < R; ++d) {
+      if (d != p.rank && posRow[d] >= 0) atomicAdd(&sent[d], 1);
+    }
   }
 }
 
@@ -887,6 +904,70 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
   }
   if (kPrefetch) drainSendRing(p, prefetch, lane);
   if (kPullX) waitCallAcked(p, kOpDispatch, channel, sequence, kSendThreads);  // the peers read this rank's x
+  MC_PROFILE(kOpDispatch, 4, 0);
+}
+
+// Balanced dispatch (IntranodeParams::dispatchBalanced), sending threads of block `channel`:
+// after every channel's acks from every destination, the routing of the block's own channel
+// (a new handle), and every channel's spans (spans[c * 2R ...]: first rows, then rows held),
+// each warp claims the rank's tokens one at a time from p.state->dispatchClaim and sends them
+// (sendToken) to their rows wherever their channel's span puts them. The next token is claimed,
+// and its positions loaded, while the current one is sent. At the end the block publishes, as
+// its channel's tail for every destination, the rows it sent there: a receiver has every row
+// of a source once all C tails of that source carry the call's tag.
+__device__ void dispatchSendBalanced(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch,
+                                     int* sent, int* posSlots, int* spans) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int R = p.numRanks;
+  const int C = p.numChannels;
+  for (int i = threadIdx.x; i < C * R; i += kSendThreads) waitAck(p, kOpDispatch, i / R, i % R, sequence);
+  groupBarrier(kBarrierSend, kSendThreads);
+  int first = 0;
+  int last = 0;
+  routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
+  for (int i = threadIdx.x; i < C * R; i += kSendThreads) {
+    const int c = i / R;
+    const int r = i % R;
+    const int2 span = r != p.rank ? awaitRowSpan(p, kOpDispatch, c, r, sequence) : make_int2(0, 0);
+    spans[c * 2 * R + r] = span.x;
+    spans[c * 2 * R + R + r] = span.y;
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  const bool xAligned = aligned16(p.x);
+  const bool scalesVec = scalesVectorOk(p, p.xScales);
+  const int T = p.numTokens;
+  const int chunk = max(1, (T + C - 1) / C);  // channelTokens' split: token t is channel t / chunk's
+  unsigned int* claim = &p.state->dispatchClaim;
+  // The positions of a token, in shared memory for sendToken (two slots per warp, the current
+  // token's and the next one's).
+  int* const slots = posSlots + warp * 2 * R;  // slot k: slots + k * R
+  auto position = [&](int t, int d) { return t < T ? p.pos[static_cast<int64_t>(t) * R + d] : -1; };
+  int t = lane == 0 ? static_cast<int>(atomicAdd(claim, 1u)) : 0;
+  t = __shfl_sync(0xffffffffu, t, 0);
+  for (int d = lane; d < R; d += 32) slots[d] = position(t, d);
+  int next = lane == 0 ? static_cast<int>(atomicAdd(claim, 1u)) : 0;
+  next = __shfl_sync(0xffffffffu, next, 0);
+  int cur = 0;
+  while (t < T) {
+    int after = 0;
+    if (lane == 0) after = static_cast<int>(atomicAdd(claim, 1u));  // (used after the send)
+    // Up to 32 ranks the next token's positions load during the send (lane d: rank d).
+    const int nextPos = R <= 32 && lane < R ? position(next, lane) : -1;
+    if (R > 32) {
+      for (int d = lane; d < R; d += 32) slots[(cur ^ 1) * R + d] = position(next, d);
+    }
+    __syncwarp();
+    const int c = t / chunk;
+    sendToken<false, true>(p, c, t, slots + cur * R, xAligned, scalesVec, spans + c * 2 * R, lane, sent);
+    if (R <= 32 && lane < R) slots[(cur ^ 1) * R + lane] = nextPos;
+    __syncwarp();
+    t = next;
+    next = __shfl_sync(0xffffffffu, after, 0);
+    cur ^= 1;
+  }
+  groupBarrier(kBarrierSend, kSendThreads);
+  for (int d = threadIdx.x; d < R; d += kSendThreads) releaseTail(p, channel, d, sequence, sent[d]);
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1196,7 +1277,21 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-template <int kVariant, bool kPullX = false>
+// Balanced dispatch: whether every block of `source` published this call's tail for this rank
+// (then all of its rows are here). Relaxed loads, then one fence: the acquire of all of them.
+__device__ bool balancedSourceDone(const IntranodeParams& p, int source, uint64_t sequence) {
+  for (int c = 0; c < p.numChannels; ++c) {
+    const uint64_t word = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, c, source));
+    if ((word >> 32) != tagOf(sequence)) return false;
+  }
+  __threadfence_system();
+  return true;
+}
+
+// kBalanced: the balanced dispatch's receivers (dispatchSendBalanced): a source's rows are all
+// available once every block of it published its tail, and their small parts lie in the
+// staging slots of the received rows.
+template <int kVariant, bool kPullX = false, bool kBalanced = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
   const int tid = threadIdx.x - kSendThreads;
@@ -1287,10 +1382,11 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
         bool complete = true;
         for (int s = lane; s < R; s += 32) {
           // A rank's rows to itself are read straight from its inputs: all available at once.
-          const int n = s == p.rank ? counts[s]
-                        : done[s] < counts[s]
-                            ? rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, channel, s)), sequence)
-                            : done[s];
+          const int n = s == p.rank            ? counts[s]
+                        : done[s] >= counts[s] ? done[s]
+                        : kBalanced
+                            ? (balancedSourceDone(p, s, sequence) ? counts[s] : done[s])
+                            : rowsOf(loadAcquireSys(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, channel, s)), sequence);
           avail[s] = min(n, counts[s]);
           progress = progress || avail[s] > done[s];
           complete = complete && avail[s] >= counts[s];
@@ -1342,7 +1438,10 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       if (row >= p.recvCapacity) continue;
       RowSource src = s == p.rank
                           ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                          : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
+                          : stagedRowSource(p,
+                                            kBalanced ? balancedPartsRow(p, p.rank, row)
+                                                      : exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal),
+                                            recvAligned);
       if (kPullX && s != p.rank && *flag == 2) {
         receiveRow<false>(p, src, row, s, scalesVec, lane);  // gave up waiting: no token to follow
       } else if (kPullX && s != p.rank) {
@@ -1371,11 +1470,15 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
 // a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
-// dispatch's first rows and rows held per destination [2 R].
+// dispatch's first rows and rows held per destination [2 R] (the balanced dispatch's, per
+// channel and destination: [C][2 R]). The balanced dispatch keeps each sending warp's two
+// tokens' positions [2 R] where a batch's go (sendBatch >= 32 > 2 x 15 warps).
 // The pulled dispatch (IntranodeParams::dispatchPullX) runs as a kernel of its own, so that
 // its code does not change the default kernel's registers: an internal variant number, not a
 // MOECOMM_EP_DISPATCH_VARIANT value.
 constexpr int kDispatchVariantPullX = kDispatchVariants;
+// Likewise the balanced dispatch (IntranodeParams::dispatchBalanced).
+constexpr int kDispatchVariantBalanced = kDispatchVariants + 1;
 
 template <int kVariant, int kBatch>
 __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p) {
@@ -1398,7 +1501,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   if (threadIdx.x < kSendThreads) {
     // Prefetching senders read x, scales and weights by bulk copies (16-byte aligned chunks).
     const bool bulkOk = aligned16(p.x) && selfPartsBulkOk(p);
-    if (kVariant == kDispatchVariantPullX) {
+    if (kVariant == kDispatchVariantBalanced) {
+      dispatchSendBalanced(p, channel, sequence, scratch, sent, posBatch, direct);
+    } else if (kVariant == kDispatchVariantPullX) {
       dispatchSend<kBatch, kSendRegisters, true>(p, channel, sequence, scratch, sent, posBatch, direct,
                                                  reinterpret_cast<uint8_t*>(shared));
     } else if (kVariant == kDispatchVariantPrefetch && bulkOk) {
@@ -1414,7 +1519,10 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   } else {
     // Bulk copies need every x row 16-byte aligned: the output, and for the rows a rank sends
     // itself the caller's x and scales (the register path falls back to bytes).
-    if (kVariant == kDispatchVariantPullX) {
+    if (kVariant == kDispatchVariantBalanced) {
+      dispatchReceive<kDispatchVariantRegisters, false, true>(p, channel, sequence, offsets, counts, done, avail, &flag,
+                                                              rowsTable, reinterpret_cast<uint8_t*>(shared));
+    } else if (kVariant == kDispatchVariantPullX) {
       dispatchReceive<kDispatchVariantRegisters, true>(p, channel, sequence, offsets, counts, done, avail, &flag,
                                                        rowsTable, reinterpret_cast<uint8_t*>(shared));
     } else if (kVariant == kDispatchVariantBulk && aligned16(p.recvX) && aligned16(p.x) && selfPartsBulkOk(p) &&
@@ -2061,7 +2169,7 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
 
 uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (7 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
+      (5 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + 3 * static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
 }
 
@@ -2095,6 +2203,9 @@ int launchIntranode(Kernel kernel, const IntranodeParams& params, uint64_t share
 namespace {
 template <int kBatch>
 int launchDispatchBatch(const IntranodeParams& params, uint64_t bytes, cudaStream_t stream) {
+  // (the balanced dispatch has no tail batches: one instance)
+  if (params.dispatchBalanced)
+    return launchIntranode(dispatchKernel<kDispatchVariantBalanced, 32>, params, bytes, stream);
   if (params.dispatchPullX)
     return launchIntranode(dispatchKernel<kDispatchVariantPullX, kBatch>, params, bytes, stream);
   if (params.dispatchVariant == kDispatchVariantBulk)

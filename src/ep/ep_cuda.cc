@@ -244,14 +244,22 @@ class CudaEpBackend : public EpBackend {
     const bool mayPull = envInt(Env::EpDispatchPullX) != 0 && ep_->comm->nranks > 1 && xSpot.table != nullptr &&
                          xSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
                          (base_.pull & 1) == 0;
+    // The balanced dispatch (a direct one) changes the protocol: every rank must ask for it.
+    const bool mayBalance = mayDirect && envInt(Env::EpBalancedDispatch) != 0;
     const std::vector<int64_t> spot = {
         mayDirect ? 1 : 0, static_cast<int64_t>(recvSpot.id), static_cast<int64_t>(recvSpot.offset),
-        mayPull ? 1 : 0,   static_cast<int64_t>(xSpot.id),    static_cast<int64_t>(xSpot.offset)};
+        mayPull ? 1 : 0,   static_cast<int64_t>(xSpot.id),    static_cast<int64_t>(xSpot.offset),
+        mayBalance ? 1 : 0};
     std::vector<int64_t> allSpots;
     MC_CHECK(agree(checked, checked == moecommSuccess ? static_cast<int32_t>(args->xType) : -1, &spot, &allSpots));
     const bool pull = sameEverywhere(spot, allSpots, 3, 3);
     const bool direct = !pull && sameEverywhere(spot, allSpots, 0, 3);
+    const bool balanced = direct && sameEverywhere(spot, allSpots, 6, 1);
     logDirect("dispatch", direct, &lastDirectDispatch_);
+    logPath("dispatch", balanced, &lastBalancedDispatch_,
+            "claims tokens across blocks (balanced; MOECOMM_EP_BALANCED_DISPATCH)",
+            "sends each channel's tokens "
+            "from its own block");
     logPath("dispatch", pull, &lastPullDispatch_,
             "pulls x rows from the sources (x in symmetric memory at the same offset on every rank)", "pushes x rows");
     DeviceScope scope(ep_->comm->device);
@@ -284,6 +292,7 @@ class CudaEpBackend : public EpBackend {
     p.outPerExpert = args->recvTokensPerExpert;
     p.dispatchDirect = direct ? 1 : 0;
     p.spansKnown = direct && handles_.at(target).layoutOnDevice ? 1 : 0;
+    p.dispatchBalanced = balanced ? 1 : 0;
     // (direct runs the default kernels: no rings)
     if (direct && dispatchSendWarpsAuto_) p.dispatchSendWarps = 8;
     p.recvXPeers = direct ? recvSpot.table : nullptr;
@@ -873,6 +882,7 @@ class CudaEpBackend : public EpBackend {
   bool lastDirectDispatch_ = false;  // the previous dispatch / combine was direct (logged on change)
   bool lastDirectCombine_ = false;
   bool lastPullDispatch_ = false;      // the previous dispatch pulled x rows (logged on change)
+  bool lastBalancedDispatch_ = false;  // the previous dispatch was balanced (logged on change)
   bool dispatchSendWarpsAuto_ = true;  // MOECOMM_EP_DISPATCH_SEND_WARPS unset (0): 6, direct 8
   std::unordered_map<moecommEpHandle*, HandleDevice> handles_;
   std::vector<HandleDevice> pool_;              // destroyed handles' blocks, at most kHandleBlockPool

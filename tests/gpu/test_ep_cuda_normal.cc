@@ -189,6 +189,8 @@ struct Case {
   // the x rows (pulled dispatch), else the senders push them.
   int xMemory = 0;
   bool pullX = false;
+  // Runs with MOECOMM_EP_BALANCED_DISPATCH=1: a direct dispatch then claims tokens across blocks.
+  bool balanced = false;
   // Each round combines twice back to back, with no synchronisation between: first from
   // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
   // CombineIn(kSymmetric), direct); both results are checked.
@@ -260,6 +262,10 @@ struct Case {
     pullX = true;
     return *this;
   }
+  Case& Balanced() {
+    balanced = true;
+    return *this;
+  }
   Case& StagedCombineFirst() {
     stagedCombineFirst = true;
     return *this;
@@ -295,6 +301,7 @@ struct Case {
     name += kRecvMemory[recvMemory];
     static const char* const kXMemory[] = {"", " x=symmetric", " x=shifted"};
     if (pullX) name += std::string(" pull-x") + kXMemory[xMemory];
+    if (balanced) name += " balanced";
     if (stagedCombineFirst) name += " staged-combine-first";
     return name;
   }
@@ -1122,6 +1129,13 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
            (pull ? "should" : "should not");
   }
   if (pull && pushedAfter && !variantsSet) return "the dispatch pulled x rows but pushed them again in a later call";
+  // The balanced dispatch runs exactly when the dispatch is direct and it is switched on.
+  const bool balance = dispatch && moecomm::envInt(moecomm::Env::EpBalancedDispatch) != 0;
+  const bool balanced = log.find("normal dispatch claims tokens across blocks") != std::string::npos;
+  if (balanced != balance && !variantsSet) {
+    return std::string("the dispatch ") + (balanced ? "was balanced" : "was never balanced") + " but this case " +
+           (balance ? "should" : "should not") + " be";
+  }
   const struct {
     const char* op;
     bool expected;
@@ -1330,6 +1344,7 @@ class EpCudaNormal : public ::testing::Test {
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
       const auto start = std::chrono::steady_clock::now();
       const ScopedEnv pullX(c.pullX ? "MOECOMM_EP_DISPATCH_PULL_X" : nullptr, "1");
+      const ScopedEnv balanced(c.balanced ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr, "1");
       CaseRunner runner(comm_, c, seed);
       const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc || c.xMemory != kCudaMalloc;
       EpLogCapture log(symmetric);
@@ -1482,6 +1497,22 @@ TEST_F(EpCudaNormal, DirectDispatch) {
   RunCases("DirectDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
              c->RecvIn(fallback ? kSymmetricShifted : kSymmetric);
            }));
+}
+
+// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=1: every block's sending warps
+// claim the rank's tokens one at a time (docs/ep-normal-gpu.md, "Balanced dispatch"); the
+// fallback case stages its rows (recvX at offsets that differ), which the switch does not
+// change. The results are the same either way.
+TEST_F(EpCudaNormal, BalancedDispatch) {
+  RunCases("BalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
+             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Balanced();
+           }));
+  RunCases("BalancedDispatch",
+           {
+               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Balanced().CombineIn(kSymmetric),
+               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Balanced(),
+           },
+           /*graph=*/true);
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
