@@ -1008,6 +1008,68 @@ __device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAli
   return src;
 }
 
+// A received row's small parts as one warp holds them between their loads and their stores:
+// lane k < topk its id and weight, lanes < scales / 4 a 16-byte vector of scales (when they
+// move as vectors), lane 0 the source token.
+struct RowParts {
+  int64_t id;
+  float weight;
+  int4 scales4;
+  int token;
+};
+
+__device__ __forceinline__ bool vectorScales(const IntranodeParams& p, const RowSource& src, bool scalesVec) {
+  return p.xIsFp8 && p.recvXScales != nullptr && scalesVec && src.vector;
+}
+
+__device__ __forceinline__ RowParts loadRowParts(const IntranodeParams& p, const RowSource& src, bool scalesVec,
+                                                 int lane) {
+  RowParts parts{-1, 0.0f, make_int4(0, 0, 0, 0), 0};
+  if (lane < p.topk) {
+    parts.id = src.idx[lane];
+    parts.weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
+  }
+  parts.token = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
+  if (vectorScales(p, src, scalesVec) && lane < p.hidden / 128 / 4)
+    parts.scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
+  return parts;
+}
+
+// Stores the parts of received row `row` from rank `source` (scales that do not move as vectors
+// are read from src here).
+__device__ __forceinline__ void storeRowParts(const IntranodeParams& p, const RowSource& src, const RowParts& parts,
+                                              int row, int source, bool scalesVec, int lane) {
+  const int scalesPerRow = p.hidden / 128;
+  const int localExperts = p.numExperts / p.numRanks;
+  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    if (vectorScales(p, src, scalesVec)) {
+      if (lane < scalesPerRow / 4)
+        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = parts.scales4;
+    } else {
+      for (int k = lane; k < scalesPerRow; k += 32)
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
+    }
+  }
+  if (lane < p.topk) {
+    const bool local = parts.id >= firstLocal && parts.id < firstLocal + localExperts;
+    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
+    if (p.recvTopkIdx != nullptr) {
+      const int64_t localId = local ? parts.id - firstLocal : -1;
+      if (p.topkIdxIs64) {
+        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+      } else {
+        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+      }
+    }
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? parts.weight : 0.0f;
+  }
+  if (lane == 0) {
+    p.srcRank[row] = source;
+    p.srcIndex[row] = parts.token;
+  }
+}
+
 // One warp copies a received row out to the caller's buffers (received row `row` from source
 // rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
 // row (the bulk-copy variant moves that).
@@ -1084,43 +1146,12 @@ struct DispatchBulkState {
 };
 
 // Writes a row's small parts (read from a stage holding its last piece, which starts at
-// `offset` of the row) to the caller's outputs, as receiveRow does from registers.
-__device__ void storeRowParts(const IntranodeParams& p, const uint8_t* stage, uint64_t offset, int row, int source,
-                              int flags, bool scalesVec, int lane) {
-  const int scalesPerRow = p.hidden / 128;
-  const int localExperts = p.numExperts / p.numRanks;
-  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-  if (p.xIsFp8 && p.recvXScales != nullptr) {
-    const float* scales = reinterpret_cast<const float*>(stage + p.rowScalesOffset - offset);
-    if (scalesVec) {
-      if (lane < scalesPerRow / 4)
-        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] =
-            reinterpret_cast<const int4*>(scales)[lane];
-    } else {
-      for (int k = lane; k < scalesPerRow; k += 32)
-        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
-    }
-  }
-  if (lane < p.topk) {
-    const int64_t id = reinterpret_cast<const int64_t*>(stage + p.rowIdxOffset - offset)[lane];
-    const float* weights = reinterpret_cast<const float*>(stage + p.rowWeightsOffset - offset);
-    const float weight = (flags & kPieceNoWeights) != 0 ? 0.0f : weights[lane];
-    const bool local = id >= firstLocal && id < firstLocal + localExperts;
-    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
-    if (p.recvTopkIdx != nullptr) {
-      const int64_t localId = local ? id - firstLocal : -1;
-      if (p.topkIdxIs64) {
-        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-      } else {
-        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-      }
-    }
-    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
-  }
-  if (lane == 0) {
-    p.srcRank[row] = source;
-    p.srcIndex[row] = *reinterpret_cast<const int*>(stage + p.rowSrcOffset - offset);
-  }
+// `offset` of the row) to the caller's outputs, as receiveRow does.
+__device__ void storeStagedParts(const IntranodeParams& p, const uint8_t* stage, uint64_t offset, int row, int source,
+                                 int flags, bool scalesVec, int lane) {
+  RowSource src = stagedRowSource(p, stage - offset, true);  // (a stage is 16-byte aligned)
+  if ((flags & kPieceNoWeights) != 0) src.weights = nullptr;
+  storeRowParts(p, src, loadRowParts(p, src, scalesVec, lane), row, source, scalesVec, lane);
 }
 
 // Consumes the oldest piece: waits for its loads, writes the small parts if it carries them,
@@ -1140,7 +1171,7 @@ __device__ bool dispatchStorePiece(const IntranodeParams& p, const WarpRing& rin
   if ((meta.w & kPieceLast) != 0) {
     if (lane != 0) ok = waitStage(p, ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
     if (__all_sync(0xffffffffu, ok != 0)) {
-      storeRowParts(p, buffer, static_cast<uint64_t>(meta.y), meta.x, meta.w & 0xffff, meta.w, scalesVec, lane);
+      storeStagedParts(p, buffer, static_cast<uint64_t>(meta.y), meta.x, meta.w & 0xffff, meta.w, scalesVec, lane);
     }
   }
   if (lane == 0) {
@@ -1278,14 +1309,72 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
 }
 
 // Balanced dispatch: whether every block of `source` published this call's tail for this rank
-// (then all of its rows are here). Relaxed loads, then one fence: the acquire of all of them.
+// (then all of its rows are here). Volatile loads all issued at once (no exit between them),
+// then one fence: the acquire of all of them.
 __device__ bool balancedSourceDone(const IntranodeParams& p, int source, uint64_t sequence) {
+  uint32_t stale = 0;
   for (int c = 0; c < p.numChannels; ++c) {
     const uint64_t word = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, c, source));
-    if ((word >> 32) != tagOf(sequence)) return false;
+    stale |= static_cast<uint32_t>((word >> 32) != tagOf(sequence));
   }
+  if (stale != 0) return false;
   __threadfence_system();
   return true;
+}
+
+// Balanced dispatch, receiving warps: a round's own rows (rows [done[rank], avail[rank])),
+// copied whole, one per warp in turn. The other sources' rows of the round are left to
+// balancedCopyParts.
+__device__ void balancedReceiveOwnRows(const IntranodeParams& p, int channel, const int* offsets, const int* done,
+                                       const int* avail, bool recvAligned, bool scalesVec, int warp, int lane) {
+  const int own = avail[p.rank] - done[p.rank];
+  for (int i = warp; i < own; i += kRecvWarps) {
+    const int ordinal = done[p.rank] + i;
+    const int row = offsets[p.rank] + ordinal;
+    if (row < p.recvCapacity)
+      receiveRow(p, selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned), row, p.rank, scalesVec,
+                 lane);
+  }
+}
+
+// Balanced dispatch, every warp of the block once all rows arrived: the small parts of the
+// channel's rows from the other ranks (counts[s] rows from s at offsets[s]), which lie in the
+// staging slots of their rows (their x is in place). They all arrive at the call's end, so they
+// cost round trips, not bandwidth: a warp loads the parts of kPartsRows rows before it stores
+// any, and the sending warps, done by then, take a share.
+__device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, const int* counts, int warp, int lane) {
+  constexpr int kPartsRows = 4;
+  const bool recvAligned = aligned16(p.recvX);
+  const bool scalesVec = scalesVectorOk(p, p.recvXScales);
+  int others = 0;
+  for (int s = 0; s < p.numRanks; ++s) others += s != p.rank ? counts[s] : 0;
+  for (int i0 = warp * kPartsRows; i0 < others; i0 += kWarps * kPartsRows) {
+    int rows[kPartsRows];
+    int sources[kPartsRows];
+    RowParts parts[kPartsRows];
+#pragma unroll
+    for (int k = 0; k < kPartsRows; ++k) {
+      rows[k] = -1;
+      int i = i0 + k;
+      if (i >= others) continue;
+      int s = 0;
+      while (s == p.rank || i >= counts[s]) {
+        if (s != p.rank) i -= counts[s];
+        ++s;
+      }
+      const int row = offsets[s] + i;
+      if (row >= p.recvCapacity) continue;
+      rows[k] = row;
+      sources[k] = s;
+      parts[k] = loadRowParts(p, stagedRowSource(p, balancedPartsRow(p, p.rank, row), recvAligned), scalesVec, lane);
+    }
+#pragma unroll
+    for (int k = 0; k < kPartsRows; ++k) {
+      if (rows[k] < 0) continue;
+      storeRowParts(p, stagedRowSource(p, balancedPartsRow(p, p.rank, rows[k]), recvAligned), parts[k], rows[k],
+                    sources[k], scalesVec, lane);
+    }
+  }
 }
 
 // kBalanced: the balanced dispatch's receivers (dispatchSendBalanced): a source's rows are all
@@ -1426,7 +1515,8 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     if (bulkRows) {
       dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
-    for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
+    if (kBalanced) balancedReceiveOwnRows(p, channel, offsets, done, avail, recvAligned, scalesVec, warp, lane);
+    for (int j = bulkRows || kBalanced ? pending : warp; !bulkRows && !kBalanced && j < pending; j += kRecvWarps) {
       int s = 0;
       int i = j;
       while (i >= avail[s] - done[s]) {
@@ -1438,10 +1528,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
       if (row >= p.recvCapacity) continue;
       RowSource src = s == p.rank
                           ? selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned)
-                          : stagedRowSource(p,
-                                            kBalanced ? balancedPartsRow(p, p.rank, row)
-                                                      : exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal),
-                                            recvAligned);
+                          : stagedRowSource(p, exchangeRow(p, kOpDispatch, s, p.rank, channel, ordinal), recvAligned);
       if (kPullX && s != p.rank && *flag == 2) {
         receiveRow<false>(p, src, row, s, scalesVec, lane);  // gave up waiting: no token to follow
       } else if (kPullX && s != p.rank) {
@@ -1463,8 +1550,9 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
   // Bulk stores still writing recvX complete before the block ends.
   if (bulkRows && lane == 0) bulkWait<0>();
   MC_PROFILE(kOpDispatch, 7, kSendThreads);
-  // This channel's staging of this call is consumed: let every source reuse it.
-  for (int s = tid; s < R; s += kRecvThreads)
+  // This channel's staging of this call is consumed: let every source reuse it. (Balanced: the
+  // whole block copies the other ranks' parts first, then acks; dispatchKernel.)
+  for (int s = tid; !kBalanced && s < R; s += kRecvThreads)
     storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
 }
 
@@ -1534,6 +1622,13 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
       dispatchReceive<kDispatchVariantRegisters>(p, channel, sequence, offsets, counts, done, avail, &flag, rowsTable,
                                                  reinterpret_cast<uint8_t*>(shared));
     }
+  }
+  if (kVariant == kDispatchVariantBalanced) {
+    __syncthreads();
+    balancedCopyParts(p, offsets, counts, threadIdx.x >> 5, threadIdx.x & 31);
+    __syncthreads();
+    for (int s = threadIdx.x; s < R; s += kThreads)
+      storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
   }
   finishCall(p, kOpDispatch, sequence);
   MC_PROFILE(kOpDispatch, 8, 0);
