@@ -1627,6 +1627,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
     __syncthreads();
     balancedCopyParts(p, offsets, counts, threadIdx.x >> 5, threadIdx.x & 31);
     __syncthreads();
+    MC_PROFILE(kOpDispatch, 9, 0);
     for (int s = threadIdx.x; s < R; s += kThreads)
       storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
   }
