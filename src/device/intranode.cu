@@ -1008,68 +1008,6 @@ __device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAli
   return src;
 }
 
-// A received row's small parts as one warp holds them between their loads and their stores:
-// lane k < topk its id and weight, lanes < scales / 4 a 16-byte vector of scales (when they
-// move as vectors), lane 0 the source token.
-struct RowParts {
-  int64_t id;
-  float weight;
-  int4 scales4;
-  int token;
-};
-
-__device__ __forceinline__ bool vectorScales(const IntranodeParams& p, const RowSource& src, bool scalesVec) {
-  return p.xIsFp8 && p.recvXScales != nullptr && scalesVec && src.vector;
-}
-
-__device__ __forceinline__ RowParts loadRowParts(const IntranodeParams& p, const RowSource& src, bool scalesVec,
-                                                 int lane) {
-  RowParts parts{-1, 0.0f, make_int4(0, 0, 0, 0), 0};
-  if (lane < p.topk) {
-    parts.id = src.idx[lane];
-    parts.weight = src.weights != nullptr ? src.weights[lane] : 0.0f;
-  }
-  parts.token = src.token >= 0 ? src.token : (lane == 0 ? *src.tokenAt : 0);
-  if (vectorScales(p, src, scalesVec) && lane < p.hidden / 128 / 4)
-    parts.scales4 = reinterpret_cast<const int4*>(src.scales)[lane];
-  return parts;
-}
-
-// Stores the parts of received row `row` from rank `source` (scales that do not move as vectors
-// are read from src here).
-__device__ __forceinline__ void storeRowParts(const IntranodeParams& p, const RowSource& src, const RowParts& parts,
-                                              int row, int source, bool scalesVec, int lane) {
-  const int scalesPerRow = p.hidden / 128;
-  const int localExperts = p.numExperts / p.numRanks;
-  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-  if (p.xIsFp8 && p.recvXScales != nullptr) {
-    if (vectorScales(p, src, scalesVec)) {
-      if (lane < scalesPerRow / 4)
-        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] = parts.scales4;
-    } else {
-      for (int k = lane; k < scalesPerRow; k += 32)
-        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
-    }
-  }
-  if (lane < p.topk) {
-    const bool local = parts.id >= firstLocal && parts.id < firstLocal + localExperts;
-    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
-    if (p.recvTopkIdx != nullptr) {
-      const int64_t localId = local ? parts.id - firstLocal : -1;
-      if (p.topkIdxIs64) {
-        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-      } else {
-        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-      }
-    }
-    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? parts.weight : 0.0f;
-  }
-  if (lane == 0) {
-    p.srcRank[row] = source;
-    p.srcIndex[row] = parts.token;
-  }
-}
-
 // One warp copies a received row out to the caller's buffers (received row `row` from source
 // rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
 // row (the bulk-copy variant moves that).
@@ -1146,12 +1084,43 @@ struct DispatchBulkState {
 };
 
 // Writes a row's small parts (read from a stage holding its last piece, which starts at
-// `offset` of the row) to the caller's outputs, as receiveRow does.
-__device__ void storeStagedParts(const IntranodeParams& p, const uint8_t* stage, uint64_t offset, int row, int source,
-                                 int flags, bool scalesVec, int lane) {
-  RowSource src = stagedRowSource(p, stage - offset, true);  // (a stage is 16-byte aligned)
-  if ((flags & kPieceNoWeights) != 0) src.weights = nullptr;
-  storeRowParts(p, src, loadRowParts(p, src, scalesVec, lane), row, source, scalesVec, lane);
+// `offset` of the row) to the caller's outputs, as receiveRow does from registers.
+__device__ void storeRowParts(const IntranodeParams& p, const uint8_t* stage, uint64_t offset, int row, int source,
+                              int flags, bool scalesVec, int lane) {
+  const int scalesPerRow = p.hidden / 128;
+  const int localExperts = p.numExperts / p.numRanks;
+  const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    const float* scales = reinterpret_cast<const float*>(stage + p.rowScalesOffset - offset);
+    if (scalesVec) {
+      if (lane < scalesPerRow / 4)
+        reinterpret_cast<int4*>(p.recvXScales + static_cast<int64_t>(row) * scalesPerRow)[lane] =
+            reinterpret_cast<const int4*>(scales)[lane];
+    } else {
+      for (int k = lane; k < scalesPerRow; k += 32)
+        p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = scales[k];
+    }
+  }
+  if (lane < p.topk) {
+    const int64_t id = reinterpret_cast<const int64_t*>(stage + p.rowIdxOffset - offset)[lane];
+    const float* weights = reinterpret_cast<const float*>(stage + p.rowWeightsOffset - offset);
+    const float weight = (flags & kPieceNoWeights) != 0 ? 0.0f : weights[lane];
+    const bool local = id >= firstLocal && id < firstLocal + localExperts;
+    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
+    if (p.recvTopkIdx != nullptr) {
+      const int64_t localId = local ? id - firstLocal : -1;
+      if (p.topkIdxIs64) {
+        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+      } else {
+        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+      }
+    }
+    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
+  }
+  if (lane == 0) {
+    p.srcRank[row] = source;
+    p.srcIndex[row] = *reinterpret_cast<const int*>(stage + p.rowSrcOffset - offset);
+  }
 }
 
 // Consumes the oldest piece: waits for its loads, writes the small parts if it carries them,
@@ -1171,7 +1140,7 @@ __device__ bool dispatchStorePiece(const IntranodeParams& p, const WarpRing& rin
   if ((meta.w & kPieceLast) != 0) {
     if (lane != 0) ok = waitStage(p, ring, stage, parity, channel, kOpDispatch) ? 1 : 0;
     if (__all_sync(0xffffffffu, ok != 0)) {
-      storeStagedParts(p, buffer, static_cast<uint64_t>(meta.y), meta.x, meta.w & 0xffff, meta.w, scalesVec, lane);
+      storeRowParts(p, buffer, static_cast<uint64_t>(meta.y), meta.x, meta.w & 0xffff, meta.w, scalesVec, lane);
     }
   }
   if (lane == 0) {
@@ -1337,42 +1306,113 @@ __device__ void balancedReceiveOwnRows(const IntranodeParams& p, int channel, co
   }
 }
 
-// Balanced dispatch, every warp of the block once all rows arrived: the small parts of the
-// channel's rows from the other ranks (counts[s] rows from s at offsets[s]), which lie in the
-// staging slots of their rows (their x is in place). They all arrive at the call's end, so they
-// cost round trips, not bandwidth: a warp loads the parts of kPartsRows rows before it stores
-// any, and the sending warps, done by then, take a share.
-__device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, const int* counts, int warp, int lane) {
-  constexpr int kPartsRows = 4;
-  const bool recvAligned = aligned16(p.recvX);
-  const bool scalesVec = scalesVectorOk(p, p.recvXScales);
+// Balanced dispatch: the received row of the i-th of the channel's rows from the other ranks
+// (in source order), or -1 when it does not fit recvX; *source: its rank.
+__device__ __forceinline__ int balancedOtherRow(const IntranodeParams& p, const int* offsets, const int* counts, int i,
+                                                int* source) {
+  int s = 0;
+  while (s == p.rank || i >= counts[s]) {
+    if (s != p.rank) i -= counts[s];
+    ++s;
+  }
+  *source = s;
+  const int row = offsets[s] + i;
+  return row < p.recvCapacity ? row : -1;
+}
+
+// Balanced dispatch, every thread of the block once all rows arrived: the small parts of the
+// channel's rows from the other ranks (counts[s] rows from s at offsets[s]; their x is in
+// place), from the staging slots of their rows to the outputs, as receiveRow writes them. They
+// all arrive at the call's end, so they cost round trips, not bandwidth: the parts are spread
+// over the threads element by element (scale vectors, (row, k) ids and weights, rows' tokens),
+// and each thread loads kUnrollParts elements before it stores any.
+__device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, const int* counts) {
+  constexpr int kUnrollParts = 4;
+  const int tid = threadIdx.x;
   int others = 0;
   for (int s = 0; s < p.numRanks; ++s) others += s != p.rank ? counts[s] : 0;
-  for (int i0 = warp * kPartsRows; i0 < others; i0 += kWarps * kPartsRows) {
-    int rows[kPartsRows];
-    int sources[kPartsRows];
-    RowParts parts[kPartsRows];
+  const uint8_t* slots = p.peers[p.rank] + p.dispatchOffset;
+  auto slot = [&](int row) { return slots + static_cast<uint64_t>(row) * p.dispatchRowBytes; };
+  int source = 0;
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    const int scalesPerRow = p.hidden / 128;
+    const bool vec = scalesVectorOk(p, p.recvXScales);  // (a slot's scales are 16-byte aligned)
+    const int per = vec ? scalesPerRow / 4 : scalesPerRow;
+    const int n = others * per;
+    for (int e0 = tid; e0 < n; e0 += kUnrollParts * kThreads) {
+      int4 v[kUnrollParts];
+      int rows[kUnrollParts];
 #pragma unroll
-    for (int k = 0; k < kPartsRows; ++k) {
-      rows[k] = -1;
-      int i = i0 + k;
-      if (i >= others) continue;
-      int s = 0;
-      while (s == p.rank || i >= counts[s]) {
-        if (s != p.rank) i -= counts[s];
-        ++s;
+      for (int u = 0; u < kUnrollParts; ++u) {
+        const int e = e0 + u * kThreads;
+        rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &source) : -1;
+        if (rows[u] < 0) continue;
+        const uint8_t* scales = slot(rows[u]) + p.rowScalesOffset;
+        v[u] = vec ? reinterpret_cast<const int4*>(scales)[e % per]
+                   : make_int4(reinterpret_cast<const int*>(scales)[e % per], 0, 0, 0);
       }
-      const int row = offsets[s] + i;
-      if (row >= p.recvCapacity) continue;
-      rows[k] = row;
-      sources[k] = s;
-      parts[k] = loadRowParts(p, stagedRowSource(p, balancedPartsRow(p, p.rank, row), recvAligned), scalesVec, lane);
+#pragma unroll
+      for (int u = 0; u < kUnrollParts; ++u) {
+        if (rows[u] < 0) continue;
+        const int e = e0 + u * kThreads;
+        float* out = p.recvXScales + static_cast<int64_t>(rows[u]) * scalesPerRow;
+        if (vec) {
+          reinterpret_cast<int4*>(out)[e % per] = v[u];
+        } else {
+          reinterpret_cast<int*>(out)[e % per] = v[u].x;
+        }
+      }
+    }
+  }
+  if (p.recvTopkIdx != nullptr || p.recvTopkWeights != nullptr) {
+    const int localExperts = p.numExperts / p.numRanks;
+    const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+    const int n = others * p.topk;
+    for (int e0 = tid; e0 < n; e0 += kUnrollParts * kThreads) {
+      int64_t ids[kUnrollParts];
+      float weights[kUnrollParts];
+      int rows[kUnrollParts];
+#pragma unroll
+      for (int u = 0; u < kUnrollParts; ++u) {
+        const int e = e0 + u * kThreads;
+        rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / p.topk, &source) : -1;
+        if (rows[u] < 0) continue;
+        const uint8_t* parts = slot(rows[u]);
+        ids[u] = reinterpret_cast<const int64_t*>(parts + p.rowIdxOffset)[e % p.topk];
+        weights[u] = reinterpret_cast<const float*>(parts + p.rowWeightsOffset)[e % p.topk];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnrollParts; ++u) {
+        if (rows[u] < 0) continue;
+        const int64_t o = static_cast<int64_t>(rows[u]) * p.topk + (e0 + u * kThreads) % p.topk;
+        const bool local = ids[u] >= firstLocal && ids[u] < firstLocal + localExperts;
+        if (p.recvTopkIdx != nullptr) {
+          const int64_t localId = local ? ids[u] - firstLocal : -1;
+          if (p.topkIdxIs64) {
+            static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+          } else {
+            static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+          }
+        }
+        if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weights[u] : 0.0f;
+      }
+    }
+  }
+  for (int e0 = tid; e0 < others; e0 += kUnrollParts * kThreads) {
+    int tokens[kUnrollParts];
+    int rows[kUnrollParts];
+    int sources[kUnrollParts];
+#pragma unroll
+    for (int u = 0; u < kUnrollParts; ++u) {
+      const int e = e0 + u * kThreads;
+      rows[u] = e < others ? balancedOtherRow(p, offsets, counts, e, &sources[u]) : -1;
+      if (rows[u] >= 0) tokens[u] = *reinterpret_cast<const int*>(slot(rows[u]) + p.rowSrcOffset);
     }
 #pragma unroll
-    for (int k = 0; k < kPartsRows; ++k) {
-      if (rows[k] < 0) continue;
-      storeRowParts(p, stagedRowSource(p, balancedPartsRow(p, p.rank, rows[k]), recvAligned), parts[k], rows[k],
-                    sources[k], scalesVec, lane);
+    for (int u = 0; u < kUnrollParts; ++u) {
+      if (rows[u] < 0) continue;
+      p.srcRank[rows[u]] = sources[u];
+      p.srcIndex[rows[u]] = tokens[u];
     }
   }
 }
@@ -1625,7 +1665,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   }
   if (kVariant == kDispatchVariantBalanced) {
     __syncthreads();
-    balancedCopyParts(p, offsets, counts, threadIdx.x >> 5, threadIdx.x & 31);
+    balancedCopyParts(p, offsets, counts);
     __syncthreads();
     MC_PROFILE(kOpDispatch, 9, 0);
     for (int s = threadIdx.x; s < R; s += kThreads)
