@@ -1339,11 +1339,12 @@ __device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, 
     const bool vec = scalesVectorOk(p, p.recvXScales);  // (a slot's scales are 16-byte aligned)
     const int per = vec ? scalesPerRow / 4 : scalesPerRow;
     const int n = others * per;
-    for (int e0 = tid; e0 < n; e0 += kUnrollParts * kThreads) {
-      int4 v[kUnrollParts];
-      int rows[kUnrollParts];
+    constexpr int kUnrollScales = 2 * kUnrollParts;  // (the most elements: 14 vectors a row at H 7168)
+    for (int e0 = tid; e0 < n; e0 += kUnrollScales * kThreads) {
+      int4 v[kUnrollScales];
+      int rows[kUnrollScales];
 #pragma unroll
-      for (int u = 0; u < kUnrollParts; ++u) {
+      for (int u = 0; u < kUnrollScales; ++u) {
         const int e = e0 + u * kThreads;
         rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &source) : -1;
         if (rows[u] < 0) continue;
@@ -1352,7 +1353,7 @@ __device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, 
                    : make_int4(reinterpret_cast<const int*>(scales)[e % per], 0, 0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < kUnrollParts; ++u) {
+      for (int u = 0; u < kUnrollScales; ++u) {
         if (rows[u] < 0) continue;
         const int e = e0 + u * kThreads;
         float* out = p.recvXScales + static_cast<int64_t>(rows[u]) * scalesPerRow;

@@ -189,8 +189,9 @@ struct Case {
   // the x rows (pulled dispatch), else the senders push them.
   int xMemory = 0;
   bool pullX = false;
-  // Runs with MOECOMM_EP_BALANCED_DISPATCH=1: a direct dispatch then claims tokens across blocks.
-  bool balanced = false;
+  // Runs with MOECOMM_EP_BALANCED_DISPATCH=0: a direct dispatch then sends each channel's tokens
+  // from the channel's own block instead of claiming them across blocks (the default).
+  bool unbalanced = false;
   // Each round combines twice back to back, with no synchronisation between: first from
   // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
   // CombineIn(kSymmetric), direct); both results are checked.
@@ -262,8 +263,8 @@ struct Case {
     pullX = true;
     return *this;
   }
-  Case& Balanced() {
-    balanced = true;
+  Case& Unbalanced() {
+    unbalanced = true;
     return *this;
   }
   Case& StagedCombineFirst() {
@@ -301,7 +302,7 @@ struct Case {
     name += kRecvMemory[recvMemory];
     static const char* const kXMemory[] = {"", " x=symmetric", " x=shifted"};
     if (pullX) name += std::string(" pull-x") + kXMemory[xMemory];
-    if (balanced) name += " balanced";
+    if (unbalanced) name += " unbalanced";
     if (stagedCombineFirst) name += " staged-combine-first";
     return name;
   }
@@ -1344,7 +1345,7 @@ class EpCudaNormal : public ::testing::Test {
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
       const auto start = std::chrono::steady_clock::now();
       const ScopedEnv pullX(c.pullX ? "MOECOMM_EP_DISPATCH_PULL_X" : nullptr, "1");
-      const ScopedEnv balanced(c.balanced ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr, "1");
+      const ScopedEnv unbalanced(c.unbalanced ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr, "0");
       CaseRunner runner(comm_, c, seed);
       const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc || c.xMemory != kCudaMalloc;
       EpLogCapture log(symmetric);
@@ -1499,18 +1500,18 @@ TEST_F(EpCudaNormal, DirectDispatch) {
            }));
 }
 
-// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=1: every block's sending warps
-// claim the rank's tokens one at a time (docs/ep-normal-gpu.md, "Balanced dispatch"); the
-// fallback case stages its rows (recvX at offsets that differ), which the switch does not
-// change. The results are the same either way.
-TEST_F(EpCudaNormal, BalancedDispatch) {
-  RunCases("BalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
-             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Balanced();
+// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=0: each channel's tokens are
+// sent by the channel's own block, not claimed across blocks (docs/ep-normal-gpu.md, "Balanced
+// dispatch"; the default, which DirectDispatch and GraphReplay run); the fallback case stages
+// its rows (recvX at offsets that differ) either way. The results are the same either way.
+TEST_F(EpCudaNormal, UnbalancedDispatch) {
+  RunCases("UnbalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
+             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Unbalanced();
            }));
-  RunCases("BalancedDispatch",
+  RunCases("UnbalancedDispatch",
            {
-               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Balanced().CombineIn(kSymmetric),
-               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Balanced(),
+               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Unbalanced().CombineIn(kSymmetric),
+               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Unbalanced(),
            },
            /*graph=*/true);
 }
