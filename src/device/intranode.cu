@@ -1320,102 +1320,96 @@ __device__ __forceinline__ int balancedOtherRow(const IntranodeParams& p, const 
   return row < p.recvCapacity ? row : -1;
 }
 
-// Balanced dispatch, every thread of the block once all rows arrived: the small parts of the
-// channel's rows from the other ranks (counts[s] rows from s at offsets[s]; their x is in
-// place), from the staging slots of their rows to the outputs, as receiveRow writes them. They
-// all arrive at the call's end, so they cost round trips, not bandwidth: the parts are spread
-// over the threads element by element (scale vectors, (row, k) ids and weights, rows' tokens),
-// and each thread loads kUnrollParts elements before it stores any.
-__device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, const int* counts) {
-  constexpr int kUnrollParts = 4;
-  const int tid = threadIdx.x;
-  int others = 0;
-  for (int s = 0; s < p.numRanks; ++s) others += s != p.rank ? counts[s] : 0;
-  const uint8_t* slots = p.peers[p.rank] + p.dispatchOffset;
-  auto slot = [&](int row) { return slots + static_cast<uint64_t>(row) * p.dispatchRowBytes; };
-  int source = 0;
-  if (p.xIsFp8 && p.recvXScales != nullptr) {
-    const int scalesPerRow = p.hidden / 128;
-    const bool vec = scalesVectorOk(p, p.recvXScales);  // (a slot's scales are 16-byte aligned)
-    const int per = vec ? scalesPerRow / 4 : scalesPerRow;
-    const int n = others * per;
-    constexpr int kUnrollScales = kUnrollParts;  // (8 measured ~3 us slower for FP8, one round)
-    for (int e0 = tid; e0 < n; e0 += kUnrollScales * kThreads) {
-      int4 v[kUnrollScales];
-      int rows[kUnrollScales];
-#pragma unroll
-      for (int u = 0; u < kUnrollScales; ++u) {
-        const int e = e0 + u * kThreads;
-        rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &source) : -1;
-        if (rows[u] < 0) continue;
-        const uint8_t* scales = slot(rows[u]) + p.rowScalesOffset;
-        v[u] = vec ? reinterpret_cast<const int4*>(scales)[e % per]
-                   : make_int4(reinterpret_cast<const int*>(scales)[e % per], 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnrollScales; ++u) {
-        if (rows[u] < 0) continue;
-        const int e = e0 + u * kThreads;
-        float* out = p.recvXScales + static_cast<int64_t>(rows[u]) * scalesPerRow;
-        if (vec) {
-          reinterpret_cast<int4*>(out)[e % per] = v[u];
-        } else {
-          reinterpret_cast<int*>(out)[e % per] = v[u].x;
-        }
-      }
-    }
-  }
-  if (p.recvTopkIdx != nullptr || p.recvTopkWeights != nullptr) {
-    const int localExperts = p.numExperts / p.numRanks;
-    const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
-    const int n = others * p.topk;
-    for (int e0 = tid; e0 < n; e0 += kUnrollParts * kThreads) {
-      int64_t ids[kUnrollParts];
-      float weights[kUnrollParts];
-      int rows[kUnrollParts];
-#pragma unroll
-      for (int u = 0; u < kUnrollParts; ++u) {
-        const int e = e0 + u * kThreads;
-        rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / p.topk, &source) : -1;
-        if (rows[u] < 0) continue;
-        const uint8_t* parts = slot(rows[u]);
-        ids[u] = reinterpret_cast<const int64_t*>(parts + p.rowIdxOffset)[e % p.topk];
-        weights[u] = reinterpret_cast<const float*>(parts + p.rowWeightsOffset)[e % p.topk];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnrollParts; ++u) {
-        if (rows[u] < 0) continue;
-        const int64_t o = static_cast<int64_t>(rows[u]) * p.topk + (e0 + u * kThreads) % p.topk;
-        const bool local = ids[u] >= firstLocal && ids[u] < firstLocal + localExperts;
-        if (p.recvTopkIdx != nullptr) {
-          const int64_t localId = local ? ids[u] - firstLocal : -1;
-          if (p.topkIdxIs64) {
-            static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-          } else {
-            static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-          }
-        }
-        if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weights[u] : 0.0f;
-      }
-    }
-  }
-  for (int e0 = tid; e0 < others; e0 += kUnrollParts * kThreads) {
-    int tokens[kUnrollParts];
+// Balanced dispatch, every thread of the block: n elements, `per` for each of the channel's
+// rows from the other ranks (balancedOtherRow), spread over the threads; each thread loads
+// kUnrollParts elements (load(row, k) -> T) before it stores any (store(row, source, k, value)).
+template <typename T, typename Load, typename Store>
+__device__ void balancedElements(const IntranodeParams& p, const int* offsets, const int* counts, int n, int per,
+                                 Load load, Store store) {
+  constexpr int kUnrollParts = 4;  // (8 for the scales measured ~3 µs slower for FP8, one round)
+  for (int e0 = threadIdx.x; e0 < n; e0 += kUnrollParts * kThreads) {
+    T values[kUnrollParts];
     int rows[kUnrollParts];
     int sources[kUnrollParts];
 #pragma unroll
     for (int u = 0; u < kUnrollParts; ++u) {
       const int e = e0 + u * kThreads;
-      rows[u] = e < others ? balancedOtherRow(p, offsets, counts, e, &sources[u]) : -1;
-      if (rows[u] >= 0) tokens[u] = *reinterpret_cast<const int*>(slot(rows[u]) + p.rowSrcOffset);
+      rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &sources[u]) : -1;
+      if (rows[u] >= 0) values[u] = load(rows[u], e % per);
     }
 #pragma unroll
     for (int u = 0; u < kUnrollParts; ++u) {
-      if (rows[u] < 0) continue;
-      p.srcRank[rows[u]] = sources[u];
-      p.srcIndex[rows[u]] = tokens[u];
+      if (rows[u] >= 0) store(rows[u], sources[u], (e0 + u * kThreads) % per, values[u]);
     }
   }
+}
+
+// Balanced dispatch, every thread of the block once all rows arrived: the small parts of the
+// channel's rows from the other ranks (counts[s] rows from s at offsets[s]; their x is in
+// place), from the staging slots of their rows to the outputs, as receiveRow writes them. They
+// all arrive at the call's end, so they cost round trips, not bandwidth: the parts are spread
+// over the threads element by element (scale vectors, (row, k) ids and weights, rows' tokens),
+// several loads in flight per thread (balancedElements).
+__device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, const int* counts) {
+  int others = 0;
+  for (int s = 0; s < p.numRanks; ++s) others += s != p.rank ? counts[s] : 0;
+  const uint8_t* slots = p.peers[p.rank] + p.dispatchOffset;
+  auto slot = [&](int row) { return slots + static_cast<uint64_t>(row) * p.dispatchRowBytes; };
+  if (p.xIsFp8 && p.recvXScales != nullptr) {
+    const int scalesPerRow = p.hidden / 128;
+    const bool vec = scalesVectorOk(p, p.recvXScales);  // (a slot's scales are 16-byte aligned)
+    const int per = vec ? scalesPerRow / 4 : scalesPerRow;
+    balancedElements<int4>(
+        p, offsets, counts, others * per, per,
+        [&](int row, int k) {
+          const uint8_t* scales = slot(row) + p.rowScalesOffset;
+          return vec ? reinterpret_cast<const int4*>(scales)[k]
+                     : make_int4(reinterpret_cast<const int*>(scales)[k], 0, 0, 0);
+        },
+        [&](int row, int, int k, int4 v) {
+          float* out = p.recvXScales + static_cast<int64_t>(row) * scalesPerRow;
+          if (vec) {
+            reinterpret_cast<int4*>(out)[k] = v;
+          } else {
+            reinterpret_cast<int*>(out)[k] = v.x;
+          }
+        });
+  }
+  if (p.recvTopkIdx != nullptr || p.recvTopkWeights != nullptr) {
+    const int localExperts = p.numExperts / p.numRanks;
+    const int64_t firstLocal = static_cast<int64_t>(p.rank) * localExperts;
+    struct Selection {
+      int64_t id;
+      float weight;
+    };
+    balancedElements<Selection>(
+        p, offsets, counts, others * p.topk, p.topk,
+        [&](int row, int k) {
+          const uint8_t* parts = slot(row);
+          return Selection{reinterpret_cast<const int64_t*>(parts + p.rowIdxOffset)[k],
+                           reinterpret_cast<const float*>(parts + p.rowWeightsOffset)[k]};
+        },
+        [&](int row, int, int k, Selection v) {
+          const int64_t o = static_cast<int64_t>(row) * p.topk + k;
+          const bool local = v.id >= firstLocal && v.id < firstLocal + localExperts;
+          if (p.recvTopkIdx != nullptr) {
+            const int64_t localId = local ? v.id - firstLocal : -1;
+            if (p.topkIdxIs64) {
+              static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+            } else {
+              static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+            }
+          }
+          if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? v.weight : 0.0f;
+        });
+  }
+  balancedElements<int>(
+      p, offsets, counts, others, 1,
+      [&](int row, int) { return *reinterpret_cast<const int*>(slot(row) + p.rowSrcOffset); },
+      [&](int row, int source, int, int token) {
+        p.srcRank[row] = source;
+        p.srcIndex[row] = token;
+      });
 }
 
 // kBalanced: the balanced dispatch's receivers (dispatchSendBalanced): a source's rows are all
