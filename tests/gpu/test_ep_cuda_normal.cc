@@ -190,8 +190,10 @@ struct Case {
   int xMemory = 0;
   bool pullX = false;
   // Runs with MOECOMM_EP_BALANCED_DISPATCH=0: a direct dispatch then sends each channel's tokens
-  // from the channel's own block instead of claiming them across blocks (the default).
+  // from the channel's own block instead of claiming them across blocks (the default). With
+  // unbalancedRank >= 0 only that rank sets it: the ranks then agree not to balance.
   bool unbalanced = false;
+  int unbalancedRank = -1;
   // Each round combines twice back to back, with no synchronisation between: first from
   // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
   // CombineIn(kSymmetric), direct); both results are checked.
@@ -267,6 +269,10 @@ struct Case {
     unbalanced = true;
     return *this;
   }
+  Case& UnbalancedOn(int rank) {
+    unbalancedRank = rank;
+    return *this;
+  }
   Case& StagedCombineFirst() {
     stagedCombineFirst = true;
     return *this;
@@ -303,6 +309,7 @@ struct Case {
     static const char* const kXMemory[] = {"", " x=symmetric", " x=shifted"};
     if (pullX) name += std::string(" pull-x") + kXMemory[xMemory];
     if (unbalanced) name += " unbalanced";
+    if (unbalancedRank >= 0) name += " unbalanced-on-rank" + std::to_string(unbalancedRank);
     if (stagedCombineFirst) name += " staged-combine-first";
     return name;
   }
@@ -1130,8 +1137,9 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
            (pull ? "should" : "should not");
   }
   if (pull && pushedAfter && !variantsSet) return "the dispatch pulled x rows but pushed them again in a later call";
-  // The balanced dispatch runs exactly when the dispatch is direct and it is switched on.
-  const bool balance = dispatch && moecomm::envInt(moecomm::Env::EpBalancedDispatch) != 0;
+  // The balanced dispatch runs exactly when the dispatch is direct and it is switched on (on
+  // every rank: one rank that switched it off turns it off for all).
+  const bool balance = dispatch && moecomm::envInt(moecomm::Env::EpBalancedDispatch) != 0 && c_.unbalancedRank < 0;
   const bool balanced = log.find("normal dispatch claims tokens across blocks") != std::string::npos;
   if (balanced != balance && !variantsSet) {
     return std::string("the dispatch ") + (balanced ? "was balanced" : "was never balanced") + " but this case " +
@@ -1345,7 +1353,8 @@ class EpCudaNormal : public ::testing::Test {
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
       const auto start = std::chrono::steady_clock::now();
       const ScopedEnv pullX(c.pullX ? "MOECOMM_EP_DISPATCH_PULL_X" : nullptr, "1");
-      const ScopedEnv unbalanced(c.unbalanced ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr, "0");
+      const ScopedEnv unbalanced(c.unbalanced || c.unbalancedRank == rank_ ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr,
+                                 "0");
       CaseRunner runner(comm_, c, seed);
       const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc || c.xMemory != kCudaMalloc;
       EpLogCapture log(symmetric);
@@ -1514,6 +1523,11 @@ TEST_F(EpCudaNormal, UnbalancedDispatch) {
                C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Unbalanced(),
            },
            /*graph=*/true);
+  // Only rank 0 switches it off: no rank balances, and the results are the same.
+  RunCases("UnbalancedDispatch", {
+                                     C(4096, 512, 8, 32).Fp8().W(true, true).RecvIn(kSymmetric).UnbalancedOn(0),
+                                     C(2048, 300, 4, 32).Exact().W(true, false).RecvIn(kSymmetric).UnbalancedOn(0),
+                                 });
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
