@@ -19,6 +19,8 @@ int launchIntranodeDispatch(const IntranodeParams& params, CUstream_st* stream);
 int launchIntranodeCombine(const IntranodeParams& params, CUstream_st* stream);
 // Dynamic shared memory of the normal-mode dispatch and combine kernels: the int tables only.
 uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch);
+// What a balanced dispatch (IntranodeParams::dispatchBalanced) adds to those bytes.
+uint64_t intranodeBalancedExtraBytes(int numRanks, int numChannels);
 // All dynamic shared memory a dispatch (op = kOpDispatch) or combine launch of these
 // parameters needs, bulk-copy rings included.
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op);

@@ -50,9 +50,9 @@ constexpr int kOps = 3;
 // (a new handle) apart from the last dispatch of any kind.
 constexpr int kProfileDispatchRouted = kOps;
 // Control word kinds per (op, channel, rank) in the symmetric buffer: count (even and odd
-// sequence), tail, ack, and the direct paths' first row and rows held (even and odd sequence;
-// intranode.cu).
-constexpr int kCtrlKinds = 8;
+// sequence), tail, ack, the direct paths' first row and rows held (even and odd sequence), and
+// the balanced dispatch's block tails (intranode.cu).
+constexpr int kCtrlKinds = 9;
 
 // Developer variants of the normal-mode receivers (MOECOMM_EP_DISPATCH_VARIANT,
 // MOECOMM_EP_COMBINE_VARIANT; docs/ep-normal-gpu.md, "Variants"). 0 is the default kernel.
@@ -171,8 +171,8 @@ struct IntranodeParams {
   // Balanced dispatch (MOECOMM_EP_BALANCED_DISPATCH; a direct dispatch only): the sending warps
   // of every block claim the rank's tokens one at a time from a counter (EpDeviceState), so a
   // block on an SM that pushes slowly sends fewer rows; a row's small parts go to the staging
-  // slot of its received row, and a receiver copies them out once every block of the source
-  // published its tail.
+  // slot of its (source, channel, ordinal) as in the unbalanced dispatch, and a receiver copies
+  // them out once every block of the source published its block tail.
   int dispatchBalanced;
   void* const* recvXPeers;  // device table [R]: the allocation holding recvX, as this rank maps it
   uint64_t recvXOffset;

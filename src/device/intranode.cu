@@ -75,7 +75,11 @@ constexpr int kCtrlBase = 4;
 constexpr int kCtrlHeld = 5;
 constexpr int kCtrlBaseOdd = 6;
 constexpr int kCtrlHeldOdd = 7;
-static_assert(kCtrlHeldOdd < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
+// The balanced dispatch's block tails (dispatchSendBalanced): a kind of their own, so that an
+// unbalanced call right after a balanced one, whose channel c waits only for channel c's ack,
+// never overwrites a tail word that another channel of the destination still polls.
+constexpr int kCtrlBlockTail = 8;
+static_assert(kCtrlBlockTail < kCtrlKinds, "the buffer layout (planNormalBuffer) holds kCtrlKinds kinds");
 
 // Developer timeline (build with -DMOECOMM_KERNEL_PROFILE): per op and block, the global
 // timer at fixed points of the last call (see intranodeProfile).
@@ -572,19 +576,12 @@ __device__ __forceinline__ bool scalesVectorOk(const IntranodeParams& p, const v
   return scalesPerRow % 4 == 0 && scalesPerRow <= 128 && aligned16(user);
 }
 
-// Balanced dispatch: the staging slot of destination d's received row `row` holds the row's
-// small parts (the x part of the slot is unused). The dispatch staging has R x C x chunkRows
-// slots, at least R x maxTokens, so every received row has one.
-__device__ __forceinline__ uint8_t* balancedPartsRow(const IntranodeParams& p, int d, int row) {
-  return p.peers[d] + p.dispatchOffset + static_cast<uint64_t>(row) * p.dispatchRowBytes;
-}
-
 // One warp sends token t to every rank with posRow[d] >= 0: the x row, its scales, the
 // normalized top-k ids, weights and the token index. Every load is issued before any store,
 // so a token costs one round trip to memory per kUnroll vectors per lane. kPullX: the pulled
 // dispatch, whose receivers read the x row themselves. kBalanced: the balanced dispatch
-// (`direct` is then the span table of t's channel, and the small parts go to the destination's
-// received row, balancedPartsRow); lane 0 counts the rows for each destination in sent[d].
+// (`direct` is then the span table of t's channel, `channel` t's channel); lane 0 counts the
+// rows for each destination in sent[d].
 template <bool kPullX = false, bool kBalanced = false>
 __device__ void sendToken(const IntranodeParams& p, int channel, int t, const int* posRow, bool xAligned,
                           bool scalesVec, const int* direct, int lane, int* sent = nullptr) {
@@ -607,8 +604,9 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   auto rowFor = [&](int d) -> uint8_t* {
     const int ordinal = posRow[d];
     if (ordinal < 0 || d == p.rank) return nullptr;
-    if (kBalanced) return ordinal < direct[R + d] ? balancedPartsRow(p, d, direct[d] + ordinal) : nullptr;
-    return exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
+    // (the balanced dispatch always pushes: exchangeRow's pushed slot)
+    return kBalanced ? stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal)
+                     : exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
   };
   // Direct dispatch: the x row goes to its place in d's recvX (when it fits there), the rest
   // through the staging row.
@@ -850,10 +848,12 @@ __device__ void stageBatch(const IntranodeParams& p, int base, int n, int* posBa
   }
 }
 
-// Releases channel c's dispatch tail for d: `rows` rows of this rank are stored there.
-__device__ __forceinline__ void releaseTail(const IntranodeParams& p, int channel, int d, uint64_t sequence, int rows) {
+// Releases channel c's dispatch tail for d (of `kind`: kCtrlTail, or kCtrlBlockTail for the
+// balanced dispatch's block c): `rows` rows of this rank are stored there.
+__device__ __forceinline__ void releaseTail(const IntranodeParams& p, int channel, int d, uint64_t sequence, int rows,
+                                            int kind = kCtrlTail) {
   __threadfence_system();
-  storeReleaseSys(ctrlWord(p, d, kCtrlTail, kOpDispatch, channel, p.rank), packWord(sequence, rows));
+  storeReleaseSys(ctrlWord(p, d, kind, kOpDispatch, channel, p.rank), packWord(sequence, rows));
 }
 
 template <int kBatch, int kSendMode, bool kPullX = false>
@@ -911,10 +911,12 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
 // after every channel's acks from every destination, the routing of the block's own channel
 // (a new handle), and every channel's spans (spans[c * 2R ...]: first rows, then rows held),
 // each warp claims the rank's tokens one at a time from p.state->dispatchClaim and sends them
-// (sendToken) to their rows wherever their channel's span puts them. The next token is claimed,
-// and its positions loaded, while the current one is sent. At the end the block publishes, as
-// its channel's tail for every destination, the rows it sent there: a receiver has every row
-// of a source once all C tails of that source carry the call's tag.
+// (sendToken): the x row where its channel's span puts it, the small parts to the staging slot
+// of its (source, channel, ordinal), as the unbalanced dispatch does, so that channel c's ack
+// frees exactly the slots the destination's block c reads. The next token is claimed, and its
+// positions loaded, while the current one is sent. At the end the block publishes, as its block
+// tail (kCtrlBlockTail) for every destination, the rows it sent there: a receiver has every
+// row of a source once all C block tails of that source carry the call's tag.
 __device__ void dispatchSendBalanced(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch,
                                      int* sent, int* posSlots, int* spans) {
   const int warp = threadIdx.x >> 5;
@@ -967,7 +969,7 @@ __device__ void dispatchSendBalanced(const IntranodeParams& p, int channel, uint
     cur ^= 1;
   }
   groupBarrier(kBarrierSend, kSendThreads);
-  for (int d = threadIdx.x; d < R; d += kSendThreads) releaseTail(p, channel, d, sequence, sent[d]);
+  for (int d = threadIdx.x; d < R; d += kSendThreads) releaseTail(p, channel, d, sequence, sent[d], kCtrlBlockTail);
   MC_PROFILE(kOpDispatch, 4, 0);
 }
 
@@ -1277,13 +1279,14 @@ __device__ void dispatchCopyRowsBulk(const IntranodeParams& p, int channel, cons
   // After a failed stage wait (a timeout: outputs are garbage anyway) the rest are skipped.
 }
 
-// Balanced dispatch: whether every block of `source` published this call's tail for this rank
-// (then all of its rows are here). Volatile loads all issued at once (no exit between them),
+// Balanced dispatch: whether every block of `source` published this call's block tail for this
+// rank (then all of its rows are here). Volatile loads all issued at once (no exit between them),
 // then one fence: the acquire of all of them.
 __device__ bool balancedSourceDone(const IntranodeParams& p, int source, uint64_t sequence) {
   uint32_t stale = 0;
   for (int c = 0; c < p.numChannels; ++c) {
-    const uint64_t word = *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlTail, kOpDispatch, c, source));
+    const uint64_t word =
+        *reinterpret_cast<volatile uint64_t*>(ctrlWord(p, p.rank, kCtrlBlockTail, kOpDispatch, c, source));
     stale |= static_cast<uint32_t>((word >> 32) != tagOf(sequence));
   }
   if (stale != 0) return false;
@@ -1307,26 +1310,35 @@ __device__ void balancedReceiveOwnRows(const IntranodeParams& p, int channel, co
 }
 
 // Balanced dispatch: the received row of the i-th of the channel's rows from the other ranks
-// (in source order), or -1 when it does not fit recvX; *source: its rank.
+// (in source order), or -1 when it does not fit recvX; *source: its rank, *ordinal: its ordinal
+// among the channel's rows from that rank.
 __device__ __forceinline__ int balancedOtherRow(const IntranodeParams& p, const int* offsets, const int* counts, int i,
-                                                int* source) {
+                                                int* source, int* ordinal) {
   int s = 0;
   while (s == p.rank || i >= counts[s]) {
     if (s != p.rank) i -= counts[s];
     ++s;
   }
   *source = s;
+  *ordinal = i;
   const int row = offsets[s] + i;
   return row < p.recvCapacity ? row : -1;
 }
 
-// Balanced dispatch, every thread of the block: n elements, `per` for each of the channel's
-// rows from the other ranks (balancedOtherRow), spread over the threads; each thread loads
-// kUnrollParts elements (load(row, k) -> T) before it stores any (store(row, source, k, value)).
+// Balanced dispatch, every thread of block `channel`: n elements, `per` for each of the
+// channel's rows from the other ranks (balancedOtherRow), spread over the threads; each thread
+// loads kUnrollParts elements (load(staged row, k) -> T) before it stores any (store(received
+// row, source, k, value)).
 template <typename T, typename Load, typename Store>
-__device__ void balancedElements(const IntranodeParams& p, const int* offsets, const int* counts, int n, int per,
-                                 Load load, Store store) {
+__device__ void balancedElements(const IntranodeParams& p, int channel, const int* offsets, const int* counts, int n,
+                                 int per, Load load, Store store) {
   constexpr int kUnrollParts = 4;  // (8 for the scales measured ~3 µs slower for FP8, one round)
+  // The staged row of (source, channel, ordinal) in this rank's staging (exchangeRow: the
+  // balanced dispatch pushes).
+  const uint8_t* staging = p.peers[p.rank] + p.dispatchOffset;
+  auto slotOf = [&](int source, int ordinal) {
+    return (static_cast<uint64_t>(source) * p.numChannels + channel) * p.chunkRows + ordinal;
+  };
   for (int e0 = threadIdx.x; e0 < n; e0 += kUnrollParts * kThreads) {
     T values[kUnrollParts];
     int rows[kUnrollParts];
@@ -1334,8 +1346,9 @@ __device__ void balancedElements(const IntranodeParams& p, const int* offsets, c
 #pragma unroll
     for (int u = 0; u < kUnrollParts; ++u) {
       const int e = e0 + u * kThreads;
-      rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &sources[u]) : -1;
-      if (rows[u] >= 0) values[u] = load(rows[u], e % per);
+      int ordinal = 0;
+      rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &sources[u], &ordinal) : -1;
+      if (rows[u] >= 0) values[u] = load(staging + slotOf(sources[u], ordinal) * p.dispatchRowBytes, e % per);
     }
 #pragma unroll
     for (int u = 0; u < kUnrollParts; ++u) {
@@ -1344,25 +1357,23 @@ __device__ void balancedElements(const IntranodeParams& p, const int* offsets, c
   }
 }
 
-// Balanced dispatch, every thread of the block once all rows arrived: the small parts of the
-// channel's rows from the other ranks (counts[s] rows from s at offsets[s]; their x is in
-// place), from the staging slots of their rows to the outputs, as receiveRow writes them. They
+// Balanced dispatch, every thread of block `channel` once all rows arrived: the small parts of
+// the channel's rows from the other ranks (counts[s] rows from s at offsets[s]; their x is in
+// place), from their staging slots to the outputs, as receiveRow writes them. They
 // all arrive at the call's end, so they cost round trips, not bandwidth: the parts are spread
 // over the threads element by element (scale vectors, (row, k) ids and weights, rows' tokens),
 // several loads in flight per thread (balancedElements).
-__device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, const int* counts) {
+__device__ void balancedCopyParts(const IntranodeParams& p, int channel, const int* offsets, const int* counts) {
   int others = 0;
   for (int s = 0; s < p.numRanks; ++s) others += s != p.rank ? counts[s] : 0;
-  const uint8_t* slots = p.peers[p.rank] + p.dispatchOffset;
-  auto slot = [&](int row) { return slots + static_cast<uint64_t>(row) * p.dispatchRowBytes; };
   if (p.xIsFp8 && p.recvXScales != nullptr) {
     const int scalesPerRow = p.hidden / 128;
     const bool vec = scalesVectorOk(p, p.recvXScales);  // (a slot's scales are 16-byte aligned)
     const int per = vec ? scalesPerRow / 4 : scalesPerRow;
     balancedElements<int4>(
-        p, offsets, counts, others * per, per,
-        [&](int row, int k) {
-          const uint8_t* scales = slot(row) + p.rowScalesOffset;
+        p, channel, offsets, counts, others * per, per,
+        [&](const uint8_t* staged, int k) {
+          const uint8_t* scales = staged + p.rowScalesOffset;
           return vec ? reinterpret_cast<const int4*>(scales)[k]
                      : make_int4(reinterpret_cast<const int*>(scales)[k], 0, 0, 0);
         },
@@ -1383,11 +1394,10 @@ __device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, 
       float weight;
     };
     balancedElements<Selection>(
-        p, offsets, counts, others * p.topk, p.topk,
-        [&](int row, int k) {
-          const uint8_t* parts = slot(row);
-          return Selection{reinterpret_cast<const int64_t*>(parts + p.rowIdxOffset)[k],
-                           reinterpret_cast<const float*>(parts + p.rowWeightsOffset)[k]};
+        p, channel, offsets, counts, others * p.topk, p.topk,
+        [&](const uint8_t* staged, int k) {
+          return Selection{reinterpret_cast<const int64_t*>(staged + p.rowIdxOffset)[k],
+                           reinterpret_cast<const float*>(staged + p.rowWeightsOffset)[k]};
         },
         [&](int row, int, int k, Selection v) {
           const int64_t o = static_cast<int64_t>(row) * p.topk + k;
@@ -1404,8 +1414,8 @@ __device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, 
         });
   }
   balancedElements<int>(
-      p, offsets, counts, others, 1,
-      [&](int row, int) { return *reinterpret_cast<const int*>(slot(row) + p.rowSrcOffset); },
+      p, channel, offsets, counts, others, 1,
+      [&](const uint8_t* staged, int) { return *reinterpret_cast<const int*>(staged + p.rowSrcOffset); },
       [&](int row, int source, int, int token) {
         p.srcRank[row] = source;
         p.srcIndex[row] = token;
@@ -1413,8 +1423,8 @@ __device__ void balancedCopyParts(const IntranodeParams& p, const int* offsets, 
 }
 
 // kBalanced: the balanced dispatch's receivers (dispatchSendBalanced): a source's rows are all
-// available once every block of it published its tail, and their small parts lie in the
-// staging slots of the received rows.
+// available once every block of it published its block tail (their small parts are copied by
+// the whole block afterwards, balancedCopyParts).
 template <int kVariant, bool kPullX = false, bool kBalanced = false>
 __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t sequence, int* offsets, int* counts,
                                 int* done, int* avail, int* flag, int* rowsTable, uint8_t* dynamicShared) {
@@ -1660,7 +1670,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   }
   if (kVariant == kDispatchVariantBalanced) {
     __syncthreads();
-    balancedCopyParts(p, offsets, counts);
+    balancedCopyParts(p, channel, offsets, counts);
     __syncthreads();
     MC_PROFILE(kOpDispatch, 9, 0);
     for (int s = threadIdx.x; s < R; s += kThreads)
@@ -2300,8 +2310,13 @@ int launchIntranodeNotify(const IntranodeParams& params, CUstream_st* stream) {
 
 uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) {
   const uint64_t ints =
-      (5 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + 3 * static_cast<uint64_t>(numChannels) * numRanks;
+      (7 + static_cast<uint64_t>(sendBatch)) * numRanks + 1 + static_cast<uint64_t>(numChannels) * numRanks;
   return (ints * sizeof(int) + 127) / 128 * 128;
+}
+
+uint64_t intranodeBalancedExtraBytes(int numRanks, int numChannels) {
+  // The span table of every channel and destination [C][2 R] instead of one channel's [2 R].
+  return (2 * static_cast<uint64_t>(numChannels - 1) * numRanks * sizeof(int) + 127) / 128 * 128;
 }
 
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
@@ -2311,6 +2326,8 @@ uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
     ringWarps = kWarps - params.dispatchSendWarps;
   if (op == kOpDispatch && dispatchSendersUseRing(params.dispatchVariant)) ringWarps = params.dispatchSendWarps;
   if (op == kOpCombine && params.combineVariant == kCombineVariantBulk) ringWarps = kWarps - params.combineSendWarps;
+  if (op == kOpDispatch && params.dispatchBalanced)  // (direct: no rings)
+    return params.sharedIntsBytes + intranodeBalancedExtraBytes(params.numRanks, params.numChannels);
   if (ringWarps == 0) return params.sharedIntsBytes;
   return params.sharedIntsBytes + ringCtrlBytes(ringWarps, params.ringStages) +
          static_cast<uint64_t>(ringWarps) * params.ringStages * params.ringStageBytes;

@@ -189,10 +189,10 @@ struct Case {
   // the x rows (pulled dispatch), else the senders push them.
   int xMemory = 0;
   bool pullX = false;
-  // Runs with MOECOMM_EP_BALANCED_DISPATCH=0: a direct dispatch then sends each channel's tokens
-  // from the channel's own block instead of claiming them across blocks (the default). With
-  // unbalancedRank >= 0 only that rank sets it: the ranks then agree not to balance.
-  bool unbalanced = false;
+  // Runs with MOECOMM_EP_BALANCED_DISPATCH=1 (not the default): a direct dispatch then claims
+  // tokens across blocks instead of sending each channel's from the channel's own block. With
+  // unbalancedRank >= 0 that rank sets 0 instead: the ranks then agree not to balance.
+  bool balanced = false;
   int unbalancedRank = -1;
   // Each round combines twice back to back, with no synchronisation between: first from
   // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
@@ -265,12 +265,9 @@ struct Case {
     pullX = true;
     return *this;
   }
-  Case& Unbalanced() {
-    unbalanced = true;
-    return *this;
-  }
-  Case& UnbalancedOn(int rank) {
-    unbalancedRank = rank;
+  Case& Balanced(int exceptRank = -1) {
+    balanced = true;
+    unbalancedRank = exceptRank;
     return *this;
   }
   Case& StagedCombineFirst() {
@@ -308,8 +305,8 @@ struct Case {
     name += kRecvMemory[recvMemory];
     static const char* const kXMemory[] = {"", " x=symmetric", " x=shifted"};
     if (pullX) name += std::string(" pull-x") + kXMemory[xMemory];
-    if (unbalanced) name += " unbalanced";
-    if (unbalancedRank >= 0) name += " unbalanced-on-rank" + std::to_string(unbalancedRank);
+    if (balanced) name += " balanced";
+    if (unbalancedRank >= 0) name += "-but-rank" + std::to_string(unbalancedRank);
     if (stagedCombineFirst) name += " staged-combine-first";
     return name;
   }
@@ -1353,8 +1350,8 @@ class EpCudaNormal : public ::testing::Test {
       const uint64_t seed = Key(base, std::hash<std::string>()(suite), i);
       const auto start = std::chrono::steady_clock::now();
       const ScopedEnv pullX(c.pullX ? "MOECOMM_EP_DISPATCH_PULL_X" : nullptr, "1");
-      const ScopedEnv unbalanced(c.unbalanced || c.unbalancedRank == rank_ ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr,
-                                 "0");
+      const ScopedEnv balanced(c.balanced ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr,
+                               c.unbalancedRank == rank_ ? "0" : "1");
       CaseRunner runner(comm_, c, seed);
       const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc || c.xMemory != kCudaMalloc;
       EpLogCapture log(symmetric);
@@ -1509,25 +1506,25 @@ TEST_F(EpCudaNormal, DirectDispatch) {
            }));
 }
 
-// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=0: each channel's tokens are
-// sent by the channel's own block, not claimed across blocks (docs/ep-normal-gpu.md, "Balanced
-// dispatch"; the default, which DirectDispatch and GraphReplay run); the fallback case stages
-// its rows (recvX at offsets that differ) either way. The results are the same either way.
-TEST_F(EpCudaNormal, UnbalancedDispatch) {
-  RunCases("UnbalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
-             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Unbalanced();
+// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=1: every block's sending warps
+// claim the rank's tokens one at a time (docs/ep-normal-gpu.md, "Balanced dispatch"); the
+// fallback case stages its rows (recvX at offsets that differ), which the switch does not
+// change. The results are the same either way.
+TEST_F(EpCudaNormal, BalancedDispatch) {
+  RunCases("BalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
+             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Balanced();
            }));
-  RunCases("UnbalancedDispatch",
+  RunCases("BalancedDispatch",
            {
-               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Unbalanced().CombineIn(kSymmetric),
-               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Unbalanced(),
+               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Balanced().CombineIn(kSymmetric),
+               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Balanced(),
            },
            /*graph=*/true);
-  // Only rank 0 switches it off: no rank balances, and the results are the same.
-  RunCases("UnbalancedDispatch", {
-                                     C(4096, 512, 8, 32).Fp8().W(true, true).RecvIn(kSymmetric).UnbalancedOn(0),
-                                     C(2048, 300, 4, 32).Exact().W(true, false).RecvIn(kSymmetric).UnbalancedOn(0),
-                                 });
+  // Rank 0 sets 0, the others 1: no rank balances, and the results are the same.
+  RunCases("BalancedDispatch", {
+                                   C(4096, 512, 8, 32).Fp8().W(true, true).RecvIn(kSymmetric).Balanced(0),
+                                   C(2048, 300, 4, 32).Exact().W(true, false).RecvIn(kSymmetric).Balanced(0),
+                               });
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
