@@ -30,8 +30,9 @@ struct LayoutParams {
 // half receive, so pushing rows over NVLink and copying them out of the staging area overlap.
 //
 // Symmetric buffer of every rank (offsets from its base, identical on every rank):
-//   ctrl     uint64 [8 kinds: count (even sequence), tail, ack, count (odd sequence), and the
-//                   direct paths' first row and rows held (even, then odd sequence)]
+//   ctrl     uint64 [9 kinds: count (even sequence), tail, ack, count (odd sequence), the
+//                   direct paths' first row and rows held (even, then odd sequence), and the
+//                   balanced dispatch's block tails]
 //                   [3 ops: notify, dispatch, combine][C][R]
 //            count[op][c][s]: written by source s's channel c: (tag << 32) | rows it sends;
 //                             double-buffered by the sequence's parity (see countWord)
