@@ -263,8 +263,7 @@ class CudaEpBackend : public EpBackend {
     logDirect("dispatch", direct, &lastDirectDispatch_);
     logPath("dispatch", balanced, &lastBalancedDispatch_,
             "claims tokens across blocks (balanced; MOECOMM_EP_BALANCED_DISPATCH)",
-            "sends each channel's tokens "
-            "from its own block");
+            "sends each channel's tokens from its own block");
     logPath("dispatch", pull, &lastPullDispatch_,
             "pulls x rows from the sources (x in symmetric memory at the same offset on every rank)", "pushes x rows");
     DeviceScope scope(ep_->comm->device);
