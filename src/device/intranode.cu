@@ -1294,21 +1294,6 @@ __device__ bool balancedSourceDone(const IntranodeParams& p, int source, uint64_
   return true;
 }
 
-// Balanced dispatch, receiving warps: a round's own rows (rows [done[rank], avail[rank])),
-// copied whole, one per warp in turn. The other sources' rows of the round are left to
-// balancedCopyParts.
-__device__ void balancedReceiveOwnRows(const IntranodeParams& p, int channel, const int* offsets, const int* done,
-                                       const int* avail, bool recvAligned, bool scalesVec, int warp, int lane) {
-  const int own = avail[p.rank] - done[p.rank];
-  for (int i = warp; i < own; i += kRecvWarps) {
-    const int ordinal = done[p.rank] + i;
-    const int row = offsets[p.rank] + ordinal;
-    if (row < p.recvCapacity)
-      receiveRow(p, selfRowSource(p, p.selfToken[channel * p.chunkRows + ordinal], recvAligned), row, p.rank, scalesVec,
-                 lane);
-  }
-}
-
 // Balanced dispatch: the received row of the i-th of the channel's rows from the other ranks
 // (in source order), or -1 when it does not fit recvX; *source: its rank, *ordinal: its ordinal
 // among the channel's rows from that rank.
@@ -1560,14 +1545,14 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     if (bulkRows) {
       dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
-    if (kBalanced) balancedReceiveOwnRows(p, channel, offsets, done, avail, recvAligned, scalesVec, warp, lane);
-    for (int j = bulkRows || kBalanced ? pending : warp; !bulkRows && !kBalanced && j < pending; j += kRecvWarps) {
+    for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
       int s = 0;
       int i = j;
       while (i >= avail[s] - done[s]) {
         i -= avail[s] - done[s];
         ++s;
       }
+      if (kBalanced && s != p.rank) continue;  // (balancedCopyParts, once every source is complete)
       const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
