@@ -198,6 +198,11 @@ struct Case {
   // cudaMalloc copies of the inputs into other outputs (staged), then as configured (with
   // CombineIn(kSymmetric), direct); both results are checked.
   bool stagedCombineFirst = false;
+  // Each round dispatches twice back to back, with no synchronisation between: first as
+  // configured, then from other inputs (the next round's data) into cudaMalloc outputs, so
+  // staged; both results are checked. After a balanced dispatch this is the reuse hazard the
+  // balanced protocol must survive (docs/ep-normal-gpu.md, "Balanced dispatch").
+  bool stagedDispatchAfter = false;
 
   Case& Fp8() {
     fp8 = true;
@@ -274,6 +279,10 @@ struct Case {
     stagedCombineFirst = true;
     return *this;
   }
+  Case& StagedDispatchAfter() {
+    stagedDispatchAfter = true;
+    return *this;
+  }
 
   std::string Name() const {
     static const char* const kRoutes[] = {"random", "hot", "one-expert", "some-none", "all-none"};
@@ -308,6 +317,7 @@ struct Case {
     if (balanced) name += " balanced";
     if (unbalancedRank >= 0) name += "-but-rank" + std::to_string(unbalancedRank);
     if (stagedCombineFirst) name += " staged-combine-first";
+    if (stagedDispatchAfter) name += " staged-dispatch-after";
     return name;
   }
 };
@@ -768,12 +778,13 @@ class CaseRunner {
   void Prepare(int round);     // fresh data uploaded, outputs poisoned (async on stream_)
   void NewRouting(int round);  // Case::freshRouting: the handle destroyed, round's routing uploaded
   void UploadTopkIdx();
-  moecommEpDispatchArgs_t DispatchArgs(bool passTopkIdx) const;
+  // second: the stagedDispatchAfter call's inputs and outputs.
+  moecommEpDispatchArgs_t DispatchArgs(bool passTopkIdx, bool second = false) const;
   // plain: the cudaMalloc copies of the combine inputs and their own outputs (stagedCombineFirst).
   moecommEpCombineArgs_t CombineArgs(bool plain = false) const;
-  bool Dispatch(const std::string& tag, bool passTopkIdx);
+  bool Dispatch(const std::string& tag, bool passTopkIdx, bool second = false);
   bool Combine(const std::string& tag, bool plain = false);
-  void CheckDispatch(const std::string& tag);
+  void CheckDispatch(const std::string& tag, bool second = false);
   void CheckSources(const std::string& tag);
   void CheckCombine(const std::string& tag, bool plain = false);
   int Capacity() const { return c_.exact ? N_ : R_ * c_.tokens; }
@@ -790,6 +801,7 @@ class CaseRunner {
   Routing routing_;
   int T_ = 0, N_ = 0;
   RoundData d_;
+  RoundData d2_;  // stagedDispatchAfter: the second dispatch's data
   std::string why_;
   moecommResult_t asyncBefore_ = moecommSuccess;
 
@@ -804,6 +816,8 @@ class CaseRunner {
   DeviceBuffer recvX_, recvScales_, recvIdx_, recvW_, numRecv_, perExpert_, combined_, combinedW_;
   // stagedCombineFirst: cudaMalloc copies of the combine inputs, and that combine's outputs.
   DeviceBuffer plainX_, plainW_, plainCombined_, plainCombinedW_;
+  // stagedDispatchAfter: the second dispatch's inputs and its cudaMalloc outputs.
+  DeviceBuffer x2_, scales2_, weights2_, recvX2_, recvScales2_, recvIdx2_, recvW2_;
   DeviceBuffer layoutRank_, layoutExpert_, layoutInRank_;
 };
 
@@ -843,6 +857,13 @@ bool CaseRunner::Setup() {
       {&plainW_, c_.stagedCombineFirst ? cap * K * 4 : 0},
       {&plainCombined_, c_.stagedCombineFirst ? T * H * 2 : 0},
       {&plainCombinedW_, c_.stagedCombineFirst ? T * K * 4 : 0},
+      {&x2_, c_.stagedDispatchAfter ? T * rowBytes_ : 0},
+      {&scales2_, c_.stagedDispatchAfter ? T * spr_ * 4 : 0},
+      {&weights2_, c_.stagedDispatchAfter ? T * K * 4 : 0},
+      {&recvX2_, c_.stagedDispatchAfter ? cap * rowBytes_ : 0},
+      {&recvScales2_, c_.stagedDispatchAfter ? cap * spr_ * 4 : 0},
+      {&recvIdx2_, c_.stagedDispatchAfter ? cap * K * idxBytes_ : 0},
+      {&recvW2_, c_.stagedDispatchAfter ? cap * K * 4 : 0},
       {&layoutRank_, 4 * static_cast<size_t>(R_)},
       {&layoutExpert_, 4 * static_cast<size_t>(c_.experts)},
       {&layoutInRank_, T * R_},
@@ -992,8 +1013,10 @@ void CaseRunner::UploadTopkIdx() {
 void CaseRunner::Prepare(int round) {
   MakeRound(c_, shape_, routing_, me_, seed_, round, &d_);
   for (const DeviceBuffer* b :
-       {&x_, &scales_, &weights_, &bias_, &combineX_, &combineW_, &recvX_, &recvScales_, &recvIdx_, &recvW_, &numRecv_,
-        &perExpert_, &combined_, &combinedW_, &plainX_, &plainW_, &plainCombined_, &plainCombinedW_}) {
+       {&x_,          &scales_,      &weights_,       &bias_,           &combineX_,  &combineW_, &recvX_,
+        &recvScales_, &recvIdx_,     &recvW_,         &numRecv_,        &perExpert_, &combined_, &combinedW_,
+        &plainX_,     &plainW_,      &plainCombined_, &plainCombinedW_, &x2_,        &scales2_,  &weights2_,
+        &recvX2_,     &recvScales2_, &recvIdx2_,      &recvW2_}) {
     CudaCheck(b->Poison(stream_), "poison");
   }
   CudaCheck(x_.Upload(d_.x, stream_), "upload x");
@@ -1006,24 +1029,31 @@ void CaseRunner::Prepare(int round) {
     CudaCheck(plainX_.Upload(d_.combineX, stream_), "upload combine x (plain copy)");
     CudaCheck(plainW_.Upload(d_.combineW, stream_), "upload combine topkWeights (plain copy)");
   }
+  if (c_.stagedDispatchAfter) {
+    // Other data on the same routing: rounds past the case's own never repeat one of them.
+    MakeRound(c_, shape_, routing_, me_, seed_, c_.iterations + round, &d2_);
+    CudaCheck(x2_.Upload(d2_.x, stream_), "upload second x");
+    CudaCheck(scales2_.Upload(d2_.scales, stream_), "upload second xScales");
+    CudaCheck(weights2_.Upload(d2_.weights, stream_), "upload second topkWeights");
+  }
 }
 
-moecommEpDispatchArgs_t CaseRunner::DispatchArgs(bool passTopkIdx) const {
+moecommEpDispatchArgs_t CaseRunner::DispatchArgs(bool passTopkIdx, bool second) const {
   const bool rows = Capacity() > 0;  // exact sizing with N = 0: every row output may be NULL
   moecommEpDispatchArgs_t args = MOECOMM_EP_DISPATCH_ARGS_INIT;
   args.numTokens = T_;
   args.xType = c_.fp8 ? moecommFloat8E4M3 : moecommBfloat16;
-  args.x = x_.get();
-  args.xScales = c_.fp8 ? scales_.as<float>() : nullptr;
+  args.x = (second ? x2_ : x_).get();
+  args.xScales = c_.fp8 ? (second ? scales2_ : scales_).as<float>() : nullptr;
   args.topkIdx = passTopkIdx ? idx_.get() : nullptr;
   args.topkIdxType = c_.idx64 ? moecommInt64 : moecommInt32;
-  args.topkWeights = c_.dispatchWeights ? weights_.as<float>() : nullptr;
+  args.topkWeights = c_.dispatchWeights ? (second ? weights2_ : weights_).as<float>() : nullptr;
   args.expertAlignment = c_.alignment;
   args.recvCapacity = Capacity();
-  args.recvX = rows ? recvX_.get() : nullptr;
-  args.recvXScales = c_.fp8 && rows ? recvScales_.as<float>() : nullptr;
-  args.recvTopkIdx = !c_.minimal && rows ? recvIdx_.get() : nullptr;
-  args.recvTopkWeights = !c_.minimal && rows && c_.dispatchWeights ? recvW_.as<float>() : nullptr;
+  args.recvX = rows ? (second ? recvX2_ : recvX_).get() : nullptr;
+  args.recvXScales = c_.fp8 && rows ? (second ? recvScales2_ : recvScales_).as<float>() : nullptr;
+  args.recvTopkIdx = !c_.minimal && rows ? (second ? recvIdx2_ : recvIdx_).get() : nullptr;
+  args.recvTopkWeights = !c_.minimal && rows && c_.dispatchWeights ? (second ? recvW2_ : recvW_).as<float>() : nullptr;
   args.numRecvTokens = c_.minimal ? nullptr : numRecv_.as<int>();
   args.recvTokensPerExpert = c_.minimal ? nullptr : perExpert_.as<int>();
   return args;
@@ -1039,8 +1069,8 @@ moecommEpCombineArgs_t CaseRunner::CombineArgs(bool plain) const {
   return args;
 }
 
-bool CaseRunner::Dispatch(const std::string& tag, bool passTopkIdx) {
-  const moecommEpDispatchArgs_t args = DispatchArgs(passTopkIdx);
+bool CaseRunner::Dispatch(const std::string& tag, bool passTopkIdx, bool second) {
+  const moecommEpDispatchArgs_t args = DispatchArgs(passTopkIdx, second);
   moecommEpHandle_t before = handle_;
   if (moecommEpDispatch(ep_, &args, &handle_, stream_) != moecommSuccess) {
     Fail(tag + " moecommEpDispatch: " + moecommGetLastError(comm_));
@@ -1060,23 +1090,26 @@ bool CaseRunner::Combine(const std::string& tag, bool plain) {
   return true;
 }
 
-void CaseRunner::CheckDispatch(const std::string& tag) {
+void CaseRunner::CheckDispatch(const std::string& tag, bool second) {
   const size_t N = N_, K = c_.topk;
+  const RoundData& d = second ? d2_ : d_;
   if (!c_.minimal) {
     Check(CompareOutput(tag + " numRecvTokens", &N_, 4, 4, 1, numRecv_));
-    Check(CompareOutput(tag + " recvTokensPerExpert", d_.perExpert.data(), 4 * d_.perExpert.size(), 4, 1, perExpert_));
+    Check(CompareOutput(tag + " recvTokensPerExpert", d.perExpert.data(), 4 * d.perExpert.size(), 4, 1, perExpert_));
   }
   if (Capacity() == 0) return;  // NULL row outputs; the buffers must be untouched
-  Check(CompareOutput(tag + " recvX", d_.recvX.data(), N * rowBytes_, c_.fp8 ? 1 : 2, static_cast<size_t>(c_.hidden),
-                      recvX_));
+  Check(CompareOutput(tag + " recvX", d.recvX.data(), N * rowBytes_, c_.fp8 ? 1 : 2, static_cast<size_t>(c_.hidden),
+                      second ? recvX2_ : recvX_));
   if (c_.fp8) {
-    Check(CompareOutput(tag + " recvXScales", d_.recvScales.data(), N * spr_ * 4, 4, spr_, recvScales_));
+    Check(CompareOutput(tag + " recvXScales", d.recvScales.data(), N * spr_ * 4, 4, spr_,
+                        second ? recvScales2_ : recvScales_));
   }
   CheckSources(tag);
   if (!c_.minimal) {
-    Check(CompareOutput(tag + " recvTopkIdx", d_.recvIdx.data(), N * K * idxBytes_, idxBytes_, K, recvIdx_));
+    Check(CompareOutput(tag + " recvTopkIdx", d.recvIdx.data(), N * K * idxBytes_, idxBytes_, K,
+                        second ? recvIdx2_ : recvIdx_));
     if (c_.dispatchWeights) {
-      Check(CompareOutput(tag + " recvTopkWeights", d_.recvWeights.data(), N * K * 4, 4, K, recvW_));
+      Check(CompareOutput(tag + " recvTopkWeights", d.recvWeights.data(), N * K * 4, 4, K, second ? recvW2_ : recvW_));
     }
   }
 }
@@ -1147,7 +1180,8 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
     bool expected;
     bool check;
     bool mayStage;  // the case also makes staged calls of this op on purpose
-  } ops[] = {{"combine", combine, true, c_.stagedCombineFirst}, {"dispatch", dispatch, !variantsSet, false}};
+  } ops[] = {{"combine", combine, true, c_.stagedCombineFirst},
+             {"dispatch", dispatch, !variantsSet, c_.stagedDispatchAfter}};
   for (const auto& op : ops) {
     if (!op.check) continue;
     // The library logs when an op starts or stops going direct (the first call included).
@@ -1182,9 +1216,12 @@ std::string CaseRunner::Run() {
     Prepare(round);
     if (c_.exact && !reused) break;  // the notify failed on every rank
     if (!Dispatch(tag, !(c_.minimal && reused))) break;
+    // stagedDispatchAfter: at once (no sync) a staged dispatch of other data, reusing the handle.
+    if (c_.stagedDispatchAfter && !Dispatch(tag + " staged after", !c_.minimal, true)) break;
     CudaCheck(cudaStreamSynchronize(stream_), tag + " cudaStreamSynchronize after the dispatch");
     CheckAsync(tag + " dispatch");
     CheckDispatch(tag);
+    if (c_.stagedDispatchAfter) CheckDispatch(tag + " staged after", true);
     // stagedCombineFirst: a staged combine, and at once (no sync) the configured one.
     if (c_.stagedCombineFirst && !Combine(tag + " staged first", true)) break;
     if (!Combine(c_.iterations > 1 ? tag : "combine")) break;
@@ -1525,6 +1562,14 @@ TEST_F(EpCudaNormal, BalancedDispatch) {
                                    C(4096, 512, 8, 32).Fp8().W(true, true).RecvIn(kSymmetric).Balanced(0),
                                    C(2048, 300, 4, 32).Exact().W(true, false).RecvIn(kSymmetric).Balanced(0),
                                });
+  // A staged dispatch of other data right after each balanced one, with no synchronisation:
+  // its senders wait only for their own channel's ack, while other blocks of the balanced call
+  // may still copy parts out of the staging slots (timing-dependent, so several rounds).
+  RunCases("BalancedDispatch",
+           {
+               C(7168, 1024, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Balanced().StagedDispatchAfter().Rounds(4),
+               C(4096, 1024, 8, 32).W(true, false).RecvIn(kSymmetric).Balanced().StagedDispatchAfter().Rounds(4),
+           });
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
