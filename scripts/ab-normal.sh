@@ -10,6 +10,9 @@
 #   TESTS    a ctest regex run on this tree's build before the benches (e.g.
 #            '^gpu_EpCudaNormal_n(2|4)$').
 #   B_ENV    VAR=value,... set on this tree's side only (compare a switch against A = .).
+#   PROFILE=1  both sides built with -DMOECOMM_KERNEL_PROFILE (build dirs build-ab-prof and
+#            build-prof): each run also prints rank 1's dispatch timelines (docs/ep-normal-gpu.md,
+#            "Developer timeline"); the times then include the stamps' cost.
 # Everything (logs, $OUT/ab-normal/bench.jsonl) goes into ONE archive, $OUT/ab-normal.tgz: the
 # device tool returns a limited number of files.
 set -uo pipefail
@@ -30,19 +33,21 @@ cases=${CASES:-$default_cases}
 b_commit=$(cat .bench-commit 2>/dev/null || echo B)
 a_commit=${A_COMMIT:-$(cat "$a/.bench-commit" 2>/dev/null || echo A)}
 start=$(date +%s)
+a_build="$a/build-ab"; b_build=build-device; flags=""
+if [ "${PROFILE:-0}" = 1 ]; then a_build="$a/build-ab-prof"; b_build=build-prof; flags="-DMOECOMM_KERNEL_PROFILE"; fi
 echo "A = $a ($a_commit), B = . ($b_commit), $gpus GPUs" | tee "$o/sides.txt"
-(cmake -S "$a" -B "$a/build-ab" -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null &&
-  cmake --build "$a/build-ab" -j "$(($(nproc) / 3 + 1))" --target moecomm-run moecomm-bench > "$o/build-a.log" 2>&1 ||
+(cmake -S "$a" -B "$a_build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="$flags" > /dev/null &&
+  cmake --build "$a_build" -j "$(($(nproc) / 3 + 1))" --target moecomm-run moecomm-bench > "$o/build-a.log" 2>&1 ||
   echo "A build failed (see build-a.log)") &
-if ! cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release > "$o/configure-b.log" 2>&1 ||
-  ! cmake --build build-device -j "$(($(nproc) * 2 / 3 + 1))" --target moecomm_gpu_tests moecomm-run moecomm-bench \
+if ! cmake -S . -B "$b_build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="$flags" > "$o/configure-b.log" 2>&1 ||
+  ! cmake --build "$b_build" -j "$(($(nproc) * 2 / 3 + 1))" --target moecomm_gpu_tests moecomm-run moecomm-bench \
     > "$o/build-b.log" 2>&1; then
   tail -5 "$o/configure-b.log"; grep -A5 error "$o/build-b.log" | head -30; wait; exit 1
 fi
 wait
 echo "built in $(($(date +%s) - start)) s"
 if [ -n "${TESTS:-}" ]; then
-  (cd build-device && timeout 300 ctest -R "$TESTS" --timeout 280 -V) > "$o/tests.log" 2>&1
+  (cd "$b_build" && timeout 300 ctest -R "$TESTS" --timeout 280 -V) > "$o/tests.log" 2>&1
   echo "tests rc=$? $(grep -E 'tests passed|tests failed' "$o/tests.log") case lines PASS $(grep -c ': PASS' "$o/tests.log")"
 fi
 run_side() {  # side build-dir commit ranks name args...
@@ -55,6 +60,7 @@ run_side() {  # side build-dir commit ranks name args...
     -J "$o/bench.jsonl" "$@" > "$o/$name.txt" 2>&1
   local rc=$?
   echo "$name rc=$rc $(grep -E '^\[rank 0\] libmoecomm' "$o/$name.txt" | awk '{printf "%s %s | ", $4, $9}')"
+  if [ "${PROFILE:-0}" = 1 ]; then grep -hE "rank 1 profile dispatch(-routed)? \(" "$o/$name.txt" | sed 's/^.*profile /  /'; fi
 }
 i=0
 while read -r ranks args; do
@@ -67,9 +73,9 @@ while read -r ranks args; do
   echo "case $i: $ranks ranks, $args"
   for round in $(seq 1 "${ROUNDS:-2}"); do
     # shellcheck disable=SC2086
-    run_side A "$a/build-ab" "$a_commit" "$ranks" "c$i-A-r$round" $args
+    run_side A "$a_build" "$a_commit" "$ranks" "c$i-A-r$round" $args
     # shellcheck disable=SC2086
-    run_side B build-device "$b_commit" "$ranks" "c$i-B-r$round" $args
+    run_side B "$b_build" "$b_commit" "$ranks" "c$i-B-r$round" $args
   done
 done <<< "$cases"
 echo "done in $(($(date +%s) - start)) s"
