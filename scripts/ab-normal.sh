@@ -55,6 +55,7 @@ run_side() {  # side build-dir commit ranks name args...
   shift 5
   local envs=(DEFAULT=1)
   if [ "$side" = B ] && [ -n "${B_ENV:-}" ]; then IFS=, read -r -a envs <<< "$B_ENV"; fi
+  [ "${PROFILE:-0}" = 1 ] && envs+=(MOECOMM_DEBUG=WARN)  # (the timelines are logged as warnings)
   env "${envs[@]}" MOECOMM_BENCH_COMMIT="$commit" timeout 100 "$dir/tools/moecomm-run" -n "$ranks" -t 90 \
     "$dir/tools/bench/moecomm-bench" -w W-prefill -n 20 -W 5 -c 1 --no-baseline --no-roofline \
     -J "$o/bench.jsonl" "$@" > "$o/$name.txt" 2>&1

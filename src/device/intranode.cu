@@ -156,10 +156,14 @@ __device__ int* expertCounts(const IntranodeParams& p, int owner, int op, uint64
          (((static_cast<int64_t>(op) * 2 + parity) * p.numRanks + source) * p.numChannels + channel) * localExperts;
 }
 
+// The slot of ordinal 0 of (source, channel) in a staging area (stagingRow).
+__device__ __forceinline__ int64_t stagingSlotBase(const IntranodeParams& p, int source, int channel) {
+  return (static_cast<int64_t>(source) * p.numChannels + channel) * p.chunkRows;
+}
+
 __device__ uint8_t* stagingRow(const IntranodeParams& p, int owner, uint64_t offset, uint64_t rowBytes, int source,
                                int channel, int ordinal) {
-  const uint64_t slot = (static_cast<uint64_t>(source) * p.numChannels + channel) * p.chunkRows + ordinal;
-  return p.peers[owner] + offset + slot * rowBytes;
+  return p.peers[owner] + offset + static_cast<uint64_t>(stagingSlotBase(p, source, channel) + ordinal) * rowBytes;
 }
 
 // Where op's row `ordinal` of channel c from rank `source` to rank `dest` lives. Pushed (the
@@ -580,8 +584,9 @@ __device__ __forceinline__ bool scalesVectorOk(const IntranodeParams& p, const v
 // normalized top-k ids, weights and the token index. Every load is issued before any store,
 // so a token costs one round trip to memory per kUnroll vectors per lane. kPullX: the pulled
 // dispatch, whose receivers read the x row themselves. kBalanced: the balanced dispatch
-// (`direct` is then the span table of t's channel, `channel` t's channel); lane 0 counts the
-// rows for each destination in sent[d].
+// (`direct` is then the span table of t's channel, whose third part direct[2 R + d] is the
+// staging slot of d's received row 0 of t's channel, minus that row: dispatchSendBalanced);
+// lane 0 counts the rows for each destination in sent[d].
 template <bool kPullX = false, bool kBalanced = false>
 __device__ void sendToken(const IntranodeParams& p, int channel, int t, const int* posRow, bool xAligned,
                           bool scalesVec, const int* direct, int lane, int* sent = nullptr) {
@@ -604,8 +609,15 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
   auto rowFor = [&](int d) -> uint8_t* {
     const int ordinal = posRow[d];
     if (ordinal < 0 || d == p.rank) return nullptr;
-    // (the balanced dispatch always pushes: exchangeRow's pushed slot)
-    return kBalanced ? stagingRow(p, d, p.dispatchOffset, p.dispatchRowBytes, p.rank, channel, ordinal)
+    // Balanced: exchangeRow's pushed slot, as the received row plus the table's slot delta
+    // (only rows that fit recvX: the receivers skip the others). This form shares the row
+    // index with the x row's (spanRow) and keeps the balanced kernel's spills at 16 bytes
+    // (t's channel in a register across the x copy made them 48 and cost ~4 us for FP8 on 2x
+    // H200, docs/PERF.md, twentieth session). (The staging holds fewer than 2^31 rows.)
+    return kBalanced ? (ordinal < direct[R + d]
+                            ? p.peers[d] + p.dispatchOffset +
+                                  static_cast<uint64_t>(direct[d] + ordinal + direct[2 * R + d]) * p.dispatchRowBytes
+                            : nullptr)
                      : exchangeRow(p, kOpDispatch, p.rank, d, channel, ordinal);
   };
   // Direct dispatch: the x row goes to its place in d's recvX (when it fits there), the rest
@@ -909,7 +921,7 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
 
 // Balanced dispatch (IntranodeParams::dispatchBalanced), sending threads of block `channel`:
 // after every channel's acks from every destination, the routing of the block's own channel
-// (a new handle), and every channel's spans (spans[c * 2R ...]: first rows, then rows held),
+// (a new handle), and every channel's spans (spans[c * 3R ...]: first rows, rows held, slot deltas),
 // each warp claims the rank's tokens one at a time from p.state->dispatchClaim and sends them
 // (sendToken): the x row where its channel's span puts it, the small parts to the staging slot
 // of its (source, channel, ordinal), as the unbalanced dispatch does, so that channel c's ack
@@ -928,12 +940,16 @@ __device__ void dispatchSendBalanced(const IntranodeParams& p, int channel, uint
   int first = 0;
   int last = 0;
   routeAndCount(p, channel, sequence, scratch, sent, &first, &last);
+  // Per channel: first rows [R], rows held [R], slot deltas [R] (this rank's staging slot of
+  // (this rank, c, ordinal), stagingSlotBase + ordinal, minus the received row first + ordinal).
+  const int stride = 3 * R;
   for (int i = threadIdx.x; i < C * R; i += kSendThreads) {
     const int c = i / R;
     const int r = i % R;
     const int2 span = r != p.rank ? awaitRowSpan(p, kOpDispatch, c, r, sequence) : make_int2(0, 0);
-    spans[c * 2 * R + r] = span.x;
-    spans[c * 2 * R + R + r] = span.y;
+    spans[c * stride + r] = span.x;
+    spans[c * stride + R + r] = span.y;
+    spans[c * stride + 2 * R + r] = static_cast<int>(stagingSlotBase(p, p.rank, c)) - span.x;
   }
   groupBarrier(kBarrierSend, kSendThreads);
   const bool xAligned = aligned16(p.x);
@@ -961,7 +977,7 @@ __device__ void dispatchSendBalanced(const IntranodeParams& p, int channel, uint
     }
     __syncwarp();
     const int c = t / chunk;
-    sendToken<false, true>(p, c, t, slots + cur * R, xAligned, scalesVec, spans + c * 2 * R, lane, sent);
+    sendToken<false, true>(p, c, t, slots + cur * R, xAligned, scalesVec, spans + c * stride, lane, sent);
     if (R <= 32 && lane < R) slots[(cur ^ 1) * R + lane] = nextPos;
     __syncwarp();
     t = next;
@@ -1295,17 +1311,15 @@ __device__ bool balancedSourceDone(const IntranodeParams& p, int source, uint64_
 }
 
 // Balanced dispatch: the received row of the i-th of the channel's rows from the other ranks
-// (in source order), or -1 when it does not fit recvX; *source: its rank, *ordinal: its ordinal
-// among the channel's rows from that rank.
+// (in source order), or -1 when it does not fit recvX; *source: its rank.
 __device__ __forceinline__ int balancedOtherRow(const IntranodeParams& p, const int* offsets, const int* counts, int i,
-                                                int* source, int* ordinal) {
+                                                int* source) {
   int s = 0;
   while (s == p.rank || i >= counts[s]) {
     if (s != p.rank) i -= counts[s];
     ++s;
   }
   *source = s;
-  *ordinal = i;
   const int row = offsets[s] + i;
   return row < p.recvCapacity ? row : -1;
 }
@@ -1313,17 +1327,13 @@ __device__ __forceinline__ int balancedOtherRow(const IntranodeParams& p, const 
 // Balanced dispatch, every thread of block `channel`: n elements, `per` for each of the
 // channel's rows from the other ranks (balancedOtherRow), spread over the threads; each thread
 // loads kUnrollParts elements (load(staged row, k) -> T) before it stores any (store(received
-// row, source, k, value)).
+// row, source, k, value)). The staged row of received row r from source s is staging slot
+// r + slotDelta[s] (balancedCopyParts).
 template <typename T, typename Load, typename Store>
-__device__ void balancedElements(const IntranodeParams& p, int channel, const int* offsets, const int* counts, int n,
-                                 int per, Load load, Store store) {
+__device__ void balancedElements(const IntranodeParams& p, const int* offsets, const int* counts, const int* slotDelta,
+                                 int n, int per, Load load, Store store) {
   constexpr int kUnrollParts = 4;  // (8 for the scales measured ~3 µs slower for FP8, one round)
-  // The staged row of (source, channel, ordinal) in this rank's staging (exchangeRow: the
-  // balanced dispatch pushes).
   const uint8_t* staging = p.peers[p.rank] + p.dispatchOffset;
-  auto slotOf = [&](int source, int ordinal) {
-    return (static_cast<uint64_t>(source) * p.numChannels + channel) * p.chunkRows + ordinal;
-  };
   for (int e0 = threadIdx.x; e0 < n; e0 += kUnrollParts * kThreads) {
     T values[kUnrollParts];
     int rows[kUnrollParts];
@@ -1331,9 +1341,10 @@ __device__ void balancedElements(const IntranodeParams& p, int channel, const in
 #pragma unroll
     for (int u = 0; u < kUnrollParts; ++u) {
       const int e = e0 + u * kThreads;
-      int ordinal = 0;
-      rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &sources[u], &ordinal) : -1;
-      if (rows[u] >= 0) values[u] = load(staging + slotOf(sources[u], ordinal) * p.dispatchRowBytes, e % per);
+      rows[u] = e < n ? balancedOtherRow(p, offsets, counts, e / per, &sources[u]) : -1;
+      if (rows[u] >= 0)
+        values[u] =
+            load(staging + static_cast<uint64_t>(rows[u] + slotDelta[sources[u]]) * p.dispatchRowBytes, e % per);
     }
 #pragma unroll
     for (int u = 0; u < kUnrollParts; ++u) {
@@ -1347,8 +1358,16 @@ __device__ void balancedElements(const IntranodeParams& p, int channel, const in
 // place), from their staging slots to the outputs, as receiveRow writes them. They
 // all arrive at the call's end, so they cost round trips, not bandwidth: the parts are spread
 // over the threads element by element (scale vectors, (row, k) ids and weights, rows' tokens),
-// several loads in flight per thread (balancedElements).
-__device__ void balancedCopyParts(const IntranodeParams& p, int channel, const int* offsets, const int* counts) {
+// several loads in flight per thread (balancedElements). slotDelta: shared memory for R ints.
+__device__ void balancedCopyParts(const IntranodeParams& p, int channel, const int* offsets, const int* counts,
+                                  int* slotDelta) {
+  // Source s's row `ordinal` of this channel is received row offsets[s] + ordinal and lies in
+  // staging slot stagingSlotBase(s, channel) + ordinal (exchangeRow: the balanced dispatch
+  // pushes); the difference per source, so that the copy loops keep only the received row.
+  // (The staging holds fewer than 2^31 rows.)
+  for (int s = threadIdx.x; s < p.numRanks; s += kThreads)
+    slotDelta[s] = static_cast<int>(stagingSlotBase(p, s, channel)) - offsets[s];
+  __syncthreads();
   int others = 0;
   for (int s = 0; s < p.numRanks; ++s) others += s != p.rank ? counts[s] : 0;
   if (p.xIsFp8 && p.recvXScales != nullptr) {
@@ -1356,7 +1375,7 @@ __device__ void balancedCopyParts(const IntranodeParams& p, int channel, const i
     const bool vec = scalesVectorOk(p, p.recvXScales);  // (a slot's scales are 16-byte aligned)
     const int per = vec ? scalesPerRow / 4 : scalesPerRow;
     balancedElements<int4>(
-        p, channel, offsets, counts, others * per, per,
+        p, offsets, counts, slotDelta, others * per, per,
         [&](const uint8_t* staged, int k) {
           const uint8_t* scales = staged + p.rowScalesOffset;
           return vec ? reinterpret_cast<const int4*>(scales)[k]
@@ -1379,7 +1398,7 @@ __device__ void balancedCopyParts(const IntranodeParams& p, int channel, const i
       float weight;
     };
     balancedElements<Selection>(
-        p, channel, offsets, counts, others * p.topk, p.topk,
+        p, offsets, counts, slotDelta, others * p.topk, p.topk,
         [&](const uint8_t* staged, int k) {
           return Selection{reinterpret_cast<const int64_t*>(staged + p.rowIdxOffset)[k],
                            reinterpret_cast<const float*>(staged + p.rowWeightsOffset)[k]};
@@ -1399,7 +1418,7 @@ __device__ void balancedCopyParts(const IntranodeParams& p, int channel, const i
         });
   }
   balancedElements<int>(
-      p, channel, offsets, counts, others, 1,
+      p, offsets, counts, slotDelta, others, 1,
       [&](const uint8_t* staged, int) { return *reinterpret_cast<const int*>(staged + p.rowSrcOffset); },
       [&](int row, int source, int, int token) {
         p.srcRank[row] = source;
@@ -1545,14 +1564,18 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     if (bulkRows) {
       dispatchCopyRowsBulk(p, channel, ring, &bulk, offsets, done, avail, pending, scalesVec, warp, lane);
     }
-    for (int j = bulkRows ? pending : warp; !bulkRows && j < pending; j += kRecvWarps) {
+    // (balanced: this rank's own rows only; balancedCopyParts takes the others' small parts once
+    // every source is complete)
+    int first = 0;
+    for (int s = 0; kBalanced && s < p.rank; ++s) first += avail[s] - done[s];
+    const int end = kBalanced ? first + avail[p.rank] - done[p.rank] : pending;
+    for (int j = bulkRows ? end : first + warp; !bulkRows && j < end; j += kRecvWarps) {
       int s = 0;
       int i = j;
       while (i >= avail[s] - done[s]) {
         i -= avail[s] - done[s];
         ++s;
       }
-      if (kBalanced && s != p.rank) continue;  // (balancedCopyParts, once every source is complete)
       const int ordinal = done[s] + i;
       const int row = offsets[s] + ordinal;
       if (row >= p.recvCapacity) continue;
@@ -1589,7 +1612,7 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
 // Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
 // a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
 // dispatch's first rows and rows held per destination [2 R] (the balanced dispatch's, per
-// channel and destination: [C][2 R]). The balanced dispatch keeps each sending warp's two
+// channel: [C][3 R], with the staging slots' deltas). The balanced dispatch keeps each sending warp's two
 // tokens' positions [2 R] where a batch's go (sendBatch >= 32 > 2 x 15 warps).
 // The pulled dispatch (IntranodeParams::dispatchPullX) runs as a kernel of its own, so that
 // its code does not change the default kernel's registers: an internal variant number, not a
@@ -1655,7 +1678,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatchKernel(IntranodeParams p)
   }
   if (kVariant == kDispatchVariantBalanced) {
     __syncthreads();
-    balancedCopyParts(p, channel, offsets, counts);
+    balancedCopyParts(p, channel, offsets, counts, done);  // (done: no longer needed)
     __syncthreads();
     MC_PROFILE(kOpDispatch, 9, 0);
     for (int s = threadIdx.x; s < R; s += kThreads)
@@ -2300,8 +2323,10 @@ uint64_t intranodeSharedIntsBytes(int numRanks, int numChannels, int sendBatch) 
 }
 
 uint64_t intranodeBalancedExtraBytes(int numRanks, int numChannels) {
-  // The span table of every channel and destination [C][2 R] instead of one channel's [2 R].
-  return (2 * static_cast<uint64_t>(numChannels - 1) * numRanks * sizeof(int) + 127) / 128 * 128;
+  // The span table of every channel [C][3 R] (destinations' first rows, rows held and staging
+  // slot deltas) instead of one channel's [2 R].
+  const uint64_t ints = static_cast<uint64_t>(numChannels) * 3 * numRanks - 2 * static_cast<uint64_t>(numRanks);
+  return (ints * sizeof(int) + 127) / 128 * 128;
 }
 
 uint64_t intranodeSharedBytes(const IntranodeParams& params, int op) {
