@@ -49,11 +49,11 @@
   X(EpDirectDispatch, "MOECOMM_EP_DIRECT_DISPATCH", Int, "1",                                                   \
     "Normal-mode dispatch stores x rows straight into the destinations' recvX when every rank's recvX lies in "  \
     "moecommMemAlloc memory at the same offset (default kernels only): 1 when possible, 0 never.")              \
-  X(EpBalancedDispatch, "MOECOMM_EP_BALANCED_DISPATCH", Int, "0",                                               \
-    "Normal-mode direct dispatch: 1 makes the sending warps of every block claim the rank's tokens one at a "   \
-    "time, so blocks on SMs that push slowly send fewer rows (2x H200: 6-9 % faster; off until its last fix "   \
-    "has run on GPUs, docs/ep-normal-gpu.md); 0 makes each block send its own channel's tokens. Every rank "    \
-    "must use the same value, else none balances.")                                                             \
+  X(EpBalancedDispatch, "MOECOMM_EP_BALANCED_DISPATCH", Int, "1",                                               \
+    "Normal-mode direct dispatch: 1 makes the sending warps of every block claim the rank's tokens one at "     \
+    "a time, so blocks on SMs that push slowly send fewer rows (2x H200: 7-9 % faster, "                        \
+    "docs/ep-normal-gpu.md); 0 makes each block send its own channel's tokens. Every rank must use the "        \
+    "same value, else none balances.")                                                                          \
   X(EpDispatchPullX, "MOECOMM_EP_DISPATCH_PULL_X", Int, "0",                                                    \
     "Developer, measured slower on 2 GPUs: 1 makes the normal-mode receivers read x rows from the sources' x "  \
     "when every rank's x lies in moecommMemAlloc memory at the same offset (the senders push only scales, "     \

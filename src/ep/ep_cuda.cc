@@ -244,9 +244,9 @@ class CudaEpBackend : public EpBackend {
     const bool mayPull = envInt(Env::EpDispatchPullX) != 0 && ep_->comm->nranks > 1 && xSpot.table != nullptr &&
                          xSpot.offset % 16 == 0 && base_.dispatchVariant == device::kDispatchVariantRegisters &&
                          (base_.pull & 1) == 0;
-    // The balanced dispatch (a direct one; opt-in) changes the protocol: every rank must ask for
-    // it (measured on 2x H200, W-prefill SM 24: FP8 reused 129 -> 118.5 us, BF16 202 -> 188.7;
-    // docs/PERF.md, nineteenth session).
+    // The balanced dispatch (a direct one; the default) changes the protocol: every rank must
+    // ask for it (measured on 2x H200, W-prefill SM 24: FP8 reused 128 -> 116.7 us, BF16 202 ->
+    // 188.6; docs/PERF.md, twentieth session).
     // Its span table of every channel must fit in shared memory (hundreds of ranks would not).
     const bool mayBalance =
         mayDirect && envInt(Env::EpBalancedDispatch) != 0 &&

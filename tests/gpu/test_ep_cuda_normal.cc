@@ -189,9 +189,11 @@ struct Case {
   // the x rows (pulled dispatch), else the senders push them.
   int xMemory = 0;
   bool pullX = false;
-  // Runs with MOECOMM_EP_BALANCED_DISPATCH=1 (not the default): a direct dispatch then claims
-  // tokens across blocks instead of sending each channel's from the channel's own block. With
-  // unbalancedRank >= 0 that rank sets 0 instead: the ranks then agree not to balance.
+  // Runs with MOECOMM_EP_BALANCED_DISPATCH set (the default is 1): 1 makes a direct dispatch
+  // claim tokens across blocks instead of sending each channel's from the channel's own block.
+  // With unbalancedRank >= 0 that rank sets 0 and the others 1 (the ranks then agree not to
+  // balance); with kEveryRank every rank sets 0.
+  static constexpr int kEveryRank = -2;
   bool balanced = false;
   int unbalancedRank = -1;
   // Each round combines twice back to back, with no synchronisation between: first from
@@ -275,6 +277,7 @@ struct Case {
     unbalancedRank = exceptRank;
     return *this;
   }
+  Case& Unbalanced() { return Balanced(kEveryRank); }
   Case& StagedCombineFirst() {
     stagedCombineFirst = true;
     return *this;
@@ -314,7 +317,7 @@ struct Case {
     name += kRecvMemory[recvMemory];
     static const char* const kXMemory[] = {"", " x=symmetric", " x=shifted"};
     if (pullX) name += std::string(" pull-x") + kXMemory[xMemory];
-    if (balanced) name += " balanced";
+    if (balanced) name += unbalancedRank == kEveryRank ? " unbalanced" : " balanced";
     if (unbalancedRank >= 0) name += "-but-rank" + std::to_string(unbalancedRank);
     if (stagedCombineFirst) name += " staged-combine-first";
     if (stagedDispatchAfter) name += " staged-dispatch-after";
@@ -1169,7 +1172,7 @@ std::string CaseRunner::CheckDirectPaths(const std::string& log) const {
   if (pull && pushedAfter && !variantsSet) return "the dispatch pulled x rows but pushed them again in a later call";
   // The balanced dispatch runs exactly when the dispatch is direct and it is switched on (on
   // every rank: one rank that switched it off turns it off for all).
-  const bool balance = dispatch && moecomm::envInt(moecomm::Env::EpBalancedDispatch) != 0 && c_.unbalancedRank < 0;
+  const bool balance = dispatch && moecomm::envInt(moecomm::Env::EpBalancedDispatch) != 0 && c_.unbalancedRank == -1;
   const bool balanced = log.find("normal dispatch claims tokens across blocks") != std::string::npos;
   if (balanced != balance && !variantsSet) {
     return std::string("the dispatch ") + (balanced ? "was balanced" : "was never balanced") + " but this case " +
@@ -1388,7 +1391,7 @@ class EpCudaNormal : public ::testing::Test {
       const auto start = std::chrono::steady_clock::now();
       const ScopedEnv pullX(c.pullX ? "MOECOMM_EP_DISPATCH_PULL_X" : nullptr, "1");
       const ScopedEnv balanced(c.balanced ? "MOECOMM_EP_BALANCED_DISPATCH" : nullptr,
-                               c.unbalancedRank == rank_ ? "0" : "1");
+                               c.unbalancedRank == rank_ || c.unbalancedRank == Case::kEveryRank ? "0" : "1");
       CaseRunner runner(comm_, c, seed);
       const bool symmetric = c.combineMemory != kCudaMalloc || c.recvMemory != kCudaMalloc || c.xMemory != kCudaMalloc;
       EpLogCapture log(symmetric);
@@ -1543,10 +1546,11 @@ TEST_F(EpCudaNormal, DirectDispatch) {
            }));
 }
 
-// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=1: every block's sending warps
-// claim the rank's tokens one at a time (docs/ep-normal-gpu.md, "Balanced dispatch"); the
-// fallback case stages its rows (recvX at offsets that differ), which the switch does not
-// change. The results are the same either way.
+// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=1 (the default, set here so
+// the suite does not depend on it): every block's sending warps claim the rank's tokens one at
+// a time (docs/ep-normal-gpu.md, "Balanced dispatch"); the fallback case stages its rows (recvX
+// at offsets that differ), which the switch does not change. The results are the same either
+// way.
 TEST_F(EpCudaNormal, BalancedDispatch) {
   RunCases("BalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
              c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Balanced();
@@ -1570,6 +1574,20 @@ TEST_F(EpCudaNormal, BalancedDispatch) {
                C(7168, 1024, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Balanced().StagedDispatchAfter().Rounds(4),
                C(4096, 1024, 8, 32).W(true, false).RecvIn(kSymmetric).Balanced().StagedDispatchAfter().Rounds(4),
            });
+}
+
+// The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=0 on every rank: each block
+// sends its own channel's tokens.
+TEST_F(EpCudaNormal, UnbalancedDispatch) {
+  RunCases("UnbalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
+             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Unbalanced();
+           }));
+  RunCases("UnbalancedDispatch",
+           {
+               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Unbalanced().CombineIn(kSymmetric),
+               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Unbalanced(),
+           },
+           /*graph=*/true);
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
