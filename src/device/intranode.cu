@@ -613,7 +613,8 @@ __device__ void sendToken(const IntranodeParams& p, int channel, int t, const in
     // (only rows that fit recvX: the receivers skip the others). This form shares the row
     // index with the x row's (spanRow) and keeps the balanced kernel's spills at 16 bytes
     // (t's channel in a register across the x copy made them 48 and cost ~4 us for FP8 on 2x
-    // H200, docs/PERF.md, twentieth session). (The staging holds fewer than 2^31 rows.)
+    // H200, docs/PERF.md, twentieth session). The staging holds fewer than 2^31 rows (the EP
+    // checks at creation).
     return kBalanced ? (ordinal < direct[R + d]
                             ? p.peers[d] + p.dispatchOffset +
                                   static_cast<uint64_t>(direct[d] + ordinal + direct[2 * R + d]) * p.dispatchRowBytes
@@ -1364,7 +1365,7 @@ __device__ void balancedCopyParts(const IntranodeParams& p, int channel, const i
   // Source s's row `ordinal` of this channel is received row offsets[s] + ordinal and lies in
   // staging slot stagingSlotBase(s, channel) + ordinal (exchangeRow: the balanced dispatch
   // pushes); the difference per source, so that the copy loops keep only the received row.
-  // (The staging holds fewer than 2^31 rows.)
+  // (The staging holds fewer than 2^31 rows: the EP checks at creation.)
   for (int s = threadIdx.x; s < p.numRanks; s += kThreads)
     slotDelta[s] = static_cast<int>(stagingSlotBase(p, s, channel)) - offsets[s];
   __syncthreads();

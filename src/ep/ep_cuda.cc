@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -129,6 +130,12 @@ class CudaEpBackend : public EpBackend {
     p.rank = ep_->rank;
     setShape(shape, channels, &p);
     const uint64_t bytes = planNormalBuffer(&p);
+    // The kernels index staging rows with 32-bit ints (the balanced dispatch's slot deltas).
+    const uint64_t stagingRows = static_cast<uint64_t>(R) * channels * static_cast<uint64_t>(p.chunkRows);
+    MC_REQUIRE(stagingRows <= static_cast<uint64_t>(INT_MAX), moecommInvalidArgument,
+               "the normal-mode staging would hold %llu rows (ranks x channels x maxTokensPerRank / channels, "
+               "rounded up), more than the kernels' 32-bit row index allows; lower maxTokensPerRank",
+               static_cast<unsigned long long>(stagingRows));
     MC_CHECK(setVariants(&p));
     // Pulled rows change where rows live (exchangeRow): every rank must agree. The bits every
     // rank set win.
