@@ -1537,6 +1537,21 @@ std::vector<Case> PlacedDispatchCases(const std::function<void(Case*, bool fallb
   return cases;
 }
 
+// The direct dispatch's cases (PlacedDispatchCases) and two graph cases with recvX in symmetric
+// memory, each then set by `set` (a dispatch switch): {eager cases, graph cases}.
+std::pair<std::vector<Case>, std::vector<Case>> SwitchedDispatchCases(const std::function<void(Case*)>& set) {
+  std::vector<Case> graph = {
+      C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).CombineIn(kSymmetric),
+      C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric),
+  };
+  for (Case& c : graph) set(&c);
+  return {PlacedDispatchCases([&](Case* c, bool fallback, size_t) {
+            c->RecvIn(fallback ? kSymmetricShifted : kSymmetric);
+            set(c);
+          }),
+          graph};
+}
+
 // recvX in moecommMemAlloc memory: the senders store x rows straight into the destination's
 // recvX when every rank has it at the same offset (docs/ep-normal-gpu.md, "Direct dispatch and
 // combine"), staged when the offsets differ; the results are the same either way.
@@ -1552,15 +1567,9 @@ TEST_F(EpCudaNormal, DirectDispatch) {
 // at offsets that differ), which the switch does not change. The results are the same either
 // way.
 TEST_F(EpCudaNormal, BalancedDispatch) {
-  RunCases("BalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
-             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Balanced();
-           }));
-  RunCases("BalancedDispatch",
-           {
-               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Balanced().CombineIn(kSymmetric),
-               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Balanced(),
-           },
-           /*graph=*/true);
+  const auto cases = SwitchedDispatchCases([](Case* c) { c->Balanced(); });
+  RunCases("BalancedDispatch", cases.first);
+  RunCases("BalancedDispatch", cases.second, /*graph=*/true);
   // Rank 0 sets 0, the others 1: no rank balances, and the results are the same.
   RunCases("BalancedDispatch", {
                                    C(4096, 512, 8, 32).Fp8().W(true, true).RecvIn(kSymmetric).Balanced(0),
@@ -1579,15 +1588,9 @@ TEST_F(EpCudaNormal, BalancedDispatch) {
 // The direct dispatch's cases with MOECOMM_EP_BALANCED_DISPATCH=0 on every rank: each block
 // sends its own channel's tokens.
 TEST_F(EpCudaNormal, UnbalancedDispatch) {
-  RunCases("UnbalancedDispatch", PlacedDispatchCases([](Case* c, bool fallback, size_t) {
-             c->RecvIn(fallback ? kSymmetricShifted : kSymmetric).Unbalanced();
-           }));
-  RunCases("UnbalancedDispatch",
-           {
-               C(7168, 512, 8, 64).Fp8().W(true, true).RecvIn(kSymmetric).Unbalanced().CombineIn(kSymmetric),
-               C(2048, 300, 4, 32).W(true, false).RecvIn(kSymmetric).Unbalanced(),
-           },
-           /*graph=*/true);
+  const auto cases = SwitchedDispatchCases([](Case* c) { c->Unbalanced(); });
+  RunCases("UnbalancedDispatch", cases.first);
+  RunCases("UnbalancedDispatch", cases.second, /*graph=*/true);
 }
 
 // x in moecommMemAlloc memory with MOECOMM_EP_DISPATCH_PULL_X=1: the receivers read the x rows
