@@ -51,7 +51,7 @@
     "moecommMemAlloc memory at the same offset (default kernels only): 1 when possible, 0 never.")              \
   X(EpBalancedDispatch, "MOECOMM_EP_BALANCED_DISPATCH", Int, "1",                                               \
     "Normal-mode direct dispatch: 1 makes the sending warps of every block claim the rank's tokens one at "     \
-    "a time, so blocks on SMs that push slowly send fewer rows (2x H200: 7-9 % faster, "                        \
+    "a time, so blocks on SMs that push slowly send fewer rows (2x H200: 5-9 % faster, "                        \
     "docs/ep-normal-gpu.md); 0 makes each block send its own channel's tokens. Every rank must use the "        \
     "same value, else none balances.")                                                                          \
   X(EpDispatchPullX, "MOECOMM_EP_DISPATCH_PULL_X", Int, "0",                                                    \
