@@ -921,15 +921,16 @@ __device__ void dispatchSend(const IntranodeParams& p, int channel, uint64_t seq
 }
 
 // Balanced dispatch (IntranodeParams::dispatchBalanced), sending threads of block `channel`:
-// after every channel's acks from every destination, the routing of the block's own channel
-// (a new handle), and every channel's spans (spans[c * 3R ...]: first rows, rows held, slot deltas),
-// each warp claims the rank's tokens one at a time from p.state->dispatchClaim and sends them
-// (sendToken): the x row where its channel's span puts it, the small parts to the staging slot
-// of its (source, channel, ordinal), as the unbalanced dispatch does, so that channel c's ack
-// frees exactly the slots the destination's block c reads. The next token is claimed, and its
-// positions loaded, while the current one is sent. At the end the block publishes, as its block
-// tail (kCtrlBlockTail) for every destination, the rows it sent there: a receiver has every
-// row of a source once all C block tails of that source carry the call's tag.
+// after every channel's acks from every destination, the routing of the block's own channel (a
+// new handle), and every channel's spans (spans[c * 3R ...]: first rows, rows held, slot
+// deltas), each warp claims the rank's tokens one at a time from p.state->dispatchClaim and
+// sends them (sendToken): the x row where its channel's span puts it, the small parts to the
+// staging slot of its (source, channel, ordinal), as the unbalanced dispatch does, so that
+// channel c's ack frees exactly the slots the destination's block c reads. The next token is
+// claimed, and its positions loaded, while the current one is sent. At the end the block
+// publishes, as its block tail (kCtrlBlockTail) for every destination, the rows it sent there:
+// a receiver has every row of a source once all C block tails of that source carry the call's
+// tag.
 __device__ void dispatchSendBalanced(const IntranodeParams& p, int channel, uint64_t sequence, uint64_t* scratch,
                                      int* sent, int* posSlots, int* spans) {
   const int warp = threadIdx.x >> 5;
@@ -1610,11 +1611,11 @@ __device__ void dispatchReceive(const IntranodeParams& p, int channel, uint64_t 
     storeReleaseSys(ctrlWord(p, s, kCtrlAck, kOpDispatch, channel, p.rank), sequence);
 }
 
-// Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of
-// a batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
+// Dynamic shared memory: sent [R], offsets [R + 1], counts/done/avail [R] each, positions of a
+// batch [sendBatch * R], rows of every (channel, source) count word [C * R], the direct
 // dispatch's first rows and rows held per destination [2 R] (the balanced dispatch's, per
-// channel: [C][3 R], with the staging slots' deltas). The balanced dispatch keeps each sending warp's two
-// tokens' positions [2 R] where a batch's go (sendBatch >= 32 > 2 x 15 warps).
+// channel: [C][3 R], with the staging slots' deltas). The balanced dispatch keeps each sending
+// warp's two tokens' positions [2 R] where a batch's go (sendBatch >= 32 > 2 x 15 warps).
 // The pulled dispatch (IntranodeParams::dispatchPullX) runs as a kernel of its own, so that
 // its code does not change the default kernel's registers: an internal variant number, not a
 // MOECOMM_EP_DISPATCH_VARIANT value.
