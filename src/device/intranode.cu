@@ -1028,6 +1028,23 @@ __device__ RowSource selfRowSource(const IntranodeParams& p, int t, bool recvAli
   return src;
 }
 
+// Writes received selection o (row * topk + k) to the caller's outputs: the expert id as an id
+// of this rank's local experts (firstLocal, the next localExperts: -1 when it is another
+// rank's) and its weight (0 then). The caller computes the range once, outside its loops.
+__device__ __forceinline__ void storeReceivedSelection(const IntranodeParams& p, int64_t o, int64_t id, float weight,
+                                                       int64_t firstLocal, int localExperts) {
+  const bool local = id >= firstLocal && id < firstLocal + localExperts;
+  if (p.recvTopkIdx != nullptr) {
+    const int64_t localId = local ? id - firstLocal : -1;
+    if (p.topkIdxIs64) {
+      static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
+    } else {
+      static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
+    }
+  }
+  if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
+}
+
 // One warp copies a received row out to the caller's buffers (received row `row` from source
 // rank `source`). Every load is issued before any store. kCopyX = false: everything but the x
 // row (the bulk-copy variant moves that).
@@ -1063,19 +1080,8 @@ __device__ void receiveRow(const IntranodeParams& p, const RowSource& src, int r
         p.recvXScales[static_cast<int64_t>(row) * scalesPerRow + k] = src.scales[k];
     }
   }
-  if (lane < p.topk) {
-    const bool local = id >= firstLocal && id < firstLocal + localExperts;
-    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
-    if (p.recvTopkIdx != nullptr) {
-      const int64_t localId = local ? id - firstLocal : -1;
-      if (p.topkIdxIs64) {
-        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-      } else {
-        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-      }
-    }
-    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
-  }
+  if (lane < p.topk)
+    storeReceivedSelection(p, static_cast<int64_t>(row) * p.topk + lane, id, weight, firstLocal, localExperts);
   if (lane == 0) {
     p.srcRank[row] = source;
     p.srcIndex[row] = srcToken;
@@ -1125,17 +1131,7 @@ __device__ void storeRowParts(const IntranodeParams& p, const uint8_t* stage, ui
     const int64_t id = reinterpret_cast<const int64_t*>(stage + p.rowIdxOffset - offset)[lane];
     const float* weights = reinterpret_cast<const float*>(stage + p.rowWeightsOffset - offset);
     const float weight = (flags & kPieceNoWeights) != 0 ? 0.0f : weights[lane];
-    const bool local = id >= firstLocal && id < firstLocal + localExperts;
-    const int64_t o = static_cast<int64_t>(row) * p.topk + lane;
-    if (p.recvTopkIdx != nullptr) {
-      const int64_t localId = local ? id - firstLocal : -1;
-      if (p.topkIdxIs64) {
-        static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-      } else {
-        static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-      }
-    }
-    if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? weight : 0.0f;
+    storeReceivedSelection(p, static_cast<int64_t>(row) * p.topk + lane, id, weight, firstLocal, localExperts);
   }
   if (lane == 0) {
     p.srcRank[row] = source;
@@ -1406,17 +1402,7 @@ __device__ void balancedCopyParts(const IntranodeParams& p, int channel, const i
                            reinterpret_cast<const float*>(staged + p.rowWeightsOffset)[k]};
         },
         [&](int row, int, int k, Selection v) {
-          const int64_t o = static_cast<int64_t>(row) * p.topk + k;
-          const bool local = v.id >= firstLocal && v.id < firstLocal + localExperts;
-          if (p.recvTopkIdx != nullptr) {
-            const int64_t localId = local ? v.id - firstLocal : -1;
-            if (p.topkIdxIs64) {
-              static_cast<int64_t*>(p.recvTopkIdx)[o] = localId;
-            } else {
-              static_cast<int32_t*>(p.recvTopkIdx)[o] = static_cast<int32_t>(localId);
-            }
-          }
-          if (p.recvTopkWeights != nullptr) p.recvTopkWeights[o] = local ? v.weight : 0.0f;
+          storeReceivedSelection(p, static_cast<int64_t>(row) * p.topk + k, v.id, v.weight, firstLocal, localExperts);
         });
   }
   balancedElements<int>(
