@@ -39,6 +39,12 @@ void setRowLayout(device::IntranodeParams* p, bool fp8) {
   p->rowExtent = p->rowSrcOffset + 16;
 }
 
+// Rows of each normal-mode staging area (dispatch, combine): a slot per (source, channel,
+// ordinal), p.chunkRows ordinals per channel (planNormalBuffer sets it).
+uint64_t stagingRows(const device::IntranodeParams& p) {
+  return static_cast<uint64_t>(p.numRanks) * static_cast<uint64_t>(p.numChannels) * static_cast<uint64_t>(p.chunkRows);
+}
+
 // The normal-mode buffer layout for p's shape and channel count (set by the caller): row
 // sizes and region offsets into p; returns the symmetric bytes per rank.
 uint64_t planNormalBuffer(device::IntranodeParams* p) {
@@ -55,7 +61,7 @@ uint64_t planNormalBuffer(device::IntranodeParams* p) {
   setRowLayout(p, true);
   p->dispatchRowBytes = std::max(bf16Extent, p->rowExtent);
   p->combineRowBytes = roundUp(2 * H + 4 * K, 16);
-  const uint64_t slots = R * channels * static_cast<uint64_t>(p->chunkRows);
+  const uint64_t slots = stagingRows(*p);
   p->ctrlOffset = 0;
   p->expertsOffset = roundUp(static_cast<uint64_t>(device::kCtrlKinds) * device::kOps * channels * R * 8, 16);
   p->dispatchOffset = roundUp(p->expertsOffset + 2ull * 2 * R * channels * L * 4, 16);  // 2 ops x 2 parities
@@ -131,11 +137,10 @@ class CudaEpBackend : public EpBackend {
     setShape(shape, channels, &p);
     const uint64_t bytes = planNormalBuffer(&p);
     // The kernels index staging rows with 32-bit ints (the balanced dispatch's slot deltas).
-    const uint64_t stagingRows = static_cast<uint64_t>(R) * channels * static_cast<uint64_t>(p.chunkRows);
-    MC_REQUIRE(stagingRows <= static_cast<uint64_t>(INT_MAX), moecommInvalidArgument,
+    MC_REQUIRE(stagingRows(p) <= static_cast<uint64_t>(INT_MAX), moecommInvalidArgument,
                "the normal-mode staging would hold %llu rows (ranks x channels x maxTokensPerRank / channels, "
                "rounded up), more than the kernels' 32-bit row index allows; lower maxTokensPerRank",
-               static_cast<unsigned long long>(stagingRows));
+               static_cast<unsigned long long>(stagingRows(p)));
     MC_CHECK(setVariants(&p));
     // Pulled rows change where rows live (exchangeRow): every rank must agree. The bits every
     // rank set win.
